@@ -4,11 +4,15 @@
 //! - [`rounding`]: FP64 → FP32 rounding with sound tie-break logging and replay.
 //! - [`tielog`]: the canonical, checksummed tie-break log format (one log per step).
 //! - [`state`]: canonical FP32 training states, their hashes and their byte encoding.
-//! - [`merkle`]: Certificate-Transparency style (RFC 6962 / 9162) Merkle commitments.
-//! - [`prng`]: the counter-based PRNG keyed by (seed, purpose, step, layer).
+//! - [`leaf`]: the per-step leaf (state, log and batch hashes) and batch-index lists.
+//! - [`codec`]: varints, a never-panicking reader, SHA-256 and hex helpers.
 //!
 //! `common` knows nothing about tokio, HTTP, files or CUDA: it is pure computation over bytes
 //! and numbers, so that both sides of an audit run exactly the same code.
 #![forbid(unsafe_code)]
 
+pub mod codec;
+pub mod leaf;
 pub mod rounding;
+pub mod state;
+pub mod tielog;

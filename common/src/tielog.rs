@@ -1,0 +1,484 @@
+//! The tie-break log: one per training step, keyed by named rounding site.
+//!
+//! # Canonical encoding (version 1)
+//!
+//! ```text
+//! "TBLG" | version: u8 = 1 | n_sites: varint
+//! per site, sorted by name (byte order, strictly increasing):
+//!   name_len: varint (1..=128) | name: printable ASCII
+//!   len: varint                      number of values rounded at this site
+//!   n_dir: varint | indices          direction entries
+//!   direction bits: ⌈n_dir/8⌉ bytes  LSB first, 1 = up, padding bits 0
+//!   n_exact: varint | indices        exact entries
+//!   exact values: n_exact × u32 LE   the trainer's FP32 bits
+//! crc32: u32 LE                      CRC-32 (IEEE) of everything before it
+//! ```
+//! Indices are strictly increasing and below `len`; the first is stored as a varint, each next one
+//! as the varint of `delta − 1`. The direction and exact index sets are disjoint. All varints are
+//! minimal LEB128. Decoding rejects anything else, so one content has exactly one encoding, and
+//! [`TieBreakLog::digest`] (SHA-256 of that encoding) is what leaves commit to.
+//!
+//! For storage the encoding is zstd-compressed ([`TieBreakLog::compress`]). Compressed bytes are
+//! never hashed: different zstd versions or APIs may produce different bytes for the same input.
+
+use std::collections::BTreeMap;
+
+use crate::codec::{self, DecodeError, Hash, Reader, put_varint};
+
+const MAGIC: &[u8; 4] = b"TBLG";
+const VERSION: u8 = 1;
+/// Longest site name accepted.
+pub const SITE_NAME_MAX: usize = 128;
+/// Most sites one step may round.
+pub const SITES_MAX: usize = 65_536;
+
+/// Which FP32 neighbour of a rounding midpoint the trainer's result is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Down,
+    Up,
+}
+
+/// The tie-breaks of one rounding site: sorted, disjoint direction and exact entries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SiteLog {
+    len: u64,
+    dir_index: Vec<u64>,
+    dir_up: Vec<bool>,
+    exact_index: Vec<u64>,
+    exact_bits: Vec<u32>,
+}
+
+impl SiteLog {
+    /// An empty log for a site that rounds `len` values.
+    pub fn new(len: u64) -> Self {
+        SiteLog { len, ..Default::default() }
+    }
+
+    /// Number of values rounded at this site.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no element is logged.
+    pub fn is_empty(&self) -> bool {
+        self.dir_index.is_empty() && self.exact_index.is_empty()
+    }
+
+    /// Number of logged elements.
+    pub fn n_entries(&self) -> usize {
+        self.dir_index.len() + self.exact_index.len()
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        match (self.dir_index.last(), self.exact_index.last()) {
+            (Some(&a), Some(&b)) => Some(a.max(b)),
+            (a, b) => a.or(b).copied(),
+        }
+    }
+
+    /// Appends a direction entry. Entries must be pushed in increasing index order.
+    ///
+    /// # Panics
+    /// If `index` is out of range or not above every index pushed so far: the rounding loop
+    /// visits elements in order, so this is a programming error, not an input error.
+    pub fn push_direction(&mut self, index: u64, dir: Direction) {
+        assert!(index < self.len && self.last_index().is_none_or(|l| l < index), "tie-break entries out of order");
+        self.dir_index.push(index);
+        self.dir_up.push(dir == Direction::Up);
+    }
+
+    /// Appends an exact entry (the trainer's FP32 bits). Same ordering rule as
+    /// [`SiteLog::push_direction`].
+    ///
+    /// # Panics
+    /// If `index` is out of range or out of order.
+    pub fn push_exact(&mut self, index: u64, bits: u32) {
+        assert!(index < self.len && self.last_index().is_none_or(|l| l < index), "tie-break entries out of order");
+        self.exact_index.push(index);
+        self.exact_bits.push(bits);
+    }
+
+    /// Direction entries in index order.
+    pub fn directions(&self) -> impl Iterator<Item = (u64, Direction)> + '_ {
+        self.dir_index.iter().zip(&self.dir_up).map(|(&i, &up)| (i, if up { Direction::Up } else { Direction::Down }))
+    }
+
+    /// Exact entries in index order.
+    pub fn exacts(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.exact_index.iter().copied().zip(self.exact_bits.iter().copied())
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.len);
+        put_indices(out, &self.dir_index);
+        let mut bits = vec![0u8; self.dir_up.len().div_ceil(8)];
+        for (k, &up) in self.dir_up.iter().enumerate() {
+            if up {
+                bits[k / 8] |= 1 << (k % 8);
+            }
+        }
+        out.extend_from_slice(&bits);
+        put_indices(out, &self.exact_index);
+        for &b in &self.exact_bits {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<SiteLog, DecodeError> {
+        let len = r.varint("site length")?;
+        let dir_index = get_indices(r, len, "direction")?;
+        let bits = r.bytes(dir_index.len().div_ceil(8), "direction bits")?;
+        let dir_up: Vec<bool> = (0..dir_index.len()).map(|k| bits[k / 8] >> (k % 8) & 1 == 1).collect();
+        let used = dir_index.len() % 8;
+        if used != 0 && bits[bits.len() - 1] >> used != 0 {
+            return Err(r.error("non-zero padding in direction bits"));
+        }
+        let exact_index = get_indices(r, len, "exact")?;
+        let mut exact_bits = Vec::with_capacity(exact_index.len());
+        for _ in 0..exact_index.len() {
+            exact_bits.push(r.u32_le("exact value")?);
+        }
+        // Disjointness: merge the two sorted lists.
+        let (mut a, mut b) = (0, 0);
+        while a < dir_index.len() && b < exact_index.len() {
+            match dir_index[a].cmp(&exact_index[b]) {
+                std::cmp::Ordering::Less => a += 1,
+                std::cmp::Ordering::Greater => b += 1,
+                std::cmp::Ordering::Equal => {
+                    return Err(r.error(format!("element {} has both a direction and an exact entry", dir_index[a])));
+                }
+            }
+        }
+        Ok(SiteLog { len, dir_index, dir_up, exact_index, exact_bits })
+    }
+}
+
+fn put_indices(out: &mut Vec<u8>, idx: &[u64]) {
+    put_varint(out, idx.len() as u64);
+    let mut prev: Option<u64> = None;
+    for &i in idx {
+        put_varint(out, prev.map_or(i, |p| i - p - 1));
+        prev = Some(i);
+    }
+}
+
+fn get_indices(r: &mut Reader<'_>, len: u64, kind: &str) -> Result<Vec<u64>, DecodeError> {
+    let n = r.count(&format!("{kind} entry count"), 1)?;
+    if n as u64 > len {
+        return Err(r.error(format!("{n} {kind} entries for a site of {len} values")));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut prev: Option<u64> = None;
+    for _ in 0..n {
+        let x = r.varint(&format!("{kind} index"))?;
+        let i = match prev {
+            None => Some(x),
+            Some(p) => p.checked_add(x).and_then(|v| v.checked_add(1)),
+        };
+        match i {
+            Some(i) if i < len => {
+                out.push(i);
+                prev = Some(i);
+            }
+            _ => return Err(r.error(format!("{kind} index beyond the site's {len} values"))),
+        }
+    }
+    Ok(out)
+}
+
+/// Why a site name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TieLogError {
+    #[error("site name {name:?} is invalid: 1..={SITE_NAME_MAX} printable ASCII characters required")]
+    BadSiteName { name: String },
+    #[error("site {name} is already in this step's log")]
+    DuplicateSite { name: String },
+    #[error("more than {SITES_MAX} rounding sites in one step")]
+    TooManySites,
+    #[error("malformed tie-break log: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("tie-break log decompresses to more than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("tie-break log is not valid zstd data: {detail}")]
+    Compression { detail: String },
+}
+
+fn valid_site_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= SITE_NAME_MAX && name.bytes().all(|b| (0x21..0x7f).contains(&b))
+}
+
+/// All tie-breaks of one training step, keyed by rounding site name. Iteration is in name
+/// order (a `BTreeMap`), so encodings never depend on insertion or hash order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TieBreakLog {
+    sites: BTreeMap<String, SiteLog>,
+}
+
+impl TieBreakLog {
+    /// Adds a site's log.
+    pub fn insert(&mut self, name: &str, log: SiteLog) -> Result<(), TieLogError> {
+        if !valid_site_name(name) {
+            return Err(TieLogError::BadSiteName { name: name.to_string() });
+        }
+        if self.sites.len() >= SITES_MAX {
+            return Err(TieLogError::TooManySites);
+        }
+        if self.sites.contains_key(name) {
+            return Err(TieLogError::DuplicateSite { name: name.to_string() });
+        }
+        self.sites.insert(name.to_string(), log);
+        Ok(())
+    }
+
+    /// The log of one site, if it was recorded.
+    pub fn site(&self, name: &str) -> Option<&SiteLog> {
+        self.sites.get(name)
+    }
+
+    /// Site names in canonical (byte) order.
+    pub fn site_names(&self) -> impl Iterator<Item = &str> {
+        self.sites.keys().map(String::as_str)
+    }
+
+    /// Sites and their logs in canonical order.
+    pub fn sites(&self) -> impl Iterator<Item = (&str, &SiteLog)> {
+        self.sites.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Total logged elements across sites.
+    pub fn n_entries(&self) -> usize {
+        self.sites.values().map(SiteLog::n_entries).sum()
+    }
+
+    /// Total values rounded across sites.
+    pub fn n_values(&self) -> u64 {
+        self.sites.values().map(SiteLog::len).sum()
+    }
+
+    /// The canonical encoding (see the module documentation).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.n_entries() * 3);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        put_varint(&mut out, self.sites.len() as u64);
+        for (name, log) in &self.sites {
+            put_varint(&mut out, name.len() as u64);
+            out.extend_from_slice(name.as_bytes());
+            log.encode(&mut out);
+        }
+        codec::put_crc(&mut out);
+        out
+    }
+
+    /// Decodes a canonical encoding; rejects every byte string [`TieBreakLog::encode`] would not
+    /// produce. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Self, TieLogError> {
+        let body = codec::check_crc(bytes, "tie-break log")?;
+        let mut r = Reader::new(body);
+        if r.bytes(4, "magic")? != MAGIC {
+            return Err(DecodeError { what: "not a tie-break log (bad magic)".into(), offset: 0 }.into());
+        }
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(DecodeError { what: format!("unsupported tie-break log version {version}"), offset: 4 }.into());
+        }
+        let n_sites = r.count("site count", 4)?;
+        let mut sites = BTreeMap::new();
+        let mut prev: Option<String> = None;
+        for _ in 0..n_sites {
+            let at = r.offset();
+            let name_len = r.count("site name length", 1)?;
+            let name = std::str::from_utf8(r.bytes(name_len, "site name")?)
+                .ok()
+                .filter(|n| valid_site_name(n))
+                .ok_or_else(|| DecodeError { what: "invalid site name".into(), offset: at })?
+                .to_string();
+            if prev.as_deref().is_some_and(|p| p >= name.as_str()) {
+                return Err(DecodeError { what: format!("site {name} out of order or repeated"), offset: at }.into());
+            }
+            let log = SiteLog::decode(&mut r)?;
+            prev = Some(name.clone());
+            sites.insert(name, log);
+        }
+        r.finish("tie-break log")?;
+        Ok(TieBreakLog { sites })
+    }
+
+    /// SHA-256 of the canonical encoding: what a leaf commits to.
+    pub fn digest(&self) -> Hash {
+        codec::sha256(&self.encode())
+    }
+
+    /// The stored form: the canonical encoding, zstd-compressed.
+    pub fn compress(&self) -> Vec<u8> {
+        compress_canonical(&self.encode())
+    }
+
+    /// Decompresses (refusing more than `raw_bytes_max` bytes) and decodes a stored log.
+    pub fn decompress(stored: &[u8], raw_bytes_max: usize) -> Result<Self, TieLogError> {
+        Self::decode(&decompress_bounded(stored, raw_bytes_max)?)
+    }
+}
+
+/// zstd-compresses a canonical encoding for storage (level 3).
+pub fn compress_canonical(raw: &[u8]) -> Vec<u8> {
+    // Compressing an in-memory buffer cannot fail for a valid level.
+    zstd::bulk::compress(raw, 3).expect("zstd compression of an in-memory buffer")
+}
+
+/// Decompresses stored bytes, refusing output larger than `raw_bytes_max` (a zip bomb or a
+/// corrupt frame header cannot make us allocate more).
+pub fn decompress_bounded(stored: &[u8], raw_bytes_max: usize) -> Result<Vec<u8>, TieLogError> {
+    match zstd::bulk::Decompressor::upper_bound(stored) {
+        Some(n) if n > raw_bytes_max => return Err(TieLogError::TooLarge { limit: raw_bytes_max }),
+        _ => {}
+    }
+    zstd::bulk::decompress(stored, raw_bytes_max).map_err(|e| {
+        if e.to_string().contains("Destination buffer is too small") {
+            TieLogError::TooLarge { limit: raw_bytes_max }
+        } else {
+            TieLogError::Compression { detail: e.to_string() }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> TieBreakLog {
+        let mut log = TieBreakLog::default();
+        let mut a = SiteLog::new(1000);
+        a.push_direction(3, Direction::Up);
+        a.push_exact(7, 0x3f80_0000);
+        a.push_direction(8, Direction::Down);
+        a.push_direction(900, Direction::Up);
+        log.insert("fwd/fc1/out", a).unwrap();
+        log.insert("bwd/fc1/grad_in", SiteLog::new(10)).unwrap();
+        let mut c = SiteLog::new(1 << 40);
+        c.push_exact((1 << 40) - 1, 0x8000_0000);
+        log.insert("opt/fc1.weight/m", c).unwrap();
+        log
+    }
+
+    #[test]
+    fn round_trips_and_is_canonical() {
+        let log = sample();
+        let enc = log.encode();
+        assert_eq!(TieBreakLog::decode(&enc).unwrap(), log);
+        // Insertion order does not matter.
+        let mut other = TieBreakLog::default();
+        for name in ["opt/fc1.weight/m", "bwd/fc1/grad_in", "fwd/fc1/out"] {
+            other.insert(name, log.site(name).unwrap().clone()).unwrap();
+        }
+        assert_eq!(other.encode(), enc);
+        assert_eq!(other.digest(), log.digest());
+        let stored = log.compress();
+        assert_eq!(TieBreakLog::decompress(&stored, 1 << 20).unwrap(), log);
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_is_an_error() {
+        let enc = sample().encode();
+        for cut in 0..enc.len() {
+            assert!(TieBreakLog::decode(&enc[..cut]).is_err(), "truncation at {cut} decoded");
+        }
+        for i in 0..enc.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = enc.clone();
+                bad[i] ^= flip;
+                assert!(TieBreakLog::decode(&bad).is_err(), "flip {flip:#x} at byte {i} decoded");
+            }
+        }
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert!(TieBreakLog::decode(&longer).is_err());
+    }
+
+    #[test]
+    fn corrupt_compressed_logs_are_errors_not_panics() {
+        let stored = sample().compress();
+        for i in 0..stored.len() {
+            let mut bad = stored.clone();
+            bad[i] ^= 0x55;
+            assert!(
+                TieBreakLog::decompress(&bad, 1 << 20).is_err()
+                    || TieBreakLog::decompress(&bad, 1 << 20).unwrap() == sample()
+            );
+        }
+        for cut in 0..stored.len() {
+            assert!(TieBreakLog::decompress(&stored[..cut], 1 << 20).is_err(), "truncation at {cut}");
+        }
+        assert!(matches!(TieBreakLog::decompress(&stored, 16), Err(TieLogError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn structurally_invalid_content_is_rejected_even_with_a_valid_checksum() {
+        let reseal = |mut body: Vec<u8>| {
+            codec::put_crc(&mut body);
+            body
+        };
+        let strip = |enc: Vec<u8>| enc[..enc.len() - 4].to_vec();
+        // Overlapping direction and exact entries.
+        let mut body = strip(TieBreakLog::default().encode());
+        body.truncate(5);
+        put_varint(&mut body, 1);
+        put_varint(&mut body, 1);
+        body.push(b'a');
+        put_varint(&mut body, 10); // len
+        put_varint(&mut body, 1); // one direction entry
+        put_varint(&mut body, 4);
+        body.push(1);
+        put_varint(&mut body, 1); // one exact entry, same index
+        put_varint(&mut body, 4);
+        body.extend_from_slice(&0u32.to_le_bytes());
+        let err = TieBreakLog::decode(&reseal(body.clone())).unwrap_err();
+        assert!(err.to_string().contains("both a direction and an exact entry"), "{err}");
+        // Index beyond the site length.
+        let mut bad = body.clone();
+        let len_at = 8;
+        bad[len_at] = 4;
+        assert!(TieBreakLog::decode(&reseal(bad)).is_err());
+        // Bad site names.
+        let mut log = TieBreakLog::default();
+        assert!(log.insert("", SiteLog::new(1)).is_err());
+        assert!(log.insert("has space", SiteLog::new(1)).is_err());
+        assert!(log.insert(&"x".repeat(129), SiteLog::new(1)).is_err());
+        log.insert("ok", SiteLog::new(1)).unwrap();
+        assert!(log.insert("ok", SiteLog::new(1)).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_logs_round_trip(
+            sites in proptest::collection::btree_map("[a-z/._]{1,20}", (1u64..5000, proptest::collection::vec((0u8..3, any::<u32>()), 0..50)), 0..6)
+        ) {
+            let mut log = TieBreakLog::default();
+            for (name, (len, entries)) in &sites {
+                let mut s = SiteLog::new(*len);
+                let step = (*len / (entries.len() as u64 + 1)).max(1);
+                for (k, (kind, bits)) in entries.iter().enumerate() {
+                    let i = k as u64 * step;
+                    if i >= *len { break; }
+                    match kind {
+                        0 => s.push_direction(i, Direction::Down),
+                        1 => s.push_direction(i, Direction::Up),
+                        _ => s.push_exact(i, *bits),
+                    }
+                }
+                log.insert(name, s).unwrap();
+            }
+            let enc = log.encode();
+            prop_assert_eq!(TieBreakLog::decode(&enc).unwrap(), log.clone());
+            prop_assert_eq!(TieBreakLog::decompress(&log.compress(), 1 << 24).unwrap(), log);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = TieBreakLog::decode(&bytes);
+            let _ = TieBreakLog::decompress(&bytes, 1 << 16);
+        }
+    }
+}
