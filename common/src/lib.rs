@@ -11,4 +11,6 @@
 //! and numbers, so that both sides of an audit run exactly the same code.
 #![forbid(unsafe_code)]
 
+pub mod merkle;
+pub mod prng;
 pub mod rounding;
