@@ -5,6 +5,8 @@
 //! - [`tielog`]: the canonical, checksummed tie-break log format (one log per step).
 //! - [`state`]: canonical FP32 training states, their hashes and their byte encoding.
 //! - [`leaf`]: the per-step leaf (state, log and batch hashes) and batch-index lists.
+//! - [`merkle`]: Certificate-Transparency style (RFC 6962 / 9162) commitments, proofs, bisection.
+//! - [`prng`]: the counter-based Philox PRNG keyed by (seed, purpose, step, layer).
 //! - [`codec`]: varints, a never-panicking reader, SHA-256 and hex helpers.
 //!
 //! `common` knows nothing about tokio, HTTP, files or CUDA: it is pure computation over bytes
@@ -13,6 +15,8 @@
 
 pub mod codec;
 pub mod leaf;
+pub mod merkle;
+pub mod prng;
 pub mod rounding;
 pub mod state;
 pub mod tielog;
