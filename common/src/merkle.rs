@@ -189,8 +189,9 @@ pub enum MerkleError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MerkleTree {
     /// `levels[h][i]` is the hash of leaves `[i·2^h, (i+1)·2^h)`; `levels[0]` are the leaf
-    /// hashes. Invariant: `levels[h+1].len() == levels[h].len() / 2` and the vector has no
-    /// empty trailing level beyond the first.
+    /// hashes. Invariants: `levels[0]` always exists (also for the empty tree), and
+    /// `levels[h+1].len() == levels[h].len() / 2` for every stored level; no level past the
+    /// highest complete subtree is stored.
     levels: Vec<Vec<Hash>>,
 }
 
