@@ -22,15 +22,16 @@
 //! its hash is a lookup plus at most `log₂ m` node hashes. Memory is about `2n` hashes.
 
 use sha2::{Digest, Sha256};
-use std::fmt::Write as _;
 
 /// A SHA-256 digest: a leaf hash, node hash or root.
-pub type Hash = [u8; 32];
+pub use crate::codec::Hash;
+/// Full lowercase hex of a digest. Mismatches are always reported with this, never a prefix.
+pub use crate::codec::to_hex;
 
 /// The root of the empty tree, `SHA-256("")` (RFC 6962 §2.1).
 pub const EMPTY_ROOT: Hash = [
-    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
-    0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41,
+    0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
 ];
 
 /// `SHA-256(0x00 ‖ entry)`: the hash of one leaf entry.
@@ -48,17 +49,6 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     h.update(left);
     h.update(right);
     h.finalize().into()
-}
-
-/// The full lowercase hex form of a digest (64 characters). Mismatches are always reported with
-/// this, never a prefix: a truncated digest cannot be checked by anyone.
-pub fn to_hex(hash: &Hash) -> String {
-    let mut s = String::with_capacity(64);
-    for b in hash {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 /// The CT split point of a node covering `width ≥ 2` leaves: the largest power of two strictly
@@ -116,54 +106,29 @@ pub enum MerkleError {
     #[error(
         "inclusion proof for leaf {index} of a tree of size {size} has {got} hashes, but such a proof has {expected}"
     )]
-    InclusionProofLength {
-        index: u64,
-        size: u64,
-        got: usize,
-        expected: usize,
-    },
+    InclusionProofLength { index: u64, size: u64, got: usize, expected: usize },
     #[error(
         "inclusion proof for leaf {index} of a tree of size {size} leads to root {}, but the committed root is {}",
         to_hex(.computed),
         to_hex(.expected)
     )]
-    InclusionRootMismatch {
-        index: u64,
-        size: u64,
-        computed: Hash,
-        expected: Hash,
-    },
+    InclusionRootMismatch { index: u64, size: u64, computed: Hash, expected: Hash },
     #[error(
         "consistency proof from tree size {old_size} to {new_size} has {got} hashes, but such a proof has {expected}"
     )]
-    ConsistencyProofLength {
-        old_size: u64,
-        new_size: u64,
-        got: usize,
-        expected: usize,
-    },
+    ConsistencyProofLength { old_size: u64, new_size: u64, got: usize, expected: usize },
     #[error(
         "consistency proof from tree size {old_size} to {new_size} leads to old root {}, but the committed old root is {}",
         to_hex(.computed),
         to_hex(.expected)
     )]
-    ConsistencyOldRootMismatch {
-        old_size: u64,
-        new_size: u64,
-        computed: Hash,
-        expected: Hash,
-    },
+    ConsistencyOldRootMismatch { old_size: u64, new_size: u64, computed: Hash, expected: Hash },
     #[error(
         "consistency proof from tree size {old_size} to {new_size} leads to new root {}, but the committed new root is {}",
         to_hex(.computed),
         to_hex(.expected)
     )]
-    ConsistencyNewRootMismatch {
-        old_size: u64,
-        new_size: u64,
-        computed: Hash,
-        expected: Hash,
-    },
+    ConsistencyNewRootMismatch { old_size: u64, new_size: u64, computed: Hash, expected: Hash },
     #[error(
         "trainer committed root {} for an empty record, but the empty-tree root is {}",
         to_hex(.trainer_root),
@@ -175,12 +140,7 @@ pub enum MerkleError {
         to_hex(.computed),
         to_hex(.expected)
     )]
-    InconsistentAnswer {
-        lo: u64,
-        hi: u64,
-        computed: Hash,
-        expected: Hash,
-    },
+    InconsistentAnswer { lo: u64, hi: u64, computed: Hash, expected: Hash },
     #[error("bisection answer given, but the bisection has already finished")]
     BisectionFinished,
 }
@@ -204,9 +164,7 @@ impl Default for MerkleTree {
 impl MerkleTree {
     /// An empty tree.
     pub fn new() -> Self {
-        Self {
-            levels: vec![Vec::new()],
-        }
+        Self { levels: vec![Vec::new()] }
     }
 
     /// A tree over already-hashed leaves.
@@ -265,10 +223,7 @@ impl MerkleTree {
     /// The hash of leaf `index`.
     pub fn leaf_hash(&self, index: u64) -> Result<Hash, MerkleError> {
         if index >= self.len() {
-            return Err(MerkleError::LeafIndexOutOfRange {
-                index,
-                size: self.len(),
-            });
+            return Err(MerkleError::LeafIndexOutOfRange { index, size: self.len() });
         }
         Ok(self.levels[0][index as usize])
     }
@@ -324,11 +279,7 @@ impl MerkleTree {
 
     /// The consistency proof between the trees over the first `old_size` and `new_size` leaves
     /// (RFC 6962 §2.1.2 `PROOF`). Empty when `old_size` is 0 or equals `new_size`.
-    pub fn consistency_proof(
-        &self,
-        old_size: u64,
-        new_size: u64,
-    ) -> Result<Vec<Hash>, MerkleError> {
+    pub fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>, MerkleError> {
         self.check_size(new_size)?;
         if old_size > new_size {
             return Err(MerkleError::OldSizeAfterNewSize { old_size, new_size });
@@ -363,20 +314,13 @@ impl MerkleTree {
 
     fn check_size(&self, size: u64) -> Result<(), MerkleError> {
         if size > self.len() {
-            return Err(MerkleError::SizeBeyondTree {
-                size,
-                len: self.len(),
-            });
+            return Err(MerkleError::SizeBeyondTree { size, len: self.len() });
         }
         Ok(())
     }
 
     fn range_hash_or_empty(&self, size: u64) -> Hash {
-        if size == 0 {
-            EMPTY_ROOT
-        } else {
-            self.range_hash(0, size)
-        }
+        if size == 0 { EMPTY_ROOT } else { self.range_hash(0, size) }
     }
 
     /// `MTH(D[lo:hi])` for `lo < hi ≤ len`. O(log n) when `[lo, hi)` is a node of some CT tree
@@ -474,12 +418,7 @@ pub fn verify_inclusion(
         return Err(wrong_length());
     }
     if r != *root {
-        return Err(MerkleError::InclusionRootMismatch {
-            index,
-            size,
-            computed: r,
-            expected: *root,
-        });
+        return Err(MerkleError::InclusionRootMismatch { index, size, computed: r, expected: *root });
     }
     Ok(())
 }
@@ -534,9 +473,7 @@ pub fn verify_consistency(
     }
     // 2. When the old tree is a perfect subtree, its root is the path's implicit first node.
     let old_is_perfect = old_size.is_power_of_two();
-    let mut path = std::iter::once(old_root)
-        .filter(|_| old_is_perfect)
-        .chain(proof.iter());
+    let mut path = std::iter::once(old_root).filter(|_| old_is_perfect).chain(proof.iter());
     // 3.–4.
     let (mut fn_, mut sn) = (old_size - 1, new_size - 1);
     while fn_ & 1 == 1 {
@@ -569,20 +506,10 @@ pub fn verify_consistency(
         return Err(wrong_length());
     }
     if fr != *old_root {
-        return Err(MerkleError::ConsistencyOldRootMismatch {
-            old_size,
-            new_size,
-            computed: fr,
-            expected: *old_root,
-        });
+        return Err(MerkleError::ConsistencyOldRootMismatch { old_size, new_size, computed: fr, expected: *old_root });
     }
     if sr != *new_root {
-        return Err(MerkleError::ConsistencyNewRootMismatch {
-            old_size,
-            new_size,
-            computed: sr,
-            expected: *new_root,
-        });
+        return Err(MerkleError::ConsistencyNewRootMismatch { old_size, new_size, computed: sr, expected: *new_root });
     }
     Ok(())
 }
@@ -594,11 +521,7 @@ pub enum BisectionOutcome {
     Agreed,
     /// Leaf `first_differing_leaf` is the first leaf whose hashes differ; all earlier leaves
     /// agree. Both full leaf hashes are kept for the report.
-    Diverged {
-        first_differing_leaf: u64,
-        own_leaf_hash: Hash,
-        trainer_leaf_hash: Hash,
-    },
+    Diverged { first_differing_leaf: u64, own_leaf_hash: Hash, trainer_leaf_hash: Hash },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -649,11 +572,7 @@ impl<'a> Bisection<'a> {
     /// The most queries a bisection over `size` leaves may take, ⌈log₂ size⌉ + 1 (the house
     /// limit; the descent itself needs at most ⌈log₂ size⌉).
     pub fn query_limit(size: u64) -> u32 {
-        let ceil_log2 = if size <= 1 {
-            0
-        } else {
-            64 - (size - 1).leading_zeros()
-        };
+        let ceil_log2 = if size <= 1 { 0 } else { 64 - (size - 1).leading_zeros() };
         ceil_log2 + 1
     }
 
@@ -668,12 +587,7 @@ impl<'a> Bisection<'a> {
         } else {
             Self::enter(own, 0, size, trainer_root)
         };
-        Ok(Self {
-            own,
-            size,
-            queries: 0,
-            state,
-        })
+        Ok(Self { own, size, queries: 0, state })
     }
 
     /// The node `(lo, hi)` whose two children's hashes the trainer must send next, or `None`
@@ -694,12 +608,7 @@ impl<'a> Bisection<'a> {
         };
         let computed = node_hash(&left, &right);
         if computed != trainer {
-            return Err(MerkleError::InconsistentAnswer {
-                lo,
-                hi,
-                computed,
-                expected: trainer,
-            });
+            return Err(MerkleError::InconsistentAnswer { lo, hi, computed, expected: trainer });
         }
         self.queries += 1;
         let ((_, mid), _) = children(lo, hi).expect("a node being asked about has two children");
@@ -780,11 +689,7 @@ mod tests {
             collect(0, size, &mut nodes);
             for lo in 0..=size {
                 for hi in lo..=size + 1 {
-                    assert_eq!(
-                        is_node(lo, hi, size),
-                        nodes.contains(&(lo, hi)),
-                        "{lo} {hi} {size}"
-                    );
+                    assert_eq!(is_node(lo, hi, size), nodes.contains(&(lo, hi)), "{lo} {hi} {size}");
                 }
             }
         }

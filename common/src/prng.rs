@@ -57,10 +57,7 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     let mut key = key;
     for round in 0..10 {
         if round > 0 {
-            key = [
-                key[0].wrapping_add(PHILOX_W0),
-                key[1].wrapping_add(PHILOX_W1),
-            ];
+            key = [key[0].wrapping_add(PHILOX_W0), key[1].wrapping_add(PHILOX_W1)];
         }
         ctr = philox_round(ctr, key);
     }
@@ -81,20 +78,12 @@ pub fn derive_key(seed: u64, purpose: &str, step: u64, layer: u32) -> [u32; 2] {
     h.update(step.to_le_bytes());
     h.update(layer.to_le_bytes());
     let d = h.finalize();
-    [
-        u32::from_le_bytes([d[0], d[1], d[2], d[3]]),
-        u32::from_le_bytes([d[4], d[5], d[6], d[7]]),
-    ]
+    [u32::from_le_bytes([d[0], d[1], d[2], d[3]]), u32::from_le_bytes([d[4], d[5], d[6], d[7]])]
 }
 
 /// The counter words of block `block`: little-endian word order.
 fn block_counter(block: u128) -> [u32; 4] {
-    [
-        block as u32,
-        (block >> 32) as u32,
-        (block >> 64) as u32,
-        (block >> 96) as u32,
-    ]
+    [block as u32, (block >> 32) as u32, (block >> 64) as u32, (block >> 96) as u32]
 }
 
 /// A stream of random words for one (seed, purpose, step, layer) context.
@@ -125,12 +114,7 @@ impl Stream {
 
     /// The stream for a raw Philox key, positioned at block 0.
     pub fn from_key(key: [u32; 2]) -> Self {
-        Self {
-            key,
-            next_block: 0,
-            words: [0; 4],
-            used: 4,
-        }
+        Self { key, next_block: 0, words: [0; 4], used: 4 }
     }
 
     /// The Philox key of this stream.
@@ -199,10 +183,7 @@ impl Stream {
     /// # Panics
     /// Unless `lo < hi` and `hi − lo` is finite.
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        assert!(
-            lo < hi && (hi - lo).is_finite(),
-            "uniform({lo}, {hi}): need lo < hi with a finite width"
-        );
+        assert!(lo < hi && (hi - lo).is_finite(), "uniform({lo}, {hi}): need lo < hi with a finite width");
         loop {
             let x = lo + (hi - lo) * self.next_f64();
             if x < hi {
@@ -217,10 +198,7 @@ impl Stream {
     /// # Panics
     /// Unless `0 ≤ p ≤ 1`.
     pub fn bernoulli(&mut self, p: f64) -> bool {
-        assert!(
-            (0.0..=1.0).contains(&p),
-            "bernoulli({p}): p must lie in [0, 1]"
-        );
+        assert!((0.0..=1.0).contains(&p), "bernoulli({p}): p must lie in [0, 1]");
         self.next_f64() < p
     }
 
@@ -252,10 +230,7 @@ mod tests {
     #[test]
     fn block_counter_is_little_endian_words() {
         let b = 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10u128;
-        assert_eq!(
-            block_counter(b),
-            [0x0d0e_0f10, 0x090a_0b0c, 0x0506_0708, 0x0102_0304]
-        );
+        assert_eq!(block_counter(b), [0x0d0e_0f10, 0x090a_0b0c, 0x0506_0708, 0x0102_0304]);
     }
 
     #[test]

@@ -8,9 +8,7 @@ use proptest::prelude::*;
 const MAX_LEAVES: u64 = 400;
 
 fn tree(seed: u64) -> MerkleTree {
-    MerkleTree::from_leaf_hashes(
-        (0..MAX_LEAVES).map(|i| leaf_hash(&[seed.to_le_bytes(), i.to_le_bytes()].concat())),
-    )
+    MerkleTree::from_leaf_hashes((0..MAX_LEAVES).map(|i| leaf_hash(&[seed.to_le_bytes(), i.to_le_bytes()].concat())))
 }
 
 fn flip(mut h: Hash, byte: usize, bit: u8) -> Hash {

@@ -3,8 +3,8 @@
 //! plugged in, and the published CT test vectors.
 
 use common::merkle::{
-    EMPTY_ROOT, Hash, MerkleError, MerkleTree, children, consistency_proof_len,
-    inclusion_proof_len, verify_consistency, verify_inclusion,
+    EMPTY_ROOT, Hash, MerkleError, MerkleTree, children, consistency_proof_len, inclusion_proof_len,
+    verify_consistency, verify_inclusion,
 };
 use sha2::{Digest, Sha256};
 
@@ -106,9 +106,7 @@ fn ref_proof(m: usize, d: &[Hash]) -> Vec<Hash> {
 }
 
 fn leaves(n: usize) -> Vec<Hash> {
-    (0..n as u32)
-        .map(|i| ref_leaf(format!("step {i}").as_bytes()))
-        .collect()
+    (0..n as u32).map(|i| ref_leaf(format!("step {i}").as_bytes())).collect()
 }
 
 fn hex32(s: &str) -> Hash {
@@ -213,10 +211,7 @@ fn ct_reference_roots_and_proofs() {
         let proof: Vec<Hash> = proof.iter().map(|h| hex32(h)).collect();
         assert_eq!(t.consistency_proof(old, 8).unwrap(), proof, "from {old}");
         let old_root = hex32(CT_ROOTS[old as usize]);
-        assert_eq!(
-            verify_consistency(old, 8, &old_root, &root8, &proof),
-            Ok(())
-        );
+        assert_eq!(verify_consistency(old, 8, &old_root, &root8, &proof), Ok(()));
     }
 }
 
@@ -239,11 +234,7 @@ fn roots_and_nodes_match_reference_for_every_size_up_to_64() {
         let mut nodes = 0;
         while let Some((lo, hi)) = stack.pop().filter(|_| size > 0) {
             let expected = ref_mth(&d[lo as usize..hi as usize]);
-            assert_eq!(
-                t.node_at(lo, hi, size),
-                Ok(expected),
-                "[{lo}, {hi}) of {size}"
-            );
+            assert_eq!(t.node_at(lo, hi, size), Ok(expected), "[{lo}, {hi}) of {size}");
             if size == 64 {
                 assert_eq!(t.node(lo, hi), Ok(expected));
             }
@@ -251,10 +242,7 @@ fn roots_and_nodes_match_reference_for_every_size_up_to_64() {
             if let Some((l, r)) = children(lo, hi) {
                 assert_eq!(
                     t.child_hashes(lo, hi, size),
-                    Ok((
-                        ref_mth(&d[l.0 as usize..l.1 as usize]),
-                        ref_mth(&d[r.0 as usize..r.1 as usize])
-                    ))
+                    Ok((ref_mth(&d[l.0 as usize..l.1 as usize]), ref_mth(&d[r.0 as usize..r.1 as usize])))
                 );
                 stack.push(l);
                 stack.push(r);
@@ -270,19 +258,12 @@ fn non_nodes_are_refused() {
     let t = MerkleTree::from_leaf_hashes(leaves(7));
     // 7 leaves: [0,4) [4,7) [4,6) [6,7) ... are nodes; [2,6), [4,8), [0,3) and [5,7) are not.
     for (lo, hi) in [(2, 6), (0, 3), (5, 7), (3, 3), (4, 3), (0, 8), (7, 8)] {
-        assert_eq!(
-            t.node(lo, hi),
-            Err(MerkleError::NotANode { lo, hi, size: 7 }),
-            "[{lo}, {hi})"
-        );
+        assert_eq!(t.node(lo, hi), Err(MerkleError::NotANode { lo, hi, size: 7 }), "[{lo}, {hi})");
     }
     assert!(t.node(4, 7).is_ok() && t.node(6, 7).is_ok() && t.node(0, 4).is_ok());
     // [0, 4) is a node of the size-7 tree but [4, 6) is not a node of the size-5 tree.
     assert!(t.node_at(4, 6, 5).is_err());
-    assert_eq!(
-        t.node_at(0, 4, 8),
-        Err(MerkleError::SizeBeyondTree { size: 8, len: 7 })
-    );
+    assert_eq!(t.node_at(0, 4, 8), Err(MerkleError::SizeBeyondTree { size: 8, len: 7 }));
     // A leaf has no children to ask for.
     assert!(t.child_hashes(6, 7, 7).is_err());
 }
@@ -298,18 +279,11 @@ fn inclusion_proofs_match_reference_and_verify_for_every_index_and_size() {
             let proof = t.inclusion_proof(index as u64, size as u64).unwrap();
             assert_eq!(proof, ref_path(index, &d[..size]), "leaf {index} of {size}");
             assert_eq!(proof.len(), inclusion_proof_len(index as u64, size as u64));
-            assert_eq!(
-                verify_inclusion(&d[index], index as u64, size as u64, &proof, &root),
-                Ok(())
-            );
+            assert_eq!(verify_inclusion(&d[index], index as u64, size as u64, &proof, &root), Ok(()));
             // Any other index fails, with its own leaf or with this one.
             for other in (0..size).filter(|&o| o != index) {
-                assert!(
-                    verify_inclusion(&d[index], other as u64, size as u64, &proof, &root).is_err()
-                );
-                assert!(
-                    verify_inclusion(&d[other], other as u64, size as u64, &proof, &root).is_err()
-                );
+                assert!(verify_inclusion(&d[index], other as u64, size as u64, &proof, &root).is_err());
+                assert!(verify_inclusion(&d[other], other as u64, size as u64, &proof, &root).is_err());
             }
             checked += 1;
         }
@@ -330,23 +304,16 @@ fn inclusion_with_a_wrong_size_fails_exactly_when_the_path_shape_differs() {
         for index in 0..size {
             let proof = t.inclusion_proof(index as u64, size as u64).unwrap();
             for wrong in (index + 1..=70).filter(|&w| w != size) {
-                let accepted =
-                    verify_inclusion(&d[index], index as u64, wrong as u64, &proof, &root).is_ok();
+                let accepted = verify_inclusion(&d[index], index as u64, wrong as u64, &proof, &root).is_ok();
                 let same = ref_path_shape(index, wrong) == ref_path_shape(index, size);
-                assert_eq!(
-                    accepted, same,
-                    "leaf {index}: proof for {size} checked as {wrong}"
-                );
+                assert_eq!(accepted, same, "leaf {index}: proof for {size} checked as {wrong}");
                 if same {
                     same_shape += 1;
                 } else {
                     refused += 1;
                 }
                 let wrong_root = ref_mth(&d[..wrong]);
-                assert!(
-                    verify_inclusion(&d[index], index as u64, wrong as u64, &proof, &wrong_root)
-                        .is_err()
-                );
+                assert!(verify_inclusion(&d[index], index as u64, wrong as u64, &proof, &wrong_root).is_err());
             }
         }
     }
@@ -363,11 +330,7 @@ fn consistency_proofs_match_reference_and_verify_for_every_pair_of_sizes() {
         for old in 0..=new {
             let old_root = ref_mth(&d[..old]);
             let proof = t.consistency_proof(old as u64, new as u64).unwrap();
-            let expected = if old == 0 || old == new {
-                Vec::new()
-            } else {
-                ref_proof(old, &d[..new])
-            };
+            let expected = if old == 0 || old == new { Vec::new() } else { ref_proof(old, &d[..new]) };
             assert_eq!(proof, expected, "{old} -> {new}");
             assert_eq!(proof.len(), consistency_proof_len(old as u64, new as u64));
             assert_eq!(
@@ -376,22 +339,11 @@ fn consistency_proofs_match_reference_and_verify_for_every_pair_of_sizes() {
                 "{old} -> {new}"
             );
             // Wrong sizes, each with the root a verifier holds for it, never verify.
-            for (o2, n2) in [
-                (old + 1, new),
-                (old.wrapping_sub(1), new),
-                (old, new + 1),
-                (old, new.wrapping_sub(1)),
-            ] {
+            for (o2, n2) in [(old + 1, new), (old.wrapping_sub(1), new), (old, new + 1), (old, new.wrapping_sub(1))] {
                 if o2 > n2 || n2 > 64 || (o2, n2) == (old, new) {
                     continue;
                 }
-                let r = verify_consistency(
-                    o2 as u64,
-                    n2 as u64,
-                    &ref_mth(&d[..o2]),
-                    &ref_mth(&d[..n2]),
-                    &proof,
-                );
+                let r = verify_consistency(o2 as u64, n2 as u64, &ref_mth(&d[..o2]), &ref_mth(&d[..n2]), &proof);
                 // Same-size and empty-old trivial cases need an empty proof; a non-empty one is
                 // refused, and an empty one is genuinely valid there.
                 if proof.is_empty() && (o2 == 0 || o2 == n2) {
@@ -422,17 +374,10 @@ fn trivial_consistency_cases() {
     let d = leaves(8);
     let (r4, r5) = (ref_mth(&d[..4]), ref_mth(&d[..5]));
     assert_eq!(verify_consistency(4, 4, &r4, &r4, &[]), Ok(()));
-    assert!(matches!(
-        verify_consistency(4, 4, &r4, &r5, &[]),
-        Err(MerkleError::ConsistencyNewRootMismatch { .. })
-    ));
+    assert!(matches!(verify_consistency(4, 4, &r4, &r5, &[]), Err(MerkleError::ConsistencyNewRootMismatch { .. })));
     assert!(matches!(
         verify_consistency(4, 4, &r4, &r4, &[r4]),
-        Err(MerkleError::ConsistencyProofLength {
-            got: 1,
-            expected: 0,
-            ..
-        })
+        Err(MerkleError::ConsistencyProofLength { got: 1, expected: 0, .. })
     ));
     assert_eq!(verify_consistency(0, 8, &EMPTY_ROOT, &r5, &[]), Ok(()));
     assert!(verify_consistency(0, 8, &r4, &r5, &[]).is_err());
@@ -440,39 +385,18 @@ fn trivial_consistency_cases() {
     assert!(verify_consistency(4, 5, &r4, &r5, &[]).is_err());
     assert_eq!(
         verify_consistency(5, 4, &r5, &r4, &[]),
-        Err(MerkleError::OldSizeAfterNewSize {
-            old_size: 5,
-            new_size: 4
-        })
+        Err(MerkleError::OldSizeAfterNewSize { old_size: 5, new_size: 4 })
     );
 }
 
 #[test]
 fn tree_errors_name_what_was_asked() {
     let t = MerkleTree::from_leaf_hashes(leaves(5));
-    assert_eq!(
-        t.root_at(6),
-        Err(MerkleError::SizeBeyondTree { size: 6, len: 5 })
-    );
-    assert_eq!(
-        t.leaf_hash(5),
-        Err(MerkleError::LeafIndexOutOfRange { index: 5, size: 5 })
-    );
-    assert_eq!(
-        t.inclusion_proof(3, 3),
-        Err(MerkleError::LeafIndexOutOfRange { index: 3, size: 3 })
-    );
-    assert_eq!(
-        t.inclusion_proof(0, 6),
-        Err(MerkleError::SizeBeyondTree { size: 6, len: 5 })
-    );
-    assert_eq!(
-        t.consistency_proof(4, 3),
-        Err(MerkleError::OldSizeAfterNewSize {
-            old_size: 4,
-            new_size: 3
-        })
-    );
+    assert_eq!(t.root_at(6), Err(MerkleError::SizeBeyondTree { size: 6, len: 5 }));
+    assert_eq!(t.leaf_hash(5), Err(MerkleError::LeafIndexOutOfRange { index: 5, size: 5 }));
+    assert_eq!(t.inclusion_proof(3, 3), Err(MerkleError::LeafIndexOutOfRange { index: 3, size: 3 }));
+    assert_eq!(t.inclusion_proof(0, 6), Err(MerkleError::SizeBeyondTree { size: 6, len: 5 }));
+    assert_eq!(t.consistency_proof(4, 3), Err(MerkleError::OldSizeAfterNewSize { old_size: 4, new_size: 3 }));
 }
 
 #[test]
@@ -486,22 +410,13 @@ fn mismatch_messages_carry_both_full_digests() {
     let hex = |h: &Hash| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
     assert!(msg.contains(&hex(&wrong_root)), "{msg}");
     assert!(msg.contains(&hex(&ref_mth(&d))), "{msg}");
-    assert!(
-        msg.starts_with("inclusion proof for leaf 2 of a tree of size 6"),
-        "{msg}"
-    );
+    assert!(msg.starts_with("inclusion proof for leaf 2 of a tree of size 6"), "{msg}");
 
     let cproof = t.consistency_proof(3, 6).unwrap();
     let err = verify_consistency(3, 6, &d[0], &ref_mth(&d), &cproof).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains(&hex(&d[0])) && msg.contains(&hex(&ref_mth(&d[..3]))),
-        "{msg}"
-    );
-    assert!(
-        msg.starts_with("consistency proof from tree size 3 to 6"),
-        "{msg}"
-    );
+    assert!(msg.contains(&hex(&d[0])) && msg.contains(&hex(&ref_mth(&d[..3]))), "{msg}");
+    assert!(msg.starts_with("consistency proof from tree size 3 to 6"), "{msg}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -530,9 +445,7 @@ impl rs_merkle::Hasher for CtSha256 {
 }
 
 fn rs_merkle_root(leaf_hashes: &[Hash]) -> Hash {
-    rs_merkle::MerkleTree::<CtSha256>::from_leaves(leaf_hashes)
-        .root()
-        .expect("a non-empty tree has a root")
+    rs_merkle::MerkleTree::<CtSha256>::from_leaves(leaf_hashes).root().expect("a non-empty tree has a root")
 }
 
 #[test]
@@ -540,11 +453,7 @@ fn roots_agree_with_rs_merkle() {
     let d = leaves(10_000);
     let t = MerkleTree::from_leaf_hashes(d.clone());
     for size in (1..=64).chain([65, 100, 127, 128, 129, 1000, 4095, 4096, 4097, 10_000]) {
-        assert_eq!(
-            t.root_at(size as u64).unwrap(),
-            rs_merkle_root(&d[..size]),
-            "size {size}"
-        );
+        assert_eq!(t.root_at(size as u64).unwrap(), rs_merkle_root(&d[..size]), "size {size}");
     }
 }
 
@@ -561,11 +470,7 @@ fn large_tree_appends_and_proves_in_logarithmic_time() {
         roots.push(t.root());
     }
     for size in [1u64, 2, 3, 1000, 65_536, 65_537, 99_999, 100_000] {
-        assert_eq!(
-            roots[size as usize - 1],
-            rs_merkle_root(&d[..size as usize]),
-            "size {size}"
-        );
+        assert_eq!(roots[size as usize - 1], rs_merkle_root(&d[..size as usize]), "size {size}");
         assert_eq!(t.root_at(size).unwrap(), roots[size as usize - 1]);
     }
     let root = t.root();

@@ -27,11 +27,7 @@ const PHILOX4X32_10_KAT: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
 #[test]
 fn philox4x32_10_matches_random123_known_answers() {
     for (ctr, key, expected) in PHILOX4X32_10_KAT {
-        assert_eq!(
-            philox4x32_10(ctr, key),
-            expected,
-            "ctr {ctr:08x?} key {key:08x?}"
-        );
+        assert_eq!(philox4x32_10(ctr, key), expected, "ctr {ctr:08x?} key {key:08x?}");
     }
 }
 
@@ -53,38 +49,17 @@ fn derived_keys_and_first_words_are_golden() {
         (
             (0, "", 0, 0),
             [0x1f8d_e3b3, 0xd098_9bd7],
-            [
-                0x8158_3d90,
-                0xb502_401c,
-                0x6320_a082,
-                0xb752_c7f2,
-                0xcd69_498f,
-                0x3262_29b7,
-            ],
+            [0x8158_3d90, 0xb502_401c, 0x6320_a082, 0xb752_c7f2, 0xcd69_498f, 0x3262_29b7],
         ),
         (
             (42, "dropout", 7, 3),
             [0x4296_d01f, 0x2bf0_ea37],
-            [
-                0x5b4a_d720,
-                0xde6b_5d36,
-                0xf110_e4c6,
-                0xbb67_8da9,
-                0x526b_4fd4,
-                0xb4c5_b3aa,
-            ],
+            [0x5b4a_d720, 0xde6b_5d36, 0xf110_e4c6, 0xbb67_8da9, 0x526b_4fd4, 0xb4c5_b3aa],
         ),
         (
             (42, "data-order", 0, 0),
             [0x9ff9_ddd9, 0x1c98_825a],
-            [
-                0x8c85_7729,
-                0x0bc5_92fa,
-                0xd44b_f39f,
-                0xab10_b2f2,
-                0xefa9_b73d,
-                0xeea6_71f7,
-            ],
+            [0x8c85_7729, 0x0bc5_92fa, 0xd44b_f39f, 0xab10_b2f2, 0xefa9_b73d, 0xeea6_71f7],
         ),
     ];
     for ((seed, purpose, step, layer), key, words) in cases {
@@ -120,10 +95,7 @@ fn block_index_fills_all_four_counter_words() {
     let mut s = Stream::at_block(42, "dropout", 7, 3, (1u128 << 100) + 3);
     let got: Vec<u32> = (0..4).map(|_| s.next_u32()).collect();
     assert_eq!(got, [0x119c_31f2, 0x97fa_dcfd, 0xd570_b75b, 0x1fa6_388d]);
-    assert_eq!(
-        got,
-        philox4x32_10([3, 0, 0, 16], derive_key(42, "dropout", 7, 3))
-    );
+    assert_eq!(got, philox4x32_10([3, 0, 0, 16], derive_key(42, "dropout", 7, 3)));
 }
 
 #[test]
@@ -187,17 +159,7 @@ fn next_u64_straddles_blocks_word_by_word() {
 #[test]
 fn below_stays_in_range_for_awkward_bounds() {
     let mut s = Stream::new(77, "below", 0, 0);
-    for n in [
-        1u64,
-        2,
-        3,
-        7,
-        10,
-        1 << 32,
-        (1 << 32) + 1,
-        (1 << 63) + 1,
-        u64::MAX,
-    ] {
+    for n in [1u64, 2, 3, 7, 10, 1 << 32, (1 << 32) + 1, (1 << 63) + 1, u64::MAX] {
         for _ in 0..2000 {
             assert!(s.below(n) < n, "n = {n}");
         }
@@ -211,10 +173,7 @@ fn below_stays_in_range_for_awkward_bounds() {
 fn chi_square(counts: &[u64]) -> f64 {
     let total: u64 = counts.iter().sum();
     let expected = total as f64 / counts.len() as f64;
-    counts
-        .iter()
-        .map(|&c| (c as f64 - expected).powi(2) / expected)
-        .sum()
+    counts.iter().map(|&c| (c as f64 - expected).powi(2) / expected).sum()
 }
 
 #[test]
@@ -242,10 +201,7 @@ fn below_has_no_modulo_bias_for_a_large_bound() {
     let draws = 40_000;
     let low = (0..draws).filter(|_| s.below(n) < cut).count();
     let frac = low as f64 / draws as f64;
-    assert!(
-        (frac - 0.5).abs() < 0.015,
-        "fraction below 2^64 - n: {frac}"
-    );
+    assert!((frac - 0.5).abs() < 0.015, "fraction below 2^64 - n: {frac}");
 }
 
 #[test]
@@ -295,11 +251,7 @@ fn shuffle_is_a_permutation() {
     let mut s = Stream::new(8, "data-order", 1, 0);
     let mut v: Vec<u32> = (0..1000).collect();
     s.shuffle(&mut v);
-    assert_ne!(
-        v,
-        (0..1000).collect::<Vec<_>>(),
-        "a shuffle of 1000 left everything in place"
-    );
+    assert_ne!(v, (0..1000).collect::<Vec<_>>(), "a shuffle of 1000 left everything in place");
     let mut sorted = v.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
@@ -313,14 +265,7 @@ fn shuffle_is_a_permutation() {
 #[test]
 fn shuffle_of_three_is_uniform_over_all_six_orders() {
     let mut s = Stream::new(8, "shuffle-uniformity", 0, 0);
-    let orders = [
-        [0, 1, 2],
-        [0, 2, 1],
-        [1, 0, 2],
-        [1, 2, 0],
-        [2, 0, 1],
-        [2, 1, 0],
-    ];
+    let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
     let mut counts = [0u64; 6];
     for _ in 0..60_000 {
         let mut v = [0, 1, 2];
@@ -368,10 +313,7 @@ fn prng_source_uses_no_transcendental_functions() {
         ".cbrt(",
         ".hypot(",
     ];
-    let code_lines: Vec<&str> = src
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect();
+    let code_lines: Vec<&str> = src.lines().filter(|l| !l.trim_start().starts_with("//")).collect();
     assert!(code_lines.len() > 100, "the source was not read");
     for line in code_lines {
         for f in forbidden {

@@ -1,0 +1,307 @@
+//! Datasets: a deterministic synthetic task, MNIST from IDX files (gzip or raw), and plain text
+//! for a character-level model; and the dataset commitment (an RFC 6962 Merkle root over the
+//! examples) that goes in the run spec.
+//!
+//! Inputs are FP32 values computed with correctly rounded operations only (no transcendental
+//! functions), so every machine derives the same bits from the same files and seed.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use common::merkle::MerkleTree;
+use common::prng::Stream;
+
+use crate::EngineError;
+use crate::spec::{DataConfig, DatasetCommitment};
+
+/// Bytes of text per committed leaf for text datasets.
+pub const TEXT_CHUNK_BYTES: usize = 4096;
+/// Largest data file accepted (a corrupt header cannot make us read without limit).
+pub const DATA_FILE_BYTES_MAX: u64 = 1 << 30;
+
+/// A loaded dataset. Examples `0..n_train` are for training; the held-out examples follow.
+#[derive(Debug, Clone)]
+pub enum Dataset {
+    /// Fixed-size inputs with a class label each.
+    Classification {
+        kind: &'static str,
+        /// Shape of one input, e.g. `[784]` or `[1, 28, 28]`.
+        input_shape: Vec<usize>,
+        inputs: Vec<f32>,
+        labels: Vec<u32>,
+        classes: usize,
+        n_train: usize,
+        n_holdout: usize,
+    },
+    /// A token stream; example `i` is the window of `context` tokens starting at `i`, with the
+    /// next tokens as targets.
+    Text { raw: Vec<u8>, vocab: Vec<u8>, tokens: Vec<u32>, context: usize, n_train: usize, n_holdout: usize },
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> EngineError {
+    EngineError::Data { path: path.to_path_buf(), detail: e.to_string() }
+}
+
+fn data_err(path: &Path, detail: impl Into<String>) -> EngineError {
+    EngineError::Data { path: path.to_path_buf(), detail: detail.into() }
+}
+
+/// Reads a whole file, transparently gunzipping it if it starts with the gzip magic.
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, EngineError> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if meta.len() > DATA_FILE_BYTES_MAX {
+        return Err(data_err(
+            path,
+            format!("file is {} bytes, more than the {DATA_FILE_BYTES_MAX} accepted", meta.len()),
+        ));
+    }
+    let raw = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .take(DATA_FILE_BYTES_MAX)
+            .read_to_end(&mut out)
+            .map_err(|e| data_err(path, format!("corrupt gzip data: {e}")))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Parses IDX images (magic 0x00000803) into `(n, rows, cols, pixels)`.
+pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<(usize, usize, usize, Vec<u8>), EngineError> {
+    if bytes.len() < 16 || be_u32(bytes, 0) != 0x0000_0803 {
+        return Err(data_err(path, "not an IDX image file (bad magic or shorter than its 16-byte header)"));
+    }
+    let (n, rows, cols) = (be_u32(bytes, 4) as usize, be_u32(bytes, 8) as usize, be_u32(bytes, 12) as usize);
+    let need = n.checked_mul(rows).and_then(|x| x.checked_mul(cols)).and_then(|x| x.checked_add(16));
+    if need != Some(bytes.len()) {
+        return Err(data_err(
+            path,
+            format!("header says {n}×{rows}×{cols} pixels but the file holds {} bytes", bytes.len() - 16),
+        ));
+    }
+    Ok((n, rows, cols, bytes[16..].to_vec()))
+}
+
+/// Parses IDX labels (magic 0x00000801).
+pub fn parse_idx_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>, EngineError> {
+    if bytes.len() < 8 || be_u32(bytes, 0) != 0x0000_0801 {
+        return Err(data_err(path, "not an IDX label file (bad magic or shorter than its 8-byte header)"));
+    }
+    let n = be_u32(bytes, 4) as usize;
+    if bytes.len() != 8 + n {
+        return Err(data_err(path, format!("header says {n} labels but the file holds {}", bytes.len() - 8)));
+    }
+    Ok(bytes[8..].to_vec())
+}
+
+/// Finds `<prefix>-{images-idx3,labels-idx1}-ubyte[.gz]` in `dir`, preferring the `train` split.
+fn find_mnist(dir: &Path) -> Result<(PathBuf, PathBuf), EngineError> {
+    for prefix in ["train", "t10k"] {
+        let pick = |stem: &str| {
+            [format!("{prefix}-{stem}-ubyte.gz"), format!("{prefix}-{stem}-ubyte")]
+                .into_iter()
+                .map(|n| dir.join(n))
+                .find(|p| p.is_file())
+        };
+        if let (Some(img), Some(lbl)) = (pick("images-idx3"), pick("labels-idx1")) {
+            return Ok((img, lbl));
+        }
+    }
+    Err(data_err(
+        dir,
+        "no MNIST IDX files here (expected train-* or t10k-* images-idx3-ubyte and labels-idx1-ubyte, .gz optional)",
+    ))
+}
+
+impl Dataset {
+    /// Loads the dataset a config names. `path` is `--data`; `seed` drives synthetic data;
+    /// `context` is the text model's context length.
+    pub fn load(config: &DataConfig, path: Option<&Path>, seed: u64, context: usize) -> Result<Dataset, EngineError> {
+        match config {
+            DataConfig::Synthetic(s) => Ok(Self::synthetic(s.examples, s.holdout, s.features, s.classes, seed)),
+            DataConfig::Mnist(m) => {
+                let dir = path
+                    .ok_or_else(|| EngineError::Usage("this config needs --data <dir with MNIST IDX files>".into()))?;
+                if !dir.is_dir() {
+                    return Err(data_err(dir, "--data must name a directory of MNIST IDX files"));
+                }
+                let (img_path, lbl_path) = find_mnist(dir)?;
+                let (n, rows, cols, pixels) = parse_idx_images(&read_maybe_gz(&img_path)?, &img_path)?;
+                let labels = parse_idx_labels(&read_maybe_gz(&lbl_path)?, &lbl_path)?;
+                if labels.len() != n {
+                    return Err(data_err(&lbl_path, format!("{} labels for {n} images", labels.len())));
+                }
+                if let Some(i) = labels.iter().position(|&l| l > 9) {
+                    return Err(data_err(&lbl_path, format!("label {} at index {i} is not a digit", labels[i])));
+                }
+                let used = m.train + m.holdout;
+                if used > n {
+                    return Err(data_err(&img_path, format!("config asks for {used} examples, the file has {n}")));
+                }
+                let dim = rows * cols;
+                let inputs = pixels[..used * dim].iter().map(|&p| p as f32 / 255.0).collect();
+                Ok(Dataset::Classification {
+                    kind: "mnist",
+                    input_shape: vec![1, rows, cols],
+                    inputs,
+                    labels: labels[..used].iter().map(|&l| l as u32).collect(),
+                    classes: 10,
+                    n_train: m.train,
+                    n_holdout: m.holdout,
+                })
+            }
+            DataConfig::Text(t) => {
+                let file = path.ok_or_else(|| EngineError::Usage("this config needs --data <text file>".into()))?;
+                if !file.is_file() {
+                    return Err(data_err(file, "--data must name a text file"));
+                }
+                let raw = read_maybe_gz(file)?;
+                Self::text(raw, context, t.holdout_fraction).map_err(|d| data_err(file, d))
+            }
+        }
+    }
+
+    /// A deterministic synthetic classification task: `classes` random centres in
+    /// `[-1, 1]^features`, each example its centre plus Irwin–Hall noise of scale 0.5.
+    pub fn synthetic(examples: usize, holdout: usize, features: usize, classes: usize, seed: u64) -> Dataset {
+        let mut centres = Stream::new(seed, "data/synthetic/centres", 0, 0);
+        let centre: Vec<f64> = (0..classes * features).map(|_| centres.uniform(-1.0, 1.0)).collect();
+        let mut s = Stream::new(seed, "data/synthetic/examples", 0, 0);
+        let mut inputs = Vec::with_capacity(examples * features);
+        let mut labels = Vec::with_capacity(examples);
+        for _ in 0..examples {
+            let y = s.below(classes as u64) as usize;
+            labels.push(y as u32);
+            for f in 0..features {
+                inputs.push((centre[y * features + f] + 0.5 * s.irwin_hall_normal()) as f32);
+            }
+        }
+        Dataset::Classification {
+            kind: "synthetic",
+            input_shape: vec![features],
+            inputs,
+            labels,
+            classes,
+            n_train: examples - holdout,
+            n_holdout: holdout,
+        }
+    }
+
+    /// A character-level text dataset: the vocabulary is the sorted set of bytes in the text.
+    pub fn text(raw: Vec<u8>, context: usize, holdout_fraction: f64) -> Result<Dataset, String> {
+        if raw.len() < 2 * (context + 2) {
+            return Err(format!("text of {} bytes is too short for context {context}", raw.len()));
+        }
+        let mut present = [false; 256];
+        raw.iter().for_each(|&b| present[b as usize] = true);
+        let vocab: Vec<u8> = (0..=255u8).filter(|&b| present[b as usize]).collect();
+        let mut index = [0u32; 256];
+        vocab.iter().enumerate().for_each(|(i, &b)| index[b as usize] = i as u32);
+        let tokens: Vec<u32> = raw.iter().map(|&b| index[b as usize]).collect();
+        let windows = tokens.len() - context - 1;
+        // Integer arithmetic only: the split must not depend on FP rounding of the fraction.
+        let n_holdout_tokens = ((tokens.len() as f64) * holdout_fraction) as usize;
+        let n_train = windows.saturating_sub(n_holdout_tokens).max(1);
+        let n_holdout = windows.saturating_sub(n_train + context);
+        Ok(Dataset::Text { raw, vocab, tokens, context, n_train, n_holdout })
+    }
+
+    pub fn n_train(&self) -> usize {
+        match self {
+            Dataset::Classification { n_train, .. } | Dataset::Text { n_train, .. } => *n_train,
+        }
+    }
+
+    pub fn n_holdout(&self) -> usize {
+        match self {
+            Dataset::Classification { n_holdout, .. } | Dataset::Text { n_holdout, .. } => *n_holdout,
+        }
+    }
+
+    /// The index of held-out example `k` in the example numbering.
+    pub fn holdout_index(&self, k: usize) -> usize {
+        match self {
+            Dataset::Classification { n_train, .. } => n_train + k,
+            Dataset::Text { n_train, context, .. } => n_train + context + k,
+        }
+    }
+
+    /// The commitment: an RFC 6962 root over example encodings (`label u32 LE ‖ inputs as f32 LE`
+    /// for classification; raw 4 KiB chunks for text).
+    pub fn commitment(&self) -> DatasetCommitment {
+        let mut tree = MerkleTree::new();
+        let (kind, n_train, n_holdout) = match self {
+            Dataset::Classification { kind, input_shape, inputs, labels, n_train, n_holdout, .. } => {
+                let dim: usize = input_shape.iter().product();
+                let mut buf = Vec::with_capacity(4 + dim * 4);
+                for (i, &y) in labels.iter().enumerate() {
+                    buf.clear();
+                    buf.extend_from_slice(&y.to_le_bytes());
+                    for x in &inputs[i * dim..(i + 1) * dim] {
+                        buf.extend_from_slice(&x.to_bits().to_le_bytes());
+                    }
+                    tree.push_entry(&buf);
+                }
+                (*kind, *n_train, *n_holdout)
+            }
+            Dataset::Text { raw, n_train, n_holdout, .. } => {
+                raw.chunks(TEXT_CHUNK_BYTES).for_each(|c| {
+                    tree.push_entry(c);
+                });
+                ("text", *n_train, *n_holdout)
+            }
+        };
+        DatasetCommitment {
+            kind: kind.to_string(),
+            leaves: tree.len(),
+            n_train: n_train as u64,
+            n_holdout: n_holdout as u64,
+            root: common::codec::to_hex(&tree.root()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_is_deterministic_and_seeded() {
+        let a = Dataset::synthetic(100, 10, 8, 3, 1).commitment();
+        let b = Dataset::synthetic(100, 10, 8, 3, 1).commitment();
+        let c = Dataset::synthetic(100, 10, 8, 3, 2).commitment();
+        assert_eq!(a, b);
+        assert_ne!(a.root, c.root);
+        assert_eq!((a.n_train, a.n_holdout, a.leaves), (90, 10, 100));
+    }
+
+    #[test]
+    fn idx_parsing_rejects_bad_headers() {
+        let p = Path::new("x");
+        let mut img = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2];
+        img.extend([1u8; 8]);
+        assert_eq!(parse_idx_images(&img, p).unwrap().0, 2);
+        assert!(parse_idx_images(&img[..20], p).unwrap_err().to_string().contains("holds"));
+        img[3] = 1;
+        assert!(parse_idx_images(&img, p).is_err());
+        assert!(parse_idx_labels(&[0, 0, 8, 1, 0, 0, 0, 3, 1, 2], p).is_err());
+        assert_eq!(parse_idx_labels(&[0, 0, 8, 1, 0, 0, 0, 2, 1, 2], p).unwrap(), vec![1, 2]);
+    }
+
+    #[test]
+    fn text_vocab_and_split() {
+        let d = Dataset::text(b"hello world, hello tiebreak! ".repeat(20), 8, 0.1).unwrap();
+        let Dataset::Text { vocab, tokens, n_train, n_holdout, .. } = &d else { panic!() };
+        assert!(vocab.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(tokens.len(), 580);
+        assert!(*n_train > 400 && *n_holdout > 0);
+        assert!(d.holdout_index(0) >= n_train + 8);
+        assert!(Dataset::text(b"short".to_vec(), 8, 0.0).is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! The verified training engine shared by the trainer agent and the auditor.
+//!
+//! The trainer and the auditor must run the *same* program, differing only in the FP64
+//! arithmetic of their device profile; so the models, their fixed order of rounding sites, the
+//! optimizers, the datasets, the run spec and the record format live here, and both binaries
+//! depend on this crate. (The auditor never depends on the trainer agent.)
+//!
+//! - [`spec`]: TOML configs and the committed run spec.
+//! - [`data`]: datasets and their Merkle commitment.
+//! - [`record`]: the record on disk (crash-safe writer, verifying reader, signed manifest).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+pub mod data;
+pub mod record;
+pub mod spec;
+
+/// Why the engine could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("config {origin}: {detail}")]
+    Config { origin: String, detail: String },
+    #[error("data {path}: {detail}")]
+    Data { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Record(#[from] record::RecordError),
+}

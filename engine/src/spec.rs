@@ -1,0 +1,333 @@
+//! Run configuration (TOML, what a person writes) and the run spec (JSON, what a record commits
+//! to: the configuration plus the dataset commitment, device profile and versions).
+//!
+//! Every struct denies unknown fields, so a typo in a config is an error naming the field and
+//! the line, not a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+
+use crate::EngineError;
+
+/// Version of the record format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// This software's version, recorded in every spec and report.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A training configuration, as read from `configs/<name>.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optimizer: OptimizerConfig,
+}
+
+/// The model architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ModelConfig {
+    /// Fully connected layers with ReLU between them.
+    Mlp(MlpConfig),
+    /// Two conv + ReLU + 2×2 max-pool blocks, then a linear classifier.
+    Cnn(CnnConfig),
+    /// A character-level GPT (pre-norm transformer decoder).
+    Gpt(GptConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Hidden layer widths.
+    pub hidden: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CnnConfig {
+    /// Output channels of the two conv layers (3×3, padding 1).
+    pub channels: [usize; 2],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptConfig {
+    pub layers: usize,
+    pub d_model: usize,
+    pub heads: usize,
+    pub context: usize,
+    /// Dropout probability after attention and MLP blocks (masks come from the seeded PRNG).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+/// Where the examples come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DataConfig {
+    /// A deterministic synthetic classification task generated from the seed (no files).
+    Synthetic(SyntheticConfig),
+    /// MNIST in IDX format (gzip or raw), from `--data <dir>`.
+    Mnist(MnistConfig),
+    /// A plain text file, from `--data <file>`, for a character-level model.
+    Text(TextConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticConfig {
+    pub examples: usize,
+    pub holdout: usize,
+    pub features: usize,
+    pub classes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MnistConfig {
+    /// Examples used for training (taken first from the file).
+    pub train: usize,
+    /// Examples held out for evaluation (the ones after the training examples).
+    pub holdout: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextConfig {
+    /// Fraction of the text (at the end) held out for evaluation, in 0..1.
+    #[serde(default)]
+    pub holdout_fraction: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    /// Number of steps; if absent, `epochs` over the training split.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    #[serde(default)]
+    pub epochs: Option<u64>,
+    pub seed: u64,
+    /// A full-state checkpoint every this many steps (and at step 0).
+    pub checkpoint_interval: u64,
+}
+
+/// The optimizer and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum OptimizerConfig {
+    Sgd(SgdConfig),
+    Adamw(AdamwConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SgdConfig {
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamwConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+impl Config {
+    /// Parses a TOML config; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, EngineError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| EngineError::Config { origin: origin.to_string(), detail: e.to_string() })?;
+        cfg.validate().map_err(|detail| EngineError::Config { origin: origin.to_string(), detail })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err("train.batch_size must be at least 1".into());
+        }
+        if t.checkpoint_interval == 0 {
+            return Err("train.checkpoint_interval must be at least 1".into());
+        }
+        match (t.steps, t.epochs) {
+            (None, None) => return Err("set train.steps or train.epochs".into()),
+            (Some(0), _) | (_, Some(0)) => return Err("train.steps / train.epochs must be at least 1".into()),
+            _ => {}
+        }
+        let finite_pos = |name: &str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("optimizer.{name} must be finite and > 0, got {x}"))
+            }
+        };
+        let unit = |name: &str, x: f64| {
+            if (0.0..1.0).contains(&x) { Ok(()) } else { Err(format!("{name} must be in [0, 1), got {x}")) }
+        };
+        match &self.optimizer {
+            OptimizerConfig::Sgd(s) => {
+                finite_pos("lr", s.lr)?;
+                unit("optimizer.momentum", s.momentum)?;
+                unit("optimizer.weight_decay", s.weight_decay)?;
+            }
+            OptimizerConfig::Adamw(a) => {
+                finite_pos("lr", a.lr)?;
+                finite_pos("eps", a.eps)?;
+                unit("optimizer.beta1", a.beta1)?;
+                unit("optimizer.beta2", a.beta2)?;
+                unit("optimizer.weight_decay", a.weight_decay)?;
+            }
+        }
+        match &self.model {
+            ModelConfig::Mlp(m) if m.hidden.contains(&0) => return Err("model.hidden widths must be >= 1".into()),
+            ModelConfig::Cnn(c) if c.channels.contains(&0) => return Err("model.channels must be >= 1".into()),
+            ModelConfig::Gpt(g) => {
+                if g.layers == 0 || g.d_model == 0 || g.heads == 0 || g.context == 0 || g.d_model % g.heads != 0 {
+                    return Err(
+                        "model: layers, d_model, heads, context must be >= 1 and heads must divide d_model".into()
+                    );
+                }
+                unit("model.dropout", g.dropout)?;
+            }
+            _ => {}
+        }
+        match &self.data {
+            DataConfig::Synthetic(s) if s.examples <= s.holdout || s.features == 0 || s.classes < 2 => {
+                Err("data: synthetic needs examples > holdout, features >= 1, classes >= 2".into())
+            }
+            DataConfig::Mnist(m) if m.train == 0 => Err("data.train must be >= 1".into()),
+            DataConfig::Text(t) if !(0.0..0.5).contains(&t.holdout_fraction) => {
+                Err("data.holdout_fraction must be in [0, 0.5)".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The commitment to a dataset: a Merkle root over its examples, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetCommitment {
+    /// `synthetic`, `mnist` or `text`.
+    pub kind: String,
+    /// Number of committed leaves (examples, or text chunks for `text`).
+    pub leaves: u64,
+    /// Examples available for training.
+    pub n_train: u64,
+    /// Examples held out for evaluation.
+    pub n_holdout: u64,
+    /// Hex Merkle root (RFC 6962) over the example encodings.
+    pub root: String,
+}
+
+/// What a record commits to about its run. Its SHA-256 (of the JSON below) is in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    pub format_version: u32,
+    pub software_version: String,
+    pub config: Config,
+    pub dataset: DatasetCommitment,
+    /// The trainer's device profile.
+    pub device_profile: String,
+    /// Planned number of steps.
+    pub n_steps: u64,
+}
+
+impl RunSpec {
+    /// The canonical JSON bytes (struct field order, shortest round-trip floats).
+    pub fn canonical_json(&self) -> Vec<u8> {
+        // Serialising plain data structs to a Vec cannot fail.
+        serde_json::to_vec(self).expect("run spec serialises")
+    }
+
+    /// SHA-256 of the canonical JSON.
+    pub fn digest(&self) -> common::codec::Hash {
+        common::codec::sha256(&self.canonical_json())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+kind = "mlp"
+hidden = [32]
+[data]
+kind = "synthetic"
+examples = 512
+holdout = 64
+features = 16
+classes = 4
+[train]
+batch_size = 16
+steps = 20
+seed = 7
+checkpoint_interval = 5
+[optimizer]
+kind = "sgd"
+lr = 0.1
+momentum = 0.9
+"#;
+
+    #[test]
+    fn parses_a_good_config() {
+        let c = Config::from_toml(GOOD, "good.toml").unwrap();
+        assert_eq!(c.model, ModelConfig::Mlp(MlpConfig { hidden: vec![32] }));
+    }
+
+    #[test]
+    fn a_typo_names_the_field_and_file() {
+        let bad = GOOD.replace("momentum", "momentun");
+        let err = Config::from_toml(&bad, "cfg.toml").unwrap_err().to_string();
+        assert!(err.contains("cfg.toml") && err.contains("momentun"), "{err}");
+        let bad = GOOD.replace("kind = \"mlp\"", "kind = \"mpl\"");
+        let err = Config::from_toml(&bad, "cfg.toml").unwrap_err().to_string();
+        assert!(err.contains("mpl"), "{err}");
+        let bad = GOOD.replace("hidden = [32]", "hidden = [32]\nhiden = 3");
+        let err = Config::from_toml(&bad, "cfg.toml").unwrap_err().to_string();
+        assert!(err.contains("hiden"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (from, to) in [("lr = 0.1", "lr = -1.0"), ("batch_size = 16", "batch_size = 0"), ("steps = 20", "")] {
+            let bad = GOOD.replace(from, to);
+            assert!(Config::from_toml(&bad, "c").is_err(), "{from} -> {to}");
+        }
+    }
+
+    #[test]
+    fn spec_digest_is_stable() {
+        let c = Config::from_toml(GOOD, "good.toml").unwrap();
+        let spec = RunSpec {
+            format_version: FORMAT_VERSION,
+            software_version: "x".into(),
+            config: c,
+            dataset: DatasetCommitment {
+                kind: "synthetic".into(),
+                leaves: 1,
+                n_train: 1,
+                n_holdout: 0,
+                root: "00".into(),
+            },
+            device_profile: "cpu".into(),
+            n_steps: 20,
+        };
+        let back: RunSpec = serde_json::from_slice(&spec.canonical_json()).unwrap();
+        assert_eq!(back, spec);
+        assert_eq!(back.digest(), spec.digest());
+    }
+}
