@@ -1,0 +1,143 @@
+//! Elementwise activations (ReLU, GELU with the tanh approximation) and dropout, forward and
+//! backward.
+
+use rayon::prelude::*;
+
+use crate::bound::{ETA, TRANS_REL, U, gamma, two_sided};
+use crate::reduce::tanh;
+use crate::{Bounded, Device, ErrorBound, Profile, Result, arg_err, check_len};
+
+/// `√(2/π)` as the f64 constant of GPT-2's GELU (part of the op's definition).
+const GELU_C: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of GPT-2's GELU.
+const GELU_A: f64 = 0.044_715;
+
+/// Elementwise map producing (value, bound) pairs, parallel over fixed-size chunks (the
+/// result does not depend on the split: each element is computed independently).
+fn map2(n: usize, f: impl Fn(usize) -> (f64, f64) + Sync + Send) -> Bounded {
+    let (values, bounds): (Vec<f64>, Vec<f64>) =
+        (0..n).into_par_iter().with_min_len(4096).map(f).unzip();
+    Bounded {
+        values,
+        bound: ErrorBound::PerElement(bounds),
+    }
+}
+
+/// Bound on `|tanh(z_h) − tanh(z)|` per side where the honest argument `z_h` is within `e_z`
+/// of the exact `z ≈ z_o`: mean value theorem with `sech²ξ ≤ min(1, 4·e^{−2|ξ|})`,
+/// `|ξ| ≥ |z_o| − 2e_z`, plus the 4-ulp tanh error `8u·|tanh z_h| ≤ 8u·min(1, |z_o|)`.
+fn tanh_err(z_o: f64, e_z: f64) -> f64 {
+    let lo = (z_o.abs() - 2.0 * e_z).max(0.0);
+    let sech2 = (4.0 * (-2.0 * lo).exp()).min(1.0);
+    sech2 * e_z + TRANS_REL * z_o.abs().min(1.0) + ETA
+}
+
+struct Gelu {
+    /// tanh value.
+    t: f64,
+    /// Per-side error bound on t.
+    e_t: f64,
+}
+
+fn gelu_core(p: Profile, x: f64) -> Gelu {
+    let z = GELU_C * (x + GELU_A * (x * x * x));
+    let t = tanh(p, z);
+    // z: x·x is exact (FP32 input), ·x, A·, +, C· are ≤ 4 roundings in any honest order
+    // (FMA only removes some); x and A·x³ have the same sign, so no cancellation: relative
+    // error ≤ γ_6 (2 spare for reassociated constant products).
+    let e_z = gamma(6) * z.abs();
+    Gelu {
+        t,
+        e_t: tanh_err(z, e_z),
+    }
+}
+
+impl Device {
+    /// `max(x, 0)`. Exact.
+    pub fn relu(&self, x: &[f32]) -> Result<Bounded> {
+        Ok(Bounded::exact(
+            x.iter().map(|&v| (v as f64).max(0.0)).collect(),
+        ))
+    }
+
+    /// `gy · [x > 0]`. Exact.
+    pub fn relu_backward(&self, x: &[f32], gy: &[f32]) -> Result<Bounded> {
+        check_len("relu_backward", "grad_out", gy.len(), x.len())?;
+        Ok(Bounded::exact(
+            x.iter()
+                .zip(gy)
+                .map(|(&x, &g)| if x > 0.0 { g as f64 } else { 0.0 })
+                .collect(),
+        ))
+    }
+
+    /// GPT-2 GELU: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+    pub fn gelu(&self, x: &[f32]) -> Result<Bounded> {
+        let p = self.profile();
+        Ok(map2(x.len(), |i| {
+            let x = x[i] as f64;
+            let g = gelu_core(p, x);
+            let s = 1.0 + g.t;
+            let y = 0.5 * x * s;
+            // s = 1+t: one rounding → e_s = e_t + u|s|. y = 0.5·x·s: one rounding (0.5·
+            // exact unless subnormal: ETA) → per side 0.5|x|·e_s + u|y| + ETA.
+            let e_s = g.e_t + U * s.abs();
+            let e = 0.5 * x.abs() * e_s + U * y.abs() + ETA;
+            (y, two_sided(e))
+        }))
+    }
+
+    /// GELU backward: `gy · (0.5·(1+t) + 0.5·x·(1−t²)·√(2/π)·(1 + 3·0.044715·x²))`.
+    pub fn gelu_backward(&self, x: &[f32], gy: &[f32]) -> Result<Bounded> {
+        check_len("gelu_backward", "grad_out", gy.len(), x.len())?;
+        let p = self.profile();
+        Ok(map2(x.len(), |i| {
+            let xv = x[i] as f64;
+            let gyv = gy[i] as f64;
+            let c = gelu_core(p, xv);
+            let (t, e_t) = (c.t, c.e_t);
+            let s = 1.0 + t;
+            let q = 1.0 - t * t;
+            let f = GELU_C * (1.0 + 3.0 * GELU_A * (xv * xv));
+            let h = 0.5 * xv * q * f;
+            let g = 0.5 * s + h;
+            let gx = gyv * g;
+            // Per side: s as in gelu. q = 1−t²: |Δ| ≤ 2|t|e_t (propagated) + u·t² + 3u|q|
+            // (covers 1−t·t, (1−t)(1+t), FMA). f > 0, no cancellation, ≤ 5 roundings: γ_5·f.
+            // h: ≤ 3 more roundings: γ_3|h|. g = 0.5s + h: + u|g|. gx = gy·g: + u|gx| + ETA.
+            let e_s = e_t + U * s.abs();
+            let e_q = 2.0 * t.abs() * e_t + U * t * t + 3.0 * U * q.abs();
+            let e_f = gamma(5) * f;
+            let e_h = 0.5 * xv.abs() * (e_q * f + q.abs() * e_f) + gamma(3) * h.abs();
+            let e_g = 0.5 * e_s + e_h + U * g.abs() + ETA;
+            let e = gyv.abs() * e_g + U * gx.abs() + ETA;
+            (gx, two_sided(e))
+        }))
+    }
+
+    /// Inverted dropout: `x · mask · s` with `s = 1.0 / (1.0 − p)` evaluated in FP64 exactly
+    /// so (both roundings are correctly rounded, so every machine gets the same `s` and the
+    /// same products). Exact. `p` must lie in `[0, 1)`.
+    pub fn dropout(&self, x: &[f32], mask: &[bool], p: f64) -> Result<Bounded> {
+        const OP: &str = "dropout";
+        check_len(OP, "mask", mask.len(), x.len())?;
+        if !(0.0..1.0).contains(&p) {
+            return Err(arg_err(
+                OP,
+                format!("drop probability {p} is not in [0, 1)"),
+            ));
+        }
+        let s = 1.0 / (1.0 - p);
+        Ok(Bounded::exact(
+            x.iter()
+                .zip(mask)
+                .map(|(&v, &keep)| if keep { v as f64 * s } else { 0.0 })
+                .collect(),
+        ))
+    }
+
+    /// Dropout backward: the same map applied to the output gradient. Exact.
+    pub fn dropout_backward(&self, gy: &[f32], mask: &[bool], p: f64) -> Result<Bounded> {
+        self.dropout(gy, mask, p)
+    }
+}

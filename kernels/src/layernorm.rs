@@ -1,0 +1,214 @@
+//! Layer normalisation over the last dimension, forward and backward.
+//!
+//! Definition (part of the op): two-pass statistics, `μ = Σx/n`, `V = Σ(x−μ)²/n`,
+//! `rstd = 1/√(V+eps)`, `y = (x−μ)·rstd·γ + β`. The backward pass takes the rounded FP32
+//! `μ` and `rstd` saved by the caller and defines `x̂ = (x−μ)·rstd` with those two correctly
+//! rounded operations, so `x̂` is identical on every machine.
+
+use rayon::prelude::*;
+
+use crate::bound::{ETA, U, gamma, two_sided};
+use crate::reduce::{dot_by, sum_by};
+use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len, checked_prod};
+
+/// Outputs of [`Device::layer_norm`]: `y` (`rows×cols`), per-row `mean` and `rstd`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNormOut {
+    pub y: Bounded,
+    pub mean: Bounded,
+    pub rstd: Bounded,
+}
+
+/// Gradients from [`Device::layer_norm_backward`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNormGrads {
+    pub gx: Bounded,
+    pub ggamma: Bounded,
+    pub gbeta: Bounded,
+}
+
+impl Device {
+    /// Layer norm of each of `rows` rows of length `cols`, with affine `gamma`, `beta` (`cols`).
+    /// `eps` must be positive.
+    pub fn layer_norm(
+        &self,
+        x: &[f32],
+        gamma_w: &[f32],
+        beta: &[f32],
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) -> Result<LayerNormOut> {
+        const OP: &str = "layer_norm";
+        check_len(OP, "x", x.len(), checked_prod(OP, &[rows, cols])?)?;
+        check_len(OP, "gamma", gamma_w.len(), cols)?;
+        check_len(OP, "beta", beta.len(), cols)?;
+        if !(eps > 0.0 && eps.is_finite()) {
+            return Err(arg_err(
+                OP,
+                format!("eps {eps} must be positive and finite"),
+            ));
+        }
+        if cols == 0 {
+            return Err(arg_err(OP, "rows of length 0 have no mean"));
+        }
+        let p = self.profile();
+        let n = cols;
+        let nf = n as f64;
+        let mut y = vec![0.0; x.len()];
+        let mut yb = vec![0.0; x.len()];
+        let stats: Vec<[f64; 4]> = y
+            .par_chunks_mut(n)
+            .zip(yb.par_chunks_mut(n))
+            .enumerate()
+            .map(|(r, (yr, br))| {
+                let xr = &x[r * n..(r + 1) * n];
+                let s1 = sum_by(p, n, |i| xr[i] as f64);
+                let mu = s1 / nf;
+                let abs: f64 = xr.iter().map(|v| v.abs() as f64).sum();
+                // μ per side: sum of n exact terms γ_{n−1}Σ|x|, then /n (or ·(1/n)): γ_2|μ|.
+                let e_mu = gamma(n - 1) * abs / nf + gamma(2) * mu.abs() + ETA;
+                for (c, &xv) in yr.iter_mut().zip(xr) {
+                    *c = xv as f64 - mu;
+                }
+                let ss = dot_by(p, n, |i| yr[i], |i| yr[i]);
+                let var = ss / nf;
+                // Σĉ² per side: ĉ_i = (c_i − Δ)(1+δ_i), |Δ| ≤ e_mu, and Σc_i = 0 exactly, so
+                // Σ(c_i − Δ)² = Σc² + nΔ²: the mean's error enters only squared. Rounding of
+                // ĉ (2u on its square), of each square (u, or none with FMA) and the sum
+                // (γ_{n−1}): |Σĉ² − Σc²| ≤ n·e_mu² + γ_{n+2}·Σĉ². Then /n: γ_2·V.
+                let e_var = e_mu * e_mu + gamma(n + 2) * ss / nf + gamma(2) * var + ETA;
+                let ve = var + eps;
+                let rstd = 1.0 / ve.sqrt();
+                // V+eps: + u(V+eps). Every honest V ≥ 0, so V+eps ≥ eps(1−u): with
+                // lo = max(ve − 2e_ve, eps(1−2u)), |1/√a − 1/√b| ≤ |a−b| / (2·lo^{3/2});
+                // sqrt and ÷ add γ_2 relative to the honest rstd ≤ rstd + 2e.
+                let e_ve = e_var + U * ve;
+                let lo = (ve - 2.0 * e_ve).max(eps * (1.0 - 2.0 * U));
+                let e_prop = e_ve / (2.0 * lo * lo.sqrt());
+                let e_r = e_prop + gamma(2) * (rstd + 2.0 * e_prop);
+                for (i, (c, d)) in yr.iter_mut().zip(br.iter_mut()).enumerate() {
+                    let g = gamma_w[i] as f64;
+                    let prod = *c * rstd * g;
+                    let out = prod + beta[i] as f64;
+                    // y per side: ĉ within e_mu + u|ĉ| of c; c·rstd·γ: |γ|(e_c·rstd + |c|·e_r)
+                    // + γ_2|c·rstd·γ| for the two products (any order), + β: u|y| (+ETA).
+                    let e_c = e_mu + U * c.abs();
+                    let e = g.abs() * (e_c * rstd + c.abs() * e_r)
+                        + gamma(2) * prod.abs()
+                        + U * out.abs()
+                        + ETA;
+                    *c = out;
+                    *d = two_sided(e);
+                }
+                [mu, two_sided(e_mu), rstd, two_sided(e_r)]
+            })
+            .collect();
+        Ok(LayerNormOut {
+            y: Bounded {
+                values: y,
+                bound: ErrorBound::PerElement(yb),
+            },
+            mean: Bounded {
+                values: stats.iter().map(|s| s[0]).collect(),
+                bound: ErrorBound::PerElement(stats.iter().map(|s| s[1]).collect()),
+            },
+            rstd: Bounded {
+                values: stats.iter().map(|s| s[2]).collect(),
+                bound: ErrorBound::PerElement(stats.iter().map(|s| s[3]).collect()),
+            },
+        })
+    }
+
+    /// Layer norm backward from the input, `gamma`, the saved (rounded) per-row `mean` and
+    /// `rstd`, and the output gradient.
+    /// `gx = rstd·(g − mean(g) − x̂·mean(g·x̂))` with `g = gy·γ`; `gγ = Σ_rows gy·x̂`;
+    /// `gβ = Σ_rows gy`.
+    #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs, all same-typed slices
+    pub fn layer_norm_backward(
+        &self,
+        x: &[f32],
+        gamma_w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gy: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<LayerNormGrads> {
+        const OP: &str = "layer_norm_backward";
+        let total = checked_prod(OP, &[rows, cols])?;
+        check_len(OP, "x", x.len(), total)?;
+        check_len(OP, "grad_out", gy.len(), total)?;
+        check_len(OP, "gamma", gamma_w.len(), cols)?;
+        check_len(OP, "mean", mean.len(), rows)?;
+        check_len(OP, "rstd", rstd.len(), rows)?;
+        if cols == 0 {
+            return Err(arg_err(OP, "rows of length 0 have no mean"));
+        }
+        let p = self.profile();
+        let n = cols;
+        let nf = n as f64;
+        // x̂ is the same on every machine (two correctly rounded operations on the same inputs).
+        let xhat: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v as f64 - mean[i / n] as f64) * rstd[i / n] as f64)
+            .collect();
+        let mut gx = vec![0.0; total];
+        let mut gxb = vec![0.0; total];
+        gx.par_chunks_mut(n)
+            .zip(gxb.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(r, (out, bnd))| {
+                let gr = &gy[r * n..(r + 1) * n];
+                let xh = &xhat[r * n..(r + 1) * n];
+                let rs = rstd[r] as f64;
+                let g = |i: usize| gr[i] as f64 * gamma_w[i] as f64;
+                let a = sum_by(p, n, g) / nf;
+                let b = dot_by(p, n, g, |i| xh[i]) / nf;
+                // a: n exact terms (FP32·FP32) γ_{n−1}Σ|g|, /n γ_2|a|. b: n rounded products
+                // γ_nΣ|g·x̂|, /n γ_2|b|. t = g − a − x̂b in any association/FMA: E_a + |x̂|E_b +
+                // γ_5(|g|+|a|+|x̂b|) (also covers the (rstd/n)(n·g − Σg − x̂Σgx̂) form);
+                // gx = rstd·t: + γ_2|gx| + ETA.
+                let (abs_g, abs_gx) = (0..n).fold((0.0, 0.0), |(s1, s2), i| {
+                    let gi = g(i).abs();
+                    (s1 + gi, s2 + gi * xh[i].abs())
+                });
+                let e_a = gamma(n - 1) * abs_g / nf + gamma(2) * a.abs();
+                let e_b = gamma(n) * abs_gx / nf + gamma(2) * b.abs();
+                for i in 0..n {
+                    let gi = g(i);
+                    let t = gi - a - xh[i] * b;
+                    out[i] = rs * t;
+                    let e_t = e_a
+                        + xh[i].abs() * e_b
+                        + gamma(5) * (gi.abs() + a.abs() + (xh[i] * b).abs());
+                    bnd[i] = two_sided(rs * e_t + gamma(2) * out[i].abs() + ETA);
+                }
+            });
+        // Column reductions over rows, each in the profile's order, parallel over columns.
+        let (ggamma, ggb): (Vec<f64>, Vec<f64>) = (0..n)
+            .into_par_iter()
+            .map(|j| {
+                let v = dot_by(p, rows, |r| gy[r * n + j] as f64, |r| xhat[r * n + j]);
+                let abs: f64 = (0..rows)
+                    .map(|r| (gy[r * n + j] as f64 * xhat[r * n + j]).abs())
+                    .sum();
+                // rows rounded products, any order/FMA: per side γ_rows·Σ|gy·x̂|.
+                (v, two_sided(gamma(rows) * abs + ETA))
+            })
+            .unzip();
+        let gbeta = self.sum_rows(gy, rows, cols)?;
+        Ok(LayerNormGrads {
+            gx: Bounded {
+                values: gx,
+                bound: ErrorBound::PerElement(gxb),
+            },
+            ggamma: Bounded {
+                values: ggamma,
+                bound: ErrorBound::PerElement(ggb),
+            },
+            gbeta,
+        })
+    }
+}

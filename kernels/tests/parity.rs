@@ -1,0 +1,247 @@
+//! Cross-profile soundness: one test body for every op and every ordered pair of profiles,
+//! plus checks that the profiles really differ and that `cpu` ignores the thread count.
+
+use kernels::parity::{SplitMix64, cases, compare, tightness};
+use kernels::{Device, KernelError, MatmulSpec, Profile, RowSpec};
+
+fn devices() -> Vec<Device> {
+    Profile::CPU
+        .iter()
+        .map(|&p| Device::new(p).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_op_every_profile_pair_is_within_bounds() {
+    let devs = devices();
+    for seed in [1u64, 0xDEAD_BEEF, 42] {
+        println!("seed {seed}");
+        for case in cases(seed) {
+            let results: Vec<_> = devs
+                .iter()
+                .map(|d| {
+                    case.run(d)
+                        .unwrap_or_else(|e| panic!("{case:?} on {}: {e}", d.profile()))
+                })
+                .collect();
+            for (i, ra) in results.iter().enumerate() {
+                for (j, rb) in results.iter().enumerate() {
+                    if i != j {
+                        let (pa, pb) = (devs[i].profile(), devs[j].profile());
+                        if let Err(e) = compare(ra, rb) {
+                            panic!("seed {seed}, {case:?}, {pa} vs {pb}: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tightness_is_reported_and_sound() {
+    let t = tightness(7);
+    println!("tightness (max |vA−vB|/bound per op):");
+    for (op, r) in &t {
+        println!("  {op:24} {r:.3e}");
+    }
+    assert!(t.len() >= 25, "every op is covered: {t:?}");
+    for (op, r) in &t {
+        assert!(*r <= 1.0, "{op} violated its bound: ratio {r}");
+    }
+    // Reductions must actually differ somewhere, or the ratios say nothing.
+    let mm = t.iter().find(|(op, _)| *op == "matmul").unwrap().1;
+    assert!(mm > 0.0, "matmul profiles never differed");
+}
+
+fn differing_fraction(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count() as f64
+        / a.len() as f64
+}
+
+#[test]
+fn profiles_give_different_bits_on_realistic_shapes() {
+    let devs = devices();
+    let mut rng = SplitMix64(99);
+    for (m, k, n) in [(64, 784, 256), (16, 2048, 16)] {
+        let a = rng.uniform(m * k, 1.0);
+        let b = rng.uniform(k * n, 1.0);
+        let r: Vec<_> = devs
+            .iter()
+            .map(|d| d.matmul(&a, &b, None, MatmulSpec::new(m, k, n)).unwrap())
+            .collect();
+        for i in 0..3 {
+            for j in i + 1..3 {
+                let f = differing_fraction(&r[i].values, &r[j].values);
+                println!(
+                    "matmul {m}x{k}x{n}: {} vs {}: {:.1}% of outputs differ",
+                    devs[i].profile(),
+                    devs[j].profile(),
+                    100.0 * f
+                );
+                assert!(
+                    f > 0.3,
+                    "{} and {} agree too often ({f})",
+                    devs[i].profile(),
+                    devs[j].profile()
+                );
+            }
+        }
+    }
+    // Softmax rows (exp + reduction) differ too.
+    let x = rng.uniform(64 * 64, 3.0);
+    let r: Vec<_> = devs
+        .iter()
+        .map(|d| d.softmax(&x, RowSpec::causal(64, 64)).unwrap())
+        .collect();
+    for i in 0..3 {
+        for j in i + 1..3 {
+            let f = differing_fraction(&r[i].values, &r[j].values);
+            assert!(
+                f > 0.1,
+                "softmax: {} and {} agree too often ({f})",
+                devs[i].profile(),
+                devs[j].profile()
+            );
+        }
+    }
+}
+
+#[test]
+fn cpu_profile_is_thread_count_independent() {
+    let dev = Device::new(Profile::Cpu).unwrap();
+    let mut rng = SplitMix64(5);
+    let shapes = [(64, 784, 256), (200, 300, 150), (512, 64, 512), (3, 5, 7)];
+    let inputs: Vec<_> = shapes
+        .iter()
+        .map(|&(m, k, n)| {
+            (
+                rng.uniform(m * k, 1.0),
+                rng.uniform(k * n, 1.0),
+                MatmulSpec::new(m, k, n),
+            )
+        })
+        .collect();
+    let x = rng.uniform(128 * 100, 2.0);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut out: Vec<Vec<u64>> = inputs
+                .iter()
+                .map(|(a, b, s)| {
+                    dev.matmul(a, b, None, *s)
+                        .unwrap()
+                        .values
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                })
+                .collect();
+            out.push(
+                dev.softmax(&x, RowSpec::new(128, 100))
+                    .unwrap()
+                    .values
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            );
+            out.push(
+                dev.sum_rows(&x, 128, 100)
+                    .unwrap()
+                    .values
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            );
+            out
+        })
+    };
+    let one = run(1);
+    for t in [2, 3, 4] {
+        assert!(
+            one == run(t),
+            "cpu results with {t} threads differ from 1 thread"
+        );
+    }
+}
+
+#[test]
+fn profile_names_round_trip_and_bad_names_are_explained() {
+    for p in Profile::CPU {
+        assert_eq!(p.name().parse::<Profile>().unwrap(), p);
+    }
+    let e = "gpu-fast".parse::<Profile>().unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("gpu-fast") && msg.contains("cpu-seq") && msg.contains("cpu-splitk"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let d = Device::new(Profile::Cpu).unwrap();
+    let e = d
+        .matmul(&[1.0; 5], &[1.0; 6], None, MatmulSpec::new(2, 3, 2))
+        .unwrap_err();
+    assert!(matches!(e, KernelError::Shape { op: "matmul", .. }), "{e}");
+    assert!(
+        d.matmul(
+            &[1.0; 6],
+            &[1.0; 6],
+            Some(&[0.0; 3]),
+            MatmulSpec::new(2, 3, 2)
+        )
+        .is_err()
+    );
+    assert!(
+        d.matmul(&[], &[], None, MatmulSpec::batched(usize::MAX, 2, 2, 2))
+            .is_err()
+    );
+    assert!(d.softmax(&[0.0; 10], RowSpec::causal(5, 2)).is_err());
+    assert!(d.softmax(&[0.0; 9], RowSpec::new(2, 5)).is_err());
+    assert!(d.cross_entropy(&[0.0; 6], &[0, 3], 2, 3).is_err());
+    assert!(
+        d.layer_norm(&[0.0; 6], &[1.0; 3], &[0.0; 3], 2, 3, 0.0)
+            .is_err()
+    );
+    assert!(d.embedding(&[0.0; 6], 3, 2, &[3]).is_err());
+    assert!(d.dropout(&[1.0], &[true], 1.0).is_err());
+    let cs = kernels::Conv2dSpec {
+        n: 1,
+        c_in: 1,
+        h: 2,
+        w: 2,
+        c_out: 1,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 0,
+    };
+    assert!(d.conv2d(&[0.0; 4], &[0.0; 9], None, cs).is_err());
+    let ps = kernels::Pool2dSpec {
+        n: 1,
+        c: 1,
+        h: 4,
+        w: 4,
+        kh: 2,
+        kw: 2,
+        stride: 0,
+        pad: 0,
+    };
+    assert!(d.max_pool2d(&[0.0; 16], ps).is_err());
+    assert!(
+        d.max_pool2d_backward(
+            &[0.0; 4],
+            &[99, 0, 0, 0],
+            kernels::Pool2dSpec { stride: 2, ..ps }
+        )
+        .is_err()
+    );
+}
