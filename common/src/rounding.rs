@@ -245,6 +245,14 @@ fn decide(v: f64, d: f64) -> (f32, Decision) {
     }
 }
 
+/// Whether an element with value `v` and bound `d` would be logged: some honest machine's
+/// value within `d` of `v` could round differently. Kernels use it to refine a cheap bound only
+/// where the refinement can matter.
+#[inline]
+pub fn is_ambiguous(v: f64, d: f64) -> bool {
+    !matches!(decide(v, d).1, Decision::Plain)
+}
+
 /// Trainer side: rounds `values` to FP32 (nearest-even) and returns the tie-breaks for every
 /// element whose value lies within its bound of a cell boundary.
 ///
@@ -297,6 +305,50 @@ pub fn round_replay(site: &str, values: &[f64], bound: &ErrorBound, log: &SiteLo
         out[i] = follow_exact(site, index, values[i], bound.at(i), bits)?;
     }
     Ok(out)
+}
+
+/// Like [`round_replay`], but a forged entry does not stop the replay: the element is rounded
+/// as the replayer's own value says, and the forgery is returned as a finding. The auditor uses
+/// this so that it can tell a forged log (its own state still matches the trainer's) from a
+/// divergence (the trainer computed something else, so its log fits nothing here).
+pub fn round_replay_lenient(
+    site: &str,
+    values: &[f64],
+    bound: &ErrorBound,
+    log: &SiteLog,
+) -> Result<(Vec<f32>, Vec<RoundingError>), RoundingError> {
+    bound.validate(site, values.len())?;
+    let mut out = Vec::with_capacity(values.len());
+    for (i, &v) in values.iter().enumerate() {
+        if v.is_nan() {
+            return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
+        }
+        out.push(v as f32);
+    }
+    let mut forged = Vec::new();
+    if log.len() != values.len() as u64 {
+        forged.push(RoundingError::LengthMismatch {
+            site: site.to_string(),
+            logged: log.len(),
+            actual: values.len() as u64,
+        });
+        return Ok((out, forged));
+    }
+    for (index, dir) in log.directions() {
+        let i = index as usize;
+        match follow_direction(site, index, values[i], bound.at(i), dir) {
+            Ok(r) => out[i] = r,
+            Err(e) => forged.push(e),
+        }
+    }
+    for (index, bits) in log.exacts() {
+        let i = index as usize;
+        match follow_exact(site, index, values[i], bound.at(i), bits) {
+            Ok(r) => out[i] = r,
+            Err(e) => forged.push(e),
+        }
+    }
+    Ok((out, forged))
 }
 
 fn follow_direction(site: &str, index: u64, w: f64, d: f64, dir: Direction) -> Result<f32, RoundingError> {
@@ -353,7 +405,8 @@ pub enum Rounder<'a> {
     /// Trainer side: builds the step's log (and, optionally, the paper's dense log).
     Commit { log: TieBreakLog, paper: Option<paper::DenseLog> },
     /// Replay side: follows `log`, and checks at the end that every logged site was visited.
-    Replay { log: &'a TieBreakLog, visited: BTreeSet<String> },
+    /// Entries that do not hold up are collected in `forged` (see [`round_replay_lenient`]).
+    Replay { log: &'a TieBreakLog, visited: BTreeSet<String>, forged: Vec<RoundingError> },
 }
 
 impl<'a> Rounder<'a> {
@@ -369,7 +422,7 @@ impl<'a> Rounder<'a> {
 
     /// A replay-side rounder following the trainer's log for one step.
     pub fn replay(log: &'a TieBreakLog) -> Self {
-        Rounder::Replay { log, visited: BTreeSet::new() }
+        Rounder::Replay { log, visited: BTreeSet::new(), forged: Vec::new() }
     }
 
     /// Rounds one named site. Non-finite FP32 results are errors naming the site and element.
@@ -386,12 +439,16 @@ impl<'a> Rounder<'a> {
                 log.insert(site, site_log).map_err(|_| RoundingError::DuplicateSite { site: site.to_string() })?;
                 out
             }
-            Rounder::Replay { log, visited } => {
+            Rounder::Replay { log, visited, forged } => {
                 if !visited.insert(site.to_string()) {
                     return Err(RoundingError::DuplicateSite { site: site.to_string() });
                 }
                 match log.site(site) {
-                    Some(site_log) => round_replay(site, values, bound, site_log)?,
+                    Some(site_log) => {
+                        let (out, found) = round_replay_lenient(site, values, bound, site_log)?;
+                        forged.extend(found);
+                        out
+                    }
                     None => round_replay(site, values, bound, &SiteLog::new(values.len() as u64))?,
                 }
             }
@@ -403,18 +460,30 @@ impl<'a> Rounder<'a> {
     }
 
     /// Ends the step. The trainer gets its log (and the paper's dense log, if requested); the
-    /// replayer gets an error if the trainer's log names a site this step never rounded.
-    pub fn finish(self) -> Result<(TieBreakLog, Option<paper::DenseLog>), RoundingError> {
+    /// replayer gets the log it followed and every forged entry it found, including sites the
+    /// trainer logged but this step never rounded.
+    pub fn finish(self) -> Finished {
         match self {
-            Rounder::Commit { log, paper } => Ok((log, paper)),
-            Rounder::Replay { log, visited } => {
-                if let Some(site) = log.site_names().find(|s| !visited.contains(*s)) {
-                    return Err(RoundingError::UnusedSite { site: site.to_string() });
+            Rounder::Commit { log, paper } => Finished { log, paper, forged: Vec::new() },
+            Rounder::Replay { log, visited, mut forged } => {
+                for site in log.site_names().filter(|s| !visited.contains(*s)) {
+                    forged.push(RoundingError::UnusedSite { site: site.to_string() });
                 }
-                Ok((log.clone(), None))
+                Finished { log: log.clone(), paper: None, forged }
             }
         }
     }
+}
+
+/// The outcome of one step's rounding.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The step's tie-break log (recorded, or the one followed).
+    pub log: TieBreakLog,
+    /// The paper's dense log, when requested.
+    pub paper: Option<paper::DenseLog>,
+    /// Replay only: log entries that did not hold up, in the order found.
+    pub forged: Vec<RoundingError>,
 }
 
 /// The paper's fixed-τ rule and dense 5-trits-per-byte encoding (Srivastava et al., 2024).
@@ -703,10 +772,10 @@ mod tests {
         let mid = (1.0 + (1.0f32.next_up() as f64)) / 2.0;
         c.round("a", &[mid], &ErrorBound::Uniform(1e-12)).unwrap();
         c.round("b", &[1.0], &ErrorBound::Exact).unwrap();
-        let (log, _) = c.finish().unwrap();
+        let log = c.finish().log;
         let mut r = Rounder::replay(&log);
         r.round("b", &[1.0], &ErrorBound::Exact).unwrap();
-        assert_eq!(r.finish().unwrap_err(), RoundingError::UnusedSite { site: "a".into() });
+        assert_eq!(r.finish().forged, vec![RoundingError::UnusedSite { site: "a".into() }]);
     }
 
     #[test]

@@ -99,6 +99,22 @@ impl SiteLog {
         self.exact_bits.push(bits);
     }
 
+    /// Inserts a direction entry at any position, keeping the order. Returns `false` (and
+    /// changes nothing) if `index` is out of range or already logged.
+    pub fn insert_direction(&mut self, index: u64, dir: Direction) -> bool {
+        if index >= self.len || self.exact_index.binary_search(&index).is_ok() {
+            return false;
+        }
+        match self.dir_index.binary_search(&index) {
+            Ok(_) => false,
+            Err(pos) => {
+                self.dir_index.insert(pos, index);
+                self.dir_up.insert(pos, dir == Direction::Up);
+                true
+            }
+        }
+    }
+
     /// Direction entries in index order.
     pub fn directions(&self) -> impl Iterator<Item = (u64, Direction)> + '_ {
         self.dir_index.iter().zip(&self.dir_up).map(|(&i, &up)| (i, if up { Direction::Up } else { Direction::Down }))
@@ -229,6 +245,11 @@ impl TieBreakLog {
         }
         self.sites.insert(name.to_string(), log);
         Ok(())
+    }
+
+    /// Replaces (or adds) a site's log. Returns the previous one.
+    pub fn replace(&mut self, name: &str, log: SiteLog) -> Option<SiteLog> {
+        self.sites.insert(name.to_string(), log)
     }
 
     /// The log of one site, if it was recorded.

@@ -7,14 +7,18 @@
 //!
 //! - [`spec`]: TOML configs and the committed run spec.
 //! - [`data`]: datasets and their Merkle commitment.
+//! - [`model`]: MLP, CNN and GPT built on `kernels`, with named rounding sites.
+//! - [`train`]: the verified step (data order, forward/backward, optimizer) and adversary drills.
 //! - [`record`]: the record on disk (crash-safe writer, verifying reader, signed manifest).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
 pub mod data;
+pub mod model;
 pub mod record;
 pub mod spec;
+pub mod train;
 
 /// Why the engine could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -27,4 +31,10 @@ pub enum EngineError {
     Usage(String),
     #[error(transparent)]
     Record(#[from] record::RecordError),
+    #[error("step {step}: {source}")]
+    Rounding { step: u64, source: common::rounding::RoundingError },
+    #[error(transparent)]
+    Kernel(kernels::KernelError),
+    #[error(transparent)]
+    State(common::state::StateError),
 }

@@ -1,1 +1,215 @@
-//! x
+//! The trainer agent: embed it in a training loop to train verifiably and write a committed
+//! record an auditor can check.
+//!
+//! The embedding API follows the life of a run:
+//! 1. [`Session::create`] makes a run from a spec (or resumes an interrupted one);
+//! 2. [`Session::batch`] gives each step's batch (from the committed seed);
+//! 3. [`Session::run_step`] runs the step through the verified layers;
+//! 4. [`Session::commit`] commits it to the record;
+//! 5. [`Session::finish`] writes the signed manifest and returns it.
+//!
+//! See `examples/embed.rs`. The CLI (`trainer-agent train|inspect|export`) is a thin layer over
+//! this library.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::leaf::{BatchIndices, Leaf};
+use common::state::TrainingState;
+use engine::data::Dataset;
+use engine::record::{Manifest, RecordWriter, SigningKey, load_or_create_key};
+use engine::spec::{Config, FORMAT_VERSION, ModelConfig, RunSpec, SOFTWARE_VERSION};
+use engine::train::{Evaluation, Fault, FaultKind, Run, StepMode, StepOutput};
+use engine::{EngineError, record::RecordError};
+use kernels::{Device, Profile};
+
+pub mod export;
+
+/// Why the trainer agent could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Kernel(#[from] kernels::KernelError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// What a session is created from.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub config: Config,
+    /// `--data`: a directory of MNIST IDX files or a text file, as the config needs.
+    pub data: Option<PathBuf>,
+    /// The record directory.
+    pub out: PathBuf,
+    pub device: Profile,
+    /// Overrides the config's number of steps.
+    pub steps: Option<u64>,
+    /// Continue an interrupted record in `out` instead of starting a new one.
+    pub resume: bool,
+    /// Adversary drills.
+    pub faults: Vec<Fault>,
+    /// Signing key file; default `<out>/../trainer.key`, generated if absent.
+    pub key: Option<PathBuf>,
+}
+
+/// Default location of the trainer's signing key: beside the record directory.
+pub fn default_key_path(out: &Path) -> PathBuf {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    parent.join("trainer.key")
+}
+
+/// A training run in progress, writing its record.
+#[derive(Debug)]
+pub struct Session {
+    run: Run,
+    writer: RecordWriter,
+    state: TrainingState,
+    faults: BTreeMap<u64, FaultKind>,
+    n_steps: u64,
+    /// ed25519-dalek's `Debug` prints only the public half.
+    key: SigningKey,
+    last_loss: Option<f32>,
+    resumed_from: Option<u64>,
+}
+
+/// The number of steps a config asks for, given the training split and batch size.
+pub fn planned_steps(config: &Config, n_train: usize) -> u64 {
+    let spe = (n_train / config.train.batch_size).max(1) as u64;
+    config.train.steps.unwrap_or_else(|| config.train.epochs.unwrap_or(1) * spe)
+}
+
+impl Session {
+    /// Creates a run (or resumes one) from options: loads and commits the dataset, builds the
+    /// spec, opens the record and the signing key. Nothing on disk is touched until every input
+    /// has been validated.
+    pub fn create(opts: &SessionOptions) -> Result<Session, TrainerError> {
+        let context = match &opts.config.model {
+            ModelConfig::Gpt(g) => g.context,
+            _ => 0,
+        };
+        let data = Dataset::load(&opts.config.data, opts.data.as_deref(), opts.config.train.seed, context)?;
+        let n_steps = opts.steps.unwrap_or_else(|| planned_steps(&opts.config, data.n_train()));
+        if n_steps == 0 {
+            return Err(TrainerError::Usage("--steps must be at least 1".into()));
+        }
+        let mut faults = BTreeMap::new();
+        for f in &opts.faults {
+            if f.step > n_steps {
+                return Err(TrainerError::Usage(format!(
+                    "fault {}@{} is beyond the run's {n_steps} steps",
+                    f.kind.name(),
+                    f.step
+                )));
+            }
+            if faults.insert(f.step, f.kind).is_some() {
+                return Err(TrainerError::Usage(format!("more than one fault at step {}", f.step)));
+            }
+        }
+        let spec = RunSpec {
+            format_version: FORMAT_VERSION,
+            software_version: SOFTWARE_VERSION.to_string(),
+            config: opts.config.clone(),
+            dataset: data.commitment(),
+            device_profile: opts.device.name().to_string(),
+            n_steps,
+        };
+        let run = Run::new(spec.clone(), data, Device::new(opts.device)?)?;
+        let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
+        let (writer, state, resumed_from) = if opts.resume {
+            let (writer, point) = RecordWriter::resume(&opts.out, &spec)?;
+            let from = point.state.step;
+            (writer, point.state, Some(from))
+        } else {
+            let mut writer = RecordWriter::create(&opts.out, &spec)?;
+            let state = run.initial_state()?;
+            writer.commit_initial(&state)?;
+            (writer, state, None)
+        };
+        let key = load_or_create_key(&key_path)?;
+        Ok(Session {
+            run,
+            writer,
+            state,
+            faults,
+            n_steps,
+            key,
+            last_loss: None,
+            resumed_from,
+        })
+    }
+
+    /// The run being trained.
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    /// Planned number of steps.
+    pub fn n_steps(&self) -> u64 {
+        self.n_steps
+    }
+
+    /// The step that runs next (1-based), or `None` when all planned steps are done.
+    pub fn next_step(&self) -> Option<u64> {
+        (self.state.step < self.n_steps).then_some(self.state.step + 1)
+    }
+
+    /// The state after the last committed step.
+    pub fn state(&self) -> &TrainingState {
+        &self.state
+    }
+
+    /// If the session resumed an interrupted record: the checkpointed step it restarted from.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
+    }
+
+    /// Loss of the last step run.
+    pub fn last_loss(&self) -> Option<f32> {
+        self.last_loss
+    }
+
+    /// The honest batch of `step`, as the committed seed dictates.
+    pub fn batch(&self, step: u64) -> BatchIndices {
+        self.run.batch_indices(step)
+    }
+
+    /// Runs the next step through the verified layers (applying a drill if one is scheduled).
+    pub fn run_step(&self) -> Result<StepOutput, TrainerError> {
+        let step = self.next_step().ok_or_else(|| TrainerError::Usage(format!("all {} steps are done", self.n_steps)))?;
+        let fault = self.faults.get(&step).copied();
+        Ok(self.run.step(&self.state, step, StepMode::Commit { paper: false }, fault)?)
+    }
+
+    /// Commits a step produced by [`Session::run_step`] and makes its state current.
+    pub fn commit(&mut self, out: StepOutput) -> Result<Leaf, TrainerError> {
+        let leaf = self.writer.commit_step(&out.state, &out.log, &out.batch)?;
+        self.last_loss = Some(out.loss);
+        self.state = out.state;
+        Ok(leaf)
+    }
+
+    /// Runs and commits the next step.
+    pub fn step(&mut self) -> Result<Leaf, TrainerError> {
+        let out = self.run_step()?;
+        self.commit(out)
+    }
+
+    /// Evaluates the current state on up to `max` held-out examples.
+    pub fn evaluate(&self, max: usize) -> Result<Evaluation, TrainerError> {
+        Ok(self.run.evaluate(&self.state, max)?)
+    }
+
+    /// Writes the final checkpoint and the signed manifest.
+    pub fn finish(self) -> Result<Manifest, TrainerError> {
+        if self.state.step != self.n_steps {
+            return Err(TrainerError::Usage(format!("finish at step {} of {}", self.state.step, self.n_steps)));
+        }
+        Ok(self.writer.finish(&self.state, &self.key)?)
+    }
+}

@@ -1,1 +1,184 @@
-fn main() {}
+//! `trainer-agent`: train verifiably and write a committed record; inspect or export a record.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use common::codec::to_hex;
+use engine::record::Record;
+use engine::spec::Config;
+use engine::train::Fault;
+use kernels::Profile;
+use trainer_agent::{Session, SessionOptions};
+
+#[derive(Parser)]
+#[command(name = "trainer-agent", version, about = "Verifiable training: FP64 compute, FP32 states, committed tie-break logs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a config and write its record.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        steps: Option<u64>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// MNIST IDX directory or text file, as the config needs.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Continue an interrupted record in --out.
+        #[arg(long)]
+        resume: bool,
+        /// Adversary drill `<kind>@<step>`; may be repeated.
+        #[arg(long = "fault")]
+        faults: Vec<String>,
+        /// Signing key (hex ed25519 secret); default `trainer.key` beside --out, generated if absent.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a record's root, steps, leaves and log sizes.
+    Inspect {
+        record: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a finished record's final parameters as safetensors (candle-nn names).
+    Export {
+        record: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train { config, out, steps, device, data, resume, faults, key, json } => {
+            let text = std::fs::read_to_string(&config).with_context(|| format!("read config {}", config.display()))?;
+            let config = Config::from_toml(&text, &config.display().to_string())?;
+            let device: Profile = device.parse()?;
+            let faults = faults.iter().map(|f| f.parse::<Fault>()).collect::<Result<Vec<_>, _>>()?;
+            let opts = SessionOptions { config, data, out: out.clone(), device, steps, resume, faults, key };
+            train(opts, json)
+        }
+        Command::Inspect { record, json } => inspect(&record, json),
+        Command::Export { record, out } => {
+            trainer_agent::export::export_record(&record, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn train(opts: SessionOptions, json: bool) -> Result<()> {
+    let started = Instant::now();
+    let mut session = Session::create(&opts)?;
+    let total = session.n_steps();
+    let bar = indicatif::ProgressBar::new(total);
+    if total < 20 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} steps  loss {msg}  eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    if let Some(from) = session.resumed_from() {
+        bar.set_position(from);
+        bar.println(format!("resuming {} from checkpoint at step {from}", opts.out.display()));
+    }
+    while session.next_step().is_some() {
+        session.step()?;
+        bar.inc(1);
+        if let Some(l) = session.last_loss() {
+            bar.set_message(format!("{l:.4}"));
+        }
+    }
+    bar.finish_and_clear();
+    let eval = session.evaluate(1000)?;
+    let final_loss = session.last_loss();
+    let resumed_from = session.resumed_from();
+    let manifest = session.finish()?;
+    let record = Record::open(&opts.out)?;
+    let log_bytes: u64 = (1..=record.n_steps()).map(|s| record.log_bytes(s)).sum::<Result<u64, _>>()?;
+    let summary = serde_json::json!({
+        "record": opts.out,
+        "root": manifest.root,
+        "n_steps": manifest.n_steps,
+        "device": manifest.device_profile,
+        "final_loss": final_loss,
+        "eval_examples": eval.examples,
+        "eval_loss": eval.loss,
+        "eval_accuracy": eval.accuracy,
+        "log_bytes_total": log_bytes,
+        "resumed_from": resumed_from,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    if json {
+        println!("{summary}");
+    } else {
+        println!("trained {} steps on {} -> {}", manifest.n_steps, manifest.device_profile, opts.out.display());
+        println!("root      {}", manifest.root);
+        if let Some(l) = final_loss {
+            println!("loss      {l:.5}");
+        }
+        if let Some(a) = eval.accuracy {
+            println!("accuracy  {:.2}% on {} held-out examples", 100.0 * a, eval.examples);
+        }
+        println!("logs      {log_bytes} bytes compressed in total");
+    }
+    Ok(())
+}
+
+fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
+    let record = Record::open(dir)?;
+    let n = record.n_steps();
+    let log_bytes: Vec<u64> = (1..=n).map(|s| record.log_bytes(s)).collect::<Result<_, _>>()?;
+    let leaves: Vec<String> = record.leaves().iter().map(|l| to_hex(&l.encode())).collect();
+    let root = to_hex(&record.tree().root());
+    if let Some(m) = record.manifest()
+        && m.root != root
+    {
+        bail!("manifest root {} differs from the leaves' root {root}", m.root);
+    }
+    if json {
+        let v = serde_json::json!({
+            "record": dir,
+            "complete": record.is_complete(),
+            "root": root,
+            "n_steps": n,
+            "device_profile": record.spec().device_profile,
+            "spec_hash": to_hex(&record.spec().digest()),
+            "leaves": leaves,
+            "log_bytes": log_bytes,
+            "checkpoints": record.checkpoint_steps(),
+        });
+        println!("{v}");
+    } else {
+        println!("record    {}", dir.display());
+        println!("complete  {}", record.is_complete());
+        println!("root      {root}");
+        println!("steps     {n}");
+        println!("device    {}", record.spec().device_profile);
+        let total: u64 = log_bytes.iter().sum();
+        println!("logs      {total} bytes ({:.1} per step)", total as f64 / n.max(1) as f64);
+    }
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! One verified training step, identical for the trainer (committing tie-breaks) and the
+//! auditor (following them): data order from the seed, forward/backward through the model,
+//! optimizer update, and the new FP32 state.
+//!
+//! Adversary drills (`Fault`) are applied here too, because they must act *inside* the step;
+//! only the trainer agent ever passes one, and the record still claims the honest spec.
+
+use std::str::FromStr;
+
+use common::leaf::BatchIndices;
+use common::prng::Stream;
+use common::rounding::{Rounder, paper::DenseLog};
+use common::state::{Tensor, TrainingState};
+use common::tielog::{Direction, TieBreakLog};
+use kernels::{AdamWConfig, Device, SgdConfig};
+
+use crate::EngineError;
+use crate::data::Dataset;
+use crate::model::{Batch, Ctx, Model, param_key, slot_key};
+use crate::spec::{OptimizerConfig, RunSpec};
+
+/// An adversary drill: what a dishonest trainer does at one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// Changes one label in the step's batch.
+    FlipLabel,
+    /// Uses other examples than the seed dictates (and commits the indices it used).
+    SwapBatch,
+    /// Uses 10× the learning rate.
+    ScaleLr,
+    /// Makes no update, but commits the step.
+    SkipStep,
+    /// Flips the last mantissa bit of one weight after the step.
+    PerturbWeight,
+    /// Adds a log entry for an element nowhere near a rounding midpoint.
+    ForgeLog,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::FlipLabel,
+        FaultKind::SwapBatch,
+        FaultKind::ScaleLr,
+        FaultKind::SkipStep,
+        FaultKind::PerturbWeight,
+        FaultKind::ForgeLog,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::FlipLabel => "flip-label",
+            FaultKind::SwapBatch => "swap-batch",
+            FaultKind::ScaleLr => "scale-lr",
+            FaultKind::SkipStep => "skip-step",
+            FaultKind::PerturbWeight => "perturb-weight",
+            FaultKind::ForgeLog => "forge-log",
+        }
+    }
+}
+
+impl FromStr for FaultKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, EngineError> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let valid: Vec<_> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+            EngineError::Usage(format!("unknown fault kind {s:?} (valid: {})", valid.join(", ")))
+        })
+    }
+}
+
+/// A drill at a given step, written `<kind>@<step>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub step: u64,
+}
+
+impl FromStr for Fault {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, EngineError> {
+        let (kind, step) = s
+            .split_once('@')
+            .ok_or_else(|| EngineError::Usage(format!("fault {s:?} must be written <kind>@<step>")))?;
+        let step: u64 = step.parse().map_err(|_| EngineError::Usage(format!("fault {s:?}: step {step:?} is not a number")))?;
+        if step == 0 {
+            return Err(EngineError::Usage(format!("fault {s:?}: steps start at 1")));
+        }
+        Ok(Fault { kind: kind.parse()?, step })
+    }
+}
+
+/// Whose rounding a step does.
+#[derive(Debug, Clone, Copy)]
+pub enum StepMode<'a> {
+    /// Trainer: record tie-breaks (and, with `paper`, the paper's dense log for comparison).
+    Commit { paper: bool },
+    /// Auditor: follow the trainer's log for this step.
+    Replay(&'a TieBreakLog),
+}
+
+/// What a step produced.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub state: TrainingState,
+    pub log: TieBreakLog,
+    pub batch: BatchIndices,
+    pub loss: f32,
+    /// The paper's dense log, when requested.
+    pub paper: Option<DenseLog>,
+    /// Replay only: trainer log entries that did not hold up on this side (the elements were
+    /// rounded by the replayer's own values instead). With a matching state this is a forged
+    /// log; with a differing state, a divergence.
+    pub forged: Vec<common::rounding::RoundingError>,
+}
+
+/// A run ready to execute steps: spec, data, model and device.
+#[derive(Debug)]
+pub struct Run {
+    pub spec: RunSpec,
+    pub data: Dataset,
+    pub model: Model,
+    pub device: Device,
+}
+
+impl Run {
+    /// Builds a run; the dataset must match the spec's dataset commitment.
+    pub fn new(spec: RunSpec, data: Dataset, device: Device) -> Result<Run, EngineError> {
+        let commitment = data.commitment();
+        if commitment != spec.dataset {
+            return Err(EngineError::Usage(format!(
+                "dataset does not match the run's commitment: spec has root {} over {} leaves, the data gives {} over {}",
+                spec.dataset.root, spec.dataset.leaves, commitment.root, commitment.leaves
+            )));
+        }
+        let model = Model::new(&spec.config.model, &data)?;
+        Ok(Run { spec, data, model, device })
+    }
+
+    /// Steps in one pass over the training split (at least 1).
+    pub fn steps_per_epoch(&self) -> u64 {
+        (self.data.n_train() / self.spec.config.train.batch_size).max(1) as u64
+    }
+
+    /// The honest batch of step `step` (≥ 1): epoch `e = (step−1) / steps_per_epoch` shuffles the
+    /// training indices with stream `data/order` (step field = epoch), and the step takes its
+    /// slice. Batches larger than the training split wrap around.
+    pub fn batch_indices(&self, step: u64) -> BatchIndices {
+        let spe = self.steps_per_epoch();
+        let epoch = (step - 1) / spe;
+        let pos = ((step - 1) % spe) as usize;
+        let n = self.data.n_train();
+        let mut perm: Vec<u64> = (0..n as u64).collect();
+        Stream::new(self.spec.config.train.seed, "data/order", epoch, 0).shuffle(&mut perm);
+        let b = self.spec.config.train.batch_size;
+        BatchIndices((0..b).map(|i| perm[(pos * b + i) % n]).collect())
+    }
+
+    /// Optimizer slots per parameter.
+    fn slots(&self) -> &'static [&'static str] {
+        match self.spec.config.optimizer {
+            OptimizerConfig::Sgd(_) => &["momentum"],
+            OptimizerConfig::Adamw(_) => &["m", "v"],
+        }
+    }
+
+    /// The initial state (step 0): parameters from the seed, optimizer slots zero.
+    pub fn initial_state(&self) -> Result<TrainingState, EngineError> {
+        let mut state = TrainingState::new(0);
+        self.model.init_params(self.spec.config.train.seed, &mut state)?;
+        for p in self.model.params() {
+            for slot in self.slots() {
+                state.insert(&slot_key(&p.name, slot), Tensor::zeros(p.shape.clone())).map_err(EngineError::State)?;
+            }
+        }
+        Ok(state)
+    }
+
+    /// Executes step `step` from `prev` (the state after step `step − 1`).
+    pub fn step(&self, prev: &TrainingState, step: u64, mode: StepMode<'_>, fault: Option<FaultKind>) -> Result<StepOutput, EngineError> {
+        if prev.step + 1 != step {
+            return Err(EngineError::Usage(format!("step {step} must follow state {}", prev.step)));
+        }
+        let mut batch_idx = self.batch_indices(step);
+        if fault == Some(FaultKind::SwapBatch) {
+            let n = self.data.n_train() as u64;
+            batch_idx.0.iter_mut().for_each(|i| *i = (*i + n / 2 + 1) % n);
+        }
+        let mut batch = Batch::gather(&self.data, &batch_idx.0);
+        if fault == Some(FaultKind::FlipLabel) {
+            batch.flip_one_label(self.model.classes());
+        }
+        let mut rounder = match mode {
+            StepMode::Commit { paper: false } => Rounder::commit(),
+            StepMode::Commit { paper: true } => Rounder::commit_with_paper(),
+            StepMode::Replay(log) => Rounder::replay(log),
+        };
+        let seed = self.spec.config.train.seed;
+        let mut ctx = Ctx { dev: &self.device, rounder: &mut rounder, step, seed };
+        let (loss, grads) = self.model.loss_and_grads(&mut ctx, prev, &batch)?;
+        let mut state = TrainingState::new(step);
+        if fault == Some(FaultKind::SkipStep) {
+            for (name, t) in prev.tensors() {
+                state.insert(name, t.clone()).map_err(EngineError::State)?;
+            }
+        } else {
+            let lr_scale = if fault == Some(FaultKind::ScaleLr) { 10.0 } else { 1.0 };
+            self.optimize(&mut ctx, prev, &grads, lr_scale, &mut state)?;
+        }
+        let common::rounding::Finished { mut log, paper, forged } = rounder.finish();
+        if fault == Some(FaultKind::PerturbWeight) {
+            let first = param_key(&self.model.params()[0].name);
+            if let Some(t) = state.get_mut(&first) {
+                t.data[0] = f32::from_bits(t.data[0].to_bits() ^ 1);
+            }
+        }
+        if fault == Some(FaultKind::ForgeLog) {
+            forge_entry(&mut log, &format!("opt/{}/param", self.model.params()[0].name));
+        }
+        Ok(StepOutput { state, log, batch: batch_idx, loss, paper, forged })
+    }
+
+    /// Applies the optimizer to every parameter, in [`Model::params`] order.
+    fn optimize(
+        &self,
+        ctx: &mut Ctx<'_, '_>,
+        prev: &TrainingState,
+        grads: &[Vec<f32>],
+        lr_scale: f64,
+        state: &mut TrainingState,
+    ) -> Result<(), EngineError> {
+        let k = EngineError::Kernel;
+        let tensor = |key: &str| prev.get(key).ok_or_else(|| EngineError::Usage(format!("state has no tensor {key}")));
+        for (p, g) in self.model.params().iter().zip(grads) {
+            let w = tensor(&param_key(&p.name))?;
+            let put = |state: &mut TrainingState, key: String, data: Vec<f32>| {
+                state.insert(&key, Tensor { shape: p.shape.clone(), data }).map_err(EngineError::State)
+            };
+            match &self.spec.config.optimizer {
+                OptimizerConfig::Sgd(s) => {
+                    let v = tensor(&slot_key(&p.name, "momentum"))?;
+                    let cfg = SgdConfig { lr: s.lr * lr_scale, momentum: s.momentum, weight_decay: s.weight_decay };
+                    let out = ctx.dev.sgd(&w.data, g, &v.data, cfg).map_err(k)?;
+                    let v = ctx.round(&format!("opt/{}/momentum", p.name), out.v)?;
+                    let w = ctx.round(&format!("opt/{}/param", p.name), out.w)?;
+                    put(state, slot_key(&p.name, "momentum"), v)?;
+                    put(state, param_key(&p.name), w)?;
+                }
+                OptimizerConfig::Adamw(a) => {
+                    let m = tensor(&slot_key(&p.name, "m"))?;
+                    let v = tensor(&slot_key(&p.name, "v"))?;
+                    let cfg = AdamWConfig {
+                        lr: a.lr * lr_scale,
+                        beta1: a.beta1,
+                        beta2: a.beta2,
+                        eps: a.eps,
+                        weight_decay: a.weight_decay,
+                    };
+                    let out = ctx.dev.adamw(&w.data, g, &m.data, &v.data, ctx.step, cfg).map_err(k)?;
+                    let m = ctx.round(&format!("opt/{}/m", p.name), out.m)?;
+                    let v = ctx.round(&format!("opt/{}/v", p.name), out.v)?;
+                    let w = ctx.round(&format!("opt/{}/param", p.name), out.w)?;
+                    put(state, slot_key(&p.name, "m"), m)?;
+                    put(state, slot_key(&p.name, "v"), v)?;
+                    put(state, param_key(&p.name), w)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean loss and (for classification) accuracy over up to `max` held-out examples. Not part
+    /// of the verified path: its rounding log is discarded.
+    pub fn evaluate(&self, state: &TrainingState, max: usize) -> Result<Evaluation, EngineError> {
+        let n = self.data.n_holdout().min(max);
+        if n == 0 {
+            return Ok(Evaluation { examples: 0, loss: None, accuracy: None });
+        }
+        let chunk = 250;
+        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        let mut start = 0;
+        while start < n {
+            let end = (start + chunk).min(n);
+            let idx: Vec<u64> = (start..end).map(|k| self.data.holdout_index(k) as u64).collect();
+            let batch = Batch::gather(&self.data, &idx);
+            let mut rounder = Rounder::commit();
+            let mut ctx = Ctx { dev: &self.device, rounder: &mut rounder, step: state.step, seed: self.spec.config.train.seed };
+            let (loss, logits) = self.model.forward_logits(&mut ctx, state, &batch)?;
+            loss_sum += loss as f64 * (end - start) as f64;
+            if let (Some(logits), Batch::Classes { y, .. }) = (logits, &batch) {
+                let c = self.model.classes();
+                for (r, &label) in y.iter().enumerate() {
+                    let row = &logits[r * c..(r + 1) * c];
+                    let best = (0..c).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+                    correct += usize::from(best == label as usize);
+                }
+            }
+            start = end;
+        }
+        let classification = matches!(self.data, Dataset::Classification { .. });
+        Ok(Evaluation {
+            examples: n,
+            loss: Some(loss_sum / n as f64),
+            accuracy: classification.then(|| correct as f64 / n as f64),
+        })
+    }
+}
+
+/// Held-out evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    pub examples: usize,
+    pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+}
+
+/// Adds a direction entry at the first unlogged element of `site` (the `forge-log` drill).
+fn forge_entry(log: &mut TieBreakLog, site: &str) {
+    let Some(s) = log.site(site) else { return };
+    let mut forged = s.clone();
+    let taken: std::collections::BTreeSet<u64> = s.directions().map(|(i, _)| i).chain(s.exacts().map(|(i, _)| i)).collect();
+    let Some(index) = (0..s.len()).find(|i| !taken.contains(i)) else { return };
+    forged.insert_direction(index, Direction::Up);
+    log.replace(site, forged);
+}

@@ -1,0 +1,143 @@
+//! The property the product rests on: a step committed on one device profile replays
+//! bit-identically on every other profile when the replayer follows the trainer's tie-break log.
+
+use common::state::TrainingState;
+use engine::data::Dataset;
+use engine::spec::{Config, FORMAT_VERSION, RunSpec, SOFTWARE_VERSION};
+use engine::train::{FaultKind, Run, StepMode};
+use kernels::{Device, Profile};
+
+fn config(model: &str, optimizer: &str) -> Config {
+    let text = format!(
+        r#"
+{model}
+[data]
+kind = "synthetic"
+examples = 256
+holdout = 32
+features = 64
+classes = 4
+[train]
+batch_size = 16
+steps = 6
+seed = 11
+checkpoint_interval = 2
+{optimizer}
+"#
+    );
+    Config::from_toml(&text, "test").unwrap()
+}
+
+const MLP: &str = "[model]\nkind = \"mlp\"\nhidden = [32, 16]";
+const SGD: &str = "[optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\nweight_decay = 0.0001";
+const ADAMW: &str = "[optimizer]\nkind = \"adamw\"\nlr = 0.01\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\nweight_decay = 0.01";
+
+fn run(cfg: &Config, profile: Profile) -> Run {
+    let s = match &cfg.data {
+        engine::spec::DataConfig::Synthetic(s) => s.clone(),
+        _ => unreachable!(),
+    };
+    let data = Dataset::synthetic(s.examples, s.holdout, s.features, s.classes, cfg.train.seed);
+    let spec = RunSpec {
+        format_version: FORMAT_VERSION,
+        software_version: SOFTWARE_VERSION.into(),
+        config: cfg.clone(),
+        dataset: data.commitment(),
+        device_profile: profile.name().into(),
+        n_steps: 6,
+    };
+    Run::new(spec, data, Device::new(profile).unwrap()).unwrap()
+}
+
+fn train(r: &Run, steps: u64) -> Vec<(TrainingState, common::tielog::TieBreakLog)> {
+    let mut state = r.initial_state().unwrap();
+    let mut out = Vec::new();
+    for t in 1..=steps {
+        let o = r.step(&state, t, StepMode::Commit { paper: false }, None).unwrap();
+        state = o.state.clone();
+        out.push((o.state, o.log));
+    }
+    out
+}
+
+#[test]
+fn every_profile_replays_every_other_profiles_steps_bit_identically() {
+    for opt in [SGD, ADAMW] {
+        let cfg = config(MLP, opt);
+        for trainer in Profile::CPU {
+            let steps = train(&run(&cfg, trainer), 6);
+            for auditor in Profile::CPU {
+                let a = run(&cfg, auditor);
+                let mut state = a.initial_state().unwrap();
+                for (t, (expected, log)) in steps.iter().enumerate() {
+                    let o = a.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
+                    assert!(o.forged.is_empty(), "honest log flagged: {:?}", o.forged);
+                    assert_eq!(
+                        o.state.digest(),
+                        expected.digest(),
+                        "trainer {trainer} auditor {auditor} step {} diverged",
+                        t + 1
+                    );
+                    state = o.state;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn without_the_log_profiles_would_disagree_somewhere_or_log_nothing() {
+    // The log is what makes replay exact: count how many entries the trainer needed.
+    let cfg = config(MLP, SGD);
+    let steps = train(&run(&cfg, Profile::Cpu), 6);
+    let entries: usize = steps.iter().map(|(_, l)| l.n_entries()).sum();
+    let values: u64 = steps.iter().map(|(_, l)| l.n_values()).sum();
+    assert!(values > 50_000, "every rounded value is covered by a site: {values}");
+    assert!((entries as f64) < 1e-3 * values as f64, "{entries} entries for {values} values");
+}
+
+#[test]
+fn forged_log_is_caught_on_replay_and_other_faults_change_the_state() {
+    let cfg = config(MLP, SGD);
+    let r = run(&cfg, Profile::CpuSeq);
+    let s0 = r.initial_state().unwrap();
+    let honest = r.step(&s0, 1, StepMode::Commit { paper: false }, None).unwrap();
+    for kind in FaultKind::ALL {
+        let bad = r.step(&s0, 1, StepMode::Commit { paper: false }, Some(kind)).unwrap();
+        let auditor = run(&cfg, Profile::CpuSplitK);
+        let replay = auditor.step(&s0, 1, StepMode::Replay(&bad.log), None);
+        match kind {
+            FaultKind::ForgeLog => {
+                let replay = replay.unwrap();
+                assert_eq!(replay.forged.len(), 1, "{:?}", replay.forged);
+                assert!(replay.forged[0].to_string().contains("forged tie-break"), "{}", replay.forged[0]);
+                assert_eq!(bad.state.digest(), honest.state.digest());
+                assert_eq!(replay.state.digest(), honest.state.digest());
+            }
+            FaultKind::SwapBatch => {
+                assert_ne!(bad.batch, honest.batch);
+                assert_ne!(bad.state.digest(), honest.state.digest());
+            }
+            _ => {
+                assert_ne!(bad.state.digest(), honest.state.digest(), "{kind:?} left the state unchanged");
+                // The honest replay does not reproduce the faulty state.
+                assert_eq!(replay.unwrap().state.digest(), honest.state.digest(), "{kind:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn training_learns_the_synthetic_task() {
+    let cfg = config(MLP, SGD);
+    let r = run(&cfg, Profile::Cpu);
+    let mut state = r.initial_state().unwrap();
+    let before = r.evaluate(&state, 32).unwrap();
+    for t in 1..=30 {
+        state = r.step(&state, t, StepMode::Commit { paper: false }, None).unwrap().state;
+    }
+    let after = r.evaluate(&state, 32).unwrap();
+    assert!(after.loss.unwrap() < before.loss.unwrap() * 0.7, "{before:?} -> {after:?}");
+    assert!(after.accuracy.unwrap() > 0.7, "{after:?}");
+}
+
