@@ -188,6 +188,24 @@ impl Device {
         Ok((ga, gb))
     }
 
+    /// The bound part of [`Device::matmul`] alone, for
+    /// measuring its share of the op's time; equal to the bound `matmul` returns.
+    pub fn matmul_bound(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        bias: Option<&[f32]>,
+        spec: MatmulSpec,
+    ) -> Result<Vec<f64>> {
+        let (la, lb, _) = spec.sizes("matmul_bound")?;
+        check_len("matmul_bound", "a", a.len(), la)?;
+        check_len("matmul_bound", "b", b.len(), lb)?;
+        if let Some(bias) = bias {
+            check_len("matmul_bound", "bias", bias.len(), spec.n)?;
+        }
+        Ok(norm_bounds(a, b, bias, spec))
+    }
+
     /// Column sums of a `rows×cols` row-major matrix (bias gradients): `cols` values.
     pub fn sum_rows(&self, x: &[f32], rows: usize, cols: usize) -> Result<Bounded> {
         const OP: &str = "sum_rows";
@@ -233,7 +251,7 @@ impl Device {
         let bias64: Option<Vec<f64>> = bias.map(|b| b.iter().map(|&v| v as f64).collect());
         let mut values = vec![0.0f64; lc];
         self.matmul_f64(&a64, &b64, bias64.as_deref(), &mut values, spec)?;
-        let mut bounds = norm_bounds(&a64, &b64, bias, spec);
+        let mut bounds = norm_bounds(a, b, bias, spec);
         if scale != 1.0 {
             // Bound with scale s: each side computes fl(s·D_h) with |D_h − D| ≤ e/2 (e the
             // unscaled two-sided bound) and one rounding (≤ u|s·D_h|, plus ETA if it
@@ -332,7 +350,7 @@ fn to_rows(x: &[f64], trans: bool, r: usize, c: usize) -> Vec<f64> {
 /// each side is within `γ·Σ|a_il·b_lj|` of the exact value, and `Σ|a_il·b_lj| ≤ ‖a_i‖₂·‖b_j‖₂`
 /// (Cauchy–Schwarz), so `d_ij = 2·γ·(‖a_i‖₂‖b_j‖₂ + |bias_j|)·SLACK`. The norms cost
 /// O(mk + kn) and the outer product O(mn).
-fn norm_bounds(a: &[f64], b: &[f64], bias: Option<&[f32]>, spec: MatmulSpec) -> Vec<f64> {
+fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Vec<f64> {
     let MatmulSpec {
         batch,
         m,
@@ -361,23 +379,29 @@ fn norm_bounds(a: &[f64], b: &[f64], bias: Option<&[f32]>, spec: MatmulSpec) -> 
         if a_trans {
             for l in 0..k {
                 for (i, s) in na.iter_mut().enumerate() {
-                    let v = ab[i * ars + l * acs];
+                    let v = ab[i * ars + l * acs] as f64;
                     *s += v * v;
                 }
             }
         } else {
             for (i, s) in na.iter_mut().enumerate() {
-                *s = ab[i * k..(i + 1) * k].iter().map(|v| v * v).sum();
+                *s = ab[i * k..(i + 1) * k]
+                    .iter()
+                    .map(|&v| v as f64 * v as f64)
+                    .sum();
             }
         }
         if b_trans {
             for (j, s) in nb.iter_mut().enumerate() {
-                *s = bb[j * k..(j + 1) * k].iter().map(|v| v * v).sum();
+                *s = bb[j * k..(j + 1) * k]
+                    .iter()
+                    .map(|&v| v as f64 * v as f64)
+                    .sum();
             }
         } else {
             for l in 0..k {
                 for (j, s) in nb.iter_mut().enumerate() {
-                    let v = bb[l * brs + j * bcs];
+                    let v = bb[l * brs + j * bcs] as f64;
                     *s += v * v;
                 }
             }

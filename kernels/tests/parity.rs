@@ -245,3 +245,18 @@ fn bad_shapes_are_errors_not_panics() {
         .is_err()
     );
 }
+
+#[test]
+fn matmul_bound_alone_equals_the_ops_bound() {
+    let d = Device::new(Profile::Cpu).unwrap();
+    let mut rng = SplitMix64(3);
+    let spec = MatmulSpec::batched(2, 7, 9, 5).trans_a();
+    let (a, b, bias) = (
+        rng.uniform(2 * 63, 1.0),
+        rng.uniform(2 * 45, 1.0),
+        rng.uniform(5, 1.0),
+    );
+    let full = d.matmul(&a, &b, Some(&bias), spec).unwrap();
+    let alone = d.matmul_bound(&a, &b, Some(&bias), spec).unwrap();
+    assert_eq!(full.bound, kernels::ErrorBound::PerElement(alone));
+}
