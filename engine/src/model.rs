@@ -35,7 +35,9 @@ pub struct Ctx<'a, 'r> {
 impl Ctx<'_, '_> {
     /// Rounds one op's FP64 result at a named site.
     pub fn round(&mut self, site: &str, b: Bounded) -> Result<Vec<f32>, EngineError> {
-        self.rounder.round(site, &b.values, &b.bound).map_err(|source| EngineError::Rounding { step: self.step, source })
+        self.rounder
+            .round(site, &b.values, &b.bound)
+            .map_err(|source| EngineError::Rounding { step: self.step, source })
     }
 
     fn exact(&mut self, site: &str, values: Vec<f64>) -> Result<Vec<f32>, EngineError> {
@@ -294,7 +296,16 @@ fn k(e: kernels::KernelError) -> EngineError {
 }
 
 /// `y = x·Wᵀ + b` for `x: n×i`, `W: o×i`.
-fn linear(ctx: &mut Ctx, site: &str, x: &[f32], w: &[f32], b: &[f32], n: usize, i: usize, o: usize) -> Result<Vec<f32>, EngineError> {
+fn linear(
+    ctx: &mut Ctx,
+    site: &str,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    i: usize,
+    o: usize,
+) -> Result<Vec<f32>, EngineError> {
     let out = ctx.dev.matmul(x, w, Some(b), MatmulSpec::new(n, i, o).trans_b()).map_err(k)?;
     ctx.round(&format!("fwd/{site}/out"), out)
 }
@@ -335,7 +346,16 @@ fn mlp(ctx: &mut Ctx, dims: &[usize], get: &Getter, x: &[f32], y: &[u32], n: usi
     let mut pre: Vec<Vec<f32>> = Vec::new();
     for l in 0..layers {
         let name = format!("fc{}", l + 1);
-        let z = linear(ctx, &name, &acts[l], get(&format!("{name}.weight"))?, get(&format!("{name}.bias"))?, n, dims[l], dims[l + 1])?;
+        let z = linear(
+            ctx,
+            &name,
+            &acts[l],
+            get(&format!("{name}.weight"))?,
+            get(&format!("{name}.bias"))?,
+            n,
+            dims[l],
+            dims[l + 1],
+        )?;
         if l + 1 < layers {
             let a = ctx.dev.relu(&z).map_err(k)?;
             acts.push(ctx.round(&format!("fwd/{name}/relu"), a)?);
@@ -350,7 +370,8 @@ fn mlp(ctx: &mut Ctx, dims: &[usize], get: &Getter, x: &[f32], y: &[u32], n: usi
             let gz = ctx.dev.relu_backward(&pre[l], &g).map_err(k)?;
             g = ctx.round(&format!("bwd/{name}/relu"), gz)?;
         }
-        let (gx, gw, gb) = linear_backward(ctx, &name, &acts[l], get(&format!("{name}.weight"))?, &g, n, dims[l], dims[l + 1], l > 0)?;
+        let (gx, gw, gb) =
+            linear_backward(ctx, &name, &acts[l], get(&format!("{name}.weight"))?, &g, n, dims[l], dims[l + 1], l > 0)?;
         grads[2 * l] = gw;
         grads[2 * l + 1] = gb;
         if let Some(gx) = gx {
@@ -544,7 +565,16 @@ fn gpt(
             ctx.round(&format!("fwd/blk{l}.ln1/mean"), ln1.mean)?,
             ctx.round(&format!("fwd/blk{l}.ln1/rstd"), ln1.rstd)?,
         );
-        let qkv = linear(ctx, &p("attn.qkv"), &ln1.0, get(&p("attn.qkv.weight"))?, get(&p("attn.qkv.bias"))?, rows, d, 3 * d)?;
+        let qkv = linear(
+            ctx,
+            &p("attn.qkv"),
+            &ln1.0,
+            get(&p("attn.qkv.weight"))?,
+            get(&p("attn.qkv.bias"))?,
+            rows,
+            d,
+            3 * d,
+        )?;
         let [q, kk, v] = split_heads(&qkv, b, t, h, dh);
         let att_spec = MatmulSpec::batched(b * h, t, dh, t).trans_b();
         let scores = dev.matmul_scaled(&q, &kk, scale, att_spec).map_err(k)?;
@@ -626,7 +656,15 @@ fn gpt(
         grads.insert(p("mlp.fc.weight"), gw);
         grads.insert(p("mlp.fc.bias"), gb);
         let lg = dev
-            .layer_norm_backward(&c.x_mid, get(&p("ln2.gamma"))?, &c.ln2.1, &c.ln2.2, &g_ln2.unwrap_or_default(), rows, d)
+            .layer_norm_backward(
+                &c.x_mid,
+                get(&p("ln2.gamma"))?,
+                &c.ln2.1,
+                &c.ln2.2,
+                &g_ln2.unwrap_or_default(),
+                rows,
+                d,
+            )
             .map_err(k)?;
         let g_ln2_in = ctx.round(&format!("bwd/blk{l}.ln2/grad_in"), lg.gx)?;
         grads.insert(p("ln2.gamma"), ctx.round(&format!("grad/{}", p("ln2.gamma")), lg.ggamma)?);
@@ -660,7 +698,15 @@ fn gpt(
         grads.insert(p("attn.qkv.weight"), gw);
         grads.insert(p("attn.qkv.bias"), gb);
         let lg = dev
-            .layer_norm_backward(&c.x_in, get(&p("ln1.gamma"))?, &c.ln1.1, &c.ln1.2, &g_ln1.unwrap_or_default(), rows, d)
+            .layer_norm_backward(
+                &c.x_in,
+                get(&p("ln1.gamma"))?,
+                &c.ln1.1,
+                &c.ln1.2,
+                &g_ln1.unwrap_or_default(),
+                rows,
+                d,
+            )
             .map_err(k)?;
         let g_ln1_in = ctx.round(&format!("bwd/blk{l}.ln1/grad_in"), lg.gx)?;
         grads.insert(p("ln1.gamma"), ctx.round(&format!("grad/{}", p("ln1.gamma")), lg.ggamma)?);

@@ -29,9 +29,9 @@ use common::leaf::{BatchIndices, LEAF_BYTES, Leaf};
 use common::merkle::MerkleTree;
 use common::state::TrainingState;
 use common::tielog::{self, TieBreakLog};
-use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 /// The trainer's signing key type (ed25519).
 pub use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{FORMAT_VERSION, RunSpec};

@@ -81,7 +81,8 @@ impl FromStr for Fault {
         let (kind, step) = s
             .split_once('@')
             .ok_or_else(|| EngineError::Usage(format!("fault {s:?} must be written <kind>@<step>")))?;
-        let step: u64 = step.parse().map_err(|_| EngineError::Usage(format!("fault {s:?}: step {step:?} is not a number")))?;
+        let step: u64 =
+            step.parse().map_err(|_| EngineError::Usage(format!("fault {s:?}: step {step:?} is not a number")))?;
         if step == 0 {
             return Err(EngineError::Usage(format!("fault {s:?}: steps start at 1")));
         }
@@ -176,7 +177,13 @@ impl Run {
     }
 
     /// Executes step `step` from `prev` (the state after step `step − 1`).
-    pub fn step(&self, prev: &TrainingState, step: u64, mode: StepMode<'_>, fault: Option<FaultKind>) -> Result<StepOutput, EngineError> {
+    pub fn step(
+        &self,
+        prev: &TrainingState,
+        step: u64,
+        mode: StepMode<'_>,
+        fault: Option<FaultKind>,
+    ) -> Result<StepOutput, EngineError> {
         if prev.step + 1 != step {
             return Err(EngineError::Usage(format!("step {step} must follow state {}", prev.step)));
         }
@@ -283,7 +290,8 @@ impl Run {
             let idx: Vec<u64> = (start..end).map(|k| self.data.holdout_index(k) as u64).collect();
             let batch = Batch::gather(&self.data, &idx);
             let mut rounder = Rounder::commit();
-            let mut ctx = Ctx { dev: &self.device, rounder: &mut rounder, step: state.step, seed: self.spec.config.train.seed };
+            let mut ctx =
+                Ctx { dev: &self.device, rounder: &mut rounder, step: state.step, seed: self.spec.config.train.seed };
             let (loss, logits) = self.model.forward_logits(&mut ctx, state, &batch)?;
             loss_sum += loss as f64 * (end - start) as f64;
             if let (Some(logits), Batch::Classes { y, .. }) = (logits, &batch) {
@@ -317,7 +325,8 @@ pub struct Evaluation {
 fn forge_entry(log: &mut TieBreakLog, site: &str) {
     let Some(s) = log.site(site) else { return };
     let mut forged = s.clone();
-    let taken: std::collections::BTreeSet<u64> = s.directions().map(|(i, _)| i).chain(s.exacts().map(|(i, _)| i)).collect();
+    let taken: std::collections::BTreeSet<u64> =
+        s.directions().map(|(i, _)| i).chain(s.exacts().map(|(i, _)| i)).collect();
     let Some(index) = (0..s.len()).find(|i| !taken.contains(i)) else { return };
     forged.insert_direction(index, Direction::Up);
     log.replace(site, forged);

@@ -30,7 +30,8 @@ checkpoint_interval = 2
 
 const MLP: &str = "[model]\nkind = \"mlp\"\nhidden = [32, 16]";
 const SGD: &str = "[optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\nweight_decay = 0.0001";
-const ADAMW: &str = "[optimizer]\nkind = \"adamw\"\nlr = 0.01\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\nweight_decay = 0.01";
+const ADAMW: &str =
+    "[optimizer]\nkind = \"adamw\"\nlr = 0.01\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\nweight_decay = 0.01";
 
 fn run(cfg: &Config, profile: Profile) -> Run {
     let s = match &cfg.data {
@@ -140,4 +141,3 @@ fn training_learns_the_synthetic_task() {
     assert!(after.loss.unwrap() < before.loss.unwrap() * 0.7, "{before:?} -> {after:?}");
     assert!(after.accuracy.unwrap() > 0.7, "{after:?}");
 }
-

@@ -40,28 +40,13 @@ fn bench(c: &mut Criterion) {
         g.bench_function("tiebreak_bound_only", |bch| {
             bch.iter(|| black_box(dev.matmul_bound(&a, &b, None, spec).expect("bound")))
         });
-        g.bench_function("candle_cpu_f32", |bch| {
-            bch.iter(|| black_box(ta.matmul(&tb).expect("candle matmul")))
-        });
+        g.bench_function("candle_cpu_f32", |bch| bch.iter(|| black_box(ta.matmul(&tb).expect("candle matmul"))));
         g.finish();
 
         let reps = 31;
-        let ours = median_secs(
-            || drop(black_box(dev.matmul(&a, &b, None, spec).expect("matmul"))),
-            reps,
-        );
-        let bound = median_secs(
-            || {
-                drop(black_box(
-                    dev.matmul_bound(&a, &b, None, spec).expect("bound"),
-                ))
-            },
-            reps,
-        );
-        let candle = median_secs(
-            || drop(black_box(ta.matmul(&tb).expect("candle matmul"))),
-            reps,
-        );
+        let ours = median_secs(|| drop(black_box(dev.matmul(&a, &b, None, spec).expect("matmul"))), reps);
+        let bound = median_secs(|| drop(black_box(dev.matmul_bound(&a, &b, None, spec).expect("bound"))), reps);
+        let candle = median_secs(|| drop(black_box(ta.matmul(&tb).expect("candle matmul"))), reps);
         println!(
             "{{\"bench\":\"matmul\",\"m\":{m},\"k\":{k},\"n\":{n},\"threads\":{},\"tiebreak_cpu_ms\":{:.3},\"bound_ms\":{:.3},\"candle_f32_ms\":{:.3},\"ratio_vs_candle\":{:.3},\"bound_share\":{:.3}}}",
             rayon::current_num_threads(),

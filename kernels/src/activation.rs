@@ -15,12 +15,8 @@ const GELU_A: f64 = 0.044_715;
 /// Elementwise map producing (value, bound) pairs, parallel over fixed-size chunks (the
 /// result does not depend on the split: each element is computed independently).
 fn map2(n: usize, f: impl Fn(usize) -> (f64, f64) + Sync + Send) -> Bounded {
-    let (values, bounds): (Vec<f64>, Vec<f64>) =
-        (0..n).into_par_iter().with_min_len(4096).map(f).unzip();
-    Bounded {
-        values,
-        bound: ErrorBound::PerElement(bounds),
-    }
+    let (values, bounds): (Vec<f64>, Vec<f64>) = (0..n).into_par_iter().with_min_len(4096).map(f).unzip();
+    Bounded { values, bound: ErrorBound::PerElement(bounds) }
 }
 
 /// Bound on `|tanh(z_h) − tanh(z)|` per side where the honest argument `z_h` is within `e_z`
@@ -46,29 +42,19 @@ fn gelu_core(p: Profile, x: f64) -> Gelu {
     // (FMA only removes some); x and A·x³ have the same sign, so no cancellation: relative
     // error ≤ γ_6 (2 spare for reassociated constant products).
     let e_z = gamma(6) * z.abs();
-    Gelu {
-        t,
-        e_t: tanh_err(z, e_z),
-    }
+    Gelu { t, e_t: tanh_err(z, e_z) }
 }
 
 impl Device {
     /// `max(x, 0)`. Exact.
     pub fn relu(&self, x: &[f32]) -> Result<Bounded> {
-        Ok(Bounded::exact(
-            x.iter().map(|&v| (v as f64).max(0.0)).collect(),
-        ))
+        Ok(Bounded::exact(x.iter().map(|&v| (v as f64).max(0.0)).collect()))
     }
 
     /// `gy · [x > 0]`. Exact.
     pub fn relu_backward(&self, x: &[f32], gy: &[f32]) -> Result<Bounded> {
         check_len("relu_backward", "grad_out", gy.len(), x.len())?;
-        Ok(Bounded::exact(
-            x.iter()
-                .zip(gy)
-                .map(|(&x, &g)| if x > 0.0 { g as f64 } else { 0.0 })
-                .collect(),
-        ))
+        Ok(Bounded::exact(x.iter().zip(gy).map(|(&x, &g)| if x > 0.0 { g as f64 } else { 0.0 }).collect()))
     }
 
     /// GPT-2 GELU: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
@@ -122,18 +108,10 @@ impl Device {
         const OP: &str = "dropout";
         check_len(OP, "mask", mask.len(), x.len())?;
         if !(0.0..1.0).contains(&p) {
-            return Err(arg_err(
-                OP,
-                format!("drop probability {p} is not in [0, 1)"),
-            ));
+            return Err(arg_err(OP, format!("drop probability {p} is not in [0, 1)")));
         }
         let s = 1.0 / (1.0 - p);
-        Ok(Bounded::exact(
-            x.iter()
-                .zip(mask)
-                .map(|(&v, &keep)| if keep { v as f64 * s } else { 0.0 })
-                .collect(),
-        ))
+        Ok(Bounded::exact(x.iter().zip(mask).map(|(&v, &keep)| if keep { v as f64 * s } else { 0.0 }).collect()))
     }
 
     /// Dropout backward: the same map applied to the output gradient. Exact.

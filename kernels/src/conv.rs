@@ -5,11 +5,9 @@
 
 use rayon::prelude::*;
 
-use crate::bound::{ETA, SLACK, gamma, sum_bound, two_sided};
+use crate::bound::{ETA, ExactTerms, SLACK, gamma, sum_bound, two_sided};
 use crate::reduce::sum_by;
-use crate::{
-    Bounded, Device, ErrorBound, MatmulSpec, Result, arg_err, check_len, checked_prod, shape_err,
-};
+use crate::{Bounded, Device, ErrorBound, MatmulSpec, Result, arg_err, check_len, checked_prod, shape_err};
 
 /// Shape of a convolution: input `n×c_in×h×w`, weight `c_out×c_in×kh×kw`, bias `c_out`,
 /// output `n×c_out×oh×ow` with `oh = (h + 2·pad − kh)/stride + 1` (likewise `ow`).
@@ -55,20 +53,14 @@ fn out_dim(op: &'static str, size: usize, k: usize, stride: usize, pad: usize) -
     }
     let padded = size + 2 * pad;
     if padded < k {
-        return Err(shape_err(
-            op,
-            format!("kernel {k} larger than padded input {padded}"),
-        ));
+        return Err(shape_err(op, format!("kernel {k} larger than padded input {padded}")));
     }
     Ok((padded - k) / stride + 1)
 }
 
 impl Conv2dSpec {
     fn dims(&self, op: &'static str) -> Result<(usize, usize)> {
-        Ok((
-            out_dim(op, self.h, self.kh, self.stride, self.pad)?,
-            out_dim(op, self.w, self.kw, self.stride, self.pad)?,
-        ))
+        Ok((out_dim(op, self.h, self.kh, self.stride, self.pad)?, out_dim(op, self.w, self.kw, self.stride, self.pad)?))
     }
 }
 
@@ -77,16 +69,10 @@ impl Pool2dSpec {
         if self.pad >= self.kh || self.pad >= self.kw {
             return Err(shape_err(
                 op,
-                format!(
-                    "padding {} must be below the window {}×{}",
-                    self.pad, self.kh, self.kw
-                ),
+                format!("padding {} must be below the window {}×{}", self.pad, self.kh, self.kw),
             ));
         }
-        Ok((
-            out_dim(op, self.h, self.kh, self.stride, self.pad)?,
-            out_dim(op, self.w, self.kw, self.stride, self.pad)?,
-        ))
+        Ok((out_dim(op, self.h, self.kh, self.stride, self.pad)?, out_dim(op, self.w, self.kw, self.stride, self.pad)?))
     }
 
     /// Input offsets (within one plane) of window (oy, ox), skipping padding.
@@ -108,42 +94,31 @@ fn im2col(x: &[f32], s: &Conv2dSpec, oh: usize, ow: usize) -> Vec<f64> {
     let np = s.n * p;
     let kk = s.c_in * s.kh * s.kw;
     let mut cols = vec![0.0f64; kk * np];
-    cols.par_chunks_mut(np.max(1))
-        .enumerate()
-        .for_each(|(k, row)| {
-            let ci = k / (s.kh * s.kw);
-            let dy = k / s.kw % s.kh;
-            let dx = k % s.kw;
-            for img in 0..s.n {
-                let plane = &x[(img * s.c_in + ci) * s.h * s.w..][..s.h * s.w];
-                for oy in 0..oh {
-                    let Some(iy) = (oy * s.stride + dy)
-                        .checked_sub(s.pad)
-                        .filter(|&iy| iy < s.h)
-                    else {
-                        continue;
-                    };
-                    for ox in 0..ow {
-                        if let Some(ix) = (ox * s.stride + dx)
-                            .checked_sub(s.pad)
-                            .filter(|&ix| ix < s.w)
-                        {
-                            row[img * p + oy * ow + ox] = plane[iy * s.w + ix] as f64;
-                        }
+    cols.par_chunks_mut(np.max(1)).enumerate().for_each(|(k, row)| {
+        let ci = k / (s.kh * s.kw);
+        let dy = k / s.kw % s.kh;
+        let dx = k % s.kw;
+        for img in 0..s.n {
+            let plane = &x[(img * s.c_in + ci) * s.h * s.w..][..s.h * s.w];
+            for oy in 0..oh {
+                let Some(iy) = (oy * s.stride + dy).checked_sub(s.pad).filter(|&iy| iy < s.h) else {
+                    continue;
+                };
+                for ox in 0..ow {
+                    if let Some(ix) = (ox * s.stride + dx).checked_sub(s.pad).filter(|&ix| ix < s.w) {
+                        row[img * p + oy * ow + ox] = plane[iy * s.w + ix] as f64;
                     }
                 }
             }
-        });
+        }
+    });
     cols
 }
 
 /// Euclidean norms of the rows (`by_row`) or columns of a `r×c` matrix.
 fn norms(x: &[f64], r: usize, c: usize, by_row: bool) -> Vec<f64> {
     if by_row {
-        x.chunks(c.max(1))
-            .take(r)
-            .map(|row| row.iter().map(|v| v * v).sum::<f64>().sqrt())
-            .collect()
+        x.chunks(c.max(1)).take(r).map(|row| row.iter().map(|v| v * v).sum::<f64>().sqrt()).collect()
     } else {
         let mut s = vec![0.0; c];
         for row in x.chunks(c.max(1)).take(r) {
@@ -157,21 +132,10 @@ fn norms(x: &[f64], r: usize, c: usize, by_row: bool) -> Vec<f64> {
 
 impl Device {
     /// Convolution forward: `y[n,co] = Σ_{ci,dy,dx} x·w + bias[co]`.
-    pub fn conv2d(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        bias: Option<&[f32]>,
-        spec: Conv2dSpec,
-    ) -> Result<Bounded> {
+    pub fn conv2d(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>, spec: Conv2dSpec) -> Result<Bounded> {
         const OP: &str = "conv2d";
         let (oh, ow) = spec.dims(OP)?;
-        check_len(
-            OP,
-            "x",
-            x.len(),
-            checked_prod(OP, &[spec.n, spec.c_in, spec.h, spec.w])?,
-        )?;
+        check_len(OP, "x", x.len(), checked_prod(OP, &[spec.n, spec.c_in, spec.h, spec.w])?)?;
         let kk = checked_prod(OP, &[spec.c_in, spec.kh, spec.kw])?;
         check_len(OP, "weight", w.len(), checked_prod(OP, &[spec.c_out, kk])?)?;
         if let Some(b) = bias {
@@ -182,21 +146,11 @@ impl Device {
         let cols = im2col(x, &spec, oh, ow);
         let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         let mut mat = vec![0.0; spec.c_out * np];
-        self.matmul_f64(
-            &w64,
-            &cols,
-            None,
-            &mut mat,
-            MatmulSpec::new(spec.c_out, kk, np),
-        )?;
+        self.matmul_f64(&w64, &cols, None, &mut mat, MatmulSpec::new(spec.c_out, kk, np))?;
         // Bound: products of FP32 inputs are exact; each output sums ≤ K = c_in·kh·kw
         // products (padding adds exact zeros) + the bias: per side γ_K·(Σ|w·x| + |b|) ≤
         // γ_K·(‖w_co‖·‖patch‖ + |b|) (Cauchy–Schwarz); two-sided ×2.
-        let g = if bias.is_some() {
-            gamma(kk)
-        } else {
-            gamma(kk.saturating_sub(1))
-        };
+        let g = if bias.is_some() { gamma(kk) } else { gamma(kk.saturating_sub(1)) };
         let nw = norms(&w64, spec.c_out, kk, true);
         let nc = norms(&cols, kk, np, false);
         let mut values = vec![0.0; mat.len()];
@@ -207,43 +161,38 @@ impl Device {
                 let src = &mat[co * np + img * p..][..p];
                 let base = (img * spec.c_out + co) * p;
                 for q in 0..p {
-                    values[base + q] = src[q] + b;
-                    bounds[base + q] = 2.0 * g * (nw[co] * nc[img * p + q] + b.abs()) * SLACK;
+                    let v = src[q] + b;
+                    values[base + q] = v;
+                    let mut d = 2.0 * g * (nw[co] * nc[img * p + q] + b.abs()) * SLACK;
+                    // Where the Cauchy–Schwarz bound would make the element ambiguous, use the
+                    // tight Σ|w·x| form (0 when every summation order is exact).
+                    if common::rounding::is_ambiguous(v, d) {
+                        let mut terms = ExactTerms::new();
+                        for r in 0..kk {
+                            terms.product(w[co * kk + r], cols[r * np + img * p + q] as f32);
+                        }
+                        if let Some(bias) = bias {
+                            terms.value(bias[co]);
+                        }
+                        d = d.min(terms.bound());
+                    }
+                    bounds[base + q] = d;
                 }
             }
         }
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// Convolution backward: gradients of input, weight and bias from the output gradient.
-    pub fn conv2d_backward(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        gy: &[f32],
-        spec: Conv2dSpec,
-    ) -> Result<Conv2dGrads> {
+    pub fn conv2d_backward(&self, x: &[f32], w: &[f32], gy: &[f32], spec: Conv2dSpec) -> Result<Conv2dGrads> {
         const OP: &str = "conv2d_backward";
         let (oh, ow) = spec.dims(OP)?;
-        check_len(
-            OP,
-            "x",
-            x.len(),
-            checked_prod(OP, &[spec.n, spec.c_in, spec.h, spec.w])?,
-        )?;
+        check_len(OP, "x", x.len(), checked_prod(OP, &[spec.n, spec.c_in, spec.h, spec.w])?)?;
         let kk = checked_prod(OP, &[spec.c_in, spec.kh, spec.kw])?;
         check_len(OP, "weight", w.len(), checked_prod(OP, &[spec.c_out, kk])?)?;
         let p = oh * ow;
         let np = checked_prod(OP, &[spec.n, p])?;
-        check_len(
-            OP,
-            "grad_out",
-            gy.len(),
-            checked_prod(OP, &[spec.c_out, np])?,
-        )?;
+        check_len(OP, "grad_out", gy.len(), checked_prod(OP, &[spec.c_out, np])?)?;
         let pr = self.profile();
         let cols = im2col(x, &spec, oh, ow);
         let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
@@ -262,18 +211,10 @@ impl Device {
 
         // gw = GY · colsᵀ: sums of n·P exact products; per side γ_{nP−1}‖GY_co‖‖cols_k‖ (C–S).
         let mut gw = vec![0.0; spec.c_out * kk];
-        self.matmul_f64(
-            &gym,
-            &cols,
-            None,
-            &mut gw,
-            MatmulSpec::new(spec.c_out, np, kk).trans_b(),
-        )?;
+        self.matmul_f64(&gym, &cols, None, &mut gw, MatmulSpec::new(spec.c_out, np, kk).trans_b())?;
         let n_cols_row = norms(&cols, kk, np, true);
         let cw = 2.0 * gamma(np.saturating_sub(1)) * SLACK;
-        let gwb: Vec<f64> = (0..spec.c_out * kk)
-            .map(|i| cw * n_gy_row[i / kk] * n_cols_row[i % kk])
-            .collect();
+        let gwb: Vec<f64> = (0..spec.c_out * kk).map(|i| cw * n_gy_row[i / kk] * n_cols_row[i % kk]).collect();
 
         // gb = Σ over n·P of gy: exact terms, sum bound.
         let (gb, gbb): (Vec<f64>, Vec<f64>) = (0..spec.c_out)
@@ -288,21 +229,13 @@ impl Device {
         // w·gy, whatever the staging; per side γ_{T−1}·Σ|w·gy| ≤ γ_{T−1}·col2im(‖W_{:,k}‖·
         // ‖GY_{:,q}‖) (Cauchy–Schwarz per (k, q) pair).
         let mut gcols = vec![0.0; kk * np];
-        self.matmul_f64(
-            &w64,
-            &gym,
-            None,
-            &mut gcols,
-            MatmulSpec::new(kk, spec.c_out, np).trans_a(),
-        )?;
+        self.matmul_f64(&w64, &gym, None, &mut gcols, MatmulSpec::new(kk, spec.c_out, np).trans_a())?;
         let n_w_col = norms(&w64, spec.c_out, kk, false);
         let plane = spec.h * spec.w;
         let mut gx = vec![0.0; spec.n * spec.c_in * plane];
         let mut gxa = vec![0.0; gx.len()];
-        gx.par_chunks_mut(plane.max(1))
-            .zip(gxa.par_chunks_mut(plane.max(1)))
-            .enumerate()
-            .for_each(|(nc, (gxp, gap))| {
+        gx.par_chunks_mut(plane.max(1)).zip(gxa.par_chunks_mut(plane.max(1))).enumerate().for_each(
+            |(nc, (gxp, gap))| {
                 let img = nc / spec.c_in;
                 let ci = nc % spec.c_in;
                 for dy in 0..spec.kh {
@@ -310,16 +243,13 @@ impl Device {
                         let k = (ci * spec.kh + dy) * spec.kw + dx;
                         let grow = &gcols[k * np + img * p..][..p];
                         for oy in 0..oh {
-                            let Some(iy) = (oy * spec.stride + dy)
-                                .checked_sub(spec.pad)
-                                .filter(|&iy| iy < spec.h)
+                            let Some(iy) = (oy * spec.stride + dy).checked_sub(spec.pad).filter(|&iy| iy < spec.h)
                             else {
                                 continue;
                             };
                             for ox in 0..ow {
-                                if let Some(ix) = (ox * spec.stride + dx)
-                                    .checked_sub(spec.pad)
-                                    .filter(|&ix| ix < spec.w)
+                                if let Some(ix) =
+                                    (ox * spec.stride + dx).checked_sub(spec.pad).filter(|&ix| ix < spec.w)
                                 {
                                     let q = oy * ow + ox;
                                     gxp[iy * spec.w + ix] += grow[q];
@@ -329,22 +259,14 @@ impl Device {
                         }
                     }
                 }
-            });
+            },
+        );
         let cx = 2.0 * gamma((spec.c_out * spec.kh * spec.kw).saturating_sub(1)) * SLACK;
         gxa.iter_mut().for_each(|a| *a *= cx);
         Ok(Conv2dGrads {
-            gx: Bounded {
-                values: gx,
-                bound: ErrorBound::PerElement(gxa),
-            },
-            gw: Bounded {
-                values: gw,
-                bound: ErrorBound::PerElement(gwb),
-            },
-            gb: Bounded {
-                values: gb,
-                bound: ErrorBound::PerElement(gbb),
-            },
+            gx: Bounded { values: gx, bound: ErrorBound::PerElement(gxa) },
+            gw: Bounded { values: gw, bound: ErrorBound::PerElement(gwb) },
+            gb: Bounded { values: gb, bound: ErrorBound::PerElement(gbb) },
         })
     }
 
@@ -381,27 +303,14 @@ impl Device {
 
     /// Max pooling backward: scatter-add of `gy` to the argmax positions. Elements that
     /// receive `c` contributions (overlapping windows) are bounded by `2γ_{c−1}Σ|gy|`.
-    pub fn max_pool2d_backward(
-        &self,
-        gy: &[f32],
-        argmax: &[u32],
-        spec: Pool2dSpec,
-    ) -> Result<Bounded> {
+    pub fn max_pool2d_backward(&self, gy: &[f32], argmax: &[u32], spec: Pool2dSpec) -> Result<Bounded> {
         const OP: &str = "max_pool2d_backward";
         let (oh, ow) = spec.dims(OP)?;
         let total = checked_prod(OP, &[spec.n, spec.c, spec.h, spec.w])?;
-        check_len(
-            OP,
-            "grad_out",
-            gy.len(),
-            checked_prod(OP, &[spec.n, spec.c, oh, ow])?,
-        )?;
+        check_len(OP, "grad_out", gy.len(), checked_prod(OP, &[spec.n, spec.c, oh, ow])?)?;
         check_len(OP, "argmax", argmax.len(), gy.len())?;
         if let Some(bad) = argmax.iter().find(|&&i| i as usize >= total) {
-            return Err(arg_err(
-                OP,
-                format!("argmax index {bad} is not below {total}"),
-            ));
+            return Err(arg_err(OP, format!("argmax index {bad} is not below {total}")));
         }
         let pr = self.profile();
         // Gather contributions per input element in output order, then reduce each in the
@@ -429,32 +338,21 @@ impl Device {
                 (v, sum_bound(s.len(), abs))
             })
             .unzip();
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// Average pooling: window sum divided by `kh·kw` (padding counts as zeros).
     pub fn avg_pool2d(&self, x: &[f32], spec: Pool2dSpec) -> Result<Bounded> {
         const OP: &str = "avg_pool2d";
         let (oh, ow) = spec.dims(OP)?;
-        check_len(
-            OP,
-            "x",
-            x.len(),
-            checked_prod(OP, &[spec.n, spec.c, spec.h, spec.w])?,
-        )?;
+        check_len(OP, "x", x.len(), checked_prod(OP, &[spec.n, spec.c, spec.h, spec.w])?)?;
         let pr = self.profile();
         let plane = spec.h * spec.w;
         let cnt = (spec.kh * spec.kw) as f64;
         let mut values = vec![0.0; spec.n * spec.c * oh * ow];
         let mut bounds = vec![0.0; values.len()];
-        values
-            .par_chunks_mut((oh * ow).max(1))
-            .zip(bounds.par_chunks_mut((oh * ow).max(1)))
-            .enumerate()
-            .for_each(|(nc, (out, bnd))| {
+        values.par_chunks_mut((oh * ow).max(1)).zip(bounds.par_chunks_mut((oh * ow).max(1))).enumerate().for_each(
+            |(nc, (out, bnd))| {
                 let xp = &x[nc * plane..(nc + 1) * plane];
                 let mut win = Vec::with_capacity(spec.kh * spec.kw);
                 for oy in 0..oh {
@@ -465,18 +363,14 @@ impl Device {
                         let abs: f64 = win.iter().map(|v| v.abs()).sum();
                         let v = s / cnt;
                         // Per side: sum γ_{c−1}Σ|x|, then ÷cnt (or ·(1/cnt)): γ_2|v| (+ETA).
-                        let e = gamma(win.len().saturating_sub(1)) * abs / cnt
-                            + gamma(2) * v.abs()
-                            + ETA;
+                        let e = gamma(win.len().saturating_sub(1)) * abs / cnt + gamma(2) * v.abs() + ETA;
                         out[oy * ow + ox] = v;
                         bnd[oy * ow + ox] = two_sided(e);
                     }
                 }
-            });
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+            },
+        );
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// Average pooling backward: each input element receives `gy/(kh·kw)` from every window
@@ -484,22 +378,14 @@ impl Device {
     pub fn avg_pool2d_backward(&self, gy: &[f32], spec: Pool2dSpec) -> Result<Bounded> {
         const OP: &str = "avg_pool2d_backward";
         let (oh, ow) = spec.dims(OP)?;
-        check_len(
-            OP,
-            "grad_out",
-            gy.len(),
-            checked_prod(OP, &[spec.n, spec.c, oh, ow])?,
-        )?;
+        check_len(OP, "grad_out", gy.len(), checked_prod(OP, &[spec.n, spec.c, oh, ow])?)?;
         let pr = self.profile();
         let plane = spec.h * spec.w;
         let cnt = (spec.kh * spec.kw) as f64;
         let mut values = vec![0.0; spec.n * spec.c * plane];
         let mut bounds = vec![0.0; values.len()];
-        values
-            .par_chunks_mut(plane.max(1))
-            .zip(bounds.par_chunks_mut(plane.max(1)))
-            .enumerate()
-            .for_each(|(nc, (out, bnd))| {
+        values.par_chunks_mut(plane.max(1)).zip(bounds.par_chunks_mut(plane.max(1))).enumerate().for_each(
+            |(nc, (out, bnd))| {
                 let gp = &gy[nc * oh * ow..(nc + 1) * oh * ow];
                 // Contributions per input element, in window order.
                 let mut contrib: Vec<Vec<f64>> = vec![Vec::new(); plane];
@@ -519,10 +405,8 @@ impl Device {
                     // dividing after summing.
                     bnd[i] = two_sided(gamma(c.len() + 2) * abs + c.len() as f64 * ETA);
                 }
-            });
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+            },
+        );
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 }

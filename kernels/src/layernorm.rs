@@ -44,10 +44,7 @@ impl Device {
         check_len(OP, "gamma", gamma_w.len(), cols)?;
         check_len(OP, "beta", beta.len(), cols)?;
         if !(eps > 0.0 && eps.is_finite()) {
-            return Err(arg_err(
-                OP,
-                format!("eps {eps} must be positive and finite"),
-            ));
+            return Err(arg_err(OP, format!("eps {eps} must be positive and finite")));
         }
         if cols == 0 {
             return Err(arg_err(OP, "rows of length 0 have no mean"));
@@ -94,10 +91,7 @@ impl Device {
                     // y per side: ĉ within e_mu + u|ĉ| of c; c·rstd·γ: |γ|(e_c·rstd + |c|·e_r)
                     // + γ_2|c·rstd·γ| for the two products (any order), + β: u|y| (+ETA).
                     let e_c = e_mu + U * c.abs();
-                    let e = g.abs() * (e_c * rstd + c.abs() * e_r)
-                        + gamma(2) * prod.abs()
-                        + U * out.abs()
-                        + ETA;
+                    let e = g.abs() * (e_c * rstd + c.abs() * e_r) + gamma(2) * prod.abs() + U * out.abs() + ETA;
                     *c = out;
                     *d = two_sided(e);
                 }
@@ -105,10 +99,7 @@ impl Device {
             })
             .collect();
         Ok(LayerNormOut {
-            y: Bounded {
-                values: y,
-                bound: ErrorBound::PerElement(yb),
-            },
+            y: Bounded { values: y, bound: ErrorBound::PerElement(yb) },
             mean: Bounded {
                 values: stats.iter().map(|s| s[0]).collect(),
                 bound: ErrorBound::PerElement(stats.iter().map(|s| s[1]).collect()),
@@ -149,65 +140,49 @@ impl Device {
         let n = cols;
         let nf = n as f64;
         // x̂ is the same on every machine (two correctly rounded operations on the same inputs).
-        let xhat: Vec<f64> = x
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (v as f64 - mean[i / n] as f64) * rstd[i / n] as f64)
-            .collect();
+        let xhat: Vec<f64> =
+            x.iter().enumerate().map(|(i, &v)| (v as f64 - mean[i / n] as f64) * rstd[i / n] as f64).collect();
         let mut gx = vec![0.0; total];
         let mut gxb = vec![0.0; total];
-        gx.par_chunks_mut(n)
-            .zip(gxb.par_chunks_mut(n))
-            .enumerate()
-            .for_each(|(r, (out, bnd))| {
-                let gr = &gy[r * n..(r + 1) * n];
-                let xh = &xhat[r * n..(r + 1) * n];
-                let rs = rstd[r] as f64;
-                let g = |i: usize| gr[i] as f64 * gamma_w[i] as f64;
-                let a = sum_by(p, n, g) / nf;
-                let b = dot_by(p, n, g, |i| xh[i]) / nf;
-                // a: n exact terms (FP32·FP32) γ_{n−1}Σ|g|, /n γ_2|a|. b: n rounded products
-                // γ_nΣ|g·x̂|, /n γ_2|b|. t = g − a − x̂b in any association/FMA: E_a + |x̂|E_b +
-                // γ_5(|g|+|a|+|x̂b|) (also covers the (rstd/n)(n·g − Σg − x̂Σgx̂) form);
-                // gx = rstd·t: + γ_2|gx| + ETA.
-                let (abs_g, abs_gx) = (0..n).fold((0.0, 0.0), |(s1, s2), i| {
-                    let gi = g(i).abs();
-                    (s1 + gi, s2 + gi * xh[i].abs())
-                });
-                let e_a = gamma(n - 1) * abs_g / nf + gamma(2) * a.abs();
-                let e_b = gamma(n) * abs_gx / nf + gamma(2) * b.abs();
-                for i in 0..n {
-                    let gi = g(i);
-                    let t = gi - a - xh[i] * b;
-                    out[i] = rs * t;
-                    let e_t = e_a
-                        + xh[i].abs() * e_b
-                        + gamma(5) * (gi.abs() + a.abs() + (xh[i] * b).abs());
-                    bnd[i] = two_sided(rs * e_t + gamma(2) * out[i].abs() + ETA);
-                }
+        gx.par_chunks_mut(n).zip(gxb.par_chunks_mut(n)).enumerate().for_each(|(r, (out, bnd))| {
+            let gr = &gy[r * n..(r + 1) * n];
+            let xh = &xhat[r * n..(r + 1) * n];
+            let rs = rstd[r] as f64;
+            let g = |i: usize| gr[i] as f64 * gamma_w[i] as f64;
+            let a = sum_by(p, n, g) / nf;
+            let b = dot_by(p, n, g, |i| xh[i]) / nf;
+            // a: n exact terms (FP32·FP32) γ_{n−1}Σ|g|, /n γ_2|a|. b: n rounded products
+            // γ_nΣ|g·x̂|, /n γ_2|b|. t = g − a − x̂b in any association/FMA: E_a + |x̂|E_b +
+            // γ_5(|g|+|a|+|x̂b|) (also covers the (rstd/n)(n·g − Σg − x̂Σgx̂) form);
+            // gx = rstd·t: + γ_2|gx| + ETA.
+            let (abs_g, abs_gx) = (0..n).fold((0.0, 0.0), |(s1, s2), i| {
+                let gi = g(i).abs();
+                (s1 + gi, s2 + gi * xh[i].abs())
             });
+            let e_a = gamma(n - 1) * abs_g / nf + gamma(2) * a.abs();
+            let e_b = gamma(n) * abs_gx / nf + gamma(2) * b.abs();
+            for i in 0..n {
+                let gi = g(i);
+                let t = gi - a - xh[i] * b;
+                out[i] = rs * t;
+                let e_t = e_a + xh[i].abs() * e_b + gamma(5) * (gi.abs() + a.abs() + (xh[i] * b).abs());
+                bnd[i] = two_sided(rs * e_t + gamma(2) * out[i].abs() + ETA);
+            }
+        });
         // Column reductions over rows, each in the profile's order, parallel over columns.
         let (ggamma, ggb): (Vec<f64>, Vec<f64>) = (0..n)
             .into_par_iter()
             .map(|j| {
                 let v = dot_by(p, rows, |r| gy[r * n + j] as f64, |r| xhat[r * n + j]);
-                let abs: f64 = (0..rows)
-                    .map(|r| (gy[r * n + j] as f64 * xhat[r * n + j]).abs())
-                    .sum();
+                let abs: f64 = (0..rows).map(|r| (gy[r * n + j] as f64 * xhat[r * n + j]).abs()).sum();
                 // rows rounded products, any order/FMA: per side γ_rows·Σ|gy·x̂|.
                 (v, two_sided(gamma(rows) * abs + ETA))
             })
             .unzip();
         let gbeta = self.sum_rows(gy, rows, cols)?;
         Ok(LayerNormGrads {
-            gx: Bounded {
-                values: gx,
-                bound: ErrorBound::PerElement(gxb),
-            },
-            ggamma: Bounded {
-                values: ggamma,
-                bound: ErrorBound::PerElement(ggb),
-            },
+            gx: Bounded { values: gx, bound: ErrorBound::PerElement(gxb) },
+            ggamma: Bounded { values: ggamma, bound: ErrorBound::PerElement(ggb) },
             gbeta,
         })
     }

@@ -50,10 +50,7 @@ pub struct Bounded {
 impl Bounded {
     /// An exactly reproducible result: every honest machine computes the same bits.
     pub fn exact(values: Vec<f64>) -> Bounded {
-        Bounded {
-            values,
-            bound: ErrorBound::Exact,
-        }
+        Bounded { values, bound: ErrorBound::Exact }
     }
 
     /// Number of elements.
@@ -95,11 +92,7 @@ impl Profile {
     }
 
     fn valid_names() -> String {
-        Profile::CPU
-            .iter()
-            .map(|p| p.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        Profile::CPU.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -115,10 +108,7 @@ impl FromStr for Profile {
         Profile::CPU
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| KernelError::UnknownProfile {
-                name: s.to_string(),
-                valid: Profile::valid_names(),
-            })
+            .ok_or_else(|| KernelError::UnknownProfile { name: s.to_string(), valid: Profile::valid_names() })
     }
 }
 
@@ -140,29 +130,16 @@ pub enum KernelError {
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
 pub(crate) fn shape_err(op: &'static str, detail: impl Into<String>) -> KernelError {
-    KernelError::Shape {
-        op,
-        detail: detail.into(),
-    }
+    KernelError::Shape { op, detail: detail.into() }
 }
 
 pub(crate) fn arg_err(op: &'static str, detail: impl Into<String>) -> KernelError {
-    KernelError::InvalidArgument {
-        op,
-        detail: detail.into(),
-    }
+    KernelError::InvalidArgument { op, detail: detail.into() }
 }
 
 /// Checks `len == expected`, naming the argument on failure.
 pub(crate) fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> Result<()> {
-    if len == expected {
-        Ok(())
-    } else {
-        Err(shape_err(
-            op,
-            format!("{what} has {len} elements, expected {expected}"),
-        ))
-    }
+    if len == expected { Ok(()) } else { Err(shape_err(op, format!("{what} has {len} elements, expected {expected}"))) }
 }
 
 /// Multiplies sizes, reporting overflow as a shape error instead of panicking.

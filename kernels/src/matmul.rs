@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use crate::bound::{ETA, SLACK, U, gamma, sum_bound};
+use crate::bound::{ETA, ExactTerms, SLACK, U, gamma};
 use crate::reduce::{dot_slices, sum_by};
 use crate::{Bounded, Device, ErrorBound, Profile, Result, check_len, checked_prod, shape_err};
 
@@ -27,38 +27,22 @@ pub struct MatmulSpec {
 impl MatmulSpec {
     /// A single `m×k · k×n` product, no transposes.
     pub fn new(m: usize, k: usize, n: usize) -> MatmulSpec {
-        MatmulSpec {
-            batch: 1,
-            m,
-            k,
-            n,
-            a_trans: false,
-            b_trans: false,
-        }
+        MatmulSpec { batch: 1, m, k, n, a_trans: false, b_trans: false }
     }
 
     /// `batch` independent products.
     pub fn batched(batch: usize, m: usize, k: usize, n: usize) -> MatmulSpec {
-        MatmulSpec {
-            batch,
-            ..MatmulSpec::new(m, k, n)
-        }
+        MatmulSpec { batch, ..MatmulSpec::new(m, k, n) }
     }
 
     /// With `A` stored transposed (`k×m`).
     pub fn trans_a(self) -> MatmulSpec {
-        MatmulSpec {
-            a_trans: !self.a_trans,
-            ..self
-        }
+        MatmulSpec { a_trans: !self.a_trans, ..self }
     }
 
     /// With `B` stored transposed (`n×k`).
     pub fn trans_b(self) -> MatmulSpec {
-        MatmulSpec {
-            b_trans: !self.b_trans,
-            ..self
-        }
+        MatmulSpec { b_trans: !self.b_trans, ..self }
     }
 
     fn sizes(&self, op: &'static str) -> Result<(usize, usize, usize)> {
@@ -77,42 +61,21 @@ fn strides(trans: bool, rows: usize, cols: usize) -> (usize, usize) {
 
 impl Device {
     /// `C = op(A)·op(B) (+ bias broadcast over rows)`.
-    pub fn matmul(
-        &self,
-        a: &[f32],
-        b: &[f32],
-        bias: Option<&[f32]>,
-        spec: MatmulSpec,
-    ) -> Result<Bounded> {
+    pub fn matmul(&self, a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Result<Bounded> {
         self.matmul_impl("matmul", a, b, bias, 1.0, spec)
     }
 
     /// `C = scale · (op(A)·op(B))`: the scale multiplies the finished dot product (attention's
     /// `QKᵀ/√d`). Scaling an operand first is a different op.
-    pub fn matmul_scaled(
-        &self,
-        a: &[f32],
-        b: &[f32],
-        scale: f64,
-        spec: MatmulSpec,
-    ) -> Result<Bounded> {
+    pub fn matmul_scaled(&self, a: &[f32], b: &[f32], scale: f64, spec: MatmulSpec) -> Result<Bounded> {
         if !scale.is_finite() {
-            return Err(crate::arg_err(
-                "matmul_scaled",
-                format!("scale {scale} is not finite"),
-            ));
+            return Err(crate::arg_err("matmul_scaled", format!("scale {scale} is not finite")));
         }
         self.matmul_impl("matmul_scaled", a, b, None, scale, spec)
     }
 
     /// Gradients `(gA, gB)` of `C = op(A)·op(B)` given `gC`, each laid out like its operand.
-    pub fn matmul_backward(
-        &self,
-        a: &[f32],
-        b: &[f32],
-        gc: &[f32],
-        spec: MatmulSpec,
-    ) -> Result<(Bounded, Bounded)> {
+    pub fn matmul_backward(&self, a: &[f32], b: &[f32], gc: &[f32], spec: MatmulSpec) -> Result<(Bounded, Bounded)> {
         self.matmul_scaled_backward(a, b, gc, 1.0, spec)
     }
 
@@ -131,58 +94,23 @@ impl Device {
         check_len(OP, "a", a.len(), la)?;
         check_len(OP, "b", b.len(), lb)?;
         check_len(OP, "grad_out", gc.len(), lc)?;
-        let MatmulSpec {
-            batch,
-            m,
-            k,
-            n,
-            a_trans,
-            b_trans,
-        } = spec;
+        let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
         let ga = if a_trans {
             // gA_stored (k×m) = op(B) · gCᵀ
-            let s = MatmulSpec {
-                batch,
-                m: k,
-                k: n,
-                n: m,
-                a_trans: b_trans,
-                b_trans: true,
-            };
+            let s = MatmulSpec { batch, m: k, k: n, n: m, a_trans: b_trans, b_trans: true };
             self.matmul_impl(OP, b, gc, None, scale, s)?
         } else {
             // gA (m×k) = gC · op(B)ᵀ
-            let s = MatmulSpec {
-                batch,
-                m,
-                k: n,
-                n: k,
-                a_trans: false,
-                b_trans: !b_trans,
-            };
+            let s = MatmulSpec { batch, m, k: n, n: k, a_trans: false, b_trans: !b_trans };
             self.matmul_impl(OP, gc, b, None, scale, s)?
         };
         let gb = if b_trans {
             // gB_stored (n×k) = gCᵀ · op(A)
-            let s = MatmulSpec {
-                batch,
-                m: n,
-                k: m,
-                n: k,
-                a_trans: true,
-                b_trans: a_trans,
-            };
+            let s = MatmulSpec { batch, m: n, k: m, n: k, a_trans: true, b_trans: a_trans };
             self.matmul_impl(OP, gc, a, None, scale, s)?
         } else {
             // gB (k×n) = op(A)ᵀ · gC
-            let s = MatmulSpec {
-                batch,
-                m: k,
-                k: m,
-                n,
-                a_trans: !a_trans,
-                b_trans: false,
-            };
+            let s = MatmulSpec { batch, m: k, k: m, n, a_trans: !a_trans, b_trans: false };
             self.matmul_impl(OP, a, gc, None, scale, s)?
         };
         Ok((ga, gb))
@@ -190,13 +118,7 @@ impl Device {
 
     /// The bound part of [`Device::matmul`] alone, for
     /// measuring its share of the op's time; equal to the bound `matmul` returns.
-    pub fn matmul_bound(
-        &self,
-        a: &[f32],
-        b: &[f32],
-        bias: Option<&[f32]>,
-        spec: MatmulSpec,
-    ) -> Result<Vec<f64>> {
+    pub fn matmul_bound(&self, a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Result<Vec<f64>> {
         let (la, lb, _) = spec.sizes("matmul_bound")?;
         check_len("matmul_bound", "a", a.len(), la)?;
         check_len("matmul_bound", "b", b.len(), lb)?;
@@ -215,20 +137,14 @@ impl Device {
             .into_par_iter()
             .map(|j| {
                 let s = sum_by(p, rows, |i| x[i * cols + j] as f64);
-                let abs: f64 = x
-                    .iter()
-                    .skip(j)
-                    .step_by(cols.max(1))
-                    .map(|v| v.abs() as f64)
-                    .sum();
-                // Bound: a sum of `rows` exact terms, any order: 2·γ_{rows−1}·Σ|x|.
-                (s, sum_bound(rows, abs))
+                let mut terms = ExactTerms::new();
+                x.iter().skip(j).step_by(cols.max(1)).for_each(|&v| terms.value(v));
+                // Bound: a sum of `rows` exact terms, any order: 2·γ_{rows−1}·Σ|x|, or 0 when
+                // no order can round (see `ExactTerms::is_exact`).
+                (s, terms.bound())
             })
             .unzip();
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     pub(crate) fn matmul_impl(
@@ -253,19 +169,42 @@ impl Device {
         self.matmul_f64(&a64, &b64, bias64.as_deref(), &mut values, spec)?;
         let mut bounds = norm_bounds(a, b, bias, spec);
         if scale != 1.0 {
+            values.iter_mut().for_each(|v| *v *= scale);
+        }
+        let scaled = |e: f64, v: f64| {
             // Bound with scale s: each side computes fl(s·D_h) with |D_h − D| ≤ e/2 (e the
             // unscaled two-sided bound) and one rounding (≤ u|s·D_h|, plus ETA if it
             // underflows): |o − h| ≤ |s|·e + 2u·|o| + 2·ETA (second-order terms in SLACK).
-            let s = scale.abs();
-            for (d, v) in bounds.iter_mut().zip(values.iter_mut()) {
-                *v *= scale;
-                *d = (s * *d + 2.0 * U * v.abs() + 2.0 * ETA) * SLACK;
+            // With e = 0 both sides multiply the same exact D: one correctly rounded product.
+            if scale == 1.0 || e == 0.0 { e } else { (scale.abs() * e + 2.0 * U * v.abs() + 2.0 * ETA) * SLACK }
+        };
+        if scale != 1.0 {
+            for (d, v) in bounds.iter_mut().zip(&values) {
+                *d = scaled(*d, *v);
             }
         }
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        // The Cauchy–Schwarz bound is cheap but loose (it is positive even when every product
+        // is zero). Where it would make an element ambiguous, recompute the tight bound
+        // 2·γ·Σ|a·b| (or 0 when every order is exact): O(k) for the few elements concerned.
+        let MatmulSpec { m, k, n, a_trans, b_trans, .. } = spec;
+        let (ars, acs) = strides(a_trans, m, k);
+        let (brs, bcs) = strides(b_trans, k, n);
+        for (idx, (d, v)) in bounds.iter_mut().zip(&values).enumerate() {
+            if !common::rounding::is_ambiguous(*v, *d) {
+                continue;
+            }
+            let (bi, i, j) = (idx / (m * n), idx / n % m, idx % n);
+            let (ab, bb) = (&a[bi * m * k..], &b[bi * k * n..]);
+            let mut terms = ExactTerms::new();
+            for l in 0..k {
+                terms.product(ab[i * ars + l * acs], bb[l * brs + j * bcs]);
+            }
+            if let Some(bias) = bias {
+                terms.value(bias[j]);
+            }
+            *d = d.min(scaled(terms.bound(), *v));
+        }
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// The unbounded FP64 product in this profile's arithmetic, into `out` (`batch×m×n`).
@@ -277,14 +216,7 @@ impl Device {
         out: &mut [f64],
         spec: MatmulSpec,
     ) -> Result<()> {
-        let MatmulSpec {
-            batch,
-            m,
-            k,
-            n,
-            a_trans,
-            b_trans,
-        } = spec;
+        let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
         if out.len() != batch * m * n || a.len() != batch * m * k || b.len() != batch * k * n {
             return Err(shape_err("matmul", "internal size mismatch"));
         }
@@ -304,15 +236,12 @@ impl Device {
                         // op(A) as m×k rows and op(B)ᵀ as n×k rows, so each dot is contiguous.
                         let ar = to_rows(ab, a_trans, m, k);
                         let bc = to_rows(bb, !b_trans, n, k);
-                        out[bi * m * n..(bi + 1) * m * n]
-                            .par_chunks_mut(n)
-                            .enumerate()
-                            .for_each(|(i, row)| {
-                                let ai = &ar[i * k..(i + 1) * k];
-                                for (j, o) in row.iter_mut().enumerate() {
-                                    *o = dot_slices(p, ai, &bc[j * k..(j + 1) * k]);
-                                }
-                            });
+                        out[bi * m * n..(bi + 1) * m * n].par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+                            let ai = &ar[i * k..(i + 1) * k];
+                            for (j, o) in row.iter_mut().enumerate() {
+                                *o = dot_slices(p, ai, &bc[j * k..(j + 1) * k]);
+                            }
+                        });
                     }
                 }
             }
@@ -351,19 +280,8 @@ fn to_rows(x: &[f64], trans: bool, r: usize, c: usize) -> Vec<f64> {
 /// (Cauchy–Schwarz), so `d_ij = 2·γ·(‖a_i‖₂‖b_j‖₂ + |bias_j|)·SLACK`. The norms cost
 /// O(mk + kn) and the outer product O(mn).
 fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Vec<f64> {
-    let MatmulSpec {
-        batch,
-        m,
-        k,
-        n,
-        a_trans,
-        b_trans,
-    } = spec;
-    let g = if bias.is_some() {
-        gamma(k)
-    } else {
-        gamma(k.saturating_sub(1))
-    };
+    let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
+    let g = if bias.is_some() { gamma(k) } else { gamma(k.saturating_sub(1)) };
     let c = 2.0 * g * SLACK;
     let (ars, acs) = strides(a_trans, m, k);
     let (brs, bcs) = strides(b_trans, k, n);
@@ -385,18 +303,12 @@ fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> 
             }
         } else {
             for (i, s) in na.iter_mut().enumerate() {
-                *s = ab[i * k..(i + 1) * k]
-                    .iter()
-                    .map(|&v| v as f64 * v as f64)
-                    .sum();
+                *s = ab[i * k..(i + 1) * k].iter().map(|&v| v as f64 * v as f64).sum();
             }
         }
         if b_trans {
             for (j, s) in nb.iter_mut().enumerate() {
-                *s = bb[j * k..(j + 1) * k]
-                    .iter()
-                    .map(|&v| v as f64 * v as f64)
-                    .sum();
+                *s = bb[j * k..(j + 1) * k].iter().map(|&v| v as f64 * v as f64).sum();
             }
         } else {
             for l in 0..k {
@@ -409,10 +321,7 @@ fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> 
         for s in na.iter_mut().chain(nb.iter_mut()) {
             *s = s.sqrt();
         }
-        for (i, row) in out[bi * m * n..(bi + 1) * m * n]
-            .chunks_mut(n.max(1))
-            .enumerate()
-        {
+        for (i, row) in out[bi * m * n..(bi + 1) * m * n].chunks_mut(n.max(1)).enumerate() {
             let ca = c * na[i];
             match bias {
                 Some(bias) => {
@@ -434,14 +343,7 @@ fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> 
 /// The `cpu` profile's GEMM. Blocking depends on the shape and cache sizes only; threads split
 /// output blocks, never the k loop, so the bits do not depend on the thread count.
 fn gemm_cpu(a: &[f64], b: &[f64], out: &mut [f64], spec: MatmulSpec) {
-    let MatmulSpec {
-        batch,
-        m,
-        k,
-        n,
-        a_trans,
-        b_trans,
-    } = spec;
+    let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && m * n * k >= 64 * 64 * 64 {
         gemm::Parallelism::Rayon(threads)

@@ -68,18 +68,11 @@ fn unzip3(v: Vec<[f64; 6]>) -> [Bounded; 3] {
             o.1.push(e[2 * k + 1]);
         }
     }
-    out.map(|(values, bounds)| Bounded {
-        values,
-        bound: ErrorBound::PerElement(bounds),
-    })
+    out.map(|(values, bounds)| Bounded { values, bound: ErrorBound::PerElement(bounds) })
 }
 
 fn finite(op: &'static str, name: &str, v: f64) -> Result<()> {
-    if v.is_finite() {
-        Ok(())
-    } else {
-        Err(arg_err(op, format!("{name} {v} is not finite")))
-    }
+    if v.is_finite() { Ok(()) } else { Err(arg_err(op, format!("{name} {v} is not finite"))) }
 }
 
 impl Device {
@@ -88,18 +81,10 @@ impl Device {
         const OP: &str = "sgd";
         check_len(OP, "grad", g.len(), w.len())?;
         check_len(OP, "momentum buffer", v.len(), w.len())?;
-        for (name, x) in [
-            ("lr", cfg.lr),
-            ("momentum", cfg.momentum),
-            ("weight_decay", cfg.weight_decay),
-        ] {
+        for (name, x) in [("lr", cfg.lr), ("momentum", cfg.momentum), ("weight_decay", cfg.weight_decay)] {
             finite(OP, name, x)?;
         }
-        let SgdConfig {
-            lr,
-            momentum: mu,
-            weight_decay: wd,
-        } = cfg;
+        let SgdConfig { lr, momentum: mu, weight_decay: wd } = cfg;
         let r: Vec<[f64; 6]> = (0..w.len())
             .into_par_iter()
             .with_min_len(4096)
@@ -124,26 +109,12 @@ impl Device {
     /// `m' = β1·m + (1−β1)·g; v' = β2·v + (1−β2)·g²; m̂ = m'/(1−β1^t); v̂ = v'/(1−β2^t);
     /// w' = (w − (lr·wd)·w) − lr·m̂/(√v̂ + eps)`, with `β^t` from [`pow_step`].
     #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs
-    pub fn adamw(
-        &self,
-        w: &[f32],
-        g: &[f32],
-        m: &[f32],
-        v: &[f32],
-        step: u64,
-        cfg: AdamWConfig,
-    ) -> Result<AdamWOut> {
+    pub fn adamw(&self, w: &[f32], g: &[f32], m: &[f32], v: &[f32], step: u64, cfg: AdamWConfig) -> Result<AdamWOut> {
         const OP: &str = "adamw";
         check_len(OP, "grad", g.len(), w.len())?;
         check_len(OP, "m", m.len(), w.len())?;
         check_len(OP, "v", v.len(), w.len())?;
-        let AdamWConfig {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay: wd,
-        } = cfg;
+        let AdamWConfig { lr, beta1, beta2, eps, weight_decay: wd } = cfg;
         for (name, x) in [("lr", lr), ("weight_decay", wd)] {
             finite(OP, name, x)?;
         }
@@ -151,16 +122,10 @@ impl Device {
             return Err(arg_err(OP, "step must be at least 1"));
         }
         if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
-            return Err(arg_err(
-                OP,
-                format!("betas ({beta1}, {beta2}) must lie in [0, 1)"),
-            ));
+            return Err(arg_err(OP, format!("betas ({beta1}, {beta2}) must lie in [0, 1)")));
         }
         if !(eps > 0.0 && eps.is_finite()) {
-            return Err(arg_err(
-                OP,
-                format!("eps {eps} must be positive and finite"),
-            ));
+            return Err(arg_err(OP, format!("eps {eps} must be positive and finite")));
         }
         // Same bits on every machine (fixed correctly rounded operations).
         let (omb1, omb2) = (1.0 - beta1, 1.0 - beta2);
@@ -190,11 +155,7 @@ impl Device {
                 // √: honest v̂ and exact v̂ are ≥ lo = max(0, v̂ − 2e); |√a − √b| ≤
                 // min(√|a−b|, |a−b|/(2√lo)); then the sqrt's own rounding u·√v̂.
                 let lo = (vh - 2.0 * e_vh).max(0.0);
-                let e_prop = if lo > 0.0 {
-                    (e_vh / (2.0 * lo.sqrt())).min(e_vh.sqrt())
-                } else {
-                    e_vh.sqrt()
-                };
+                let e_prop = if lo > 0.0 { (e_vh / (2.0 * lo.sqrt())).min(e_vh.sqrt()) } else { e_vh.sqrt() };
                 let e_s = e_prop + U * (s + e_prop);
                 let e_den = e_s + U * den;
                 // q = m̂/den, den ≥ eps > 0 on every side: |Δq| ≤ (e_mh + |q|·e_den)/den_lo + u|q|.

@@ -8,8 +8,7 @@
 //! reductions (K up to 4096).
 
 use crate::{
-    AdamWConfig, Bounded, Conv2dSpec, Device, ErrorBound, MatmulSpec, Pool2dSpec, Profile, Result,
-    RowSpec, SgdConfig,
+    AdamWConfig, Bounded, Conv2dSpec, Device, ErrorBound, MatmulSpec, Pool2dSpec, Profile, Result, RowSpec, SgdConfig,
 };
 
 /// splitmix64: a tiny, seedable generator for test data.
@@ -33,9 +32,7 @@ impl SplitMix64 {
 
     /// Uniform in [−scale, scale) as f32.
     pub fn uniform(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| ((2.0 * self.unit() - 1.0) * scale) as f32)
-            .collect()
+        (0..n).map(|_| ((2.0 * self.unit() - 1.0) * scale) as f32).collect()
     }
 
     /// Random signs and magnitudes spread log-uniformly over [1e-30, 1e30].
@@ -76,9 +73,7 @@ impl SplitMix64 {
 
     /// Uniform integers below `n` as u32.
     pub fn ids(&mut self, len: usize, n: usize) -> Vec<u32> {
-        (0..len)
-            .map(|_| (self.next_u64() % n as u64) as u32)
-            .collect()
+        (0..len).map(|_| (self.next_u64() % n as u64) as u32).collect()
     }
 }
 
@@ -109,11 +104,7 @@ impl Case {
         family: &'static str,
         run: impl Fn(&Device) -> Result<Vec<Bounded>> + Send + Sync + 'static,
     ) -> Case {
-        Case {
-            op,
-            family,
-            run: Box::new(run),
-        }
+        Case { op, family, run: Box::new(run) }
     }
 
     /// Runs the op on `dev`.
@@ -128,11 +119,15 @@ fn family_data(rng: &mut SplitMix64, family: &str, n: usize) -> Vec<f32> {
         "cancel" => rng.cancel(n),
         "wide" => rng.wide(n),
         "subnormal" => rng.subnormal(n),
+        // ReLU-like: about half exact zeros (the tight-bound refinement's main customer).
+        "sparse" => rng.uniform(n, 1.0).into_iter().map(|x| if x < 0.0 { 0.0 } else { x }).collect(),
+        // Small multiples of 1/8: most sums are exact in every order, many land on midpoints.
+        "dyadic" => rng.uniform(n, 1.0).into_iter().map(|x| (x * 64.0).round() / 8.0).collect(),
         _ => rng.uniform(n, 1.0),
     }
 }
 
-const FAMILIES: [&str; 4] = ["random", "cancel", "wide", "subnormal"];
+const FAMILIES: [&str; 6] = ["random", "cancel", "wide", "subnormal", "sparse", "dyadic"];
 
 /// Every op on every input family, from `seed`.
 pub fn cases(seed: u64) -> Vec<Case> {
@@ -148,34 +143,19 @@ pub fn cases(seed: u64) -> Vec<Case> {
     let b = rng.uniform(k * n, 0.05);
     let bias = rng.uniform(n, 0.1);
     out.push(Case::new("matmul", "mlp-64x784x256", move |d| {
-        Ok(vec![d.matmul(
-            &a,
-            &b,
-            Some(&bias),
-            MatmulSpec::new(m, k, n),
-        )?])
+        Ok(vec![d.matmul(&a, &b, Some(&bias), MatmulSpec::new(m, k, n))?])
     }));
     for fam in ["random", "cancel"] {
         let a = family_data(&mut rng, fam, 4 * 4096);
         let b = rng.uniform(4096 * 3, 1.0);
-        out.push(Case::new(
-            "matmul",
-            if fam == "random" {
-                "long-k4096"
-            } else {
-                "long-k4096-cancel"
-            },
-            move |d| Ok(vec![d.matmul(&a, &b, None, MatmulSpec::new(4, 4096, 3))?]),
-        ));
-        let x = family_data(&mut rng, fam, 3 * 4096);
-        out.push(Case::new("sum_rows", "long-4096", move |d| {
-            Ok(vec![d.sum_rows(&x, 4096, 3)?])
+        out.push(Case::new("matmul", if fam == "random" { "long-k4096" } else { "long-k4096-cancel" }, move |d| {
+            Ok(vec![d.matmul(&a, &b, None, MatmulSpec::new(4, 4096, 3))?])
         }));
+        let x = family_data(&mut rng, fam, 3 * 4096);
+        out.push(Case::new("sum_rows", "long-4096", move |d| Ok(vec![d.sum_rows(&x, 4096, 3)?])));
     }
     let x = rng.uniform(2 * 4096, 4.0);
-    out.push(Case::new("softmax", "long-4096", move |d| {
-        Ok(vec![d.softmax(&x, RowSpec::new(2, 4096))?])
-    }));
+    out.push(Case::new("softmax", "long-4096", move |d| Ok(vec![d.softmax(&x, RowSpec::new(2, 4096))?])));
     out
 }
 
@@ -192,10 +172,7 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
         let gc = family_data(r, fam, 2 * 5 * 6);
         let (a2, b2) = (a.clone(), b.clone());
         out.push(Case::new("matmul", fam, move |d| {
-            Ok(vec![
-                d.matmul(&a, &b, Some(&bias), s)?,
-                d.matmul(&a, &b, None, s)?,
-            ])
+            Ok(vec![d.matmul(&a, &b, Some(&bias), s)?, d.matmul(&a, &b, None, s)?])
         }));
         out.push(Case::new("matmul_scaled", fam, {
             let (a, b) = (a2.clone(), b2.clone());
@@ -207,22 +184,10 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
         }));
     }
     let x = family_data(r, fam, 33 * 7);
-    out.push(Case::new("sum_rows", fam, move |d| {
-        Ok(vec![d.sum_rows(&x, 33, 7)?])
-    }));
+    out.push(Case::new("sum_rows", fam, move |d| Ok(vec![d.sum_rows(&x, 33, 7)?])));
 
     // conv + pooling.
-    let cs = Conv2dSpec {
-        n: 2,
-        c_in: 3,
-        h: 9,
-        w: 8,
-        c_out: 4,
-        kh: 3,
-        kw: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let cs = Conv2dSpec { n: 2, c_in: 3, h: 9, w: 8, c_out: 4, kh: 3, kw: 3, stride: 2, pad: 1 };
     let x = family_data(r, fam, 2 * 3 * 9 * 8);
     let w = family_data(r, fam, 4 * 3 * 9);
     let bias = family_data(r, fam, 4);
@@ -231,54 +196,25 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
     let gy = family_data(r, fam, oshape);
     let (x2, w2) = (x.clone(), w.clone());
     out.push(Case::new("conv2d", fam, move |d| {
-        Ok(vec![
-            d.conv2d(&x, &w, Some(&bias), cs)?,
-            d.conv2d(&x, &w, None, cs)?,
-        ])
+        Ok(vec![d.conv2d(&x, &w, Some(&bias), cs)?, d.conv2d(&x, &w, None, cs)?])
     }));
     out.push(Case::new("conv2d_backward", fam, move |d| {
         let g = d.conv2d_backward(&x2, &w2, &gy, cs)?;
         Ok(vec![g.gx, g.gw, g.gb])
     }));
     for ps in [
-        Pool2dSpec {
-            n: 2,
-            c: 3,
-            h: 8,
-            w: 7,
-            kh: 2,
-            kw: 2,
-            stride: 2,
-            pad: 0,
-        },
-        Pool2dSpec {
-            n: 1,
-            c: 2,
-            h: 7,
-            w: 7,
-            kh: 3,
-            kw: 3,
-            stride: 1,
-            pad: 1,
-        },
+        Pool2dSpec { n: 2, c: 3, h: 8, w: 7, kh: 2, kw: 2, stride: 2, pad: 0 },
+        Pool2dSpec { n: 1, c: 2, h: 7, w: 7, kh: 3, kw: 3, stride: 1, pad: 1 },
     ] {
         let x = family_data(r, fam, ps.n * ps.c * ps.h * ps.w);
         let (y, idx) = seq.max_pool2d(&x, ps).expect("valid pool spec");
         let gy = family_data(r, fam, y.len());
         let gy2 = gy.clone();
         let x2 = x.clone();
-        out.push(Case::new("max_pool2d", fam, move |d| {
-            Ok(vec![d.max_pool2d(&x, ps)?.0])
-        }));
-        out.push(Case::new("max_pool2d_backward", fam, move |d| {
-            Ok(vec![d.max_pool2d_backward(&gy, &idx, ps)?])
-        }));
-        out.push(Case::new("avg_pool2d", fam, move |d| {
-            Ok(vec![d.avg_pool2d(&x2, ps)?])
-        }));
-        out.push(Case::new("avg_pool2d_backward", fam, move |d| {
-            Ok(vec![d.avg_pool2d_backward(&gy2, ps)?])
-        }));
+        out.push(Case::new("max_pool2d", fam, move |d| Ok(vec![d.max_pool2d(&x, ps)?.0])));
+        out.push(Case::new("max_pool2d_backward", fam, move |d| Ok(vec![d.max_pool2d_backward(&gy, &idx, ps)?])));
+        out.push(Case::new("avg_pool2d", fam, move |d| Ok(vec![d.avg_pool2d(&x2, ps)?])));
+        out.push(Case::new("avg_pool2d_backward", fam, move |d| Ok(vec![d.avg_pool2d_backward(&gy2, ps)?])));
     }
 
     // elementwise.
@@ -288,21 +224,13 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
         x
     };
     let gy = family_data(r, fam, x.len());
-    let mask: Vec<bool> = (0..x.len())
-        .map(|_| !r.next_u64().is_multiple_of(10))
-        .collect();
+    let mask: Vec<bool> = (0..x.len()).map(|_| !r.next_u64().is_multiple_of(10)).collect();
     let (x2, x3, gy2) = (x.clone(), x.clone(), gy.clone());
-    out.push(Case::new("relu", fam, move |d| {
-        Ok(vec![d.relu(&x)?, d.relu_backward(&x, &gy)?])
-    }));
+    out.push(Case::new("relu", fam, move |d| Ok(vec![d.relu(&x)?, d.relu_backward(&x, &gy)?])));
     out.push(Case::new("gelu", fam, move |d| Ok(vec![d.gelu(&x2)?])));
-    out.push(Case::new("gelu_backward", fam, move |d| {
-        Ok(vec![d.gelu_backward(&x3, &gy2)?])
-    }));
+    out.push(Case::new("gelu_backward", fam, move |d| Ok(vec![d.gelu_backward(&x3, &gy2)?])));
     let x = family_data(r, fam, 100);
-    out.push(Case::new("dropout", fam, move |d| {
-        Ok(vec![d.dropout(&x, &mask[..100], 0.1)?])
-    }));
+    out.push(Case::new("dropout", fam, move |d| Ok(vec![d.dropout(&x, &mask[..100], 0.1)?])));
 
     // row-wise ops.
     for spec in [RowSpec::new(6, 50), RowSpec::causal(16, 8)] {
@@ -316,18 +244,10 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
         let gy = family_data(r, fam, x.len());
         let gy2 = gy.clone();
         let x2 = x.clone();
-        out.push(Case::new("softmax", fam, move |d| {
-            Ok(vec![d.softmax(&x, spec)?])
-        }));
-        out.push(Case::new("log_softmax", fam, move |d| {
-            Ok(vec![d.log_softmax(&x2, spec)?])
-        }));
-        out.push(Case::new("softmax_backward", fam, move |d| {
-            Ok(vec![d.softmax_backward(&y, &gy, spec)?])
-        }));
-        out.push(Case::new("log_softmax_backward", fam, move |d| {
-            Ok(vec![d.log_softmax_backward(&ly, &gy2, spec)?])
-        }));
+        out.push(Case::new("softmax", fam, move |d| Ok(vec![d.softmax(&x, spec)?])));
+        out.push(Case::new("log_softmax", fam, move |d| Ok(vec![d.log_softmax(&x2, spec)?])));
+        out.push(Case::new("softmax_backward", fam, move |d| Ok(vec![d.softmax_backward(&y, &gy, spec)?])));
+        out.push(Case::new("log_softmax_backward", fam, move |d| Ok(vec![d.log_softmax_backward(&ly, &gy2, spec)?])));
     }
     let logits = family_data(r, fam, 12 * 65);
     let targets = r.ids(12, 65);
@@ -344,9 +264,7 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
     }
     let gw = family_data(r, fam, cols);
     let bw = family_data(r, fam, cols);
-    let ln = seq
-        .layer_norm(&x, &gw, &bw, rows, cols, 1e-5)
-        .expect("layer_norm");
+    let ln = seq.layer_norm(&x, &gw, &bw, rows, cols, 1e-5).expect("layer_norm");
     let (mean, rstd) = (round32(&ln.mean), round32(&ln.rstd));
     let gy = family_data(r, fam, rows * cols);
     let (x2, gw2) = (x.clone(), gw.clone());
@@ -365,44 +283,20 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
     let ids = r.ids(200, vocab);
     let gy = family_data(r, fam, 200 * dim);
     let ids2 = ids.clone();
-    out.push(Case::new("embedding", fam, move |d| {
-        Ok(vec![d.embedding(&table, vocab, dim, &ids)?])
-    }));
-    out.push(Case::new("embedding_backward", fam, move |d| {
-        Ok(vec![d.embedding_backward(&gy, &ids2, vocab, dim)?])
-    }));
+    out.push(Case::new("embedding", fam, move |d| Ok(vec![d.embedding(&table, vocab, dim, &ids)?])));
+    out.push(Case::new("embedding_backward", fam, move |d| Ok(vec![d.embedding_backward(&gy, &ids2, vocab, dim)?])));
 
     // optimizers.
     let n = 500;
-    let (w, g, v, m) = (
-        family_data(r, fam, n),
-        family_data(r, fam, n),
-        family_data(r, fam, n),
-        family_data(r, fam, n),
-    );
+    let (w, g, v, m) = (family_data(r, fam, n), family_data(r, fam, n), family_data(r, fam, n), family_data(r, fam, n));
     let v2: Vec<f32> = family_data(r, fam, n).iter().map(|x| x.abs()).collect();
     let (w2, g2) = (w.clone(), g.clone());
     out.push(Case::new("sgd", fam, move |d| {
-        let o = d.sgd(
-            &w,
-            &g,
-            &v,
-            SgdConfig {
-                lr: 0.01,
-                momentum: 0.9,
-                weight_decay: 5e-4,
-            },
-        )?;
+        let o = d.sgd(&w, &g, &v, SgdConfig { lr: 0.01, momentum: 0.9, weight_decay: 5e-4 })?;
         Ok(vec![o.w, o.v])
     }));
     out.push(Case::new("adamw", fam, move |d| {
-        let cfg = AdamWConfig {
-            lr: 3e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
+        let cfg = AdamWConfig { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
         let mut res = Vec::new();
         for step in [1, 7, 1000] {
             let o = d.adamw(&w2, &g2, &m, &v2, step, cfg)?;
@@ -429,18 +323,10 @@ pub fn compare(ra: &[Bounded], rb: &[Bounded]) -> Result<PairStats, String> {
     if ra.len() != rb.len() {
         return Err(format!("{} outputs vs {}", ra.len(), rb.len()));
     }
-    let mut st = PairStats {
-        elements: 0,
-        differing: 0,
-        max_ratio: 0.0,
-    };
+    let mut st = PairStats { elements: 0, differing: 0, max_ratio: 0.0 };
     for (o, (a, b)) in ra.iter().zip(rb).enumerate() {
         if a.values.len() != b.values.len() {
-            return Err(format!(
-                "output {o}: {} values vs {}",
-                a.values.len(),
-                b.values.len()
-            ));
+            return Err(format!("output {o}: {} values vs {}", a.values.len(), b.values.len()));
         }
         if let (ErrorBound::PerElement(x), n) = (&a.bound, a.values.len())
             && x.len() != n
@@ -450,9 +336,7 @@ pub fn compare(ra: &[Bounded], rb: &[Bounded]) -> Result<PairStats, String> {
         for (i, (&va, &vb)) in a.values.iter().zip(&b.values).enumerate() {
             let (da, db) = (a.bound.at(i), b.bound.at(i));
             if va.is_nan() || vb.is_nan() || da.is_nan() || db.is_nan() {
-                return Err(format!(
-                    "output {o} element {i}: NaN (values {va:e} {vb:e}, bounds {da:e} {db:e})"
-                ));
+                return Err(format!("output {o} element {i}: NaN (values {va:e} {vb:e}, bounds {da:e} {db:e})"));
             }
             let diff = (va - vb).abs();
             st.elements += 1;
@@ -475,10 +359,7 @@ pub fn compare(ra: &[Bounded], rb: &[Bounded]) -> Result<PairStats, String> {
 /// Largest observed `|vA − vB| / d` per op over every ordered pair of CPU profiles and every
 /// input family from `seed`. A contract violation is reported as a ratio above 1.
 pub fn tightness(seed: u64) -> Vec<(&'static str, f64)> {
-    let devs: Vec<Device> = Profile::CPU
-        .iter()
-        .map(|&p| Device::new(p).expect("cpu device"))
-        .collect();
+    let devs: Vec<Device> = Profile::CPU.iter().map(|&p| Device::new(p).expect("cpu device")).collect();
     let mut out: Vec<(&'static str, f64)> = Vec::new();
     for case in cases(seed) {
         let results: Vec<_> = devs.iter().map(|d| case.run(d)).collect();

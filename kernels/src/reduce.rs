@@ -57,12 +57,7 @@ fn pairwise(lo: usize, hi: usize, f: &dyn Fn(usize) -> f64) -> f64 {
 
 /// `Σ_{i<n} a(i)·b(i)` in the profile's order (split-K contracts with FMA).
 #[inline]
-pub(crate) fn dot_by(
-    p: Profile,
-    n: usize,
-    a: impl Fn(usize) -> f64,
-    b: impl Fn(usize) -> f64,
-) -> f64 {
+pub(crate) fn dot_by(p: Profile, n: usize, a: impl Fn(usize) -> f64, b: impl Fn(usize) -> f64) -> f64 {
     match p {
         Profile::CpuSplitK => pairwise_fma(0, n, &|i| (a(i), b(i))),
         _ => sum_by(p, n, |i| a(i) * b(i)),
@@ -187,10 +182,7 @@ mod tests {
                 let tr = (x / 100.0).tanh();
                 assert!((t - tr).abs() <= 9.0 * U * tr.abs(), "tanh {p} {x}");
                 let y = (x + 700.5) / 300.0;
-                assert!(
-                    (ln(p, y) - y.ln()).abs() <= 9.0 * U * y.ln().abs(),
-                    "ln {p} {y}"
-                );
+                assert!((ln(p, y) - y.ln()).abs() <= 9.0 * U * y.ln().abs(), "ln {p} {y}");
             }
             x += 0.37;
         }

@@ -10,9 +10,7 @@ use rayon::prelude::*;
 
 use crate::bound::{ETA, TRANS_REL, U, gamma, two_sided};
 use crate::reduce::{dot_by, exp, ln, sum_by};
-use crate::{
-    Bounded, Device, ErrorBound, Profile, Result, arg_err, check_len, checked_prod, shape_err,
-};
+use crate::{Bounded, Device, ErrorBound, Profile, Result, arg_err, check_len, checked_prod, shape_err};
 
 /// Shape of a row-wise op on a `rows×cols` row-major matrix. With `causal`, the rows form
 /// `cols×cols` blocks and row `r` sees only columns `≤ r mod cols` (attention scores);
@@ -27,20 +25,12 @@ pub struct RowSpec {
 impl RowSpec {
     /// Unmasked rows.
     pub fn new(rows: usize, cols: usize) -> RowSpec {
-        RowSpec {
-            rows,
-            cols,
-            causal: false,
-        }
+        RowSpec { rows, cols, causal: false }
     }
 
     /// Causally masked `cols×cols` blocks.
     pub fn causal(rows: usize, cols: usize) -> RowSpec {
-        RowSpec {
-            rows,
-            cols,
-            causal: true,
-        }
+        RowSpec { rows, cols, causal: true }
     }
 
     fn check(&self, op: &'static str, lens: &[(&str, usize)]) -> Result<()> {
@@ -51,10 +41,7 @@ impl RowSpec {
         if self.causal && self.cols > 0 && !self.rows.is_multiple_of(self.cols) {
             return Err(shape_err(
                 op,
-                format!(
-                    "causal mask needs rows ({}) to be a multiple of cols ({})",
-                    self.rows, self.cols
-                ),
+                format!("causal mask needs rows ({}) to be a multiple of cols ({})", self.rows, self.cols),
             ));
         }
         Ok(())
@@ -62,11 +49,7 @@ impl RowSpec {
 
     /// Number of visible columns of row `r`.
     fn visible(&self, r: usize) -> usize {
-        if self.causal {
-            r % self.cols + 1
-        } else {
-            self.cols
-        }
+        if self.causal { r % self.cols + 1 } else { self.cols }
     }
 }
 
@@ -87,29 +70,22 @@ impl Device {
         let cols = spec.cols.max(1);
         let mut values = vec![0.0; x.len()];
         let mut bounds = vec![0.0; x.len()];
-        values
-            .par_chunks_mut(cols)
-            .zip(bounds.par_chunks_mut(cols))
-            .enumerate()
-            .for_each(|(r, (out, bnd))| {
-                let v = spec.visible(r);
-                exp_row(p, &x[r * cols..r * cols + v], &mut out[..v]);
-                let s = sum_by(p, v, |i| out[i]);
-                // Per side: e_i has relative error ≤ 8u (+ETA); S = Σe_i summed in any order
-                // is within γ_{v−1}·(1+8u)·S + 8u·S ≤ γ_{v+7}·S (S ≥ 1−8u, so v·ETA is
-                // relative ≤ 2v·ETA, far below SLACK·γ); e_i/S adds one rounding. Relative error
-                // of p_i: (1+8u)(1+u)/(1±γ_{v+7}) − 1 ≤ γ_{v+16}; absolute: ETA from exp,
-                // ETA from a subnormal quotient, ETA for Σ: p_i·γ_{v+16} + 3·ETA.
-                let g = gamma(v + 16);
-                for (o, d) in out[..v].iter_mut().zip(&mut bnd[..v]) {
-                    *o /= s;
-                    *d = two_sided(g * *o + 3.0 * ETA);
-                }
-            });
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        values.par_chunks_mut(cols).zip(bounds.par_chunks_mut(cols)).enumerate().for_each(|(r, (out, bnd))| {
+            let v = spec.visible(r);
+            exp_row(p, &x[r * cols..r * cols + v], &mut out[..v]);
+            let s = sum_by(p, v, |i| out[i]);
+            // Per side: e_i has relative error ≤ 8u (+ETA); S = Σe_i summed in any order
+            // is within γ_{v−1}·(1+8u)·S + 8u·S ≤ γ_{v+7}·S (S ≥ 1−8u, so v·ETA is
+            // relative ≤ 2v·ETA, far below SLACK·γ); e_i/S adds one rounding. Relative error
+            // of p_i: (1+8u)(1+u)/(1±γ_{v+7}) − 1 ≤ γ_{v+16}; absolute: ETA from exp,
+            // ETA from a subnormal quotient, ETA for Σ: p_i·γ_{v+16} + 3·ETA.
+            let g = gamma(v + 16);
+            for (o, d) in out[..v].iter_mut().zip(&mut bnd[..v]) {
+                *o /= s;
+                *d = two_sided(g * *o + 3.0 * ETA);
+            }
+        });
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// Row-wise log-softmax (masked outputs are 0, not −∞).
@@ -119,110 +95,76 @@ impl Device {
         let cols = spec.cols.max(1);
         let mut values = vec![0.0; x.len()];
         let mut bounds = vec![0.0; x.len()];
-        values
-            .par_chunks_mut(cols)
-            .zip(bounds.par_chunks_mut(cols))
-            .enumerate()
-            .for_each(|(r, (out, bnd))| {
-                let v = spec.visible(r);
-                let xr = &x[r * cols..r * cols + v];
-                let m = exp_row(p, xr, &mut out[..v]);
-                let s = sum_by(p, v, |i| out[i]);
-                let l = ln(p, s);
-                // Per side: S = S_exact·(1+β), |β| ≤ γ_{v+7} (see softmax), so
-                // |ln Ŝ − ln S| ≤ |β|/(1−|β|) ≤ γ_{v+8}, plus ln's 8u·|ln Ŝ|; z_i is the
-                // same on every machine; z_i − ln S adds u|y_i|.
-                let e_l = gamma(v + 8) + TRANS_REL * l.abs() + ETA;
-                for ((o, d), &xv) in out[..v].iter_mut().zip(&mut bnd[..v]).zip(xr) {
-                    *o = (xv as f64 - m) - l;
-                    *d = two_sided(e_l + U * o.abs());
-                }
-            });
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        values.par_chunks_mut(cols).zip(bounds.par_chunks_mut(cols)).enumerate().for_each(|(r, (out, bnd))| {
+            let v = spec.visible(r);
+            let xr = &x[r * cols..r * cols + v];
+            let m = exp_row(p, xr, &mut out[..v]);
+            let s = sum_by(p, v, |i| out[i]);
+            let l = ln(p, s);
+            // Per side: S = S_exact·(1+β), |β| ≤ γ_{v+7} (see softmax), so
+            // |ln Ŝ − ln S| ≤ |β|/(1−|β|) ≤ γ_{v+8}, plus ln's 8u·|ln Ŝ|; z_i is the
+            // same on every machine; z_i − ln S adds u|y_i|.
+            let e_l = gamma(v + 8) + TRANS_REL * l.abs() + ETA;
+            for ((o, d), &xv) in out[..v].iter_mut().zip(&mut bnd[..v]).zip(xr) {
+                *o = (xv as f64 - m) - l;
+                *d = two_sided(e_l + U * o.abs());
+            }
+        });
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// Softmax backward from the (rounded) output `y`: `gx_i = y_i·(gy_i − Σ_j gy_j·y_j)`.
     pub fn softmax_backward(&self, y: &[f32], gy: &[f32], spec: RowSpec) -> Result<Bounded> {
-        spec.check(
-            "softmax_backward",
-            &[("y", y.len()), ("grad_out", gy.len())],
-        )?;
+        spec.check("softmax_backward", &[("y", y.len()), ("grad_out", gy.len())])?;
         let p = self.profile();
         let cols = spec.cols.max(1);
         let mut values = vec![0.0; y.len()];
         let mut bounds = vec![0.0; y.len()];
-        values
-            .par_chunks_mut(cols)
-            .zip(bounds.par_chunks_mut(cols))
-            .enumerate()
-            .for_each(|(r, (out, bnd))| {
-                let v = spec.visible(r);
-                let yr = &y[r * cols..r * cols + v];
-                let gr = &gy[r * cols..r * cols + v];
-                let dot = dot_by(p, v, |i| gr[i] as f64, |i| yr[i] as f64);
-                // Per side: products gy·y are exact (FP32), so |D̂ − D| ≤ γ_{v−1}·Σ|gy·y|.
-                // gx = y·(gy − D): + u|gy − D| per subtraction, + u|gx| per product; the
-                // alternative order y·gy − y·D costs u|y·D| + u|gx|: both are covered.
-                let abs: f64 = yr
-                    .iter()
-                    .zip(gr)
-                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                    .sum();
-                let e_d = gamma(v.saturating_sub(1)) * abs;
-                for i in 0..v {
-                    let yi = yr[i] as f64;
-                    let t = gr[i] as f64 - dot;
-                    out[i] = yi * t;
-                    let e = yi.abs() * (e_d + U * t.abs())
-                        + U * (yi * dot).abs()
-                        + U * out[i].abs()
-                        + ETA;
-                    bnd[i] = two_sided(e);
-                }
-            });
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        values.par_chunks_mut(cols).zip(bounds.par_chunks_mut(cols)).enumerate().for_each(|(r, (out, bnd))| {
+            let v = spec.visible(r);
+            let yr = &y[r * cols..r * cols + v];
+            let gr = &gy[r * cols..r * cols + v];
+            let dot = dot_by(p, v, |i| gr[i] as f64, |i| yr[i] as f64);
+            // Per side: products gy·y are exact (FP32), so |D̂ − D| ≤ γ_{v−1}·Σ|gy·y|.
+            // gx = y·(gy − D): + u|gy − D| per subtraction, + u|gx| per product; the
+            // alternative order y·gy − y·D costs u|y·D| + u|gx|: both are covered.
+            let abs: f64 = yr.iter().zip(gr).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+            let e_d = gamma(v.saturating_sub(1)) * abs;
+            for i in 0..v {
+                let yi = yr[i] as f64;
+                let t = gr[i] as f64 - dot;
+                out[i] = yi * t;
+                let e = yi.abs() * (e_d + U * t.abs()) + U * (yi * dot).abs() + U * out[i].abs() + ETA;
+                bnd[i] = two_sided(e);
+            }
+        });
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// Log-softmax backward from the (rounded) output `y`: `gx_i = gy_i − exp(y_i)·Σ_j gy_j`.
     pub fn log_softmax_backward(&self, y: &[f32], gy: &[f32], spec: RowSpec) -> Result<Bounded> {
-        spec.check(
-            "log_softmax_backward",
-            &[("y", y.len()), ("grad_out", gy.len())],
-        )?;
+        spec.check("log_softmax_backward", &[("y", y.len()), ("grad_out", gy.len())])?;
         let p = self.profile();
         let cols = spec.cols.max(1);
         let mut values = vec![0.0; y.len()];
         let mut bounds = vec![0.0; y.len()];
-        values
-            .par_chunks_mut(cols)
-            .zip(bounds.par_chunks_mut(cols))
-            .enumerate()
-            .for_each(|(r, (out, bnd))| {
-                let v = spec.visible(r);
-                let yr = &y[r * cols..r * cols + v];
-                let gr = &gy[r * cols..r * cols + v];
-                let g = sum_by(p, v, |i| gr[i] as f64);
-                let abs: f64 = gr.iter().map(|a| a.abs() as f64).sum();
-                // Per side: |Ĝ − G| ≤ γ_{v−1}Σ|gy|; exp(y) has relative error 8u (+ETA); the
-                // product adds u, the subtraction u|gx|: e·(E_G + 9u|G|) + u|gx| + 2·ETA.
-                let e_g = gamma(v.saturating_sub(1)) * abs;
-                for i in 0..v {
-                    let e = exp(p, yr[i] as f64);
-                    out[i] = gr[i] as f64 - e * g;
-                    let err = e * (e_g + 9.0 * U * g.abs()) + U * out[i].abs() + 2.0 * ETA;
-                    bnd[i] = two_sided(err);
-                }
-            });
-        Ok(Bounded {
-            values,
-            bound: ErrorBound::PerElement(bounds),
-        })
+        values.par_chunks_mut(cols).zip(bounds.par_chunks_mut(cols)).enumerate().for_each(|(r, (out, bnd))| {
+            let v = spec.visible(r);
+            let yr = &y[r * cols..r * cols + v];
+            let gr = &gy[r * cols..r * cols + v];
+            let g = sum_by(p, v, |i| gr[i] as f64);
+            let abs: f64 = gr.iter().map(|a| a.abs() as f64).sum();
+            // Per side: |Ĝ − G| ≤ γ_{v−1}Σ|gy|; exp(y) has relative error 8u (+ETA); the
+            // product adds u, the subtraction u|gx|: e·(E_G + 9u|G|) + u|gx| + 2·ETA.
+            let e_g = gamma(v.saturating_sub(1)) * abs;
+            for i in 0..v {
+                let e = exp(p, yr[i] as f64);
+                out[i] = gr[i] as f64 - e * g;
+                let err = e * (e_g + 9.0 * U * g.abs()) + U * out[i].abs() + 2.0 * ETA;
+                bnd[i] = two_sided(err);
+            }
+        });
+        Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
     /// Mean cross-entropy of `rows` rows of `cols` logits against integer targets.
@@ -242,15 +184,8 @@ impl Device {
         if rows == 0 || cols == 0 {
             return Err(shape_err(OP, format!("empty batch ({rows}×{cols})")));
         }
-        if let Some((r, t)) = targets
-            .iter()
-            .enumerate()
-            .find(|(_, t)| **t as usize >= cols)
-        {
-            return Err(arg_err(
-                OP,
-                format!("target {t} of row {r} is not below {cols} classes"),
-            ));
+        if let Some((r, t)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= cols) {
+            return Err(arg_err(OP, format!("target {t} of row {r} is not below {cols} classes")));
         }
         let p = self.profile();
         let inv_b = rows as f64;
@@ -292,14 +227,8 @@ impl Device {
         let abs: f64 = row_losses.iter().map(|x| x.0.abs()).sum();
         let e = (e_rows + gamma(rows - 1) * abs) / inv_b + gamma(2) * loss.abs() + ETA;
         Ok((
-            Bounded {
-                values: vec![loss],
-                bound: ErrorBound::Uniform(two_sided(e)),
-            },
-            Bounded {
-                values: grad,
-                bound: ErrorBound::PerElement(gbound),
-            },
+            Bounded { values: vec![loss], bound: ErrorBound::Uniform(two_sided(e)) },
+            Bounded { values: grad, bound: ErrorBound::PerElement(gbound) },
         ))
     }
 }

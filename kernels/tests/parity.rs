@@ -5,10 +5,7 @@ use kernels::parity::{SplitMix64, cases, compare, tightness};
 use kernels::{Device, KernelError, MatmulSpec, Profile, RowSpec};
 
 fn devices() -> Vec<Device> {
-    Profile::CPU
-        .iter()
-        .map(|&p| Device::new(p).unwrap())
-        .collect()
+    Profile::CPU.iter().map(|&p| Device::new(p).unwrap()).collect()
 }
 
 #[test]
@@ -19,10 +16,7 @@ fn every_op_every_profile_pair_is_within_bounds() {
         for case in cases(seed) {
             let results: Vec<_> = devs
                 .iter()
-                .map(|d| {
-                    case.run(d)
-                        .unwrap_or_else(|e| panic!("{case:?} on {}: {e}", d.profile()))
-                })
+                .map(|d| case.run(d).unwrap_or_else(|e| panic!("{case:?} on {}: {e}", d.profile())))
                 .collect();
             for (i, ra) in results.iter().enumerate() {
                 for (j, rb) in results.iter().enumerate() {
@@ -55,11 +49,7 @@ fn tightness_is_reported_and_sound() {
 }
 
 fn differing_fraction(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count() as f64
-        / a.len() as f64
+    a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count() as f64 / a.len() as f64
 }
 
 #[test]
@@ -69,10 +59,7 @@ fn profiles_give_different_bits_on_realistic_shapes() {
     for (m, k, n) in [(64, 784, 256), (16, 2048, 16)] {
         let a = rng.uniform(m * k, 1.0);
         let b = rng.uniform(k * n, 1.0);
-        let r: Vec<_> = devs
-            .iter()
-            .map(|d| d.matmul(&a, &b, None, MatmulSpec::new(m, k, n)).unwrap())
-            .collect();
+        let r: Vec<_> = devs.iter().map(|d| d.matmul(&a, &b, None, MatmulSpec::new(m, k, n)).unwrap()).collect();
         for i in 0..3 {
             for j in i + 1..3 {
                 let f = differing_fraction(&r[i].values, &r[j].values);
@@ -82,30 +69,17 @@ fn profiles_give_different_bits_on_realistic_shapes() {
                     devs[j].profile(),
                     100.0 * f
                 );
-                assert!(
-                    f > 0.3,
-                    "{} and {} agree too often ({f})",
-                    devs[i].profile(),
-                    devs[j].profile()
-                );
+                assert!(f > 0.3, "{} and {} agree too often ({f})", devs[i].profile(), devs[j].profile());
             }
         }
     }
     // Softmax rows (exp + reduction) differ too.
     let x = rng.uniform(64 * 64, 3.0);
-    let r: Vec<_> = devs
-        .iter()
-        .map(|d| d.softmax(&x, RowSpec::causal(64, 64)).unwrap())
-        .collect();
+    let r: Vec<_> = devs.iter().map(|d| d.softmax(&x, RowSpec::causal(64, 64)).unwrap()).collect();
     for i in 0..3 {
         for j in i + 1..3 {
             let f = differing_fraction(&r[i].values, &r[j].values);
-            assert!(
-                f > 0.1,
-                "softmax: {} and {} agree too often ({f})",
-                devs[i].profile(),
-                devs[j].profile()
-            );
+            assert!(f > 0.1, "softmax: {} and {} agree too often ({f})", devs[i].profile(), devs[j].profile());
         }
     }
 }
@@ -117,57 +91,24 @@ fn cpu_profile_is_thread_count_independent() {
     let shapes = [(64, 784, 256), (200, 300, 150), (512, 64, 512), (3, 5, 7)];
     let inputs: Vec<_> = shapes
         .iter()
-        .map(|&(m, k, n)| {
-            (
-                rng.uniform(m * k, 1.0),
-                rng.uniform(k * n, 1.0),
-                MatmulSpec::new(m, k, n),
-            )
-        })
+        .map(|&(m, k, n)| (rng.uniform(m * k, 1.0), rng.uniform(k * n, 1.0), MatmulSpec::new(m, k, n)))
         .collect();
     let x = rng.uniform(128 * 100, 2.0);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let mut out: Vec<Vec<u64>> = inputs
                 .iter()
-                .map(|(a, b, s)| {
-                    dev.matmul(a, b, None, *s)
-                        .unwrap()
-                        .values
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect()
-                })
+                .map(|(a, b, s)| dev.matmul(a, b, None, *s).unwrap().values.iter().map(|v| v.to_bits()).collect())
                 .collect();
-            out.push(
-                dev.softmax(&x, RowSpec::new(128, 100))
-                    .unwrap()
-                    .values
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect(),
-            );
-            out.push(
-                dev.sum_rows(&x, 128, 100)
-                    .unwrap()
-                    .values
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect(),
-            );
+            out.push(dev.softmax(&x, RowSpec::new(128, 100)).unwrap().values.iter().map(|v| v.to_bits()).collect());
+            out.push(dev.sum_rows(&x, 128, 100).unwrap().values.iter().map(|v| v.to_bits()).collect());
             out
         })
     };
     let one = run(1);
     for t in [2, 3, 4] {
-        assert!(
-            one == run(t),
-            "cpu results with {t} threads differ from 1 thread"
-        );
+        assert!(one == run(t), "cpu results with {t} threads differ from 1 thread");
     }
 }
 
@@ -178,72 +119,27 @@ fn profile_names_round_trip_and_bad_names_are_explained() {
     }
     let e = "gpu-fast".parse::<Profile>().unwrap_err();
     let msg = e.to_string();
-    assert!(
-        msg.contains("gpu-fast") && msg.contains("cpu-seq") && msg.contains("cpu-splitk"),
-        "{msg}"
-    );
+    assert!(msg.contains("gpu-fast") && msg.contains("cpu-seq") && msg.contains("cpu-splitk"), "{msg}");
 }
 
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let d = Device::new(Profile::Cpu).unwrap();
-    let e = d
-        .matmul(&[1.0; 5], &[1.0; 6], None, MatmulSpec::new(2, 3, 2))
-        .unwrap_err();
+    let e = d.matmul(&[1.0; 5], &[1.0; 6], None, MatmulSpec::new(2, 3, 2)).unwrap_err();
     assert!(matches!(e, KernelError::Shape { op: "matmul", .. }), "{e}");
-    assert!(
-        d.matmul(
-            &[1.0; 6],
-            &[1.0; 6],
-            Some(&[0.0; 3]),
-            MatmulSpec::new(2, 3, 2)
-        )
-        .is_err()
-    );
-    assert!(
-        d.matmul(&[], &[], None, MatmulSpec::batched(usize::MAX, 2, 2, 2))
-            .is_err()
-    );
+    assert!(d.matmul(&[1.0; 6], &[1.0; 6], Some(&[0.0; 3]), MatmulSpec::new(2, 3, 2)).is_err());
+    assert!(d.matmul(&[], &[], None, MatmulSpec::batched(usize::MAX, 2, 2, 2)).is_err());
     assert!(d.softmax(&[0.0; 10], RowSpec::causal(5, 2)).is_err());
     assert!(d.softmax(&[0.0; 9], RowSpec::new(2, 5)).is_err());
     assert!(d.cross_entropy(&[0.0; 6], &[0, 3], 2, 3).is_err());
-    assert!(
-        d.layer_norm(&[0.0; 6], &[1.0; 3], &[0.0; 3], 2, 3, 0.0)
-            .is_err()
-    );
+    assert!(d.layer_norm(&[0.0; 6], &[1.0; 3], &[0.0; 3], 2, 3, 0.0).is_err());
     assert!(d.embedding(&[0.0; 6], 3, 2, &[3]).is_err());
     assert!(d.dropout(&[1.0], &[true], 1.0).is_err());
-    let cs = kernels::Conv2dSpec {
-        n: 1,
-        c_in: 1,
-        h: 2,
-        w: 2,
-        c_out: 1,
-        kh: 3,
-        kw: 3,
-        stride: 1,
-        pad: 0,
-    };
+    let cs = kernels::Conv2dSpec { n: 1, c_in: 1, h: 2, w: 2, c_out: 1, kh: 3, kw: 3, stride: 1, pad: 0 };
     assert!(d.conv2d(&[0.0; 4], &[0.0; 9], None, cs).is_err());
-    let ps = kernels::Pool2dSpec {
-        n: 1,
-        c: 1,
-        h: 4,
-        w: 4,
-        kh: 2,
-        kw: 2,
-        stride: 0,
-        pad: 0,
-    };
+    let ps = kernels::Pool2dSpec { n: 1, c: 1, h: 4, w: 4, kh: 2, kw: 2, stride: 0, pad: 0 };
     assert!(d.max_pool2d(&[0.0; 16], ps).is_err());
-    assert!(
-        d.max_pool2d_backward(
-            &[0.0; 4],
-            &[99, 0, 0, 0],
-            kernels::Pool2dSpec { stride: 2, ..ps }
-        )
-        .is_err()
-    );
+    assert!(d.max_pool2d_backward(&[0.0; 4], &[99, 0, 0, 0], kernels::Pool2dSpec { stride: 2, ..ps }).is_err());
 }
 
 #[test]
@@ -251,11 +147,7 @@ fn matmul_bound_alone_equals_the_ops_bound() {
     let d = Device::new(Profile::Cpu).unwrap();
     let mut rng = SplitMix64(3);
     let spec = MatmulSpec::batched(2, 7, 9, 5).trans_a();
-    let (a, b, bias) = (
-        rng.uniform(2 * 63, 1.0),
-        rng.uniform(2 * 45, 1.0),
-        rng.uniform(5, 1.0),
-    );
+    let (a, b, bias) = (rng.uniform(2 * 63, 1.0), rng.uniform(2 * 45, 1.0), rng.uniform(5, 1.0));
     let full = d.matmul(&a, &b, Some(&bias), spec).unwrap();
     let alone = d.matmul_bound(&a, &b, Some(&bias), spec).unwrap();
     assert_eq!(full.bound, kernels::ErrorBound::PerElement(alone));

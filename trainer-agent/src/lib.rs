@@ -132,16 +132,7 @@ impl Session {
             (writer, state, None)
         };
         let key = load_or_create_key(&key_path)?;
-        Ok(Session {
-            run,
-            writer,
-            state,
-            faults,
-            n_steps,
-            key,
-            last_loss: None,
-            resumed_from,
-        })
+        Ok(Session { run, writer, state, faults, n_steps, key, last_loss: None, resumed_from })
     }
 
     /// The run being trained.
@@ -181,7 +172,8 @@ impl Session {
 
     /// Runs the next step through the verified layers (applying a drill if one is scheduled).
     pub fn run_step(&self) -> Result<StepOutput, TrainerError> {
-        let step = self.next_step().ok_or_else(|| TrainerError::Usage(format!("all {} steps are done", self.n_steps)))?;
+        let step =
+            self.next_step().ok_or_else(|| TrainerError::Usage(format!("all {} steps are done", self.n_steps)))?;
         let fault = self.faults.get(&step).copied();
         Ok(self.run.step(&self.state, step, StepMode::Commit { paper: false }, fault)?)
     }

@@ -13,7 +13,11 @@ use kernels::Profile;
 use trainer_agent::{Session, SessionOptions};
 
 #[derive(Parser)]
-#[command(name = "trainer-agent", version, about = "Verifiable training: FP64 compute, FP32 states, committed tie-break logs")]
+#[command(
+    name = "trainer-agent",
+    version,
+    about = "Verifiable training: FP64 compute, FP32 states, committed tie-break logs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
