@@ -168,7 +168,7 @@ impl Dataset {
     }
 
     /// A deterministic synthetic classification task: `classes` random centres in
-    /// `[-1, 1]^features`, each example its centre plus Irwin–Hall noise of scale 0.5.
+    /// `[-1, 1]^features`, each example its centre plus Irwin–Hall noise of scale 1.5 (hard enough that learning shows).
     pub fn synthetic(examples: usize, holdout: usize, features: usize, classes: usize, seed: u64) -> Dataset {
         let mut centres = Stream::new(seed, "data/synthetic/centres", 0, 0);
         let centre: Vec<f64> = (0..classes * features).map(|_| centres.uniform(-1.0, 1.0)).collect();
@@ -179,7 +179,7 @@ impl Dataset {
             let y = s.below(classes as u64) as usize;
             labels.push(y as u32);
             for f in 0..features {
-                inputs.push((centre[y * features + f] + 0.5 * s.irwin_hall_normal()) as f32);
+                inputs.push((centre[y * features + f] + 1.5 * s.irwin_hall_normal()) as f32);
             }
         }
         Dataset::Classification {

@@ -1,0 +1,197 @@
+//! The `trainer-agent` binary end to end: training output, inspection, determinism, crash
+//! safety with resume, and clear errors on bad input that leave existing records untouched.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use engine::record::Record;
+
+const BIN: &str = env!("CARGO_BIN_EXE_trainer-agent");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn config() -> PathBuf {
+    repo().join("configs/synthetic-mlp.toml")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tb-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn train(out: &Path, extra: &[&str]) -> Output {
+    Command::new(BIN).args(["train", "--config"]).arg(config()).arg("--out").arg(out).args(extra).output().unwrap()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// Every file under `dir` with its bytes, to show that a refused command changed nothing.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn train_then_inspect_agree_and_runs_are_deterministic() {
+    let base = tmp("det");
+    let a = json(&train(&base.join("a"), &["--steps", "12", "--json"]));
+    let b = json(&train(&base.join("b"), &["--steps", "12", "--json"]));
+    assert_eq!(a["root"], b["root"], "same config and seed must give the same root");
+    assert_eq!(a["n_steps"], 12);
+    assert!(a["final_loss"].as_f64().unwrap() > 0.0);
+    assert!(a["eval_accuracy"].as_f64().is_some());
+    let insp = Command::new(BIN).arg("inspect").arg(base.join("a")).arg("--json").output().unwrap();
+    let insp = json(&insp);
+    assert_eq!(insp["root"], a["root"]);
+    assert_eq!(insp["n_steps"], 12);
+    assert_eq!(insp["leaves"].as_array().unwrap().len(), 13, "initial state first, then one leaf per step");
+    assert_eq!(insp["log_bytes"].as_array().unwrap().len(), 12);
+    assert_eq!(insp["complete"], true);
+    // Another profile gives the same FP32 states, hence... a different root only through logs.
+    let c = json(&train(&base.join("c"), &["--steps", "12", "--json", "--device", "cpu-seq"]));
+    assert_eq!(c["n_steps"], 12);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn kill_9_leaves_a_verifiable_prefix_and_resume_reproduces_the_same_leaves() {
+    let base = tmp("crash");
+    let steps = "300";
+    let reference = json(&train(&base.join("ref"), &["--steps", steps, "--json"]));
+    let out = base.join("run");
+    let mut child = Command::new(BIN)
+        .args(["train", "--config"])
+        .arg(config())
+        .arg("--out")
+        .arg(&out)
+        .args(["--steps", steps, "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it mid-run, after some steps (and past a checkpoint) have been committed.
+    let started = Instant::now();
+    let leaves = out.join("leaves.bin");
+    while std::fs::metadata(&leaves).map(|m| m.len()).unwrap_or(0) < 109 * 45 {
+        assert!(started.elapsed() < Duration::from_secs(120), "training made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "training finished before it could be killed; raise --steps");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+
+    // The record verifies up to its last committed step and says it is incomplete.
+    let rec = Record::open(&out).unwrap();
+    assert!(!rec.is_complete());
+    let committed = rec.n_steps();
+    assert!(committed >= 44 && committed < 300, "{committed}");
+    for s in 1..=committed {
+        rec.log(s).unwrap();
+        rec.batch(s).unwrap();
+    }
+    for c in rec.checkpoint_steps() {
+        if c <= committed && Path::new(&engine::record::checkpoint_path(&out, c)).exists() {
+            rec.checkpoint(c).unwrap();
+        }
+    }
+    let partial_leaves: Vec<_> = rec.leaves().to_vec();
+
+    // Without --resume the directory is refused, untouched.
+    let before = snapshot(&out);
+    let o = train(&out, &["--steps", steps]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(snapshot(&out), before);
+
+    let resumed = json(&train(&out, &["--steps", steps, "--json", "--resume"]));
+    assert_eq!(resumed["root"], reference["root"], "resumed run must produce the uninterrupted run's leaves");
+    let rec = Record::open(&out).unwrap();
+    assert_eq!(&rec.leaves()[..partial_leaves.len()], &partial_leaves[..]);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_touches_nothing() {
+    let base = tmp("bad");
+    let good = base.join("good");
+    json(&train(&good, &["--steps", "5", "--json"]));
+    let before = snapshot(&good);
+
+    let check = |o: Output, needle: &str| {
+        assert!(!o.status.success(), "expected failure mentioning {needle:?}");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(err.contains(needle), "error should mention {needle:?}: {err}");
+    };
+    // Config typo.
+    let typo = base.join("typo.toml");
+    std::fs::write(&typo, std::fs::read_to_string(config()).unwrap().replace("momentum", "momentun")).unwrap();
+    check(
+        Command::new(BIN).args(["train", "--config"]).arg(&typo).arg("--out").arg(&good).output().unwrap(),
+        "momentun",
+    );
+    // Unknown profile.
+    check(train(&good, &["--device", "tpu"]), "cpu-seq");
+    // Fault beyond the run.
+    check(train(&base.join("f"), &["--steps", "5", "--fault", "flip-label@9"]), "beyond");
+    check(train(&base.join("f"), &["--steps", "5", "--fault", "melt@2"]), "unknown fault kind");
+    // A different run in the output directory.
+    check(train(&good, &["--steps", "6"]), "does not hold this run");
+    // Missing and corrupt data.
+    let mnist = repo().join("configs/mnist-mlp.toml");
+    let run = |data: &Path| {
+        Command::new(BIN)
+            .args(["train", "--config"])
+            .arg(&mnist)
+            .arg("--out")
+            .arg(base.join("m"))
+            .arg("--data")
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    check(run(&base.join("nowhere")), "nowhere");
+    let corrupt = base.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("t10k-images-idx3-ubyte.gz"), [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
+    std::fs::write(corrupt.join("t10k-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 0]).unwrap();
+    check(run(&corrupt), "t10k-images-idx3-ubyte.gz");
+    assert!(!base.join("m").exists(), "nothing written for a failed data load");
+
+    assert_eq!(snapshot(&good), before, "refused commands must leave the existing record untouched");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn export_writes_safetensors_with_candle_names() {
+    let base = tmp("export");
+    json(&train(&base.join("r"), &["--steps", "3", "--json"]));
+    let file = base.join("model.safetensors");
+    let o = Command::new(BIN).arg("export").arg(base.join("r")).arg("--out").arg(&file).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["fc1.weight"]["shape"], serde_json::json!([64, 32]));
+    assert_eq!(header["fc2.bias"]["dtype"], "F32");
+    let _ = std::fs::remove_dir_all(&base);
+}
