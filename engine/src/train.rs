@@ -282,7 +282,7 @@ impl Run {
         if n == 0 {
             return Ok(Evaluation { examples: 0, loss: None, accuracy: None });
         }
-        let chunk = 250;
+        let chunk = if matches!(self.data, Dataset::Text { .. }) { 16 } else { 250 };
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         let mut start = 0;
         while start < n {

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::bound::{ETA, ExactTerms, SLACK, gamma, sum_bound, two_sided};
+use crate::bound::{ETA, ExactTerms, SLACK, gamma, two_sided};
 use crate::reduce::sum_by;
 use crate::{Bounded, Device, ErrorBound, MatmulSpec, Result, arg_err, check_len, checked_prod, shape_err};
 
@@ -214,14 +214,30 @@ impl Device {
         self.matmul_f64(&gym, &cols, None, &mut gw, MatmulSpec::new(spec.c_out, np, kk).trans_b())?;
         let n_cols_row = norms(&cols, kk, np, true);
         let cw = 2.0 * gamma(np.saturating_sub(1)) * SLACK;
-        let gwb: Vec<f64> = (0..spec.c_out * kk).map(|i| cw * n_gy_row[i / kk] * n_cols_row[i % kk]).collect();
+        // Where the Cauchy–Schwarz bound would make an element ambiguous, use the tight
+        // Σ|gy·x| form (0 when every summation order is exact).
+        let gwb: Vec<f64> = (0..spec.c_out * kk)
+            .map(|i| {
+                let d = cw * n_gy_row[i / kk] * n_cols_row[i % kk];
+                if !common::rounding::is_ambiguous(gw[i], d) {
+                    return d;
+                }
+                let (co, r) = (i / kk, i % kk);
+                let mut terms = ExactTerms::new();
+                for q in 0..np {
+                    terms.product(gym[co * np + q] as f32, cols[r * np + q] as f32);
+                }
+                d.min(terms.bound())
+            })
+            .collect();
 
         // gb = Σ over n·P of gy: exact terms, sum bound.
         let (gb, gbb): (Vec<f64>, Vec<f64>) = (0..spec.c_out)
             .map(|co| {
                 let row = &gym[co * np..(co + 1) * np];
-                let abs: f64 = row.iter().map(|v| v.abs()).sum();
-                (sum_by(pr, np, |i| row[i]), sum_bound(np, abs))
+                let mut terms = ExactTerms::new();
+                row.iter().for_each(|&v| terms.value(v as f32));
+                (sum_by(pr, np, |i| row[i]), terms.bound())
             })
             .unzip();
 
@@ -334,8 +350,9 @@ impl Device {
             .map(|i| {
                 let s = &src[start[i]..start[i + 1]];
                 let v = sum_by(pr, s.len(), |j| gy[s[j]] as f64);
-                let abs: f64 = s.iter().map(|&o| gy[o].abs() as f64).sum();
-                (v, sum_bound(s.len(), abs))
+                let mut terms = ExactTerms::new();
+                s.iter().for_each(|&o| terms.value(gy[o]));
+                (v, terms.bound())
             })
             .unzip();
         Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })

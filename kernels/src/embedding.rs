@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::bound::sum_bound;
+use crate::bound::ExactTerms;
 use crate::reduce::sum_by;
 use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len, checked_prod};
 
@@ -55,9 +55,11 @@ impl Device {
                 let ps = &pos[start[v]..start[v + 1]];
                 for j in 0..dim {
                     out[j] = sum_by(p, ps.len(), |i| gy[ps[i] * dim + j] as f64);
-                    let abs: f64 = ps.iter().map(|&i| gy[i * dim + j].abs() as f64).sum();
-                    // A sum of |ps| exact terms in any order: 2·γ_{|ps|−1}·Σ|gy|.
-                    bnd[j] = sum_bound(ps.len(), abs);
+                    let mut terms = ExactTerms::new();
+                    ps.iter().for_each(|&i| terms.value(gy[i * dim + j]));
+                    // A sum of |ps| exact terms in any order: 2·γ_{|ps|−1}·Σ|gy|, or 0 when no
+                    // order can round (`ExactTerms::is_exact`).
+                    bnd[j] = terms.bound();
                 }
             },
         );

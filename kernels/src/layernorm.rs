@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use crate::bound::{ETA, U, gamma, two_sided};
+use crate::bound::{ETA, ExactTerms, U, gamma, two_sided};
 use crate::reduce::{dot_by, sum_by};
 use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len, checked_prod};
 
@@ -62,9 +62,18 @@ impl Device {
                 let xr = &x[r * n..(r + 1) * n];
                 let s1 = sum_by(p, n, |i| xr[i] as f64);
                 let mu = s1 / nf;
-                let abs: f64 = xr.iter().map(|v| v.abs() as f64).sum();
+                let mut terms = ExactTerms::new();
+                xr.iter().for_each(|&v| terms.value(v));
                 // μ per side: sum of n exact terms γ_{n−1}Σ|x|, then /n (or ·(1/n)): γ_2|μ|.
-                let e_mu = gamma(n - 1) * abs / nf + gamma(2) * mu.abs() + ETA;
+                // When no summation order can round (`ExactTerms::is_exact`), every side holds
+                // the same exact sum and the op divides it by n (a division, by definition:
+                // not a multiplication by 1/n), so μ has the same bits everywhere.
+                let e_mu = if terms.is_exact() {
+                    0.0
+                } else {
+                    let abs: f64 = xr.iter().map(|v| v.abs() as f64).sum();
+                    gamma(n - 1) * abs / nf + gamma(2) * mu.abs() + ETA
+                };
                 for (c, &xv) in yr.iter_mut().zip(xr) {
                     *c = xv as f64 - mu;
                 }

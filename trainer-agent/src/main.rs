@@ -55,6 +55,9 @@ enum Command {
         record: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also list one step's tie-break log, site by site.
+        #[arg(long)]
+        step: Option<u64>,
     },
     /// Export a finished record's final parameters as safetensors (candle-nn names).
     Export {
@@ -82,7 +85,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = SessionOptions { config, data, out: out.clone(), device, steps, resume, faults, key };
             train(opts, json)
         }
-        Command::Inspect { record, json } => inspect(&record, json),
+        Command::Inspect { record, json, step } => inspect(&record, json, step),
         Command::Export { record, out } => {
             trainer_agent::export::export_record(&record, &out)?;
             eprintln!("wrote {}", out.display());
@@ -116,7 +119,10 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let eval = session.evaluate(1000)?;
+    // Held-out evaluation: 1,000 examples for classifiers; 128 windows for a text model (each
+    // window is a full forward pass over the context).
+    let eval_max = if matches!(session.run().data, engine::data::Dataset::Text { .. }) { 128 } else { 1000 };
+    let eval = session.evaluate(eval_max)?;
     let final_loss = session.last_loss();
     let resumed_from = session.resumed_from();
     let manifest = session.finish()?;
@@ -151,8 +157,26 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
+fn inspect(dir: &std::path::Path, json: bool, step: Option<u64>) -> Result<()> {
     let record = Record::open(dir)?;
+    let sites = match step {
+        Some(s) => {
+            let log = record.log(s)?;
+            let rows: Vec<serde_json::Value> = log
+                .sites()
+                .map(|(name, l)| {
+                    serde_json::json!({
+                        "site": name,
+                        "values": l.len(),
+                        "directions": l.directions().count(),
+                        "exact": l.exacts().count(),
+                    })
+                })
+                .collect();
+            Some(rows)
+        }
+        None => None,
+    };
     let n = record.n_steps();
     let log_bytes: Vec<u64> = (1..=n).map(|s| record.log_bytes(s)).collect::<Result<_, _>>()?;
     let leaves: Vec<String> = record.leaves().iter().map(|l| to_hex(&l.encode())).collect();
@@ -173,6 +197,7 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
             "leaves": leaves,
             "log_bytes": log_bytes,
             "checkpoints": record.checkpoint_steps(),
+            "sites": sites,
         });
         println!("{v}");
     } else {
@@ -183,6 +208,15 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         println!("device    {}", record.spec().device_profile);
         let total: u64 = log_bytes.iter().sum();
         println!("logs      {total} bytes ({:.1} per step)", total as f64 / n.max(1) as f64);
+        for row in sites.iter().flatten() {
+            println!(
+                "  {:<36} {:>9} values {:>6} directions {:>6} exact",
+                row["site"].as_str().unwrap_or(""),
+                row["values"],
+                row["directions"],
+                row["exact"]
+            );
+        }
     }
     Ok(())
 }
