@@ -181,8 +181,9 @@ pub fn audit_dir(dir: &Path, opts: &AuditOptions, progress: &dyn Progress) -> Re
     let t0 = Instant::now();
     match LocalRecord::open(dir) {
         Ok(src) => {
+            let opened_ms = ms(t0);
             let mut a = audit(&src, opts, progress)?;
-            a.timings.open_ms += ms(t0) - a.timings.total_ms.min(ms(t0));
+            a.timings.open_ms += opened_ms;
             a.timings.total_ms = ms(t0);
             Ok(a)
         }
