@@ -1,0 +1,93 @@
+//! The `auditor` binary: exit codes, `--json`, report and evidence files, `verify-report` and
+//! `adjudicate`.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use engine::train::{Fault, FaultKind};
+use kernels::Profile;
+use support::{Drill, SGD, scratch, write_record};
+
+fn auditor(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_auditor")).current_dir(dir).args(args).output().unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn audit_exit_codes_reports_evidence_and_adjudication() {
+    let dir = scratch("cli");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let out = auditor(&dir, &["audit", "--record", honest.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["verdict"]["kind"], "consistent");
+    assert_eq!(v["trainer_device"], "cpu");
+    assert_ne!(v["auditor_device"], "cpu", "the default device differs from the trainer's");
+    assert!(dir.join("auditor.key").exists(), "key generated in the current directory");
+
+    let bad = write_record(
+        &dir.join("bad"),
+        Profile::Cpu,
+        SGD,
+        Drill { fault: Some(Fault { kind: FaultKind::SwapBatch, step: 7 }), ..Drill::default() },
+    );
+    let out = auditor(
+        &dir,
+        &[
+            "audit",
+            "--record",
+            bad.to_str().unwrap(),
+            "--device",
+            "cpu-splitk",
+            "--mode",
+            "intervals",
+            "--json",
+            "--report",
+            "r.json",
+            "--evidence",
+            "e.tbev",
+            "--key",
+            "k.key",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["verdict"]["kind"], "diverged");
+    assert_eq!(v["verdict"]["step"], 7);
+    assert_eq!(v["verdict"]["differs"], serde_json::json!(["state", "batch"]));
+    assert_eq!(v["at_step"]["batch_indices"].as_array().unwrap().len(), 16);
+
+    let out = auditor(&dir, &["verify-report", "r.json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let text = std::fs::read_to_string(dir.join("r.json")).unwrap();
+    std::fs::write(dir.join("t.json"), text.replace("\"step\": 7", "\"step\": 6")).unwrap();
+    assert_eq!(auditor(&dir, &["verify-report", "t.json"]).status.code(), Some(1));
+
+    let out = auditor(&dir, &["adjudicate", "--evidence", "e.tbev", "--device", "cpu-seq", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["reproduces"], "auditor");
+
+    // Could not decide: not a record, an unknown profile, a segment outside the record.
+    for args in [
+        vec!["audit", "--record", "nowhere"],
+        vec!["audit", "--record", honest.to_str().unwrap(), "--device", "tpu"],
+        vec!["audit", "--record", honest.to_str().unwrap(), "--from", "3", "--to", "40"],
+    ] {
+        let out = auditor(&dir, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("could not decide"), "{args:?}");
+    }
+
+    // A corrupted record is an adverse verdict naming the file.
+    std::fs::write(honest.join("steps/0000000002.log.zst"), b"garbage").unwrap();
+    let out = auditor(&dir, &["audit", "--record", honest.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["verdict"]["kind"], "commitment-invalid");
+    assert_eq!(v["verdict"]["file"], "steps/0000000002.log.zst");
+}

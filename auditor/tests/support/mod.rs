@@ -1,0 +1,99 @@
+//! Writes small synthetic records with the engine directly (the auditor never depends on the
+//! trainer agent): an MLP on synthetic data, 13 steps, a checkpoint every 4 steps.
+
+#![allow(dead_code, reason = "each test binary uses a different part of the helpers")]
+
+use std::path::{Path, PathBuf};
+
+use engine::data::Dataset;
+use engine::record::{RecordWriter, SigningKey};
+use engine::spec::{Config, FORMAT_VERSION, RunSpec, SOFTWARE_VERSION};
+use engine::train::{Fault, Run, StepMode};
+use kernels::{Device, Profile};
+
+pub const STEPS: u64 = 13;
+pub const INTERVAL: u64 = 4;
+
+pub const SGD: &str = "[optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\nweight_decay = 0.0001";
+pub const ADAMW: &str =
+    "[optimizer]\nkind = \"adamw\"\nlr = 0.01\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\nweight_decay = 0.01";
+
+pub fn config(optimizer: &str) -> Config {
+    let text = format!(
+        r#"
+[model]
+kind = "mlp"
+hidden = [24, 12]
+[data]
+kind = "synthetic"
+examples = 192
+holdout = 16
+features = 32
+classes = 4
+[train]
+batch_size = 16
+steps = {STEPS}
+seed = 5
+checkpoint_interval = {INTERVAL}
+{optimizer}
+"#
+    );
+    Config::from_toml(&text, "test").unwrap()
+}
+
+pub fn run(cfg: &Config, profile: Profile) -> Run {
+    let engine::spec::DataConfig::Synthetic(s) = &cfg.data else { unreachable!() };
+    let data = Dataset::synthetic(s.examples, s.holdout, s.features, s.classes, cfg.train.seed);
+    let spec = RunSpec {
+        format_version: FORMAT_VERSION,
+        software_version: SOFTWARE_VERSION.into(),
+        config: cfg.clone(),
+        dataset: data.commitment(),
+        device_profile: profile.name().into(),
+        n_steps: STEPS,
+    };
+    Run::new(spec, data, Device::new(profile).unwrap()).unwrap()
+}
+
+/// A fresh, empty scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tiebreak-auditor-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// How the trainer misbehaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Drill {
+    pub fault: Option<Fault>,
+    /// Commit an initial state that does not follow the seed.
+    pub bad_init: bool,
+    /// Stop before writing the manifest (an unfinished run).
+    pub unfinished: bool,
+}
+
+/// Trains `STEPS` steps on `profile` and writes the record to `dir/record`.
+pub fn write_record(dir: &Path, profile: Profile, optimizer: &str, drill: Drill) -> PathBuf {
+    let cfg = config(optimizer);
+    let r = run(&cfg, profile);
+    let out = dir.join("record");
+    let mut w = RecordWriter::create(&out, &r.spec).unwrap();
+    let mut state = r.initial_state().unwrap();
+    if drill.bad_init {
+        let name = state.tensors().next().unwrap().0.to_string();
+        let t = state.get_mut(&name).unwrap();
+        t.data[0] = f32::from_bits(t.data[0].to_bits() ^ 1);
+    }
+    w.commit_initial(&state).unwrap();
+    for t in 1..=STEPS {
+        let fault = drill.fault.filter(|f| f.step == t).map(|f| f.kind);
+        let o = r.step(&state, t, StepMode::Commit { paper: false }, fault).unwrap();
+        w.commit_step(&o.state, &o.log, &o.batch).unwrap();
+        state = o.state;
+    }
+    if !drill.unfinished {
+        w.finish(&state, &SigningKey::from_bytes(&[7; 32])).unwrap();
+    }
+    out
+}
