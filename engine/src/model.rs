@@ -296,6 +296,7 @@ fn k(e: kernels::KernelError) -> EngineError {
 }
 
 /// `y = x·Wᵀ + b` for `x: n×i`, `W: o×i`.
+#[allow(clippy::too_many_arguments)] // reason: a layer's natural inputs
 fn linear(
     ctx: &mut Ctx,
     site: &str,
@@ -310,7 +311,10 @@ fn linear(
     ctx.round(&format!("fwd/{site}/out"), out)
 }
 
-/// Backward of [`linear`]: returns `(grad_x if wanted, grad_W, grad_b)`.
+/// Gradients of a linear layer: `(grad_x if wanted, grad_W, grad_b)`.
+type LinearGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+/// Backward of [`linear`].
 #[allow(clippy::too_many_arguments)] // reason: a layer's natural inputs
 fn linear_backward(
     ctx: &mut Ctx,
@@ -322,7 +326,7 @@ fn linear_backward(
     i: usize,
     o: usize,
     want_gx: bool,
-) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>), EngineError> {
+) -> Result<LinearGrads, EngineError> {
     let spec = MatmulSpec::new(n, i, o).trans_b();
     let (gx, gw) = ctx.dev.matmul_backward(x, w, gy, spec).map_err(k)?;
     let gb = ctx.dev.sum_rows(gy, n, o).map_err(k)?;

@@ -27,7 +27,7 @@ pub fn safetensors_bytes(state: &TrainingState) -> Vec<u8> {
         );
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serialises");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + data.len());
