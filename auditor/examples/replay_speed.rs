@@ -7,11 +7,10 @@
 use std::time::Instant;
 
 use auditor::{AuditOptions, NoProgress, audit_dir};
-use engine::data::Dataset;
 use engine::record::{RecordWriter, SigningKey};
-use engine::spec::{Config, FORMAT_VERSION, RunSpec, SOFTWARE_VERSION};
+use engine::spec::Config;
 use engine::train::{Run, StepMode};
-use kernels::{Device, Profile};
+use kernels::Profile;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -23,18 +22,9 @@ fn main() {
          checkpoint_interval = 10\n[optimizer]\nkind = \"adamw\"\nlr = 0.001\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\n"
     );
     let cfg = Config::from_toml(&text, "replay_speed").expect("config");
-    let engine::spec::DataConfig::Synthetic(s) = &cfg.data else { unreachable!() };
     for trainer in Profile::CPU {
-        let data = Dataset::synthetic(s.examples, s.holdout, s.features, s.classes, cfg.train.seed);
-        let spec = RunSpec {
-            format_version: FORMAT_VERSION,
-            software_version: SOFTWARE_VERSION.into(),
-            config: cfg.clone(),
-            dataset: data.commitment(),
-            device_profile: trainer.name().into(),
-            n_steps: steps,
-        };
-        let run = Run::new(spec.clone(), data, Device::new(trainer).unwrap()).unwrap();
+        let run = Run::from_config(&cfg, None, trainer, steps).unwrap();
+        let spec = run.spec.clone();
         let dir = std::env::temp_dir().join(format!("tiebreak-replay-speed-{}-{trainer}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let t0 = Instant::now();

@@ -23,7 +23,7 @@ use common::state::TrainingState;
 use common::tielog::TieBreakLog;
 use engine::data::Dataset;
 use engine::record::{self, Manifest};
-use engine::spec::{ModelConfig, RunSpec};
+use engine::spec::RunSpec;
 use engine::train::{Run, StepMode};
 use kernels::{Device, Profile};
 use rayon::prelude::*;
@@ -305,11 +305,7 @@ fn check_commitment(src: &dyn TrainerSource) -> Checked<(Commitment, RunSpec, Ve
 /// Loads the dataset a spec names and builds a run on `device`; the data must match the
 /// spec's commitment.
 pub fn build_run(spec: &RunSpec, data: Option<&Path>, device: Profile) -> Result<Run, AuditError> {
-    let context = match &spec.config.model {
-        ModelConfig::Gpt(g) => g.context,
-        _ => 0,
-    };
-    let dataset = Dataset::load(&spec.config.data, data, spec.config.train.seed, context)?;
+    let dataset = Dataset::for_config(&spec.config, data)?;
     let dev = Device::new(device).map_err(|e| AuditError::Usage(e.to_string()))?;
     Ok(Run::new(spec.clone(), dataset, dev)?)
 }

@@ -212,6 +212,15 @@ impl Dataset {
         Ok(Dataset::Text { raw, vocab, tokens, context, n_train, n_holdout })
     }
 
+    /// Loads the dataset a whole config names (the GPT's context sets the text windows).
+    pub fn for_config(config: &crate::spec::Config, path: Option<&Path>) -> Result<Dataset, EngineError> {
+        let context = match &config.model {
+            crate::spec::ModelConfig::Gpt(g) => g.context,
+            _ => 0,
+        };
+        Self::load(&config.data, path, config.train.seed, context)
+    }
+
     pub fn n_train(&self) -> usize {
         match self {
             Dataset::Classification { n_train, .. } | Dataset::Text { n_train, .. } => *n_train,

@@ -245,6 +245,19 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
+    /// The spec of a run of `config` over a committed dataset, on `device_profile`, with this
+    /// build's format and software versions.
+    pub fn new(config: Config, dataset: DatasetCommitment, device_profile: &str, n_steps: u64) -> RunSpec {
+        RunSpec {
+            format_version: FORMAT_VERSION,
+            software_version: SOFTWARE_VERSION.to_string(),
+            config,
+            dataset,
+            device_profile: device_profile.to_string(),
+            n_steps,
+        }
+    }
+
     /// The canonical JSON bytes (struct field order, shortest round-trip floats).
     pub fn canonical_json(&self) -> Vec<u8> {
         // Serialising plain data structs to a Vec cannot fail.

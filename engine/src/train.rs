@@ -137,6 +137,18 @@ impl Run {
         Ok(Run { spec, data, model, device })
     }
 
+    /// Loads the config's dataset, commits it, and builds a run of `n_steps` on `profile`.
+    pub fn from_config(
+        config: &crate::spec::Config,
+        data: Option<&std::path::Path>,
+        profile: kernels::Profile,
+        n_steps: u64,
+    ) -> Result<Run, EngineError> {
+        let dataset = Dataset::for_config(config, data)?;
+        let spec = RunSpec::new(config.clone(), dataset.commitment(), profile.name(), n_steps);
+        Run::new(spec, dataset, Device::new(profile).map_err(EngineError::Kernel)?)
+    }
+
     /// Steps in one pass over the training split (at least 1).
     pub fn steps_per_epoch(&self) -> u64 {
         (self.data.n_train() / self.spec.config.train.batch_size).max(1) as u64

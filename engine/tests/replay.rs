@@ -2,10 +2,9 @@
 //! bit-identically on every other profile when the replayer follows the trainer's tie-break log.
 
 use common::state::TrainingState;
-use engine::data::Dataset;
-use engine::spec::{Config, FORMAT_VERSION, RunSpec, SOFTWARE_VERSION};
+use engine::spec::Config;
 use engine::train::{FaultKind, Run, StepMode};
-use kernels::{Device, Profile};
+use kernels::Profile;
 
 fn config(model: &str, optimizer: &str) -> Config {
     let text = format!(
@@ -34,20 +33,7 @@ const ADAMW: &str =
     "[optimizer]\nkind = \"adamw\"\nlr = 0.01\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\nweight_decay = 0.01";
 
 fn run(cfg: &Config, profile: Profile) -> Run {
-    let s = match &cfg.data {
-        engine::spec::DataConfig::Synthetic(s) => s.clone(),
-        _ => unreachable!(),
-    };
-    let data = Dataset::synthetic(s.examples, s.holdout, s.features, s.classes, cfg.train.seed);
-    let spec = RunSpec {
-        format_version: FORMAT_VERSION,
-        software_version: SOFTWARE_VERSION.into(),
-        config: cfg.clone(),
-        dataset: data.commitment(),
-        device_profile: profile.name().into(),
-        n_steps: 6,
-    };
-    Run::new(spec, data, Device::new(profile).unwrap()).unwrap()
+    Run::from_config(cfg, None, profile, 6).unwrap()
 }
 
 fn train(r: &Run, steps: u64) -> Vec<(TrainingState, common::tielog::TieBreakLog)> {

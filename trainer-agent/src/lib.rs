@@ -19,7 +19,7 @@ use common::leaf::{BatchIndices, Leaf};
 use common::state::TrainingState;
 use engine::data::Dataset;
 use engine::record::{Manifest, RecordWriter, SigningKey, load_or_create_key};
-use engine::spec::{Config, FORMAT_VERSION, ModelConfig, RunSpec, SOFTWARE_VERSION};
+use engine::spec::{Config, RunSpec};
 use engine::train::{Evaluation, Fault, FaultKind, Run, StepMode, StepOutput};
 use engine::{EngineError, record::RecordError};
 use kernels::{Device, Profile};
@@ -89,11 +89,7 @@ impl Session {
     /// spec, opens the record and the signing key. Nothing on disk is touched until every input
     /// has been validated.
     pub fn create(opts: &SessionOptions) -> Result<Session, TrainerError> {
-        let context = match &opts.config.model {
-            ModelConfig::Gpt(g) => g.context,
-            _ => 0,
-        };
-        let data = Dataset::load(&opts.config.data, opts.data.as_deref(), opts.config.train.seed, context)?;
+        let data = Dataset::for_config(&opts.config, opts.data.as_deref())?;
         let n_steps = opts.steps.unwrap_or_else(|| planned_steps(&opts.config, data.n_train()));
         if n_steps == 0 {
             return Err(TrainerError::Usage("--steps must be at least 1".into()));
@@ -111,14 +107,7 @@ impl Session {
                 return Err(TrainerError::Usage(format!("more than one fault at step {}", f.step)));
             }
         }
-        let spec = RunSpec {
-            format_version: FORMAT_VERSION,
-            software_version: SOFTWARE_VERSION.to_string(),
-            config: opts.config.clone(),
-            dataset: data.commitment(),
-            device_profile: opts.device.name().to_string(),
-            n_steps,
-        };
+        let spec = RunSpec::new(opts.config.clone(), data.commitment(), opts.device.name(), n_steps);
         let run = Run::new(spec.clone(), data, Device::new(opts.device)?)?;
         let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
         let (writer, state, resumed_from) = if opts.resume {

@@ -111,8 +111,10 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
         bar.set_position(from);
         bar.println(format!("resuming {} from checkpoint at step {from}", opts.out.display()));
     }
+    let mut first_loss = None;
     while session.next_step().is_some() {
         session.step()?;
+        first_loss = first_loss.or(session.last_loss());
         bar.inc(1);
         if let Some(l) = session.last_loss() {
             bar.set_message(format!("{l:.4}"));
@@ -133,6 +135,7 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
         "root": manifest.root,
         "n_steps": manifest.n_steps,
         "device": manifest.device_profile,
+        "first_loss": first_loss,
         "final_loss": final_loss,
         "eval_examples": eval.examples,
         "eval_loss": eval.loss,

@@ -5,11 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::data::Dataset;
 use engine::record::{RecordWriter, SigningKey};
-use engine::spec::{Config, FORMAT_VERSION, RunSpec, SOFTWARE_VERSION};
+use engine::spec::Config;
 use engine::train::{Fault, Run, StepMode};
-use kernels::{Device, Profile};
+use kernels::Profile;
 
 pub const STEPS: u64 = 13;
 pub const INTERVAL: u64 = 4;
@@ -42,17 +41,7 @@ checkpoint_interval = {INTERVAL}
 }
 
 pub fn run(cfg: &Config, profile: Profile) -> Run {
-    let engine::spec::DataConfig::Synthetic(s) = &cfg.data else { unreachable!() };
-    let data = Dataset::synthetic(s.examples, s.holdout, s.features, s.classes, cfg.train.seed);
-    let spec = RunSpec {
-        format_version: FORMAT_VERSION,
-        software_version: SOFTWARE_VERSION.into(),
-        config: cfg.clone(),
-        dataset: data.commitment(),
-        device_profile: profile.name().into(),
-        n_steps: STEPS,
-    };
-    Run::new(spec, data, Device::new(profile).unwrap()).unwrap()
+    Run::from_config(cfg, None, profile, STEPS).unwrap()
 }
 
 /// A fresh, empty scratch directory for one test.
