@@ -247,9 +247,10 @@ impl TieBreakLog {
         Ok(())
     }
 
-    /// Replaces (or adds) a site's log. Returns the previous one.
+    /// Replaces the log of a site already present. Returns the previous one, or `None` (and
+    /// changes nothing) if the site is not in this log.
     pub fn replace(&mut self, name: &str, log: SiteLog) -> Option<SiteLog> {
-        self.sites.insert(name.to_string(), log)
+        self.sites.get_mut(name).map(|slot| std::mem::replace(slot, log))
     }
 
     /// The log of one site, if it was recorded.

@@ -132,3 +132,19 @@ fn training_learns_the_synthetic_task() {
     let after = r.evaluate(&state, 32).unwrap();
     assert!(after.accuracy.unwrap() > 0.6 && before.accuracy.unwrap() < 0.5, "chance is 0.25: {before:?} -> {after:?}");
 }
+
+#[test]
+fn steps_are_independent_of_the_thread_count() {
+    // A resumed run must reproduce its logs, so nothing in a step may depend on how many
+    // threads the kernels get.
+    let cfg = config(MLP, ADAMW);
+    let digests = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            train(&run(&cfg, Profile::Cpu), 3).iter().map(|(s, l)| (s.digest(), l.digest())).collect::<Vec<_>>()
+        })
+    };
+    let one = digests(1);
+    assert_eq!(one, digests(2));
+    assert_eq!(one, digests(3));
+}
