@@ -37,7 +37,7 @@ pub use common::rounding::ErrorBound;
 pub use conv::{Conv2dGrads, Conv2dSpec, Pool2dSpec};
 pub use layernorm::{LayerNormGrads, LayerNormOut};
 pub use matmul::MatmulSpec;
-pub use optim::{AdamWConfig, AdamWOut, SgdConfig, SgdOut};
+pub use optim::{AdamWConfig, AdamWOut, SgdConfig, SgdOut, pow_step};
 pub use softmax::RowSpec;
 
 /// FP64 values with a sound bound on their distance to any honest machine's result.

@@ -5,6 +5,8 @@
 //! product per output element in their own reduction order. All three parallelise over
 //! output rows or blocks only, so results never depend on the thread count.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, SLACK, U, gamma};
@@ -116,8 +118,9 @@ impl Device {
         Ok((ga, gb))
     }
 
-    /// The bound part of [`Device::matmul`] alone, for
-    /// measuring its share of the op's time; equal to the bound `matmul` returns.
+    /// The Cauchy–Schwarz bound of [`Device::matmul`] alone (it converts the operands too, as
+    /// the op's shared pass does): equal to the bound `matmul` returns except where `matmul`
+    /// replaced it by the tight bound because it made an element ambiguous.
     pub fn matmul_bound(&self, a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Result<Vec<f64>> {
         let (la, lb, _) = spec.sizes("matmul_bound")?;
         check_len("matmul_bound", "a", a.len(), la)?;
@@ -126,6 +129,29 @@ impl Device {
             check_len("matmul_bound", "bias", bias.len(), spec.n)?;
         }
         Ok(norm_bounds(a, b, bias, spec))
+    }
+
+    /// [`Device::matmul`]'s values without any bound work (plain conversion, the product, the
+    /// bias): the baseline the benchmark measures the bound's share of the op against.
+    #[doc(hidden)]
+    pub fn matmul_unbounded(&self, a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Result<Vec<f64>> {
+        const OP: &str = "matmul_unbounded";
+        let (la, lb, lc) = spec.sizes(OP)?;
+        check_len(OP, "a", a.len(), la)?;
+        check_len(OP, "b", b.len(), lb)?;
+        if let Some(bias) = bias {
+            check_len(OP, "bias", bias.len(), spec.n)?;
+        }
+        let bias64: Option<Vec<f64>> = bias.map(|b| b.iter().map(|&v| v as f64).collect());
+        let mut values = vec![0.0f64; lc];
+        with_scratch(|a64, b64| {
+            a64.clear();
+            b64.clear();
+            a.par_iter().with_min_len(PAR_MIN_ELEMS).map(|&v| v as f64).collect_into_vec(a64);
+            b.par_iter().with_min_len(PAR_MIN_ELEMS).map(|&v| v as f64).collect_into_vec(b64);
+            self.matmul_f64(a64, b64, bias64.as_deref(), &mut values, spec)
+        })?;
+        Ok(values)
     }
 
     /// Column sums of a `rows×cols` row-major matrix (bias gradients): `cols` values.
@@ -162,48 +188,14 @@ impl Device {
         if let Some(bias) = bias {
             check_len(op, "bias", bias.len(), spec.n)?;
         }
-        let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
-        let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
         let bias64: Option<Vec<f64>> = bias.map(|b| b.iter().map(|&v| v as f64).collect());
         let mut values = vec![0.0f64; lc];
-        self.matmul_f64(&a64, &b64, bias64.as_deref(), &mut values, spec)?;
-        let mut bounds = norm_bounds(a, b, bias, spec);
-        if scale != 1.0 {
-            values.iter_mut().for_each(|v| *v *= scale);
-        }
-        let scaled = |e: f64, v: f64| {
-            // Bound with scale s: each side computes fl(s·D_h) with |D_h − D| ≤ e/2 (e the
-            // unscaled two-sided bound) and one rounding (≤ u|s·D_h|, plus ETA if it
-            // underflows): |o − h| ≤ |s|·e + 2u·|o| + 2·ETA (second-order terms in SLACK).
-            // With e = 0 both sides multiply the same exact D: one correctly rounded product.
-            if scale == 1.0 || e == 0.0 { e } else { (scale.abs() * e + 2.0 * U * v.abs() + 2.0 * ETA) * SLACK }
-        };
-        if scale != 1.0 {
-            for (d, v) in bounds.iter_mut().zip(&values) {
-                *d = scaled(*d, *v);
-            }
-        }
-        // The Cauchy–Schwarz bound is cheap but loose (it is positive even when every product
-        // is zero). Where it would make an element ambiguous, recompute the tight bound
-        // 2·γ·Σ|a·b| (or 0 when every order is exact): O(k) for the few elements concerned.
-        let MatmulSpec { m, k, n, a_trans, b_trans, .. } = spec;
-        let (ars, acs) = strides(a_trans, m, k);
-        let (brs, bcs) = strides(b_trans, k, n);
-        for (idx, (d, v)) in bounds.iter_mut().zip(&values).enumerate() {
-            if !common::rounding::is_ambiguous(*v, *d) {
-                continue;
-            }
-            let (bi, i, j) = (idx / (m * n), idx / n % m, idx % n);
-            let (ab, bb) = (&a[bi * m * k..], &b[bi * k * n..]);
-            let mut terms = ExactTerms::new();
-            for l in 0..k {
-                terms.product(ab[i * ars + l * acs], bb[l * brs + j * bcs]);
-            }
-            if let Some(bias) = bias {
-                terms.value(bias[j]);
-            }
-            *d = d.min(scaled(terms.bound(), *v));
-        }
+        // The operand norms of the bound come out of the conversion pass (one read of A and B).
+        let (na, nb) = with_scratch(|a64, b64| {
+            let norms = convert_operands(a, b, spec, a64, b64);
+            self.matmul_f64(a64, b64, bias64.as_deref(), &mut values, spec).map(|()| norms)
+        })?;
+        let bounds = finish_bounds(a, b, bias, scale, (&na, &nb), &mut values, spec);
         Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
@@ -272,72 +264,323 @@ fn to_rows(x: &[f64], trans: bool, r: usize, c: usize) -> Vec<f64> {
     }
 }
 
-/// Bound of `C = op(A)·op(B) + bias` per element, Cauchy–Schwarz form.
+/// Fewest elements per rayon task in the element-wise passes below: small ops run as one task,
+/// where spawning would cost more than the work. Every pass computes each output element (or
+/// norm) by the same fixed sequence of operations whatever the split, so the bits never depend
+/// on the thread count.
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// Largest conversion buffer (elements) kept per thread between calls (64 MiB).
+const SCRATCH_KEEP_MAX: usize = 1 << 23;
+
+std::thread_local! {
+    /// Per-thread FP64 copies of the operands, reused across calls: converting into fresh
+    /// memory every call spent more time in page faults than in the conversion itself. A
+    /// nested call (rayon may run another task on this thread while gemm waits) finds the cell
+    /// empty and allocates its own.
+    static SCRATCH: std::cell::Cell<(Vec<f64>, Vec<f64>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with two reusable FP64 buffers (see [`SCRATCH`]).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>, &mut Vec<f64>) -> R) -> R {
+    let (mut x, mut y) = SCRATCH.with(|s| s.take());
+    let r = f(&mut x, &mut y);
+    for v in [&mut x, &mut y] {
+        if v.capacity() > SCRATCH_KEEP_MAX {
+            *v = Vec::new();
+        }
+    }
+    SCRATCH.with(|s| s.set((x, y)));
+    r
+}
+
+/// `Σ x²` in FP64 over 8 interleaved lanes (so the loop vectorises), lanes added in order;
+/// writes `x` converted to FP64 into `out` on the way.
+#[inline]
+fn convert_row(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (xc, mut oc) = (x.chunks_exact(8), out.chunks_exact_mut(8));
+    let xr = xc.remainder();
+    for (xs, os) in xc.zip(&mut oc) {
+        for ((s, &v), o) in acc.iter_mut().zip(xs).zip(os) {
+            let v = v as f64;
+            o.write(v);
+            *s += v * v;
+        }
+    }
+    for ((s, &v), o) in acc.iter_mut().zip(xr).zip(oc.into_remainder()) {
+        let v = v as f64;
+        o.write(v);
+        *s += v * v;
+    }
+    acc.iter().sum()
+}
+
+/// Converts `batch` FP32 matrices stored `rows×cols` row-major (`x`) to FP64 into `out`, and
+/// returns the Euclidean norms of each matrix's rows (`batch·rows` values) when `of_rows`, else
+/// of its columns (`batch·cols` values). One parallel pass over `x`.
+///
+/// Column norms are summed over fixed blocks of rows (a block per task) and the block sums
+/// added in block order, so like everything here the bits depend on the shape only. The
+/// norms' own rounding (relative `γ_rows` or `γ_cols`, any order) is absorbed by SLACK.
+fn convert_with_norms(
+    x: &[f32],
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    of_rows: bool,
+    out: &mut Vec<f64>,
+) -> Vec<f64> {
+    let mut norms = vec![0.0f64; batch * if of_rows { rows } else { cols }];
+    out.clear();
+    out.reserve(x.len());
+    if x.is_empty() {
+        return norms;
+    }
+    let dst = &mut out.spare_capacity_mut()[..x.len()];
+    if of_rows {
+        let min_rows = (PAR_MIN_ELEMS / cols).max(1);
+        dst.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .zip(norms.par_iter_mut())
+            .with_min_len(min_rows)
+            .for_each(|((o, xr), s)| *s = convert_row(xr, o).sqrt());
+    } else {
+        let block_rows = (PAR_MIN_ELEMS / cols).max(1);
+        let blocks = rows.div_ceil(block_rows);
+        let mut partial = vec![0.0f64; batch * blocks * cols];
+        dst.par_chunks_mut(rows * cols)
+            .zip(x.par_chunks(rows * cols))
+            .zip(partial.par_chunks_mut(blocks * cols))
+            .for_each(|((o, xb), pb)| {
+                o.par_chunks_mut(block_rows * cols)
+                    .zip(xb.par_chunks(block_rows * cols))
+                    .zip(pb.par_chunks_mut(cols))
+                    .for_each(|((o, xs), p)| {
+                        for (or, xr) in o.chunks_exact_mut(cols).zip(xs.chunks_exact(cols)) {
+                            for ((s, &v), d) in p.iter_mut().zip(xr).zip(or) {
+                                let v = v as f64;
+                                d.write(v);
+                                *s += v * v;
+                            }
+                        }
+                    });
+            });
+        for (nb, pb) in norms.chunks_exact_mut(cols).zip(partial.chunks_exact(blocks * cols)) {
+            for p in pb.chunks_exact(cols) {
+                for (s, v) in nb.iter_mut().zip(p) {
+                    *s += v;
+                }
+            }
+            nb.iter_mut().for_each(|s| *s = s.sqrt());
+        }
+    }
+    // SAFETY: both branches wrote every element of `dst`, the first `x.len()` elements of
+    // `out`'s capacity: row chunks of `cols` cover `x` exactly (`x.len()` = batch·rows·cols
+    // with cols > 0), and so do the batch chunks of `rows·cols` and their row blocks.
+    unsafe { out.set_len(x.len()) };
+    norms
+}
+
+/// Converts both operands of `spec` (into `a64`, `b64`) and returns `(‖row i of op(A[b])‖₂,
+/// ‖column j of op(B[b])‖₂)`: `batch·m` and `batch·n` values.
+fn convert_operands(
+    a: &[f32],
+    b: &[f32],
+    spec: MatmulSpec,
+    a64: &mut Vec<f64>,
+    b64: &mut Vec<f64>,
+) -> (Vec<f64>, Vec<f64>) {
+    let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
+    // op(A)'s rows are the stored rows, or the stored columns (k×m) when transposed.
+    let na = if a_trans {
+        convert_with_norms(a, batch, k, m, false, a64)
+    } else {
+        convert_with_norms(a, batch, m, k, true, a64)
+    };
+    let nb = if b_trans {
+        convert_with_norms(b, batch, n, k, true, b64)
+    } else {
+        convert_with_norms(b, batch, k, n, false, b64)
+    };
+    (na, nb)
+}
+
+/// The factor `2·γ·SLACK` of the Cauchy–Schwarz bound (see [`cs_bounds_row`]).
+fn cs_factor(k: usize, with_bias: bool) -> f64 {
+    let g = if with_bias { gamma(k) } else { gamma(k.saturating_sub(1)) };
+    2.0 * g * SLACK
+}
+
+/// Bound of one row of `C = op(A)·op(B) + bias`, Cauchy–Schwarz form, into `out`.
 ///
 /// Derivation: inputs are FP32, so every product `a·b` is exact in FP64 and the only error is
 /// the summation of `k` products (+ the bias: `k+1` terms, γ_k; without bias γ_{k−1}):
 /// each side is within `γ·Σ|a_il·b_lj|` of the exact value, and `Σ|a_il·b_lj| ≤ ‖a_i‖₂·‖b_j‖₂`
-/// (Cauchy–Schwarz), so `d_ij = 2·γ·(‖a_i‖₂‖b_j‖₂ + |bias_j|)·SLACK`. The norms cost
-/// O(mk + kn) and the outer product O(mn).
-fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Vec<f64> {
-    let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
-    let g = if bias.is_some() { gamma(k) } else { gamma(k.saturating_sub(1)) };
-    let c = 2.0 * g * SLACK;
-    let (ars, acs) = strides(a_trans, m, k);
-    let (brs, bcs) = strides(b_trans, k, n);
-    let mut out = vec![0.0f64; batch * m * n];
-    let mut na = vec![0.0f64; m];
-    let mut nb = vec![0.0f64; n];
-    for bi in 0..batch {
-        let ab = &a[bi * m * k..(bi + 1) * m * k];
-        let bb = &b[bi * k * n..(bi + 1) * k * n];
-        // Row norms of op(A): accumulate squares in storage order (cache friendly).
-        na.fill(0.0);
-        nb.fill(0.0);
-        if a_trans {
-            for l in 0..k {
-                for (i, s) in na.iter_mut().enumerate() {
-                    let v = ab[i * ars + l * acs] as f64;
-                    *s += v * v;
-                }
-            }
-        } else {
-            for (i, s) in na.iter_mut().enumerate() {
-                *s = ab[i * k..(i + 1) * k].iter().map(|&v| v as f64 * v as f64).sum();
+/// (Cauchy–Schwarz), so `d_ij = 2·γ·(‖a_i‖₂‖b_j‖₂ + |bias_j|)·SLACK` (`c = 2·γ·SLACK`). The
+/// norms cost O(mk + kn) and the outer product O(mn); the norms' own rounding (relative
+/// `γ_k`, any order) is absorbed by SLACK like the rest of the bound's arithmetic.
+#[inline]
+fn cs_bounds_row(c: f64, na_i: f64, nb: &[f64], bias: Option<&[f32]>, out: &mut [f64]) {
+    let ca = c * na_i;
+    match bias {
+        Some(bias) => {
+            for ((d, nbj), bj) in out.iter_mut().zip(nb).zip(bias) {
+                *d = ca * nbj + c * bj.abs() as f64;
             }
         }
-        if b_trans {
-            for (j, s) in nb.iter_mut().enumerate() {
-                *s = bb[j * k..(j + 1) * k].iter().map(|&v| v as f64 * v as f64).sum();
-            }
-        } else {
-            for l in 0..k {
-                for (j, s) in nb.iter_mut().enumerate() {
-                    let v = bb[l * brs + j * bcs] as f64;
-                    *s += v * v;
-                }
-            }
-        }
-        for s in na.iter_mut().chain(nb.iter_mut()) {
-            *s = s.sqrt();
-        }
-        for (i, row) in out[bi * m * n..(bi + 1) * m * n].chunks_mut(n.max(1)).enumerate() {
-            let ca = c * na[i];
-            match bias {
-                Some(bias) => {
-                    for ((d, nbj), bj) in row.iter_mut().zip(&nb).zip(bias) {
-                        *d = ca * nbj + c * bj.abs() as f64;
-                    }
-                }
-                None => {
-                    for (d, nbj) in row.iter_mut().zip(&nb) {
-                        *d = ca * nbj;
-                    }
-                }
+        None => {
+            for (d, nbj) in out.iter_mut().zip(nb) {
+                *d = ca * nbj;
             }
         }
     }
+}
+
+/// The Cauchy–Schwarz bound of every element (`batch×m×n`), without the tight refinement.
+fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Vec<f64> {
+    let MatmulSpec { batch, m, k, n, .. } = spec;
+    let mut out = vec![0.0f64; batch * m * n];
+    if out.is_empty() {
+        return out;
+    }
+    let (na, nb) = with_scratch(|a64, b64| convert_operands(a, b, spec, a64, b64));
+    let c = cs_factor(k, bias.is_some());
+    out.par_chunks_mut(n).with_min_len((PAR_MIN_ELEMS / n).max(1)).enumerate().for_each(|(row, dr)| {
+        let bi = row / m;
+        cs_bounds_row(c, na[row], &nb[bi * n..(bi + 1) * n], bias, dr);
+    });
     out
+}
+
+/// Bound after multiplying by `scale`, from the unscaled two-sided bound `e` and the scaled
+/// value `v`.
+///
+/// Derivation: each side computes fl(s·D_h) with |D_h − D| ≤ e/2 and one rounding (≤ u|s·D_h|,
+/// plus ETA if it underflows): |o − h| ≤ |s|·e + 2u·|o| + 2·ETA (second-order terms in SLACK).
+/// With e = 0 both sides multiply the same exact D: one correctly rounded product.
+#[inline]
+fn scaled_bound(scale: f64, e: f64, v: f64) -> f64 {
+    if scale == 1.0 || e == 0.0 { e } else { (scale.abs() * e + 2.0 * U * v.abs() + 2.0 * ETA) * SLACK }
+}
+
+/// A cheap sufficient condition for `!common::rounding::is_ambiguous(v, d)`, integer and
+/// FP64 operations only, so a row of checks vectorises.
+///
+/// `is_ambiguous` is true only when `v` lies within `d·COMPARE_SLACK` (`COMPARE_SLACK =
+/// 1 + 2⁻⁴⁸ < 2`) of a boundary of the FP32 cell of `r = fl32(v)`. Let `2^e ≤ |v| < 2^(e+1)`
+/// with `−126 ≤ e ≤ 127`, `q = 2^(e−52)` the FP64 spacing there, and `t` the low 29 bits of
+/// `v`'s significand (`v`'s offset from the FP32 value below it, in units of `q`). Within the
+/// binade the FP32 spacing is `2^29·q`, so the cell boundaries (midpoints, exact in FP64) sit
+/// at `t = 2^28`; the nearest one outside the binade is the midpoint just below `2^e`, at
+/// least `2^27·q` below it (the spacing at most halves), i.e. `t + 2^27` units away; the
+/// overflow boundary `f32::MAX + 2^103` is the `t = 2^28` point of binade 127. So `v` is at
+/// least `dist·q` from every boundary, `dist = min(|t − 2^28|, t + 2^27)`, and rounding is
+/// monotone: `dist·q > 2d` implies that both of `is_ambiguous`'s computed distances exceed
+/// `fl(d·COMPARE_SLACK) ≤ 2d`. `2d/q = d·2^(53−e)` is an exact scaling (an underflow there
+/// only matters when `d` is far below `q`, where `dist ≥ 1` already decides). Values outside
+/// the FP32 normal binades (zero, subnormal, ≥ 2^128, NaN) are left to `is_ambiguous`.
+#[inline]
+fn surely_plain(v: f64, d: f64) -> bool {
+    let bits = v.to_bits();
+    let ex = (bits >> 52) & 0x7ff; // biased: e + 1023
+    let t = (bits & ((1 << 29) - 1)) as i64;
+    let dist = (t - (1 << 28)).abs().min(t + (1 << 27));
+    // 2^(53−e) has the biased exponent 53 − e + 1023 = 2099 − ex.
+    let scale = f64::from_bits((2099u64.wrapping_sub(ex) & 0x7ff) << 52);
+    (1023 - 126..=1023 + 127).contains(&ex) & (dist as f64 > 2.0 * d * scale)
+}
+
+/// Ambiguous elements refined together: one sweep over `l` updates all of them, so the
+/// operands are read row by row instead of one strided column per element.
+const REFINE_CHUNK: usize = 64;
+
+/// The bound of every element of `values` (`batch×m×n`, the unscaled product), scaling
+/// `values` by `scale` on the way; `na`, `nb` are the operand norms from [`convert_operands`].
+///
+/// One pass over the output, rows in parallel: the Cauchy–Schwarz bound ([`cs_bounds_row`]),
+/// the scale ([`scaled_bound`]), and the ambiguity check ([`surely_plain`] first, then
+/// `is_ambiguous`). Where that cheap but loose bound (positive even when every product is
+/// zero) makes an element ambiguous, the tight bound `2·γ·Σ|a·b|` (or 0 when every order is
+/// exact) replaces it if smaller: O(k) for each of the few elements concerned, computed in
+/// chunks of [`REFINE_CHUNK`] elements, each element's terms in the order `l = 0..k`, bias last.
+#[allow(clippy::too_many_arguments)]
+fn finish_bounds(
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    scale: f64,
+    (na, nb): (&[f64], &[f64]),
+    values: &mut [f64],
+    spec: MatmulSpec,
+) -> Vec<f64> {
+    let MatmulSpec { m, k, n, a_trans, b_trans, .. } = spec;
+    let mut bounds = vec![0.0f64; values.len()];
+    if values.is_empty() {
+        return bounds;
+    }
+    let c = cs_factor(k, bias.is_some());
+    let ambiguous: Vec<usize> = values
+        .par_chunks_mut(n)
+        .zip(bounds.par_chunks_mut(n))
+        .with_min_len((PAR_MIN_ELEMS / n).max(1))
+        .enumerate()
+        .flat_map_iter(|(row, (vr, dr))| {
+            let bi = row / m;
+            cs_bounds_row(c, na[row], &nb[bi * n..(bi + 1) * n], bias, dr);
+            if scale != 1.0 {
+                for (v, d) in vr.iter_mut().zip(dr.iter_mut()) {
+                    *v *= scale;
+                    *d = scaled_bound(scale, *d, *v);
+                }
+            }
+            let mut amb = Vec::new();
+            if !vr.iter().zip(dr.iter()).fold(true, |all, (&v, &d)| all & surely_plain(v, d)) {
+                for (j, (&v, &d)) in vr.iter().zip(dr.iter()).enumerate() {
+                    if !surely_plain(v, d) && common::rounding::is_ambiguous(v, d) {
+                        amb.push(row * n + j);
+                    }
+                }
+            }
+            amb
+        })
+        .collect();
+    if ambiguous.is_empty() {
+        return bounds;
+    }
+    let (ars, acs) = strides(a_trans, m, k);
+    let (brs, bcs) = strides(b_trans, k, n);
+    let values = &*values;
+    let tight: Vec<f64> = ambiguous
+        .par_chunks(REFINE_CHUNK)
+        .flat_map_iter(|chunk| {
+            // (offset of op(A) row i in `a`, offset of op(B) column j in `b`, j)
+            let at: Vec<(usize, usize, usize)> = chunk
+                .iter()
+                .map(|&idx| {
+                    let (bi, i, j) = (idx / (m * n), idx / n % m, idx % n);
+                    (bi * m * k + i * ars, bi * k * n + j * bcs, j)
+                })
+                .collect();
+            let mut terms = vec![ExactTerms::new(); chunk.len()];
+            for l in 0..k {
+                let (la, lb) = (l * acs, l * brs);
+                for (t, &(ao, bo, _)) in terms.iter_mut().zip(&at) {
+                    t.product(a[ao + la], b[bo + lb]);
+                }
+            }
+            if let Some(bias) = bias {
+                for (t, &(_, _, j)) in terms.iter_mut().zip(&at) {
+                    t.value(bias[j]);
+                }
+            }
+            terms.into_iter().zip(chunk).map(|(t, &idx)| scaled_bound(scale, t.bound(), values[idx]))
+        })
+        .collect();
+    for (&idx, t) in ambiguous.iter().zip(tight) {
+        bounds[idx] = bounds[idx].min(t);
+    }
+    bounds
 }
 
 /// The `cpu` profile's GEMM. Blocking depends on the shape and cache sizes only; threads split
@@ -382,5 +625,66 @@ fn gemm_cpu(a: &[f64], b: &[f64], out: &mut [f64], spec: MatmulSpec) {
                 par,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parity::SplitMix64;
+    use common::rounding::is_ambiguous;
+
+    /// Values at, next to and between FP32 cell boundaries, powers of two, the normal/subnormal
+    /// edge and the overflow boundary, with bounds from far below to far above their distance.
+    #[test]
+    fn surely_plain_implies_not_ambiguous() {
+        let mut rng = SplitMix64(11);
+        let mut centres: Vec<f64> = vec![0.0, f64::MIN_POSITIVE, 1.0, f32::MAX as f64, f32::MIN_POSITIVE as f64];
+        centres.push(f32::MAX as f64 + 2f64.powi(103)); // overflow boundary
+        centres.push(f32::MIN_POSITIVE as f64 - 2f64.powi(-150));
+        for e in (-150..=128).step_by(7) {
+            let p = 2f64.powi(e);
+            let r = p as f32;
+            centres.extend([p, p - 2f64.powi(e - 26), p + 2f64.powi(e - 25), p - 2f64.powi(e - 25)]);
+            if r.is_finite() && r != 0.0 {
+                let (up, down) = (r.next_up() as f64, r.next_down() as f64);
+                centres.extend([(r as f64 + up) / 2.0, (r as f64 + down) / 2.0]);
+            }
+        }
+        for x in rng.uniform(2000, 1.0) {
+            let e = (rng.next_u64() % 260) as i32 - 130;
+            let r = x * 2f32.powi(e.clamp(-126, 100));
+            if r.is_finite() {
+                let up = r.next_up() as f64;
+                centres.extend([r as f64, (r as f64 + up) / 2.0, r as f64 * 1.000_000_1]);
+            }
+        }
+        let mut checked = 0;
+        let mut plain = 0;
+        for &c in &centres {
+            for sign in [1.0, -1.0] {
+                for step in [-3i64, -1, 0, 1, 2, 1 << 10, -(1 << 20), 1 << 27] {
+                    let v = sign * f64::from_bits(c.to_bits().wrapping_add_signed(step));
+                    if !v.is_finite() {
+                        continue;
+                    }
+                    let c = sign * c;
+                    let dist = (v - c).abs().max(f64::from_bits(1));
+                    for f in [0.0, 1e-300, 0.24, 0.49, 0.5, 0.51, 1.0, 2.0, 1e3] {
+                        let d = dist * f;
+                        checked += 1;
+                        if surely_plain(v, d) {
+                            plain += 1;
+                            assert!(!is_ambiguous(v, d), "surely_plain({v:e}, {d:e}) but it is ambiguous");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(plain > checked / 10, "the pre-filter passes too little ({plain} of {checked})");
+        // Typical products: bounds far below the FP32 spacing are decided by the pre-filter.
+        let typical = rng.uniform(10_000, 100.0);
+        let decided = typical.iter().filter(|&&x| surely_plain(x as f64 * 1.000_01, x.abs() as f64 * 1e-12)).count();
+        assert!(decided > 9_900, "{decided}");
     }
 }
