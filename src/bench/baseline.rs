@@ -1,0 +1,184 @@
+//! The plain FP32 baseline: the same three models in candle (CPU, FP32, autograd), started from
+//! the engine's initial weights and trained on the engine's batches with the same optimizer.
+//!
+//! Nothing here is verified or rounded; it is what a trainer would run without tiebreak, so its
+//! step time is the denominator of `trainer_overhead_vs_fp32`. Two deliberate departures from
+//! "idiomatic" candle-nn code, both forced by missing backward passes in candle 0.11:
+//! `softmax_last_dim` and the fused `layer_norm` op have none, so the GPT builds softmax from
+//! `exp / sum / div` and layer norm from mean/variance arithmetic (both differentiable).
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use common::state::TrainingState;
+use engine::model::LN_EPS;
+use engine::model::{Batch, Model, param_key};
+use engine::spec::{GptConfig, OptimizerConfig};
+
+/// The optimizer of the baseline: the same update rule and hyper-parameters as the engine's.
+enum Update {
+    /// PyTorch SGD (no dampening): `v ← μ·v + (g + wd·w)`, `w ← w − lr·v`. candle-nn's `SGD`
+    /// has no momentum, so this is written out with tensor ops.
+    Sgd { lr: f64, momentum: f64, weight_decay: f64, buffers: Vec<Var> },
+    /// candle-nn's AdamW (PyTorch semantics, decoupled weight decay).
+    Adamw(AdamW),
+}
+
+/// A candle FP32 model with its parameters and optimizer state.
+pub struct Baseline {
+    model: Model,
+    /// Parameters in [`Model::params`] order.
+    vars: Vec<Var>,
+    update: Update,
+    dev: Device,
+}
+
+impl std::fmt::Debug for Baseline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Baseline").field("model", &self.model).field("params", &self.vars.len()).finish()
+    }
+}
+
+impl Baseline {
+    /// Builds the baseline from the engine's model and initial state (same weights).
+    pub fn new(model: &Model, init: &TrainingState, opt: &OptimizerConfig) -> Result<Baseline> {
+        let dev = Device::Cpu;
+        let mut vars = Vec::new();
+        for p in model.params() {
+            let t = init.get(&param_key(&p.name)).with_context(|| format!("initial state lacks {}", p.name))?;
+            let tensor = Tensor::from_slice(&t.data, p.shape.as_slice(), &dev)?;
+            vars.push(Var::from_tensor(&tensor)?);
+        }
+        let update = match opt {
+            OptimizerConfig::Sgd(s) => Update::Sgd {
+                lr: s.lr,
+                momentum: s.momentum,
+                weight_decay: s.weight_decay,
+                buffers: vars.iter().map(|v| Var::zeros(v.shape(), DType::F32, &dev)).collect::<Result<_, _>>()?,
+            },
+            OptimizerConfig::Adamw(a) => Update::Adamw(AdamW::new(
+                vars.clone(),
+                ParamsAdamW { lr: a.lr, beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay },
+            )?),
+        };
+        Ok(Baseline { model: model.clone(), vars, update, dev })
+    }
+
+    /// One training step: forward, loss, backward, optimizer update. Returns the loss.
+    pub fn step(&mut self, batch: &Batch) -> Result<f32> {
+        let loss = self.loss(batch)?;
+        let grads = loss.backward()?;
+        match &mut self.update {
+            Update::Adamw(opt) => opt.step(&grads)?,
+            Update::Sgd { lr, momentum, weight_decay, buffers } => {
+                for (w, v) in self.vars.iter().zip(buffers.iter()) {
+                    let g = grads.get(w).context("parameter without gradient")?;
+                    let gd = (g + (w.as_tensor() * *weight_decay)?)?;
+                    let vn = ((v.as_tensor() * *momentum)? + gd)?;
+                    let wn = (w.as_tensor() - (&vn * *lr)?)?;
+                    v.set(&vn)?;
+                    w.set(&wn)?;
+                }
+            }
+        }
+        Ok(loss.to_scalar::<f32>()?)
+    }
+
+    fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        let v = |i: usize| self.vars[i].as_tensor();
+        match (&self.model, batch) {
+            (Model::Mlp { dims }, Batch::Classes { x, y, n }) => {
+                let mut h = Tensor::from_slice(x, (*n, dims[0]), &self.dev)?;
+                let layers = dims.len() - 1;
+                for l in 0..layers {
+                    h = linear(&h, v(2 * l), v(2 * l + 1))?;
+                    if l + 1 < layers {
+                        h = h.relu()?;
+                    }
+                }
+                ce(&h, y, &self.dev)
+            }
+            (Model::Cnn { h, w, .. }, Batch::Classes { x, y, n }) => {
+                let img = Tensor::from_slice(x, (*n, 1, *h, *w), &self.dev)?;
+                let conv = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
+                    let c = b.dims1()?;
+                    Ok(x.conv2d(w, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+                };
+                let a1 = conv(&img, v(0), v(1))?.relu()?.max_pool2d(2)?;
+                let a2 = conv(&a1, v(2), v(3))?.relu()?.max_pool2d(2)?;
+                let flat = a2.flatten_from(1)?;
+                ce(&linear(&flat, v(4), v(5))?, y, &self.dev)
+            }
+            (Model::Gpt { cfg, vocab }, Batch::Tokens { ids, targets, b, t }) => {
+                let logits = self.gpt_logits(cfg, *vocab, ids, *b, *t)?;
+                ce(&logits, targets, &self.dev)
+            }
+            _ => bail!("batch kind does not match the model"),
+        }
+    }
+
+    /// The GPT's logits `[b·t, vocab]`; parameters are indexed in [`Model::params`] order.
+    fn gpt_logits(&self, cfg: &GptConfig, vocab: usize, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+        let v = |i: usize| self.vars[i].as_tensor();
+        let (d, h) = (cfg.d_model, cfg.heads);
+        let dh = d / h;
+        let rows = b * t;
+        let ids = Tensor::from_slice(ids, rows, &self.dev)?;
+        let pos: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
+        let pos = Tensor::from_vec(pos, rows, &self.dev)?;
+        let mut x = (v(0).index_select(&ids, 0)? + v(1).index_select(&pos, 0)?)?;
+        // Additive causal mask: 0 on and below the diagonal, a large negative number above.
+        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { -1e30 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.dev)?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let heads = |m: Tensor| -> Result<Tensor> { Ok(m.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()?) };
+        for l in 0..cfg.layers {
+            let p = 2 + 12 * l;
+            let ln1 = layer_norm(&x, v(p), v(p + 1))?;
+            let qkv = linear(&ln1, v(p + 2), v(p + 3))?;
+            let q = heads(qkv.narrow(1, 0, d)?)?;
+            let k = heads(qkv.narrow(1, d, d)?)?;
+            let vv = heads(qkv.narrow(1, 2 * d, d)?)?;
+            let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = softmax_last(&scores)?;
+            let att = probs.matmul(&vv)?.transpose(1, 2)?.contiguous()?.reshape((rows, d))?;
+            x = (&x + linear(&att, v(p + 4), v(p + 5))?)?;
+            let ln2 = layer_norm(&x, v(p + 6), v(p + 7))?;
+            let fc = linear(&ln2, v(p + 8), v(p + 9))?.gelu()?;
+            x = (&x + linear(&fc, v(p + 10), v(p + 11))?)?;
+        }
+        let f = 2 + 12 * cfg.layers;
+        let lnf = layer_norm(&x, v(f), v(f + 1))?;
+        let logits = linear(&lnf, v(f + 2), v(f + 3))?;
+        debug_assert_eq!(logits.dims2()?, (rows, vocab));
+        Ok(logits)
+    }
+}
+
+/// `x·Wᵀ + b` for `x: [n, i]`, `W: [o, i]`.
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+/// Mean cross-entropy of logits `[n, c]` against labels.
+fn ce(logits: &Tensor, labels: &[u32], dev: &Device) -> Result<Tensor> {
+    let y = Tensor::from_slice(labels, labels.len(), dev)?;
+    Ok(candle_nn::loss::cross_entropy(logits, &y)?)
+}
+
+/// Softmax over the last dimension from differentiable primitives (the max is a constant
+/// shift, so it is detached).
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Layer norm over the last dimension of `[rows, d]`, from differentiable primitives.
+fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (var + LN_EPS)?.sqrt()?.recip()?;
+    Ok(xc.broadcast_mul(&rstd)?.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}

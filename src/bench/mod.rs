@@ -1,0 +1,645 @@
+//! The `bench` binary's measurements: for each model, verifiable training against a plain FP32
+//! candle step, auditor replay against training, tie-break log size against the paper's dense
+//! log, record size against proof-of-learning's storage, peak memory; plus a 100,000-leaf
+//! bisection. Everything is measured in one run; nothing is tuned per model.
+//!
+//! # How the timings are taken
+//! For every step `t` of a model, in this process and back to back: the trainer's verified step
+//! (`Commit`, no paper log), the candle FP32 step on the same batch, and the auditor's replay of
+//! step `t` with the trainer's log on each CPU profile (each profile keeps its own chain of
+//! states, which must stay bit-identical to the trainer's). The order of the trainer and FP32
+//! steps alternates from step to step, so background load on a shared machine hits both alike.
+//! The headline ratios are ratios of the *fastest* step of each kind (the least disturbed by
+//! other processes; the same estimator for every kind); ratios of medians are reported beside
+//! them, with the load average, so a reader can see how noisy the machine was.
+//!
+//! The paper's dense log needs the same step run again with `Commit { paper: true }` (the trits
+//! are computed inside the rounding); that run is timed separately and must give the same
+//! state bits.
+//!
+//! # Peak memory
+//! `VmHWM` is per process, and this process holds every model at once, so the trainer, the
+//! auditor and the FP32 baseline are each run for a few steps in a child process of this
+//! binary (`bench --child <role> --model <name>`), which prints its own `VmHWM`.
+
+pub mod baseline;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::codec::to_hex;
+use common::leaf::LEAF_BYTES;
+use common::merkle::{Bisection, BisectionOutcome, MerkleTree};
+use common::prng::Stream;
+use common::state::TrainingState;
+use common::tielog::{SiteLog, TieBreakLog, compress_canonical};
+use engine::data::Dataset;
+use engine::model::Batch;
+use engine::spec::{Config, DataConfig, FORMAT_VERSION, ModelConfig, RunSpec, SOFTWARE_VERSION, SyntheticConfig};
+use engine::train::{Run, StepMode};
+use kernels::{Device, Profile};
+use serde_json::{Value, json};
+
+use baseline::Baseline;
+
+/// The models measured, in output order.
+pub const MODELS: [&str; 3] = ["mnist-mlp", "mnist-cnn", "shakespeare-gpt"];
+
+/// Leaves of the bisection benchmark's trees.
+pub const BISECTION_LEAVES: u64 = 100_000;
+
+/// The device profile the trainer uses (the default one).
+pub const TRAINER_PROFILE: Profile = Profile::Cpu;
+
+fn config_text(model: &str) -> Result<&'static str> {
+    Ok(match model {
+        "mnist-mlp" => include_str!("../../configs/mnist-mlp.toml"),
+        "mnist-cnn" => include_str!("../../configs/mnist-cnn.toml"),
+        "shakespeare-gpt" => include_str!("../../configs/shakespeare-gpt.toml"),
+        other => bail!("unknown model {other:?} (known: {})", MODELS.join(", ")),
+    })
+}
+
+/// The auditor's default profile: the first CPU profile other than the trainer's (what the
+/// `auditor` CLI picks when `--device` is not given).
+pub fn auditor_profile() -> Profile {
+    Profile::CPU.into_iter().find(|&p| p != TRAINER_PROFILE).unwrap_or_default()
+}
+
+/// A model's run, built from its config and either the real data under `data_dir` or
+/// synthetic data of the same shapes.
+#[derive(Debug)]
+pub struct Setup {
+    pub config: Config,
+    pub data: Dataset,
+    /// `"real"` or `"synthetic"`.
+    pub data_kind: &'static str,
+    /// What the data is, in words.
+    pub data_source: String,
+}
+
+impl Setup {
+    pub fn new(model: &str, data_dir: Option<&Path>) -> Result<Setup> {
+        let mut config = Config::from_toml(config_text(model)?, &format!("configs/{model}.toml"))?;
+        let seed = config.train.seed;
+        let context = match &config.model {
+            ModelConfig::Gpt(g) => g.context,
+            _ => 0,
+        };
+        if let Some(dir) = data_dir {
+            let path = if context > 0 { dir.join("shakespeare.txt") } else { dir.join("mnist") };
+            let data = Dataset::load(&config.data, Some(&path), seed, context)
+                .with_context(|| format!("loading data for {model}"))?;
+            return Ok(Setup { config, data, data_kind: "real", data_source: path.display().to_string() });
+        }
+        // Synthetic data of the real data's shapes.
+        let (data, source) = match &config.data {
+            DataConfig::Mnist(m) => {
+                let (train, holdout) = (m.train, m.holdout);
+                let synthetic = Dataset::synthetic(train + holdout, holdout, 784, 10, seed);
+                let Dataset::Classification { inputs, labels, .. } = synthetic else { unreachable!() };
+                // The MLP flattens [1, 28, 28] to 784; the CNN needs the image shape.
+                let data = Dataset::Classification {
+                    kind: "synthetic",
+                    input_shape: vec![1, 28, 28],
+                    inputs,
+                    labels,
+                    classes: 10,
+                    n_train: train,
+                    n_holdout: holdout,
+                };
+                config.data = DataConfig::Synthetic(SyntheticConfig {
+                    examples: train + holdout,
+                    holdout,
+                    features: 784,
+                    classes: 10,
+                });
+                (data, format!("synthetic: {} examples of 1×28×28, 10 classes (engine's generator)", train + holdout))
+            }
+            DataConfig::Text(t) => {
+                let raw = synthetic_text(seed, 1_115_394);
+                let n = raw.len();
+                let data = Dataset::text(raw, context, t.holdout_fraction).map_err(anyhow::Error::msg)?;
+                (data, format!("synthetic: {n} bytes of random words over 26 letters, space, newline and '.'"))
+            }
+            DataConfig::Synthetic(_) => (Dataset::load(&config.data, None, seed, context)?, "synthetic".to_string()),
+        };
+        Ok(Setup { config, data, data_kind: "synthetic", data_source: source })
+    }
+
+    /// The run on `profile`, with a spec for `n_steps`.
+    pub fn run(&self, profile: Profile, n_steps: u64) -> Result<Run> {
+        let spec = RunSpec {
+            format_version: FORMAT_VERSION,
+            software_version: SOFTWARE_VERSION.to_string(),
+            config: self.config.clone(),
+            dataset: self.data.commitment(),
+            device_profile: TRAINER_PROFILE.name().to_string(),
+            n_steps,
+        };
+        Ok(Run::new(spec, self.data.clone(), Device::new(profile)?)?)
+    }
+}
+
+/// Text of roughly Shakespeare's size and alphabet size, from the seeded PRNG.
+fn synthetic_text(seed: u64, len: usize) -> Vec<u8> {
+    let mut s = Stream::new(seed, "bench/text", 0, 0);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let word = 1 + s.below(9) as usize;
+        for _ in 0..word {
+            out.push(b'a' + s.below(26) as u8);
+        }
+        out.push(match s.below(12) {
+            0 => b'\n',
+            1 => b'.',
+            _ => b' ',
+        });
+    }
+    out.truncate(len);
+    out
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 { v[m] } else { 0.5 * (v[m - 1] + v[m]) }
+}
+
+fn min(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t0 = Instant::now();
+    let out = f();
+    (out, t0.elapsed().as_secs_f64())
+}
+
+/// Logged and total values per site kind (`fwd`, `bwd`, `grad`, `opt`).
+#[derive(Debug, Default)]
+struct KindCounts(BTreeMap<String, (u64, u64)>);
+
+impl KindCounts {
+    fn add(&mut self, log: &TieBreakLog) {
+        for (name, site) in log.sites() {
+            let kind = name.split('/').next().unwrap_or(name).to_string();
+            let e = self.0.entry(kind).or_default();
+            e.0 += site.n_entries() as u64;
+            e.1 += site.len();
+        }
+    }
+
+    fn fractions(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        let (mut logged, mut total) = (0u64, 0u64);
+        for (k, &(l, n)) in &self.0 {
+            out.insert(k.clone(), json!(l as f64 / n.max(1) as f64));
+            logged += l;
+            total += n;
+        }
+        out.insert("all".into(), json!(logged as f64 / total.max(1) as f64));
+        Value::Object(out)
+    }
+}
+
+/// Ops each model's step uses, by their names in `kernels::parity::tightness`.
+fn ops_of(model: &ModelConfig) -> &'static [&'static str] {
+    match model {
+        ModelConfig::Mlp(_) => &["matmul", "matmul_backward", "sum_rows", "relu", "cross_entropy", "sgd"],
+        ModelConfig::Cnn(_) => &[
+            "conv2d",
+            "conv2d_backward",
+            "max_pool2d",
+            "max_pool2d_backward",
+            "relu",
+            "matmul",
+            "matmul_backward",
+            "sum_rows",
+            "cross_entropy",
+            "adamw",
+        ],
+        ModelConfig::Gpt(_) => &[
+            "embedding",
+            "embedding_backward",
+            "layer_norm",
+            "layer_norm_backward",
+            "matmul",
+            "matmul_scaled",
+            "matmul_backward",
+            "softmax",
+            "softmax_backward",
+            "gelu",
+            "gelu_backward",
+            "sum_rows",
+            "cross_entropy",
+            "adamw",
+        ],
+    }
+}
+
+/// Options of a whole benchmark run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data: Option<PathBuf>,
+    /// Timed steps per model.
+    pub steps: u64,
+    /// Steps each peak-memory child process runs.
+    pub rss_steps: u64,
+    pub models: Vec<String>,
+    /// Skip the peak-memory child processes (for tests).
+    pub skip_rss: bool,
+}
+
+/// Runs every measurement and returns the JSON document.
+pub fn run(opts: &Options) -> Result<Value> {
+    let t0 = Instant::now();
+    let load_start = load_average();
+    let (tightness, tightness_s) = timed(|| kernels::parity::tightness(1));
+    let mut models = Vec::new();
+    let mut data_kinds = Vec::new();
+    for name in &opts.models {
+        eprintln!("bench: {name}: {} steps", opts.steps);
+        let (report, kind) = measure_model(name, opts, &tightness)?;
+        data_kinds.push(kind);
+        models.push(report);
+    }
+    let bisection = bisection(BISECTION_LEAVES, 61_803)?;
+    let data_kind = if data_kinds.iter().all(|k| *k == "real") { "real" } else { "synthetic" };
+    Ok(json!({
+        "format": "tiebreak-bench/1",
+        "software_version": SOFTWARE_VERSION,
+        "machine": machine(),
+        "load_average_start_end": [load_start, load_average()],
+        "data": {
+            "kind": data_kind,
+            "dir": opts.data.as_ref().map(|d| d.display().to_string()),
+        },
+        "trainer_profile": TRAINER_PROFILE.name(),
+        "auditor_profile": auditor_profile().name(),
+        "steps_per_model": opts.steps,
+        "models": models,
+        "bisection": bisection,
+        "bound_tightness_seconds": tightness_s,
+        "total_seconds": t0.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The machine the run is on.
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string());
+    let logical = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    json!({
+        "cores_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpus_in_cpuinfo": logical,
+        "cpu_model": model,
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) -> Result<(Value, &'static str)> {
+    let setup = Setup::new(name, opts.data.as_deref())?;
+    let steps = opts.steps;
+    ensure!(steps >= 1, "--steps must be at least 1");
+    let trainer = setup.run(TRAINER_PROFILE, steps)?;
+    let replayers: Vec<(Profile, Run)> =
+        Profile::CPU.into_iter().map(|p| Ok((p, setup.run(p, steps)?))).collect::<Result<_>>()?;
+    let init = trainer.initial_state()?;
+    let mut fp32 = Baseline::new(&trainer.model, &init, &trainer.spec.config.optimizer)?;
+
+    let mut state = init.clone();
+    let mut replay_states: Vec<TrainingState> = replayers.iter().map(|_| init.clone()).collect();
+    let (mut t_train, mut t_fp32, mut t_paper) = (Vec::new(), Vec::new(), Vec::new());
+    let mut t_replay: Vec<Vec<f64>> = replayers.iter().map(|_| Vec::new()).collect();
+    let (mut log_bytes, mut paper_bytes, mut batch_bytes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut entries, mut values, mut paper_values) = (Vec::new(), 0u64, 0u64);
+    let mut kinds = KindCounts::default();
+    let (mut losses, mut fp32_losses) = (Vec::new(), Vec::new());
+    let mut logs = Vec::new();
+
+    for t in 1..=steps {
+        let batch_idx = trainer.batch_indices(t);
+        let batch = Batch::gather(&trainer.data, &batch_idx.0);
+        let train = |s: &TrainingState| trainer.step(s, t, StepMode::Commit { paper: false }, None);
+        let (out, fp32_loss) = if t % 2 == 1 {
+            let (out, dt) = timed(|| train(&state));
+            t_train.push(dt);
+            let (l, dt) = timed(|| fp32.step(&batch));
+            t_fp32.push(dt);
+            (out?, l?)
+        } else {
+            let (l, dt) = timed(|| fp32.step(&batch));
+            t_fp32.push(dt);
+            let (out, dt) = timed(|| train(&state));
+            t_train.push(dt);
+            (out?, l?)
+        };
+        for (k, (profile, r)) in replayers.iter().enumerate() {
+            let (rep, dt) = timed(|| r.step(&replay_states[k], t, StepMode::Replay(&out.log), None));
+            let rep = rep.with_context(|| format!("{name}: replay of step {t} on {profile}"))?;
+            t_replay[k].push(dt);
+            let (a, b) = (rep.state.digest(), out.state.digest());
+            ensure!(
+                a == b && rep.forged.is_empty(),
+                "{name}: replay of step {t} on {profile} differs from the trainer: state {} vs {}, {} forged entries",
+                to_hex(&a),
+                to_hex(&b),
+                rep.forged.len()
+            );
+            replay_states[k] = rep.state;
+        }
+        let (paper, dt) = timed(|| trainer.step(&state, t, StepMode::Commit { paper: true }, None));
+        let paper = paper?;
+        t_paper.push(dt);
+        ensure!(paper.state.digest() == out.state.digest(), "{name}: the paper-log run of step {t} changed the state");
+        let dense = paper.paper.context("commit with paper: true gave no dense log")?;
+        paper_bytes.push(dense.compressed_bytes() as f64);
+        paper_values = dense.n_values();
+
+        let compressed = out.log.compress();
+        log_bytes.push(compressed.len() as f64);
+        batch_bytes.push(out.batch.encode().len() as f64);
+        entries.push(out.log.n_entries() as f64);
+        values = out.log.n_values();
+        kinds.add(&out.log);
+        losses.push(out.loss);
+        fp32_losses.push(fp32_loss);
+        logs.push(compressed);
+        state = out.state;
+        eprintln!(
+            "bench: {name}: step {t}/{steps}: trainer {:.3}s fp32 {:.3}s replay {} loss {:.4} (fp32 {:.4}), {} tie-breaks",
+            t_train.last().unwrap_or(&0.0),
+            t_fp32.last().unwrap_or(&0.0),
+            t_replay.iter().map(|v| format!("{:.3}s", v.last().unwrap_or(&0.0))).collect::<Vec<_>>().join("/"),
+            out.loss,
+            fp32_loss,
+            out.log.n_entries()
+        );
+    }
+
+    let (train_min, train_med) = (min(&t_train), median(&t_train));
+    let (fp32_min, fp32_med) = (min(&t_fp32), median(&t_fp32));
+    let auditor = auditor_profile();
+    let mut replay_by_profile = serde_json::Map::new();
+    let mut replay_vs_trainer = f64::NAN;
+    for ((p, _), ts) in replayers.iter().zip(&t_replay) {
+        let r = min(ts) / train_min;
+        if *p == auditor {
+            replay_vs_trainer = r;
+        }
+        replay_by_profile.insert(
+            p.name().into(),
+            json!({
+                "replay_step_seconds_min": min(ts),
+                "replay_step_seconds_median": median(ts),
+                "replay_vs_trainer": r,
+                "replay_vs_trainer_of_medians": median(ts) / train_med,
+            }),
+        );
+    }
+    // The log's fixed part: the same sites with no entries (names and lengths only).
+    let mut skeleton = TieBreakLog::default();
+    for (site, log) in tielog_sites(logs.last()) {
+        skeleton.insert(&site, SiteLog::new(log))?;
+    }
+    let skeleton_bytes = skeleton.compress().len();
+
+    let checkpoint_bytes = compress_canonical(&state.encode()).len() as f64;
+    let interval = setup.config.train.checkpoint_interval as f64;
+    let log_mean = mean(&log_bytes);
+    let paper_mean = mean(&paper_bytes);
+    let record = log_mean + LEAF_BYTES as f64 + mean(&batch_bytes) + checkpoint_bytes / interval;
+    let pol = state.n_values() as f64 * 4.0;
+
+    let ops = ops_of(&setup.config.model);
+    let per_op: serde_json::Map<String, Value> =
+        tightness.iter().filter(|(op, _)| ops.contains(op)).map(|(op, r)| ((*op).to_string(), json!(r))).collect();
+    let worst = tightness.iter().filter(|(op, _)| ops.contains(op)).map(|(_, r)| *r).fold(0.0f64, f64::max);
+
+    let rss = if opts.skip_rss { Value::Null } else { peak_rss(name, opts, &logs)? };
+
+    let report = json!({
+        "model": name,
+        "data": {"kind": setup.data_kind, "source": setup.data_source},
+        "steps": steps,
+        "batch_size": setup.config.train.batch_size,
+        "parameters_and_optimizer_values": state.n_values(),
+        "rounded_values_per_step": values,
+        "trainer_step_seconds_min": train_min,
+        "trainer_step_seconds_median": train_med,
+        "fp32_step_seconds_min": fp32_min,
+        "fp32_step_seconds_median": fp32_med,
+        "trainer_overhead_vs_fp32": train_min / fp32_min,
+        "trainer_overhead_vs_fp32_of_medians": train_med / fp32_med,
+        "replay_vs_trainer": replay_vs_trainer,
+        "replay_profile": auditor.name(),
+        "replay_by_profile": replay_by_profile,
+        "paper_commit_step_seconds_min": min(&t_paper),
+        "log_bytes_per_step": log_mean,
+        "paper_log_bytes_per_step": paper_mean,
+        "paper_log_values_per_step": paper_values,
+        "log_ratio_vs_paper": paper_mean / log_mean,
+        "log_skeleton_bytes": skeleton_bytes,
+        "log_sites": skeleton.sites().count(),
+        "tie_breaks_per_step": mean(&entries),
+        "logged_fraction": kinds.fractions(),
+        "bound_tightness": {
+            "max": worst,
+            "per_op": per_op,
+            "method": "kernels::parity::tightness(1): largest |vA - vB| / d over all ordered pairs of CPU profiles and adversarial input families, for the ops this model uses",
+        },
+        "record_bytes_per_step": record,
+        "record_parts": {
+            "log_bytes": log_mean,
+            "leaf_bytes": LEAF_BYTES,
+            "batch_bytes": mean(&batch_bytes),
+            "checkpoint_bytes": checkpoint_bytes,
+            "checkpoint_interval": setup.config.train.checkpoint_interval,
+        },
+        "pol_bytes_per_step": pol,
+        "record_ratio_vs_pol": pol / record,
+        "peak_rss_bytes": rss,
+        "loss_first_last": [losses.first(), losses.last()],
+        "fp32_loss_first_last": [fp32_losses.first(), fp32_losses.last()],
+    });
+    Ok((report, setup.data_kind))
+}
+
+/// Site names and lengths of a stored (compressed) log.
+fn tielog_sites(stored: Option<&Vec<u8>>) -> Vec<(String, u64)> {
+    let Some(stored) = stored else { return Vec::new() };
+    match TieBreakLog::decompress(stored, engine::record::LOG_RAW_BYTES_MAX) {
+        Ok(log) => log.sites().map(|(n, s)| (n.to_string(), s.len())).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The 1-, 5- and 15-minute load averages (`/proc/loadavg`).
+fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(|x| x.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+/// Two trees of `leaves` leaves that differ from leaf `first_bad` on; the auditor bisects its
+/// tree against the trainer's root, the trainer answering from its own tree.
+pub fn bisection(leaves: u64, first_bad: u64) -> Result<Value> {
+    let leaf = |i: u64, bad: bool| {
+        let mut entry = i.to_le_bytes().to_vec();
+        entry.push(u8::from(bad));
+        common::merkle::leaf_hash(&entry)
+    };
+    let (trees, build_s) = timed(|| {
+        let own = MerkleTree::from_leaf_hashes((0..leaves).map(|i| leaf(i, false)));
+        let theirs = MerkleTree::from_leaf_hashes((0..leaves).map(|i| leaf(i, i >= first_bad)));
+        (own, theirs)
+    });
+    let (own, theirs) = trees;
+    let (found, seconds) = timed(|| -> Result<_> {
+        let mut b = Bisection::new(&own, leaves, theirs.root())?;
+        while let Some((lo, hi)) = b.next_query() {
+            let (l, r) = theirs.child_hashes(lo, hi, leaves)?;
+            b.answer(l, r)?;
+        }
+        Ok((b.outcome(), b.queries()))
+    });
+    let (outcome, queries) = found?;
+    let Some(BisectionOutcome::Diverged { first_differing_leaf, .. }) = outcome else {
+        bail!("bisection did not find the divergence: {outcome:?}");
+    };
+    ensure!(first_differing_leaf == first_bad, "bisection found leaf {first_differing_leaf}, not {first_bad}");
+    ensure!(queries <= Bisection::query_limit(leaves), "bisection took {queries} queries");
+    Ok(json!({
+        "leaves": leaves,
+        "queries": queries,
+        "query_limit": Bisection::query_limit(leaves),
+        "seconds": seconds,
+        "first_differing_leaf": first_differing_leaf,
+        "tree_build_seconds_both": build_s,
+    }))
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes.
+pub fn vm_hwm_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs the trainer, the auditor and the FP32 baseline for `opts.rss_steps` steps each in a
+/// child process and collects their `VmHWM`.
+fn peak_rss(name: &str, opts: &Options, logs: &[Vec<u8>]) -> Result<Value> {
+    let dir = std::env::temp_dir().join(format!("tiebreak-bench-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let steps = opts.rss_steps.min(logs.len() as u64).max(1);
+    for (t, log) in logs.iter().enumerate().take(steps as usize) {
+        let p = dir.join(format!("{}.log.zst", t + 1));
+        std::fs::write(&p, log).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let exe = std::env::current_exe().context("locating the bench binary")?;
+    let mut out = serde_json::Map::new();
+    for role in ["trainer", "auditor", "fp32"] {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--child", role, "--model", name, "--steps", &steps.to_string()]);
+        cmd.arg("--logs").arg(&dir);
+        if let Some(d) = &opts.data {
+            cmd.arg("--data").arg(d);
+        }
+        let output = cmd.output().with_context(|| format!("running the {role} child"))?;
+        ensure!(output.status.success(), "{role} child for {name} failed: {}", String::from_utf8_lossy(&output.stderr));
+        let v: Value = serde_json::from_slice(&output.stdout).context("parsing the child's output")?;
+        out.insert(role.into(), v["peak_rss_bytes"].clone());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out.insert("steps_per_child".into(), json!(steps));
+    out.insert(
+        "method".into(),
+        json!("VmHWM of a child process that loads the data and runs the steps (auditor: replay on its default profile with the trainer's logs)"),
+    );
+    Ok(Value::Object(out))
+}
+
+/// A peak-memory child: runs `steps` steps in `role` and returns `{"peak_rss_bytes": …}`.
+pub fn child(role: &str, model: &str, data: Option<&Path>, steps: u64, logs: &Path) -> Result<Value> {
+    let setup = Setup::new(model, data)?;
+    let mut digest = None;
+    match role {
+        "trainer" => {
+            let run = setup.run(TRAINER_PROFILE, steps)?;
+            let mut state = run.initial_state()?;
+            for t in 1..=steps {
+                state = run.step(&state, t, StepMode::Commit { paper: false }, None)?.state;
+            }
+            digest = Some(to_hex(&state.digest()));
+        }
+        "auditor" => {
+            let run = setup.run(auditor_profile(), steps)?;
+            let mut state = run.initial_state()?;
+            for t in 1..=steps {
+                let p = logs.join(format!("{t}.log.zst"));
+                let stored = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                let log = TieBreakLog::decompress(&stored, engine::record::LOG_RAW_BYTES_MAX)?;
+                let out = run.step(&state, t, StepMode::Replay(&log), None)?;
+                ensure!(out.forged.is_empty(), "replay of step {t} rejected trainer log entries");
+                state = out.state;
+            }
+            digest = Some(to_hex(&state.digest()));
+        }
+        "fp32" => {
+            let run = setup.run(TRAINER_PROFILE, steps)?;
+            let init = run.initial_state()?;
+            let mut b = Baseline::new(&run.model, &init, &run.spec.config.optimizer)?;
+            drop(init);
+            for t in 1..=steps {
+                b.step(&Batch::gather(&run.data, &run.batch_indices(t).0))?;
+            }
+        }
+        other => bail!("unknown child role {other:?}"),
+    }
+    Ok(json!({"role": role, "peak_rss_bytes": vm_hwm_bytes(), "state_digest": digest}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bisection_finds_the_first_bad_leaf_within_the_limit() {
+        let v = bisection(1000, 377).unwrap();
+        assert_eq!(v["first_differing_leaf"], 377);
+        assert!(v["queries"].as_u64().unwrap() <= 11);
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn synthetic_setups_have_the_real_shapes() {
+        let s = Setup::new("mnist-cnn", None).unwrap();
+        let Dataset::Classification { input_shape, .. } = &s.data else { panic!() };
+        assert_eq!(input_shape, &vec![1, 28, 28]);
+        assert_eq!(s.data_kind, "synthetic");
+        s.run(TRAINER_PROFILE, 1).unwrap();
+    }
+}

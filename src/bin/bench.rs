@@ -1,0 +1,61 @@
+//! The headline benchmark: verifiable training against a plain FP32 candle step, auditor replay
+//! against training, log sizes against the paper and proof-of-learning, peak memory, bisection.
+//!
+//! ```text
+//! cargo run --release --bin bench -- --json [--data <dir>] [--steps N] [--models a,b]
+//! ```
+//! `<dir>` holds `mnist/` (IDX files) and `shakespeare.txt`; without it, synthetic data of the
+//! same shapes is used and the output says so. Progress goes to stderr, the JSON to stdout.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use tiebreak::bench::{self, MODELS, Options};
+
+#[derive(Parser, Debug)]
+#[command(name = "bench", about = "Measure tiebreak against the paper, proof-of-learning and plain FP32 training")]
+struct Args {
+    /// Print the JSON document (the only output format).
+    #[arg(long)]
+    json: bool,
+    /// Directory with `mnist/` and `shakespeare.txt`; synthetic data of the same shapes if absent.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Timed steps per model.
+    #[arg(long, default_value_t = 8)]
+    steps: u64,
+    /// Steps each peak-memory child process runs.
+    #[arg(long, default_value_t = 2)]
+    rss_steps: u64,
+    /// Comma-separated subset of models.
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    /// Internal: run as a peak-memory child process in this role (trainer, auditor, fp32).
+    #[arg(long, hide = true)]
+    child: Option<String>,
+    /// Internal: the model of a child process.
+    #[arg(long, hide = true)]
+    model: Option<String>,
+    /// Internal: where a child finds the trainer's logs.
+    #[arg(long, hide = true)]
+    logs: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(role) = &args.child {
+        let (Some(model), Some(logs)) = (&args.model, &args.logs) else { bail!("--child needs --model and --logs") };
+        let v = bench::child(role, model, args.data.as_deref(), args.steps, logs)?;
+        println!("{v}");
+        return Ok(());
+    }
+    if !args.json {
+        bail!("pass --json: the benchmark prints one JSON document");
+    }
+    let models = args.models.unwrap_or_else(|| MODELS.iter().map(|m| m.to_string()).collect());
+    let opts = Options { data: args.data, steps: args.steps, rss_steps: args.rss_steps, models, skip_rss: false };
+    let doc = bench::run(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
