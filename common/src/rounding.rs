@@ -402,8 +402,10 @@ fn follow_exact(site: &str, index: u64, w: f64, d: f64, bits: u32) -> Result<f32
 /// so the trainer and the auditor run the same code path.
 #[derive(Debug)]
 pub enum Rounder<'a> {
-    /// Trainer side: builds the step's log (and, optionally, the paper's dense log).
-    Commit { log: TieBreakLog, paper: Option<paper::DenseLog> },
+    /// Trainer side: builds the step's log (and, optionally, the paper's dense log). Sites
+    /// without entries are not stored: the replayer treats an absent site as empty, and most
+    /// sites of most steps are empty, so storing their names every step would dominate the log.
+    Commit { log: TieBreakLog, paper: Option<paper::DenseLog>, visited: BTreeSet<String> },
     /// Replay side: follows `log`, and checks at the end that every logged site was visited.
     /// Entries that do not hold up are collected in `forged` (see [`round_replay_lenient`]).
     Replay { log: &'a TieBreakLog, visited: BTreeSet<String>, forged: Vec<RoundingError> },
@@ -412,12 +414,16 @@ pub enum Rounder<'a> {
 impl<'a> Rounder<'a> {
     /// A trainer-side rounder for one step.
     pub fn commit() -> Self {
-        Rounder::Commit { log: TieBreakLog::default(), paper: None }
+        Rounder::Commit { log: TieBreakLog::default(), paper: None, visited: BTreeSet::new() }
     }
 
     /// A trainer-side rounder that also accumulates the paper's dense fixed-τ log.
     pub fn commit_with_paper() -> Self {
-        Rounder::Commit { log: TieBreakLog::default(), paper: Some(paper::DenseLog::default()) }
+        Rounder::Commit {
+            log: TieBreakLog::default(),
+            paper: Some(paper::DenseLog::default()),
+            visited: BTreeSet::new(),
+        }
     }
 
     /// A replay-side rounder following the trainer's log for one step.
@@ -428,15 +434,17 @@ impl<'a> Rounder<'a> {
     /// Rounds one named site. Non-finite FP32 results are errors naming the site and element.
     pub fn round(&mut self, site: &str, values: &[f64], bound: &ErrorBound) -> Result<Vec<f32>, RoundingError> {
         let out = match self {
-            Rounder::Commit { log, paper } => {
-                if log.site(site).is_some() {
+            Rounder::Commit { log, paper, visited } => {
+                if !crate::tielog::is_valid_site_name(site) || !visited.insert(site.to_string()) {
                     return Err(RoundingError::DuplicateSite { site: site.to_string() });
                 }
                 let (out, site_log) = round_commit(site, values, bound)?;
                 if let Some(paper) = paper {
                     paper.push(values);
                 }
-                log.insert(site, site_log).map_err(|_| RoundingError::DuplicateSite { site: site.to_string() })?;
+                if !site_log.is_empty() {
+                    log.insert(site, site_log).map_err(|_| RoundingError::DuplicateSite { site: site.to_string() })?;
+                }
                 out
             }
             Rounder::Replay { log, visited, forged } => {
@@ -464,7 +472,7 @@ impl<'a> Rounder<'a> {
     /// trainer logged but this step never rounded.
     pub fn finish(self) -> Finished {
         match self {
-            Rounder::Commit { log, paper } => Finished { log, paper, forged: Vec::new() },
+            Rounder::Commit { log, paper, .. } => Finished { log, paper, forged: Vec::new() },
             Rounder::Replay { log, visited, mut forged } => {
                 for site in log.site_names().filter(|s| !visited.contains(*s)) {
                     forged.push(RoundingError::UnusedSite { site: site.to_string() });

@@ -220,7 +220,8 @@ pub enum TieLogError {
     Compression { detail: String },
 }
 
-fn valid_site_name(name: &str) -> bool {
+/// Whether `name` is acceptable as a rounding site name (1..=128 printable ASCII, no spaces).
+pub fn is_valid_site_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= SITE_NAME_MAX && name.bytes().all(|b| (0x21..0x7f).contains(&b))
 }
 
@@ -234,7 +235,7 @@ pub struct TieBreakLog {
 impl TieBreakLog {
     /// Adds a site's log.
     pub fn insert(&mut self, name: &str, log: SiteLog) -> Result<(), TieLogError> {
-        if !valid_site_name(name) {
+        if !is_valid_site_name(name) {
             return Err(TieLogError::BadSiteName { name: name.to_string() });
         }
         if self.sites.len() >= SITES_MAX {
@@ -313,7 +314,7 @@ impl TieBreakLog {
             let name_len = r.count("site name length", 1)?;
             let name = std::str::from_utf8(r.bytes(name_len, "site name")?)
                 .ok()
-                .filter(|n| valid_site_name(n))
+                .filter(|n| is_valid_site_name(n))
                 .ok_or_else(|| DecodeError { what: "invalid site name".into(), offset: at })?
                 .to_string();
             if prev.as_deref().is_some_and(|p| p >= name.as_str()) {

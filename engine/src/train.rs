@@ -11,7 +11,7 @@ use common::leaf::BatchIndices;
 use common::prng::Stream;
 use common::rounding::{Rounder, paper::DenseLog};
 use common::state::{Tensor, TrainingState};
-use common::tielog::{Direction, TieBreakLog};
+use common::tielog::{Direction, SiteLog, TieBreakLog};
 use kernels::{AdamWConfig, Device, SgdConfig};
 
 use crate::EngineError;
@@ -121,6 +121,9 @@ pub struct Run {
     pub data: Dataset,
     pub model: Model,
     pub device: Device,
+    /// The last epoch's permutation of the training indices (a cache: recomputing it is
+    /// deterministic, only slow for a text dataset of a million windows).
+    order: std::sync::Mutex<Option<(u64, std::sync::Arc<Vec<u64>>)>>,
 }
 
 impl Run {
@@ -134,7 +137,7 @@ impl Run {
             )));
         }
         let model = Model::new(&spec.config.model, &data)?;
-        Ok(Run { spec, data, model, device })
+        Ok(Run { spec, data, model, device, order: std::sync::Mutex::new(None) })
     }
 
     /// Loads the config's dataset, commits it, and builds a run of `n_steps` on `profile`.
@@ -162,10 +165,25 @@ impl Run {
         let epoch = (step - 1) / spe;
         let pos = ((step - 1) % spe) as usize;
         let n = self.data.n_train();
-        let mut perm: Vec<u64> = (0..n as u64).collect();
-        Stream::new(self.spec.config.train.seed, "data/order", epoch, 0).shuffle(&mut perm);
+        let perm = self.epoch_order(epoch);
         let b = self.spec.config.train.batch_size;
         BatchIndices((0..b).map(|i| perm[(pos * b + i) % n]).collect())
+    }
+
+    /// The permutation of the training indices for `epoch` (stream `data/order`, step field =
+    /// epoch), cached for the last epoch asked.
+    fn epoch_order(&self, epoch: u64) -> std::sync::Arc<Vec<u64>> {
+        let mut cache = self.order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((e, perm)) = cache.as_ref()
+            && *e == epoch
+        {
+            return perm.clone();
+        }
+        let mut perm: Vec<u64> = (0..self.data.n_train() as u64).collect();
+        Stream::new(self.spec.config.train.seed, "data/order", epoch, 0).shuffle(&mut perm);
+        let perm = std::sync::Arc::new(perm);
+        *cache = Some((epoch, perm.clone()));
+        perm
     }
 
     /// Optimizer slots per parameter.
@@ -233,7 +251,9 @@ impl Run {
             }
         }
         if fault == Some(FaultKind::ForgeLog) {
-            forge_entry(&mut log, &format!("opt/{}/param", self.model.params()[0].name));
+            let first = &self.model.params()[0];
+            let len = first.shape.iter().product::<usize>() as u64;
+            forge_entry(&mut log, &format!("opt/{}/param", first.name), len);
         }
         Ok(StepOutput { state, log, batch: batch_idx, loss, paper, forged })
     }
@@ -333,13 +353,16 @@ pub struct Evaluation {
     pub accuracy: Option<f64>,
 }
 
-/// Adds a direction entry at the first unlogged element of `site` (the `forge-log` drill).
-fn forge_entry(log: &mut TieBreakLog, site: &str) {
-    let Some(s) = log.site(site) else { return };
-    let mut forged = s.clone();
+/// Adds a direction entry at the first unlogged element of `site` (which rounds `len` values)
+/// — the `forge-log` drill.
+fn forge_entry(log: &mut TieBreakLog, site: &str, len: u64) {
+    let mut forged = log.site(site).cloned().unwrap_or_else(|| SiteLog::new(len));
     let taken: std::collections::BTreeSet<u64> =
-        s.directions().map(|(i, _)| i).chain(s.exacts().map(|(i, _)| i)).collect();
-    let Some(index) = (0..s.len()).find(|i| !taken.contains(i)) else { return };
+        forged.directions().map(|(i, _)| i).chain(forged.exacts().map(|(i, _)| i)).collect();
+    let Some(index) = (0..len).find(|i| !taken.contains(i)) else { return };
     forged.insert_direction(index, Direction::Up);
-    log.replace(site, forged);
+    if log.replace(site, forged.clone()).is_none() {
+        // The site had no entries, so it was not stored; a valid name cannot fail to insert.
+        let _ = log.insert(site, forged);
+    }
 }
