@@ -50,6 +50,8 @@
 
 use std::collections::BTreeSet;
 
+use rayon::prelude::*;
+
 use crate::tielog::{Direction, SiteLog, TieBreakLog};
 
 /// How far, in multiples of its own bound, the replayer's value may be from the boundary a
@@ -260,21 +262,57 @@ pub fn is_ambiguous(v: f64, d: f64) -> bool {
 /// not produce non-finite states use [`Rounder`], which rejects them).
 pub fn round_commit(site: &str, values: &[f64], bound: &ErrorBound) -> Result<(Vec<f32>, SiteLog), RoundingError> {
     bound.validate(site, values.len())?;
+    // Elements are independent: chunks are decided in parallel and their entries merged in
+    // index order, so the log does not depend on the chunking or the thread count.
+    let parts: Vec<Result<RoundedChunk, RoundingError>> = values
+        .par_chunks(ROUND_CHUNK)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let base = c * ROUND_CHUNK;
+            let mut out = Vec::with_capacity(chunk.len());
+            let mut entries = Vec::new();
+            for (k, &v) in chunk.iter().enumerate() {
+                let i = base + k;
+                if v.is_nan() {
+                    return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
+                }
+                let (r, decision) = decide(v, bound.at(i));
+                if decision != Decision::Plain {
+                    entries.push((i as u64, decision, r.to_bits()));
+                }
+                out.push(r);
+            }
+            Ok((out, entries))
+        })
+        .collect();
     let mut out = Vec::with_capacity(values.len());
     let mut log = SiteLog::new(values.len() as u64);
-    for (i, &v) in values.iter().enumerate() {
-        if v.is_nan() {
-            return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
+    for part in parts {
+        let (chunk, entries) = part?;
+        out.extend_from_slice(&chunk);
+        for (i, decision, bits) in entries {
+            match decision {
+                Decision::Plain => {}
+                Decision::Direction(dir) => log.push_direction(i, dir),
+                Decision::Exact => log.push_exact(i, bits),
+            }
         }
-        let (r, decision) = decide(v, bound.at(i));
-        match decision {
-            Decision::Plain => {}
-            Decision::Direction(dir) => log.push_direction(i as u64, dir),
-            Decision::Exact => log.push_exact(i as u64, r.to_bits()),
-        }
-        out.push(r);
     }
     Ok((out, log))
+}
+
+/// One chunk's FP32 values and its logged `(index, decision, FP32 bits)` entries.
+type RoundedChunk = (Vec<f32>, Vec<(u64, Decision, u32)>);
+
+/// Elements per parallel rounding task.
+const ROUND_CHUNK: usize = 1 << 15;
+
+/// Plain round-to-nearest of every element (in parallel), refusing NaN.
+fn round_plain(site: &str, values: &[f64]) -> Result<Vec<f32>, RoundingError> {
+    if let Some(i) = values.par_iter().position_first(|v| v.is_nan()) {
+        return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
+    }
+    Ok(values.par_iter().map(|&v| v as f32).collect())
 }
 
 /// Replay side: rounds the replayer's own `values` (with its own bounds), following the
@@ -289,13 +327,7 @@ pub fn round_replay(site: &str, values: &[f64], bound: &ErrorBound, log: &SiteLo
             actual: values.len() as u64,
         });
     }
-    let mut out = Vec::with_capacity(values.len());
-    for (i, &v) in values.iter().enumerate() {
-        if v.is_nan() {
-            return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
-        }
-        out.push(v as f32);
-    }
+    let mut out = round_plain(site, values)?;
     for (index, dir) in log.directions() {
         let i = index as usize; // < len, checked by SiteLog's invariants
         out[i] = follow_direction(site, index, values[i], bound.at(i), dir)?;
@@ -318,13 +350,7 @@ pub fn round_replay_lenient(
     log: &SiteLog,
 ) -> Result<(Vec<f32>, Vec<RoundingError>), RoundingError> {
     bound.validate(site, values.len())?;
-    let mut out = Vec::with_capacity(values.len());
-    for (i, &v) in values.iter().enumerate() {
-        if v.is_nan() {
-            return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
-        }
-        out.push(v as f32);
-    }
+    let mut out = round_plain(site, values)?;
     let mut forged = Vec::new();
     if log.len() != values.len() as u64 {
         forged.push(RoundingError::LengthMismatch {

@@ -100,3 +100,25 @@ fn logged_fraction_is_about_two_d_over_ulp() {
     let frac = log.n_entries() as f64 / n as f64;
     assert!((frac - 2f64.powi(-9)).abs() < 0.25 * 2f64.powi(-9), "logged fraction {frac}");
 }
+
+#[test]
+fn parallel_rounding_gives_the_same_log_for_any_thread_count() {
+    // Many chunks' worth of values, a good share of them near midpoints.
+    let n = 300_000;
+    let values: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618_033_988_749_895) % 1.0).collect();
+    let bound = ErrorBound::Uniform(2f64.powi(-30));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| round_commit("s", &values, &bound).unwrap())
+    };
+    let (out1, log1) = run(1);
+    assert!(log1.n_entries() > 1000, "{}", log1.n_entries());
+    for threads in [2, 3, 4] {
+        let (out, log) = run(threads);
+        assert_eq!(log, log1);
+        assert_eq!(
+            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            out1.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+}
