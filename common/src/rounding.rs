@@ -48,7 +48,7 @@
 //! (a τ that is too small accuses honest trainers) and it is never the default; it exists so
 //! that benchmarks can report both log sizes on the same run.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
@@ -431,16 +431,16 @@ pub enum Rounder<'a> {
     /// Trainer side: builds the step's log (and, optionally, the paper's dense log). Sites
     /// without entries are not stored: the replayer treats an absent site as empty, and most
     /// sites of most steps are empty, so storing their names every step would dominate the log.
-    Commit { log: TieBreakLog, paper: Option<paper::DenseLog>, visited: BTreeSet<String> },
+    Commit { log: TieBreakLog, paper: Option<paper::DenseLog>, visited: BTreeMap<String, u64> },
     /// Replay side: follows `log`, and checks at the end that every logged site was visited.
     /// Entries that do not hold up are collected in `forged` (see [`round_replay_lenient`]).
-    Replay { log: &'a TieBreakLog, visited: BTreeSet<String>, forged: Vec<RoundingError> },
+    Replay { log: &'a TieBreakLog, visited: BTreeMap<String, u64>, forged: Vec<RoundingError> },
 }
 
 impl<'a> Rounder<'a> {
     /// A trainer-side rounder for one step.
     pub fn commit() -> Self {
-        Rounder::Commit { log: TieBreakLog::default(), paper: None, visited: BTreeSet::new() }
+        Rounder::Commit { log: TieBreakLog::default(), paper: None, visited: BTreeMap::new() }
     }
 
     /// A trainer-side rounder that also accumulates the paper's dense fixed-τ log.
@@ -448,20 +448,22 @@ impl<'a> Rounder<'a> {
         Rounder::Commit {
             log: TieBreakLog::default(),
             paper: Some(paper::DenseLog::default()),
-            visited: BTreeSet::new(),
+            visited: BTreeMap::new(),
         }
     }
 
     /// A replay-side rounder following the trainer's log for one step.
     pub fn replay(log: &'a TieBreakLog) -> Self {
-        Rounder::Replay { log, visited: BTreeSet::new(), forged: Vec::new() }
+        Rounder::Replay { log, visited: BTreeMap::new(), forged: Vec::new() }
     }
 
     /// Rounds one named site. Non-finite FP32 results are errors naming the site and element.
     pub fn round(&mut self, site: &str, values: &[f64], bound: &ErrorBound) -> Result<Vec<f32>, RoundingError> {
         let out = match self {
             Rounder::Commit { log, paper, visited } => {
-                if !crate::tielog::is_valid_site_name(site) || !visited.insert(site.to_string()) {
+                if !crate::tielog::is_valid_site_name(site)
+                    || visited.insert(site.to_string(), values.len() as u64).is_some()
+                {
                     return Err(RoundingError::DuplicateSite { site: site.to_string() });
                 }
                 let (out, site_log) = round_commit(site, values, bound)?;
@@ -474,7 +476,7 @@ impl<'a> Rounder<'a> {
                 out
             }
             Rounder::Replay { log, visited, forged } => {
-                if !visited.insert(site.to_string()) {
+                if visited.insert(site.to_string(), values.len() as u64).is_some() {
                     return Err(RoundingError::DuplicateSite { site: site.to_string() });
                 }
                 match log.site(site) {
@@ -498,12 +500,12 @@ impl<'a> Rounder<'a> {
     /// trainer logged but this step never rounded.
     pub fn finish(self) -> Finished {
         match self {
-            Rounder::Commit { log, paper, .. } => Finished { log, paper, forged: Vec::new() },
+            Rounder::Commit { log, paper, visited } => Finished { log, paper, forged: Vec::new(), rounded: visited },
             Rounder::Replay { log, visited, mut forged } => {
-                for site in log.site_names().filter(|s| !visited.contains(*s)) {
+                for site in log.site_names().filter(|s| !visited.contains_key(*s)) {
                     forged.push(RoundingError::UnusedSite { site: site.to_string() });
                 }
-                Finished { log: log.clone(), paper: None, forged }
+                Finished { log: log.clone(), paper: None, forged, rounded: visited }
             }
         }
     }
@@ -518,6 +520,9 @@ pub struct Finished {
     pub paper: Option<paper::DenseLog>,
     /// Replay only: log entries that did not hold up, in the order found.
     pub forged: Vec<RoundingError>,
+    /// Every site the step rounded, with its number of values (the log stores only sites with
+    /// entries).
+    pub rounded: BTreeMap<String, u64>,
 }
 
 /// The paper's fixed-τ rule and dense 5-trits-per-byte encoding (Srivastava et al., 2024).

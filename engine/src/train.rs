@@ -112,6 +112,9 @@ pub struct StepOutput {
     /// rounded by the replayer's own values instead). With a matching state this is a forged
     /// log; with a differing state, a divergence.
     pub forged: Vec<common::rounding::RoundingError>,
+    /// Every site the step rounded and its number of values (the log keeps only sites with
+    /// entries).
+    pub rounded: std::collections::BTreeMap<String, u64>,
 }
 
 /// A run ready to execute steps: spec, data, model and device.
@@ -243,7 +246,7 @@ impl Run {
             let lr_scale = if fault == Some(FaultKind::ScaleLr) { 10.0 } else { 1.0 };
             self.optimize(&mut ctx, prev, &grads, lr_scale, &mut state)?;
         }
-        let common::rounding::Finished { mut log, paper, forged } = rounder.finish();
+        let common::rounding::Finished { mut log, paper, forged, rounded } = rounder.finish();
         if fault == Some(FaultKind::PerturbWeight) {
             let first = param_key(&self.model.params()[0].name);
             if let Some(t) = state.get_mut(&first) {
@@ -255,7 +258,7 @@ impl Run {
             let len = first.shape.iter().product::<usize>() as u64;
             forge_entry(&mut log, &format!("opt/{}/param", first.name), len);
         }
-        Ok(StepOutput { state, log, batch: batch_idx, loss, paper, forged })
+        Ok(StepOutput { state, log, batch: batch_idx, loss, paper, forged, rounded })
     }
 
     /// Applies the optimizer to every parameter, in [`Model::params`] order.

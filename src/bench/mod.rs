@@ -192,12 +192,14 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 struct KindCounts(BTreeMap<String, (u64, u64)>);
 
 impl KindCounts {
-    fn add(&mut self, log: &TieBreakLog) {
-        for (name, site) in log.sites() {
+    /// Counts the step's logged entries against every value it rounded (the log itself keeps
+    /// only the sites that have entries).
+    fn add(&mut self, log: &TieBreakLog, rounded: &BTreeMap<String, u64>) {
+        for (name, &len) in rounded {
             let kind = name.split('/').next().unwrap_or(name).to_string();
             let e = self.0.entry(kind).or_default();
-            e.0 += site.n_entries() as u64;
-            e.1 += site.len();
+            e.0 += log.site(name).map_or(0, |s| s.n_entries() as u64);
+            e.1 += len;
         }
     }
 
@@ -377,8 +379,8 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         log_bytes.push(compressed.len() as f64);
         batch_bytes.push(out.batch.encode().len() as f64);
         entries.push(out.log.n_entries() as f64);
-        values = out.log.n_values();
-        kinds.add(&out.log);
+        values = out.rounded.values().sum();
+        kinds.add(&out.log, &out.rounded);
         losses.push(out.loss);
         fp32_losses.push(fp32_loss);
         logs.push(compressed);
