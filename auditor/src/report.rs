@@ -293,16 +293,8 @@ impl Report {
 }
 
 fn hex_array<const N: usize>(s: &str, what: &str) -> Result<[u8; N], AuditError> {
-    let b = s.as_bytes();
-    let bad = || AuditError::Report(format!("{what} is not {N} bytes of lowercase hex"));
-    if b.len() != 2 * N || !b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(bad());
-    }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+    common::codec::from_hex::<N>(s)
+        .ok_or_else(|| AuditError::Report(format!("{what} is not {N} bytes of lowercase hex")))
 }
 
 /// What [`verify`] checked.

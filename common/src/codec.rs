@@ -26,23 +26,28 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses a 64-character hex digest.
-pub fn hash_from_hex(s: &str) -> Option<Hash> {
+/// Parses exactly `N` bytes written as `2N` lowercase hex digits, the form [`to_hex`] writes
+/// (the only accepted form, so one value has one spelling). Never panics.
+pub fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.as_bytes();
-    if s.len() != 64 {
+    if s.len() != 2 * N {
         return None;
     }
     let nibble = |c: u8| match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     };
-    let mut out = [0u8; 32];
-    for (i, pair) in s.chunks(2).enumerate() {
-        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    let mut out = [0u8; N];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     Some(out)
+}
+
+/// Parses a 64-digit lowercase hex digest.
+pub fn hash_from_hex(s: &str) -> Option<Hash> {
+    from_hex::<32>(s)
 }
 
 /// Appends `x` as a minimal LEB128 varint.
@@ -222,5 +227,9 @@ mod tests {
         assert_eq!(to_hex(&h), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(hash_from_hex(&to_hex(&h)), Some(h));
         assert_eq!(hash_from_hex("zz"), None);
+        assert_eq!(hash_from_hex(&to_hex(&h).to_uppercase()), None, "one spelling only");
+        assert_eq!(from_hex::<2>("00ff"), Some([0, 255]));
+        assert_eq!(from_hex::<2>("00f"), None);
+        assert_eq!(from_hex::<2>("é0f"), None, "non-ASCII input is refused, not a panic");
     }
 }

@@ -164,28 +164,12 @@ impl Manifest {
 
     /// Checks the signature against the embedded public key.
     pub fn verify_signature(&self) -> Result<(), String> {
-        let pk: [u8; 32] = hex32(&self.public_key).ok_or("public_key is not 32 hex bytes")?;
-        let sig: [u8; 64] = hex_n::<64>(&self.signature).ok_or("signature is not 64 hex bytes")?;
+        let pk: [u8; 32] = codec::from_hex::<32>(&self.public_key).ok_or("public_key is not 32 hex bytes")?;
+        let sig: [u8; 64] = codec::from_hex::<64>(&self.signature).ok_or("signature is not 64 hex bytes")?;
         let key = VerifyingKey::from_bytes(&pk).map_err(|e| format!("public key invalid: {e}"))?;
         key.verify(&self.signing_payload(), &Signature::from_bytes(&sig))
             .map_err(|_| "signature does not verify against the manifest's public key".to_string())
     }
-}
-
-fn hex_n<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let b = s.as_bytes();
-    if b.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for i in 0..N {
-        out[i] = u8::from_str_radix(std::str::from_utf8(&b[2 * i..2 * i + 2]).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
-
-fn hex32(s: &str) -> Option<[u8; 32]> {
-    hex_n::<32>(s)
 }
 
 /// Loads the ed25519 key at `path`, or generates and stores one (mode 0600) if it is absent.
@@ -193,7 +177,7 @@ pub fn load_or_create_key(path: &Path) -> Result<SigningKey, RecordError> {
     if path.exists() {
         let bytes = read_limited(path, 1024)?;
         let text = String::from_utf8_lossy(&bytes);
-        let seed = hex32(text.trim()).ok_or_else(|| RecordError::Corrupt {
+        let seed = codec::from_hex::<32>(text.trim()).ok_or_else(|| RecordError::Corrupt {
             path: path.to_path_buf(),
             offset: None,
             what: "expected 64 hex characters (an ed25519 secret key)".into(),
@@ -375,12 +359,15 @@ impl RecordWriter {
                 self.tree.len()
             )));
         }
-        write_atomic(&log_path(&self.dir, step), &log.compress())?;
-        write_atomic(&batch_path(&self.dir, step), &batch.encode())?;
+        // Encode once: the stored form is zstd of the canonical bytes the leaf hashes.
+        let log_raw = log.encode();
+        write_atomic(&log_path(&self.dir, step), &tielog::compress_canonical(&log_raw))?;
+        let batch_raw = batch.encode();
+        write_atomic(&batch_path(&self.dir, step), &batch_raw)?;
         if step.is_multiple_of(self.spec.config.train.checkpoint_interval) {
             self.write_checkpoint(state)?;
         }
-        let leaf = Leaf { step, state: state.digest(), log: log.digest(), batch: batch.digest() };
+        let leaf = Leaf { step, state: state.digest(), log: codec::sha256(&log_raw), batch: codec::sha256(&batch_raw) };
         self.append_leaf(&leaf)?;
         Ok(leaf)
     }
