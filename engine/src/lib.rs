@@ -10,6 +10,8 @@
 //! - [`model`]: MLP, CNN and GPT built on `kernels`, with named rounding sites.
 //! - [`train`]: the verified step (data order, forward/backward, optimizer) and adversary drills.
 //! - [`record`]: the record on disk (crash-safe writer, verifying reader, signed manifest).
+//! - [`wire`]: the trainer record server's HTTP protocol (routes, limits, JSON bodies), shared
+//!   by its server and its client so they cannot drift apart.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ pub mod model;
 pub mod record;
 pub mod spec;
 pub mod train;
+pub mod wire;
 
 /// Why the engine could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
