@@ -115,6 +115,10 @@ pub enum AuditError {
     Report(String),
     #[error("evidence: {what}{}", offset.map(|o| format!(" at byte {o}")).unwrap_or_default())]
     Evidence { what: String, offset: Option<u64> },
+    /// The audit was stopped ([`Progress::cancelled`]) before it decided; the progress it
+    /// reported stays valid for a later attempt.
+    #[error("audit cancelled before it decided")]
+    Cancelled,
     #[error("internal error (a bug in the auditor): {0}")]
     Internal(String),
 }

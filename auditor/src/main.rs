@@ -100,8 +100,8 @@ impl Progress for Bar {
     fn begin(&self, steps_total: u64) {
         self.0.set_length(steps_total);
     }
-    fn advance(&self, steps: u64) {
-        self.0.inc(steps);
+    fn replayed(&self, _step: u64, _seconds: f64) {
+        self.0.inc(1);
     }
 }
 
@@ -154,7 +154,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let key =
                 engine::record::load_or_create_key(&key).with_context(|| format!("auditor key {}", key.display()))?;
-            let opts = AuditOptions { device, from, to, mode, data };
+            let opts = AuditOptions { device, from, to, mode, data, resume: Default::default() };
             let bar = indicatif::ProgressBar::new(0).with_style(
                 indicatif::ProgressStyle::with_template("{spinner} replay [{bar:30}] {pos}/{len} steps {elapsed}")
                     .expect("static template")

@@ -76,20 +76,38 @@ pub struct AuditOptions {
     pub mode: Mode,
     /// `--data`: the dataset files, for specs that are not synthetic.
     pub data: Option<PathBuf>,
+    /// Progress durable from an earlier attempt of this same audit: job start → the last step
+    /// of that job already replayed and reproduced (as reported through
+    /// [`Progress::verified`]). Those steps are not replayed again: the job continues from the
+    /// trainer's state at that step ([`TrainerSource::state`], checked against its leaf), or
+    /// from the job's start when the source cannot hand that state out.
+    pub resume: BTreeMap<u64, u64>,
 }
 
 impl AuditOptions {
     pub fn new(device: Profile) -> Self {
-        AuditOptions { device, from: None, to: None, mode: Mode::Full, data: None }
+        AuditOptions { device, from: None, to: None, mode: Mode::Full, data: None, resume: BTreeMap::new() }
     }
 }
 
-/// Receives progress while replaying (the CLI draws a bar; the daemon will export metrics).
+/// Receives progress while replaying (the CLI draws a bar; the daemon exports metrics and
+/// persists the verified points so that a restarted audit resumes from them).
+///
+/// Called from the replay workers, possibly several at once (interval-parallel replay).
 pub trait Progress: Sync {
-    /// Replay is about to run `steps_total` steps.
+    /// Replay is about to run `steps_total` steps (not counting resumed ones).
     fn begin(&self, _steps_total: u64) {}
-    /// `steps` more steps were replayed.
-    fn advance(&self, _steps: u64) {}
+    /// Step `step` was replayed, in `seconds` of wall-clock time (whatever it found).
+    fn replayed(&self, _step: u64, _seconds: f64) {}
+    /// Every step of the job starting at `job_start` up to `through` is replayed and
+    /// reproduced the trainer's leaf, and the checkpoint at `through` (if any) checked out: a
+    /// point to resume from ([`AuditOptions::resume`]).
+    fn verified(&self, _job_start: u64, _through: u64) {}
+    /// Asked before every step: `true` stops the audit with [`AuditError::Cancelled`], leaving
+    /// the progress reported so far valid.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Ignores progress.
@@ -164,7 +182,10 @@ pub struct Audit {
     pub segment: Option<(u64, u64)>,
     /// The jobs replayed, as `(start checkpoint, end)`.
     pub intervals: Vec<(u64, u64)>,
+    /// Steps checked: replayed in this attempt, plus those resumed from an earlier one.
     pub steps_replayed: u64,
+    /// Of `steps_replayed`, the steps verified by an earlier attempt and not replayed again.
+    pub steps_resumed: u64,
     pub bisection: Option<BisectionSummary>,
     pub detail: Option<StepDetail>,
     pub evidence: Option<Evidence>,
@@ -197,6 +218,7 @@ pub fn audit_dir(dir: &Path, opts: &AuditOptions, progress: &dyn Progress) -> Re
             segment: None,
             intervals: Vec::new(),
             steps_replayed: 0,
+            steps_resumed: 0,
             bisection: None,
             detail: None,
             evidence: None,
@@ -349,6 +371,8 @@ struct JobOutcome {
     own: Vec<Leaf>,
     finding: Option<Finding>,
     steps: u64,
+    /// Steps verified by an earlier attempt and skipped.
+    resumed: u64,
 }
 
 struct Replayer<'a> {
@@ -359,6 +383,7 @@ struct Replayer<'a> {
     /// Smallest step with a finding so far (jobs past it stop early).
     earliest: &'a AtomicU64,
     progress: &'a dyn Progress,
+    resume: &'a BTreeMap<u64, u64>,
 }
 
 impl Replayer<'_> {
@@ -393,6 +418,13 @@ impl Replayer<'_> {
         Ok(state)
     }
 
+    /// The trainer's state after `step`, if the source hands it out and it matches the leaf
+    /// (which the auditor reproduced in an earlier attempt). `None`: replay from the job start.
+    fn resumed_state(&self, step: u64) -> Option<TrainingState> {
+        let state = self.src.state(step).ok()?;
+        (state.step == step && state.digest() == self.leaves[step as usize].state).then_some(state)
+    }
+
     fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
         let log = self.src.log(step)?;
         if log.digest() != self.leaves[step as usize].log {
@@ -422,7 +454,23 @@ impl Replayer<'_> {
         if self.earliest.load(Ordering::Relaxed) < job.start {
             return Ok(out);
         }
-        let mut state = if job.start == 0 {
+        // Resume after the last point an earlier attempt verified, when the trainer's state
+        // there is available; the skipped steps count as reproduced with the trainer's leaves.
+        if let Some(&through) = self.resume.get(&job.start)
+            && through > job.start
+        {
+            let through = through.min(job.end);
+            let resumed = if through == job.end { Some(None) } else { self.resumed_state(through).map(Some) };
+            if let Some(state) = resumed {
+                out.own.extend_from_slice(&self.leaves[job.start as usize..=through as usize]);
+                out.resumed = through - job.start;
+                return match state {
+                    None => Ok(out),
+                    Some(state) => self.replay_from(Job { start: through, end: job.end }, state, out),
+                };
+            }
+        }
+        let state = if job.start == 0 {
             // The initial state must follow the seed.
             let init = self.run.initial_state()?;
             let own = Leaf::initial(init.digest());
@@ -460,9 +508,17 @@ impl Replayer<'_> {
                 }
             }
         };
+        self.replay_from(job, state, out)
+    }
+
+    /// Replays `(job.start, job.end]` from `state`, the agreed state after `job.start`.
+    fn replay_from(&self, job: Job, mut state: TrainingState, mut out: JobOutcome) -> Result<JobOutcome, AuditError> {
         for t in job.start + 1..=job.end {
             if self.earliest.load(Ordering::Relaxed) < t {
                 break;
+            }
+            if self.progress.cancelled() {
+                return Err(AuditError::Cancelled);
             }
             let (log, trainer_batch) = match self.log(t).and_then(|l| Ok((l, self.batch(t)?))) {
                 Ok(x) => x,
@@ -471,9 +527,10 @@ impl Replayer<'_> {
                     return Ok(out);
                 }
             };
+            let t_step = Instant::now();
             let step = self.run.step(&state, t, StepMode::Replay(&log), None)?;
             out.steps += 1;
-            self.progress.advance(1);
+            self.progress.replayed(t, t_step.elapsed().as_secs_f64());
             let own = Leaf { step: t, state: step.state.digest(), log: log.digest(), batch: step.batch.digest() };
             out.own.push(own);
             let diverged = own != self.leaves[t as usize];
@@ -496,6 +553,7 @@ impl Replayer<'_> {
                 self.source_finding(&mut out, t, 2, e)?;
                 return Ok(out);
             }
+            self.progress.verified(job.start, t);
             state = step.state;
         }
         Ok(out)
@@ -550,6 +608,7 @@ pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progre
         segment: None,
         intervals: Vec::new(),
         steps_replayed: 0,
+        steps_resumed: 0,
         bisection: None,
         detail: None,
         evidence: None,
@@ -586,8 +645,15 @@ pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progre
 
     let t_replay = Instant::now();
     let earliest = AtomicU64::new(u64::MAX);
-    let replayer =
-        Replayer { src, run: &run, leaves: &leaves, checkpoints: &checkpoints, earliest: &earliest, progress };
+    let replayer = Replayer {
+        src,
+        run: &run,
+        leaves: &leaves,
+        checkpoints: &checkpoints,
+        earliest: &earliest,
+        progress,
+        resume: &opts.resume,
+    };
     let all = intervals(&checkpoints, from, to);
     let jobs: Vec<Job> = match opts.mode {
         Mode::Full => vec![Job { start: all[0].start, end: to }],
@@ -631,7 +697,8 @@ pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progre
         }
     };
     audit.intervals = jobs.iter().map(|j| (j.start, j.end)).collect();
-    progress.begin(jobs.iter().map(|j| j.end - j.start).sum());
+    let resumed: u64 = jobs.iter().map(|j| opts.resume.get(&j.start).map_or(0, |&t| t.min(j.end).saturating_sub(j.start))).sum();
+    progress.begin(jobs.iter().map(|j| j.end - j.start).sum::<u64>() - resumed);
     let outcomes: Vec<Result<JobOutcome, AuditError>> = if jobs.len() == 1 {
         vec![replayer.replay(jobs[0])]
     } else {
@@ -641,7 +708,8 @@ pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progre
     let mut own: BTreeMap<u64, Leaf> = BTreeMap::new();
     for o in outcomes {
         let o = o?;
-        audit.steps_replayed += o.steps;
+        audit.steps_replayed += o.steps + o.resumed;
+        audit.steps_resumed += o.resumed;
         own.extend(o.own.into_iter().map(|l| (l.step, l)));
         if let Some(f) = o.finding
             && finding.as_ref().is_none_or(|g| (f.step, f.order) < (g.step, g.order))

@@ -56,6 +56,16 @@ pub trait TrainerSource: Sync {
     fn checkpoint_steps(&self) -> Result<Vec<u64>, SourceError>;
     /// The full state after step `step` (a checkpoint step).
     fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError>;
+    /// The full state after any committed step, where the source can produce it (a trainer's
+    /// record server recomputes it from the nearest checkpoint). Used only to resume an
+    /// interrupted audit; the default hands out checkpoints only.
+    fn state(&self, step: u64) -> Result<TrainingState, SourceError> {
+        if self.checkpoint_steps()?.contains(&step) {
+            self.checkpoint(step)
+        } else {
+            Err(SourceError::Unavailable(format!("{}: no stored state at step {step}", self.describe())))
+        }
+    }
 }
 
 /// A record directory on this machine, read through the engine's verifying reader.

@@ -1,0 +1,190 @@
+//! Interrupted audits: progress reported through `Progress::verified` resumes a cancelled
+//! audit, which then reaches the same verdict as an uninterrupted one without replaying the
+//! verified steps again.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use auditor::source::SourceError;
+use auditor::{AuditError, AuditOptions, LocalRecord, Mode, Progress, TrainerSource, audit};
+use common::codec::Hash;
+use common::leaf::{BatchIndices, Leaf};
+use common::state::TrainingState;
+use common::tielog::TieBreakLog;
+use engine::record::Manifest;
+use engine::train::{Fault, FaultKind, Run, StepMode};
+use kernels::Profile;
+use support::{Drill, SGD, STEPS, config, run, scratch, write_record};
+
+/// Records verified points and cancels once `cancel_after` steps were replayed.
+struct Interrupt {
+    cancel_after: u64,
+    replayed: AtomicU64,
+    verified: Mutex<BTreeMap<u64, u64>>,
+    replayed_steps: Mutex<Vec<u64>>,
+}
+
+impl Interrupt {
+    fn new(cancel_after: u64) -> Self {
+        Interrupt {
+            cancel_after,
+            replayed: AtomicU64::new(0),
+            verified: Mutex::new(BTreeMap::new()),
+            replayed_steps: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Progress for Interrupt {
+    fn replayed(&self, step: u64, _seconds: f64) {
+        self.replayed.fetch_add(1, Ordering::SeqCst);
+        self.replayed_steps.lock().unwrap().push(step);
+    }
+    fn verified(&self, job_start: u64, through: u64) {
+        let mut v = self.verified.lock().unwrap();
+        let e = v.entry(job_start).or_insert(job_start);
+        assert!(through > *e, "verified points of a job only move forward");
+        *e = through;
+    }
+    fn cancelled(&self) -> bool {
+        self.replayed.load(Ordering::SeqCst) >= self.cancel_after
+    }
+}
+
+/// A record that also hands out the state after any step, recomputed from the nearest
+/// checkpoint like the trainer's record server does; `tamper` corrupts what it hands out.
+struct WithStates {
+    inner: LocalRecord,
+    run: Run,
+    tamper: bool,
+    asked: Mutex<Vec<u64>>,
+}
+
+impl TrainerSource for WithStates {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn spec_bytes(&self) -> Result<Vec<u8>, SourceError> {
+        self.inner.spec_bytes()
+    }
+    fn manifest(&self) -> Result<Option<Manifest>, SourceError> {
+        self.inner.manifest()
+    }
+    fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
+        self.inner.leaves()
+    }
+    fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError> {
+        self.inner.child_hashes(lo, hi, size)
+    }
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, SourceError> {
+        self.inner.inclusion_proof(index, size)
+    }
+    fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
+        self.inner.log(step)
+    }
+    fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
+        self.inner.batch(step)
+    }
+    fn checkpoint_steps(&self) -> Result<Vec<u64>, SourceError> {
+        self.inner.checkpoint_steps()
+    }
+    fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
+        self.inner.checkpoint(step)
+    }
+    fn state(&self, step: u64) -> Result<TrainingState, SourceError> {
+        self.asked.lock().unwrap().push(step);
+        let record = self.inner.record();
+        let c = record.checkpoint_at_or_before(step).unwrap();
+        let mut state = self.inner.checkpoint(c)?;
+        for t in c + 1..=step {
+            let log = self.inner.log(t)?;
+            state = self.run.step(&state, t, StepMode::Replay(&log), None).unwrap().state;
+        }
+        if self.tamper {
+            let name = state.tensors().next().unwrap().0.to_string();
+            let t = state.get_mut(&name).unwrap();
+            t.data[0] = f32::from_bits(t.data[0].to_bits() ^ 1);
+        }
+        Ok(state)
+    }
+}
+
+fn source(record: &std::path::Path, tamper: bool) -> WithStates {
+    WithStates {
+        inner: LocalRecord::open(record).unwrap(),
+        run: run(&config(SGD), Profile::Cpu),
+        tamper,
+        asked: Mutex::new(Vec::new()),
+    }
+}
+
+#[test]
+fn a_cancelled_audit_resumes_after_its_last_verified_step_and_reaches_the_same_verdict() {
+    let dir = scratch("resume");
+    for fault in [None, Some(Fault { kind: FaultKind::PerturbWeight, step: 11 })] {
+        let d = dir.join(format!("{fault:?}").replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+        let record = write_record(&d, Profile::Cpu, SGD, Drill { fault, ..Drill::default() });
+        let src = source(&record, false);
+        let opts = AuditOptions::new(Profile::CpuSeq);
+        let whole = audit(&src, &opts, &Interrupt::new(u64::MAX)).unwrap();
+        assert_eq!(whole.steps_resumed, 0);
+
+        // Stop after 6 steps (not a checkpoint step: the source recomputes the state).
+        let first = Interrupt::new(6);
+        assert!(matches!(audit(&src, &opts, &first), Err(AuditError::Cancelled)));
+        let points = first.verified.into_inner().unwrap();
+        assert_eq!(points, BTreeMap::from([(0, 6)]), "full mode is one job from 0");
+
+        let second = Interrupt::new(u64::MAX);
+        let resumed = audit(&src, &AuditOptions { resume: points, ..opts.clone() }, &second).unwrap();
+        assert_eq!(resumed.verdict, whole.verdict, "{fault:?}");
+        assert_eq!(resumed.steps_resumed, 6);
+        assert_eq!(resumed.steps_replayed, whole.steps_replayed);
+        let again = second.replayed_steps.into_inner().unwrap();
+        assert_eq!(again.first(), Some(&7), "{fault:?}: replay continues after step 6: {again:?}");
+        assert_eq!(*src.asked.lock().unwrap(), vec![6]);
+        assert_eq!(resumed.bisection.unwrap().first_differing_leaf, whole.bisection.unwrap().first_differing_leaf);
+        match (&resumed.detail, &whole.detail) {
+            (Some(a), Some(b)) => {
+                assert_eq!((a.step, a.auditor_leaf, &a.trainer.leaf), (b.step, b.auditor_leaf, &b.trainer.leaf))
+            }
+            (None, None) => {}
+            (a, b) => panic!("{a:?} vs {b:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_state_that_does_not_match_its_leaf_is_not_resumed_from() {
+    let dir = scratch("resume-tamper");
+    let record = write_record(&dir, Profile::Cpu, SGD, Drill::default());
+    let src = source(&record, true);
+    let opts = AuditOptions { resume: BTreeMap::from([(0, 6)]), ..AuditOptions::new(Profile::CpuSeq) };
+    let progress = Interrupt::new(u64::MAX);
+    let a = audit(&src, &opts, &progress).unwrap();
+    assert!(a.verdict.is_consistent(), "{:?}", a.verdict);
+    assert_eq!(a.steps_resumed, 0, "the tampered state was refused, so nothing was skipped");
+    assert_eq!(progress.replayed_steps.into_inner().unwrap(), (1..=STEPS).collect::<Vec<_>>());
+}
+
+#[test]
+fn interval_jobs_verified_to_their_end_are_skipped() {
+    let dir = scratch("resume-intervals");
+    let record = write_record(&dir, Profile::Cpu, SGD, Drill::default());
+    let src = LocalRecord::open(&record).unwrap();
+    let opts = AuditOptions { mode: Mode::Intervals, ..AuditOptions::new(Profile::CpuSplitK) };
+    // Jobs (0,4] (4,8] (8,12] (12,13]: the first two done, the third half-way (step 10 is not
+    // a checkpoint and a plain record has no state there, so that job starts over).
+    let resume = BTreeMap::from([(0, 4), (4, 8), (8, 10)]);
+    let progress = Interrupt::new(u64::MAX);
+    let a = audit(&src, &AuditOptions { resume, ..opts }, &progress).unwrap();
+    assert!(a.verdict.is_consistent(), "{:?}", a.verdict);
+    assert_eq!(a.steps_resumed, 8);
+    assert_eq!(a.steps_replayed, STEPS);
+    let mut replayed = progress.replayed_steps.into_inner().unwrap();
+    replayed.sort();
+    assert_eq!(replayed, vec![9, 10, 11, 12, 13]);
+}
