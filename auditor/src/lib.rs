@@ -39,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 pub mod evidence;
+pub mod http;
 pub mod replay;
 pub mod report;
 pub mod source;

@@ -697,7 +697,8 @@ pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progre
         }
     };
     audit.intervals = jobs.iter().map(|j| (j.start, j.end)).collect();
-    let resumed: u64 = jobs.iter().map(|j| opts.resume.get(&j.start).map_or(0, |&t| t.min(j.end).saturating_sub(j.start))).sum();
+    let resumed: u64 =
+        jobs.iter().map(|j| opts.resume.get(&j.start).map_or(0, |&t| t.min(j.end).saturating_sub(j.start))).sum();
     progress.begin(jobs.iter().map(|j| j.end - j.start).sum::<u64>() - resumed);
     let outcomes: Vec<Result<JobOutcome, AuditError>> = if jobs.len() == 1 {
         vec![replayer.replay(jobs[0])]

@@ -1,0 +1,449 @@
+//! [`TrainerSource`] over a trainer's record server (`trainer-agent serve`, protocol in
+//! [`engine::wire`]), with per-request timeouts, retries with exponential backoff, a deadline
+//! after which the trainer counts as unresponsive, and a bound on every response body.
+//!
+//! The trait is synchronous (replay is CPU-bound and runs on blocking threads and the rayon
+//! pool); each call drives one async request on the runtime behind the [`Handle`] it was built
+//! with. Never call it from an async task: `Handle::block_on` panics there.
+//!
+//! What the trainer sends is classified, not trusted: a 404 or 422 about the record, or a body
+//! that does not decode, is the trainer's commitment failing ([`SourceError::Invalid`]);
+//! timeouts, refused connections, 5xx and 503 `busy` are retried and end as
+//! [`SourceError::Unresponsive`] once the deadline passes; 400/401/413 and an unknown run are
+//! the auditor's own problem ([`SourceError::Unavailable`]). The replay re-checks every hash
+//! anyway.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::codec::{Hash, from_hex};
+use common::leaf::{BatchIndices, LEAF_BYTES, Leaf};
+use common::state::TrainingState;
+use common::tielog::{TieBreakLog, decompress_bounded};
+use engine::record::{self, Manifest};
+use engine::wire::{self, ErrorBody, path};
+use serde::de::DeserializeOwned;
+use tokio::runtime::Handle;
+
+use crate::source::{SourceError, TrainerSource};
+
+/// Timeouts, retries and size limits for requests to a trainer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// One request, connect to last byte.
+    pub request_timeout: Duration,
+    /// Wait before the first retry; doubled after each, up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Attempts per request, the first included.
+    pub attempts_max: u32,
+    /// A request still failing this long after its first attempt makes the trainer
+    /// unresponsive, whatever attempts are left.
+    pub deadline: Duration,
+    /// Largest response body accepted.
+    pub response_bytes_max: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            request_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            attempts_max: 8,
+            deadline: Duration::from_secs(120),
+            response_bytes_max: 512 << 20,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt` (1 = the first retry).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.backoff_initial.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// Called with a short kind (`timeout`, `connect`, `status-503`, ...) for every failed request,
+/// retried or not (the daemon counts them in a metric).
+pub type ErrorHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A run on a trainer's record server.
+#[derive(Clone)]
+pub struct HttpTrainer {
+    base: String,
+    run: String,
+    token: Option<String>,
+    client: reqwest::Client,
+    runtime: Handle,
+    policy: RetryPolicy,
+    on_error: Option<ErrorHook>,
+}
+
+impl std::fmt::Debug for HttpTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("HttpTrainer").field("base", &self.base).field("run", &self.run).finish_non_exhaustive()
+    }
+}
+
+/// A failed attempt: retry it, or give up with this error.
+enum Attempt {
+    Retry(String),
+    Fail(SourceError),
+}
+
+impl HttpTrainer {
+    /// `base` is the server's URL (`http://host:port`), `run` the run id on it.
+    pub fn new(
+        base: &str,
+        run: &str,
+        token: Option<String>,
+        policy: RetryPolicy,
+        runtime: Handle,
+    ) -> Result<HttpTrainer, SourceError> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(SourceError::Unavailable(format!("trainer_url {base:?} is not an http:// URL")));
+        }
+        if base.starts_with("https://") {
+            return Err(SourceError::Unavailable(format!(
+                "trainer_url {base:?}: this build speaks plain HTTP only; put TLS in a reverse proxy"
+            )));
+        }
+        if !wire::is_valid_run_id(run) {
+            return Err(SourceError::Unavailable(format!(
+                "run {run:?} is not a valid run id (1-{} bytes of [A-Za-z0-9._-], not starting with '.')",
+                wire::RUN_ID_BYTES_MAX
+            )));
+        }
+        let client = reqwest::Client::builder()
+            .timeout(policy.request_timeout)
+            .connect_timeout(policy.request_timeout)
+            .build()
+            .map_err(|e| SourceError::Unavailable(format!("building the HTTP client: {e}")))?;
+        Ok(HttpTrainer { base, run: run.to_string(), token, client, runtime, policy, on_error: None })
+    }
+
+    /// Reports every failed request to `hook`.
+    pub fn with_error_hook(mut self, hook: ErrorHook) -> Self {
+        self.on_error = Some(hook);
+        self
+    }
+
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    fn failed(&self, kind: &str) {
+        if let Some(h) = &self.on_error {
+            h(kind);
+        }
+    }
+
+    /// GET `path` with retries; the body, or `Ok(None)` for a 404 with code `unfinished`.
+    fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        self.runtime.block_on(self.get_async(path))
+    }
+
+    async fn get_async(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let url = format!("{}{path}", self.base);
+        let first = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let why = match self.attempt(&url, path).await {
+                Ok(body) => return Ok(body),
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry(why)) => why,
+            };
+            let wait = self.policy.backoff(attempt);
+            if attempt >= self.policy.attempts_max || first.elapsed() + wait > self.policy.deadline {
+                return Err(SourceError::Unresponsive {
+                    what: format!("GET {url}: {why} ({attempt} attempts over {:.1} s)", first.elapsed().as_secs_f64()),
+                });
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn attempt(&self, url: &str, path: &str) -> Result<Option<Vec<u8>>, Attempt> {
+        let mut req = self.client.get(url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = if e.is_timeout() { "timeout" } else { "connect" };
+                self.failed(kind);
+                return Err(Attempt::Retry(format!("{kind}: {e}")));
+            }
+        };
+        let status = resp.status().as_u16();
+        let body = match self.read_body(resp).await {
+            Ok(b) => b,
+            Err(a) => {
+                if let Attempt::Retry(_) = &a {
+                    self.failed("body");
+                }
+                return Err(a);
+            }
+        };
+        if status == 200 {
+            return Ok(Some(body));
+        }
+        self.failed(&format!("status-{status}"));
+        let err: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+        let what = err.as_ref().map_or_else(|| String::from_utf8_lossy(&body).into_owned(), |e| e.error.clone());
+        let code = err.as_ref().map(|e| e.code.as_str()).unwrap_or("");
+        let invalid = |what: String| {
+            Attempt::Fail(SourceError::Invalid {
+                file: err.as_ref().and_then(|e| e.file.clone()).unwrap_or_else(|| path.to_string()),
+                offset: err.as_ref().and_then(|e| e.offset),
+                what,
+            })
+        };
+        match (status, code) {
+            (404, wire::code::UNFINISHED) => Ok(None),
+            (404, wire::code::NO_SUCH_RUN) => Err(Attempt::Fail(SourceError::Unavailable(format!(
+                "trainer {} has no run {:?}: {what}",
+                self.base, self.run
+            )))),
+            (404, _) => Err(invalid(format!("missing on the trainer: {what}"))),
+            (422, _) => Err(invalid(what)),
+            (429 | 500..=599, _) => Err(Attempt::Retry(format!("HTTP {status}: {what}"))),
+            _ => Err(Attempt::Fail(SourceError::Unavailable(format!("GET {url}: HTTP {status}: {what}")))),
+        }
+    }
+
+    /// Reads a body of at most `response_bytes_max` bytes.
+    async fn read_body(&self, mut resp: reqwest::Response) -> Result<Vec<u8>, Attempt> {
+        let max = self.policy.response_bytes_max;
+        let file = resp.url().path().to_string();
+        let too_large = |n: u64| {
+            Attempt::Fail(SourceError::Invalid {
+                file: file.clone(),
+                offset: None,
+                what: format!("response of {n} bytes, more than the {max} allowed"),
+            })
+        };
+        if let Some(n) = resp.content_length()
+            && n > max
+        {
+            return Err(too_large(n));
+        }
+        let mut body = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    if body.len() as u64 + c.len() as u64 > max {
+                        return Err(too_large(body.len() as u64 + c.len() as u64));
+                    }
+                    body.extend_from_slice(&c);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => return Err(Attempt::Retry(format!("reading the body: {e}"))),
+            }
+        }
+    }
+
+    fn get_required(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+        self.get(path)?.ok_or_else(|| SourceError::Invalid {
+            file: path.to_string(),
+            offset: None,
+            what: "missing on the trainer (run unfinished)".into(),
+        })
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, SourceError> {
+        let body = self.get_required(path)?;
+        serde_json::from_slice(&body).map_err(|e| SourceError::Invalid {
+            file: path.to_string(),
+            offset: Some(e.column() as u64),
+            what: format!("malformed response: {e}"),
+        })
+    }
+
+    /// A zstd body, decompressed with a bound.
+    fn get_zstd(&self, path: &str, file: &str, raw_bytes_max: usize) -> Result<Vec<u8>, SourceError> {
+        let body = self.get_required(path)?;
+        decompress_bounded(&body, raw_bytes_max).map_err(|e| SourceError::Invalid {
+            file: file.to_string(),
+            offset: None,
+            what: format!("served by {path}: {e}"),
+        })
+    }
+
+    /// Information about the run.
+    pub fn info(&self) -> Result<wire::RunInfo, SourceError> {
+        self.get_json(&path::run(&self.run))
+    }
+}
+
+fn hash(hex: &str, what: &str, file: &str) -> Result<Hash, SourceError> {
+    from_hex::<32>(hex).ok_or_else(|| SourceError::Invalid {
+        file: file.to_string(),
+        offset: None,
+        what: format!("{what}: {hex:?} is not 64 lowercase hex digits"),
+    })
+}
+
+fn record_file(p: std::path::PathBuf) -> String {
+    p.display().to_string()
+}
+
+impl TrainerSource for HttpTrainer {
+    fn describe(&self) -> String {
+        format!("{}{}", self.base, path::run(&self.run))
+    }
+
+    fn spec_bytes(&self) -> Result<Vec<u8>, SourceError> {
+        self.get_required(&path::spec(&self.run))
+    }
+
+    fn manifest(&self) -> Result<Option<Manifest>, SourceError> {
+        let p = path::manifest(&self.run);
+        match self.get(&p)? {
+            None => Ok(None),
+            Some(body) => serde_json::from_slice(&body).map(Some).map_err(|e| SourceError::Invalid {
+                file: record::MANIFEST_FILE.into(),
+                offset: Some(e.column() as u64),
+                what: format!("not a manifest: {e}"),
+            }),
+        }
+    }
+
+    fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
+        let n = self.info()?.n_steps + 1;
+        let mut leaves = Vec::with_capacity(n as usize);
+        while (leaves.len() as u64) < n {
+            let start = leaves.len() as u64;
+            let count = (n - start).min(wire::LEAVES_PAGE_MAX);
+            let body = self.get_required(&path::leaves(&self.run, start, count))?;
+            if body.len() as u64 != count * LEAF_BYTES as u64 {
+                return Err(SourceError::Invalid {
+                    file: record::LEAVES_FILE.into(),
+                    offset: Some(start * LEAF_BYTES as u64),
+                    what: format!("asked for {count} leaves from {start}, got {} bytes", body.len()),
+                });
+            }
+            for (i, chunk) in body.chunks_exact(LEAF_BYTES).enumerate() {
+                let at = (start + i as u64) * LEAF_BYTES as u64;
+                leaves.push(Leaf::decode(chunk).map_err(|e| SourceError::Invalid {
+                    file: record::LEAVES_FILE.into(),
+                    offset: Some(at + e.offset as u64),
+                    what: e.what,
+                })?);
+            }
+        }
+        Ok(leaves)
+    }
+
+    fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError> {
+        let p = path::nodes(&self.run, lo, hi, size);
+        let pair: wire::NodePair = self.get_json(&p)?;
+        Ok((hash(&pair.left, "left child", &p)?, hash(&pair.right, "right child", &p)?))
+    }
+
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, SourceError> {
+        let p = path::proof(&self.run, index, size);
+        let proof: wire::LeafProof = self.get_json(&p)?;
+        proof.proof.iter().map(|h| hash(h, "proof hash", &p)).collect()
+    }
+
+    fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
+        let file = record_file(record::log_path(std::path::Path::new(""), step));
+        let raw = self.get_zstd(&path::log(&self.run, step), &file, record::LOG_RAW_BYTES_MAX)?;
+        TieBreakLog::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
+    }
+
+    fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
+        let file = record_file(record::batch_path(std::path::Path::new(""), step));
+        let bytes = self.get_required(&path::batch(&self.run, step))?;
+        BatchIndices::decode(&bytes).map_err(|e| SourceError::Invalid {
+            file,
+            offset: Some(e.offset as u64),
+            what: e.what,
+        })
+    }
+
+    fn checkpoint_steps(&self) -> Result<Vec<u64>, SourceError> {
+        Ok(self.get_json::<wire::CheckpointList>(&path::checkpoints(&self.run))?.steps)
+    }
+
+    fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
+        let file = record_file(record::checkpoint_path(std::path::Path::new(""), step));
+        let raw = self.get_zstd(&path::checkpoint(&self.run, step), &file, state_bound(&self.policy))?;
+        TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
+    }
+
+    fn state(&self, step: u64) -> Result<TrainingState, SourceError> {
+        let p = path::state(&self.run, step);
+        let raw = self.get_zstd(&p, &p, state_bound(&self.policy))?;
+        TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file: p, offset: None, what: e.to_string() })
+    }
+}
+
+/// Decompressed states are bounded by the record format's limit and by what the auditor is
+/// willing to hold: 8× its response limit (FP32 states compress little).
+fn state_bound(policy: &RetryPolicy) -> usize {
+    (policy.response_bytes_max.saturating_mul(8)).min(record::STATE_RAW_BYTES_MAX as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let p = RetryPolicy {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(750),
+            ..RetryPolicy::default()
+        };
+        let waits: Vec<u128> = (1..=6).map(|a| p.backoff(a).as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 750, 750, 750]);
+        assert_eq!(p.backoff(200), Duration::from_millis(750), "no overflow on long retries");
+    }
+
+    #[test]
+    fn bad_urls_and_run_ids_are_refused_before_any_request() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let h = rt.handle().clone();
+        let mk = |base: &str, run: &str| HttpTrainer::new(base, run, None, RetryPolicy::default(), h.clone());
+        assert!(mk("http://127.0.0.1:1", "run-1").is_ok());
+        for (base, run) in [("ftp://x", "r"), ("127.0.0.1:80", "r"), ("https://x", "r"), ("http://x", "../etc")] {
+            let e = mk(base, run).unwrap_err();
+            assert!(matches!(e, SourceError::Unavailable(_)), "{base} {run}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn an_unreachable_trainer_is_unresponsive_after_the_deadline() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        // A port nothing listens on: bind, note the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let policy = RetryPolicy {
+            request_timeout: Duration::from_millis(200),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(40),
+            attempts_max: 1000,
+            deadline: Duration::from_millis(300),
+            response_bytes_max: 1 << 20,
+        };
+        let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = errors.clone();
+        let src = HttpTrainer::new(&format!("http://127.0.0.1:{port}"), "r", None, policy, rt.handle().clone())
+            .unwrap()
+            .with_error_hook(Arc::new(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }));
+        let t0 = Instant::now();
+        let e = src.child_hashes(0, 2, 2).unwrap_err();
+        assert!(matches!(e, SourceError::Unresponsive { .. }), "{e:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "gave up after the deadline, not much later");
+        assert!(errors.load(std::sync::atomic::Ordering::Relaxed) >= 2, "retried");
+    }
+}
