@@ -38,6 +38,7 @@
 //!   re-executes step s on any profile and says whose leaf it reproduces.
 #![forbid(unsafe_code)]
 
+pub mod daemon;
 pub mod evidence;
 pub mod http;
 pub mod replay;

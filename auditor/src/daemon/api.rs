@@ -1,0 +1,282 @@
+//! The daemon's HTTP API (axum).
+//!
+//! | route | auth | answer |
+//! | --- | --- | --- |
+//! | `POST /v1/audits` | token | 202 `{"id", "state"}` ([`AuditRequest`] body) |
+//! | `GET /v1/audits[?state=&limit=]` | token | `{"audits": [status…]}` |
+//! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, … |
+//! | `GET /v1/reports/{id}` | open | the signed report JSON, byte for byte as stored |
+//! | `GET /v1/reports/{id}/evidence` | open | the evidence bundle (binary) |
+//! | `GET /metrics` | open | Prometheus text |
+//! | `GET /healthz` | open | `{"status": "ok", …}` |
+//!
+//! Reports and evidence are open because they are meant to be published: anyone can check
+//! them. Audit requests carry trainer URLs and tokens, so listing and submitting need the
+//! daemon's token when it has one. Every error is JSON `{"error", "code"}` with a 4xx/5xx
+//! status; trainer tokens are never echoed.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::job::{AuditRequest, Inserted, Job, JobState};
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", message)
+    }
+    fn store(e: super::job::StoreError) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({"error": self.message, "code": self.code}))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The routes, with the body limit and the JSON fallbacks.
+pub fn router(shared: Shared) -> Router {
+    let limit = shared.config.body_bytes_max;
+    Router::new()
+        .route("/v1/audits", post(submit).get(list))
+        .route("/v1/audits/{id}", get(status))
+        .route("/v1/reports/{id}", get(report))
+        .route("/v1/reports/{id}/evidence", get(evidence))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this route")
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
+/// Equal in time independent of where the strings differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(shared: &Shared, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(token) = &shared.config.token else {
+        return Ok(());
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")),
+    }
+}
+
+/// Runs a store call on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("worker thread: {e}")))?
+}
+
+async fn submit(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("request body over the {} bytes allowed", shared.config.body_bytes_max),
+            )
+        } else {
+            ApiError::bad_request(format!("reading the body: {e}"))
+        }
+    })?;
+    let request: AuditRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("body is not an audit request (line {}, column {}): {e}", e.line(), e.column()))
+    })?;
+    request.validate().map_err(ApiError::bad_request)?;
+    let store = shared.store.clone();
+    let queued_max = shared.config.queue_max;
+    let now = shared.clock.now_ms();
+    let inserted = blocking(move || store.insert(&request, queued_max, now).map_err(ApiError::store)).await?;
+    match inserted {
+        Inserted::New(id) => {
+            shared.metrics.submitted.inc();
+            shared.queued.notify_waiters();
+            Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": id, "state": "queued"}))).into_response())
+        }
+        Inserted::Existing(id) => {
+            let store = shared.store.clone();
+            let lookup = id.clone();
+            let state = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?.map(|j| j.state);
+            let state = state.map_or("queued", JobState::name);
+            Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": id, "state": state}))).into_response())
+        }
+        Inserted::Conflict(id) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency-conflict",
+            format!("idempotency_key was used for audit {id} with a different request"),
+        )),
+        Inserted::QueueFull => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue-full",
+            format!("{} audits are queued, the most this daemon takes; retry later", queued_max),
+        )),
+    }
+}
+
+/// A job as clients see it (no token).
+pub fn status_json(job: &Job) -> Value {
+    let r = &job.request;
+    let mut v = json!({
+        "id": job.id,
+        "state": job.state.name(),
+        "trainer_url": r.trainer_url,
+        "run": r.run,
+        "device": r.device,
+        "mode": r.mode.as_deref().unwrap_or("full"),
+        "from": r.from,
+        "to": r.to,
+        "attempts": job.attempts,
+        "steps_replayed": job.steps_replayed,
+        "steps_resumed": job.steps_resumed,
+        "verdict": job.verdict,
+        "first_diverging_step": job.first_step,
+        "error": job.error,
+        "created_ms": job.created_ms,
+        "updated_ms": job.updated_ms,
+    });
+    if job.state == JobState::Done {
+        v["report"] = json!(format!("/v1/reports/{}", job.id));
+    }
+    v
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn list(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!("state: {s:?} is not one of queued, running, done, failed"))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let store = shared.store.clone();
+    let jobs = blocking(move || store.list(state, limit).map_err(ApiError::store)).await?;
+    Ok(axum::Json(json!({"audits": jobs.iter().map(status_json).collect::<Vec<_>>()})).into_response())
+}
+
+fn check_id(id: &str) -> ApiResult<()> {
+    let ok = id.len() <= 64 && id.strip_prefix("audit-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if ok { Ok(()) } else { Err(ApiError::not_found(format!("no audit {id:?}"))) }
+}
+
+async fn status(State(shared): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    check_id(&id)?;
+    let store = shared.store.clone();
+    let lookup = id.clone();
+    let job = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?;
+    let job = job.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
+    Ok(axum::Json(status_json(&job)).into_response())
+}
+
+/// The report of a done audit, or why there is none.
+async fn stored<T: Send + 'static>(
+    shared: &Shared,
+    id: String,
+    get: impl FnOnce(&dyn super::job::Store, &str) -> Result<Option<T>, super::job::StoreError> + Send + 'static,
+) -> ApiResult<Option<T>> {
+    check_id(&id)?;
+    let store = shared.store.clone();
+    blocking(move || {
+        let job = store.get(&id).map_err(ApiError::store)?.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
+        if job.state != JobState::Done {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not-ready",
+                format!("audit {id} is {}; its report is written when it is done", job.state.name()),
+            ));
+        }
+        get(&*store, &id).map_err(ApiError::store)
+    })
+    .await
+}
+
+async fn report(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    let r = stored(&shared, id.clone(), |s, id| s.report(id)).await?;
+    let r = r.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("audit {id} is done without a report")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], r).into_response())
+}
+
+async fn evidence(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+    let e = stored(&shared, id.clone(), |s, id| s.evidence(id)).await?;
+    let e = e.ok_or_else(|| ApiError::not_found(format!("audit {id} has no evidence bundle (its verdict is not about a step)")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], e).into_response())
+}
+
+async fn metrics(State(shared): State<Shared>) -> ApiResult<Response> {
+    let s = shared.clone();
+    let text = blocking(move || Ok(s.metrics.render(&*s.store))).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
+    let store = shared.store.clone();
+    let counts = blocking(move || {
+        JobState::ALL
+            .into_iter()
+            .map(|s| store.count(s).map(|n| (s.name(), n)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ApiError::store)
+    })
+    .await?;
+    let audits: serde_json::Map<String, Value> = counts.into_iter().map(|(k, n)| (k.to_string(), json!(n))).collect();
+    Ok(axum::Json(json!({
+        "status": "ok",
+        "version": crate::AUDITOR_VERSION,
+        "workers": shared.config.workers,
+        "queue_max": shared.config.queue_max,
+        "audits": audits,
+        "auditor_public_key": shared.auditor_public_key,
+    }))
+    .into_response())
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics of the daemon, every name prefixed `auditor_`, served at `/metrics`.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use super::job::{Decided, JobState, Observer, Store};
+
+/// The daemon's metrics, on a registry of their own (not the process-global one, so that
+/// several daemons in one test process do not share counters).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub audits: IntGaugeVec,
+    pub submitted: IntCounter,
+    pub steps_replayed: IntCounter,
+    pub replay_step_seconds: Histogram,
+    pub bisection_queries: IntCounter,
+    pub divergences: IntCounter,
+    pub verdicts: IntCounterVec,
+    pub trainer_request_errors: IntCounterVec,
+    pub store_errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let audits = IntGaugeVec::new(Opts::new("auditor_audits", "Audits in the store, by state"), &["state"])
+            .expect("valid metric");
+        let submitted = IntCounter::new("auditor_audits_submitted_total", "Audits accepted by POST /v1/audits")
+            .expect("valid metric");
+        let steps_replayed =
+            IntCounter::new("auditor_steps_replayed_total", "Training steps replayed").expect("valid metric");
+        let replay_step_seconds = Histogram::with_opts(
+            HistogramOpts::new("auditor_replay_step_seconds", "Wall-clock seconds to replay one step")
+                .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let bisection_queries =
+            IntCounter::new("auditor_bisection_queries_total", "Node-hash queries sent to trainers while bisecting")
+                .expect("valid metric");
+        let divergences = IntCounter::new(
+            "auditor_divergences_total",
+            "Audits that found a first diverging step (verdict diverged or forged-log)",
+        )
+        .expect("valid metric");
+        let verdicts = IntCounterVec::new(Opts::new("auditor_verdicts_total", "Decided audits, by verdict"), &[
+            "verdict",
+        ])
+        .expect("valid metric");
+        let trainer_request_errors = IntCounterVec::new(
+            Opts::new("auditor_trainer_request_errors_total", "Failed requests to trainers (retried or not), by kind"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new("auditor_store_errors_total", "Failed writes to the state store, by operation"),
+            &["op"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(audits.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(submitted.clone()),
+            Box::new(steps_replayed.clone()),
+            Box::new(replay_step_seconds.clone()),
+            Box::new(bisection_queries.clone()),
+            Box::new(divergences.clone()),
+            Box::new(verdicts.clone()),
+            Box::new(trainer_request_errors.clone()),
+            Box::new(store_errors.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            audits,
+            submitted,
+            steps_replayed,
+            replay_step_seconds,
+            bisection_queries,
+            divergences,
+            verdicts,
+            trainer_request_errors,
+            store_errors,
+        }
+    }
+
+    /// The text exposition, with the per-state gauges read from the store first (so they are
+    /// right across restarts).
+    pub fn render(&self, store: &dyn Store) -> String {
+        for s in JobState::ALL {
+            match store.count(s) {
+                Ok(n) => self.audits.with_label_values(&[s.name()]).set(i64::try_from(n).unwrap_or(i64::MAX)),
+                Err(_) => self.store_errors.with_label_values(&["count"]).inc(),
+            }
+        }
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+
+    /// Counts a failed trainer request.
+    pub fn trainer_error(&self, kind: &str) {
+        self.trainer_request_errors.with_label_values(&[kind]).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Observer for Metrics {
+    fn step_replayed(&self, seconds: f64) {
+        self.steps_replayed.inc();
+        self.replay_step_seconds.observe(seconds);
+    }
+    fn store_error(&self, op: &str) {
+        self.store_errors.with_label_values(&[op]).inc();
+    }
+    fn decided(&self, d: &Decided) {
+        self.verdicts.with_label_values(&[d.verdict.as_str()]).inc();
+        self.bisection_queries.inc_by(d.bisection_queries);
+        if matches!(d.verdict.as_str(), "diverged" | "forged-log") {
+            self.divergences.inc();
+        }
+    }
+}

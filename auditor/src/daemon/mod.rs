@@ -1,0 +1,325 @@
+//! The auditor daemon: a long-running service that takes audit requests over HTTP, replays the
+//! records on trainers' record servers, and publishes signed reports.
+//!
+//! - [`job`]: requests, job states and the worker logic, against small traits (store, runner,
+//!   clock) so a seeded simulation can crash it and inject failures.
+//! - [`store`]: the embedded SQLite store under `--state-dir` (jobs, progress, reports).
+//! - [`runner`]: one attempt of an audit over HTTP ([`crate::http::HttpTrainer`]).
+//! - [`api`]: the axum routes.
+//! - [`metrics`]: Prometheus metrics, all named `auditor_*`.
+//!
+//! [`serve`] ties them together; it takes its shutdown signal as a future so tests can run a
+//! daemon in-process on `127.0.0.1:0`.
+
+pub mod api;
+pub mod job;
+pub mod metrics;
+pub mod runner;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kernels::Profile;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::http::RetryPolicy;
+use job::{Clock, Store, SystemClock, Worked, Worker, WorkerConfig};
+use metrics::Metrics;
+use runner::{DataPaths, HttpRunner};
+use store::SqliteStore;
+
+/// The signing key's file under the state directory.
+pub const KEY_FILE: &str = "auditor.key";
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("config {origin}: {detail}")]
+    Config { origin: String, detail: String },
+    #[error(transparent)]
+    Store(#[from] job::StoreError),
+    #[error("signing key {path}: {detail}")]
+    Key { path: PathBuf, detail: String },
+    #[error("serving HTTP: {0}")]
+    Http(std::io::Error),
+}
+
+/// `configs/auditor.toml`. Every field has a default; unknown fields are errors.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Where the database and the signing key live (relative to the working directory).
+    pub state_dir: PathBuf,
+    /// Bearer token required on `/v1/audits*`; none = open.
+    pub token: Option<String>,
+    /// Audits replayed at once.
+    pub workers: usize,
+    /// Most audits waiting in the queue; more are refused with 429.
+    pub queue_max: u64,
+    /// Largest request body accepted.
+    pub body_bytes_max: usize,
+    /// Replay profile when a request names none.
+    pub device: String,
+    /// Claims of one audit (crashes, requeues) before it is failed.
+    pub attempts_max: u32,
+    /// Least time between two durable progress writes of one audit.
+    pub progress_interval_ms: u64,
+    /// How long a graceful shutdown waits for running audits to stop at a step boundary.
+    pub shutdown_grace_ms: u64,
+    pub data: DataSection,
+    pub trainer: TrainerSection,
+}
+
+/// Local copies of datasets, for specs that are not synthetic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub mnist: Option<PathBuf>,
+    pub text: Option<PathBuf>,
+}
+
+/// Requests to trainers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerSection {
+    pub request_timeout_ms: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub attempts_max: u32,
+    /// A trainer that has not answered one request for this long is unresponsive.
+    pub deadline_ms: u64,
+    pub response_bytes_max: u64,
+}
+
+impl Default for TrainerSection {
+    fn default() -> Self {
+        let p = RetryPolicy::default();
+        TrainerSection {
+            request_timeout_ms: p.request_timeout.as_millis() as u64,
+            backoff_initial_ms: p.backoff_initial.as_millis() as u64,
+            backoff_max_ms: p.backoff_max.as_millis() as u64,
+            attempts_max: p.attempts_max,
+            deadline_ms: p.deadline.as_millis() as u64,
+            response_bytes_max: p.response_bytes_max,
+        }
+    }
+}
+
+impl TrainerSection {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            backoff_initial: Duration::from_millis(self.backoff_initial_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
+            attempts_max: self.attempts_max,
+            deadline: Duration::from_millis(self.deadline_ms),
+            response_bytes_max: self.response_bytes_max,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let w = WorkerConfig::default();
+        Config {
+            listen: "127.0.0.1:8420".into(),
+            state_dir: PathBuf::from("auditor-state"),
+            token: None,
+            workers: 2,
+            queue_max: 256,
+            body_bytes_max: 64 << 10,
+            device: Profile::CpuSeq.name().into(),
+            attempts_max: w.attempts_max,
+            progress_interval_ms: w.progress_interval_ms,
+            shutdown_grace_ms: 10_000,
+            data: DataSection::default(),
+            trainer: TrainerSection::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and checks a config; errors name the file and the field.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, DaemonError> {
+        let err = |detail: String| DaemonError::Config { origin: origin.to_string(), detail };
+        let cfg: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Config, DaemonError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DaemonError::Config {
+            origin: path.display().to_string(),
+            detail: format!("reading: {e}"),
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Range checks, each naming its field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=64).contains(&self.workers) {
+            return Err(format!("workers = {}: must be 1..=64", self.workers));
+        }
+        if !(1..=1_000_000).contains(&self.queue_max) {
+            return Err(format!("queue_max = {}: must be 1..=1000000", self.queue_max));
+        }
+        if !(256..=(16 << 20)).contains(&self.body_bytes_max) {
+            return Err(format!("body_bytes_max = {}: must be 256..=16777216", self.body_bytes_max));
+        }
+        self.device.parse::<Profile>().map_err(|e| format!("device = {:?}: {e}", self.device))?;
+        if self.attempts_max == 0 {
+            return Err("attempts_max = 0: must be at least 1".into());
+        }
+        if let Some(t) = &self.token
+            && t.trim().is_empty()
+        {
+            return Err("token: empty; leave it out for an open daemon".into());
+        }
+        let t = &self.trainer;
+        if t.request_timeout_ms == 0 || t.deadline_ms == 0 || t.attempts_max == 0 {
+            return Err("trainer.request_timeout_ms, trainer.deadline_ms and trainer.attempts_max must be positive".into());
+        }
+        if t.backoff_initial_ms > t.backoff_max_ms {
+            return Err(format!(
+                "trainer.backoff_initial_ms = {} is more than trainer.backoff_max_ms = {}",
+                t.backoff_initial_ms, t.backoff_max_ms
+            ));
+        }
+        if t.response_bytes_max < 1 << 16 {
+            return Err(format!("trainer.response_bytes_max = {}: must be at least 65536", t.response_bytes_max));
+        }
+        Ok(())
+    }
+
+    fn worker_config(&self) -> WorkerConfig {
+        WorkerConfig {
+            attempts_max: self.attempts_max,
+            progress_interval_ms: self.progress_interval_ms,
+            ..WorkerConfig::default()
+        }
+    }
+}
+
+/// Shared state of a running daemon.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    /// Woken when an audit is queued.
+    pub queued: Arc<Notify>,
+    pub auditor_public_key: String,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Runs the daemon on `listener` until `shutdown` completes: then stops accepting requests,
+/// asks running audits to stop at their next step (their progress is kept and they are
+/// requeued), waits up to `shutdown_grace_ms` for them, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    config.validate().map_err(|detail| DaemonError::Config { origin: "config".into(), detail })?;
+    let state_dir = config.state_dir.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let now = clock.now_ms();
+    let store = tokio::task::spawn_blocking(move || -> Result<SqliteStore, job::StoreError> {
+        let s = SqliteStore::open(&state_dir)?;
+        s.recover(now)?;
+        Ok(s)
+    })
+    .await
+    .map_err(|e| job::StoreError(format!("opening the store: {e}")))??;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let key_path = config.state_dir.join(KEY_FILE);
+    let key = engine::record::load_or_create_key(&key_path)
+        .map_err(|e| DaemonError::Key { path: key_path.clone(), detail: e.to_string() })?;
+    let metrics = Metrics::new();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let runner = HttpRunner {
+        runtime: tokio::runtime::Handle::current(),
+        policy: config.trainer.policy(),
+        key: key.clone(),
+        default_device: config.device.parse().expect("validated"),
+        data: DataPaths { mnist: config.data.mnist.clone(), text: config.data.text.clone() },
+        metrics: metrics.clone(),
+    };
+    let worker = Worker {
+        store: store.clone(),
+        runner: Arc::new(runner),
+        clock: clock.clone(),
+        observer: Arc::new(metrics.clone()),
+        config: config.worker_config(),
+        cancel: cancel.clone(),
+    };
+    let shared = Shared {
+        store,
+        metrics,
+        config: Arc::new(config.clone()),
+        clock,
+        queued: Arc::new(Notify::new()),
+        auditor_public_key: common::codec::to_hex(key.verifying_key().as_bytes()),
+    };
+
+    let workers: Vec<_> = (0..config.workers)
+        .map(|_| tokio::spawn(worker_loop(worker.clone(), shared.queued.clone(), cancel.clone())))
+        .collect();
+    let app = api::router(shared.clone());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let queued = shared.queued.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        cancel.store(true, Ordering::SeqCst);
+        queued.notify_waiters();
+        let _ = stop_tx.send(true);
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        })
+        .await;
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let _ = tokio::time::timeout(grace, async {
+        for w in workers {
+            let _ = w.await;
+        }
+    })
+    .await;
+    served.map_err(DaemonError::Http)
+}
+
+/// One worker: claim, run, repeat; wait for a submission (or poll) when idle.
+async fn worker_loop(worker: Worker, queued: Arc<Notify>, cancel: Arc<AtomicBool>) {
+    while !cancel.load(Ordering::SeqCst) {
+        let w = worker.clone();
+        let worked = tokio::task::spawn_blocking(move || w.work_one()).await.unwrap_or(Worked::StoreUnavailable);
+        if !matches!(worked, Worked::Job { .. }) {
+            // Poll as well as wait: a notification sent before we started waiting is not kept.
+            let _ = tokio::time::timeout(Duration::from_secs(1), queued.notified()).await;
+        }
+    }
+}
+
+/// Binds `config.listen` (or the given override) and reports the bound address.
+pub async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), DaemonError> {
+    let listener = TcpListener::bind(listen).await.map_err(DaemonError::Http)?;
+    let addr = listener.local_addr().map_err(DaemonError::Http)?;
+    Ok((listener, addr))
+}

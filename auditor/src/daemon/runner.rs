@@ -1,0 +1,119 @@
+//! The daemon's [`Runner`]: one attempt of an audit against a trainer's record server, signed
+//! with the daemon's key.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use engine::record::SigningKey;
+use engine::spec::RunSpec;
+use kernels::Profile;
+use tokio::runtime::Handle;
+
+use super::job::{Decided, Job, Outcome, Runner};
+use super::metrics::Metrics;
+use crate::http::{HttpTrainer, RetryPolicy};
+use crate::report::Report;
+use crate::replay::{AuditOptions, Mode, SpotPick, audit};
+use crate::source::{SourceError, TrainerSource};
+use crate::{AuditError, Progress, Verdict};
+
+/// Datasets the daemon has locally, by the kind a spec names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataPaths {
+    /// MNIST IDX directory.
+    pub mnist: Option<PathBuf>,
+    /// Text file for character-level specs.
+    pub text: Option<PathBuf>,
+}
+
+/// Audits over HTTP.
+pub struct HttpRunner {
+    pub runtime: Handle,
+    pub policy: RetryPolicy,
+    pub key: SigningKey,
+    pub default_device: Profile,
+    pub data: DataPaths,
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for HttpRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRunner").field("policy", &self.policy).field("data", &self.data).finish_non_exhaustive()
+    }
+}
+
+/// The audit options a request asks for, resuming from `job.progress`.
+pub fn options(job: &Job, default_device: Profile, data: Option<PathBuf>) -> Result<AuditOptions, String> {
+    let r = &job.request;
+    let device = match &r.device {
+        Some(d) => d.parse::<Profile>().map_err(|e| format!("device: {e}"))?,
+        None => default_device,
+    };
+    let mode = match r.mode.as_deref() {
+        None | Some("full") => Mode::Full,
+        Some("intervals") => Mode::Intervals,
+        Some("spot") => Mode::Spot {
+            count: r.spot_count.unwrap_or(4),
+            pick: r.spot_seed.map_or(SpotPick::LargestUpdates, |seed| SpotPick::Random { seed }),
+        },
+        Some(m) => return Err(format!("mode: {m:?} is not one of full, intervals, spot")),
+    };
+    Ok(AuditOptions { device, from: r.from, to: r.to, mode, data, resume: job.progress.clone() })
+}
+
+impl HttpRunner {
+    fn data_for(&self, src: &HttpTrainer) -> Result<Option<PathBuf>, SourceError> {
+        let bytes = src.spec_bytes()?;
+        // A spec that does not parse is the trainer's problem; the audit itself says so.
+        let Ok(spec) = serde_json::from_slice::<RunSpec>(&bytes) else {
+            return Ok(None);
+        };
+        Ok(match spec.config.data {
+            engine::spec::DataConfig::Mnist(_) => self.data.mnist.clone(),
+            engine::spec::DataConfig::Text(_) => self.data.text.clone(),
+            engine::spec::DataConfig::Synthetic(_) => None,
+        })
+    }
+}
+
+impl Runner for HttpRunner {
+    fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
+        let r = &job.request;
+        let metrics = self.metrics.clone();
+        let src = match HttpTrainer::new(&r.trainer_url, &r.run, r.trainer_token.clone(), self.policy.clone(), self.runtime.clone())
+        {
+            Ok(s) => s.with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind))),
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let data = match self.data_for(&src) {
+            Ok(d) => d,
+            Err(SourceError::Unavailable(e)) => return Outcome::Failed(e),
+            // Unresponsive or invalid: the audit below reaches the same error as a verdict.
+            Err(_) => None,
+        };
+        let opts = match options(job, self.default_device, data) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Failed(e),
+        };
+        match audit(&src, &opts, progress) {
+            Ok(a) => {
+                let report = Report::build(&a, &self.key);
+                let first_step = match &a.verdict {
+                    Verdict::Diverged { step, .. } | Verdict::ForgedLog { step, .. } => Some(*step),
+                    _ => None,
+                };
+                Outcome::Decided(Decided {
+                    verdict: a.verdict.kind().to_string(),
+                    first_step,
+                    steps_replayed: a.steps_replayed,
+                    steps_resumed: a.steps_resumed,
+                    bisection_queries: a.bisection.map_or(0, |b| u64::from(b.queries)),
+                    report_json: report.to_json(),
+                    evidence: a.evidence.as_ref().map(|e| e.encode()),
+                })
+            }
+            Err(AuditError::Cancelled) => Outcome::Cancelled,
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+}

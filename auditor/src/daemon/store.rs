@@ -1,0 +1,424 @@
+//! The daemon's durable state: an embedded SQLite database (`auditor.sqlite3` under the state
+//! directory) holding jobs, their progress points and their reports.
+//!
+//! Every [`Store`] method is one transaction, and the database runs in WAL mode with
+//! `synchronous = FULL`, so a kill -9 at any moment leaves each job either before or after a
+//! transition, never half-way: in particular `done` and its report are written together. A
+//! report's primary key is its job id, so it cannot be stored twice.
+//!
+//! Request JSON is stored as submitted, including a trainer token (it is needed to resume after
+//! a crash): keep the state directory private (it is created `0700`). Tokens are never served.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::job::{AuditRequest, Decided, Inserted, Job, JobState, Store, StoreError};
+
+/// The database file under the state directory.
+pub const DB_FILE: &str = "auditor.sqlite3";
+/// Bumped when the schema changes; a database with another version is refused, not migrated
+/// silently.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    request TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    steps_replayed INTEGER NOT NULL DEFAULT 0,
+    steps_resumed INTEGER NOT NULL DEFAULT 0,
+    verdict TEXT,
+    first_step INTEGER,
+    error TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS progress (
+    id TEXT NOT NULL REFERENCES jobs (id),
+    job_start INTEGER NOT NULL,
+    through INTEGER NOT NULL,
+    PRIMARY KEY (id, job_start)
+);
+CREATE TABLE IF NOT EXISTS reports (
+    id TEXT PRIMARY KEY REFERENCES jobs (id),
+    report TEXT NOT NULL,
+    evidence BLOB
+);
+";
+
+/// [`Store`] on SQLite.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+fn i(x: u64) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
+fn u(x: i64) -> u64 {
+    u64::try_from(x).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database under `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| StoreError(format!("creating state directory {}: {e}", state_dir.display())))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let path = state_dir.join(DB_FILE);
+        let ctx = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
+        let conn = Connection::open(&path).map_err(ctx)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(ctx)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(ctx)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError(format!("{}: could not switch to WAL mode (got {mode})", path.display())));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(ctx)?;
+        conn.execute_batch(SCHEMA).map_err(ctx)?;
+        let version: Option<i64> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional().map_err(ctx)?;
+        match version {
+            None => {
+                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
+                    .map_err(ctx)?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(StoreError(format!(
+                    "{}: schema version {v}, this auditor knows {SCHEMA_VERSION}; refusing to touch it",
+                    path.display()
+                )));
+            }
+        }
+        Ok(SqliteStore { path, conn: Mutex::new(conn) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn).map_err(|e| StoreError(format!("{}: {e}", self.path.display())))
+    }
+}
+
+const JOB_COLUMNS: &str =
+    "id, request, state, attempts, steps_replayed, steps_resumed, verdict, first_step, error, created_ms, updated_ms";
+
+fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    let id: String = r.get(0)?;
+    let request: String = r.get(1)?;
+    let state: String = r.get(2)?;
+    let bad = |what: String| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, what.into());
+    let request: AuditRequest =
+        serde_json::from_str(&request).map_err(|e| bad(format!("job {id}: stored request: {e}")))?;
+    let state = JobState::parse(&state).ok_or_else(|| bad(format!("job {id}: state {state:?}")))?;
+    let mut stmt = conn.prepare_cached("SELECT job_start, through FROM progress WHERE id = ?1 ORDER BY job_start")?;
+    let progress = stmt
+        .query_map([&id], |p| Ok((u(p.get(0)?), u(p.get(1)?))))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Job {
+        id,
+        request,
+        state,
+        attempts: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(u32::MAX),
+        progress,
+        steps_replayed: u(r.get(4)?),
+        steps_resumed: u(r.get(5)?),
+        verdict: r.get(6)?,
+        first_step: r.get::<_, Option<i64>>(7)?.map(u),
+        error: r.get(8)?,
+        created_ms: u(r.get(9)?),
+        updated_ms: u(r.get(10)?),
+    })
+}
+
+fn get_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+    conn.query_row(&sql, [id], |r| job_row(conn, r)).optional()
+}
+
+impl Store for SqliteStore {
+    fn insert(&self, request: &AuditRequest, queued_max: u64, now_ms: u64) -> Result<Inserted, StoreError> {
+        let json = serde_json::to_string(request).map_err(|e| StoreError(format!("encoding the request: {e}")))?;
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(key) = &request.idempotency_key {
+                let seen: Option<(String, String)> = tx
+                    .query_row("SELECT id, request FROM jobs WHERE idempotency_key = ?1", [key], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if let Some((id, stored)) = seen {
+                    return Ok(if stored == json { Inserted::Existing(id) } else { Inserted::Conflict(id) });
+                }
+            }
+            let queued: i64 = tx.query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued'", [], |r| r.get(0))?;
+            if u(queued) >= queued_max {
+                return Ok(Inserted::QueueFull);
+            }
+            // The id comes from the row's sequence number: unique, and stable across restarts.
+            tx.execute(
+                "INSERT INTO jobs (id, idempotency_key, request, state, created_ms, updated_ms)
+                 VALUES ('', ?1, ?2, 'queued', ?3, ?3)",
+                params![request.idempotency_key, json, i(now_ms)],
+            )?;
+            let seq = tx.last_insert_rowid();
+            let id = format!("audit-{seq}");
+            tx.execute("UPDATE jobs SET id = ?1 WHERE seq = ?2", params![id, seq])?;
+            tx.commit()?;
+            Ok(Inserted::New(id))
+        })
+    }
+
+    fn claim(&self, now_ms: u64) -> Result<Option<Job>, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let id: Option<String> = tx
+                .query_row("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1", [], |r| r.get(0))
+                .optional()?;
+            let Some(id) = id else {
+                return Ok(None);
+            };
+            tx.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
+                params![id, i(now_ms)],
+            )?;
+            let job = get_job(&tx, &id)?;
+            tx.commit()?;
+            Ok(job)
+        })
+    }
+
+    fn save_progress(
+        &self,
+        id: &str,
+        job_start: u64,
+        through: u64,
+        steps_replayed: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let state: Option<String> =
+                tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            // Only a running job makes progress; a late write after a requeue or a finish is dropped.
+            if state.as_deref() != Some("running") {
+                return Ok(());
+            }
+            tx.execute(
+                "INSERT INTO progress (id, job_start, through) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id, job_start) DO UPDATE SET through = MAX(through, excluded.through)",
+                params![id, i(job_start), i(through)],
+            )?;
+            tx.execute(
+                "UPDATE jobs SET steps_replayed = MAX(steps_replayed, ?2), updated_ms = ?3 WHERE id = ?1",
+                params![id, i(steps_replayed), i(now_ms)],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn finish(&self, id: &str, d: &Decided, now_ms: u64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let state: Option<String> =
+                tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            match state.as_deref() {
+                Some("running") => {}
+                // Already decided (a retried write whose first try committed): nothing to do.
+                Some("done") => return Ok(()),
+                other => {
+                    return Err(rusqlite::Error::ToSqlConversionFailure(
+                        format!("finish of job {id} in state {other:?}").into(),
+                    ));
+                }
+            }
+            tx.execute("INSERT INTO reports (id, report, evidence) VALUES (?1, ?2, ?3)", params![
+                id,
+                d.report_json,
+                d.evidence
+            ])?;
+            tx.execute(
+                "UPDATE jobs SET state = 'done', verdict = ?2, first_step = ?3, steps_replayed = ?4,
+                 steps_resumed = ?5, error = NULL, updated_ms = ?6 WHERE id = ?1",
+                params![id, d.verdict, d.first_step.map(i), i(d.steps_replayed), i(d.steps_resumed), i(now_ms)],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE jobs SET state = 'failed', error = ?2, updated_ms = ?3
+                 WHERE id = ?1 AND state IN ('queued', 'running')",
+                params![id, error, i(now_ms)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn requeue(&self, id: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', updated_ms = ?2 WHERE id = ?1 AND state = 'running'",
+                params![id, i(now_ms)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn recover(&self, now_ms: u64) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            conn.execute("UPDATE jobs SET state = 'queued', updated_ms = ?1 WHERE state = 'running'", [i(now_ms)])
+                .map(|n| n as u64)
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        self.with(|conn| get_job(conn, id))
+    }
+
+    fn list(&self, state: Option<JobState>, limit: u64) -> Result<Vec<Job>, StoreError> {
+        self.with(|conn| {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) ORDER BY seq LIMIT ?2"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params![state.map(JobState::name), i(limit)], |r| job_row(conn, r))?;
+            rows.collect()
+        })
+    }
+
+    fn report(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.with(|conn| conn.query_row("SELECT report FROM reports WHERE id = ?1", [id], |r| r.get(0)).optional())
+    }
+
+    fn evidence(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT evidence FROM reports WHERE id = ?1", [id], |r| r.get::<_, Option<Vec<u8>>>(0))
+                .optional()
+                .map(Option::flatten)
+        })
+    }
+
+    fn report_count(&self, id: &str) -> Result<u64, StoreError> {
+        self.with(|conn| conn.query_row("SELECT COUNT(*) FROM reports WHERE id = ?1", [id], |r| r.get::<_, i64>(0)).map(u))
+    }
+
+    fn count(&self, state: JobState) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [state.name()], |r| r.get::<_, i64>(0)).map(u)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(key: Option<&str>) -> AuditRequest {
+        AuditRequest {
+            trainer_url: "http://127.0.0.1:1".into(),
+            run: "r".into(),
+            trainer_token: None,
+            device: None,
+            from: None,
+            to: None,
+            mode: None,
+            spot_count: None,
+            spot_seed: None,
+            idempotency_key: key.map(String::from),
+        }
+    }
+
+    fn decided() -> Decided {
+        Decided {
+            verdict: "diverged".into(),
+            first_step: Some(3),
+            steps_replayed: 3,
+            steps_resumed: 1,
+            bisection_queries: 2,
+            report_json: "{}".into(),
+            evidence: Some(vec![1, 2, 3]),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tiebreak-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_job_goes_through_its_states_and_survives_reopening() {
+        let dir = scratch("states");
+        let s = SqliteStore::open(&dir).unwrap();
+        let Inserted::New(id) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
+        assert_eq!(s.get(&id).unwrap().unwrap().state, JobState::Queued);
+        let job = s.claim(2).unwrap().unwrap();
+        assert_eq!((job.id.as_str(), job.state, job.attempts), (id.as_str(), JobState::Running, 1));
+        assert!(s.claim(2).unwrap().is_none(), "one queued job, claimed once");
+        s.save_progress(&id, 0, 5, 5, 3).unwrap();
+        s.save_progress(&id, 0, 4, 4, 3).unwrap();
+        drop(s);
+        // A restart: the running job is requeued with its progress.
+        let s = SqliteStore::open(&dir).unwrap();
+        assert_eq!(s.recover(4).unwrap(), 1);
+        let job = s.claim(5).unwrap().unwrap();
+        assert_eq!(job.attempts, 2);
+        assert_eq!(job.progress, [(0, 5)].into(), "progress only moves forward");
+        assert_eq!(job.steps_replayed, 5);
+        s.finish(&id, &decided(), 6).unwrap();
+        s.finish(&id, &decided(), 7).unwrap();
+        assert_eq!(s.report_count(&id).unwrap(), 1, "a second finish stores nothing");
+        let job = s.get(&id).unwrap().unwrap();
+        assert_eq!((job.state, job.verdict.as_deref(), job.first_step), (JobState::Done, Some("diverged"), Some(3)));
+        assert_eq!(s.evidence(&id).unwrap(), Some(vec![1, 2, 3]));
+        s.save_progress(&id, 0, 9, 9, 8).unwrap();
+        assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into(), "no progress after done");
+        assert!(s.fail(&id, "late", 9).is_ok());
+        assert_eq!(s.get(&id).unwrap().unwrap().state, JobState::Done, "a done job cannot fail");
+    }
+
+    #[test]
+    fn idempotency_keys_and_the_queue_bound() {
+        let s = SqliteStore::open(&scratch("keys")).unwrap();
+        let Inserted::New(a) = s.insert(&request(Some("k")), 2, 1).unwrap() else { panic!() };
+        assert_eq!(s.insert(&request(Some("k")), 2, 1).unwrap(), Inserted::Existing(a.clone()));
+        let mut other = request(Some("k"));
+        other.run = "other".into();
+        assert_eq!(s.insert(&other, 2, 1).unwrap(), Inserted::Conflict(a));
+        assert!(matches!(s.insert(&request(None), 2, 1).unwrap(), Inserted::New(_)));
+        assert_eq!(s.insert(&request(None), 2, 1).unwrap(), Inserted::QueueFull);
+        assert_eq!(s.count(JobState::Queued).unwrap(), 2);
+        assert_eq!(s.list(None, 10).unwrap().len(), 2);
+        assert_eq!(s.list(Some(JobState::Done), 10).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_database_that_is_not_one_is_refused_and_left_alone() {
+        let dir = scratch("garbage");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes = b"this is not a database, but somebody's file".repeat(200);
+        std::fs::write(dir.join(DB_FILE), &bytes).unwrap();
+        let e = SqliteStore::open(&dir).unwrap_err();
+        assert!(e.0.contains(DB_FILE), "{e}");
+        assert_eq!(std::fs::read(dir.join(DB_FILE)).unwrap(), bytes);
+    }
+}
