@@ -1,8 +1,10 @@
-//! `auditor`: the one-shot CLI over the auditor library (audit a record directory, verify a
-//! report, adjudicate an evidence bundle). Parsing and printing only; the work is in the library.
+//! `auditor`: the CLI over the auditor library: audit a record directory, verify a report,
+//! adjudicate an evidence bundle, or run the daemon (`serve`). Parsing and printing only; the
+//! work is in the library.
 //!
-//! Exit codes: 0 consistent (or a report that verifies), 1 any adverse verdict (or a report
-//! that does not verify), 2 the command could not decide, with a message saying why.
+//! Exit codes: 0 consistent (or a report that verifies, or a daemon that shut down cleanly), 1
+//! any adverse verdict (or a report that does not verify), 2 the command could not decide (or
+//! the daemon could not start), with a message saying why.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -80,6 +82,23 @@ enum Command {
     },
     /// Check a report's signature and inclusion proofs.
     VerifyReport { file: PathBuf },
+    /// Run the auditor daemon: audits over HTTP against trainers' record servers, signed
+    /// reports at /v1/reports/{id}, metrics at /metrics. Stops gracefully on SIGTERM or Ctrl-C.
+    Serve {
+        /// The daemon's config (TOML); without it, the built-in defaults (those of
+        /// configs/auditor.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides the config's `listen`.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Overrides the config's `state_dir`.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Overrides the config's `token` (bearer token required on /v1/audits).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Re-execute the disputed step of an evidence bundle and say whose leaf it reproduces.
     Adjudicate {
         #[arg(long)]
@@ -222,6 +241,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Serve { config, listen, state_dir, token } => {
+            let mut cfg = match &config {
+                Some(path) => auditor::daemon::Config::load(path)?,
+                None => auditor::daemon::Config::default(),
+            };
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(d) = state_dir {
+                cfg.state_dir = d;
+            }
+            if token.is_some() {
+                cfg.token = token;
+            }
+            cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+            rt.block_on(async move {
+                let (listener, addr) = auditor::daemon::bind(&cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+                println!("auditor daemon listening on http://{addr} (state in {})", cfg.state_dir.display());
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                auditor::daemon::serve(listener, cfg, shutdown_signal()).await?;
+                println!("auditor daemon stopped");
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Adjudicate { evidence, device, data, json } => {
             let device = profile(&device)?;
             let ev = Evidence::read(&evidence)?;
@@ -240,6 +286,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
     }
 }
 

@@ -323,3 +323,31 @@ pub async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), DaemonError
     let addr = listener.local_addr().map_err(DaemonError::Http)?;
     Ok((listener, addr))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_is_the_built_in_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/auditor.toml");
+        assert_eq!(Config::load(&path).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn config_typos_and_bad_values_name_the_field() {
+        for (text, needle) in [
+            ("workerz = 2", "workerz"),
+            ("workers = 0", "workers"),
+            ("device = \"gpu9\"", "device"),
+            ("[trainer]\ndeadline_ms = 0", "deadline_ms"),
+            ("[trainer]\nbackoff_initial_ms = 5\nbackoff_max_ms = 1", "backoff_initial_ms"),
+            ("[data]\nmnst = \"x\"", "mnst"),
+            ("token = \"  \"", "token"),
+            ("queue_max = \"many\"", "queue_max"),
+        ] {
+            let e = Config::from_toml(text, "t.toml").unwrap_err().to_string();
+            assert!(e.contains("t.toml") && e.contains(needle), "{text:?}: {e}");
+        }
+    }
+}
