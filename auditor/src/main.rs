@@ -256,9 +256,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.token = token;
             }
             cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
             rt.block_on(async move {
-                let (listener, addr) = auditor::daemon::bind(&cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+                let (listener, addr) =
+                    auditor::daemon::bind(&cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
                 println!("auditor daemon listening on http://{addr} (state in {})", cfg.state_dir.display());
                 use std::io::Write;
                 let _ = std::io::stdout().flush();

@@ -86,7 +86,8 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> ApiResult<()> {
     let Some(token) = &shared.config.token else {
         return Ok(());
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
         _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")),
@@ -205,7 +206,8 @@ async fn list(
 }
 
 fn check_id(id: &str) -> ApiResult<()> {
-    let ok = id.len() <= 64 && id.strip_prefix("audit-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let ok = id.len() <= 64
+        && id.strip_prefix("audit-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     if ok { Ok(()) } else { Err(ApiError::not_found(format!("no audit {id:?}"))) }
 }
 
@@ -228,7 +230,8 @@ async fn stored<T: Send + 'static>(
     check_id(&id)?;
     let store = shared.store.clone();
     blocking(move || {
-        let job = store.get(&id).map_err(ApiError::store)?.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
+        let job =
+            store.get(&id).map_err(ApiError::store)?.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
         if job.state != JobState::Done {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -243,13 +246,17 @@ async fn stored<T: Send + 'static>(
 
 async fn report(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
     let r = stored(&shared, id.clone(), |s, id| s.report(id)).await?;
-    let r = r.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("audit {id} is done without a report")))?;
+    let r = r.ok_or_else(|| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("audit {id} is done without a report"))
+    })?;
     Ok(([(header::CONTENT_TYPE, "application/json")], r).into_response())
 }
 
 async fn evidence(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
     let e = stored(&shared, id.clone(), |s, id| s.evidence(id)).await?;
-    let e = e.ok_or_else(|| ApiError::not_found(format!("audit {id} has no evidence bundle (its verdict is not about a step)")))?;
+    let e = e.ok_or_else(|| {
+        ApiError::not_found(format!("audit {id} has no evidence bundle (its verdict is not about a step)"))
+    })?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], e).into_response())
 }
 

@@ -410,8 +410,11 @@ impl Worker {
                 "gave up after {} attempts (each one ended without the audit deciding: crashes or store failures)",
                 self.config.attempts_max
             );
-            let state =
-                if self.must("fail", || self.store.fail(&id, &why, self.clock.now_ms())) { JobState::Failed } else { JobState::Running };
+            let state = if self.must("fail", || self.store.fail(&id, &why, self.clock.now_ms())) {
+                JobState::Failed
+            } else {
+                JobState::Running
+            };
             return Worked::Job { id, state };
         }
         let progress = JobProgress {

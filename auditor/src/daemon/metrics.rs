@@ -42,10 +42,9 @@ impl Metrics {
             "Audits that found a first diverging step (verdict diverged or forged-log)",
         )
         .expect("valid metric");
-        let verdicts = IntCounterVec::new(Opts::new("auditor_verdicts_total", "Decided audits, by verdict"), &[
-            "verdict",
-        ])
-        .expect("valid metric");
+        let verdicts =
+            IntCounterVec::new(Opts::new("auditor_verdicts_total", "Decided audits, by verdict"), &["verdict"])
+                .expect("valid metric");
         let trainer_request_errors = IntCounterVec::new(
             Opts::new("auditor_trainer_request_errors_total", "Failed requests to trainers (retried or not), by kind"),
             &["kind"],

@@ -158,10 +158,8 @@ impl Config {
 
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Config, DaemonError> {
-        let text = std::fs::read_to_string(path).map_err(|e| DaemonError::Config {
-            origin: path.display().to_string(),
-            detail: format!("reading: {e}"),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DaemonError::Config { origin: path.display().to_string(), detail: format!("reading: {e}") })?;
         Config::from_toml(&text, &path.display().to_string())
     }
 
@@ -187,7 +185,9 @@ impl Config {
         }
         let t = &self.trainer;
         if t.request_timeout_ms == 0 || t.deadline_ms == 0 || t.attempts_max == 0 {
-            return Err("trainer.request_timeout_ms, trainer.deadline_ms and trainer.attempts_max must be positive".into());
+            return Err(
+                "trainer.request_timeout_ms, trainer.deadline_ms and trainer.attempts_max must be positive".into()
+            );
         }
         if t.backoff_initial_ms > t.backoff_max_ms {
             return Err(format!(

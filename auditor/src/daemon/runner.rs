@@ -12,8 +12,8 @@ use tokio::runtime::Handle;
 use super::job::{Decided, Job, Outcome, Runner};
 use super::metrics::Metrics;
 use crate::http::{HttpTrainer, RetryPolicy};
-use crate::report::Report;
 use crate::replay::{AuditOptions, Mode, SpotPick, audit};
+use crate::report::Report;
 use crate::source::{SourceError, TrainerSource};
 use crate::{AuditError, Progress, Verdict};
 
@@ -80,8 +80,13 @@ impl Runner for HttpRunner {
     fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
         let r = &job.request;
         let metrics = self.metrics.clone();
-        let src = match HttpTrainer::new(&r.trainer_url, &r.run, r.trainer_token.clone(), self.policy.clone(), self.runtime.clone())
-        {
+        let src = match HttpTrainer::new(
+            &r.trainer_url,
+            &r.run,
+            r.trainer_token.clone(),
+            self.policy.clone(),
+            self.runtime.clone(),
+        ) {
             Ok(s) => s.with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind))),
             Err(e) => return Outcome::Failed(e.to_string()),
         };

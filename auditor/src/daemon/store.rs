@@ -88,8 +88,10 @@ impl SqliteStore {
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(ctx)?;
         conn.execute_batch(SCHEMA).map_err(ctx)?;
-        let version: Option<i64> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional().map_err(ctx)?;
+        let version: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .optional()
+            .map_err(ctx)?;
         match version {
             None => {
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
@@ -128,9 +130,7 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         serde_json::from_str(&request).map_err(|e| bad(format!("job {id}: stored request: {e}")))?;
     let state = JobState::parse(&state).ok_or_else(|| bad(format!("job {id}: state {state:?}")))?;
     let mut stmt = conn.prepare_cached("SELECT job_start, through FROM progress WHERE id = ?1 ORDER BY job_start")?;
-    let progress = stmt
-        .query_map([&id], |p| Ok((u(p.get(0)?), u(p.get(1)?))))?
-        .collect::<rusqlite::Result<_>>()?;
+    let progress = stmt.query_map([&id], |p| Ok((u(p.get(0)?), u(p.get(1)?))))?.collect::<rusqlite::Result<_>>()?;
     Ok(Job {
         id,
         request,
@@ -248,11 +248,10 @@ impl Store for SqliteStore {
                     ));
                 }
             }
-            tx.execute("INSERT INTO reports (id, report, evidence) VALUES (?1, ?2, ?3)", params![
-                id,
-                d.report_json,
-                d.evidence
-            ])?;
+            tx.execute(
+                "INSERT INTO reports (id, report, evidence) VALUES (?1, ?2, ?3)",
+                params![id, d.report_json, d.evidence],
+            )?;
             tx.execute(
                 "UPDATE jobs SET state = 'done', verdict = ?2, first_step = ?3, steps_replayed = ?4,
                  steps_resumed = ?5, error = NULL, updated_ms = ?6 WHERE id = ?1",
@@ -296,9 +295,7 @@ impl Store for SqliteStore {
 
     fn list(&self, state: Option<JobState>, limit: u64) -> Result<Vec<Job>, StoreError> {
         self.with(|conn| {
-            let sql = format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) ORDER BY seq LIMIT ?2"
-            );
+            let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) ORDER BY seq LIMIT ?2");
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(params![state.map(JobState::name), i(limit)], |r| job_row(conn, r))?;
             rows.collect()
@@ -318,7 +315,9 @@ impl Store for SqliteStore {
     }
 
     fn report_count(&self, id: &str) -> Result<u64, StoreError> {
-        self.with(|conn| conn.query_row("SELECT COUNT(*) FROM reports WHERE id = ?1", [id], |r| r.get::<_, i64>(0)).map(u))
+        self.with(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM reports WHERE id = ?1", [id], |r| r.get::<_, i64>(0)).map(u)
+        })
     }
 
     fn count(&self, state: JobState) -> Result<u64, StoreError> {
