@@ -826,3 +826,64 @@ async fn guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(s: &str) -> Uri {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn query_parameters_are_strict_decimal_and_each_given_once() {
+        assert_eq!(query(&uri("/x?start=3&count=10"), ["start", "count"]).unwrap(), [3, 10]);
+        assert_eq!(query(&uri("/x?count=10&start=0"), ["start", "count"]).unwrap(), [0, 10]);
+        assert_eq!(query(&uri("/x"), []).unwrap(), [0u64; 0]);
+        for (q, named) in [
+            ("/x?start=3", "count"),
+            ("/x?start=&count=1", "start"),
+            ("/x?start=+3&count=1", "start"),
+            ("/x?start=3&count=1&start=3", "start"),
+            ("/x?start=3&count=1&extra", "extra"),
+            ("/x?start=18446744073709551616&count=1", "start"),
+        ] {
+            let e = query(&uri(q), ["start", "count"]).unwrap_err().0;
+            assert_eq!(e.code, code::BAD_REQUEST);
+            assert!(e.error.contains(named), "{q}: {}", e.error);
+        }
+        assert!(no_query(&uri("/x?")).is_ok());
+        assert!(no_query(&uri("/x?a=1")).is_err());
+    }
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        let expected = codec::sha256(b"s3cret");
+        assert!(token_matches(&expected, "s3cret"));
+        for wrong in ["", "s3cre", "s3cret ", "S3cret", "s3cret\0"] {
+            assert!(!token_matches(&expected, wrong), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn answers_name_files_relative_to_the_record() {
+        let dir = Path::new("/srv/records/run1");
+        let e = record_error(
+            dir,
+            RecordError::Corrupt { path: dir.join("steps/0000000003.log.zst"), offset: Some(7), what: "bad".into() },
+        )
+        .0;
+        assert_eq!(
+            (e.code.as_str(), e.file.as_deref(), e.offset),
+            (code::CORRUPT, Some("steps/0000000003.log.zst"), Some(7))
+        );
+        assert!(!e.error.contains("/srv"), "{}", e.error);
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = record_error(dir, RecordError::Io { op: "read", path: dir.join("x"), source: missing }).0;
+        assert_eq!(e.code, code::NOT_FOUND);
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let e = record_error(dir, RecordError::Io { op: "read", path: dir.join("x"), source: denied }).0;
+        assert_eq!(e.code, code::INTERNAL);
+        assert!(!e.error.contains("/srv"), "{}", e.error);
+    }
+}
