@@ -135,7 +135,7 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
         data: opts.data,
         response_bytes_max: opts.response_bytes_max,
         reads: Arc::new(Semaphore::new(READS_MAX)),
-        recompute: Arc::new(Semaphore::new(opts.recompute_max)),
+        recompute: Arc::new(Semaphore::new(opts.recompute_max.min(Semaphore::MAX_PERMITS))),
         recompute_max: opts.recompute_max,
         recompute_wait: opts.recompute_wait,
         opened: Mutex::new(HashMap::new()),
@@ -310,6 +310,11 @@ impl Shared {
             && o.stamp == stamp
         {
             return Ok(o.record.clone());
+        }
+        // A run being created has a spec and an empty leaves.bin for a moment: not a record yet,
+        // rather than a corrupt one.
+        if matches!(stamp.files, [_, Some((0, _)), None]) {
+            return Err(ApiError::new(code::NO_SUCH_RUN, format!("{run:?} has no committed leaf yet")));
         }
         // Opened outside the lock: opening verifies every leaf, and other runs need not wait.
         let record = Arc::new(Record::open(&dir).map_err(|e| match e {

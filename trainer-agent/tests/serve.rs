@@ -285,6 +285,12 @@ async fn an_unfinished_run_serves_its_committed_prefix_and_follows_training() {
     let raw = srv.get(&path::state("live", 7)).await.zstd();
     assert_eq!(raw_state_digest(&raw), training.state().digest());
     srv.get(&path::state("live", 8)).await.error(wire::code::NOT_FOUND);
+    // A run caught between writing its spec and its first leaf is not a record yet (not corrupt).
+    let starting = base.join("records/starting");
+    std::fs::create_dir_all(&starting).unwrap();
+    std::fs::copy(base.join("records/live/spec.json"), starting.join(record::SPEC_FILE)).unwrap();
+    std::fs::write(starting.join(record::LEAVES_FILE), b"").unwrap();
+    srv.get(&path::run("starting")).await.error(wire::code::NO_SUCH_RUN);
 
     // The server re-opens the record when it grows, and when the manifest appears.
     for _ in 0..3 {
