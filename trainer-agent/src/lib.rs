@@ -8,8 +8,8 @@
 //! 4. [`Session::commit`] commits it to the record;
 //! 5. [`Session::finish`] writes the signed manifest and returns it.
 //!
-//! See `examples/embed.rs`. The CLI (`trainer-agent train|inspect|export`) is a thin layer over
-//! this library.
+//! See `examples/embed.rs`. [`serve`] is the record server an auditor fetches a run from over
+//! HTTP. The CLI (`trainer-agent train|inspect|export|serve`) is a thin layer over this library.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -25,6 +25,7 @@ use engine::{EngineError, record::RecordError};
 use kernels::{Device, Profile};
 
 pub mod export;
+pub mod serve;
 
 /// Why the trainer agent could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,11 @@ pub enum TrainerError {
     Kernel(#[from] kernels::KernelError),
     #[error("{0}")]
     Usage(String),
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    /// The record server's listener failed.
+    #[error("serve: {0}")]
+    Serve(std::io::Error),
 }
 
 /// What a session is created from.

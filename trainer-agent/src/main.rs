@@ -1,4 +1,5 @@
-//! `trainer-agent`: train verifiably and write a committed record; inspect or export a record.
+//! `trainer-agent`: train verifiably and write a committed record; inspect or export a record;
+//! serve records to auditors over HTTP.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,6 +11,7 @@ use engine::record::Record;
 use engine::spec::Config;
 use engine::train::Fault;
 use kernels::Profile;
+use trainer_agent::serve::ServeOptions;
 use trainer_agent::{Session, SessionOptions};
 
 #[derive(Parser)]
@@ -65,6 +67,28 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Serve every record directory under --records over HTTP (the `engine::wire` protocol)
+    /// until SIGTERM or Ctrl-C.
+    Serve {
+        /// Directory whose subdirectories are records; each is served under its name.
+        #[arg(long)]
+        records: PathBuf,
+        /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+        #[arg(long)]
+        listen: String,
+        /// Require `Authorization: Bearer <token>` on every request.
+        #[arg(long)]
+        token: Option<String>,
+        /// MNIST IDX directory or text file, for recomputing states of runs that need one.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Refuse (413) responses larger than this.
+        #[arg(long, default_value_t = trainer_agent::serve::RESPONSE_BYTES_MAX_DEFAULT)]
+        max_response_bytes: u64,
+        /// Most state recomputations at once; more are answered 503 busy.
+        #[arg(long, default_value_t = trainer_agent::serve::RECOMPUTE_MAX_DEFAULT)]
+        recompute_max: usize,
+    },
 }
 
 fn main() {
@@ -91,6 +115,60 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
+        Command::Serve { records, listen, token, data, max_response_bytes, recompute_max } => {
+            let opts = ServeOptions {
+                token,
+                data,
+                response_bytes_max: max_response_bytes,
+                recompute_max,
+                ..ServeOptions::new(records)
+            };
+            serve(&listen, opts)
+        }
+    }
+}
+
+fn serve(listen: &str, opts: ServeOptions) -> Result<()> {
+    // Checked before listening, so a typo never leaves a server that serves nothing.
+    if !opts.records.is_dir() {
+        bail!("records directory {} is not a directory", opts.records.display());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the tokio runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+        let addr = listener.local_addr().context("local address of the listener")?;
+        eprintln!("serving records under {}", opts.records.display());
+        // One line on stdout that scripts and tests wait for.
+        println!("listening on http://{addr}");
+        std::io::Write::flush(&mut std::io::stdout()).context("write to stdout")?;
+        trainer_agent::serve::serve(listener, opts, shutdown_signal()).await?;
+        eprintln!("shut down");
+        Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No Ctrl-C handler could be installed: rely on SIGTERM alone.
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
     }
 }
 
