@@ -86,3 +86,75 @@ pub fn write_record(dir: &Path, profile: Profile, optimizer: &str, drill: Drill)
     }
     out
 }
+
+/// Moves a record written by [`write_record`] to `records/<run>`, where a record server finds
+/// it under that run id.
+pub fn place(record: &Path, records: &Path, run: &str) -> PathBuf {
+    std::fs::create_dir_all(records).unwrap();
+    let to = records.join(run);
+    std::fs::rename(record, &to).unwrap();
+    to
+}
+
+/// A server running in-process on 127.0.0.1:0; dropping the handle stops it.
+pub struct Running {
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn bound() -> (tokio::net::TcpListener, String) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+/// The trainer's record server over `records`.
+pub async fn start_trainer(records: &Path, token: Option<&str>) -> Running {
+    let (listener, url) = bound().await;
+    let mut opts = trainer_agent::serve::ServeOptions::new(records);
+    opts.token = token.map(String::from);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        trainer_agent::serve::serve(listener, opts, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running { url, stop: Some(tx), task: Some(task) }
+}
+
+/// An auditor daemon with `config` (its `listen` is ignored).
+pub async fn start_daemon(config: auditor::daemon::Config) -> Running {
+    let (listener, url) = bound().await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        auditor::daemon::serve(listener, config, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running { url, stop: Some(tx), task: Some(task) }
+}
