@@ -1,26 +1,32 @@
-//! The main job, end to end on the embedded default (no data files, no server):
-//! 1. train `configs/synthetic-mlp.toml` honestly on the `cpu` profile;
-//! 2. train it again with an injected fault (default `perturb-weight@37`);
-//! 3. audit both records on another profile (`cpu-seq`), interval-parallel;
-//! 4. print the verdicts, the first diverging step with both full digests, and write the
-//!    signed reports and the evidence bundle.
+//! The main job, end to end on the embedded default (no data files, nothing to set up):
+//! 1. train `configs/synthetic-mlp.toml` on the `cpu` profile twice, honestly and with an
+//!    injected fault (default `perturb-weight@37`);
+//! 2. serve both records with the trainer's record server (`trainer-agent serve`'s library);
+//! 3. start the auditor daemon (`auditor serve`'s library) on its embedded SQLite store;
+//! 4. submit both audits over HTTP, replayed on another profile (`cpu-seq`);
+//! 5. fetch the signed reports from the report endpoint, check them, and print the verdicts and
+//!    the first diverging step with both full digests; write reports and evidence to `--out`.
+//!
+//! Both servers run in this process on 127.0.0.1 with ephemeral ports and bearer tokens; every
+//! exchange between them, and between this client and the daemon, is real HTTP.
 //!
 //! ```text
 //! cargo run --release -- [--out DIR] [--fault KIND@STEP]
 //! ```
-//! The daemon/HTTP flow (serve the record, submit the audit over HTTP) is not built yet; this
-//! runs the same trainer and auditor libraries in process.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use auditor::replay::{AuditOptions, Mode, NoProgress, audit_dir};
-use auditor::report::Report;
-use engine::record::load_or_create_key;
+use auditor::report::verify;
 use engine::spec::Config;
 use engine::train::Fault;
 use kernels::Profile;
+use serde_json::{Value, json};
 use trainer_agent::{Session, SessionOptions};
+
+const TRAINER_TOKEN: &str = "demo-trainer-token";
+const DAEMON_TOKEN: &str = "demo-auditor-token";
 
 fn main() -> Result<()> {
     let mut out = std::env::temp_dir().join("tiebreak-demo");
@@ -42,14 +48,14 @@ fn main() -> Result<()> {
     }
     let config_path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/synthetic-mlp.toml");
     let config = Config::from_toml(&std::fs::read_to_string(config_path)?, config_path)?;
-    let key = load_or_create_key(&out.join("auditor.key"))?;
+    let records = out.join("records");
 
+    // 1. Train.
     for (name, faults) in [("honest", vec![]), ("faulty", vec![fault])] {
-        let record = out.join(name);
         let opts = SessionOptions {
             config: config.clone(),
             data: None,
-            out: record.clone(),
+            out: records.join(name),
             device: Profile::Cpu,
             steps: None,
             resume: false,
@@ -73,26 +79,118 @@ fn main() -> Result<()> {
             100.0 * eval.accuracy.unwrap_or(f64::NAN),
             manifest.root
         );
+    }
 
-        let mut opts = AuditOptions::new(Profile::CpuSeq);
-        opts.mode = Mode::Intervals;
-        let audit = audit_dir(&record, &opts, &NoProgress)?;
-        let report = Report::build(&audit, &key);
-        let report_path = out.join(format!("{name}.report.json"));
-        std::fs::write(&report_path, report.to_json())?;
-        let v = serde_json::to_value(&report.verdict)?;
-        println!("audited {name:<6} on cpu-seq: verdict {}", v);
-        if let Some(at) = &report.at_step {
-            println!("  first diverging step {}", at.step);
-            println!("  trainer state {}", at.trainer.leaf.state);
-            println!("  auditor state {}", at.auditor.state);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(serve_and_audit(out, records))
+}
+
+async fn serve_and_audit(out: PathBuf, records: PathBuf) -> Result<()> {
+    // 2. The trainer's record server.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let trainer_url = format!("http://{}", listener.local_addr()?);
+    let mut opts = trainer_agent::serve::ServeOptions::new(&records);
+    opts.token = Some(TRAINER_TOKEN.into());
+    let (stop_trainer, stopped) = tokio::sync::oneshot::channel::<()>();
+    let trainer = tokio::spawn(trainer_agent::serve::serve(listener, opts, async {
+        let _ = stopped.await;
+    }));
+    println!("trainer record server on {trainer_url}, serving runs honest and faulty");
+
+    // 3. The auditor daemon.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let daemon_url = format!("http://{}", listener.local_addr()?);
+    let state_dir = out.join("auditor-state");
+    let cfg = auditor::daemon::Config {
+        state_dir: state_dir.clone(),
+        token: Some(DAEMON_TOKEN.into()),
+        device: Profile::CpuSeq.name().into(),
+        ..auditor::daemon::Config::default()
+    };
+    let (stop_daemon, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(auditor::daemon::serve(listener, cfg, async {
+        let _ = stopped.await;
+    }));
+    println!("auditor daemon on {daemon_url}, state in {}", state_dir.display());
+
+    // 4. Submit both audits.
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for run in ["honest", "faulty"] {
+        let body = json!({"trainer_url": trainer_url, "run": run, "trainer_token": TRAINER_TOKEN, "mode": "intervals"});
+        let (status, v) = call(
+            client
+                .post(format!("{daemon_url}/v1/audits"))
+                .bearer_auth(DAEMON_TOKEN)
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        )
+        .await?;
+        if status != 202 {
+            bail!("POST /v1/audits for {run}: HTTP {status}: {v}");
         }
-        if let Some(ev) = &audit.evidence {
-            let path = out.join(format!("{name}.evidence"));
-            ev.write(&path)?;
+        let id = v["id"].as_str().context("no id in the answer")?.to_string();
+        println!("submitted audit {id} of run {run}: POST {daemon_url}/v1/audits -> 202");
+        ids.push((run, id));
+    }
+
+    // 5. Wait, fetch, check and print.
+    for (run, id) in &ids {
+        let t0 = Instant::now();
+        let status = loop {
+            let (_, s) = call(client.get(format!("{daemon_url}/v1/audits/{id}")).bearer_auth(DAEMON_TOKEN)).await?;
+            match s["state"].as_str() {
+                Some("done") => break s,
+                Some("failed") => bail!("audit {id} of {run} failed: {}", s["error"]),
+                _ if t0.elapsed() > Duration::from_secs(600) => bail!("audit {id} of {run} did not finish: {s}"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let text = client.get(format!("{daemon_url}/v1/reports/{id}")).send().await?.error_for_status()?.text().await?;
+        let checked = verify(&text).with_context(|| format!("the report of {id} does not verify"))?;
+        let report: Value = serde_json::from_str(&text)?;
+        let report_path = out.join(format!("{run}.report.json"));
+        std::fs::write(&report_path, &text)?;
+        println!(
+            "audit {id} of {run:<6} on {}: verdict {} ({} steps replayed, {} bisection queries, {} inclusion proofs verified)",
+            report["auditor_device"].as_str().unwrap_or("?"),
+            status["verdict"].as_str().unwrap_or("?"),
+            status["steps_replayed"],
+            report["bisection"]["queries"],
+            checked.proofs_checked
+        );
+        if let Some(step) = status["first_diverging_step"].as_u64() {
+            println!("  first diverging step {step}");
+            println!("  trainer state {}", report["at_step"]["trainer"]["leaf"]["state"].as_str().unwrap_or("?"));
+            println!("  auditor state {}", report["at_step"]["auditor"]["state"].as_str().unwrap_or("?"));
+            let ev = client.get(format!("{daemon_url}/v1/reports/{id}/evidence")).send().await?.error_for_status()?;
+            let path = out.join(format!("{run}.evidence"));
+            std::fs::write(&path, ev.bytes().await?)?;
             println!("  evidence {}  (check it: auditor adjudicate --evidence {})", path.display(), path.display());
         }
         println!("  report   {}  (check it: auditor verify-report {})", report_path.display(), report_path.display());
     }
+    let (_, metrics) = raw(client.get(format!("{daemon_url}/metrics"))).await?;
+    let wanted = ["auditor_audits{state=\"done\"}", "auditor_steps_replayed_total", "auditor_divergences_total"];
+    for line in metrics.lines().filter(|l| wanted.iter().any(|w| l.starts_with(w))) {
+        println!("  metric {line}");
+    }
+
+    let _ = stop_daemon.send(());
+    daemon.await?.context("auditor daemon")?;
+    let _ = stop_trainer.send(());
+    trainer.await?.context("trainer record server")?;
     Ok(())
+}
+
+async fn raw(req: reqwest::RequestBuilder) -> Result<(u16, String)> {
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.text().await?))
+}
+
+async fn call(req: reqwest::RequestBuilder) -> Result<(u16, Value)> {
+    let (status, text) = raw(req).await?;
+    let v = serde_json::from_str(&text).with_context(|| format!("HTTP {status}: not JSON: {text}"))?;
+    Ok((status, v))
 }
