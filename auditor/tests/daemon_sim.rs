@@ -161,13 +161,16 @@ fn report_json(job: &Job, verdict: &str, step: Option<u64>) -> String {
     format!("{{\"audit\":\"{}\",\"run\":\"{}\",\"verdict\":\"{verdict}\",\"step\":{step:?}}}", job.id, job.request.run)
 }
 
+/// One attempt of a job: (progress when claimed, first step replayed).
+type Attempt = (u64, Option<u64>);
+
 /// The simulated trainer and replay: one request per step that may time out (retried with
 /// backoff on the virtual clock until the deadline), crashes mid-replay, and cancellation.
 struct SimRunner {
     world: Arc<World>,
     clock: Arc<VirtualClock>,
-    /// Job id → (progress when claimed, first step replayed) per attempt.
-    attempts: Mutex<BTreeMap<String, Vec<(u64, Option<u64>)>>>,
+    /// Job id → its attempts.
+    attempts: Mutex<BTreeMap<String, Vec<Attempt>>>,
 }
 
 impl Runner for SimRunner {
@@ -230,7 +233,7 @@ impl Runner for SimRunner {
 }
 
 impl SimRunner {
-    fn record(&self, job: &Job, attempt: (u64, Option<u64>)) {
+    fn record(&self, job: &Job, attempt: Attempt) {
         self.attempts.lock().unwrap().entry(job.id.clone()).or_default().push(attempt);
     }
 }
