@@ -12,8 +12,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use auditor::evidence::{Evidence, adjudicate};
+use auditor::http::{HttpTrainer, RetryPolicy};
 use auditor::report::{AdjudicationJson, Report, verify};
-use auditor::{AuditOptions, Mode, Progress, SpotPick, audit_dir};
+use auditor::{AuditOptions, Mode, Progress, SpotPick, TrainerSource, audit, audit_dir};
 use clap::{Parser, Subcommand, ValueEnum};
 use kernels::Profile;
 
@@ -43,8 +44,18 @@ enum SpotByArg {
 enum Command {
     /// Replay a record (or a segment of it) and report the verdict.
     Audit {
-        #[arg(long)]
-        record: PathBuf,
+        /// A record directory on this machine.
+        #[arg(long, required_unless_present = "trainer_url", conflicts_with = "trainer_url")]
+        record: Option<PathBuf>,
+        /// Or a trainer's record server (`trainer-agent serve`), with `--run`.
+        #[arg(long, requires = "run")]
+        trainer_url: Option<String>,
+        /// The run id on the record server.
+        #[arg(long, requires = "trainer_url")]
+        run: Option<String>,
+        /// Bearer token for the record server.
+        #[arg(long, requires = "trainer_url")]
+        trainer_token: Option<String>,
         /// First step to check (0 also checks the initial state).
         #[arg(long)]
         from: Option<u64>,
@@ -130,9 +141,8 @@ fn profile(name: &str) -> Result<Profile> {
 
 /// A profile other than the trainer's, read from the record's spec (best effort: if the spec
 /// cannot be read, the audit itself reports why).
-fn other_profile(record: &std::path::Path) -> Profile {
-    let trainer = std::fs::read(record.join(engine::record::SPEC_FILE))
-        .ok()
+fn other_profile(spec_bytes: Option<Vec<u8>>) -> Profile {
+    let trainer = spec_bytes
         .and_then(|b| serde_json::from_slice::<engine::spec::RunSpec>(&b).ok())
         .and_then(|s| s.device_profile.parse::<Profile>().ok());
     Profile::CPU.into_iter().find(|p| Some(*p) != trainer).unwrap_or_default()
@@ -142,6 +152,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Audit {
             record,
+            trainer_url,
+            run,
+            trainer_token,
             from,
             to,
             device,
@@ -155,9 +168,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             report,
             evidence,
         } => {
+            // Over HTTP, requests go through a runtime this thread is not inside (the trait is
+            // synchronous; see auditor::http).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the HTTP runtime")?;
+            let remote = match (&trainer_url, &run) {
+                (Some(url), Some(run)) => Some(
+                    HttpTrainer::new(url, run, trainer_token, RetryPolicy::default(), runtime.handle().clone())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                ),
+                _ => None,
+            };
             let device = match device {
                 Some(d) => profile(&d)?,
-                None => other_profile(&record),
+                None => other_profile(match (&remote, &record) {
+                    (Some(src), _) => src.spec_bytes().ok(),
+                    (None, Some(dir)) => std::fs::read(dir.join(engine::record::SPEC_FILE)).ok(),
+                    (None, None) => None,
+                }),
             };
             let mode = match mode {
                 ModeArg::Full => Mode::Full,
@@ -180,9 +211,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .progress_chars("=> "),
             );
             let progress = Bar(bar);
-            let result = audit_dir(&record, &opts, &progress);
+            let (result, what) = match (&remote, &record) {
+                (Some(src), _) => (audit(src, &opts, &progress), src.describe()),
+                (None, Some(dir)) => (audit_dir(dir, &opts, &progress), dir.display().to_string()),
+                (None, None) => anyhow::bail!("give --record DIR or --trainer-url URL --run ID"),
+            };
             progress.0.finish_and_clear();
-            let audit = result.with_context(|| format!("audit of {}", record.display()))?;
+            let audit = result.with_context(|| format!("audit of {what}"))?;
             let rep = Report::build(&audit, &key);
             let text = rep.to_json();
             if let Some(path) = &report {

@@ -91,3 +91,42 @@ fn audit_exit_codes_reports_evidence_and_adjudication() {
     assert_eq!(v["verdict"]["kind"], "commitment-invalid");
     assert_eq!(v["verdict"]["file"], "steps/0000000002.log.zst");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_a_run_on_a_record_server_over_http() {
+    let dir = scratch("cli-http");
+    let records = dir.join("records");
+    let fault = Fault { kind: FaultKind::PerturbWeight, step: 5 };
+    let rec = write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() });
+    support::place(&rec, &records, "faulty");
+    let trainer = support::start_trainer(&records, Some("s3cret")).await;
+    let url = trainer.url.clone();
+    let d = dir.clone();
+    let (ok, unauthorized) = tokio::task::spawn_blocking(move || {
+        let args = |token: &str| {
+            vec![
+                "audit".to_string(),
+                "--trainer-url".into(),
+                url.clone(),
+                "--run".into(),
+                "faulty".into(),
+                "--trainer-token".into(),
+                token.into(),
+                "--json".into(),
+            ]
+        };
+        let run =
+            |a: Vec<String>| Command::new(env!("CARGO_BIN_EXE_auditor")).current_dir(&d).args(a).output().unwrap();
+        (run(args("s3cret")), run(args("wrong")))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok.status.code(), Some(1), "{}", String::from_utf8_lossy(&ok.stderr));
+    let v = json(&ok);
+    assert_eq!(v["verdict"]["kind"], "diverged");
+    assert_eq!(v["verdict"]["step"], 5);
+    assert!(v["record"].as_str().unwrap().starts_with("http://"), "{}", v["record"]);
+    assert_eq!(unauthorized.status.code(), Some(2), "a wrong token is the auditor's problem, not a verdict");
+    assert!(String::from_utf8_lossy(&unauthorized.stderr).contains("401"));
+    trainer.stop().await;
+}

@@ -263,7 +263,7 @@ pub async fn serve(
     };
     let worker = Worker {
         store: store.clone(),
-        runner: Arc::new(runner),
+        runner: Arc::new(CatchPanics(Arc::new(runner))),
         clock: clock.clone(),
         observer: Arc::new(metrics.clone()),
         config: config.worker_config(),
@@ -303,6 +303,26 @@ pub async fn serve(
     })
     .await;
     served.map_err(DaemonError::Http)
+}
+
+/// Turns a panic in an audit (a bug in the auditor) into a failed audit that says so, instead
+/// of a job left `running` with nobody on it until the next restart.
+struct CatchPanics(Arc<dyn job::Runner>);
+
+impl job::Runner for CatchPanics {
+    fn run(&self, job: &job::Job, progress: &dyn crate::Progress) -> job::Outcome {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.run(job, progress))) {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                job::Outcome::Failed(format!("the auditor panicked (a bug; please report it): {msg}"))
+            }
+        }
+    }
 }
 
 /// One worker: claim, run, repeat; wait for a submission (or poll) when idle.
