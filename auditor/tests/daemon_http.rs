@@ -140,6 +140,14 @@ async fn audits_over_http_reach_the_verdicts_of_local_audits_and_publish_verifia
     assert!(metric("auditor_bisection_queries_total") >= 2.0);
     let (code, health, _) = send(c.get(format!("{}/healthz", daemon.url))).await;
     assert_eq!((code, health["status"].as_str()), (200, Some("ok")));
+
+    // A second daemon on the same state directory is refused; the first keeps its audits.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = auditor::daemon::serve(listener, config(&dir.join("state")), async {}).await;
+    let e = second.expect_err("two daemons on one state directory").to_string();
+    assert!(e.contains("another auditor daemon"), "{e}");
+    let (_, list, _) = send(c.get(format!("{}/v1/audits?state=done", daemon.url)).bearer_auth("daemon-secret")).await;
+    assert_eq!(list["audits"].as_array().unwrap().len(), 3);
     daemon.stop().await;
     trainer.stop().await;
 }

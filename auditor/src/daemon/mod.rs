@@ -37,6 +37,9 @@ use store::SqliteStore;
 
 /// The signing key's file under the state directory.
 pub const KEY_FILE: &str = "auditor.key";
+/// Held (flock) by the daemon using a state directory, so two daemons never share one: the
+/// second would requeue the first one's running audits at start-up.
+pub const LOCK_FILE: &str = "daemon.lock";
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,8 @@ pub enum DaemonError {
     Key { path: PathBuf, detail: String },
     #[error("serving HTTP: {0}")]
     Http(std::io::Error),
+    #[error("state directory {path}: {detail}")]
+    StateDir { path: PathBuf, detail: String },
 }
 
 /// `configs/auditor.toml`. Every field has a default; unknown fields are errors.
@@ -237,6 +242,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     config.validate().map_err(|detail| DaemonError::Config { origin: "config".into(), detail })?;
+    let _lock = lock_state_dir(&config.state_dir)?;
     let state_dir = config.state_dir.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now_ms();
@@ -303,6 +309,28 @@ pub async fn serve(
     })
     .await;
     served.map_err(DaemonError::Http)
+}
+
+/// Takes the state directory's lock for as long as the returned file lives (the OS drops it if
+/// the process dies, so a kill -9 leaves nothing to clean up).
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File, DaemonError> {
+    let err = |detail: String| DaemonError::StateDir { path: dir.to_path_buf(), detail };
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("creating it: {e}")))?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(format!("opening {LOCK_FILE}: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(err("another auditor daemon is using it (its lock file is held); give each daemon its own --state-dir"
+                .into()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(err(format!("locking {LOCK_FILE}: {e}"))),
+    }
 }
 
 /// Turns a panic in an audit (a bug in the auditor) into a failed audit that says so, instead
