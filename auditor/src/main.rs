@@ -326,10 +326,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// Completes on SIGTERM or Ctrl-C.
+/// Completes on SIGTERM or Ctrl-C. (The same as `trainer-agent`'s: the two binaries share no
+/// crate that knows tokio, and 15 lines do not justify one.)
 async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No Ctrl-C handler could be installed: rely on SIGTERM alone, rather than stop now.
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {
