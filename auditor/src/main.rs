@@ -18,6 +18,10 @@ use auditor::{AuditOptions, Mode, Progress, SpotPick, TrainerSource, audit, audi
 use clap::{Parser, Subcommand, ValueEnum};
 use kernels::Profile;
 
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "auditor", version, about = "Audit a tiebreak training record on another device profile")]
 struct Cli {

@@ -15,6 +15,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kernels::parity::SplitMix64;
 use kernels::{Device, MatmulSpec, Profile};
 
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SHAPES: [(usize, usize, usize); 2] = [(512, 512, 512), (64, 784, 256)];
 
 fn secs(f: impl FnOnce()) -> f64 {

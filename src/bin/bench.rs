@@ -13,6 +13,10 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use tiebreak::bench::{self, MODELS, Options};
 
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "bench", about = "Measure tiebreak against the paper, proof-of-learning and plain FP32 training")]
 struct Args {

@@ -25,6 +25,10 @@ use kernels::Profile;
 use serde_json::{Value, json};
 use trainer_agent::{Session, SessionOptions};
 
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TRAINER_TOKEN: &str = "demo-trainer-token";
 const DAEMON_TOKEN: &str = "demo-auditor-token";
 

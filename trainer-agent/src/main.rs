@@ -14,6 +14,10 @@ use kernels::Profile;
 use trainer_agent::serve::ServeOptions;
 use trainer_agent::{Session, SessionOptions};
 
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "trainer-agent",
