@@ -170,6 +170,7 @@ async fn kill_9_then_restart_resumes_and_reports_once_and_sigterm_requeues_with_
     let s = until(&c, &d, &id2, "the requeued audit", |s| s["state"] == "done").await;
     assert_eq!(s["verdict"], "consistent", "{s}");
     assert!(s["steps_resumed"].as_u64().unwrap() >= 20, "{s}");
+    assert_eq!(s["attempts"], 1, "a graceful shutdown does not use up an attempt: {s}");
     let list: Value =
         serde_json::from_slice(&c.get(format!("{}/v1/audits", d.url)).send().await.unwrap().bytes().await.unwrap())
             .unwrap();

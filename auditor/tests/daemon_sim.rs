@@ -123,8 +123,8 @@ impl Store for FlakyStore {
     fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError> {
         self.op(true, |s| s.fail(id, error, now_ms))
     }
-    fn requeue(&self, id: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.requeue(id, now_ms))
+    fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
+        self.op(true, |s| s.requeue(id, refund, now_ms))
     }
     fn recover(&self, now_ms: u64) -> Result<u64, StoreError> {
         self.op(false, |s| s.recover(now_ms))

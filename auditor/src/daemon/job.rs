@@ -204,8 +204,9 @@ pub trait Store: Send + Sync {
     fn finish(&self, id: &str, decided: &Decided, now_ms: u64) -> Result<(), StoreError>;
     /// `running` or `queued` → `failed`.
     fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError>;
-    /// `running` → `queued`, keeping its progress.
-    fn requeue(&self, id: &str, now_ms: u64) -> Result<(), StoreError>;
+    /// `running` → `queued`, keeping its progress. `refund` gives the claim back (a graceful
+    /// shutdown is not the job's fault and must not use up its attempts).
+    fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError>;
     /// At start-up: every `running` job (its worker died with the last process) → `queued`.
     fn recover(&self, now_ms: u64) -> Result<u64, StoreError>;
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
@@ -438,7 +439,7 @@ impl Worker {
             Outcome::Failed(why) => (self.must("fail", || self.store.fail(&id, why, now())), JobState::Failed),
             Outcome::Cancelled => {
                 progress.flush();
-                (self.must("requeue", || self.store.requeue(&id, now())), JobState::Queued)
+                (self.must("requeue", || self.store.requeue(&id, true, now())), JobState::Queued)
             }
         };
         if ok {
@@ -446,7 +447,7 @@ impl Worker {
         }
         // The final write kept failing: hand the job back so it runs again (resuming), rather
         // than leave it running with nobody on it. If even that fails, start-up recovery will.
-        if target != JobState::Queued && self.must("requeue", || self.store.requeue(&id, now())) {
+        if target != JobState::Queued && self.must("requeue", || self.store.requeue(&id, false, now())) {
             return Worked::Job { id, state: JobState::Queued };
         }
         Worked::Job { id, state: JobState::Running }

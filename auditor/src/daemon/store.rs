@@ -272,11 +272,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn requeue(&self, id: &str, now_ms: u64) -> Result<(), StoreError> {
+    fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
         self.with(|conn| {
             conn.execute(
-                "UPDATE jobs SET state = 'queued', updated_ms = ?2 WHERE id = ?1 AND state = 'running'",
-                params![id, i(now_ms)],
+                "UPDATE jobs SET state = 'queued', updated_ms = ?2, attempts = MAX(attempts - ?3, 0)
+                 WHERE id = ?1 AND state = 'running'",
+                params![id, i(now_ms), i64::from(refund)],
             )
             .map(|_| ())
         })
@@ -381,6 +382,11 @@ mod tests {
         assert_eq!(s.recover(4).unwrap(), 1);
         let job = s.claim(5).unwrap().unwrap();
         assert_eq!(job.attempts, 2);
+        // A graceful shutdown gives its claim back; a failed final write does not.
+        s.requeue(&id, true, 5).unwrap();
+        assert_eq!(s.claim(5).unwrap().unwrap().attempts, 2);
+        s.requeue(&id, false, 5).unwrap();
+        assert_eq!(s.claim(5).unwrap().unwrap().attempts, 3);
         assert_eq!(job.progress, [(0, 5)].into(), "progress only moves forward");
         assert_eq!(job.steps_replayed, 5);
         s.finish(&id, &decided(), 6).unwrap();
