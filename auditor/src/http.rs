@@ -79,6 +79,10 @@ pub struct HttpTrainer {
     runtime: Handle,
     policy: RetryPolicy,
     on_error: Option<ErrorHook>,
+    /// The spec, fetched once per source (it never changes for a run; the daemon reads it to
+    /// pick a dataset before the audit reads it again). An error is kept too, so an
+    /// unresponsive trainer costs one deadline, not two.
+    spec: Arc<std::sync::OnceLock<Result<Vec<u8>, SourceError>>>,
 }
 
 impl std::fmt::Debug for HttpTrainer {
@@ -123,7 +127,16 @@ impl HttpTrainer {
             .connect_timeout(policy.request_timeout)
             .build()
             .map_err(|e| SourceError::Unavailable(format!("building the HTTP client: {e}")))?;
-        Ok(HttpTrainer { base, run: run.to_string(), token, client, runtime, policy, on_error: None })
+        Ok(HttpTrainer {
+            base,
+            run: run.to_string(),
+            token,
+            client,
+            runtime,
+            policy,
+            on_error: None,
+            spec: Arc::new(std::sync::OnceLock::new()),
+        })
     }
 
     /// Reports every failed request to `hook`.
@@ -300,7 +313,7 @@ impl TrainerSource for HttpTrainer {
     }
 
     fn spec_bytes(&self) -> Result<Vec<u8>, SourceError> {
-        self.get_required(&path::spec(&self.run))
+        self.spec.get_or_init(|| self.get_required(&path::spec(&self.run))).clone()
     }
 
     fn manifest(&self) -> Result<Option<Manifest>, SourceError> {
