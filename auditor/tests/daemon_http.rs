@@ -279,3 +279,32 @@ async fn a_trainer_that_stops_answering_during_bisection_is_unresponsive_after_t
     daemon.stop().await;
     trainer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_behind_the_server_is_commitment_invalid_naming_the_file() {
+    let dir = scratch("daemon-corrupt");
+    let records = dir.join("records");
+    let record = place(&write_record(&dir.join("c"), Profile::Cpu, SGD, Drill::default()), &records, "corrupt");
+    let log = engine::record::log_path(&record, 3);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&log, &bytes).unwrap();
+    let local = audit_dir(&record, &AuditOptions::new(Profile::CpuSeq), &NoProgress).unwrap();
+    assert_eq!(local.verdict.kind(), "commitment-invalid");
+
+    let trainer = start_trainer(&records, None).await;
+    let daemon = start_daemon(config(&dir.join("state"))).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": trainer.url, "run": "corrupt"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().unwrap();
+    let status = wait_done(&c, &daemon.url, id, None).await;
+    assert_eq!(status["verdict"], "commitment-invalid", "{status}");
+    let (_, report, _) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
+    let verdict = report["verdict"].to_string();
+    assert!(verdict.contains("0000000003.log.zst"), "the report names the file: {verdict}");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "nothing on the trainer's side was touched");
+    daemon.stop().await;
+    trainer.stop().await;
+}
