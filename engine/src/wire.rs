@@ -50,6 +50,8 @@ pub mod code {
     pub const NOT_FOUND: &str = "not-found";
     /// 404: the run has no manifest yet (still training, or killed).
     pub const UNFINISHED: &str = "unfinished";
+    /// 405: every route is `GET`.
+    pub const METHOD_NOT_ALLOWED: &str = "method-not-allowed";
     /// 413: a request or a response would exceed the server's size limit.
     pub const TOO_LARGE: &str = "too-large";
     /// 422: a record file fails its commitment (`file` and `offset` say where).
@@ -65,6 +67,7 @@ pub mod code {
             BAD_REQUEST => 400,
             UNAUTHORIZED => 401,
             NO_SUCH_RUN | NOT_FOUND | UNFINISHED => 404,
+            METHOD_NOT_ALLOWED => 405,
             TOO_LARGE => 413,
             CORRUPT => 422,
             BUSY => 503,
@@ -218,6 +221,7 @@ mod tests {
             (NO_SUCH_RUN, 404),
             (NOT_FOUND, 404),
             (UNFINISHED, 404),
+            (METHOD_NOT_ALLOWED, 405),
             (TOO_LARGE, 413),
             (CORRUPT, 422),
             (BUSY, 503),

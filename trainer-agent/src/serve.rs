@@ -777,11 +777,10 @@ async fn no_route(uri: Uri) -> ApiError {
     ApiError::new(code::NOT_FOUND, format!("no route {}", uri.path()))
 }
 
-/// 405 with the JSON error body; the code is `bad-request`, the closest in the protocol's table.
+/// 405 with the JSON error body and an `Allow` header.
 async fn wrong_method(method: Method) -> Response {
-    let mut r =
-        ApiError::new(code::BAD_REQUEST, format!("{method} is not allowed here; every route is GET")).into_response();
-    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let mut r = ApiError::new(code::METHOD_NOT_ALLOWED, format!("{method} is not allowed here; every route is GET"))
+        .into_response();
     r.headers_mut().insert(axum::http::header::ALLOW, HeaderValue::from_static("GET"));
     r
 }

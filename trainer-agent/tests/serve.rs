@@ -603,7 +603,7 @@ async fn unknown_routes_and_methods_answer_json() {
     let (status, body) =
         srv.raw(format!("DELETE {} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n", path::run("run1"))).await;
     assert_eq!(status, 405, "{body}");
-    serde_json::from_str::<ErrorBody>(&body).unwrap();
+    assert_eq!(serde_json::from_str::<ErrorBody>(&body).unwrap().code, wire::code::METHOD_NOT_ALLOWED);
     assert!(base.join("records/run1/manifest.json").exists());
     srv.stop().await;
     let _ = std::fs::remove_dir_all(&base);
