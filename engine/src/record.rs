@@ -439,24 +439,49 @@ pub fn read_leaves(path: &Path, allow_torn: bool) -> Result<Vec<Leaf>, RecordErr
     Ok(out)
 }
 
-/// Reads a checkpoint and checks it against its committed leaf.
-pub fn read_checkpoint(dir: &Path, step: u64, leaf: &Leaf) -> Result<TrainingState, RecordError> {
-    let path = checkpoint_path(dir, step);
-    let stored = read_limited(&path, STATE_RAW_BYTES_MAX as u64)?;
-    let raw = tielog::decompress_bounded(&stored, STATE_RAW_BYTES_MAX).map_err(|e| RecordError::Corrupt {
+/// A stored zstd file checked against its commitment: the frame as stored, and its
+/// decompressed (canonical) bytes, whose SHA-256 is the committed hash.
+#[derive(Debug, Clone)]
+pub struct CommittedFrame {
+    pub stored: Vec<u8>,
+    pub raw: Vec<u8>,
+}
+
+/// Reads the zstd file at `path` (decompressing at most `raw_bytes_max` bytes) and checks its
+/// raw bytes against `expected`; `what` names the hash in a mismatch.
+fn read_committed_frame(
+    path: PathBuf,
+    raw_bytes_max: usize,
+    expected: &Hash,
+    what: String,
+) -> Result<CommittedFrame, RecordError> {
+    let stored = read_limited(&path, raw_bytes_max as u64)?;
+    let raw = tielog::decompress_bounded(&stored, raw_bytes_max).map_err(|e| RecordError::Corrupt {
         path: path.clone(),
         offset: None,
         what: e.to_string(),
     })?;
     let actual = codec::sha256(&raw);
-    if actual != leaf.state {
-        return Err(RecordError::Mismatch {
-            path,
-            what: format!("state hash of step {step}"),
-            expected: to_hex(&leaf.state),
-            actual: to_hex(&actual),
-        });
+    if actual != *expected {
+        return Err(RecordError::Mismatch { path, what, expected: to_hex(expected), actual: to_hex(&actual) });
     }
+    Ok(CommittedFrame { stored, raw })
+}
+
+/// The checkpoint file after step `step`, checked against its committed leaf (not decoded).
+pub fn read_checkpoint_frame(dir: &Path, step: u64, leaf: &Leaf) -> Result<CommittedFrame, RecordError> {
+    read_committed_frame(
+        checkpoint_path(dir, step),
+        STATE_RAW_BYTES_MAX,
+        &leaf.state,
+        format!("state hash of step {step}"),
+    )
+}
+
+/// Reads a checkpoint and checks it against its committed leaf.
+pub fn read_checkpoint(dir: &Path, step: u64, leaf: &Leaf) -> Result<TrainingState, RecordError> {
+    let path = checkpoint_path(dir, step);
+    let raw = read_checkpoint_frame(dir, step, leaf)?.raw;
     let state = TrainingState::decode(&raw).map_err(|e| RecordError::Corrupt {
         path: path.clone(),
         offset: None,
@@ -590,26 +615,26 @@ impl Record {
         &self.tree
     }
 
+    /// Step `step`'s tie-break log file, checked against its leaf (not decoded): what the
+    /// record server hands out as is.
+    pub fn log_frame(&self, step: u64) -> Result<CommittedFrame, RecordError> {
+        let leaf = self.leaf(step)?;
+        read_committed_frame(
+            log_path(&self.dir, step),
+            LOG_RAW_BYTES_MAX,
+            &leaf.log,
+            format!("log hash of step {step}"),
+        )
+    }
+
     /// Step `step`'s tie-break log, verified against its leaf.
     pub fn log(&self, step: u64) -> Result<TieBreakLog, RecordError> {
-        let leaf = self.leaf(step)?;
-        let path = log_path(&self.dir, step);
-        let stored = read_limited(&path, LOG_RAW_BYTES_MAX as u64)?;
-        let raw = tielog::decompress_bounded(&stored, LOG_RAW_BYTES_MAX).map_err(|e| RecordError::Corrupt {
-            path: path.clone(),
+        let raw = self.log_frame(step)?.raw;
+        TieBreakLog::decode(&raw).map_err(|e| RecordError::Corrupt {
+            path: log_path(&self.dir, step),
             offset: None,
             what: e.to_string(),
-        })?;
-        let actual = codec::sha256(&raw);
-        if actual != leaf.log {
-            return Err(RecordError::Mismatch {
-                path,
-                what: format!("log hash of step {step}"),
-                expected: to_hex(&leaf.log),
-                actual: to_hex(&actual),
-            });
-        }
-        TieBreakLog::decode(&raw).map_err(|e| RecordError::Corrupt { path, offset: None, what: e.to_string() })
+        })
     }
 
     /// Compressed size of step `step`'s log file.
@@ -618,8 +643,8 @@ impl Record {
         Ok(fs::metadata(&path).map_err(io("stat", &path))?.len())
     }
 
-    /// Step `step`'s batch indices, verified against its leaf.
-    pub fn batch(&self, step: u64) -> Result<BatchIndices, RecordError> {
+    /// Step `step`'s batch file, checked against its leaf (not decoded).
+    pub fn batch_bytes(&self, step: u64) -> Result<Vec<u8>, RecordError> {
         let leaf = self.leaf(step)?;
         let path = batch_path(&self.dir, step);
         let bytes = read_limited(&path, 64 << 20)?;
@@ -632,8 +657,14 @@ impl Record {
                 actual: to_hex(&actual),
             });
         }
+        Ok(bytes)
+    }
+
+    /// Step `step`'s batch indices, verified against its leaf.
+    pub fn batch(&self, step: u64) -> Result<BatchIndices, RecordError> {
+        let bytes = self.batch_bytes(step)?;
         BatchIndices::decode(&bytes).map_err(|e| RecordError::Corrupt {
-            path,
+            path: batch_path(&self.dir, step),
             offset: Some(e.offset as u64),
             what: e.what,
         })
@@ -648,6 +679,11 @@ impl Record {
             out.push(n);
         }
         out
+    }
+
+    /// The checkpoint file after step `step`, checked against its leaf (not decoded).
+    pub fn checkpoint_frame(&self, step: u64) -> Result<CommittedFrame, RecordError> {
+        read_checkpoint_frame(&self.dir, step, self.leaf(step)?)
     }
 
     /// The checkpoint after step `step`, verified against its leaf.

@@ -513,23 +513,25 @@ fn bytes_body(content_type: &'static str, bytes: Vec<u8>) -> Response {
     ([(CONTENT_TYPE, content_type)], bytes).into_response()
 }
 
-/// A zstd frame of `raw` with the raw length in [`wire::RAW_BYTES_HEADER`].
-fn zstd_body(raw: &[u8]) -> Response {
+/// A zstd frame (`stored`) of `raw_bytes` raw bytes, the length in [`wire::RAW_BYTES_HEADER`].
+fn zstd_body(stored: Vec<u8>, raw_bytes: usize) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(wire::ZSTD_CONTENT_TYPE));
-    headers.insert(HeaderName::from_static(wire::RAW_BYTES_HEADER), HeaderValue::from(raw.len() as u64));
-    (headers, tielog::compress_canonical(raw)).into_response()
+    headers.insert(HeaderName::from_static(wire::RAW_BYTES_HEADER), HeaderValue::from(raw_bytes as u64));
+    (headers, stored).into_response()
 }
 
-/// A verified state as a zstd body; its canonical bytes are hashed once more against the leaf,
-/// so a decode/encode round trip can never serve bytes the leaf does not commit to.
-fn state_body(record: &Record, state: &TrainingState, file: String) -> Result<Response, ApiError> {
+/// A record file checked against its leaf, served as stored: no decode, re-encode or
+/// recompression (the frame's raw bytes are what the leaf commits to).
+fn frame_body(frame: record::CommittedFrame) -> Response {
+    zstd_body(frame.stored, frame.raw.len())
+}
+
+/// A recomputed state as a zstd body. [`Shared::recompute`] has checked its digest (the
+/// SHA-256 of exactly these canonical bytes) against the leaf.
+fn state_body(state: &TrainingState) -> Response {
     let raw = state.encode();
-    let leaf = record.leaf(state.step).map_err(|e| record_error(record.dir(), e))?;
-    if codec::sha256(&raw) != leaf.state {
-        return Err(ApiError::corrupt(file, None, format!("state of step {} is not stored canonically", state.step)));
-    }
-    Ok(zstd_body(&raw))
+    zstd_body(tielog::compress_canonical(&raw), raw.len())
 }
 
 /// Step `step` must be a committed step with a log and batch (1 ..= n_steps).
@@ -677,13 +679,7 @@ async fn log(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<Respon
     blocking(&s, move |s| {
         let r = s.record(&p.run)?;
         check_step(&r, step)?;
-        let log = r.log(step).map_err(|e| record_error(r.dir(), e))?;
-        let raw = log.encode();
-        if codec::sha256(&raw) != r.leaf(step).map_err(|e| record_error(r.dir(), e))?.log {
-            let file = relative(r.dir(), &record::log_path(r.dir(), step));
-            return Err(ApiError::corrupt(file, None, format!("log of step {step} is not stored canonically")));
-        }
-        Ok(zstd_body(&raw))
+        r.log_frame(step).map(frame_body).map_err(|e| record_error(r.dir(), e))
     })
     .await
 }
@@ -694,13 +690,8 @@ async fn batch(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<Resp
     blocking(&s, move |s| {
         let r = s.record(&p.run)?;
         check_step(&r, step)?;
-        let batch = r.batch(step).map_err(|e| record_error(r.dir(), e))?;
-        let raw = batch.encode();
-        if codec::sha256(&raw) != r.leaf(step).map_err(|e| record_error(r.dir(), e))?.batch {
-            let file = relative(r.dir(), &record::batch_path(r.dir(), step));
-            return Err(ApiError::corrupt(file, None, format!("batch of step {step} is not stored canonically")));
-        }
-        Ok(bytes_body("application/octet-stream", raw))
+        let bytes = r.batch_bytes(step).map_err(|e| record_error(r.dir(), e))?;
+        Ok(bytes_body("application/octet-stream", bytes))
     })
     .await
 }
@@ -718,8 +709,7 @@ async fn checkpoint(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result
         if !r.checkpoint_steps().contains(&step) {
             return Err(ApiError::new(code::NOT_FOUND, format!("step {step} has no checkpoint")));
         }
-        let state = r.checkpoint(step).map_err(|e| record_error(r.dir(), e))?;
-        state_body(&r, &state, relative(r.dir(), &record::checkpoint_path(r.dir(), step)))
+        r.checkpoint_frame(step).map(frame_body).map_err(|e| record_error(r.dir(), e))
     })
     .await
 }
@@ -744,9 +734,8 @@ async fn state(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<Resp
                 ));
             }
             if r.checkpoint_steps().contains(&step) {
-                let state = r.checkpoint(step).map_err(|e| record_error(r.dir(), e))?;
-                let file = relative(r.dir(), &record::checkpoint_path(r.dir(), step));
-                return Ok(Found::Stored(state_body(&r, &state, file)?));
+                let frame = r.checkpoint_frame(step).map_err(|e| record_error(r.dir(), e))?;
+                return Ok(Found::Stored(frame_body(frame)));
             }
             Ok(Found::Replay(r))
         })
@@ -766,8 +755,7 @@ async fn state(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<Resp
     let shared = s.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let state = shared.recompute(&run, &record, step)?;
-        state_body(&record, &state, record::LEAVES_FILE.to_string())
+        shared.recompute(&run, &record, step).map(|state| state_body(&state))
     })
     .await
     .map_err(|e| ApiError::new(code::INTERNAL, format!("recompute worker failed: {e}")))?
