@@ -25,7 +25,7 @@ use engine::wire::{self, ErrorBody, path};
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 
-use crate::source::{SourceError, TrainerSource};
+use crate::source::{SourceError, TrainerSource, record_file};
 
 /// Timeouts, retries and size limits for requests to a trainer.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,10 +303,6 @@ fn hash(hex: &str, what: &str, file: &str) -> Result<Hash, SourceError> {
     })
 }
 
-fn record_file(p: std::path::PathBuf) -> String {
-    p.display().to_string()
-}
-
 impl TrainerSource for HttpTrainer {
     fn describe(&self) -> String {
         format!("{}{}", self.base, path::run(&self.run))
@@ -367,13 +363,13 @@ impl TrainerSource for HttpTrainer {
     }
 
     fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
-        let file = record_file(record::log_path(std::path::Path::new(""), step));
+        let file = record_file(record::log_path, step);
         let raw = self.get_zstd(&path::log(&self.run, step), &file, record::LOG_RAW_BYTES_MAX)?;
         TieBreakLog::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
     }
 
     fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
-        let file = record_file(record::batch_path(std::path::Path::new(""), step));
+        let file = record_file(record::batch_path, step);
         let bytes = self.get_required(&path::batch(&self.run, step))?;
         BatchIndices::decode(&bytes).map_err(|e| SourceError::Invalid {
             file,
@@ -387,7 +383,7 @@ impl TrainerSource for HttpTrainer {
     }
 
     fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
-        let file = record_file(record::checkpoint_path(std::path::Path::new(""), step));
+        let file = record_file(record::checkpoint_path, step);
         let raw = self.get_zstd(&path::checkpoint(&self.run, step), &file, state_bound(&self.policy))?;
         TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
     }

@@ -29,7 +29,7 @@ use kernels::{Device, Profile};
 use rayon::prelude::*;
 
 use crate::evidence::Evidence;
-use crate::source::{LocalRecord, SourceError, TrainerSource};
+use crate::source::{LocalRecord, SourceError, TrainerSource, record_file};
 use crate::{AuditError, Verdict};
 
 /// How much of the segment is replayed.
@@ -401,19 +401,13 @@ impl Replayer<'_> {
         Ok(())
     }
 
+    // The three checks below are repeated here so that no source implementation has to be
+    // trusted.
     fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
         let state = self.src.checkpoint(step)?;
-        // Re-checked here so that no source implementation has to be trusted.
-        if state.digest() != self.leaves[step as usize].state || state.step != step {
-            return Err(SourceError::Invalid {
-                file: relative_name(&record::checkpoint_path(Path::new(""), step)),
-                offset: None,
-                what: format!(
-                    "state hash of step {step} does not match its commitment: expected {}, found {}",
-                    to_hex(&self.leaves[step as usize].state),
-                    to_hex(&state.digest())
-                ),
-            });
+        let (committed, found) = (&self.leaves[step as usize].state, state.digest());
+        if found != *committed || state.step != step {
+            return Err(mismatch(record::checkpoint_path, "state", step, committed, &found));
         }
         Ok(state)
     }
@@ -427,24 +421,18 @@ impl Replayer<'_> {
 
     fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
         let log = self.src.log(step)?;
-        if log.digest() != self.leaves[step as usize].log {
-            return Err(SourceError::Invalid {
-                file: relative_name(&record::log_path(Path::new(""), step)),
-                offset: None,
-                what: format!("log hash of step {step} does not match its commitment"),
-            });
+        let (committed, found) = (&self.leaves[step as usize].log, log.digest());
+        if found != *committed {
+            return Err(mismatch(record::log_path, "log", step, committed, &found));
         }
         Ok(log)
     }
 
     fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
         let batch = self.src.batch(step)?;
-        if batch.digest() != self.leaves[step as usize].batch {
-            return Err(SourceError::Invalid {
-                file: relative_name(&record::batch_path(Path::new(""), step)),
-                offset: None,
-                what: format!("batch hash of step {step} does not match its commitment"),
-            });
+        let (committed, found) = (&self.leaves[step as usize].batch, batch.digest());
+        if found != *committed {
+            return Err(mismatch(record::batch_path, "batch", step, committed, &found));
         }
         Ok(batch)
     }
@@ -560,8 +548,17 @@ impl Replayer<'_> {
     }
 }
 
-fn relative_name(p: &Path) -> String {
-    p.strip_prefix("/").unwrap_or(p).display().to_string()
+/// A piece handed out for step `step` whose hash is not the leaf's: both full digests.
+fn mismatch(file: fn(&Path, u64) -> PathBuf, what: &str, step: u64, committed: &Hash, found: &Hash) -> SourceError {
+    SourceError::Invalid {
+        file: record_file(file, step),
+        offset: None,
+        what: format!(
+            "{what} hash of step {step} does not match its commitment: expected {}, found {}",
+            to_hex(committed),
+            to_hex(found)
+        ),
+    }
 }
 
 /// The jobs of a segment: `(c_i, min(c_{i+1}, to)]` for the checkpoints `c_i` from the one at

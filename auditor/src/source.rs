@@ -99,6 +99,13 @@ fn relative(dir: &Path, path: &Path) -> String {
     path.strip_prefix(dir).map(PathBuf::from).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }
 
+/// Name of a per-step record file relative to the record directory, for findings and reports:
+/// `file(Path::new(""), step)` with one of `engine::record::{log_path, batch_path,
+/// checkpoint_path}`.
+pub fn record_file(file: fn(&Path, u64) -> PathBuf, step: u64) -> String {
+    file(Path::new(""), step).display().to_string()
+}
+
 /// Maps the engine's record errors to what they mean for an audit: a malformed, missing or
 /// mismatching file is the trainer's commitment failing; other I/O errors are the auditor's.
 pub fn map_record_error(dir: &Path, e: RecordError) -> SourceError {
