@@ -287,14 +287,8 @@ fn simulate(seed: u64, dir: &Path) {
                 let request = AuditRequest {
                     trainer_url: "http://trainer.sim".into(),
                     run: run.clone(),
-                    trainer_token: None,
-                    device: None,
-                    from: None,
-                    to: None,
-                    mode: None,
-                    spot_count: None,
-                    spot_seed: None,
                     idempotency_key: key.clone(),
+                    ..AuditRequest::default()
                 };
                 match store.insert(&request, QUEUE_MAX, clock.now_ms()) {
                     Ok(Inserted::New(id)) => {

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::job::{AuditRequest, Inserted, Job, JobState};
+use super::job::{AuditRequest, Inserted, Job, JobState, is_job_id};
 
 /// A JSON error response.
 #[derive(Debug)]
@@ -206,9 +206,7 @@ async fn list(
 }
 
 fn check_id(id: &str) -> ApiResult<()> {
-    let ok = id.len() <= 64
-        && id.strip_prefix("audit-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    if ok { Ok(()) } else { Err(ApiError::not_found(format!("no audit {id:?}"))) }
+    if is_job_id(id) { Ok(()) } else { Err(ApiError::not_found(format!("no audit {id:?}"))) }
 }
 
 async fn status(State(shared): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::Progress;
 
 /// The body of `POST /v1/audits`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditRequest {
     /// The trainer's record server, `http://host:port`.
@@ -52,6 +52,16 @@ pub struct AuditRequest {
     /// Resubmitting with the same key returns the same audit instead of a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+}
+
+/// The id of the job stored with sequence number `seq` (ids are stable across restarts).
+pub fn job_id(seq: i64) -> String {
+    format!("audit-{seq}")
+}
+
+/// Whether `s` has the shape of a [`job_id`] (checked before it reaches the store).
+pub fn is_job_id(s: &str) -> bool {
+    s.len() <= 32 && s.strip_prefix("audit-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Longest idempotency key, trainer URL, run id or token accepted.
@@ -303,17 +313,27 @@ struct JobProgress<'a> {
 impl JobProgress<'_> {
     fn save(&self, job_start: u64, through: u64, force: bool) {
         let now = self.clock.now_ms();
-        let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
-        let e = points.entry(job_start).or_insert((job_start, job_start, 0));
-        e.0 = e.0.max(through);
-        if e.0 <= e.1 || !(force || now.saturating_sub(e.2) >= self.interval_ms) {
-            return;
-        }
+        // Decide under the lock, write without it: interval-parallel replay calls this from
+        // every worker after every step, and none should wait for another job's fsync.
+        let verified = {
+            let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
+            let e = points.entry(job_start).or_insert((job_start, job_start, 0));
+            e.0 = e.0.max(through);
+            if e.0 <= e.1 || !(force || now.saturating_sub(e.2) >= self.interval_ms) {
+                return;
+            }
+            e.0
+        };
         let steps = self.steps.load(Ordering::SeqCst);
-        match self.store.save_progress(self.id, job_start, e.0, steps, now) {
+        match self.store.save_progress(self.id, job_start, verified, steps, now) {
             Ok(()) => {
-                e.1 = e.0;
-                e.2 = now;
+                // Only this job's worker reports points for `job_start`, so nothing moved it
+                // meanwhile except forward.
+                let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(e) = points.get_mut(&job_start) {
+                    e.1 = e.1.max(verified);
+                    e.2 = now;
+                }
             }
             // Progress is an optimisation: a failed write only means more replay after a crash.
             Err(_) => self.observer.store_error("save_progress"),

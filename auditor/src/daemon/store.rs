@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::job::{AuditRequest, Decided, Inserted, Job, JobState, Store, StoreError};
+use super::job::{AuditRequest, Decided, Inserted, Job, JobState, Store, StoreError, job_id};
 
 /// The database file under the state directory.
 pub const DB_FILE: &str = "auditor.sqlite3";
@@ -178,7 +178,7 @@ impl Store for SqliteStore {
                 params![request.idempotency_key, json, i(now_ms)],
             )?;
             let seq = tx.last_insert_rowid();
-            let id = format!("audit-{seq}");
+            let id = job_id(seq);
             tx.execute("UPDATE jobs SET id = ?1 WHERE seq = ?2", params![id, seq])?;
             tx.commit()?;
             Ok(Inserted::New(id))
@@ -336,14 +336,8 @@ mod tests {
         AuditRequest {
             trainer_url: "http://127.0.0.1:1".into(),
             run: "r".into(),
-            trainer_token: None,
-            device: None,
-            from: None,
-            to: None,
-            mode: None,
-            spot_count: None,
-            spot_seed: None,
             idempotency_key: key.map(String::from),
+            ..AuditRequest::default()
         }
     }
 
