@@ -339,6 +339,14 @@ struct Job {
     end: u64,
 }
 
+impl Job {
+    /// Where an earlier attempt's verified point lets this job continue: a step in
+    /// `(start, end]`, or `None` when there is none past the start.
+    fn resume_point(&self, resume: &BTreeMap<u64, u64>) -> Option<u64> {
+        resume.get(&self.start).filter(|&&t| t > self.start).map(|&t| t.min(self.end))
+    }
+}
+
 /// Something found at a step; ordered by `(step, order)`.
 #[derive(Debug)]
 struct Finding {
@@ -444,10 +452,7 @@ impl Replayer<'_> {
         }
         // Resume after the last point an earlier attempt verified, when the trainer's state
         // there is available; the skipped steps count as reproduced with the trainer's leaves.
-        if let Some(&through) = self.resume.get(&job.start)
-            && through > job.start
-        {
-            let through = through.min(job.end);
+        if let Some(through) = job.resume_point(self.resume) {
             let resumed = if through == job.end { Some(None) } else { self.resumed_state(through).map(Some) };
             if let Some(state) = resumed {
                 out.own.extend_from_slice(&self.leaves[job.start as usize..=through as usize]);
@@ -694,8 +699,7 @@ pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progre
         }
     };
     audit.intervals = jobs.iter().map(|j| (j.start, j.end)).collect();
-    let resumed: u64 =
-        jobs.iter().map(|j| opts.resume.get(&j.start).map_or(0, |&t| t.min(j.end).saturating_sub(j.start))).sum();
+    let resumed: u64 = jobs.iter().map(|j| j.resume_point(&opts.resume).map_or(0, |t| t - j.start)).sum();
     progress.begin(jobs.iter().map(|j| j.end - j.start).sum::<u64>() - resumed);
     let outcomes: Vec<Result<JobOutcome, AuditError>> = if jobs.len() == 1 {
         vec![replayer.replay(jobs[0])]
