@@ -192,6 +192,27 @@ pub struct Audit {
     pub timings: Timings,
 }
 
+impl Audit {
+    /// An audit of `source` before anything was checked, with `verdict`.
+    fn nothing_checked(verdict: Verdict, source: String, opts: &AuditOptions) -> Audit {
+        Audit {
+            verdict,
+            source,
+            auditor_device: opts.device,
+            commitment: None,
+            mode: opts.mode,
+            segment: None,
+            intervals: Vec::new(),
+            steps_replayed: 0,
+            steps_resumed: 0,
+            bisection: None,
+            detail: None,
+            evidence: None,
+            timings: Timings::default(),
+        }
+    }
+}
+
 fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
@@ -210,19 +231,8 @@ pub fn audit_dir(dir: &Path, opts: &AuditOptions, progress: &dyn Progress) -> Re
         }
         Err(SourceError::Unavailable(e)) => Err(AuditError::Source(e)),
         Err(e) => Ok(Audit {
-            verdict: verdict_of_source(e),
-            source: dir.display().to_string(),
-            auditor_device: opts.device,
-            commitment: None,
-            mode: opts.mode,
-            segment: None,
-            intervals: Vec::new(),
-            steps_replayed: 0,
-            steps_resumed: 0,
-            bisection: None,
-            detail: None,
-            evidence: None,
             timings: Timings { open_ms: ms(t0), total_ms: ms(t0), ..Timings::default() },
+            ..Audit::nothing_checked(verdict_of_source(e), dir.display().to_string(), opts)
         }),
     }
 }
@@ -601,21 +611,7 @@ fn update_norm(a: &TrainingState, b: &TrainingState) -> f64 {
 /// Audits the record behind `src` on `opts.device`.
 pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progress) -> Result<Audit, AuditError> {
     let t0 = Instant::now();
-    let mut audit = Audit {
-        verdict: Verdict::Consistent,
-        source: src.describe(),
-        auditor_device: opts.device,
-        commitment: None,
-        mode: opts.mode,
-        segment: None,
-        intervals: Vec::new(),
-        steps_replayed: 0,
-        steps_resumed: 0,
-        bisection: None,
-        detail: None,
-        evidence: None,
-        timings: Timings::default(),
-    };
+    let mut audit = Audit::nothing_checked(Verdict::Consistent, src.describe(), opts);
     let finish = |mut a: Audit, verdict: Verdict| {
         a.verdict = verdict;
         a.timings.total_ms = ms(t0);
