@@ -103,6 +103,23 @@ impl ExactTerms {
     pub(crate) fn bound(&self) -> f64 {
         if self.is_exact() { 0.0 } else { sum_bound(self.n, self.abs_sum) }
     }
+
+    /// [`ExactTerms::bound`] of `n` terms whose absolute values sum (in term order) to
+    /// `abs_sum`, given the least-significant-bit exponents of the non-zero terms (see
+    /// [`lsb_exp`]) lazily: `Σ|t|` is cheap to accumulate branch-free, the exponents are not.
+    /// `is_exact` only becomes harder to satisfy as `lsb_min` falls, so the first exponent that
+    /// rules exactness out decides, and the rest are never computed; the result equals that of
+    /// feeding every term to [`ExactTerms::product`] or [`ExactTerms::value`].
+    pub(crate) fn bound_given_sum(n: usize, abs_sum: f64, lsbs: impl Iterator<Item = i32>) -> f64 {
+        let mut terms = ExactTerms { abs_sum, lsb_min: i32::MAX, n };
+        for e in lsbs {
+            terms.lsb_min = terms.lsb_min.min(e);
+            if !terms.is_exact() {
+                return sum_bound(n, abs_sum);
+            }
+        }
+        terms.bound()
+    }
 }
 
 /// `2^e` for `e` in `[-1074, 1023]`, built from bits (exact, no library call).
@@ -145,5 +162,29 @@ mod tests {
         t.product(f32::from_bits(1), f32::from_bits(1));
         t.product(1.0, 1.0);
         assert!(!t.is_exact(), "spans 298 bits");
+    }
+
+    /// The lazy form gives the same bits as feeding every term, on exact and inexact sums.
+    #[test]
+    fn bound_given_sum_equals_feeding_every_term() {
+        let mut rng = crate::parity::SplitMix64(9);
+        for case in 0..400 {
+            let n = 1 + (rng.next_u64() % 40) as usize;
+            // Small integers times a shared power of two sum exactly; wide exponents do not.
+            let spread = [0, 3, 30, 120][case % 4];
+            let term = |rng: &mut crate::parity::SplitMix64| -> f32 {
+                let x = (rng.next_u64() % 2001) as f32 - 1000.0;
+                x * 2f32.powi((rng.next_u64() % (spread + 1)) as i32 - (spread / 2) as i32)
+            };
+            let pairs: Vec<(f32, f32)> = (0..n).map(|_| (term(&mut rng), term(&mut rng))).collect();
+            let mut fed = ExactTerms::new();
+            let mut abs_sum = 0.0;
+            for &(a, b) in &pairs {
+                fed.product(a, b);
+                abs_sum += if a != 0.0 && b != 0.0 { (a as f64 * b as f64).abs() } else { 0.0 };
+            }
+            let lsbs = pairs.iter().filter_map(|&(a, b)| Some(lsb_exp(a)? + lsb_exp(b)?));
+            assert_eq!(ExactTerms::bound_given_sum(n, abs_sum, lsbs).to_bits(), fed.bound().to_bits(), "case {case}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::bound::{ETA, ExactTerms, SLACK, U, gamma};
+use crate::bound::{ETA, ExactTerms, SLACK, U, gamma, lsb_exp};
 use crate::reduce::{dot_slices, sum_by};
 use crate::{Bounded, Device, ErrorBound, Profile, Result, check_len, checked_prod, shape_err};
 
@@ -264,6 +264,34 @@ fn to_rows(x: &[f64], trans: bool, r: usize, c: usize) -> Vec<f64> {
     }
 }
 
+/// Defines `fn $name(args) -> R` running the `#[inline(always)]` function `$body` compiled with
+/// AVX2 enabled where the CPU has it. The bound passes below are integer operations,
+/// conversions and single multiplications over long rows, which baseline x86-64 (SSE2, no
+/// packed 64-bit integer compares) runs two lanes or one element at a time. No FMA is enabled
+/// and Rust never contracts or reassociates floating-point operations, so every result is the
+/// same bits with or without AVX2.
+macro_rules! avx2_dispatch {
+    ($(#[$meta:meta])* fn $name:ident = $body:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 was detected at run time.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 /// Fewest elements per rayon task in the element-wise passes below: small ops run as one task,
 /// where spawning would cost more than the work. Every pass computes each output element (or
 /// norm) by the same fixed sequence of operations whatever the split, so the bits never depend
@@ -296,8 +324,8 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>, &mut Vec<f64>) -> R) -> R {
 
 /// `Σ x²` in FP64 over 8 interleaved lanes (so the loop vectorises), lanes added in order;
 /// writes `x` converted to FP64 into `out` on the way.
-#[inline]
-fn convert_row(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64 {
+#[inline(always)]
+fn convert_row_body(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64 {
     let mut acc = [0.0f64; 8];
     let (xc, mut oc) = (x.chunks_exact(8), out.chunks_exact_mut(8));
     let xr = xc.remainder();
@@ -314,6 +342,29 @@ fn convert_row(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64 {
         *s += v * v;
     }
     acc.iter().sum()
+}
+
+avx2_dispatch! {
+    /// [`convert_row_body`], with AVX2 where the CPU has it.
+    fn convert_row = convert_row_body(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64
+}
+
+/// Converts rows of `cols` FP32 values (`x`) to FP64 into `out`, adding each column's squares
+/// to `sums` (`cols` values) in row order.
+#[inline(always)]
+fn convert_cols_body(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) {
+    for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+        for ((s, &v), d) in sums.iter_mut().zip(xr).zip(or) {
+            let v = v as f64;
+            d.write(v);
+            *s += v * v;
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// [`convert_cols_body`], with AVX2 where the CPU has it.
+    fn convert_cols = convert_cols_body(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) -> ()
 }
 
 /// Converts `batch` FP32 matrices stored `rows×cols` row-major (`x`) to FP64 into `out`, and
@@ -356,15 +407,7 @@ fn convert_with_norms(
                 o.par_chunks_mut(block_rows * cols)
                     .zip(xb.par_chunks(block_rows * cols))
                     .zip(pb.par_chunks_mut(cols))
-                    .for_each(|((o, xs), p)| {
-                        for (or, xr) in o.chunks_exact_mut(cols).zip(xs.chunks_exact(cols)) {
-                            for ((s, &v), d) in p.iter_mut().zip(xr).zip(or) {
-                                let v = v as f64;
-                                d.write(v);
-                                *s += v * v;
-                            }
-                        }
-                    });
+                    .for_each(|((o, xs), p)| convert_cols(xs, o, p, cols));
             });
         for (nb, pb) in norms.chunks_exact_mut(cols).zip(partial.chunks_exact(blocks * cols)) {
             for p in pb.chunks_exact(cols) {
@@ -420,7 +463,7 @@ fn cs_factor(k: usize, with_bias: bool) -> f64 {
 /// (Cauchy–Schwarz), so `d_ij = 2·γ·(‖a_i‖₂‖b_j‖₂ + |bias_j|)·SLACK` (`c = 2·γ·SLACK`). The
 /// norms cost O(mk + kn) and the outer product O(mn); the norms' own rounding (relative
 /// `γ_k`, any order) is absorbed by SLACK like the rest of the bound's arithmetic.
-#[inline]
+#[inline(always)]
 fn cs_bounds_row(c: f64, na_i: f64, nb: &[f64], bias: Option<&[f32]>, out: &mut [f64]) {
     let ca = c * na_i;
     match bias {
@@ -459,7 +502,7 @@ fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> 
 /// Derivation: each side computes fl(s·D_h) with |D_h − D| ≤ e/2 and one rounding (≤ u|s·D_h|,
 /// plus ETA if it underflows): |o − h| ≤ |s|·e + 2u·|o| + 2·ETA (second-order terms in SLACK).
 /// With e = 0 both sides multiply the same exact D: one correctly rounded product.
-#[inline]
+#[inline(always)]
 fn scaled_bound(scale: f64, e: f64, v: f64) -> f64 {
     if scale == 1.0 || e == 0.0 { e } else { (scale.abs() * e + 2.0 * U * v.abs() + 2.0 * ETA) * SLACK }
 }
@@ -467,29 +510,101 @@ fn scaled_bound(scale: f64, e: f64, v: f64) -> f64 {
 /// A cheap sufficient condition for `!common::rounding::is_ambiguous(v, d)`, integer and
 /// FP64 operations only, so a row of checks vectorises.
 ///
-/// `is_ambiguous` is true only when `v` lies within `d·COMPARE_SLACK` (`COMPARE_SLACK =
-/// 1 + 2⁻⁴⁸ < 2`) of a boundary of the FP32 cell of `r = fl32(v)`. Let `2^e ≤ |v| < 2^(e+1)`
-/// with `−126 ≤ e ≤ 127`, `q = 2^(e−52)` the FP64 spacing there, and `t` the low 29 bits of
-/// `v`'s significand (`v`'s offset from the FP32 value below it, in units of `q`). Within the
-/// binade the FP32 spacing is `2^29·q`, so the cell boundaries (midpoints, exact in FP64) sit
-/// at `t = 2^28`; the nearest one outside the binade is the midpoint just below `2^e`, at
-/// least `2^27·q` below it (the spacing at most halves), i.e. `t + 2^27` units away; the
-/// overflow boundary `f32::MAX + 2^103` is the `t = 2^28` point of binade 127. So `v` is at
-/// least `dist·q` from every boundary, `dist = min(|t − 2^28|, t + 2^27)`, and rounding is
-/// monotone: `dist·q > 2d` implies that both of `is_ambiguous`'s computed distances exceed
-/// `fl(d·COMPARE_SLACK) ≤ 2d`. `2d/q = d·2^(53−e)` is an exact scaling (an underflow there
-/// only matters when `d` is far below `q`, where `dist ≥ 1` already decides). Values outside
-/// the FP32 normal binades (zero, subnormal, ≥ 2^128, NaN) are left to `is_ambiguous`.
-#[inline]
+/// `is_ambiguous` is true only when one of its computed distances `fl(v − lo)`, `fl(hi − v)`
+/// to the boundaries of the FP32 cell of `r = fl32(v)` is at most `d_s = fl(d·COMPARE_SLACK)`
+/// (`COMPARE_SLACK = 1 + 2⁻⁴⁸`, so `d_s ≤ d·(1 + 2⁻⁴⁷)`, or a subnormal absolute error more,
+/// which the `dist ≥ 1` case below dwarfs). Let `2^e ≤ |v| < 2^(e+1)` with `−126 ≤ e ≤ 127`,
+/// `q = 2^(e−52)` the FP64 spacing there, and `t` the low 29 bits of `v`'s significand (`v`'s
+/// offset from the FP32 value below it, in units of `q`). Within the binade the FP32 spacing
+/// is `2^29·q`, so the cell boundaries (midpoints, exact in FP64) sit at `t = 2^28`; the
+/// nearest one outside the binade is the midpoint just below `2^e`, at least `2^27·q` below it
+/// (the spacing at most halves), i.e. `t + 2^27` units away; the overflow boundary
+/// `f32::MAX + 2^103` is the `t = 2^28` point of binade 127. So the true distance to every
+/// boundary is at least `dist·q`, `dist = min(|t − 2^28|, t + 2^27)`; `dist·q` is an FP64
+/// number, so by monotone rounding both computed distances are too. The test is
+/// `dist > fl(fl(d·2^(52−e))·(1 + 2⁻⁴⁰))`: the power-of-two scaling is exact, the second
+/// product is at least `(d/q)·(1 + 2⁻⁴¹)`, so it implies `dist·q > d·(1 + 2⁻⁴¹) ≥ d_s`. If
+/// `d·2^(52−e)` underflows, `d` is far below `q` and the test is decided by `dist ≥ 1` either
+/// way; if it overflows, the test fails (safe). Values outside the FP32 normal binades (zero,
+/// subnormal, ≥ 2^128, NaN) fail it and are left to `is_ambiguous`.
+#[inline(always)]
 fn surely_plain(v: f64, d: f64) -> bool {
+    /// `1 + 2⁻⁴⁰`.
+    const MARGIN: f64 = 1.0 + 1.0 / (1u64 << 40) as f64;
     let bits = v.to_bits();
-    let ex = (bits >> 52) & 0x7ff; // biased: e + 1023
-    let t = (bits & ((1 << 29) - 1)) as i64;
+    let ex = ((bits >> 52) & 0x7ff) as i32; // biased: e + 1023
+    // 29 bits: every step below fits in i32 and converts to FP64 exactly.
+    let t = (bits & ((1 << 29) - 1)) as i32;
     let dist = (t - (1 << 28)).abs().min(t + (1 << 27));
-    // 2^(53−e) has the biased exponent 53 − e + 1023 = 2099 − ex.
-    let scale = f64::from_bits((2099u64.wrapping_sub(ex) & 0x7ff) << 52);
-    (1023 - 126..=1023 + 127).contains(&ex) & (dist as f64 > 2.0 * d * scale)
+    // 2^(52−e) has the biased exponent 52 − e + 1023 = 2098 − ex (masked: only used in range).
+    let scale = f64::from_bits((((2098 - ex) & 0x7ff) as u64) << 52);
+    (1023 - 126..=1023 + 127).contains(&ex) & (dist as f64 > d * scale * MARGIN)
 }
+
+/// Whether [`surely_plain`] holds for every element of a row (`values`, `bounds` alike long).
+#[inline(always)]
+fn row_surely_plain(values: &[f64], bounds: &[f64]) -> bool {
+    values.iter().zip(bounds).fold(true, |all, (&v, &d)| all & surely_plain(v, d))
+}
+
+/// One output row's part of [`finish_bounds`]: writes the row's Cauchy–Schwarz bounds into `dr`
+/// (scaling `vr` and the bounds by `scale`) and pushes the flat indices (`base + j`) of the
+/// elements the bound makes ambiguous onto `amb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn finish_row_body(
+    c: f64,
+    na_i: f64,
+    nb: &[f64],
+    bias: Option<&[f32]>,
+    scale: f64,
+    vr: &mut [f64],
+    dr: &mut [f64],
+    base: usize,
+    amb: &mut Vec<usize>,
+) {
+    cs_bounds_row(c, na_i, nb, bias, dr);
+    if scale != 1.0 {
+        for (v, d) in vr.iter_mut().zip(dr.iter_mut()) {
+            *v *= scale;
+            *d = scaled_bound(scale, *d, *v);
+        }
+    }
+    if row_surely_plain(vr, dr) {
+        return;
+    }
+    // Most of such a row is still plain: check it in blocks, element by element only where a
+    // block is not.
+    let blocks = vr.chunks(CHECK_BLOCK).zip(dr.chunks(CHECK_BLOCK));
+    for (b0, (vb, db)) in (base..).step_by(CHECK_BLOCK).zip(blocks) {
+        if row_surely_plain(vb, db) {
+            continue;
+        }
+        for (j, (&v, &d)) in (b0..).zip(vb.iter().zip(db)) {
+            if !surely_plain(v, d) && common::rounding::is_ambiguous(v, d) {
+                amb.push(j);
+            }
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// [`finish_row_body`], with AVX2 where the CPU has it.
+    fn finish_row = finish_row_body(
+        c: f64,
+        na_i: f64,
+        nb: &[f64],
+        bias: Option<&[f32]>,
+        scale: f64,
+        vr: &mut [f64],
+        dr: &mut [f64],
+        base: usize,
+        amb: &mut Vec<usize>,
+    ) -> ()
+}
+
+/// Block length of the second, finer ambiguity check of a row that is not plain throughout.
+const CHECK_BLOCK: usize = 16;
 
 /// Ambiguous elements refined together: one sweep over `l` updates all of them, so the
 /// operands are read row by row instead of one strided column per element.
@@ -527,21 +642,8 @@ fn finish_bounds(
         .enumerate()
         .flat_map_iter(|(row, (vr, dr))| {
             let bi = row / m;
-            cs_bounds_row(c, na[row], &nb[bi * n..(bi + 1) * n], bias, dr);
-            if scale != 1.0 {
-                for (v, d) in vr.iter_mut().zip(dr.iter_mut()) {
-                    *v *= scale;
-                    *d = scaled_bound(scale, *d, *v);
-                }
-            }
             let mut amb = Vec::new();
-            if !vr.iter().zip(dr.iter()).fold(true, |all, (&v, &d)| all & surely_plain(v, d)) {
-                for (j, (&v, &d)) in vr.iter().zip(dr.iter()).enumerate() {
-                    if !surely_plain(v, d) && common::rounding::is_ambiguous(v, d) {
-                        amb.push(row * n + j);
-                    }
-                }
-            }
+            finish_row(c, na[row], &nb[bi * n..(bi + 1) * n], bias, scale, vr, dr, row * n, &mut amb);
             amb
         })
         .collect();
@@ -562,19 +664,31 @@ fn finish_bounds(
                     (bi * m * k + i * ars, bi * k * n + j * bcs, j)
                 })
                 .collect();
-            let mut terms = vec![ExactTerms::new(); chunk.len()];
+            // Σ|a·b| of every element at once, products with a zero factor adding +0 (what
+            // `ExactTerms::product` skips), so the sums equal `ExactTerms`' bit for bit.
+            let mut sums = vec![0.0f64; chunk.len()];
             for l in 0..k {
                 let (la, lb) = (l * acs, l * brs);
-                for (t, &(ao, bo, _)) in terms.iter_mut().zip(&at) {
-                    t.product(a[ao + la], b[bo + lb]);
+                for (s, &(ao, bo, _)) in sums.iter_mut().zip(&at) {
+                    let (x, y) = (a[ao + la], b[bo + lb]);
+                    let p = (x as f64 * y as f64).abs();
+                    *s += if x != 0.0 && y != 0.0 { p } else { 0.0 };
                 }
             }
-            if let Some(bias) = bias {
-                for (t, &(_, _, j)) in terms.iter_mut().zip(&at) {
-                    t.value(bias[j]);
-                }
-            }
-            terms.into_iter().zip(chunk).map(|(t, &idx)| scaled_bound(scale, t.bound(), values[idx]))
+            let terms = k + bias.is_some() as usize;
+            let bounds: Vec<f64> = sums
+                .into_iter()
+                .zip(&at)
+                .map(|(mut sum, &(ao, bo, j))| {
+                    let lsbs = (0..k).filter_map(move |l| Some(lsb_exp(a[ao + l * acs])? + lsb_exp(b[bo + l * brs])?));
+                    let bias_lsb = bias.and_then(|bias| {
+                        sum += (bias[j] as f64).abs();
+                        lsb_exp(bias[j])
+                    });
+                    ExactTerms::bound_given_sum(terms, sum, lsbs.chain(bias_lsb))
+                })
+                .collect();
+            bounds.into_iter().zip(chunk).map(|(t, &idx)| scaled_bound(scale, t, values[idx]))
         })
         .collect();
     for (&idx, t) in ambiguous.iter().zip(tight) {
@@ -670,7 +784,7 @@ mod tests {
                     }
                     let c = sign * c;
                     let dist = (v - c).abs().max(f64::from_bits(1));
-                    for f in [0.0, 1e-300, 0.24, 0.49, 0.5, 0.51, 1.0, 2.0, 1e3] {
+                    for f in [0.0, 1e-300, 0.24, 0.49, 0.5, 0.51, 0.9, 0.999_999, 1.0 - 1e-12, 1.0, 2.0, 1e3] {
                         let d = dist * f;
                         checked += 1;
                         if surely_plain(v, d) {
@@ -682,9 +796,80 @@ mod tests {
             }
         }
         assert!(plain > checked / 10, "the pre-filter passes too little ({plain} of {checked})");
+        // Tightness: a value `s` FP64 spacings below a rounding boundary (inside the binade,
+        // nearer to it than to any other) is decided for any bound below `0.999 ·` that distance.
+        for x in rng.uniform(2000, 1.0) {
+            let e = (rng.next_u64() % 250) as i32 - 125;
+            let r = (x * 2f32.powi(e)).abs();
+            if !r.is_normal() || !r.next_up().is_normal() || r.to_bits() & 0x7f_ffff == 0x7f_ffff {
+                continue;
+            }
+            let boundary = (r as f64 + r.next_up() as f64) / 2.0;
+            for s in [1u64, 2, 3, 1 << 10, 1 << 20, (1 << 27) - 1] {
+                let v = f64::from_bits(boundary.to_bits() - s);
+                let delta = boundary - v;
+                assert!(!is_ambiguous(v, 0.999 * delta));
+                assert!(surely_plain(v, 0.999 * delta), "{v:e} is {delta:e} from {boundary:e}");
+            }
+        }
         // Typical products: bounds far below the FP32 spacing are decided by the pre-filter.
         let typical = rng.uniform(10_000, 100.0);
         let decided = typical.iter().filter(|&&x| surely_plain(x as f64 * 1.000_01, x.abs() as f64 * 1e-12)).count();
         assert!(decided > 9_900, "{decided}");
+    }
+
+    /// `matmul`'s bound is the Cauchy–Schwarz bound except where that makes an element
+    /// ambiguous, and there the smaller of it and the tight bound from `ExactTerms` fed every
+    /// term in order: checked element by element against a direct computation, on shapes where
+    /// both kinds of element occur, with transposes, bias and scale, and with an element whose
+    /// sum is exact (tight bound 0) sitting on a rounding boundary.
+    #[test]
+    fn refined_bounds_equal_a_direct_computation() {
+        let mut rng = SplitMix64(5);
+        let dev = Device::new(Profile::Cpu).unwrap();
+        let mut refined = 0;
+        for (spec, with_bias, scale) in [
+            (MatmulSpec::new(96, 300, 80), false, 1.0),
+            (MatmulSpec::batched(2, 40, 257, 33).trans_a(), true, 1.0),
+            (MatmulSpec::new(50, 129, 70).trans_b(), true, 0.125),
+            (MatmulSpec::batched(3, 17, 64, 45).trans_a().trans_b(), false, -0.3),
+        ] {
+            let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
+            let mut a = rng.uniform(batch * m * k, 1.0);
+            let mut b = rng.uniform(batch * k * n, 1.0);
+            let bias = with_bias.then(|| rng.uniform(n, 1.0));
+            // Element (0, 0, 0) is 2^24 + 1 exactly (a rounding boundary) when there is no bias.
+            let (ars, acs) = strides(a_trans, m, k);
+            let (brs, bcs) = strides(b_trans, k, n);
+            for l in 0..k {
+                a[l * acs] = if l < 2 { [4096.0, 1.0][l] } else { 0.0 };
+                b[l * brs] = if l < 2 { [4096.0, 1.0][l] } else { 0.0 };
+            }
+            let out = dev.matmul_impl("test", &a, &b, bias.as_deref(), scale, spec).unwrap();
+            if bias.is_none() && scale == 1.0 {
+                assert_eq!(out.values[0], 16_777_217.0);
+                assert_eq!(out.bound.at(0), 0.0, "an exact sum on a boundary keeps the tight bound 0");
+            }
+            let cs = norm_bounds(&a, &b, bias.as_deref(), spec);
+            for (idx, (&v, &cs)) in out.values.iter().zip(&cs).enumerate() {
+                let cs = scaled_bound(scale, cs, v);
+                let (bi, i, j) = (idx / (m * n), idx / n % m, idx % n);
+                let expected = if is_ambiguous(v, cs) {
+                    let mut t = ExactTerms::new();
+                    for l in 0..k {
+                        t.product(a[bi * m * k + i * ars + l * acs], b[bi * k * n + l * brs + j * bcs]);
+                    }
+                    if let Some(bias) = &bias {
+                        t.value(bias[j]);
+                    }
+                    refined += 1;
+                    cs.min(scaled_bound(scale, t.bound(), v))
+                } else {
+                    cs
+                };
+                assert_eq!(out.bound.at(idx).to_bits(), expected.to_bits(), "{spec:?} element {idx}");
+            }
+        }
+        assert!(refined >= 4, "only {refined} elements were refined");
     }
 }
