@@ -264,30 +264,34 @@ fn to_rows(x: &[f64], trans: bool, r: usize, c: usize) -> Vec<f64> {
     }
 }
 
-/// Defines `fn $name(args) -> R` running the `#[inline(always)]` function `$body` compiled with
-/// AVX2 enabled where the CPU has it. The bound passes below are integer operations,
-/// conversions and single multiplications over long rows, which baseline x86-64 (SSE2, no
-/// packed 64-bit integer compares) runs two lanes or one element at a time. No FMA is enabled
-/// and Rust never contracts or reassociates floating-point operations, so every result is the
-/// same bits with or without AVX2.
+/// Defines `fn $name(args) -> R { body }` so that the body runs compiled with AVX2 enabled
+/// where the CPU has it (chosen at run time), and as baseline code elsewhere. The bound passes
+/// below are integer operations, conversions and single multiplications over long rows, which
+/// baseline x86-64 (SSE2, no packed 64-bit integer compares) runs two lanes or one element at a
+/// time. No FMA is enabled and Rust never contracts or reassociates floating-point operations,
+/// so every result is the same bits with or without AVX2. Helpers the body calls must be
+/// `#[inline(always)]` to be compiled with it.
 macro_rules! avx2_dispatch {
-    ($(#[$meta:meta])* fn $name:ident = $body:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) -> $ret {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: AVX2 was detected at run time.
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            $body($($arg),*)
+            body($($arg),*)
         }
     };
 }
@@ -322,49 +326,41 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>, &mut Vec<f64>) -> R) -> R {
     r
 }
 
-/// `Σ x²` in FP64 over 8 interleaved lanes (so the loop vectorises), lanes added in order;
-/// writes `x` converted to FP64 into `out` on the way.
-#[inline(always)]
-fn convert_row_body(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let (xc, mut oc) = (x.chunks_exact(8), out.chunks_exact_mut(8));
-    let xr = xc.remainder();
-    for (xs, os) in xc.zip(&mut oc) {
-        for ((s, &v), o) in acc.iter_mut().zip(xs).zip(os) {
+avx2_dispatch! {
+    /// `Σ x²` in FP64 over 8 interleaved lanes (so the loop vectorises), lanes added in order;
+    /// writes `x` converted to FP64 into `out` on the way.
+    fn convert_row(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let (xc, mut oc) = (x.chunks_exact(8), out.chunks_exact_mut(8));
+        let xr = xc.remainder();
+        for (xs, os) in xc.zip(&mut oc) {
+            for ((s, &v), o) in acc.iter_mut().zip(xs).zip(os) {
+                let v = v as f64;
+                o.write(v);
+                *s += v * v;
+            }
+        }
+        for ((s, &v), o) in acc.iter_mut().zip(xr).zip(oc.into_remainder()) {
             let v = v as f64;
             o.write(v);
             *s += v * v;
         }
+        acc.iter().sum()
     }
-    for ((s, &v), o) in acc.iter_mut().zip(xr).zip(oc.into_remainder()) {
-        let v = v as f64;
-        o.write(v);
-        *s += v * v;
-    }
-    acc.iter().sum()
 }
 
 avx2_dispatch! {
-    /// [`convert_row_body`], with AVX2 where the CPU has it.
-    fn convert_row = convert_row_body(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64
-}
-
-/// Converts rows of `cols` FP32 values (`x`) to FP64 into `out`, adding each column's squares
-/// to `sums` (`cols` values) in row order.
-#[inline(always)]
-fn convert_cols_body(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) {
-    for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-        for ((s, &v), d) in sums.iter_mut().zip(xr).zip(or) {
-            let v = v as f64;
-            d.write(v);
-            *s += v * v;
+    /// Converts rows of `cols` FP32 values (`x`) to FP64 into `out`, adding each column's
+    /// squares to `sums` (`cols` values) in row order.
+    fn convert_cols(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) {
+        for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            for ((s, &v), d) in sums.iter_mut().zip(xr).zip(or) {
+                let v = v as f64;
+                d.write(v);
+                *s += v * v;
+            }
         }
     }
-}
-
-avx2_dispatch! {
-    /// [`convert_cols_body`], with AVX2 where the CPU has it.
-    fn convert_cols = convert_cols_body(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) -> ()
 }
 
 /// Converts `batch` FP32 matrices stored `rows×cols` row-major (`x`) to FP64 into `out`, and
@@ -547,50 +543,11 @@ fn row_surely_plain(values: &[f64], bounds: &[f64]) -> bool {
     values.iter().zip(bounds).fold(true, |all, (&v, &d)| all & surely_plain(v, d))
 }
 
-/// One output row's part of [`finish_bounds`]: writes the row's Cauchy–Schwarz bounds into `dr`
-/// (scaling `vr` and the bounds by `scale`) and pushes the flat indices (`base + j`) of the
-/// elements the bound makes ambiguous onto `amb`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn finish_row_body(
-    c: f64,
-    na_i: f64,
-    nb: &[f64],
-    bias: Option<&[f32]>,
-    scale: f64,
-    vr: &mut [f64],
-    dr: &mut [f64],
-    base: usize,
-    amb: &mut Vec<usize>,
-) {
-    cs_bounds_row(c, na_i, nb, bias, dr);
-    if scale != 1.0 {
-        for (v, d) in vr.iter_mut().zip(dr.iter_mut()) {
-            *v *= scale;
-            *d = scaled_bound(scale, *d, *v);
-        }
-    }
-    if row_surely_plain(vr, dr) {
-        return;
-    }
-    // Most of such a row is still plain: check it in blocks, element by element only where a
-    // block is not.
-    let blocks = vr.chunks(CHECK_BLOCK).zip(dr.chunks(CHECK_BLOCK));
-    for (b0, (vb, db)) in (base..).step_by(CHECK_BLOCK).zip(blocks) {
-        if row_surely_plain(vb, db) {
-            continue;
-        }
-        for (j, (&v, &d)) in (b0..).zip(vb.iter().zip(db)) {
-            if !surely_plain(v, d) && common::rounding::is_ambiguous(v, d) {
-                amb.push(j);
-            }
-        }
-    }
-}
-
 avx2_dispatch! {
-    /// [`finish_row_body`], with AVX2 where the CPU has it.
-    fn finish_row = finish_row_body(
+    /// One output row's part of [`finish_bounds`]: writes the row's Cauchy–Schwarz bounds into
+    /// `dr` (scaling `vr` and the bounds by `scale`) and pushes the flat indices (`base + j`) of
+    /// the elements the bound makes ambiguous onto `amb`.
+    fn finish_row(
         c: f64,
         na_i: f64,
         nb: &[f64],
@@ -600,7 +557,31 @@ avx2_dispatch! {
         dr: &mut [f64],
         base: usize,
         amb: &mut Vec<usize>,
-    ) -> ()
+    ) {
+        cs_bounds_row(c, na_i, nb, bias, dr);
+        if scale != 1.0 {
+            for (v, d) in vr.iter_mut().zip(dr.iter_mut()) {
+                *v *= scale;
+                *d = scaled_bound(scale, *d, *v);
+            }
+        }
+        if row_surely_plain(vr, dr) {
+            return;
+        }
+        // Most of such a row is still plain: check it in blocks, element by element only where a
+        // block is not.
+        let blocks = vr.chunks(CHECK_BLOCK).zip(dr.chunks(CHECK_BLOCK));
+        for (b0, (vb, db)) in (base..).step_by(CHECK_BLOCK).zip(blocks) {
+            if row_surely_plain(vb, db) {
+                continue;
+            }
+            for (j, (&v, &d)) in (b0..).zip(vb.iter().zip(db)) {
+                if !surely_plain(v, d) && common::rounding::is_ambiguous(v, d) {
+                    amb.push(j);
+                }
+            }
+        }
+    }
 }
 
 /// Block length of the second, finer ambiguity check of a row that is not plain throughout.
