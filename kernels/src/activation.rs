@@ -46,9 +46,11 @@ fn gelu_core(p: Profile, x: f64) -> Gelu {
 }
 
 impl Device {
-    /// `max(x, 0)`. Exact.
+    /// `max(x, 0)`, defined as `x > 0 ? x : 0`: `−0` and NaN give `+0`. Exact. (Rust's
+    /// `f64::max` may return either zero for `max(−0, 0)`, and did differ between optimisation
+    /// levels here, so the op spells out the choice.)
     pub fn relu(&self, x: &[f32]) -> Result<Bounded> {
-        Ok(Bounded::exact(x.iter().map(|&v| (v as f64).max(0.0)).collect()))
+        Ok(Bounded::exact(x.iter().map(|&v| if v > 0.0 { v as f64 } else { 0.0 }).collect()))
     }
 
     /// `gy · [x > 0]`. Exact.

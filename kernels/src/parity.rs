@@ -1,7 +1,9 @@
 //! Cross-profile parity: runs every op on every profile from identical FP32 inputs and checks
 //! the soundness contract for each ordered pair `(A, B)`: `|vA − vB| ≤ dA` and `≤ dB` for
-//! every element, no NaN, and equal bits where a result claims to be exact. Also measures
-//! tightness (the largest observed `|vA − vB| / d`), which the benchmark binary prints.
+//! every element, no NaN, and equal bits where both results claim a zero bound (exact results:
+//! there the sign of a zero matters too, since the tie-break rule puts `−0` and `+0` in
+//! different cells). Also measures tightness (the largest observed `|vA − vB| / d`), which the
+//! benchmark binary prints.
 //!
 //! Inputs come from a local splitmix64 (no global RNG) in several families: uniform random,
 //! catastrophic cancellation, magnitudes from 1e-30 to 1e30, FP32 subnormals, long
@@ -339,6 +341,11 @@ pub fn compare(ra: &[Bounded], rb: &[Bounded]) -> Result<PairStats, String> {
                 return Err(format!("output {o} element {i}: NaN (values {va:e} {vb:e}, bounds {da:e} {db:e})"));
             }
             let diff = (va - vb).abs();
+            if da == 0.0 && db == 0.0 && va.to_bits() != vb.to_bits() {
+                return Err(format!(
+                    "output {o} element {i}: both sides claim exact results but {va:e} ≠ {vb:e} in bits"
+                ));
+            }
             st.elements += 1;
             if va.to_bits() != vb.to_bits() {
                 st.differing += 1;
