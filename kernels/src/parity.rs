@@ -5,6 +5,9 @@
 //! different cells). Also measures tightness (the largest observed `|vA − vB| / d`), which the
 //! benchmark binary prints.
 //!
+//! [`devices`] gives the CPU profiles and, when this build has the `cuda` feature and a GPU is
+//! present, the `cuda` profile.
+//!
 //! Inputs come from a local splitmix64 (no global RNG) in several families: uniform random,
 //! catastrophic cancellation, magnitudes from 1e-30 to 1e30, FP32 subnormals, long
 //! reductions (K up to 4096).
@@ -363,10 +366,28 @@ pub fn compare(ra: &[Bounded], rb: &[Bounded]) -> Result<PairStats, String> {
     Ok(st)
 }
 
+/// The devices a parity run compares: every CPU profile, then `cuda` when it can run here.
+/// The second value says why `cuda` is missing, if it is (no feature, no driver, no GPU).
+pub fn devices() -> (Vec<Device>, Option<String>) {
+    let mut devs: Vec<Device> = Profile::CPU.iter().map(|&p| Device::new(p).expect("cpu device")).collect();
+    match Device::new(Profile::Cuda) {
+        Ok(d) => {
+            devs.push(d);
+            (devs, None)
+        }
+        Err(e) => (devs, Some(e.to_string())),
+    }
+}
+
 /// Largest observed `|vA − vB| / d` per op over every ordered pair of CPU profiles and every
 /// input family from `seed`. A contract violation is reported as a ratio above 1.
 pub fn tightness(seed: u64) -> Vec<(&'static str, f64)> {
     let devs: Vec<Device> = Profile::CPU.iter().map(|&p| Device::new(p).expect("cpu device")).collect();
+    tightness_on(&devs, seed)
+}
+
+/// [`tightness`] over the given devices.
+pub fn tightness_on(devs: &[Device], seed: u64) -> Vec<(&'static str, f64)> {
     let mut out: Vec<(&'static str, f64)> = Vec::new();
     for case in cases(seed) {
         let results: Vec<_> = devs.iter().map(|d| case.run(d)).collect();
