@@ -32,6 +32,8 @@ fn emulated_cuda() -> Option<Device> {
 fn all_devices() -> Vec<(String, Device)> {
     let (devs, cuda_missing) = kernels::parity::devices();
     if let Some(why) = cuda_missing {
+        // The GPU check (scripts/gpu-check.sh) sets this: there, no CUDA pairs is a failure.
+        assert!(std::env::var("TIEBREAK_REQUIRE_GPU").as_deref() != Ok("1"), "TIEBREAK_REQUIRE_GPU=1: {why}");
         println!("no CUDA pairs: {why}");
     }
     #[allow(unused_mut)] // reason: only the `cuda` feature adds the emulation
