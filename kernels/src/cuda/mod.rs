@@ -5,7 +5,8 @@
 //! - **Products** (`matmul*`, and conv through im2col) are one cuBLAS `cublasDgemmStridedBatched`
 //!   call: row-major `C = op(A)·op(B)` is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ` ([`gemm_call`]). The
 //!   handle runs in `CUBLAS_PEDANTIC_MATH` (no emulated or reduced-precision FP64 paths, such as
-//!   CUDA 13's fixed-point DGEMM emulation) with atomics disallowed. The bias, the scale and the
+//!   CUDA 13's opt-in fixed-point DGEMM emulation, whatever the environment asks for) with
+//!   atomics disallowed. The bias, the scale and the
 //!   bound stay on the host, in the shared code of `matmul.rs`, so they are the same correctly
 //!   rounded operations on every profile.
 //! - **Everything else** runs in `kernels.cu`, compiled once per process by NVRTC for the GPU's
