@@ -36,6 +36,18 @@ fn run(cfg: &Config, profile: Profile) -> Run {
     Run::from_config(cfg, None, profile, 6).unwrap()
 }
 
+/// Replays a trainer's `steps` on `auditor` with its logs, asserting every state is reproduced
+/// bit for bit and no honest entry is called forged.
+fn replay_exactly(auditor: &Run, steps: &[(TrainingState, common::tielog::TieBreakLog)], what: &str) {
+    let mut state = auditor.initial_state().unwrap();
+    for (t, (expected, log)) in steps.iter().enumerate() {
+        let o = auditor.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
+        assert!(o.forged.is_empty(), "{what}: honest log flagged: {:?}", o.forged);
+        assert_eq!(o.state.digest(), expected.digest(), "{what}: step {} diverged", t + 1);
+        state = o.state;
+    }
+}
+
 fn train(r: &Run, steps: u64) -> Vec<(TrainingState, common::tielog::TieBreakLog)> {
     let mut state = r.initial_state().unwrap();
     let mut out = Vec::new();
@@ -54,19 +66,7 @@ fn every_profile_replays_every_other_profiles_steps_bit_identically() {
         for trainer in Profile::CPU {
             let steps = train(&run(&cfg, trainer), 6);
             for auditor in Profile::CPU {
-                let a = run(&cfg, auditor);
-                let mut state = a.initial_state().unwrap();
-                for (t, (expected, log)) in steps.iter().enumerate() {
-                    let o = a.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
-                    assert!(o.forged.is_empty(), "honest log flagged: {:?}", o.forged);
-                    assert_eq!(
-                        o.state.digest(),
-                        expected.digest(),
-                        "trainer {trainer} auditor {auditor} step {} diverged",
-                        t + 1
-                    );
-                    state = o.state;
-                }
+                replay_exactly(&run(&cfg, auditor), &steps, &format!("trainer {trainer} auditor {auditor}"));
             }
         }
     }
@@ -179,16 +179,7 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
     let mlp = |opt| (config(MLP, opt), None);
     let mut cnn = config("[model]\nkind = \"cnn\"\nchannels = [3, 4]", ADAMW);
     cnn.train.batch_size = 4;
-    let Dataset::Classification { inputs, labels, .. } = Dataset::synthetic(256, 32, 64, 4, 11) else { unreachable!() };
-    let images = Dataset::Classification {
-        kind: "synthetic",
-        input_shape: vec![1, 8, 8],
-        inputs,
-        labels,
-        classes: 4,
-        n_train: 224,
-        n_holdout: 32,
-    };
+    let images = Dataset::synthetic(256, 32, 64, 4, 11).with_input_shape(vec![1, 8, 8]).unwrap();
     let mut gpt =
         config("[model]\nkind = \"gpt\"\nlayers = 1\nd_model = 16\nheads = 2\ncontext = 8\ndropout = 0.1", ADAMW);
     gpt.train.batch_size = 3;
@@ -206,21 +197,8 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
             };
             let cpu = Device::new(Profile::Cpu).unwrap();
             for (trainer, auditor) in [(cpu.clone(), gpu.clone()), (gpu.clone(), cpu.clone())] {
-                let (t_name, a_name) = (trainer.profile(), auditor.profile());
-                let steps = train(&on(trainer), 3);
-                let a = on(auditor);
-                let mut state = a.initial_state().unwrap();
-                for (t, (expected, log)) in steps.iter().enumerate() {
-                    let o = a.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
-                    assert!(o.forged.is_empty(), "{model} on {gpu_name}: honest log flagged: {:?}", o.forged);
-                    assert_eq!(
-                        o.state.digest(),
-                        expected.digest(),
-                        "{model}: {t_name} → {a_name} ({gpu_name}) step {}",
-                        t + 1
-                    );
-                    state = o.state;
-                }
+                let what = format!("{model}: {} → {} ({gpu_name})", trainer.profile(), auditor.profile());
+                replay_exactly(&on(auditor), &train(&on(trainer), 3), &what);
             }
             println!("{model}: cpu ↔ {gpu_name}: 3 steps each way bit-identical");
         }
