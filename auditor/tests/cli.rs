@@ -130,3 +130,22 @@ async fn audit_a_run_on_a_record_server_over_http() {
     assert!(String::from_utf8_lossy(&unauthorized.stderr).contains("401"));
     trainer.stop().await;
 }
+
+/// `--device cuda` without CUDA support or a driver: "could not decide" (exit 2) with the reason,
+/// never a panic.
+#[test]
+fn audit_on_cuda_without_support_or_driver_is_a_clear_error() {
+    if let Ok(d) = kernels::Device::new(Profile::Cuda) {
+        println!("skipped: a GPU is present ({})", d.gpu_description().unwrap_or_default());
+        return;
+    }
+    let dir = scratch("cli-cuda");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let out = auditor(&dir, &["audit", "--record", honest.to_str().unwrap(), "--device", "cuda"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("could not decide") && err.contains("device profile cuda is unavailable: "), "{err}");
+    let why = if cfg!(feature = "cuda") { "CUDA driver" } else { "rebuild with `--features cuda`" };
+    assert!(err.contains(why), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -193,6 +193,22 @@ impl Dataset {
         }
     }
 
+    /// This classification dataset with each example read as an input of `shape` (e.g. a
+    /// synthetic task's `[784]` as `[1, 28, 28]` for a CNN); `shape` must hold as many values as
+    /// an example has.
+    pub fn with_input_shape(self, shape: Vec<usize>) -> Result<Dataset, String> {
+        match self {
+            Dataset::Classification { kind, input_shape, inputs, labels, classes, n_train, n_holdout } => {
+                let (have, want) = (input_shape.iter().product::<usize>(), shape.iter().product::<usize>());
+                if have != want {
+                    return Err(format!("examples of {have} values cannot be read as {shape:?}"));
+                }
+                Ok(Dataset::Classification { kind, input_shape: shape, inputs, labels, classes, n_train, n_holdout })
+            }
+            Dataset::Text { .. } => Err("a text dataset has no input shape".into()),
+        }
+    }
+
     /// A character-level text dataset: the vocabulary is the sorted set of bytes in the text.
     pub fn text(raw: Vec<u8>, context: usize, holdout_fraction: f64) -> Result<Dataset, String> {
         if raw.len() < 2 * (context + 2) {

@@ -36,6 +36,18 @@ fn run(cfg: &Config, profile: Profile) -> Run {
     Run::from_config(cfg, None, profile, 6).unwrap()
 }
 
+/// Replays a trainer's `steps` on `auditor` with its logs, asserting every state is reproduced
+/// bit for bit and no honest entry is called forged.
+fn replay_exactly(auditor: &Run, steps: &[(TrainingState, common::tielog::TieBreakLog)], what: &str) {
+    let mut state = auditor.initial_state().unwrap();
+    for (t, (expected, log)) in steps.iter().enumerate() {
+        let o = auditor.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
+        assert!(o.forged.is_empty(), "{what}: honest log flagged: {:?}", o.forged);
+        assert_eq!(o.state.digest(), expected.digest(), "{what}: step {} diverged", t + 1);
+        state = o.state;
+    }
+}
+
 fn train(r: &Run, steps: u64) -> Vec<(TrainingState, common::tielog::TieBreakLog)> {
     let mut state = r.initial_state().unwrap();
     let mut out = Vec::new();
@@ -54,19 +66,7 @@ fn every_profile_replays_every_other_profiles_steps_bit_identically() {
         for trainer in Profile::CPU {
             let steps = train(&run(&cfg, trainer), 6);
             for auditor in Profile::CPU {
-                let a = run(&cfg, auditor);
-                let mut state = a.initial_state().unwrap();
-                for (t, (expected, log)) in steps.iter().enumerate() {
-                    let o = a.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
-                    assert!(o.forged.is_empty(), "honest log flagged: {:?}", o.forged);
-                    assert_eq!(
-                        o.state.digest(),
-                        expected.digest(),
-                        "trainer {trainer} auditor {auditor} step {} diverged",
-                        t + 1
-                    );
-                    state = o.state;
-                }
+                replay_exactly(&run(&cfg, auditor), &steps, &format!("trainer {trainer} auditor {auditor}"));
             }
         }
     }
@@ -154,4 +154,53 @@ fn steps_are_independent_of_the_thread_count() {
     let one = digests(1);
     assert_eq!(one, digests(2));
     assert_eq!(one, digests(3));
+}
+
+/// The `cuda` profile's code path replays CPU-trained steps of every model kind bit-identically,
+/// and a CPU replays its steps: on the host emulation of the profile (its kernels compiled for
+/// the host; needs a C compiler) and on the real GPU where one is present.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
+    use engine::data::Dataset;
+    use engine::spec::{DataConfig, RunSpec, TextConfig};
+    use kernels::Device;
+
+    let mut gpus: Vec<(&str, Device)> = Vec::new();
+    match Device::cuda_emulated() {
+        Ok(d) => gpus.push(("cuda (host emulation)", d)),
+        Err(e) => println!("skipped the emulation: {e}"),
+    }
+    match Device::new(Profile::Cuda) {
+        Ok(d) => gpus.push(("cuda", d)),
+        Err(e) => println!("no GPU: {e}"),
+    }
+    // MLP (SGD, ADAMW) on the synthetic task; a CNN on 8×8 images; a GPT with dropout on text.
+    let mlp = |opt| (config(MLP, opt), None);
+    let mut cnn = config("[model]\nkind = \"cnn\"\nchannels = [3, 4]", ADAMW);
+    cnn.train.batch_size = 4;
+    let images = Dataset::synthetic(256, 32, 64, 4, 11).with_input_shape(vec![1, 8, 8]).unwrap();
+    let mut gpt =
+        config("[model]\nkind = \"gpt\"\nlayers = 1\nd_model = 16\nheads = 2\ncontext = 8\ndropout = 0.1", ADAMW);
+    gpt.train.batch_size = 3;
+    gpt.data = DataConfig::Text(TextConfig { holdout_fraction: 0.1 });
+    let text = b"to be, or not to be, that is the question: whether 'tis nobler in the mind to suffer".repeat(4);
+    let words = Dataset::text(text, 8, 0.1).unwrap();
+    let cases =
+        [("mlp/sgd", mlp(SGD)), ("mlp/adamw", mlp(ADAMW)), ("cnn", (cnn, Some(images))), ("gpt", (gpt, Some(words)))];
+    for (gpu_name, gpu) in &gpus {
+        for (model, (cfg, data)) in &cases {
+            let data = data.clone().unwrap_or_else(|| Dataset::for_config(cfg, None).unwrap());
+            let on = |device: Device| {
+                let spec = RunSpec::new(cfg.clone(), data.commitment(), device.profile().name(), 3);
+                Run::new(spec, data.clone(), device).unwrap()
+            };
+            let cpu = Device::new(Profile::Cpu).unwrap();
+            for (trainer, auditor) in [(cpu.clone(), gpu.clone()), (gpu.clone(), cpu.clone())] {
+                let what = format!("{model}: {} → {} ({gpu_name})", trainer.profile(), auditor.profile());
+                replay_exactly(&on(auditor), &train(&on(trainer), 3), &what);
+            }
+            println!("{model}: cpu ↔ {gpu_name}: 3 steps each way bit-identical");
+        }
+    }
 }

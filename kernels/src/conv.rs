@@ -6,7 +6,9 @@
 use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, SLACK, gamma, two_sided};
+use crate::cuda::{In, Param, size};
 use crate::reduce::sum_by;
+use crate::scatter::{Groups, group_bound};
 use crate::{Bounded, Device, ErrorBound, MatmulSpec, Result, arg_err, check_len, checked_prod, shape_err};
 
 /// Shape of a convolution: input `n×c_in×h×w`, weight `c_out×c_in×kh×kw`, bias `c_out`,
@@ -73,6 +75,11 @@ impl Pool2dSpec {
             ));
         }
         Ok((out_dim(op, self.h, self.kh, self.stride, self.pad)?, out_dim(op, self.w, self.kw, self.stride, self.pad)?))
+    }
+
+    /// The pooling kernels' shape arguments: planes, h, w, oh, ow, kh, kw, stride, pad.
+    fn gpu_sizes(&self, oh: usize, ow: usize) -> [Param; 9] {
+        [self.n * self.c, self.h, self.w, oh, ow, self.kh, self.kw, self.stride, self.pad].map(size)
     }
 
     /// Input offsets (within one plane) of window (oy, ox), skipping padding.
@@ -296,9 +303,15 @@ impl Device {
         if total > u32::MAX as usize {
             return Err(shape_err(OP, "input too large for u32 indices"));
         }
+        let n_out = spec.n * spec.c * oh * ow;
+        if let Some(g) = self.gpu() {
+            // The argmax travels as a double (exact: it is below 2³²).
+            let [y, at] = g.run(OP, "max_pool_fwd", n_out, &[In::F32(x)], [n_out, n_out], &spec.gpu_sizes(oh, ow))?;
+            return Ok((Bounded::exact(y), at.iter().map(|&i| i as u32).collect()));
+        }
         let plane = spec.h * spec.w;
-        let mut values = Vec::with_capacity(spec.n * spec.c * oh * ow);
-        let mut idx = Vec::with_capacity(values.capacity());
+        let mut values = Vec::with_capacity(n_out);
+        let mut idx = Vec::with_capacity(n_out);
         for nc in 0..spec.n * spec.c {
             let xp = &x[nc * plane..(nc + 1) * plane];
             for oy in 0..oh {
@@ -328,33 +341,25 @@ impl Device {
         if let Some(bad) = argmax.iter().find(|&&i| i as usize >= total) {
             return Err(arg_err(OP, format!("argmax index {bad} is not below {total}")));
         }
-        let pr = self.profile();
-        // Gather contributions per input element in output order, then reduce each in the
-        // profile's order.
-        let mut start = vec![0usize; total + 1];
-        for &i in argmax {
-            start[i as usize + 1] += 1;
-        }
-        for i in 0..total {
-            start[i + 1] += start[i];
-        }
-        let mut fill = start.clone();
-        let mut src = vec![0usize; argmax.len()];
-        for (o, &i) in argmax.iter().enumerate() {
-            src[fill[i as usize]] = o;
-            fill[i as usize] += 1;
-        }
-        let (values, bounds): (Vec<f64>, Vec<f64>) = (0..total)
-            .into_par_iter()
-            .with_min_len(1024)
-            .map(|i| {
-                let s = &src[start[i]..start[i + 1]];
-                let v = sum_by(pr, s.len(), |j| gy[s[j]] as f64);
-                let mut terms = ExactTerms::new();
-                s.iter().for_each(|&o| terms.value(gy[o]));
-                (v, terms.bound())
-            })
-            .unzip();
+        // Gather contributions per input element in output order, then reduce each (in the
+        // profile's order on the CPU).
+        let groups = Groups::new(argmax.iter().map(|&i| i as usize), total);
+        let bounds: Vec<f64> =
+            (0..total).into_par_iter().with_min_len(1024).map(|i| group_bound(groups.of(i), |o| gy[o])).collect();
+        let values = match self.gpu() {
+            Some(g) => groups.sum_gpu(g, OP, gy, 1)?,
+            None => {
+                let pr = self.profile();
+                (0..total)
+                    .into_par_iter()
+                    .with_min_len(1024)
+                    .map(|i| {
+                        let s = groups.of(i);
+                        sum_by(pr, s.len(), |j| gy[s[j]] as f64)
+                    })
+                    .collect()
+            }
+        };
         Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
@@ -366,7 +371,12 @@ impl Device {
         let pr = self.profile();
         let plane = spec.h * spec.w;
         let cnt = (spec.kh * spec.kw) as f64;
-        let mut values = vec![0.0; spec.n * spec.c * oh * ow];
+        let n_out = spec.n * spec.c * oh * ow;
+        let gpu = self.gpu().map(|g| g.run(OP, "avg_pool_fwd", n_out, &[In::F32(x)], [n_out], &spec.gpu_sizes(oh, ow)));
+        let (mut values, on_gpu) = match gpu.transpose()? {
+            Some([y]) => (y, true),
+            None => (vec![0.0; n_out], false),
+        };
         let mut bounds = vec![0.0; values.len()];
         values.par_chunks_mut((oh * ow).max(1)).zip(bounds.par_chunks_mut((oh * ow).max(1))).enumerate().for_each(
             |(nc, (out, bnd))| {
@@ -376,12 +386,13 @@ impl Device {
                     for ox in 0..ow {
                         win.clear();
                         win.extend(spec.window(oy, ox).map(|i| xp[i] as f64));
-                        let s = sum_by(pr, win.len(), |j| win[j]);
+                        let v = &mut out[oy * ow + ox];
+                        if !on_gpu {
+                            *v = sum_by(pr, win.len(), |j| win[j]) / cnt;
+                        }
                         let abs: f64 = win.iter().map(|v| v.abs()).sum();
-                        let v = s / cnt;
                         // Per side: sum γ_{c−1}Σ|x|, then ÷cnt (or ·(1/cnt)): γ_2|v| (+ETA).
                         let e = gamma(win.len().saturating_sub(1)) * abs / cnt + gamma(2) * v.abs() + ETA;
-                        out[oy * ow + ox] = v;
                         bnd[oy * ow + ox] = two_sided(e);
                     }
                 }
@@ -399,7 +410,12 @@ impl Device {
         let pr = self.profile();
         let plane = spec.h * spec.w;
         let cnt = (spec.kh * spec.kw) as f64;
-        let mut values = vec![0.0; spec.n * spec.c * plane];
+        let n_in = spec.n * spec.c * plane;
+        let gpu = self.gpu().map(|g| g.run(OP, "avg_pool_bwd", n_in, &[In::F32(gy)], [n_in], &spec.gpu_sizes(oh, ow)));
+        let (mut values, on_gpu) = match gpu.transpose()? {
+            Some([gx]) => (gx, true),
+            None => (vec![0.0; n_in], false),
+        };
         let mut bounds = vec![0.0; values.len()];
         values.par_chunks_mut(plane.max(1)).zip(bounds.par_chunks_mut(plane.max(1))).enumerate().for_each(
             |(nc, (out, bnd))| {
@@ -415,11 +431,13 @@ impl Device {
                     }
                 }
                 for (i, c) in contrib.iter().enumerate() {
-                    out[i] = sum_by(pr, c.len(), |j| c[j]);
+                    if !on_gpu {
+                        out[i] = sum_by(pr, c.len(), |j| c[j]);
+                    }
                     let abs: f64 = c.iter().map(|v| v.abs()).sum();
                     // Per side: each term gy/cnt has one or two roundings (γ_2), then a sum of
                     // c terms (γ_{c−1}): γ_{c+2}·Σ|gy|/cnt (+ETA per term); also covers
-                    // dividing after summing.
+                    // dividing after summing. From the inputs only.
                     bnd[i] = two_sided(gamma(c.len() + 2) * abs + c.len() as f64 * ETA);
                 }
             },

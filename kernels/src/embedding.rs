@@ -3,8 +3,9 @@
 
 use rayon::prelude::*;
 
-use crate::bound::ExactTerms;
+use crate::cuda::{In, size};
 use crate::reduce::sum_by;
+use crate::scatter::{Groups, group_bound};
 use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len, checked_prod};
 
 fn check_ids(op: &'static str, ids: &[u32], vocab: usize) -> Result<()> {
@@ -20,6 +21,12 @@ impl Device {
         const OP: &str = "embedding";
         check_len(OP, "table", table.len(), checked_prod(OP, &[vocab, dim])?)?;
         check_ids(OP, ids, vocab)?;
+        if let Some(g) = self.gpu() {
+            let n = ids.len() * dim;
+            let [out] =
+                g.run(OP, "embedding_fwd", n, &[In::F32(table), In::U32(ids)], [n], &[size(ids.len()), size(dim)])?;
+            return Ok(Bounded::exact(out));
+        }
         let mut out = Vec::with_capacity(ids.len() * dim);
         for &id in ids {
             out.extend(table[id as usize * dim..(id as usize + 1) * dim].iter().map(|&v| v as f64));
@@ -33,36 +40,28 @@ impl Device {
         check_len(OP, "grad_out", gy.len(), checked_prod(OP, &[ids.len(), dim])?)?;
         checked_prod(OP, &[vocab, dim])?;
         check_ids(OP, ids, vocab)?;
-        // Positions of each id in increasing order (counting sort).
-        let mut start = vec![0usize; vocab + 1];
-        for &id in ids {
-            start[id as usize + 1] += 1;
-        }
-        for v in 0..vocab {
-            start[v + 1] += start[v];
-        }
-        let mut fill = start.clone();
-        let mut pos = vec![0usize; ids.len()];
-        for (i, &id) in ids.iter().enumerate() {
-            pos[fill[id as usize]] = i;
-            fill[id as usize] += 1;
+        // Positions of each id in increasing order.
+        let groups = Groups::new(ids.iter().map(|&id| id as usize), vocab);
+        // Each (row, j): a sum of the exact terms gy[i·dim + j] over the positions i of the row.
+        let bound = |v: usize, j: usize| group_bound(groups.of(v), |i| gy[i * dim + j]);
+        let mut bounds = vec![0.0; vocab * dim];
+        bounds.par_chunks_mut(dim.max(1)).enumerate().for_each(|(v, bnd)| {
+            for (j, d) in bnd.iter_mut().enumerate() {
+                *d = bound(v, j);
+            }
+        });
+        if let Some(g) = self.gpu() {
+            let values = groups.sum_gpu(g, OP, gy, dim)?;
+            return Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) });
         }
         let p = self.profile();
         let mut values = vec![0.0; vocab * dim];
-        let mut bounds = vec![0.0; vocab * dim];
-        values.par_chunks_mut(dim.max(1)).zip(bounds.par_chunks_mut(dim.max(1))).enumerate().for_each(
-            |(v, (out, bnd))| {
-                let ps = &pos[start[v]..start[v + 1]];
-                for j in 0..dim {
-                    out[j] = sum_by(p, ps.len(), |i| gy[ps[i] * dim + j] as f64);
-                    let mut terms = ExactTerms::new();
-                    ps.iter().for_each(|&i| terms.value(gy[i * dim + j]));
-                    // A sum of |ps| exact terms in any order: 2·γ_{|ps|−1}·Σ|gy|, or 0 when no
-                    // order can round (`ExactTerms::is_exact`).
-                    bnd[j] = terms.bound();
-                }
-            },
-        );
+        values.par_chunks_mut(dim.max(1)).enumerate().for_each(|(v, out)| {
+            let ps = groups.of(v);
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = sum_by(p, ps.len(), |i| gy[ps[i] * dim + j] as f64);
+            }
+        });
         Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 }

@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, U, gamma, two_sided};
+use crate::cuda::{In, Param, size};
 use crate::reduce::{dot_by, sum_by};
 use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len, checked_prod};
 
@@ -25,6 +26,53 @@ pub struct LayerNormGrads {
     pub gx: Bounded,
     pub ggamma: Bounded,
     pub gbeta: Bounded,
+}
+
+/// Per-side error of a row's mean `μ = Σx/n`, from the row and the computed `μ`.
+///
+/// μ per side: sum of n exact terms γ_{n−1}Σ|x|, then /n (or ·(1/n)): γ_2|μ|. When no summation
+/// order can round (`ExactTerms::is_exact`), every side holds the same exact sum and the op
+/// divides it by n (a division, by definition: not a multiplication by 1/n), so μ has the same
+/// bits everywhere.
+fn mean_err(xr: &[f32], mu: f64) -> f64 {
+    let mut terms = ExactTerms::new();
+    xr.iter().for_each(|&v| terms.value(v));
+    if terms.is_exact() {
+        0.0
+    } else {
+        let abs: f64 = xr.iter().map(|v| v.abs() as f64).sum();
+        gamma(xr.len() - 1) * abs / xr.len() as f64 + gamma(2) * mu.abs() + ETA
+    }
+}
+
+/// Per-side error of a row's `rstd = 1/√(SS/n + eps)` from the mean's error `e_mu`, the computed
+/// `SS = Σĉ²` and `rstd`.
+fn rstd_err(n: usize, e_mu: f64, ss: f64, rstd: f64, eps: f64) -> f64 {
+    let nf = n as f64;
+    let var = ss / nf;
+    let ve = var + eps;
+    // Σĉ² per side: ĉ_i = (c_i − Δ)(1+δ_i), |Δ| ≤ e_mu, and Σc_i = 0 exactly, so
+    // Σ(c_i − Δ)² = Σc² + nΔ²: the mean's error enters only squared. Rounding of
+    // ĉ (2u on its square), of each square (u, or none with FMA) and the sum
+    // (γ_{n−1}): |Σĉ² − Σc²| ≤ n·e_mu² + γ_{n+2}·Σĉ². Then /n: γ_2·V.
+    let e_var = e_mu * e_mu + gamma(n + 2) * ss / nf + gamma(2) * var + ETA;
+    // V+eps: + u(V+eps). Every honest V ≥ 0, so V+eps ≥ eps(1−u): with
+    // lo = max(ve − 2e_ve, eps(1−2u)), |1/√a − 1/√b| ≤ |a−b| / (2·lo^{3/2});
+    // sqrt and ÷ add γ_2 relative to the honest rstd ≤ rstd + 2e.
+    let e_ve = e_var + U * ve;
+    let lo = (ve - 2.0 * e_ve).max(eps * (1.0 - 2.0 * U));
+    let e_prop = e_ve / (2.0 * lo * lo.sqrt());
+    e_prop + gamma(2) * (rstd + 2.0 * e_prop)
+}
+
+/// Bound of one output `y = c·rstd·γ + β` from `c = x − μ`, the row's errors and the computed `y`.
+///
+/// y per side: ĉ within e_mu + u|ĉ| of c; c·rstd·γ: |γ|(e_c·rstd + |c|·e_r) + γ_2|c·rstd·γ| for
+/// the two products (any order), + β: u|y| (+ETA).
+fn y_bound(g: f64, c: f64, rstd: f64, (e_mu, e_r): (f64, f64), y: f64) -> f64 {
+    let e_c = e_mu + U * c.abs();
+    let prod = c * rstd * g;
+    two_sided(g.abs() * (e_c * rstd + c.abs() * e_r) + gamma(2) * prod.abs() + U * y.abs() + ETA)
 }
 
 impl Device {
@@ -52,7 +100,15 @@ impl Device {
         let p = self.profile();
         let n = cols;
         let nf = n as f64;
-        let mut y = vec![0.0; x.len()];
+        let gpu = self.gpu().map(|g| {
+            let ins = [In::F32(x), In::F32(gamma_w), In::F32(beta)];
+            let outs = [x.len(), rows, rows, rows];
+            g.run(OP, "layer_norm_fwd", rows, &ins, outs, &[size(rows), size(cols), Param::F64(eps)])
+        });
+        let (mut y, from_gpu) = match gpu.transpose()? {
+            Some([y, mean, rstd, ss]) => (y, Some((mean, rstd, ss))),
+            None => (vec![0.0; x.len()], None),
+        };
         let mut yb = vec![0.0; x.len()];
         let stats: Vec<[f64; 4]> = y
             .par_chunks_mut(n)
@@ -60,50 +116,35 @@ impl Device {
             .enumerate()
             .map(|(r, (yr, br))| {
                 let xr = &x[r * n..(r + 1) * n];
-                let s1 = sum_by(p, n, |i| xr[i] as f64);
-                let mu = s1 / nf;
-                let mut terms = ExactTerms::new();
-                xr.iter().for_each(|&v| terms.value(v));
-                // μ per side: sum of n exact terms γ_{n−1}Σ|x|, then /n (or ·(1/n)): γ_2|μ|.
-                // When no summation order can round (`ExactTerms::is_exact`), every side holds
-                // the same exact sum and the op divides it by n (a division, by definition:
-                // not a multiplication by 1/n), so μ has the same bits everywhere.
-                let e_mu = if terms.is_exact() {
-                    0.0
-                } else {
-                    let abs: f64 = xr.iter().map(|v| v.abs() as f64).sum();
-                    gamma(n - 1) * abs / nf + gamma(2) * mu.abs() + ETA
+                let (mu, rstd, e_mu, e_r) = match &from_gpu {
+                    Some((mean, rstd, ss)) => {
+                        let (mu, rstd) = (mean[r], rstd[r]);
+                        let e_mu = mean_err(xr, mu);
+                        let e_r = rstd_err(n, e_mu, ss[r], rstd, eps);
+                        for (i, ((d, &xv), &yv)) in br.iter_mut().zip(xr).zip(yr.iter()).enumerate() {
+                            // c = x − μ is one correctly rounded subtraction: the GPU's own c.
+                            *d = y_bound(gamma_w[i] as f64, xv as f64 - mu, rstd, (e_mu, e_r), yv);
+                        }
+                        (mu, rstd, e_mu, e_r)
+                    }
+                    None => {
+                        let mu = sum_by(p, n, |i| xr[i] as f64) / nf;
+                        let e_mu = mean_err(xr, mu);
+                        for (c, &xv) in yr.iter_mut().zip(xr) {
+                            *c = xv as f64 - mu;
+                        }
+                        let ss = dot_by(p, n, |i| yr[i], |i| yr[i]);
+                        let rstd = 1.0 / (ss / nf + eps).sqrt();
+                        let e_r = rstd_err(n, e_mu, ss, rstd, eps);
+                        for (i, (c, d)) in yr.iter_mut().zip(br.iter_mut()).enumerate() {
+                            let g = gamma_w[i] as f64;
+                            let out = *c * rstd * g + beta[i] as f64;
+                            *d = y_bound(g, *c, rstd, (e_mu, e_r), out);
+                            *c = out;
+                        }
+                        (mu, rstd, e_mu, e_r)
+                    }
                 };
-                for (c, &xv) in yr.iter_mut().zip(xr) {
-                    *c = xv as f64 - mu;
-                }
-                let ss = dot_by(p, n, |i| yr[i], |i| yr[i]);
-                let var = ss / nf;
-                // Σĉ² per side: ĉ_i = (c_i − Δ)(1+δ_i), |Δ| ≤ e_mu, and Σc_i = 0 exactly, so
-                // Σ(c_i − Δ)² = Σc² + nΔ²: the mean's error enters only squared. Rounding of
-                // ĉ (2u on its square), of each square (u, or none with FMA) and the sum
-                // (γ_{n−1}): |Σĉ² − Σc²| ≤ n·e_mu² + γ_{n+2}·Σĉ². Then /n: γ_2·V.
-                let e_var = e_mu * e_mu + gamma(n + 2) * ss / nf + gamma(2) * var + ETA;
-                let ve = var + eps;
-                let rstd = 1.0 / ve.sqrt();
-                // V+eps: + u(V+eps). Every honest V ≥ 0, so V+eps ≥ eps(1−u): with
-                // lo = max(ve − 2e_ve, eps(1−2u)), |1/√a − 1/√b| ≤ |a−b| / (2·lo^{3/2});
-                // sqrt and ÷ add γ_2 relative to the honest rstd ≤ rstd + 2e.
-                let e_ve = e_var + U * ve;
-                let lo = (ve - 2.0 * e_ve).max(eps * (1.0 - 2.0 * U));
-                let e_prop = e_ve / (2.0 * lo * lo.sqrt());
-                let e_r = e_prop + gamma(2) * (rstd + 2.0 * e_prop);
-                for (i, (c, d)) in yr.iter_mut().zip(br.iter_mut()).enumerate() {
-                    let g = gamma_w[i] as f64;
-                    let prod = *c * rstd * g;
-                    let out = prod + beta[i] as f64;
-                    // y per side: ĉ within e_mu + u|ĉ| of c; c·rstd·γ: |γ|(e_c·rstd + |c|·e_r)
-                    // + γ_2|c·rstd·γ| for the two products (any order), + β: u|y| (+ETA).
-                    let e_c = e_mu + U * c.abs();
-                    let e = g.abs() * (e_c * rstd + c.abs() * e_r) + gamma(2) * prod.abs() + U * out.abs() + ETA;
-                    *c = out;
-                    *d = two_sided(e);
-                }
                 [mu, two_sided(e_mu), rstd, two_sided(e_r)]
             })
             .collect();
@@ -148,18 +189,31 @@ impl Device {
         let p = self.profile();
         let n = cols;
         let nf = n as f64;
-        // x̂ is the same on every machine (two correctly rounded operations on the same inputs).
+        // x̂ is the same on every machine (two correctly rounded operations on the same inputs);
+        // the host computes it for every profile, the GPU receives it.
         let xhat: Vec<f64> =
             x.iter().enumerate().map(|(i, &v)| (v as f64 - mean[i / n] as f64) * rstd[i / n] as f64).collect();
-        let mut gx = vec![0.0; total];
+        let gpu = self.gpu().map(|g| {
+            let ins = [In::F32(gy), In::F32(gamma_w), In::F64(&xhat), In::F32(rstd)];
+            let [gx, a, b] = g.run(OP, "layer_norm_bwd", rows, &ins, [total, rows, rows], &[size(rows), size(cols)])?;
+            let sizes = [size(rows), size(cols)];
+            let [ggamma] = g.run(OP, "col_dot", cols, &[In::F32(gy), In::F64(&xhat)], [cols], &sizes)?;
+            Ok::<_, crate::KernelError>((gx, a, b, ggamma))
+        });
+        let (mut gx, from_gpu, ggamma_gpu) = match gpu.transpose()? {
+            Some((gx, a, b, ggamma)) => (gx, Some((a, b)), Some(ggamma)),
+            None => (vec![0.0; total], None, None),
+        };
         let mut gxb = vec![0.0; total];
         gx.par_chunks_mut(n).zip(gxb.par_chunks_mut(n)).enumerate().for_each(|(r, (out, bnd))| {
             let gr = &gy[r * n..(r + 1) * n];
             let xh = &xhat[r * n..(r + 1) * n];
             let rs = rstd[r] as f64;
             let g = |i: usize| gr[i] as f64 * gamma_w[i] as f64;
-            let a = sum_by(p, n, g) / nf;
-            let b = dot_by(p, n, g, |i| xh[i]) / nf;
+            let (a, b) = match &from_gpu {
+                Some((a, b)) => (a[r], b[r]),
+                None => (sum_by(p, n, g) / nf, dot_by(p, n, g, |i| xh[i]) / nf),
+            };
             // a: n exact terms (FP32·FP32) γ_{n−1}Σ|g|, /n γ_2|a|. b: n rounded products
             // γ_nΣ|g·x̂|, /n γ_2|b|. t = g − a − x̂b in any association/FMA: E_a + |x̂|E_b +
             // γ_5(|g|+|a|+|x̂b|) (also covers the (rstd/n)(n·g − Σg − x̂Σgx̂) form);
@@ -172,8 +226,9 @@ impl Device {
             let e_b = gamma(n) * abs_gx / nf + gamma(2) * b.abs();
             for i in 0..n {
                 let gi = g(i);
-                let t = gi - a - xh[i] * b;
-                out[i] = rs * t;
+                if from_gpu.is_none() {
+                    out[i] = rs * (gi - a - xh[i] * b);
+                }
                 let e_t = e_a + xh[i].abs() * e_b + gamma(5) * (gi.abs() + a.abs() + (xh[i] * b).abs());
                 bnd[i] = two_sided(rs * e_t + gamma(2) * out[i].abs() + ETA);
             }
@@ -182,7 +237,10 @@ impl Device {
         let (ggamma, ggb): (Vec<f64>, Vec<f64>) = (0..n)
             .into_par_iter()
             .map(|j| {
-                let v = dot_by(p, rows, |r| gy[r * n + j] as f64, |r| xhat[r * n + j]);
+                let v = match &ggamma_gpu {
+                    Some(gg) => gg[j],
+                    None => dot_by(p, rows, |r| gy[r * n + j] as f64, |r| xhat[r * n + j]),
+                };
                 let abs: f64 = (0..rows).map(|r| (gy[r * n + j] as f64 * xhat[r * n + j]).abs()).sum();
                 // rows rounded products, any order/FMA: per side γ_rows·Σ|gy·x̂|.
                 (v, two_sided(gamma(rows) * abs + ETA))

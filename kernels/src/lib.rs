@@ -12,7 +12,10 @@
 //!
 //! A [`Device`] computes with one [`Profile`] (chosen at run time by name): the profiles use
 //! genuinely different FP64 arithmetic (reduction orders, FMA, `exp`/`tanh`/`ln` formulas), which is
-//! what makes the cross-profile parity tests (see [`parity`]) meaningful.
+//! what makes the cross-profile parity tests (see [`parity`]) meaningful. The `cuda` profile runs
+//! the same ops on a GPU (cuBLAS DGEMM and NVRTC-compiled kernels, `src/cuda`); it is compiled
+//! only with the `cuda` cargo feature, but [`Profile::Cuda`] always exists and
+//! [`Device::new`] says why it is unavailable, so callers never need `#[cfg]`.
 //!
 //! Bounds use `γ_n = n·u/(1−n·u)`, `u = 2⁻⁵³`. Each bound's derivation is written beside
 //! its code. All bounds are finally multiplied by `1 + 2⁻¹⁶`, which absorbs the rounding
@@ -22,12 +25,18 @@
 mod activation;
 mod bound;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_off.rs"]
+mod cuda;
 mod embedding;
 mod layernorm;
 mod matmul;
 mod optim;
 pub mod parity;
 mod reduce;
+mod scatter;
 mod softmax;
 
 use std::fmt;
@@ -76,11 +85,20 @@ pub enum Profile {
     /// Split-K: blocks of 16 accumulated with `f64::mul_add`, block sums combined pairwise;
     /// `exp(x) = exp(x/2)²`, `tanh` from `exp_m1`, `ln` from `ln_1p` near 1.
     CpuSplitK,
+    /// An NVIDIA GPU: cuBLAS DGEMM for products, NVRTC-compiled kernels (one thread per output
+    /// element, row or column, sequential sums, FMA contraction allowed) for everything else,
+    /// CUDA's `exp`/`tanh`/`log`. Needs the `cuda` cargo feature and a driver at run time.
+    Cuda,
 }
 
 impl Profile {
-    /// Every CPU profile, default first.
+    /// Every CPU profile, default first. Helpers that pick a profile on their own (e.g. the
+    /// auditor's "one other than the trainer's") choose among these: the GPU is only used when
+    /// asked for by name.
     pub const CPU: [Profile; 3] = [Profile::Cpu, Profile::CpuSeq, Profile::CpuSplitK];
+
+    /// Every profile this crate knows, whether or not this build or machine can run it.
+    pub const ALL: [Profile; 4] = [Profile::Cpu, Profile::CpuSeq, Profile::CpuSplitK, Profile::Cuda];
 
     /// The profile's name as written in run specs and on command lines.
     pub fn name(self) -> &'static str {
@@ -88,11 +106,12 @@ impl Profile {
             Profile::Cpu => "cpu",
             Profile::CpuSeq => "cpu-seq",
             Profile::CpuSplitK => "cpu-splitk",
+            Profile::Cuda => "cuda",
         }
     }
 
     fn valid_names() -> String {
-        Profile::CPU.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        Profile::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -105,7 +124,7 @@ impl fmt::Display for Profile {
 impl FromStr for Profile {
     type Err = KernelError;
     fn from_str(s: &str) -> Result<Profile, KernelError> {
-        Profile::CPU
+        Profile::ALL
             .into_iter()
             .find(|p| p.name() == s)
             .ok_or_else(|| KernelError::UnknownProfile { name: s.to_string(), valid: Profile::valid_names() })
@@ -124,6 +143,12 @@ pub enum KernelError {
     /// The profile name is not one this build knows.
     #[error("unknown device profile {name:?} (valid profiles: {valid})")]
     UnknownProfile { name: String, valid: String },
+    /// The profile exists but cannot run here: not compiled in, or no driver or GPU found.
+    #[error("device profile {profile} is unavailable: {reason}")]
+    DeviceUnavailable { profile: Profile, reason: String },
+    /// The GPU failed while running an op (driver, cuBLAS or kernel launch error).
+    #[error("{op}: CUDA error: {detail}")]
+    Cuda { op: &'static str, detail: String },
 }
 
 /// Result alias of this crate.
@@ -149,21 +174,52 @@ pub(crate) fn checked_prod(op: &'static str, dims: &[usize]) -> Result<usize> {
         .ok_or_else(|| shape_err(op, format!("size {dims:?} overflows usize")))
 }
 
-/// A compute device running one [`Profile`]. Cheap to clone. (A CUDA profile will keep its
-/// context here, so callers never need `#[cfg]`.)
+/// A compute device running one [`Profile`]. Cheap to clone: a CUDA device shares one GPU
+/// context (cuBLAS handle, compiled kernels) per process.
 #[derive(Clone, Debug)]
 pub struct Device {
     profile: Profile,
+    /// The GPU of a CUDA device (always `None` in builds without the `cuda` feature).
+    gpu: Option<cuda::GpuRef>,
 }
 
 impl Device {
-    /// Creates a device for `profile`.
+    /// Creates a device for `profile`. [`Profile::Cuda`] fails with
+    /// [`KernelError::DeviceUnavailable`] (never a panic) when this build has no CUDA support
+    /// or no driver, GPU, NVRTC or cuBLAS library is found; the GPU is initialised once per
+    /// process (kernels compiled by NVRTC) and shared by every CUDA device.
     pub fn new(profile: Profile) -> Result<Device> {
-        Ok(Device { profile })
+        let gpu = match profile {
+            Profile::Cuda => Some(cuda::GpuRef::shared()?),
+            Profile::Cpu | Profile::CpuSeq | Profile::CpuSplitK => None,
+        };
+        Ok(Device { profile, gpu })
     }
 
     /// The profile this device computes with.
     pub fn profile(&self) -> Profile {
         self.profile
+    }
+
+    /// What a CUDA device runs on (GPU, compute capability, driver and NVRTC versions), for
+    /// reports and benchmarks; `None` for the CPU profiles.
+    pub fn gpu_description(&self) -> Option<String> {
+        self.gpu().map(|g| g.description())
+    }
+
+    /// The GPU behind a CUDA device: each op runs there when this is `Some`.
+    pub(crate) fn gpu(&self) -> Option<&cuda::GpuRef> {
+        self.gpu.as_ref()
+    }
+
+    /// The CUDA profile's product, cuBLAS DGEMM (the hook of `matmul_f64`).
+    pub(crate) fn gemm_gpu(&self, a: &[f64], b: &[f64], out: &mut [f64], spec: MatmulSpec) -> Result<()> {
+        match self.gpu() {
+            Some(g) => g.gemm(a, b, out, spec),
+            None => Err(KernelError::DeviceUnavailable {
+                profile: self.profile,
+                reason: "no GPU behind this device".into(),
+            }),
+        }
     }
 }

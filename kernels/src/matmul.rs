@@ -10,6 +10,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, SLACK, U, gamma, lsb_exp};
+use crate::cuda::{In, size};
 use crate::reduce::{dot_slices, sum_by};
 use crate::{Bounded, Device, ErrorBound, Profile, Result, check_len, checked_prod, shape_err};
 
@@ -158,18 +159,21 @@ impl Device {
     pub fn sum_rows(&self, x: &[f32], rows: usize, cols: usize) -> Result<Bounded> {
         const OP: &str = "sum_rows";
         check_len(OP, "x", x.len(), checked_prod(OP, &[rows, cols])?)?;
+        // Bound: a sum of `rows` exact terms, any order: 2·γ_{rows−1}·Σ|x|, or 0 when no order
+        // can round (see `ExactTerms::is_exact`). From the inputs only.
+        let column_bound = |j: usize| {
+            let mut terms = ExactTerms::new();
+            x.iter().skip(j).step_by(cols.max(1)).for_each(|&v| terms.value(v));
+            terms.bound()
+        };
+        if let Some(g) = self.gpu() {
+            let [values] = g.run(OP, "sum_cols", cols, &[In::F32(x)], [cols], &[size(rows), size(cols)])?;
+            let bounds = (0..cols).into_par_iter().map(column_bound).collect();
+            return Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) });
+        }
         let p = self.profile();
-        let (values, bounds): (Vec<f64>, Vec<f64>) = (0..cols)
-            .into_par_iter()
-            .map(|j| {
-                let s = sum_by(p, rows, |i| x[i * cols + j] as f64);
-                let mut terms = ExactTerms::new();
-                x.iter().skip(j).step_by(cols.max(1)).for_each(|&v| terms.value(v));
-                // Bound: a sum of `rows` exact terms, any order: 2·γ_{rows−1}·Σ|x|, or 0 when
-                // no order can round (see `ExactTerms::is_exact`).
-                (s, terms.bound())
-            })
-            .unzip();
+        let (values, bounds): (Vec<f64>, Vec<f64>) =
+            (0..cols).into_par_iter().map(|j| (sum_by(p, rows, |i| x[i * cols + j] as f64), column_bound(j))).unzip();
         Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
@@ -218,6 +222,7 @@ impl Device {
         let p = self.profile();
         match p {
             Profile::Cpu => gemm_cpu(a, b, out, spec),
+            Profile::Cuda => self.gemm_gpu(a, b, out, spec)?,
             Profile::CpuSeq | Profile::CpuSplitK => {
                 if k == 0 {
                     out.fill(0.0);

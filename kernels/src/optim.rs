@@ -8,9 +8,10 @@
 //! # Why these ops carry `ErrorBound::Exact`
 //! An update is element-wise: no reduction, no transcendental function. Each op is *defined* as
 //! the exact sequence of correctly rounded `+ − × ÷ √` written in its code, evaluated left to
-//! right, **without FMA contraction** (Rust never contracts `a*b + c`; a CUDA port must use the
-//! `__dmul_rn`/`__dadd_rn`/`__ddiv_rn`/`__dsqrt_rn` intrinsics, which are never fused). Every
-//! IEEE-754 machine then produces the same bits, so the bound is 0 and nothing is ever logged.
+//! right, **without FMA contraction** (Rust never contracts `a*b + c`; the `cuda` profile's
+//! kernels use the `__dmul_rn`/`__dadd_rn`/`__dsub_rn`/`__ddiv_rn`/`__dsqrt_rn` intrinsics, which
+//! are never fused, for every operation). Every IEEE-754 machine then produces the same bits, so
+//! the bound is 0 and nothing is ever logged.
 //!
 //! An earlier version allowed contraction and bounded it (γ₂ per product-sum). That was sound
 //! but costly: with decimal hyper-parameters such as β₁ = 0.9, `0.9·m + 0.1·g` lands on an FP32
@@ -20,6 +21,7 @@
 
 use rayon::prelude::*;
 
+use crate::cuda::{In, Param, size};
 use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len};
 
 /// SGD hyper-parameters (PyTorch semantics, no dampening, no Nesterov).
@@ -96,6 +98,12 @@ impl Device {
             finite(OP, name, x)?;
         }
         let SgdConfig { lr, momentum: mu, weight_decay: wd } = cfg;
+        if let Some(gpu) = self.gpu() {
+            let n = w.len();
+            let scalars = [size(n), Param::F64(lr), Param::F64(mu), Param::F64(wd)];
+            let [w, v] = gpu.run(OP, "sgd", n, &[In::F32(w), In::F32(g), In::F32(v)], [n, n], &scalars)?;
+            return Ok(SgdOut { w: Bounded::exact(w), v: Bounded::exact(v) });
+        }
         let r: Vec<[f64; 3]> = (0..w.len())
             .into_par_iter()
             .with_min_len(4096)
@@ -139,6 +147,14 @@ impl Device {
         let c1 = 1.0 - pow_step(beta1, step);
         let c2 = 1.0 - pow_step(beta2, step);
         let lrwd = lr * wd;
+        if let Some(gpu) = self.gpu() {
+            let n = w.len();
+            let scalars = [lr, beta1, beta2, omb1, omb2, c1, c2, lrwd, eps].map(Param::F64);
+            let scalars: Vec<Param> = std::iter::once(size(n)).chain(scalars).collect();
+            let ins = [In::F32(w), In::F32(g), In::F32(m), In::F32(v)];
+            let [w, m, v] = gpu.run(OP, "adamw", n, &ins, [n, n, n], &scalars)?;
+            return Ok(AdamWOut { w: Bounded::exact(w), m: Bounded::exact(m), v: Bounded::exact(v) });
+        }
         let r: Vec<[f64; 3]> = (0..w.len())
             .into_par_iter()
             .with_min_len(4096)

@@ -1,7 +1,12 @@
 //! Cross-profile parity: runs every op on every profile from identical FP32 inputs and checks
 //! the soundness contract for each ordered pair `(A, B)`: `|vA − vB| ≤ dA` and `≤ dB` for
-//! every element, no NaN, and equal bits where a result claims to be exact. Also measures
-//! tightness (the largest observed `|vA − vB| / d`), which the benchmark binary prints.
+//! every element, no NaN, and equal bits where both results claim a zero bound (exact results:
+//! there the sign of a zero matters too, since the tie-break rule puts `−0` and `+0` in
+//! different cells). Also measures tightness (the largest observed `|vA − vB| / d`), which the
+//! benchmark binary prints.
+//!
+//! [`devices`] gives the CPU profiles and, when this build has the `cuda` feature and a GPU is
+//! present, the `cuda` profile.
 //!
 //! Inputs come from a local splitmix64 (no global RNG) in several families: uniform random,
 //! catastrophic cancellation, magnitudes from 1e-30 to 1e30, FP32 subnormals, long
@@ -339,6 +344,11 @@ pub fn compare(ra: &[Bounded], rb: &[Bounded]) -> Result<PairStats, String> {
                 return Err(format!("output {o} element {i}: NaN (values {va:e} {vb:e}, bounds {da:e} {db:e})"));
             }
             let diff = (va - vb).abs();
+            if da == 0.0 && db == 0.0 && va.to_bits() != vb.to_bits() {
+                return Err(format!(
+                    "output {o} element {i}: both sides claim exact results but {va:e} ≠ {vb:e} in bits"
+                ));
+            }
             st.elements += 1;
             if va.to_bits() != vb.to_bits() {
                 st.differing += 1;
@@ -356,10 +366,28 @@ pub fn compare(ra: &[Bounded], rb: &[Bounded]) -> Result<PairStats, String> {
     Ok(st)
 }
 
+/// The devices a parity run compares: every CPU profile, then `cuda` when it can run here.
+/// The second value says why `cuda` is missing, if it is (no feature, no driver, no GPU).
+pub fn devices() -> (Vec<Device>, Option<String>) {
+    let mut devs: Vec<Device> = Profile::CPU.iter().map(|&p| Device::new(p).expect("cpu device")).collect();
+    match Device::new(Profile::Cuda) {
+        Ok(d) => {
+            devs.push(d);
+            (devs, None)
+        }
+        Err(e) => (devs, Some(e.to_string())),
+    }
+}
+
 /// Largest observed `|vA − vB| / d` per op over every ordered pair of CPU profiles and every
 /// input family from `seed`. A contract violation is reported as a ratio above 1.
 pub fn tightness(seed: u64) -> Vec<(&'static str, f64)> {
     let devs: Vec<Device> = Profile::CPU.iter().map(|&p| Device::new(p).expect("cpu device")).collect();
+    tightness_on(&devs, seed)
+}
+
+/// [`tightness`] over the given devices.
+pub fn tightness_on(devs: &[Device], seed: u64) -> Vec<(&'static str, f64)> {
     let mut out: Vec<(&'static str, f64)> = Vec::new();
     for case in cases(seed) {
         let results: Vec<_> = devs.iter().map(|d| case.run(d)).collect();

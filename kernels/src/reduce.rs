@@ -4,6 +4,9 @@
 //! a profile's choice of order and formulas applies everywhere (softmax, layer norm,
 //! cross-entropy, bias gradients, scatter-adds), not only in matmul. Within a profile
 //! the order depends only on the reduction length, never on the thread count.
+//!
+//! The `cuda` profile computes on the GPU; the few reductions it leaves on the host (conv's
+//! bias gradient and col2im) take `cpu-seq`'s sequential order, the order of its kernels.
 
 use crate::Profile;
 
@@ -14,7 +17,7 @@ const SPLIT_BLOCK: usize = 16;
 #[inline]
 pub(crate) fn sum_by(p: Profile, n: usize, f: impl Fn(usize) -> f64) -> f64 {
     match p {
-        Profile::CpuSeq => {
+        Profile::CpuSeq | Profile::Cuda => {
             let mut s = 0.0;
             for i in 0..n {
                 s += f(i);
@@ -84,7 +87,7 @@ fn pairwise_fma(lo: usize, hi: usize, f: &dyn Fn(usize) -> (f64, f64)) -> f64 {
 pub(crate) fn dot_slices(p: Profile, a: &[f64], b: &[f64]) -> f64 {
     debug_assert_eq!(a.len(), b.len());
     match p {
-        Profile::CpuSeq => {
+        Profile::CpuSeq | Profile::Cuda => {
             let mut s = 0.0;
             for (x, y) in a.iter().zip(b) {
                 s += x * y;

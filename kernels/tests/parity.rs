@@ -1,27 +1,66 @@
-//! Cross-profile soundness: one test body for every op and every ordered pair of profiles,
-//! plus checks that the profiles really differ and that `cpu` ignores the thread count.
+//! Cross-profile soundness: one test body for every op and every ordered pair of profiles —
+//! the CPU profiles, `cuda` when this build has the feature and a GPU is present, and (with the
+//! feature) the host emulation of the `cuda` profile — plus checks that the profiles really
+//! differ, that `cpu` ignores the thread count and that `cuda` ignores the launch configuration.
 
-use kernels::parity::{SplitMix64, cases, compare, tightness};
+use kernels::parity::{SplitMix64, cases, compare, tightness, tightness_on};
 use kernels::{Device, KernelError, MatmulSpec, Profile, RowSpec};
 
 fn devices() -> Vec<Device> {
     Profile::CPU.iter().map(|&p| Device::new(p).unwrap()).collect()
 }
 
+/// The host emulation of the `cuda` profile (needs a C compiler): `None`, with the reason
+/// printed, where it cannot be built, unless `TIEBREAK_REQUIRE_CUDA_EMU=1` makes that a failure.
+#[cfg(feature = "cuda")]
+fn emulated_cuda() -> Option<Device> {
+    match Device::cuda_emulated() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var("TIEBREAK_REQUIRE_CUDA_EMU").as_deref() != Ok("1"),
+                "TIEBREAK_REQUIRE_CUDA_EMU=1: {e}"
+            );
+            println!("skipped the emulated cuda profile: {e}");
+            None
+        }
+    }
+}
+
+/// Every device to compare, with a label: the CPU profiles, real `cuda` if present, the
+/// emulated `cuda` if it can be built. Prints what is skipped and why.
+fn all_devices() -> Vec<(String, Device)> {
+    let (devs, cuda_missing) = kernels::parity::devices();
+    if let Some(why) = cuda_missing {
+        // The GPU check (scripts/gpu-check.sh) sets this: there, no CUDA pairs is a failure.
+        assert!(std::env::var("TIEBREAK_REQUIRE_GPU").as_deref() != Ok("1"), "TIEBREAK_REQUIRE_GPU=1: {why}");
+        println!("no CUDA pairs: {why}");
+    }
+    #[allow(unused_mut)] // reason: only the `cuda` feature adds the emulation
+    let mut out: Vec<(String, Device)> = devs
+        .into_iter()
+        .map(|d| (d.gpu_description().map_or_else(|| d.profile().to_string(), |g| format!("cuda [{g}]")), d))
+        .collect();
+    #[cfg(feature = "cuda")]
+    out.extend(emulated_cuda().map(|d| ("cuda [host emulation]".to_string(), d)));
+    out
+}
+
 #[test]
 fn every_op_every_profile_pair_is_within_bounds() {
-    let devs = devices();
+    let devs = all_devices();
+    println!("devices: {:?}", devs.iter().map(|d| &d.0).collect::<Vec<_>>());
     for seed in [1u64, 0xDEAD_BEEF, 42] {
         println!("seed {seed}");
         for case in cases(seed) {
             let results: Vec<_> = devs
                 .iter()
-                .map(|d| case.run(d).unwrap_or_else(|e| panic!("{case:?} on {}: {e}", d.profile())))
+                .map(|(name, d)| case.run(d).unwrap_or_else(|e| panic!("{case:?} on {name}: {e}")))
                 .collect();
             for (i, ra) in results.iter().enumerate() {
                 for (j, rb) in results.iter().enumerate() {
                     if i != j {
-                        let (pa, pb) = (devs[i].profile(), devs[j].profile());
+                        let (pa, pb) = (&devs[i].0, &devs[j].0);
                         if let Err(e) = compare(ra, rb) {
                             panic!("seed {seed}, {case:?}, {pa} vs {pb}: {e}");
                         }
@@ -38,6 +77,15 @@ fn tightness_is_reported_and_sound() {
     println!("tightness (max |vA−vB|/bound per op):");
     for (op, r) in &t {
         println!("  {op:24} {r:.3e}");
+    }
+    let with_cuda: Vec<Device> = all_devices().into_iter().map(|d| d.1).collect();
+    if with_cuda.len() > Profile::CPU.len() {
+        let tc = tightness_on(&with_cuda, 7);
+        println!("with the cuda profile:");
+        for (op, r) in &tc {
+            println!("  {op:24} {r:.3e}");
+            assert!(*r <= 1.0, "{op} violated its bound with cuda: ratio {r}");
+        }
     }
     assert!(t.len() >= 25, "every op is covered: {t:?}");
     for (op, r) in &t {
@@ -70,6 +118,20 @@ fn profiles_give_different_bits_on_realistic_shapes() {
                     100.0 * f
                 );
                 assert!(f > 0.3, "{} and {} agree too often ({f})", devs[i].profile(), devs[j].profile());
+            }
+        }
+    }
+    // The GPU's fractions are reported, not required: its order and exp are its own.
+    if let (_, None) = kernels::parity::devices() {
+        let cuda = Device::new(Profile::Cuda).unwrap();
+        for (m, k, n) in [(64, 784, 256), (16, 2048, 16)] {
+            let a = rng.uniform(m * k, 1.0);
+            let b = rng.uniform(k * n, 1.0);
+            let g = cuda.matmul(&a, &b, None, MatmulSpec::new(m, k, n)).unwrap();
+            for d in &devs {
+                let c = d.matmul(&a, &b, None, MatmulSpec::new(m, k, n)).unwrap();
+                let f = differing_fraction(&g.values, &c.values);
+                println!("matmul {m}x{k}x{n}: cuda vs {}: {:.1}% of outputs differ", d.profile(), 100.0 * f);
             }
         }
     }
@@ -114,12 +176,63 @@ fn cpu_profile_is_thread_count_independent() {
 
 #[test]
 fn profile_names_round_trip_and_bad_names_are_explained() {
-    for p in Profile::CPU {
+    for p in Profile::ALL {
         assert_eq!(p.name().parse::<Profile>().unwrap(), p);
     }
+    assert_eq!("cuda".parse::<Profile>().unwrap(), Profile::Cuda, "cuda parses in every build");
     let e = "gpu-fast".parse::<Profile>().unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("gpu-fast") && msg.contains("cpu-seq") && msg.contains("cpu-splitk"), "{msg}");
+    assert!(msg.contains("cuda"), "{msg}");
+}
+
+/// Without the feature, or without a driver, the cuda device is an error that says why.
+#[test]
+fn cuda_without_support_or_driver_is_a_clear_error() {
+    match Device::new(Profile::Cuda) {
+        Ok(d) => println!("skipped: a GPU is present ({})", d.gpu_description().unwrap_or_default()),
+        Err(e) => {
+            assert!(matches!(e, KernelError::DeviceUnavailable { profile: Profile::Cuda, .. }), "{e:?}");
+            let msg = e.to_string();
+            println!("{msg}");
+            assert!(msg.starts_with("device profile cuda is unavailable: "), "{msg}");
+            if cfg!(feature = "cuda") {
+                assert!(msg.contains("CUDA driver") || msg.contains("GPU") || msg.contains("library"), "{msg}");
+            } else {
+                assert!(msg.contains("rebuild with `--features cuda`"), "{msg}");
+            }
+            // Asking again gives the same answer (the outcome is kept), still without a panic.
+            assert_eq!(Device::new(Profile::Cuda).unwrap_err().to_string(), msg);
+        }
+    }
+}
+
+/// A `cuda` device's results do not depend on the threads per block, and repeat exactly.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_results_ignore_the_launch_configuration_and_repeat() {
+    let mut gpus: Vec<(String, Device)> =
+        all_devices().into_iter().filter(|d| d.1.profile() == Profile::Cuda).collect();
+    if gpus.is_empty() {
+        println!("skipped: neither a GPU nor the host emulation is available");
+        return;
+    }
+    for (name, dev) in gpus.drain(..) {
+        let bits = |d: &Device| -> Vec<Vec<u64>> {
+            cases(3)
+                .iter()
+                .flat_map(|c| c.run(d).unwrap_or_else(|e| panic!("{c:?} on {name}: {e}")))
+                .map(|b| b.values.iter().map(|v| v.to_bits()).collect())
+                .collect()
+        };
+        let reference = bits(&dev);
+        assert!(reference == bits(&dev), "{name}: a second run gave other bits");
+        for threads in [1, 32, 97, 1024] {
+            let d = dev.clone().with_cuda_block_threads(threads).unwrap();
+            assert!(reference == bits(&d), "{name}: {threads} threads per block changed the results");
+        }
+        println!("{name}: identical bits for 256 (twice), 1, 32, 97 and 1024 threads per block");
+    }
 }
 
 #[test]

@@ -99,18 +99,10 @@ impl Setup {
         let (data, source) = match &config.data {
             DataConfig::Mnist(m) => {
                 let (train, holdout) = (m.train, m.holdout);
-                let synthetic = Dataset::synthetic(train + holdout, holdout, 784, 10, seed);
-                let Dataset::Classification { inputs, labels, .. } = synthetic else { unreachable!() };
                 // The MLP flattens [1, 28, 28] to 784; the CNN needs the image shape.
-                let data = Dataset::Classification {
-                    kind: "synthetic",
-                    input_shape: vec![1, 28, 28],
-                    inputs,
-                    labels,
-                    classes: 10,
-                    n_train: train,
-                    n_holdout: holdout,
-                };
+                let data = Dataset::synthetic(train + holdout, holdout, 784, 10, seed)
+                    .with_input_shape(vec![1, 28, 28])
+                    .map_err(anyhow::Error::msg)?;
                 config.data = DataConfig::Synthetic(SyntheticConfig {
                     examples: train + holdout,
                     holdout,

@@ -345,8 +345,9 @@ impl Shared {
         Ok(runs)
     }
 
-    /// The run for replaying `record`'s steps on the trainer's own profile, built once per run
-    /// (loading a dataset is the expensive part) and rebuilt only if the spec changed.
+    /// The run for replaying `record`'s steps on the trainer's own profile (`cpu` when that is
+    /// `cuda` and this server cannot run it), built once per run (loading a dataset is the
+    /// expensive part) and rebuilt only if the spec changed.
     fn replayer(&self, run_id: &str, record: &Record) -> Result<Arc<Replayer>, ApiError> {
         let spec_digest = codec::sha256(record.spec_bytes());
         if let Some(r) = lock(&self.replayers).get(run_id)
@@ -360,7 +361,14 @@ impl Shared {
         let profile: Profile =
             spec.device_profile.parse().map_err(|e: kernels::KernelError| internal(e.to_string()))?;
         let data = Dataset::for_config(&spec.config, self.data.as_deref()).map_err(|e| internal(e.to_string()))?;
-        let device = Device::new(profile).map_err(|e| internal(e.to_string()))?;
+        // A GPU-trained record on a server without that GPU (or this build's CUDA support) is
+        // recomputed on the CPU: replay follows the trainer's logs, so any profile reproduces the
+        // committed leaves, and `recompute` checks every one.
+        let device = match Device::new(profile) {
+            Err(kernels::KernelError::DeviceUnavailable { .. }) => Device::new(Profile::Cpu),
+            other => other,
+        }
+        .map_err(|e| internal(e.to_string()))?;
         let run = Run::new(spec.clone(), data, device).map_err(|e| internal(e.to_string()))?;
         let r = Arc::new(Replayer { spec_digest, run, last: Mutex::new(None) });
         lock(&self.replayers).insert(run_id.to_string(), r.clone());

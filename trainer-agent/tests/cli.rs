@@ -181,6 +181,27 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// `--device cuda` parses in every build; without CUDA support or a driver it is a clear error
+/// (no panic) before anything is written.
+#[test]
+fn device_cuda_without_support_or_driver_fails_cleanly() {
+    if let Ok(d) = kernels::Device::new(kernels::Profile::Cuda) {
+        println!("skipped: a GPU is present ({})", d.gpu_description().unwrap_or_default());
+        return;
+    }
+    let base = tmp("cuda");
+    let out = base.join("run");
+    let o = train(&out, &["--steps", "2", "--device", "cuda"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("device profile cuda is unavailable: "), "{err}");
+    let why = if cfg!(feature = "cuda") { "CUDA driver" } else { "rebuild with `--features cuda`" };
+    assert!(err.contains(why), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "nothing is written for a device that cannot run");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 #[test]
 fn export_writes_safetensors_with_candle_names() {
     let base = tmp("export");
