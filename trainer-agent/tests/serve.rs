@@ -13,10 +13,12 @@ use common::leaf::{BatchIndices, LEAF_BYTES};
 use common::merkle::{self, verify_inclusion};
 use common::state::TrainingState;
 use common::tielog::{Direction, SiteLog, TieBreakLog, decompress_bounded};
-use engine::record::{self, Record};
-use engine::spec::Config;
+use engine::data::Dataset;
+use engine::record::{self, Record, RecordWriter, load_or_create_key};
+use engine::spec::{Config, RunSpec};
+use engine::train::{Run, StepMode};
 use engine::wire::{self, ErrorBody, path};
-use kernels::Profile;
+use kernels::{Device, Profile};
 use trainer_agent::serve::{ServeOptions, serve};
 use trainer_agent::{Session, SessionOptions};
 
@@ -265,6 +267,50 @@ async fn every_route_serves_what_the_record_holds() {
     srv.get(&path::state("run1", STEPS + 1)).await.error(wire::code::NOT_FOUND);
     srv.get(&path::run("nope")).await.error(wire::code::NO_SUCH_RUN);
     srv.get(&path::state("nope", 1)).await.error(wire::code::NO_SUCH_RUN);
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A record whose spec names the `cuda` profile, written by the engine directly (its steps
+/// computed on `cpu`, as a GPU's would be within the bounds): a server that cannot run `cuda`
+/// (this build, or this machine) replays it on `cpu`, following the logs, and still serves only
+/// states that reproduce their leaves.
+fn finished_on_cuda_spec(base: &Path, run: &str) -> PathBuf {
+    let config_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/synthetic-mlp.toml");
+    let config = Config::from_toml(&std::fs::read_to_string(config_path).unwrap(), config_path).unwrap();
+    let data = Dataset::for_config(&config, None).unwrap();
+    let spec = RunSpec::new(config, data.commitment(), Profile::Cuda.name(), STEPS);
+    let run_ = Run::new(spec.clone(), data, Device::new(Profile::Cpu).unwrap()).unwrap();
+    let dir = base.join("records").join(run);
+    let mut writer = RecordWriter::create(&dir, &spec).unwrap();
+    let mut state = run_.initial_state().unwrap();
+    writer.commit_initial(&state).unwrap();
+    for step in 1..=STEPS {
+        let out = run_.step(&state, step, StepMode::Commit { paper: false }, None).unwrap();
+        writer.commit_step(&out.state, &out.log, &out.batch).unwrap();
+        state = out.state;
+    }
+    writer.finish(&state, &load_or_create_key(&base.join("trainer.key")).unwrap()).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_cuda_record_is_recomputed_on_cpu_where_cuda_is_unavailable() {
+    if Device::new(Profile::Cuda).is_ok() {
+        eprintln!("skipped: this machine runs cuda, so the server would not fall back to cpu");
+        return;
+    }
+    let base = tmp("cuda-spec");
+    let dir = finished_on_cuda_spec(&base, "gpu");
+    let leaves = Record::open(&dir).unwrap().leaves().to_vec();
+    let srv = start(ServeOptions::new(base.join("records"))).await;
+    let info: wire::RunInfo = srv.get(&path::run("gpu")).await.json();
+    assert_eq!(info.device_profile, "cuda");
+    // Steps between checkpoints are not stored: each is recomputed from its checkpoint.
+    for step in [1, 3, 7, 11] {
+        let raw = srv.get(&path::state("gpu", step)).await.zstd();
+        assert_eq!(raw_state_digest(&raw), leaves[step as usize].state, "state {step}");
+    }
     srv.stop().await;
     let _ = std::fs::remove_dir_all(&base);
 }
