@@ -291,8 +291,8 @@ macro_rules! avx2_dispatch {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: AVX2 was detected at run time.
+                if use_avx2() {
+                    // SAFETY: `use_avx2` detected AVX2 at run time.
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -300,6 +300,23 @@ macro_rules! avx2_dispatch {
         }
     };
 }
+
+/// Whether [`avx2_dispatch!`] functions take their AVX2 build: the CPU has AVX2 (and, in tests,
+/// [`BASELINE_ONLY`] is off).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn use_avx2() -> bool {
+    #[cfg(test)]
+    if BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Tests: forces the baseline build of every [`avx2_dispatch!`] function, to check it gives the
+/// same bits as the AVX2 one. (Process-wide: any test running meanwhile computes the same bits.)
+#[cfg(test)]
+static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Fewest elements per rayon task in the element-wise passes below: small ops run as one task,
 /// where spawning would cost more than the work. Every pass computes each output element (or
@@ -857,5 +874,42 @@ mod tests {
             }
         }
         assert!(refined >= 4, "only {refined} elements were refined");
+    }
+
+    /// The AVX2 and baseline builds of the bound passes and the operand conversion give the
+    /// same bits: values and bounds of products with transposes, bias, scale and ambiguous
+    /// elements (`matmul` and `matmul_bound`, which converts with norms).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_baseline_builds_agree_bit_for_bit() {
+        use std::sync::atomic::Ordering;
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2, so only the baseline build runs");
+            return;
+        }
+        let dev = Device::new(Profile::Cpu).unwrap();
+        let mut rng = SplitMix64(17);
+        for (spec, with_bias, scale) in [
+            (MatmulSpec::new(96, 300, 80), true, 1.0),
+            (MatmulSpec::batched(2, 40, 257, 33).trans_a(), false, 0.125),
+            (MatmulSpec::new(50, 129, 70).trans_b(), true, -0.3),
+        ] {
+            let MatmulSpec { batch, m, k, n, .. } = spec;
+            let a = rng.uniform(batch * m * k, 1.0);
+            let b = rng.uniform(batch * k * n, 1.0);
+            let bias = with_bias.then(|| rng.uniform(n, 1.0));
+            let run = || {
+                let out = dev.matmul_impl("test", &a, &b, bias.as_deref(), scale, spec).unwrap();
+                let cs = dev.matmul_bound(&a, &b, bias.as_deref(), spec).unwrap();
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let ErrorBound::PerElement(d) = &out.bound else { panic!("{:?}", out.bound) };
+                (bits(&out.values), bits(d), bits(&cs))
+            };
+            let wide = run();
+            BASELINE_ONLY.store(true, Ordering::Relaxed);
+            let baseline = run();
+            BASELINE_ONLY.store(false, Ordering::Relaxed);
+            assert!(wide == baseline, "{spec:?}: the AVX2 and baseline builds differ");
+        }
     }
 }
