@@ -57,11 +57,38 @@ impl Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpotPick {
     /// A uniform draw without replacement from PRNG stream `audit/spot` keyed by `seed`.
-    Random { seed: u64 },
+    Random { seed: u64, chosen: SeedChoice },
     /// Proof-of-learning's rule: the intervals whose parameters changed most (L2 norm of the
     /// difference between the checkpoints at both ends). Intervals that do not end on a
     /// checkpoint cannot be ranked and come last.
     LargestUpdates,
+}
+
+/// How a spot seed was chosen (written into the report: a draw the trainer could predict is
+/// worth less than one it could not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedChoice {
+    /// Fresh randomness from the operating system, drawn by the auditor for this audit.
+    Fresh,
+    /// Passed by the user (`--spot-seed`, or `spot_seed` in a daemon request): reproducible,
+    /// and predictable by whoever knew it in advance.
+    Given,
+}
+
+impl SeedChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            SeedChoice::Fresh => "fresh",
+            SeedChoice::Given => "given",
+        }
+    }
+
+    /// A seed from the operating system's randomness.
+    pub fn fresh_seed() -> Result<u64, AuditError> {
+        let mut b = [0u8; 8];
+        getrandom::getrandom(&mut b).map_err(|e| AuditError::Internal(format!("drawing a spot seed: {e}")))?;
+        Ok(u64::from_le_bytes(b))
+    }
 }
 
 /// What to audit and how.
@@ -82,11 +109,22 @@ pub struct AuditOptions {
     /// trainer's state at that step ([`TrainerSource::state`], checked against its leaf), or
     /// from the job's start when the source cannot hand that state out.
     pub resume: BTreeMap<u64, u64>,
+    /// The trainer's ed25519 public key (hex), when the auditor pins it (`--trainer-pubkey`): a
+    /// record not signed by this key is `commitment-invalid`.
+    pub trainer_key: Option<String>,
 }
 
 impl AuditOptions {
     pub fn new(device: Profile) -> Self {
-        AuditOptions { device, from: None, to: None, mode: Mode::Full, data: None, resume: BTreeMap::new() }
+        AuditOptions {
+            device,
+            from: None,
+            to: None,
+            mode: Mode::Full,
+            data: None,
+            resume: BTreeMap::new(),
+            trainer_key: None,
+        }
     }
 }
 
@@ -659,7 +697,7 @@ pub fn audit(src: &dyn TrainerSource, opts: &AuditOptions, progress: &dyn Progre
         Mode::Spot { count, pick } => {
             let mut order: Vec<usize> = (0..all.len()).collect();
             match pick {
-                SpotPick::Random { seed } => Stream::new(seed, "audit/spot", 0, 0).shuffle(&mut order),
+                SpotPick::Random { seed, .. } => Stream::new(seed, "audit/spot", 0, 0).shuffle(&mut order),
                 SpotPick::LargestUpdates => {
                     let mut norms: BTreeMap<usize, f64> = BTreeMap::new();
                     let mut prev: Option<(u64, TrainingState)> = None;

@@ -54,7 +54,7 @@ pub fn options(job: &Job, default_device: Profile, data: Option<PathBuf>) -> Res
         Some("intervals") => Mode::Intervals,
         Some("spot") => Mode::Spot {
             count: r.spot_count.unwrap_or(4),
-            pick: r.spot_seed.map_or(SpotPick::LargestUpdates, |seed| SpotPick::Random { seed }),
+            pick: r.spot_seed.map_or(SpotPick::LargestUpdates, |seed| SpotPick::Random { seed, chosen: crate::replay::SeedChoice::Given }),
         },
         Some(m) => return Err(format!("mode: {m:?} is not one of full, intervals, spot")),
     };
