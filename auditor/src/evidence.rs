@@ -25,7 +25,7 @@ use std::path::Path;
 
 use common::codec::{self, DecodeError, Hash, Reader, to_hex};
 use common::leaf::{BatchIndices, LEAF_BYTES, Leaf};
-use common::merkle::{inclusion_proof_len, leaf_hash, verify_inclusion};
+use common::merkle::{ProvenLeaf, inclusion_proof_len, leaf_hash, verify_inclusion};
 use common::state::TrainingState;
 use common::tielog::{self, TieBreakLog};
 use engine::record::Manifest;
@@ -33,8 +33,8 @@ use engine::spec::RunSpec;
 use engine::train::StepMode;
 use kernels::Profile;
 
-use crate::AuditError;
-use crate::replay::{ProvenLeaf, build_run};
+use crate::setup::build_run;
+use crate::{AuditError, VerdictKind};
 
 const MAGIC: &[u8; 4] = b"TBEV";
 const VERSION: u8 = 1;
@@ -45,7 +45,7 @@ pub const EVIDENCE_RAW_BYTES_MAX: usize = engine::record::STATE_RAW_BYTES_MAX + 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evidence {
     /// `diverged` or `forged-log`.
-    pub verdict_kind: String,
+    pub verdict_kind: VerdictKind,
     pub step: u64,
     pub spec_json: Vec<u8>,
     /// The trainer's signed manifest (JSON); empty for an unfinished run.
@@ -62,11 +62,12 @@ pub struct Evidence {
     pub trainer_log: TieBreakLog,
 }
 
-fn kind_code(kind: &str) -> Option<u8> {
+/// The bundle's code for a verdict kind; 0 (refused on decoding) for kinds that have no bundle.
+fn kind_code(kind: VerdictKind) -> u8 {
     match kind {
-        "diverged" => Some(1),
-        "forged-log" => Some(2),
-        _ => None,
+        VerdictKind::Diverged => 1,
+        VerdictKind::ForgedLog => 2,
+        _ => 0,
     }
 }
 
@@ -107,7 +108,7 @@ fn leaf(r: &mut Reader<'_>, what: &str) -> Result<Leaf, DecodeError> {
 impl Evidence {
     fn body(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.prev_state.len() + self.spec_json.len() + 4096);
-        out.push(kind_code(&self.verdict_kind).unwrap_or(0));
+        out.push(kind_code(self.verdict_kind));
         out.extend_from_slice(&self.step.to_le_bytes());
         out.extend_from_slice(&self.n_leaves.to_le_bytes());
         out.extend_from_slice(&self.root);
@@ -170,11 +171,10 @@ impl Evidence {
         }
         let mut r = Reader::new(content);
         let verdict_kind = match r.u8("verdict kind")? {
-            1 => "diverged",
-            2 => "forged-log",
+            1 => VerdictKind::Diverged,
+            2 => VerdictKind::ForgedLog,
             k => return Err(DecodeError { what: format!("unknown verdict kind {k}"), offset: 0 }),
-        }
-        .to_string();
+        };
         let step = r.u64_le("step")?;
         let n_leaves = r.u64_le("leaf count")?;
         let root = r.hash("root")?;
@@ -259,7 +259,7 @@ pub struct Adjudication {
     /// equal): `auditor` if the re-execution also finds log entries that do not hold up,
     /// `trainer` if the log holds up, `neither` if the leaf differs from both.
     pub reproduces: Side,
-    pub verdict_kind: String,
+    pub verdict_kind: VerdictKind,
     pub step: u64,
     pub device: Profile,
     pub computed_leaf: Leaf,
@@ -329,8 +329,8 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
         (leaf, out.forged.iter().map(|e| e.to_string()).collect::<Vec<_>>())
     };
     let reproduces =
-        match ev.verdict_kind.as_str() {
-            "forged-log" if computed_leaf == ev.trainer.leaf && computed_leaf == ev.auditor_leaf => {
+        match ev.verdict_kind {
+            VerdictKind::ForgedLog if computed_leaf == ev.trainer.leaf && computed_leaf == ev.auditor_leaf => {
                 if forged.is_empty() { Side::Trainer } else { Side::Auditor }
             }
             _ if computed_leaf == ev.auditor_leaf && computed_leaf != ev.trainer.leaf => Side::Auditor,
@@ -339,7 +339,7 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
         };
     Ok(Adjudication {
         reproduces,
-        verdict_kind: ev.verdict_kind.clone(),
+        verdict_kind: ev.verdict_kind,
         step: s,
         device,
         computed_leaf,

@@ -9,9 +9,10 @@
 //! What the trainer sends is classified, not trusted: a 404 or 422 about the record, or a body
 //! that does not decode, is the trainer's commitment failing ([`SourceError::Invalid`]);
 //! timeouts, refused connections, 5xx and 503 `busy` are retried and end as
-//! [`SourceError::Unresponsive`] once the deadline passes; 400/401/413 and an unknown run are
-//! the auditor's own problem ([`SourceError::Unavailable`]). The replay re-checks every hash
-//! anyway.
+//! [`SourceError::Unresponsive`] once the deadline passes; any other answer (a redirect, which
+//! is never followed, 400, 401, 403, an unknown run) is a refusal ([`SourceError::Refused`]),
+//! which the replay holds against the trainer once it has committed. The trainer's error text
+//! is logged, never put in a verdict. The replay re-checks every hash anyway.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,6 +124,8 @@ impl HttpTrainer {
             )));
         }
         let client = reqwest::Client::builder()
+            // A record server's redirect is a refusal to serve, never a hop to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(policy.request_timeout)
             .connect_timeout(policy.request_timeout)
             .build()
@@ -208,26 +211,21 @@ impl HttpTrainer {
             return Ok(Some(body));
         }
         self.failed(&format!("status-{status}"));
+        // Only the error code is read from the trainer's body; its words never go into a
+        // verdict: a signed report carries only the auditor's description of what happened.
         let err: Option<ErrorBody> = serde_json::from_slice(&body).ok();
-        let what = err.as_ref().map_or_else(|| String::from_utf8_lossy(&body).into_owned(), |e| e.error.clone());
-        let code = err.as_ref().map(|e| e.code.as_str()).unwrap_or("");
-        let invalid = |what: String| {
-            Attempt::Fail(SourceError::Invalid {
-                file: err.as_ref().and_then(|e| e.file.clone()).unwrap_or_else(|| path.to_string()),
-                offset: err.as_ref().and_then(|e| e.offset),
-                what,
-            })
-        };
-        match (status, code) {
+        let code = err.as_ref().map(|e| e.code.clone()).unwrap_or_default();
+        let invalid = |what: String| Attempt::Fail(SourceError::Invalid { file: path.to_string(), offset: None, what });
+        match (status, code.as_str()) {
             (404, wire::code::UNFINISHED) => Ok(None),
-            (404, wire::code::NO_SUCH_RUN) => Err(Attempt::Fail(SourceError::Unavailable(format!(
-                "trainer {} has no run {:?}: {what}",
-                self.base, self.run
-            )))),
-            (404, _) => Err(invalid(format!("missing on the trainer: {what}"))),
-            (422, _) => Err(invalid(what)),
-            (429 | 500..=599, _) => Err(Attempt::Retry(format!("HTTP {status}: {what}"))),
-            _ => Err(Attempt::Fail(SourceError::Unavailable(format!("GET {url}: HTTP {status}: {what}")))),
+            (404, wire::code::NO_SUCH_RUN) => Err(Attempt::Fail(SourceError::Refused {
+                file: path.to_string(),
+                what: format!("HTTP 404: the trainer has no run {:?}", self.run),
+            })),
+            (404, _) => Err(invalid("missing on the trainer (HTTP 404)".into())),
+            (422, _) => Err(invalid("the trainer could not serve it from its record (HTTP 422)".into())),
+            (429 | 500..=599, _) => Err(Attempt::Retry(format!("HTTP {status}"))),
+            _ => Err(Attempt::Fail(SourceError::Refused { file: path.to_string(), what: format!("GET {path}: HTTP {status}") })),
         }
     }
 

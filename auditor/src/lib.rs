@@ -43,6 +43,7 @@ pub mod evidence;
 pub mod http;
 pub mod replay;
 pub mod report;
+pub mod setup;
 pub mod source;
 
 pub use replay::{Audit, AuditOptions, Mode, NoProgress, Progress, SpotPick, audit, audit_dir};
@@ -50,6 +51,79 @@ pub use source::{LocalRecord, SourceError, TrainerSource};
 
 /// This auditor's version, written into every report.
 pub const AUDITOR_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The kind of a verdict: what reports, evidence bundles, the daemon's store and its metrics
+/// carry. `as_str` gives the kebab-case name written in reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VerdictKind {
+    Consistent,
+    Diverged,
+    ForgedLog,
+    CommitmentInvalid,
+    TrainerUnresponsive,
+}
+
+impl VerdictKind {
+    pub const ALL: [VerdictKind; 5] = [
+        VerdictKind::Consistent,
+        VerdictKind::Diverged,
+        VerdictKind::ForgedLog,
+        VerdictKind::CommitmentInvalid,
+        VerdictKind::TrainerUnresponsive,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictKind::Consistent => "consistent",
+            VerdictKind::Diverged => "diverged",
+            VerdictKind::ForgedLog => "forged-log",
+            VerdictKind::CommitmentInvalid => "commitment-invalid",
+            VerdictKind::TrainerUnresponsive => "trainer-unresponsive",
+        }
+    }
+
+    /// Whether the verdict goes against the trainer.
+    pub fn is_adverse(self) -> bool {
+        self != VerdictKind::Consistent
+    }
+}
+
+impl std::fmt::Display for VerdictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VerdictKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        VerdictKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| format!("unknown verdict kind {s:?}"))
+    }
+}
+
+impl PartialEq<&str> for VerdictKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// A part of a leaf that can differ between the trainer and the auditor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafPart {
+    /// The FP32 state after the step.
+    State,
+    /// The batch indices the step used.
+    Batch,
+}
+
+impl LeafPart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeafPart::State => "state",
+            LeafPart::Batch => "batch",
+        }
+    }
+}
 
 /// The outcome of an audit. Every variant is an answer; "could not decide" is an
 /// `Err(AuditError)` instead.
@@ -59,7 +133,9 @@ pub enum Verdict {
     Consistent,
     /// Step `step` is the first whose leaf the auditor does not reproduce. `site` is the first
     /// rounding site where the trainer's log did not fit the auditor's values, when there is one.
-    Diverged { step: u64, site: Option<String>, differs: Vec<&'static str> },
+    /// `detail` says more when the auditor could not even finish the step (a value overflowed
+    /// while replaying it from the agreed state).
+    Diverged { step: u64, site: Option<String>, differs: Vec<LeafPart>, detail: Option<String> },
     /// Step `step` reproduces, but the trainer's log claims a tie-break for an element that is
     /// not near a rounding midpoint on the auditor's side.
     ForgedLog {
@@ -71,21 +147,20 @@ pub enum Verdict {
         bound: Option<f64>,
         detail: String,
     },
-    /// Something the trainer committed to is missing, malformed or does not match.
+    /// Something the trainer committed to is missing, malformed, withheld or does not match.
     CommitmentInvalid { what: String, file: Option<String>, offset: Option<u64> },
     /// The trainer side did not answer.
     TrainerUnresponsive { what: String },
 }
 
 impl Verdict {
-    /// The kebab-case kind written in reports.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> VerdictKind {
         match self {
-            Verdict::Consistent => "consistent",
-            Verdict::Diverged { .. } => "diverged",
-            Verdict::ForgedLog { .. } => "forged-log",
-            Verdict::CommitmentInvalid { .. } => "commitment-invalid",
-            Verdict::TrainerUnresponsive { .. } => "trainer-unresponsive",
+            Verdict::Consistent => VerdictKind::Consistent,
+            Verdict::Diverged { .. } => VerdictKind::Diverged,
+            Verdict::ForgedLog { .. } => VerdictKind::ForgedLog,
+            Verdict::CommitmentInvalid { .. } => VerdictKind::CommitmentInvalid,
+            Verdict::TrainerUnresponsive { .. } => VerdictKind::TrainerUnresponsive,
         }
     }
 
@@ -100,6 +175,11 @@ impl Verdict {
     pub fn is_consistent(&self) -> bool {
         matches!(self, Verdict::Consistent)
     }
+
+    /// A `commitment-invalid` verdict about `file`.
+    pub fn invalid(file: impl Into<String>, offset: Option<u64>, what: impl Into<String>) -> Verdict {
+        Verdict::CommitmentInvalid { what: what.into(), file: Some(file.into()), offset }
+    }
 }
 
 /// Why an audit (or adjudication, or report check) could not decide.
@@ -111,6 +191,9 @@ pub enum AuditError {
     Engine(#[from] engine::EngineError),
     #[error("reading the trainer's record: {0}")]
     Source(String),
+    /// The auditor's copy of the dataset does not match the spec's commitment.
+    #[error("the auditor's data: {0}")]
+    Data(String),
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("report {0}")]

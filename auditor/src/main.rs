@@ -208,7 +208,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let key =
                 engine::record::load_or_create_key(&key).with_context(|| format!("auditor key {}", key.display()))?;
-            let opts = AuditOptions { device, from, to, mode, data, resume: Default::default() };
+            let opts = AuditOptions { device, from, to, mode, data, resume: Default::default(), trainer_key: None };
             let bar = indicatif::ProgressBar::new(0).with_style(
                 indicatif::ProgressStyle::with_template("{spinner} replay [{bar:30}] {pos}/{len} steps {elapsed}")
                     .expect("static template")

@@ -15,8 +15,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::evidence::Adjudication;
-use crate::replay::{Audit, ProvenLeaf};
-use crate::{AUDITOR_VERSION, AuditError, Verdict};
+use common::merkle::ProvenLeaf;
+
+use crate::replay::{Audit, StateComparison, TensorDiff};
+use crate::{AUDITOR_VERSION, AuditError, Verdict, VerdictKind};
 
 /// The report format identifier.
 pub const REPORT_FORMAT: &str = "tiebreak-audit-report/1";
@@ -65,9 +67,9 @@ where
 }
 
 impl VerdictJson {
-    fn kind_only(kind: &str) -> Self {
+    fn kind_only(kind: VerdictKind) -> Self {
         VerdictJson {
-            kind: kind.into(),
+            kind: kind.as_str().into(),
             step: None,
             site: None,
             differs: None,
@@ -85,10 +87,11 @@ impl VerdictJson {
         let mut j = Self::kind_only(v.kind());
         match v {
             Verdict::Consistent => {}
-            Verdict::Diverged { step, site, differs } => {
+            Verdict::Diverged { step, site, differs, detail } => {
                 j.step = Some(*step);
                 j.site = Some(site.clone());
-                j.differs = Some(differs.iter().map(|s| s.to_string()).collect());
+                j.differs = Some(differs.iter().map(|p| p.as_str().to_string()).collect());
+                j.what = detail.clone();
             }
             Verdict::ForgedLog { step, site, index, value, midpoint, bound, detail } => {
                 j.step = Some(*step);
@@ -180,6 +183,62 @@ pub struct StepJson {
     pub auditor_batch_indices: Vec<u64>,
     /// Log entries that did not hold up on the auditor's side.
     pub forged_entries: Vec<String>,
+    /// `diverged`: the trainer's committed state at the step against the auditor's, tensor by
+    /// tensor (absent for `forged-log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateComparisonJson>,
+}
+
+/// The state comparison at a diverging step: `compared` lists every differing tensor;
+/// `unavailable` says why the trainer's state could not be compared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateComparisonJson {
+    pub compared: bool,
+    #[serde(default)]
+    pub tensors: Vec<TensorDiffJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+/// One differing tensor. Values are FP32 printed as JSON numbers (exact: every FP32 value
+/// round-trips through its shortest decimal form).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorDiffJson {
+    pub tensor: String,
+    pub elements: u64,
+    pub first_index: Option<u64>,
+    pub trainer: Option<f32>,
+    pub auditor: Option<f32>,
+    pub max_abs_diff: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer_shape: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auditor_shape: Option<Vec<usize>>,
+}
+
+impl StateComparisonJson {
+    fn from_comparison(c: &StateComparison) -> Self {
+        let tensor = |d: &TensorDiff| TensorDiffJson {
+            tensor: d.tensor.clone(),
+            elements: d.elements,
+            first_index: d.first_index,
+            trainer: d.trainer.filter(|v| v.is_finite()),
+            auditor: d.auditor.filter(|v| v.is_finite()),
+            max_abs_diff: d.max_abs_diff.filter(|v| v.is_finite()),
+            trainer_shape: d.trainer_shape.clone(),
+            auditor_shape: d.auditor_shape.clone(),
+        };
+        match c {
+            StateComparison::Compared(diffs) => {
+                StateComparisonJson { compared: true, tensors: diffs.iter().map(tensor).collect(), unavailable: None }
+            }
+            StateComparison::Unavailable(why) => {
+                StateComparisonJson { compared: false, tensors: Vec::new(), unavailable: Some(why.clone()) }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +277,12 @@ pub struct Report {
     /// Leaves in the trainer's tree (steps + 1).
     pub n_leaves: Option<u64>,
     pub mode: String,
+    /// Spot mode drawn at random: the seed, and how it was chosen (`fresh` randomness drawn by
+    /// the auditor, or `given` by the user and so predictable by whoever knew it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_seed_chosen: Option<String>,
     pub segment: Option<[u64; 2]>,
     /// Replayed jobs as `[start checkpoint, end]`.
     pub intervals: Vec<[u64; 2]>,
@@ -247,6 +312,8 @@ impl Report {
             trainer_public_key: m.map(|m| m.public_key.clone()),
             n_leaves: c.map(|c| c.n_leaves),
             mode: audit.mode.name().into(),
+            spot_seed: audit.spot_seed().map(|(seed, _)| seed),
+            spot_seed_chosen: audit.spot_seed().map(|(_, chosen)| chosen.name().into()),
             segment: audit.segment.map(|(a, b)| [a, b]),
             intervals: audit.intervals.iter().map(|&(a, b)| [a, b]).collect(),
             steps_replayed: audit.steps_replayed,
@@ -263,6 +330,7 @@ impl Report {
                 batch_indices: d.trainer_batch.0.clone(),
                 auditor_batch_indices: d.auditor_batch.0.clone(),
                 forged_entries: d.forged.clone(),
+                state: d.state.as_ref().map(StateComparisonJson::from_comparison),
             }),
             timings: TimingsJson {
                 open_ms: audit.timings.open_ms,
@@ -300,7 +368,7 @@ fn hex_array<const N: usize>(s: &str, what: &str) -> Result<[u8; N], AuditError>
 /// What [`verify`] checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedReport {
-    pub verdict_kind: String,
+    pub verdict_kind: VerdictKind,
     pub auditor_public_key: String,
     /// Inclusion proofs checked (0, 1 or 2).
     pub proofs_checked: usize,
@@ -354,7 +422,8 @@ pub fn verify(json: &str) -> Result<VerifiedReport, AuditError> {
         }
         at.auditor.to_leaf().map_err(|e| AuditError::Report(format!("auditor leaf: {e}")))?;
     }
-    Ok(VerifiedReport { verdict_kind: r.verdict.kind, auditor_public_key: r.auditor_public_key, proofs_checked })
+    let verdict_kind = r.verdict.kind.parse().map_err(AuditError::Report)?;
+    Ok(VerifiedReport { verdict_kind, auditor_public_key: r.auditor_public_key, proofs_checked })
 }
 
 /// The JSON printed by `auditor adjudicate`.
@@ -377,7 +446,7 @@ impl AdjudicationJson {
     pub fn from_adjudication(a: &Adjudication) -> Self {
         AdjudicationJson {
             reproduces: a.reproduces.name().into(),
-            verdict_kind: a.verdict_kind.clone(),
+            verdict_kind: a.verdict_kind.as_str().into(),
             step: a.step,
             device: a.device.name().into(),
             computed_leaf: LeafJson::from_leaf(&a.computed_leaf),

@@ -22,6 +22,13 @@ pub enum SourceError {
     /// `file` is relative to the record (or the resource path on a remote trainer).
     #[error("{file}{}: {what}", offset.map(|o| format!(" at byte {o}")).unwrap_or_default())]
     Invalid { file: String, offset: Option<u64>, what: String },
+    /// The trainer side answered, but refused to hand the piece out (a redirect, 400, 401,
+    /// 403, an unknown run, …). Before the trainer has committed (spec, manifest and leaves
+    /// handed out) this may be the auditor's own misconfiguration, so the audit cannot decide;
+    /// afterwards it is the trainer withholding what it committed to, a finding against it.
+    /// `what` is the auditor's own description (status and request), never the trainer's text.
+    #[error("{file}: the trainer refused: {what}")]
+    Refused { file: String, what: String },
     /// The trainer did not answer (in time).
     #[error("trainer did not answer: {what}")]
     Unresponsive { what: String },

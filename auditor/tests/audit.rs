@@ -7,7 +7,8 @@ mod support;
 use std::path::Path;
 
 use auditor::evidence::{Evidence, Side, adjudicate};
-use auditor::replay::{ProvenLeaf, SeedChoice};
+use auditor::replay::SeedChoice;
+use common::merkle::ProvenLeaf;
 use auditor::report::{Report, verify};
 use auditor::{Audit, AuditOptions, Mode, NoProgress, SpotPick, Verdict, audit_dir};
 use common::leaf::Leaf;
@@ -325,7 +326,7 @@ fn a_report_verifies_and_altering_any_field_breaks_it() {
         assert_eq!(ok.proofs_checked, 2);
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["verdict"]["step"], 5);
-        assert_eq!(value["verdict"]["kind"], a.verdict.kind());
+        assert_eq!(value["verdict"]["kind"], a.verdict.kind().as_str());
         assert_eq!(value["at_step"]["trainer"]["leaf"]["state"].as_str().unwrap().len(), 64);
         let mut paths = Vec::new();
         scalar_paths(&value, &mut Vec::new(), &mut paths);
@@ -413,7 +414,7 @@ fn adjudication_sides_with_an_honest_trainer_against_a_false_accusation() {
         .state;
     let trainer = proven(s);
     let ev = Evidence {
-        verdict_kind: "diverged".into(),
+        verdict_kind: auditor::VerdictKind::Diverged,
         step: s,
         spec_json: rec.spec_bytes().to_vec(),
         manifest_json: serde_json::to_vec(rec.manifest().unwrap()).unwrap(),

@@ -94,7 +94,7 @@ async fn audits_over_http_reach_the_verdicts_of_local_audits_and_publish_verifia
         let local = audit_dir(record, &AuditOptions::new(Profile::CpuSeq), &NoProgress).unwrap();
         let status = wait_done(&c, &daemon.url, id, tok).await;
         assert_eq!(status["state"], "done", "{status}");
-        assert_eq!(status["verdict"], local.verdict.kind(), "{run}: {status}");
+        assert_eq!(status["verdict"], local.verdict.kind().as_str(), "{run}: {status}");
         assert_eq!(status["first_diverging_step"], json!(local.verdict.step()), "{run}");
         assert!(status.get("trainer_token").is_none() && !status.to_string().contains("trainer-secret"));
 

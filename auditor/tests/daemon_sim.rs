@@ -190,7 +190,7 @@ impl Runner for SimRunner {
         let mut log = (resume, None);
         let decided = |verdict: &str, step: Option<u64>, replayed: u64| {
             Outcome::Decided(Decided {
-                verdict: verdict.into(),
+                verdict: verdict.parse().unwrap(),
                 first_step: step,
                 steps_replayed: replayed,
                 steps_resumed: resume,
@@ -350,7 +350,7 @@ fn simulate(seed: u64, dir: &Path) {
         match job.state {
             JobState::Done => {
                 let report = store.report(id).unwrap().expect("done has a report");
-                let verdict = job.verdict.as_deref().unwrap();
+                let verdict = job.verdict.unwrap().as_str();
                 assert_eq!(report, report_json(&job, verdict, job.first_step), "{ctx}");
                 let (_, diverge) = record_of(run).expect("a decided run is a record");
                 match verdict {

@@ -99,6 +99,8 @@ pub enum MerkleError {
     SizeBeyondTree { size: u64, len: u64 },
     #[error("leaf index {index} is out of range for a tree of size {size}")]
     LeafIndexOutOfRange { index: u64, size: u64 },
+    #[error("leaf {index} of the tree claims step {step}")]
+    LeafStepMismatch { index: u64, step: u64 },
     #[error("[{lo}, {hi}) is not a node of the merkle tree over {size} leaves")]
     NotANode { lo: u64, hi: u64, size: u64 },
     #[error("consistency asked from tree size {old_size} to the smaller size {new_size}")]
@@ -421,6 +423,24 @@ pub fn verify_inclusion(
         return Err(MerkleError::InclusionRootMismatch { index, size, computed: r, expected: *root });
     }
     Ok(())
+}
+
+/// A training leaf with its audit path in the tree of committed leaves: what a report and an
+/// evidence bundle carry for the leaves they are about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvenLeaf {
+    pub leaf: crate::leaf::Leaf,
+    pub proof: Vec<Hash>,
+}
+
+impl ProvenLeaf {
+    /// Checks that this is leaf `index` of the tree of `size` leaves with root `root`.
+    pub fn verify(&self, index: u64, size: u64, root: &Hash) -> Result<(), MerkleError> {
+        if self.leaf.step != index {
+            return Err(MerkleError::LeafStepMismatch { index, step: self.leaf.step });
+        }
+        verify_inclusion(&leaf_hash(&self.leaf.encode()), index, size, &self.proof, root)
+    }
 }
 
 /// Checks that the tree of `new_size` leaves with root `new_root` extends the tree of

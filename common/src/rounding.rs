@@ -385,7 +385,8 @@ fn follow_direction(site: &str, index: u64, w: f64, d: f64, dir: Direction) -> R
     let distance = (w - m).abs();
     let forged =
         || RoundingError::ForgedEntry { site: site.to_string(), index, value: w, midpoint: m, bound: d, distance };
-    if is_zero_boundary(m) || m.is_infinite() || distance > REPLAY_SLACK * d * COMPARE_SLACK {
+    // A bound of 0 means every honest machine computes this very value: nothing to break.
+    if d == 0.0 || is_zero_boundary(m) || m.is_infinite() || distance > REPLAY_SLACK * d * COMPARE_SLACK {
         return Err(forged());
     }
     let (below, above) = sides_of(r, m_is_hi);
@@ -398,6 +399,21 @@ fn follow_direction(site: &str, index: u64, w: f64, d: f64, dir: Direction) -> R
 fn follow_exact(site: &str, index: u64, w: f64, d: f64, bits: u32) -> Result<f32, RoundingError> {
     let r = f32::from_bits(bits);
     let reach = REPLAY_SLACK * d * COMPARE_SLACK;
+    // An entry is only allowed where an honest trainer could have logged one: some rounding
+    // boundary within reach of the replayer's value. Elsewhere (in particular where the bound
+    // is 0) the entry is forged, even when it carries the value every machine computes.
+    if decide(w, REPLAY_SLACK * d).1 == Decision::Plain {
+        let (lo, hi) = cell(w as f32);
+        let m = if hi - w <= w - lo { hi } else { lo };
+        return Err(RoundingError::ForgedEntry {
+            site: site.to_string(),
+            index,
+            value: w,
+            midpoint: m,
+            bound: d,
+            distance: (w - m).abs(),
+        });
+    }
     if !r.is_nan() {
         let (lo, hi) = cell(r);
         if lo <= w + reach && hi >= w - reach {
@@ -688,6 +704,35 @@ mod tests {
         assert!(log.is_empty());
         assert_eq!(bits(&out), bits(&[1.0, 0.0, -0.0, 0.0]));
         assert!(out[2].is_sign_negative());
+    }
+
+    #[test]
+    fn an_entry_where_the_bound_rules_out_ambiguity_is_forged_even_with_the_honest_value() {
+        let mid = (1.0f64 + (1.0f32.next_up() as f64)) / 2.0;
+        // Bound 0: every machine computes exactly these values, so no entry is ever honest.
+        for (i, v) in [(0u64, 1.25f64), (1, mid), (2, 0.0)] {
+            let mut exact = SiteLog::new(3);
+            exact.push_exact(i, (v as f32).to_bits());
+            let e = replay(&[1.25, mid, 0.0], 0.0, &exact).unwrap_err();
+            assert!(matches!(e, RoundingError::ForgedEntry { index, .. } if index == i), "exact at {i}: {e:?}");
+            let mut dir = SiteLog::new(3);
+            dir.push_direction(i, Direction::Up);
+            let e = replay(&[1.25, mid, 0.0], 0.0, &dir).unwrap_err();
+            assert!(matches!(e, RoundingError::ForgedEntry { index, .. } if index == i), "direction at {i}: {e:?}");
+        }
+        // A positive bound far from any boundary: an exact entry with the honest value is forged.
+        let mut exact = SiteLog::new(1);
+        exact.push_exact(0, 1.25f32.to_bits());
+        assert!(matches!(replay(&[1.25], 1e-12, &exact), Err(RoundingError::ForgedEntry { .. })));
+        // What an honest trainer logs still replays, on the trainer's values and nearby ones.
+        for d in [1e-9, 1e-7] {
+            let values = [mid, 0.0, 1.25, -mid];
+            let (out, log) = commit(&values, d);
+            assert!(!log.is_empty());
+            assert_eq!(bits(&replay(&values, d, &log).unwrap()), bits(&out));
+            let nearby: Vec<f64> = values.iter().map(|v| v + d / 2.0).collect();
+            assert_eq!(bits(&replay(&nearby, d, &log).unwrap()), bits(&out));
+        }
     }
 
     #[test]

@@ -46,6 +46,9 @@ impl ApiError {
     fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", message)
     }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
     fn store(e: super::job::StoreError) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", e.to_string())
     }
@@ -122,6 +125,13 @@ async fn submit(
         ApiError::bad_request(format!("body is not an audit request (line {}, column {}): {e}", e.line(), e.column()))
     })?;
     request.validate().map_err(ApiError::bad_request)?;
+    // A spot draw nobody can predict: the seed is drawn here, once, and kept with the audit.
+    let mut request = request;
+    if request.mode.as_deref() == Some("spot") && request.spot_seed.is_none() && request.spot_by.as_deref() != Some("largest-update") {
+        let seed = crate::replay::SeedChoice::fresh_seed().map_err(|e| ApiError::internal(e.to_string()))?;
+        request.spot_seed = Some(seed);
+        request.spot_seed_fresh = Some(true);
+    }
     let store = shared.store.clone();
     let queued_max = shared.config.queue_max;
     let now = shared.clock.now_ms();
@@ -167,7 +177,7 @@ pub fn status_json(job: &Job) -> Value {
         "attempts": job.attempts,
         "steps_replayed": job.steps_replayed,
         "steps_resumed": job.steps_resumed,
-        "verdict": job.verdict,
+        "verdict": job.verdict.map(|k| k.as_str()),
         "first_diverging_step": job.first_step,
         "error": job.error,
         "created_ms": job.created_ms,

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Progress;
+use crate::{Progress, VerdictKind};
 
 /// The body of `POST /v1/audits`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,9 +46,21 @@ pub struct AuditRequest {
     /// Spot mode: how many intervals (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot_count: Option<usize>,
-    /// Spot mode: the seed of the draw; absent = proof-of-learning's largest-update rule.
+    /// Spot mode: the seed of a uniform draw. Absent: a fresh seed is drawn from the
+    /// daemon's randomness when the audit is submitted (and kept with it, so every attempt
+    /// replays the same intervals), unless `spot_by` is `largest-update`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot_seed: Option<u64>,
+    /// Spot mode: `random` (default) or `largest-update` (proof-of-learning's rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_by: Option<String>,
+    /// Set by the daemon, never by a client: `spot_seed` was drawn fresh at submission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_seed_fresh: Option<bool>,
+    /// The trainer's ed25519 public key (hex) to pin: a record signed by another key is
+    /// `commitment-invalid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer_pubkey: Option<String>,
     /// Resubmitting with the same key returns the same audit instead of a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -68,6 +80,16 @@ pub fn is_job_id(s: &str) -> bool {
 pub const FIELD_BYTES_MAX: usize = 512;
 
 impl AuditRequest {
+    /// The request as its client sent it, without what the daemon filled in at submission.
+    pub fn as_submitted(&self) -> AuditRequest {
+        let mut r = self.clone();
+        if r.spot_seed_fresh == Some(true) {
+            r.spot_seed = None;
+        }
+        r.spot_seed_fresh = None;
+        r
+    }
+
     /// Checks everything that can be checked without contacting the trainer; the message names
     /// the field.
     pub fn validate(&self) -> Result<(), String> {
@@ -103,8 +125,24 @@ impl AuditRequest {
             }
             Some(m) => return Err(format!("mode: {m:?} is not one of full, intervals, spot")),
         }
-        if self.mode.as_deref() != Some("spot") && (self.spot_count.is_some() || self.spot_seed.is_some()) {
-            return Err("spot_count/spot_seed: only with mode \"spot\"".into());
+        if self.mode.as_deref() != Some("spot")
+            && (self.spot_count.is_some() || self.spot_seed.is_some() || self.spot_by.is_some())
+        {
+            return Err("spot_count/spot_seed/spot_by: only with mode \"spot\"".into());
+        }
+        match self.spot_by.as_deref() {
+            None | Some("random") => {}
+            Some("largest-update") if self.spot_seed.is_none() => {}
+            Some("largest-update") => return Err("spot_seed: not with spot_by \"largest-update\"".into()),
+            Some(b) => return Err(format!("spot_by: {b:?} is not one of random, largest-update")),
+        }
+        if self.spot_seed_fresh.is_some() {
+            return Err("spot_seed_fresh: set by the daemon, not by a request".into());
+        }
+        if let Some(k) = &self.trainer_pubkey
+            && (k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err("trainer_pubkey: not 64 hex digits (an ed25519 public key)".into());
         }
         if let (Some(f), Some(t)) = (self.from, self.to)
             && f > t
@@ -156,7 +194,7 @@ pub struct Job {
     pub steps_replayed: u64,
     /// Steps the latest attempt did not replay because an earlier one had verified them.
     pub steps_resumed: u64,
-    pub verdict: Option<String>,
+    pub verdict: Option<VerdictKind>,
     pub first_step: Option<u64>,
     pub error: Option<String>,
     pub created_ms: u64,
@@ -178,7 +216,7 @@ pub enum Inserted {
 /// A decided audit, ready to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decided {
-    pub verdict: String,
+    pub verdict: VerdictKind,
     pub first_step: Option<u64>,
     pub steps_replayed: u64,
     pub steps_resumed: u64,

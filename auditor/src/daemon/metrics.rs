@@ -2,6 +2,7 @@
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
+use crate::VerdictKind;
 use super::job::{Decided, JobState, Observer, Store};
 
 /// The daemon's metrics, on a registry of their own (not the process-global one, so that
@@ -119,7 +120,7 @@ impl Observer for Metrics {
     fn decided(&self, d: &Decided) {
         self.verdicts.with_label_values(&[d.verdict.as_str()]).inc();
         self.bisection_queries.inc_by(d.bisection_queries);
-        if matches!(d.verdict.as_str(), "diverged" | "forged-log") {
+        if matches!(d.verdict, VerdictKind::Diverged | VerdictKind::ForgedLog) {
             self.divergences.inc();
         }
     }

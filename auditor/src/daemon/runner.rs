@@ -12,7 +12,7 @@ use tokio::runtime::Handle;
 use super::job::{Decided, Job, Outcome, Runner};
 use super::metrics::Metrics;
 use crate::http::{HttpTrainer, RetryPolicy};
-use crate::replay::{AuditOptions, Mode, SpotPick, audit};
+use crate::replay::{AuditOptions, Mode, SeedChoice, SpotPick, audit};
 use crate::report::Report;
 use crate::source::{SourceError, TrainerSource};
 use crate::{AuditError, Progress, Verdict};
@@ -52,13 +52,32 @@ pub fn options(job: &Job, default_device: Profile, data: Option<PathBuf>) -> Res
     let mode = match r.mode.as_deref() {
         None | Some("full") => Mode::Full,
         Some("intervals") => Mode::Intervals,
-        Some("spot") => Mode::Spot {
-            count: r.spot_count.unwrap_or(4),
-            pick: r.spot_seed.map_or(SpotPick::LargestUpdates, |seed| SpotPick::Random { seed, chosen: crate::replay::SeedChoice::Given }),
-        },
+        Some("spot") => {
+            let pick = match (r.spot_by.as_deref(), r.spot_seed) {
+                (Some("largest-update"), _) => SpotPick::LargestUpdates,
+                (_, Some(seed)) => {
+                    let chosen = if r.spot_seed_fresh == Some(true) { SeedChoice::Fresh } else { SeedChoice::Given };
+                    SpotPick::Random { seed, chosen }
+                }
+                // Submitted before seeds were drawn at submission: draw one now.
+                (_, None) => SpotPick::Random {
+                    seed: SeedChoice::fresh_seed().map_err(|e| e.to_string())?,
+                    chosen: SeedChoice::Fresh,
+                },
+            };
+            Mode::Spot { count: r.spot_count.unwrap_or(4), pick }
+        }
         Some(m) => return Err(format!("mode: {m:?} is not one of full, intervals, spot")),
     };
-    Ok(AuditOptions { device, from: r.from, to: r.to, mode, data, resume: job.progress.clone() })
+    Ok(AuditOptions {
+        device,
+        from: r.from,
+        to: r.to,
+        mode,
+        data,
+        resume: job.progress.clone(),
+        trainer_key: r.trainer_pubkey.as_ref().map(|k| k.to_ascii_lowercase()),
+    })
 }
 
 impl HttpRunner {
@@ -108,7 +127,7 @@ impl Runner for HttpRunner {
                     _ => None,
                 };
                 Outcome::Decided(Decided {
-                    verdict: a.verdict.kind().to_string(),
+                    verdict: a.verdict.kind(),
                     first_step,
                     steps_replayed: a.steps_replayed,
                     steps_resumed: a.steps_resumed,

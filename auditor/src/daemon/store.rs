@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::VerdictKind;
 use super::job::{AuditRequest, Decided, Inserted, Job, JobState, Store, StoreError, job_id};
 
 /// The database file under the state directory.
@@ -129,6 +130,10 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let request: AuditRequest =
         serde_json::from_str(&request).map_err(|e| bad(format!("job {id}: stored request: {e}")))?;
     let state = JobState::parse(&state).ok_or_else(|| bad(format!("job {id}: state {state:?}")))?;
+    let verdict = r
+        .get::<_, Option<String>>(6)?
+        .map(|v| v.parse::<VerdictKind>().map_err(|e| bad(format!("job {id}: verdict: {e}"))))
+        .transpose()?;
     let mut stmt = conn.prepare_cached("SELECT job_start, through FROM progress WHERE id = ?1 ORDER BY job_start")?;
     let progress = stmt.query_map([&id], |p| Ok((u(p.get(0)?), u(p.get(1)?))))?.collect::<rusqlite::Result<_>>()?;
     Ok(Job {
@@ -139,7 +144,7 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         progress,
         steps_replayed: u(r.get(4)?),
         steps_resumed: u(r.get(5)?),
-        verdict: r.get(6)?,
+        verdict,
         first_step: r.get::<_, Option<i64>>(7)?.map(u),
         error: r.get(8)?,
         created_ms: u(r.get(9)?),
@@ -164,7 +169,10 @@ impl Store for SqliteStore {
                     })
                     .optional()?;
                 if let Some((id, stored)) = seen {
-                    return Ok(if stored == json { Inserted::Existing(id) } else { Inserted::Conflict(id) });
+                    // Compared as the client sent them: the daemon fills in a fresh spot seed.
+                    let same = serde_json::from_str::<AuditRequest>(&stored)
+                        .is_ok_and(|s| s.as_submitted() == request.as_submitted());
+                    return Ok(if same { Inserted::Existing(id) } else { Inserted::Conflict(id) });
                 }
             }
             let queued: i64 = tx.query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued'", [], |r| r.get(0))?;
@@ -255,7 +263,7 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE jobs SET state = 'done', verdict = ?2, first_step = ?3, steps_replayed = ?4,
                  steps_resumed = ?5, error = NULL, updated_ms = ?6 WHERE id = ?1",
-                params![id, d.verdict, d.first_step.map(i), i(d.steps_replayed), i(d.steps_resumed), i(now_ms)],
+                params![id, d.verdict.as_str(), d.first_step.map(i), i(d.steps_replayed), i(d.steps_resumed), i(now_ms)],
             )?;
             tx.commit()
         })
@@ -343,7 +351,7 @@ mod tests {
 
     fn decided() -> Decided {
         Decided {
-            verdict: "diverged".into(),
+            verdict: VerdictKind::Diverged,
             first_step: Some(3),
             steps_replayed: 3,
             steps_resumed: 1,
@@ -387,7 +395,7 @@ mod tests {
         s.finish(&id, &decided(), 7).unwrap();
         assert_eq!(s.report_count(&id).unwrap(), 1, "a second finish stores nothing");
         let job = s.get(&id).unwrap().unwrap();
-        assert_eq!((job.state, job.verdict.as_deref(), job.first_step), (JobState::Done, Some("diverged"), Some(3)));
+        assert_eq!((job.state, job.verdict, job.first_step), (JobState::Done, Some(VerdictKind::Diverged), Some(3)));
         assert_eq!(s.evidence(&id).unwrap(), Some(vec![1, 2, 3]));
         s.save_progress(&id, 0, 9, 9, 8).unwrap();
         assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into(), "no progress after done");

@@ -1,0 +1,24 @@
+//! Building the engine's run for a committed spec on the auditor's own profile: shared by the
+//! replay and by adjudication, so neither depends on the other.
+
+use std::path::Path;
+
+use engine::EngineError;
+use engine::data::Dataset;
+use engine::spec::RunSpec;
+use engine::train::Run;
+use kernels::{Device, Profile};
+
+use crate::AuditError;
+
+/// Loads the dataset a spec names and builds a run on `device`; the data must match the
+/// spec's commitment. Every failure here is the auditor's own (its copy of the data, its
+/// device): the spec itself is checked before this is called.
+pub fn build_run(spec: &RunSpec, data: Option<&Path>, device: Profile) -> Result<Run, AuditError> {
+    let dataset = Dataset::for_config(&spec.config, data)?;
+    let dev = Device::new(device).map_err(|e| AuditError::Usage(e.to_string()))?;
+    Run::new(spec.clone(), dataset, dev).map_err(|e| match e {
+        EngineError::Usage(what) => AuditError::Data(what),
+        e => AuditError::Engine(e),
+    })
+}
