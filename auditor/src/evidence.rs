@@ -328,15 +328,14 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
         let leaf = Leaf { step: s, state: out.state.digest(), log: ev.trainer_log.digest(), batch: out.batch.digest() };
         (leaf, out.forged.iter().map(|e| e.to_string()).collect::<Vec<_>>())
     };
-    let reproduces =
-        match ev.verdict_kind {
-            VerdictKind::ForgedLog if computed_leaf == ev.trainer.leaf && computed_leaf == ev.auditor_leaf => {
-                if forged.is_empty() { Side::Trainer } else { Side::Auditor }
-            }
-            _ if computed_leaf == ev.auditor_leaf && computed_leaf != ev.trainer.leaf => Side::Auditor,
-            _ if computed_leaf == ev.trainer.leaf => Side::Trainer,
-            _ => Side::Neither,
-        };
+    let reproduces = match ev.verdict_kind {
+        VerdictKind::ForgedLog if computed_leaf == ev.trainer.leaf && computed_leaf == ev.auditor_leaf => {
+            if forged.is_empty() { Side::Trainer } else { Side::Auditor }
+        }
+        _ if computed_leaf == ev.auditor_leaf && computed_leaf != ev.trainer.leaf => Side::Auditor,
+        _ if computed_leaf == ev.trainer.leaf => Side::Trainer,
+        _ => Side::Neither,
+    };
     Ok(Adjudication {
         reproduces,
         verdict_kind: ev.verdict_kind,

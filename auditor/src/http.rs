@@ -225,7 +225,10 @@ impl HttpTrainer {
             (404, _) => Err(invalid("missing on the trainer (HTTP 404)".into())),
             (422, _) => Err(invalid("the trainer could not serve it from its record (HTTP 422)".into())),
             (429 | 500..=599, _) => Err(Attempt::Retry(format!("HTTP {status}"))),
-            _ => Err(Attempt::Fail(SourceError::Refused { file: path.to_string(), what: format!("GET {path}: HTTP {status}") })),
+            _ => Err(Attempt::Fail(SourceError::Refused {
+                file: path.to_string(),
+                what: format!("GET {path}: HTTP {status}"),
+            })),
         }
     }
 
@@ -279,7 +282,7 @@ impl HttpTrainer {
 
     /// A zstd body, decompressed with a bound.
     fn get_zstd(&self, path: &str, file: &str, raw_bytes_max: usize) -> Result<Vec<u8>, SourceError> {
-        let body = self.get_required(path)?;
+        let body = self.get_required(path).map_err(|e| named(e, file, path))?;
         decompress_bounded(&body, raw_bytes_max).map_err(|e| SourceError::Invalid {
             file: file.to_string(),
             offset: None,
@@ -290,6 +293,17 @@ impl HttpTrainer {
     /// Information about the run.
     pub fn info(&self) -> Result<wire::RunInfo, SourceError> {
         self.get_json(&path::run(&self.run))
+    }
+}
+
+/// A failure to fetch a record file, named by the file (relative to the record) and the request.
+fn named(e: SourceError, file: &str, path: &str) -> SourceError {
+    match e {
+        SourceError::Invalid { offset, what, .. } => {
+            SourceError::Invalid { file: file.to_string(), offset, what: format!("{what} (GET {path})") }
+        }
+        SourceError::Refused { what, .. } => SourceError::Refused { file: file.to_string(), what },
+        e => e,
     }
 }
 
@@ -368,7 +382,8 @@ impl TrainerSource for HttpTrainer {
 
     fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
         let file = record_file(record::batch_path, step);
-        let bytes = self.get_required(&path::batch(&self.run, step))?;
+        let p = path::batch(&self.run, step);
+        let bytes = self.get_required(&p).map_err(|e| named(e, &file, &p))?;
         BatchIndices::decode(&bytes).map_err(|e| SourceError::Invalid {
             file,
             offset: Some(e.offset as u64),

@@ -200,7 +200,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ModeArg::Spot => {
                     anyhow::ensure!(spot_count > 0, "--spot-count must be at least 1");
                     let pick = match spot_by {
-                        SpotByArg::Random => SpotPick::Random { seed: spot_seed, chosen: auditor::replay::SeedChoice::Given },
+                        SpotByArg::Random => {
+                            SpotPick::Random { seed: spot_seed, chosen: auditor::replay::SeedChoice::Given }
+                        }
                         SpotByArg::LargestUpdate => SpotPick::LargestUpdates,
                     };
                     Mode::Spot { count: spot_count, pick }

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use auditor::evidence::{Evidence, Side, adjudicate};
 use auditor::replay::SeedChoice;
-use common::merkle::ProvenLeaf;
 use auditor::report::{Report, verify};
 use auditor::{Audit, AuditOptions, Mode, NoProgress, SpotPick, Verdict, audit_dir};
 use common::leaf::Leaf;
+use common::merkle::ProvenLeaf;
 use engine::record::{Record, SigningKey};
 use engine::train::{Fault, FaultKind};
 use kernels::Profile;
@@ -124,9 +124,19 @@ fn intervals_cover_the_record_and_spot_checks_pick_the_faulty_interval() {
     assert_eq!(a.intervals, vec![(0, 4), (4, 8), (8, 12), (12, 13)]);
     assert!(matches!(a.verdict, Verdict::Diverged { step: 6, .. }));
     // A spot check of every interval finds it too; a seeded draw is reproducible.
-    let all = run_audit(&record, Profile::CpuSeq, Mode::Spot { count: 4, pick: SpotPick::Random { seed: 1, chosen: SeedChoice::Given } });
+    let all = run_audit(
+        &record,
+        Profile::CpuSeq,
+        Mode::Spot { count: 4, pick: SpotPick::Random { seed: 1, chosen: SeedChoice::Given } },
+    );
     assert!(matches!(all.verdict, Verdict::Diverged { step: 6, .. }));
-    let one = |seed| run_audit(&record, Profile::CpuSeq, Mode::Spot { count: 1, pick: SpotPick::Random { seed, chosen: SeedChoice::Given } });
+    let one = |seed| {
+        run_audit(
+            &record,
+            Profile::CpuSeq,
+            Mode::Spot { count: 1, pick: SpotPick::Random { seed, chosen: SeedChoice::Given } },
+        )
+    };
     assert_eq!(one(3).intervals, one(3).intervals);
     assert_eq!(one(3).intervals.len(), 1);
     let picked: std::collections::BTreeSet<_> = (0..16).map(|s| one(s).intervals[0]).collect();

@@ -127,7 +127,10 @@ async fn submit(
     request.validate().map_err(ApiError::bad_request)?;
     // A spot draw nobody can predict: the seed is drawn here, once, and kept with the audit.
     let mut request = request;
-    if request.mode.as_deref() == Some("spot") && request.spot_seed.is_none() && request.spot_by.as_deref() != Some("largest-update") {
+    if request.mode.as_deref() == Some("spot")
+        && request.spot_seed.is_none()
+        && request.spot_by.as_deref() != Some("largest-update")
+    {
         let seed = crate::replay::SeedChoice::fresh_seed().map_err(|e| ApiError::internal(e.to_string()))?;
         request.spot_seed = Some(seed);
         request.spot_seed_fresh = Some(true);

@@ -2,8 +2,8 @@
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use crate::VerdictKind;
 use super::job::{Decided, JobState, Observer, Store};
+use crate::VerdictKind;
 
 /// The daemon's metrics, on a registry of their own (not the process-global one, so that
 /// several daemons in one test process do not share counters).

@@ -14,8 +14,8 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::VerdictKind;
 use super::job::{AuditRequest, Decided, Inserted, Job, JobState, Store, StoreError, job_id};
+use crate::VerdictKind;
 
 /// The database file under the state directory.
 pub const DB_FILE: &str = "auditor.sqlite3";
@@ -263,7 +263,14 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE jobs SET state = 'done', verdict = ?2, first_step = ?3, steps_replayed = ?4,
                  steps_resumed = ?5, error = NULL, updated_ms = ?6 WHERE id = ?1",
-                params![id, d.verdict.as_str(), d.first_step.map(i), i(d.steps_replayed), i(d.steps_resumed), i(now_ms)],
+                params![
+                    id,
+                    d.verdict.as_str(),
+                    d.first_step.map(i),
+                    i(d.steps_replayed),
+                    i(d.steps_resumed),
+                    i(now_ms)
+                ],
             )?;
             tx.commit()
         })

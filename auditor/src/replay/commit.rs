@@ -114,7 +114,12 @@ fn validate_spec(spec: &RunSpec) -> Result<(), String> {
 }
 
 /// The signed manifest against the spec and the leaves.
-fn check_manifest(m: &Manifest, spec: &RunSpec, spec_hash: &common::codec::Hash, tree: &MerkleTree) -> Result<(), Stop> {
+fn check_manifest(
+    m: &Manifest,
+    spec: &RunSpec,
+    spec_hash: &common::codec::Hash,
+    tree: &MerkleTree,
+) -> Result<(), Stop> {
     let bad = |what: String| Stop::Verdict(Verdict::invalid(record::MANIFEST_FILE, None, what));
     m.verify_signature().map_err(bad)?;
     if m.spec_hash != to_hex(spec_hash) {
@@ -154,8 +159,14 @@ fn check_manifest(m: &Manifest, spec: &RunSpec, spec_hash: &common::codec::Hash,
 
 /// The checkpoints the trainer must hold: every multiple of the interval up to `n_steps`, and
 /// the final state of a finished run. A list that omits one is the trainer withholding it.
-fn checkpoint_list(src: &dyn TrainerSource, spec: &RunSpec, n_steps: u64, finished: bool) -> Result<BTreeSet<u64>, Stop> {
-    let listed: BTreeSet<u64> = src.checkpoint_steps().map_err(|e| source_stop(e, Phase::Committed))?.into_iter().collect();
+fn checkpoint_list(
+    src: &dyn TrainerSource,
+    spec: &RunSpec,
+    n_steps: u64,
+    finished: bool,
+) -> Result<BTreeSet<u64>, Stop> {
+    let listed: BTreeSet<u64> =
+        src.checkpoint_steps().map_err(|e| source_stop(e, Phase::Committed))?.into_iter().collect();
     let k = spec.config.train.checkpoint_interval.max(1);
     let mut committed: BTreeSet<u64> = (0..=n_steps / k).map(|i| i * k).collect();
     if finished {

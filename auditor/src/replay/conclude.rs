@@ -46,7 +46,9 @@ pub(super) fn bisect(src: &dyn TrainerSource, c: &Committed, merged: &Merged) ->
     }
     let limit = Bisection::query_limit(size);
     if bisection.queries() > limit {
-        return Err(AuditError::Internal(format!("bisection took {} queries, more than {limit}", bisection.queries())).into());
+        return Err(
+            AuditError::Internal(format!("bisection took {} queries, more than {limit}", bisection.queries())).into()
+        );
     }
     let located = match bisection.outcome() {
         Some(BisectionOutcome::Diverged { first_differing_leaf, .. }) => Some(first_differing_leaf),
@@ -145,9 +147,9 @@ fn diverged_verdict(step: u64, sf: &StepFinding, trainer: &Leaf) -> Verdict {
         }
         (None, overflow) => (
             vec![LeafPart::State],
-            overflow.as_ref().map(|(_, msg)| {
-                format!("replaying step {step} from the agreed state does not stay finite: {msg}")
-            }),
+            overflow
+                .as_ref()
+                .map(|(_, msg)| format!("replaying step {step} from the agreed state does not stay finite: {msg}")),
         ),
     };
     let site = sf.overflow.as_ref().map(|(site, _)| site.clone()).or_else(|| sf.forged.iter().find_map(forged_site));
@@ -164,7 +166,9 @@ fn compare_state(src: &dyn TrainerSource, c: &Committed, step: u64, own: &Traini
         Ok(_) => StateComparison::Unavailable(format!(
             "the state the trainer side handed out for step {step} does not match its committed leaf"
         )),
-        Err(e) => StateComparison::Unavailable(format!("the trainer side did not hand out its state at step {step}: {e}")),
+        Err(e) => {
+            StateComparison::Unavailable(format!("the trainer side did not hand out its state at step {step}: {e}"))
+        }
     }
 }
 
@@ -240,7 +244,15 @@ fn forged_verdict(step: u64, forged: &[RoundingError]) -> Verdict {
         Some(other) => (forged_site(other).unwrap_or_default(), None, None, None, None),
         None => (String::new(), None, None, None, None),
     };
-    Verdict::ForgedLog { step, site, index, value, midpoint, bound, detail: first.map(|e| e.to_string()).unwrap_or_default() }
+    Verdict::ForgedLog {
+        step,
+        site,
+        index,
+        value,
+        midpoint,
+        bound,
+        detail: first.map(|e| e.to_string()).unwrap_or_default(),
+    }
 }
 
 #[cfg(test)]
