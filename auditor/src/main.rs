@@ -32,6 +32,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant, reason = "one value, parsed once and moved into its command")]
 enum Command {
     /// Replay a record (or a segment of it) and report the verdict.
     #[command(after_help = EXIT_CODES)]

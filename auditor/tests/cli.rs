@@ -251,7 +251,7 @@ fn faulty_at_step_one_with_evidence(dir: &Path) -> auditor::evidence::Evidence {
         SGD,
         Drill { fault: Some(Fault { kind: FaultKind::ScaleLr, step: 1 }), ..Drill::default() },
     );
-    let out = auditor(&dir, &["audit", "--record", bad.to_str().unwrap(), "--evidence", "e.tbev"]);
+    let out = auditor(dir, &["audit", "--record", bad.to_str().unwrap(), "--evidence", "e.tbev"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     auditor::evidence::Evidence::read(&dir.join("e.tbev")).unwrap()
 }
