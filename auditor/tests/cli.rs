@@ -253,6 +253,10 @@ fn faulty_at_step_one_with_evidence(dir: &Path) -> auditor::evidence::Evidence {
     );
     let out = auditor(dir, &["audit", "--record", bad.to_str().unwrap(), "--evidence", "e.tbev"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // The human output says why the states could not be compared (no checkpoint at step 1).
+    let text = stdout(&out);
+    assert!(text.starts_with("verdict: diverged at step 1\n"), "{text}");
+    assert!(text.contains("states not compared: ") && text.contains("step 1"), "{text}");
     auditor::evidence::Evidence::read(&dir.join("e.tbev")).unwrap()
 }
 
@@ -406,6 +410,43 @@ fn trainer_pubkey_pins_the_records_own_key() {
         assert_eq!(v["verdict"]["kind"], "consistent");
         assert_eq!(v["trainer_public_key"], key.as_str());
     }
+    // Another key: the record is not the pinned trainer's.
+    let other = common::codec::to_hex(ed25519_dalek::SigningKey::from_bytes(&[2; 32]).verifying_key().as_bytes());
+    let out = auditor(&dir, &["audit", "--record", rec, "--trainer-pubkey", &other, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["verdict"]["kind"], "commitment-invalid");
+    let what = v["verdict"]["what"].as_str().unwrap();
+    assert!(what.contains(&key) && what.contains(&other), "{what}");
+}
+
+#[test]
+fn a_diverged_verdict_names_the_tensors_that_differ() {
+    let dir = scratch("cli-tensors");
+    // Step 4 ends a checkpoint interval, so the trainer's state there is on record.
+    let bad = write_record(
+        &dir.join("bad"),
+        Profile::Cpu,
+        SGD,
+        Drill { fault: Some(Fault { kind: FaultKind::ScaleLr, step: 4 }), ..Drill::default() },
+    );
+    let out = auditor(&dir, &["audit", "--record", bad.to_str().unwrap(), "--key", "k.key"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("verdict: diverged at step 4\n"), "{text}");
+    // A 10x learning rate moves the weights: each differing tensor, with a count, the first
+    // index and both values, as the JSON report has them.
+    let out = auditor(&dir, &["audit", "--record", bad.to_str().unwrap(), "--key", "k.key", "--json"]);
+    let tensors = json(&out)["at_step"]["state"]["tensors"].as_array().cloned().unwrap_or_default();
+    assert!(!tensors.is_empty(), "{}", stdout(&out));
+    for t in tensors.iter().take(20) {
+        let name = t["tensor"].as_str().unwrap();
+        let want = format!(
+            "tensor {name}: {} elements differ, first at index {}: trainer {}, auditor {}",
+            t["elements"], t["first_index"], t["trainer"], t["auditor"]
+        );
+        assert!(text.contains(&want), "{want:?} not in\n{text}");
+    }
 }
 
 /// The intervals line of the human output.
@@ -445,6 +486,13 @@ fn spot_checks_draw_a_fresh_seed_unless_given_one() {
     let again = spot(&["--spot-seed", &seed.to_string()]);
     assert_eq!(spot_seed(&again), (seed, "given".to_string()), "{again}");
     assert_eq!(intervals_line(&again), intervals_line(&first));
+
+    // The JSON (the signed report) says the same.
+    let v: serde_json::Value = serde_json::from_str(&spot(&["--json"])).unwrap();
+    assert_eq!(v["spot_seed_chosen"], "fresh", "{v}");
+    assert!(v["spot_seed"].as_u64().is_some(), "{v}");
+    let v: serde_json::Value = serde_json::from_str(&spot(&["--json", "--spot-seed", &seed.to_string()])).unwrap();
+    assert_eq!((v["spot_seed"].as_u64(), v["spot_seed_chosen"].as_str()), (Some(seed), Some("given")), "{v}");
 }
 
 /// Spawns the binary with stdout a pipe whose read end is closed before it writes.

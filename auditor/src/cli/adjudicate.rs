@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use auditor::VerdictKind;
 use auditor::evidence::{Adjudication, Evidence, Side, adjudicate};
 use auditor::report::AdjudicationJson;
 
@@ -68,7 +69,7 @@ pub fn run(args: AdjudicateArgs) -> Result<Exit, Failure> {
 }
 
 fn human(a: &Adjudication, out: &AdjudicationJson) -> String {
-    let forged_log = a.verdict_kind == "forged-log";
+    let forged_log = a.verdict_kind == VerdictKind::ForgedLog;
     let why = match (a.reproduces, forged_log) {
         (Side::Trainer, false) => "the re-execution reproduces the trainer's leaf".to_string(),
         (Side::Trainer, true) => "the trainer's log holds up".to_string(),

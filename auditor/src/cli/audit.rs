@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use auditor::http::{HttpTrainer, RetryPolicy};
 use auditor::replay::SeedChoice;
-use auditor::report::Report;
+use auditor::report::{Report, TensorDiffJson};
 use auditor::{Audit, AuditOptions, Mode, Progress, SpotPick, TrainerSource, audit, audit_dir};
 use clap::ValueEnum;
 use engine::record::RecordError;
@@ -248,6 +248,26 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
     Ok(if audit.verdict.is_consistent() { Exit::Ok } else { Exit::Adverse })
 }
 
+/// Differing tensors listed in the human output; the JSON report lists every one.
+const TENSORS_SHOWN_MAX: usize = 20;
+
+/// One differing tensor: how many elements, the first, both values (FP32 printed exactly by
+/// `{:?}`: the shortest form that round-trips).
+fn tensor_line(t: &TensorDiffJson) -> String {
+    let mut s = format!("tensor {}: {} elements differ", t.tensor, t.elements);
+    if let Some(i) = t.first_index {
+        let v = |x: Option<f32>| x.map_or("non-finite".to_string(), |x| format!("{x:?}"));
+        s += &format!(", first at index {i}: trainer {}, auditor {}", v(t.trainer), v(t.auditor));
+    }
+    if let Some(d) = t.max_abs_diff {
+        s += &format!(" (max |difference| {d:.3e})");
+    }
+    if t.trainer_shape != t.auditor_shape {
+        s += &format!("; shapes: trainer {:?}, auditor {:?}", t.trainer_shape, t.auditor_shape);
+    }
+    s
+}
+
 /// The verdict for a reader: the first line is the verdict, so `| head -1` is useful.
 fn human(rep: &Report, audit: &Audit, evidence_asked: bool) -> String {
     let mut out = String::new();
@@ -268,6 +288,20 @@ fn human(rep: &Report, audit: &Audit, evidence_asked: bool) -> String {
     if let Some(at) = &rep.at_step {
         line(format!("  trainer state {}", at.trainer.leaf.state));
         line(format!("  auditor state {}", at.auditor.state));
+        match &at.state {
+            Some(c) if c.compared => {
+                for t in c.tensors.iter().take(TENSORS_SHOWN_MAX) {
+                    line(format!("  {}", tensor_line(t)));
+                }
+                if c.tensors.len() > TENSORS_SHOWN_MAX {
+                    line(format!("  … and {} more tensors (all in --json)", c.tensors.len() - TENSORS_SHOWN_MAX));
+                }
+            }
+            Some(c) => {
+                line(format!("  states not compared: {}", c.unavailable.as_deref().unwrap_or("no reason given")))
+            }
+            None => {}
+        }
     }
     if let Some(b) = &rep.bisection {
         line(format!("  bisection: {} queries (limit {})", b.queries, b.query_limit));

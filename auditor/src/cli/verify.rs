@@ -116,7 +116,7 @@ fn check(bytes: &[u8], expected: Option<String>) -> VerifyJson {
                 }
                 _ => {
                     out.valid = true;
-                    out.verdict = Some(v.verdict_kind);
+                    out.verdict = Some(v.verdict_kind.as_str().to_string());
                 }
             }
         }
