@@ -3,8 +3,9 @@
 
 mod support;
 
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use engine::train::{Fault, FaultKind};
 use kernels::Profile;
@@ -68,19 +69,21 @@ fn audit_exit_codes_reports_evidence_and_adjudication() {
     std::fs::write(dir.join("t.json"), text.replace("\"step\": 7", "\"step\": 6")).unwrap();
     assert_eq!(auditor(&dir, &["verify-report", "t.json"]).status.code(), Some(1));
 
+    // The re-execution sides with the auditor: the accusation stands, exit 1.
     let out = auditor(&dir, &["adjudicate", "--evidence", "e.tbev", "--device", "cpu-seq", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(json(&out)["reproduces"], "auditor");
 
-    // Could not decide: not a record, an unknown profile, a segment outside the record.
+    // Usage errors, not "could not decide": not a record, an unknown profile, a segment
+    // outside the record (the full list is in `usage_and_configuration_errors_exit_64`).
     for args in [
         vec!["audit", "--record", "nowhere"],
         vec!["audit", "--record", honest.to_str().unwrap(), "--device", "tpu"],
         vec!["audit", "--record", honest.to_str().unwrap(), "--from", "3", "--to", "40"],
     ] {
         let out = auditor(&dir, &args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("could not decide"), "{args:?}");
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("usage error"), "{args:?}");
     }
 
     // A corrupted record is an adverse verdict naming the file.
@@ -131,8 +134,8 @@ async fn audit_a_run_on_a_record_server_over_http() {
     trainer.stop().await;
 }
 
-/// `--device cuda` without CUDA support or a driver: "could not decide" (exit 2) with the reason,
-/// never a panic.
+/// `--device cuda` without CUDA support or a driver: a configuration error (exit 64) with the
+/// reason, never a panic.
 #[test]
 fn audit_on_cuda_without_support_or_driver_is_a_clear_error() {
     if let Ok(d) = kernels::Device::new(Profile::Cuda) {
@@ -143,9 +146,407 @@ fn audit_on_cuda_without_support_or_driver_is_a_clear_error() {
     let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
     let out = auditor(&dir, &["audit", "--record", honest.to_str().unwrap(), "--device", "cuda"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("could not decide") && err.contains("device profile cuda is unavailable: "), "{err}");
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("--device cuda") && err.contains("device profile cuda is unavailable: "), "{err}");
     let why = if cfg!(feature = "cuda") { "CUDA driver" } else { "rebuild with `--features cuda`" };
     assert!(err.contains(why), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Runs the binary with stdin closed and both outputs captured.
+fn auditor_owned(dir: &Path, args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_auditor")).current_dir(dir).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The trainer's public key, as its signed manifest names it.
+fn manifest_key(record: &Path) -> String {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record.join(engine::record::MANIFEST_FILE)).unwrap()).unwrap();
+    m["public_key"].as_str().unwrap().to_string()
+}
+
+/// The public key of the secret key in an `auditor.key`-style file (64 hex digits).
+fn public_key_of(key_file: &Path) -> String {
+    let text = std::fs::read_to_string(key_file).unwrap();
+    let seed = common::codec::from_hex::<32>(text.trim()).unwrap();
+    common::codec::to_hex(ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().as_bytes())
+}
+
+#[test]
+fn usage_and_configuration_errors_exit_64_and_help_exits_0() {
+    let dir = scratch("cli-usage");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let rec = honest.to_str().unwrap().to_string();
+    std::fs::write(dir.join("short.key"), "abcd\n").unwrap();
+    let audit = |extra: &[&str]| {
+        let mut a = vec!["audit".to_string(), "--record".into(), rec.clone()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Each case, and a word its message must contain (the flag or file it is about).
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (audit(&["--device", "gpu"]), "--device gpu"),
+        (audit(&["--device", "tpu"]), "unknown device profile"),
+        (audit(&["--frobnicate"]), "--frobnicate"),
+        (audit(&["--mode", "sideways"]), "sideways"),
+        (audit(&["--trainer-pubkey", "abc"]), "--trainer-pubkey"),
+        (audit(&["--trainer-pubkey", &"g".repeat(64)]), "--trainer-pubkey"),
+        (audit(&["--trainer-pubkey", "@no-such.key"]), "no-such.key"),
+        (audit(&["--trainer-pubkey", "@short.key"]), "short.key"),
+        (audit(&["--mode", "spot", "--spot-count", "0"]), "--spot-count"),
+        (audit(&["--spot-seed", "5"]), "--spot-seed"),
+        (audit(&["--mode", "spot", "--spot-by", "largest-update", "--spot-seed", "5"]), "--spot-seed"),
+        (audit(&["--from", "9", "--to", "3"]), "--from 9"),
+        (audit(&["--from", "3", "--to", "40"]), "40"),
+        (audit(&["--data", "no-such-data"]), "--data no-such-data"),
+        (audit(&["--key", "short.key"]), "--key short.key"),
+        (owned(&["audit", "--record", "nowhere"]), "--record nowhere"),
+        (owned(&["audit", "--trainer-url", "ftp://x", "--run", "r"]), "--trainer-url"),
+        (owned(&["audit"]), "--record"),
+        (owned(&[]), "Usage"),
+        (owned(&["frobnicate"]), "frobnicate"),
+        (owned(&["serve", "--config", "no-such.toml"]), "--config no-such.toml"),
+        (owned(&["serve", "--listen", "not an address", "--state-dir", "st"]), "not an address"),
+        (owned(&["verify-report", "no-such.json"]), "no-such.json"),
+        (owned(&["verify-report", "--auditor-key", "zz", "r.json"]), "--auditor-key"),
+        (owned(&["verify-report", "--auditor-key-file", "no-such.key", "r.json"]), "no-such.key"),
+        (owned(&["adjudicate", "--evidence", "e.tbev", "--device", "gpu"]), "--device gpu"),
+        (owned(&["adjudicate", "--evidence", "no-such.tbev"]), "--evidence no-such.tbev"),
+    ];
+    for (args, names) in &cases {
+        let out = auditor_owned(&dir, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: the message should name {names:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: usage errors print nothing on stdout");
+    }
+    assert!(!dir.join("st").exists(), "a daemon with a bad address creates no state");
+
+    for args in [vec!["--help"], vec!["audit", "--help"], vec!["help", "adjudicate"], vec!["--version"]] {
+        let out = auditor(&dir, &args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(!out.stdout.is_empty(), "{args:?}");
+    }
+    let help = stdout(&auditor(&dir, &["--help"]));
+    assert!(help.contains("Exit codes") && help.contains("64  usage"), "{help}");
+    let help = stdout(&auditor(&dir, &["adjudicate", "--help"]));
+    assert!(help.contains("3   sides with neither"), "{help}");
+}
+
+/// Faulty at step 1, so the evidence bundle also carries leaf 0 with its proof.
+fn faulty_at_step_one_with_evidence(dir: &Path) -> auditor::evidence::Evidence {
+    let bad = write_record(
+        &dir.join("bad"),
+        Profile::Cpu,
+        SGD,
+        Drill { fault: Some(Fault { kind: FaultKind::ScaleLr, step: 1 }), ..Drill::default() },
+    );
+    let out = auditor(dir, &["audit", "--record", bad.to_str().unwrap(), "--evidence", "e.tbev"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // The human output says why the states could not be compared (no checkpoint at step 1).
+    let text = stdout(&out);
+    assert!(text.starts_with("verdict: diverged at step 1\n"), "{text}");
+    assert!(text.contains("states not compared: ") && text.contains("step 1"), "{text}");
+    auditor::evidence::Evidence::read(&dir.join("e.tbev")).unwrap()
+}
+
+#[test]
+fn adjudicate_exits_by_the_side_it_takes() {
+    use common::leaf::{BatchIndices, Leaf};
+    use common::tielog::TieBreakLog;
+
+    let dir = scratch("cli-adjudicate");
+    let ev = faulty_at_step_one_with_evidence(&dir);
+    assert_eq!((ev.verdict_kind.as_str(), ev.step), ("diverged", 1));
+
+    // The accusation stands: 1.
+    let out = auditor(&dir, &["adjudicate", "--evidence", "e.tbev", "--device", "cpu-seq", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(json(&out)["reproduces"], "auditor");
+    let out = auditor(&dir, &["adjudicate", "--evidence", "e.tbev"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("sides with the auditor"), "{}", stdout(&out));
+
+    // An auditor leaf that nobody computes: the re-execution reproduces neither, 3.
+    let mut neither = ev.clone();
+    neither.auditor_leaf.state[0] ^= 1;
+    neither.write(&dir.join("neither.tbev")).unwrap();
+    let out = auditor(&dir, &["adjudicate", "--evidence", "neither.tbev", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(json(&out)["reproduces"], "neither");
+    let out = auditor(&dir, &["adjudicate", "--evidence", "neither.tbev"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stdout(&out).contains("sides with neither side"), "{}", stdout(&out));
+
+    // A false accusation of the honest initial state (leaf 0, proven against the signed root):
+    // the re-execution reproduces the trainer's leaf, 0.
+    let leaf0 = ev.previous.clone().expect("the bundle of step 1 carries leaf 0");
+    assert_eq!(leaf0.leaf.step, 0);
+    let mut accused = leaf0.leaf;
+    accused.state[0] ^= 1;
+    let mut trainer = ev.clone();
+    trainer.step = 0;
+    trainer.trainer = leaf0;
+    trainer.auditor_leaf = Leaf { step: 0, ..accused };
+    trainer.previous = None;
+    trainer.prev_state = Vec::new();
+    trainer.trainer_log = TieBreakLog::default();
+    trainer.trainer_batch = BatchIndices::default();
+    trainer.write(&dir.join("trainer.tbev")).unwrap();
+    let out = auditor(&dir, &["adjudicate", "--evidence", "trainer.tbev", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(json(&out)["reproduces"], "trainer");
+    let out = auditor(&dir, &["adjudicate", "--evidence", "trainer.tbev"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("sides with the trainer"), "{}", stdout(&out));
+
+    // A bundle that does not hold together cannot be decided: 2, not a side.
+    let mut bytes = std::fs::read(dir.join("e.tbev")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(dir.join("broken.tbev"), bytes).unwrap();
+    let out = auditor(&dir, &["adjudicate", "--evidence", "broken.tbev"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("could not decide") && stderr(&out).contains("broken.tbev"), "{}", stderr(&out));
+}
+
+#[test]
+fn verify_report_json_and_the_expected_auditor_key() {
+    let dir = scratch("cli-verify");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let out = auditor(&dir, &["audit", "--record", honest.to_str().unwrap(), "--key", "k.key", "--report", "r.json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let signer = public_key_of(&dir.join("k.key"));
+    let other = common::codec::to_hex(ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key().as_bytes());
+    std::fs::write(dir.join("signer.pub"), format!("{signer}\n")).unwrap();
+
+    let out = auditor(&dir, &["verify-report", "r.json", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["verdict"], "consistent");
+    assert_eq!(v["auditor_public_key"], signer.as_str());
+    assert!(v.get("error").is_none(), "{v}");
+
+    // The expected key, in every way it can be given (upper case too).
+    let at_file = format!("@{}", dir.join("signer.pub").display());
+    for args in [
+        vec!["--auditor-key", signer.as_str()],
+        vec!["--auditor-key", &at_file],
+        vec!["--auditor-key-file", "signer.pub"],
+    ] {
+        let mut a = vec!["verify-report", "r.json", "--json"];
+        a.extend(args.iter().copied());
+        let out = auditor(&dir, &a);
+        assert_eq!(out.status.code(), Some(0), "{a:?}: {}", stderr(&out));
+        assert_eq!(json(&out)["valid"], true, "{a:?}");
+        assert_eq!(json(&out)["expected_auditor_key"], signer.as_str(), "{a:?}");
+    }
+    let upper = signer.to_ascii_uppercase();
+    assert_eq!(auditor(&dir, &["verify-report", "r.json", "--auditor-key", &upper]).status.code(), Some(0));
+
+    // Another key: not valid, and both keys are named.
+    let out = auditor(&dir, &["verify-report", "r.json", "--json", "--auditor-key", &other]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["verdict"], serde_json::Value::Null);
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains(&signer) && e.contains(&other), "{e}");
+    let out = auditor(&dir, &["verify-report", "r.json", "--auditor-key", &other]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("does NOT verify") && text.contains(&signer) && text.contains(&other), "{text}");
+
+    // An altered report: not valid, with the reason.
+    let text = std::fs::read_to_string(dir.join("r.json")).unwrap();
+    std::fs::write(dir.join("t.json"), text.replace("\"consistent\"", "\"diverged\"")).unwrap();
+    let out = auditor(&dir, &["verify-report", "t.json", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["valid"], false);
+    assert!(v["error"].as_str().unwrap().contains("signature"), "{v}");
+    std::fs::write(dir.join("bin.json"), [0xff, 0xfe, 0x00]).unwrap();
+    let out = auditor(&dir, &["verify-report", "bin.json", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(json(&out)["valid"], false);
+
+    // A report that exists but cannot be read: could not decide (2), not "invalid".
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::copy(dir.join("r.json"), dir.join("locked.json")).unwrap();
+        std::fs::set_permissions(dir.join("locked.json"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        // Root reads anything; the case only exists for other users.
+        if std::fs::read(dir.join("locked.json")).is_err() {
+            let out = auditor(&dir, &["verify-report", "locked.json", "--json"]);
+            assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+            assert!(out.stdout.is_empty());
+        }
+    }
+}
+
+#[test]
+fn trainer_pubkey_pins_the_records_own_key() {
+    let dir = scratch("cli-trainer-key");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let key = manifest_key(&honest);
+    std::fs::write(dir.join("trainer.pub"), format!("{key}\n")).unwrap();
+    let rec = honest.to_str().unwrap();
+    for pinned in [key.clone(), key.to_ascii_uppercase(), "@trainer.pub".to_string()] {
+        let out = auditor(&dir, &["audit", "--record", rec, "--trainer-pubkey", &pinned, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{pinned}: {}", stderr(&out));
+        let v = json(&out);
+        assert_eq!(v["verdict"]["kind"], "consistent");
+        assert_eq!(v["trainer_public_key"], key.as_str());
+    }
+    // Another key: the record is not the pinned trainer's.
+    let other = common::codec::to_hex(ed25519_dalek::SigningKey::from_bytes(&[2; 32]).verifying_key().as_bytes());
+    let out = auditor(&dir, &["audit", "--record", rec, "--trainer-pubkey", &other, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["verdict"]["kind"], "commitment-invalid");
+    let what = v["verdict"]["what"].as_str().unwrap();
+    assert!(what.contains(&key) && what.contains(&other), "{what}");
+}
+
+#[test]
+fn a_diverged_verdict_names_the_tensors_that_differ() {
+    let dir = scratch("cli-tensors");
+    // Step 4 ends a checkpoint interval, so the trainer's state there is on record.
+    let bad = write_record(
+        &dir.join("bad"),
+        Profile::Cpu,
+        SGD,
+        Drill { fault: Some(Fault { kind: FaultKind::ScaleLr, step: 4 }), ..Drill::default() },
+    );
+    let out = auditor(&dir, &["audit", "--record", bad.to_str().unwrap(), "--key", "k.key"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("verdict: diverged at step 4\n"), "{text}");
+    // A 10x learning rate moves the weights: each differing tensor, with a count, the first
+    // index and both values, as the JSON report has them.
+    let out = auditor(&dir, &["audit", "--record", bad.to_str().unwrap(), "--key", "k.key", "--json"]);
+    let tensors = json(&out)["at_step"]["state"]["tensors"].as_array().cloned().unwrap_or_default();
+    assert!(!tensors.is_empty(), "{}", stdout(&out));
+    for t in tensors.iter().take(20) {
+        let name = t["tensor"].as_str().unwrap();
+        let want = format!(
+            "tensor {name}: {} elements differ, first at index {}: trainer {}, auditor {}",
+            t["elements"], t["first_index"], t["trainer"], t["auditor"]
+        );
+        assert!(text.contains(&want), "{want:?} not in\n{text}");
+    }
+}
+
+/// The intervals line of the human output.
+fn intervals_line(text: &str) -> String {
+    text.lines().find(|l| l.contains("intervals replayed:")).unwrap_or_else(|| panic!("{text}")).to_string()
+}
+
+/// The seed in "spot seed N (how".
+fn spot_seed(text: &str) -> (u64, String) {
+    let rest = text.split("spot seed ").nth(1).unwrap_or_else(|| panic!("no spot seed in {text}"));
+    let mut words = rest.split_whitespace();
+    let seed = words.next().unwrap().parse().unwrap();
+    let how = words.next().unwrap().trim_start_matches('(').trim_end_matches(':').to_string();
+    (seed, how)
+}
+
+#[test]
+fn spot_checks_draw_a_fresh_seed_unless_given_one() {
+    let dir = scratch("cli-spot");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let rec = honest.to_str().unwrap();
+    let spot = |extra: &[&str]| {
+        let mut a = vec!["audit", "--record", rec, "--mode", "spot", "--spot-count", "1"];
+        a.extend(extra.iter().copied());
+        let out = auditor(&dir, &a);
+        assert_eq!(out.status.code(), Some(0), "{a:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let first = spot(&[]);
+    let (seed, how) = spot_seed(&first);
+    assert_eq!(how, "fresh", "{first}");
+    let (second_seed, second_how) = spot_seed(&spot(&[]));
+    assert_eq!(second_how, "fresh");
+    assert_ne!(seed, second_seed, "two fresh draws (a 2^-64 chance of equal seeds)");
+
+    // The printed seed reproduces the draw, and says it was given.
+    let again = spot(&["--spot-seed", &seed.to_string()]);
+    assert_eq!(spot_seed(&again), (seed, "given".to_string()), "{again}");
+    assert_eq!(intervals_line(&again), intervals_line(&first));
+
+    // The JSON (the signed report) says the same.
+    let v: serde_json::Value = serde_json::from_str(&spot(&["--json"])).unwrap();
+    assert_eq!(v["spot_seed_chosen"], "fresh", "{v}");
+    assert!(v["spot_seed"].as_u64().is_some(), "{v}");
+    let v: serde_json::Value = serde_json::from_str(&spot(&["--json", "--spot-seed", &seed.to_string()])).unwrap();
+    assert_eq!((v["spot_seed"].as_u64(), v["spot_seed_chosen"].as_str()), (Some(seed), Some("given")), "{v}");
+}
+
+/// Spawns the binary with stdout a pipe whose read end is closed before it writes.
+fn with_closed_stdout(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_auditor"))
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (child.wait().unwrap().code(), err)
+}
+
+#[test]
+fn a_reader_that_closes_early_ends_the_output_quietly() {
+    let dir = scratch("cli-pipe");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let rec = honest.to_str().unwrap();
+    let ev = faulty_at_step_one_with_evidence(&dir);
+    assert_eq!(ev.step, 1);
+    let out = auditor(&dir, &["audit", "--record", rec, "--report", "r.json"]);
+    assert_eq!(out.status.code(), Some(0));
+    // Each command keeps the exit code of its answer.
+    for (args, code) in [
+        (vec!["audit", "--record", rec], 0),
+        (vec!["audit", "--record", rec, "--json"], 0),
+        (vec!["audit", "--record", "bad/record", "--json"], 1),
+        (vec!["verify-report", "r.json", "--json"], 0),
+        (vec!["verify-report", "r.json"], 0),
+        (vec!["adjudicate", "--evidence", "e.tbev", "--json"], 1),
+        (vec!["--help"], 0),
+    ] {
+        let (status, err) = with_closed_stdout(&dir, &args);
+        assert_eq!(status, Some(code), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.to_lowercase().contains("broken pipe"), "{args:?}: {err}");
+    }
+
+    // stderr closed too (`2>&1 | head -1` after the reader left): a usage error still exits 64.
+    let status = Command::new(env!("CARGO_BIN_EXE_auditor"))
+        .current_dir(&dir)
+        .args(["audit", "--record", rec, "--device", "gpu"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(|mut c| {
+            drop(c.stdout.take());
+            drop(c.stderr.take());
+            c.wait().unwrap()
+        })
+        .unwrap();
+    assert_eq!(status.code(), Some(64));
 }

@@ -1,0 +1,101 @@
+//! `auditor adjudicate`: re-execute the disputed step of an evidence bundle and exit by whom
+//! the re-execution sides with.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use auditor::VerdictKind;
+use auditor::evidence::{Adjudication, Evidence, Side, adjudicate};
+use auditor::report::AdjudicationJson;
+
+use super::audit::device_arg;
+use super::exit::{Exit, Failure};
+use super::output::{emit, require_exists};
+
+/// The exit codes of `adjudicate` (shown in its `--help`).
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0   sides with the trainer: the re-execution reproduces the trainer's leaf (for forged-log:
+      the trainer's log holds up)
+  1   sides with the auditor: the accusation stands (the auditor's leaf is reproduced, not the
+      trainer's; for forged-log: log entries that do not hold up)
+  3   sides with neither: the re-execution reproduces neither leaf
+  2   could not decide (an unreadable or inconsistent bundle, a dataset that does not match)
+  64  usage error (bad flags, an unknown or unavailable --device, a missing file)
+The JSON's `reproduces` field is the side.";
+
+#[derive(clap::Args, Debug)]
+pub struct AdjudicateArgs {
+    /// The evidence bundle (`auditor audit --evidence`, or /v1/reports/{id}/evidence).
+    #[arg(long)]
+    evidence: PathBuf,
+    /// The device profile to re-execute the step on.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Dataset files, for specs that are not synthetic.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Print the adjudication as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The exit code of a side.
+pub fn exit_of(side: Side) -> Exit {
+    match side {
+        Side::Trainer => Exit::Ok,
+        Side::Auditor => Exit::Adverse,
+        Side::Neither => Exit::Neither,
+    }
+}
+
+pub fn run(args: AdjudicateArgs) -> Result<Exit, Failure> {
+    let device = device_arg("--device", &args.device)?;
+    require_exists("--evidence", &args.evidence)?;
+    if let Some(data) = &args.data {
+        require_exists("--data", data)?;
+    }
+    let ev = Evidence::read(&args.evidence).with_context(|| format!("--evidence {}", args.evidence.display()))?;
+    let a = adjudicate(&ev, device, args.data.as_deref())
+        .with_context(|| format!("adjudicating {}", args.evidence.display()))?;
+    let out = AdjudicationJson::from_adjudication(&a);
+    let text = if args.json {
+        serde_json::to_string_pretty(&out).expect("plain data serialises") + "\n"
+    } else {
+        human(&a, &out)
+    };
+    emit(&text)?;
+    Ok(exit_of(a.reproduces))
+}
+
+fn human(a: &Adjudication, out: &AdjudicationJson) -> String {
+    let forged_log = a.verdict_kind == VerdictKind::ForgedLog;
+    let why = match (a.reproduces, forged_log) {
+        (Side::Trainer, false) => "the re-execution reproduces the trainer's leaf".to_string(),
+        (Side::Trainer, true) => "the trainer's log holds up".to_string(),
+        (Side::Auditor, false) => "the re-execution reproduces the auditor's leaf, not the trainer's".to_string(),
+        (Side::Auditor, true) => format!("{} log entries do not hold up", a.forged.len()),
+        (Side::Neither, _) => "the re-execution reproduces neither leaf".to_string(),
+    };
+    let mut text = format!(
+        "step {} ({}) re-executed on {}: sides with {}: {why}\n",
+        out.step,
+        out.verdict_kind,
+        out.device,
+        match a.reproduces {
+            Side::Neither => "neither side",
+            Side::Trainer => "the trainer",
+            Side::Auditor => "the auditor",
+        }
+    );
+    text += &format!("  computed state {}\n", out.computed_leaf.state);
+    text += &format!("  trainer  state {}\n", out.trainer_leaf.state);
+    text += &format!("  auditor  state {}\n", out.auditor_leaf.state);
+    for entry in &a.forged {
+        text += &format!("  does not hold up: {entry}\n");
+    }
+    if !a.root_signed {
+        text += "  the root is the bundle's claim (an unfinished run has no signed manifest)\n";
+    }
+    text
+}
