@@ -1,0 +1,406 @@
+//! Guilty records never get "could not decide": every way a trainer can sign, commit, serve or
+//! withhold something wrong ends in the same adverse verdict in full, `--from`, intervals (1, 2
+//! and 8 threads) and spot audits, naming the file and what is wrong.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use auditor::replay::{SeedChoice, StateComparison};
+use auditor::{
+    AuditError, AuditOptions, LocalRecord, Mode, NoProgress, SourceError, SpotPick, TrainerSource, Verdict, audit,
+};
+use common::codec::{Hash, to_hex};
+use common::leaf::{BatchIndices, LEAF_BYTES, Leaf};
+use common::merkle::{MerkleTree, leaf_hash};
+use common::state::{Tensor, TrainingState};
+use common::tielog::{self, TieBreakLog};
+use ed25519_dalek::Signer;
+use engine::record::{self, Manifest, Record, SigningKey};
+use engine::train::{Fault, FaultKind};
+use kernels::Profile;
+use support::{Drill, INTERVAL, SGD, STEPS, scratch, write_record};
+
+/// The key `support::write_record` signs with.
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+/// Rewrites leaf `step`'s state digest (when given), then the manifest's root and spec hash,
+/// signed again: a record whose every commitment is consistent, whatever it commits to.
+fn recommit(dir: &Path, state_digest: Option<(u64, Hash)>, edit_manifest: impl FnOnce(&mut Manifest)) {
+    let leaves_path = dir.join(record::LEAVES_FILE);
+    let mut leaves = record::read_leaves(&leaves_path, false).unwrap();
+    if let Some((step, digest)) = state_digest {
+        leaves[step as usize].state = digest;
+    }
+    let bytes: Vec<u8> = leaves.iter().flat_map(|l| l.encode()).collect();
+    assert_eq!(bytes.len(), leaves.len() * LEAF_BYTES);
+    std::fs::write(&leaves_path, bytes).unwrap();
+    let tree = MerkleTree::from_leaf_hashes(leaves.iter().map(|l| leaf_hash(&l.encode())));
+    let manifest_path = dir.join(record::MANIFEST_FILE);
+    let mut m: Manifest = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    m.root = to_hex(&tree.root());
+    m.spec_hash = to_hex(&common::codec::sha256(&std::fs::read(dir.join(record::SPEC_FILE)).unwrap()));
+    edit_manifest(&mut m);
+    m.signature = to_hex(&key().sign(&m.signing_payload()).to_bytes());
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// Replaces checkpoint `step` by `edit` of it, under a correct hash, leaf, root and signature.
+fn tamper_checkpoint(dir: &Path, step: u64, edit: impl FnOnce(&TrainingState) -> TrainingState) {
+    let state = Record::open(dir).unwrap().checkpoint(step).unwrap();
+    let bad = edit(&state);
+    std::fs::write(record::checkpoint_path(dir, step), tielog::compress_canonical(&bad.encode())).unwrap();
+    recommit(dir, Some((step, bad.digest())), |_| {});
+}
+
+/// Replaces the spec by `edit` of its JSON, and signs a manifest that commits to it.
+fn tamper_spec(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join(record::SPEC_FILE);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut v);
+    let spec: engine::spec::RunSpec = serde_json::from_value(v).unwrap();
+    std::fs::write(&path, spec.canonical_json()).unwrap();
+    recommit(dir, None, |_| {});
+}
+
+/// A copy of `s` with its tensors passed through `f` (name, tensor) → kept entries.
+fn rebuilt(s: &TrainingState, f: impl Fn(&str, &Tensor) -> Vec<(String, Tensor)>) -> TrainingState {
+    let mut out = TrainingState::new(s.step);
+    for (n, t) in s.tensors() {
+        for (n2, t2) in f(n, t) {
+            out.insert(&n2, t2).unwrap();
+        }
+    }
+    out
+}
+
+fn fresh_record(dir: &Path, drill: Drill) -> PathBuf {
+    write_record(dir, Profile::Cpu, SGD, drill)
+}
+
+/// Every audit mode the issue names, on `src`: (label, verdict or error).
+fn every_mode(src: &dyn TrainerSource, from: u64) -> Vec<(String, Result<Verdict, String>)> {
+    let base = AuditOptions::new(Profile::CpuSeq);
+    let all_intervals = (STEPS / INTERVAL + 1) as usize;
+    let mut runs: Vec<(String, AuditOptions, usize)> = vec![
+        ("full".into(), base.clone(), 0),
+        (format!("full --from {from}"), AuditOptions { from: Some(from), ..base.clone() }, 0),
+    ];
+    for threads in [1, 2, 8] {
+        runs.push((format!("intervals x{threads}"), AuditOptions { mode: Mode::Intervals, ..base.clone() }, threads));
+    }
+    let spot = |pick| Mode::Spot { count: all_intervals, pick };
+    runs.push((
+        "spot random".into(),
+        AuditOptions { mode: spot(SpotPick::Random { seed: 3, chosen: SeedChoice::Given }), ..base.clone() },
+        2,
+    ));
+    runs.push(("spot largest".into(), AuditOptions { mode: spot(SpotPick::LargestUpdates), ..base.clone() }, 2));
+    runs.into_iter()
+        .map(|(label, opts, threads)| {
+            let go = || audit(src, &opts, &NoProgress).map(|a| a.verdict).map_err(|e| e.to_string());
+            let r = if threads == 0 {
+                go()
+            } else {
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(go)
+            };
+            (label, r)
+        })
+        .collect()
+}
+
+/// Every mode gives the same adverse verdict; returns it.
+fn same_adverse_verdict(src: &dyn TrainerSource, from: u64, ctx: &str) -> Verdict {
+    let results = every_mode(src, from);
+    let (first_label, first) = &results[0];
+    let first = first.clone().unwrap_or_else(|e| panic!("{ctx}: {first_label}: could not decide: {e}"));
+    assert!(!first.is_consistent(), "{ctx}: {first_label}: consistent");
+    for (label, r) in &results[1..] {
+        assert_eq!(r.as_ref(), Ok(&first), "{ctx}: {label} differs from {first_label}");
+    }
+    first
+}
+
+fn assert_invalid(v: &Verdict, file_part: &str, what_part: &str, ctx: &str) {
+    match v {
+        Verdict::CommitmentInvalid { what, file: Some(file), .. } => {
+            assert!(file.contains(file_part), "{ctx}: file {file:?} does not name {file_part:?} ({what})");
+            assert!(what.contains(what_part), "{ctx}: {what:?} does not say {what_part:?}");
+        }
+        other => panic!("{ctx}: expected commitment-invalid about {file_part}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_malformed_committed_state_is_the_same_finding_in_every_mode() {
+    let dir = scratch("malformed-state");
+    let c = 2 * INTERVAL;
+    type Edit = Box<dyn Fn(&TrainingState) -> TrainingState>;
+    let first_param =
+        |s: &TrainingState| s.tensors().map(|(n, _)| n.to_string()).find(|n| n.starts_with("param/")).unwrap();
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "missing tensor",
+            Box::new(move |s| {
+                let p = first_param(s);
+                rebuilt(s, |n, t| if n == p { vec![] } else { vec![(n.into(), t.clone())] })
+            }),
+            "missing",
+        ),
+        (
+            "renamed tensor",
+            Box::new(move |s| {
+                let p = first_param(s);
+                rebuilt(s, |n, t| vec![(if n == p { format!("{n}_renamed") } else { n.into() }, t.clone())])
+            }),
+            "missing",
+        ),
+        (
+            "short tensor",
+            Box::new(move |s| {
+                let p = first_param(s);
+                rebuilt(s, |n, t| {
+                    let t = if n == p {
+                        Tensor::new(vec![t.data.len() - 1], t.data[1..].to_vec()).unwrap()
+                    } else {
+                        t.clone()
+                    };
+                    vec![(n.into(), t)]
+                })
+            }),
+            "shape",
+        ),
+        (
+            "long tensor",
+            Box::new(move |s| {
+                let p = first_param(s);
+                rebuilt(s, |n, t| {
+                    let t = if n == p {
+                        let mut d = t.data.clone();
+                        d.push(0.5);
+                        Tensor::new(vec![d.len()], d).unwrap()
+                    } else {
+                        t.clone()
+                    };
+                    vec![(n.into(), t)]
+                })
+            }),
+            "shape",
+        ),
+        (
+            "missing optimizer slot",
+            Box::new(|s| rebuilt(s, |n, t| if n.contains("momentum") { vec![] } else { vec![(n.into(), t.clone())] })),
+            "missing",
+        ),
+        (
+            "extra tensor",
+            Box::new(|s| rebuilt(s, |n, t| vec![(n.into(), t.clone()), (format!("{n}.extra"), t.clone())])),
+            "not a tensor",
+        ),
+    ];
+    for (i, (name, edit, says)) in cases.into_iter().enumerate() {
+        let record = fresh_record(&dir.join(format!("case{i}")), Drill::default());
+        tamper_checkpoint(&record, c, |s| edit(s));
+        let src = LocalRecord::open(&record).unwrap_or_else(|e| panic!("{name}: the record opens: {e}"));
+        let v = same_adverse_verdict(&src, c + 1, name);
+        assert_invalid(&v, &format!("{c:010}.state.zst"), says, name);
+    }
+}
+
+/// A record server that has handed out everything committed, then refuses one piece.
+struct Refusing {
+    inner: LocalRecord,
+    log: Option<u64>,
+    batch: Option<u64>,
+    checkpoint: Option<u64>,
+}
+
+impl Refusing {
+    fn refused(what: &str) -> SourceError {
+        SourceError::Refused { file: what.into(), what: "GET: HTTP 403".into() }
+    }
+}
+
+impl TrainerSource for Refusing {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn spec_bytes(&self) -> Result<Vec<u8>, SourceError> {
+        self.inner.spec_bytes()
+    }
+    fn manifest(&self) -> Result<Option<Manifest>, SourceError> {
+        self.inner.manifest()
+    }
+    fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
+        self.inner.leaves()
+    }
+    fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError> {
+        self.inner.child_hashes(lo, hi, size)
+    }
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, SourceError> {
+        self.inner.inclusion_proof(index, size)
+    }
+    fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
+        if self.log == Some(step) {
+            return Err(Self::refused("steps/log"));
+        }
+        self.inner.log(step)
+    }
+    fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
+        if self.batch == Some(step) {
+            return Err(Self::refused("steps/batch"));
+        }
+        self.inner.batch(step)
+    }
+    fn checkpoint_steps(&self) -> Result<Vec<u64>, SourceError> {
+        self.inner.checkpoint_steps()
+    }
+    fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
+        if self.checkpoint == Some(step) {
+            return Err(Self::refused("checkpoints/state"));
+        }
+        self.inner.checkpoint(step)
+    }
+}
+
+#[test]
+fn a_refusal_after_the_run_is_committed_is_withholding_in_every_mode() {
+    let dir = scratch("refusing");
+    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
+    let record = fresh_record(&dir, Drill { fault: Some(fault), ..Drill::default() });
+    for (name, log, batch, checkpoint, from) in [
+        ("log of the diverging step", Some(6), None, None, 5),
+        ("batch of the diverging step", None, Some(6), None, 5),
+        ("checkpoint before it", None, None, Some(INTERVAL), INTERVAL + 1),
+    ] {
+        let src = Refusing { inner: LocalRecord::open(&record).unwrap(), log, batch, checkpoint };
+        let v = same_adverse_verdict(&src, from, name);
+        assert_invalid(&v, "", "withheld", name);
+    }
+}
+
+#[test]
+fn a_signed_spec_that_is_invalid_in_itself_is_commitment_invalid_naming_the_field() {
+    let dir = scratch("bad-spec");
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        ("batch size 0", Box::new(|v| v["config"]["train"]["batch_size"] = 0.into()), "batch_size"),
+        (
+            "checkpoint interval 0",
+            Box::new(|v| v["config"]["train"]["checkpoint_interval"] = 0.into()),
+            "checkpoint_interval",
+        ),
+        ("zero classes", Box::new(|v| v["config"]["data"]["classes"] = 0.into()), "classes"),
+        (
+            "zero heads",
+            Box::new(
+                |v| v["config"]["model"] = serde_json::json!({"kind": "gpt", "layers": 1, "d_model": 8, "heads": 0, "context": 4, "dropout": 0.0}),
+            ),
+            "heads",
+        ),
+        (
+            "dropout 1",
+            Box::new(
+                |v| v["config"]["model"] = serde_json::json!({"kind": "gpt", "layers": 1, "d_model": 8, "heads": 2, "context": 4, "dropout": 1.0}),
+            ),
+            "dropout",
+        ),
+        (
+            "adam beta 1",
+            Box::new(
+                |v| v["config"]["optimizer"] = serde_json::json!({"kind": "adamw", "lr": 0.01, "beta1": 1.0, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}),
+            ),
+            "beta1",
+        ),
+    ];
+    for (i, (name, edit, field)) in cases.into_iter().enumerate() {
+        let record = fresh_record(&dir.join(format!("case{i}")), Drill::default());
+        tamper_spec(&record, |v| edit(v));
+        // Both ways in: the record directory as a whole, and the trainer-side trait.
+        let local = auditor::audit_dir(&record, &AuditOptions::new(Profile::CpuSeq), &NoProgress)
+            .unwrap_or_else(|e| panic!("{name}: could not decide: {e}"));
+        assert_invalid(&local.verdict, "spec.json", field, name);
+        if let Ok(src) = LocalRecord::open(&record) {
+            let v = same_adverse_verdict(&src, 1, name);
+            assert_invalid(&v, "spec.json", field, name);
+        }
+    }
+}
+
+#[test]
+fn manifest_fields_must_equal_the_spec_and_a_finished_run_needs_its_final_checkpoint() {
+    let dir = scratch("manifest-fields");
+    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+        ("checkpoint_interval", Box::new(|m| m.checkpoint_interval = INTERVAL + 1)),
+        ("device_profile", Box::new(|m| m.device_profile = "cpu-seq".into())),
+        ("format_version", Box::new(|m| m.format_version += 1)),
+    ];
+    for (i, (field, edit)) in cases.into_iter().enumerate() {
+        let record = fresh_record(&dir.join(format!("case{i}")), Drill::default());
+        recommit(&record, None, |m| edit(m));
+        let a = auditor::audit_dir(&record, &AuditOptions::new(Profile::CpuSeq), &NoProgress)
+            .unwrap_or_else(|e| panic!("{field}: could not decide: {e}"));
+        assert_invalid(&a.verdict, "manifest.json", field, field);
+    }
+    // 13 is off the interval: its checkpoint is written by `finish` alone.
+    let record = fresh_record(&dir.join("final"), Drill::default());
+    assert_ne!(STEPS % INTERVAL, 0);
+    std::fs::remove_file(record::checkpoint_path(&record, STEPS)).unwrap();
+    let a = auditor::audit_dir(&record, &AuditOptions::new(Profile::CpuSeq), &NoProgress).unwrap();
+    assert_invalid(&a.verdict, &format!("{STEPS:010}.state.zst"), "final", "missing final checkpoint");
+}
+
+#[test]
+fn a_diverged_report_names_each_differing_tensor_or_says_why_it_cannot() {
+    let dir = scratch("state-diff");
+    // At a checkpoint step the trainer's own state is on record: compared tensor by tensor.
+    let at = 2 * INTERVAL;
+    let record = fresh_record(
+        &dir.join("on"),
+        Drill { fault: Some(Fault { kind: FaultKind::ScaleLr, step: at }), ..Drill::default() },
+    );
+    let a = auditor::audit_dir(&record, &AuditOptions::new(Profile::CpuSeq), &NoProgress).unwrap();
+    assert!(matches!(a.verdict, Verdict::Diverged { step, .. } if step == at), "{:?}", a.verdict);
+    let Some(StateComparison::Compared(diffs)) = a.detail.as_ref().and_then(|d| d.state.clone()) else {
+        panic!("no comparison: {:?}", a.detail.map(|d| d.state));
+    };
+    assert!(!diffs.is_empty());
+    for d in &diffs {
+        assert!(d.elements > 0 && d.first_index.is_some() && d.trainer != d.auditor, "{d:?}");
+    }
+    assert!(diffs.iter().any(|d| d.tensor.starts_with("param/")), "{diffs:?}");
+    let json = auditor::report::Report::build(&a, &key()).to_json();
+    assert!(json.contains(&diffs[0].tensor) && json.contains("\"compared\": true"), "{json}");
+
+    // Between checkpoints the trainer side cannot hand its state out: the report says so.
+    let record = fresh_record(
+        &dir.join("off"),
+        Drill { fault: Some(Fault { kind: FaultKind::ScaleLr, step: 6 }), ..Drill::default() },
+    );
+    let a = auditor::audit_dir(&record, &AuditOptions::new(Profile::CpuSeq), &NoProgress).unwrap();
+    match a.detail.as_ref().and_then(|d| d.state.clone()) {
+        Some(StateComparison::Unavailable(why)) => assert!(why.contains("step 6"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn honest_records_stay_consistent_in_every_mode() {
+    let dir = scratch("honest-modes");
+    let record = fresh_record(&dir, Drill::default());
+    let src = LocalRecord::open(&record).unwrap();
+    for (label, r) in every_mode(&src, 5) {
+        assert_eq!(r, Ok(Verdict::Consistent), "{label}");
+    }
+    // Pinning the trainer's own key changes nothing; another key is a finding.
+    let own = to_hex(key().verifying_key().as_bytes());
+    let opts = AuditOptions { trainer_key: Some(own), ..AuditOptions::new(Profile::CpuSeq) };
+    assert_eq!(audit(&src, &opts, &NoProgress).unwrap().verdict, Verdict::Consistent);
+    let other = to_hex(SigningKey::from_bytes(&[8; 32]).verifying_key().as_bytes());
+    let opts = AuditOptions { trainer_key: Some(other), ..AuditOptions::new(Profile::CpuSeq) };
+    assert_invalid(&audit(&src, &opts, &NoProgress).unwrap().verdict, "manifest.json", "pinned", "other key");
+    // A usage error is not a verdict.
+    let opts = AuditOptions { from: Some(STEPS + 5), ..AuditOptions::new(Profile::CpuSeq) };
+    assert!(matches!(audit(&src, &opts, &NoProgress), Err(AuditError::Usage(_))));
+}
