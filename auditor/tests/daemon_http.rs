@@ -304,3 +304,76 @@ async fn a_corrupt_record_behind_the_server_is_commitment_invalid_naming_the_fil
     daemon.stop().await;
     trainer.stop().await;
 }
+
+/// A record server that hands out the spec, manifest and leaves, then refuses the disputed
+/// step's log, its batch or a checkpoint (with each refusal status), or redirects elsewhere:
+/// the daemon signs the same adverse verdict every time, naming the request, and nothing the
+/// server said (its body, a redirect target) appears in the signed report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_after_committing_is_convicted_and_its_words_stay_out_of_the_report() {
+    let dir = scratch("daemon-refusing");
+    let records = dir.join("records");
+    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
+    place(
+        &write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() }),
+        &records,
+        "f",
+    );
+    let trainer = start_trainer(&records, None).await;
+    let daemon = start_daemon(config(&dir.join("state"))).await;
+    let c = reqwest::Client::new();
+    let marker = "SECRET-INTERNAL-BODY";
+    for (target, status) in [
+        ("/logs/6", 400u16),
+        ("/logs/6", 401),
+        ("/batches/6", 403),
+        ("/checkpoints/4", 404),
+        ("/logs/6", 302),
+        ("/batches/6", 307),
+    ] {
+        let upstream = trainer.url.clone();
+        let proxy = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let upstream = upstream.clone();
+            async move {
+                if uri.path().ends_with(target) {
+                    let code = axum::http::StatusCode::from_u16(status).unwrap();
+                    let body = format!("{{\"error\": \"{marker}\", \"code\": \"{marker}\", \"file\": \"{marker}\"}}");
+                    return axum::response::Response::builder()
+                        .status(code)
+                        .header("location", format!("{upstream}{uri}?{marker}"))
+                        .body(axum::body::Body::from(body))
+                        .unwrap();
+                }
+                let resp = reqwest::get(format!("{upstream}{uri}")).await.unwrap();
+                let code = axum::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+                let mut b = axum::response::Response::builder().status(code);
+                for (k, v) in resp.headers() {
+                    b = b.header(k, v);
+                }
+                b.body(axum::body::Body::from(resp.bytes().await.unwrap())).unwrap()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, proxy).await.unwrap() });
+        let ctx = format!("{status} on {target}");
+        let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": proxy_url, "run": "f"}), None)).await;
+        assert_eq!(s, 202, "{ctx}: {v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let done = wait_done(&c, &daemon.url, &id, None).await;
+        assert_eq!(
+            (done["state"].as_str(), done["verdict"].as_str()),
+            (Some("done"), Some("commitment-invalid")),
+            "{ctx}: {done}"
+        );
+        let (_, report, raw) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
+        let verdict = report["verdict"].to_string();
+        let says = if status == 404 { "missing" } else { "withheld" };
+        assert!(verdict.contains(says) && verdict.contains(&status.to_string()), "{ctx}: {verdict}");
+        assert!(!String::from_utf8_lossy(&raw).contains(marker), "{ctx}: the server's words are in the report");
+        assert!(!done.to_string().contains(marker), "{ctx}: the server's words are in the status: {done}");
+        server.abort();
+    }
+    daemon.stop().await;
+    trainer.stop().await;
+}
