@@ -550,3 +550,43 @@ fn a_reader_that_closes_early_ends_the_output_quietly() {
         .unwrap();
     assert_eq!(status.code(), Some(64));
 }
+
+/// The CLI gives one adverse verdict for a guilty record whatever the mode, the starting step
+/// or the number of replay workers: here a checkpoint with a tensor missing, under a correct
+/// hash, leaf, root and signature.
+#[test]
+fn a_guilty_record_gets_the_same_verdict_from_every_mode_and_thread_count() {
+    use support::tamper::{rebuilt, tamper_checkpoint};
+    let dir = scratch("cli-guilty");
+    let record = write_record(&dir.join("g"), Profile::Cpu, SGD, Drill::default());
+    tamper_checkpoint(&record, 8, |s| {
+        rebuilt(s, |n, t| if n.contains("momentum") { vec![] } else { vec![(n.into(), t.clone())] })
+    });
+    let rec = record.to_str().unwrap();
+    let runs: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["--from", "9"],
+        vec!["--mode", "intervals", "--threads", "1"],
+        vec!["--mode", "intervals", "--threads", "2"],
+        vec!["--mode", "intervals", "--threads", "8"],
+        vec!["--mode", "spot", "--spot-count", "8"],
+        vec!["--mode", "spot", "--spot-count", "8", "--spot-by", "largest-update"],
+    ];
+    let mut verdicts = Vec::new();
+    for extra in runs {
+        let mut args = vec!["audit", "--record", rec, "--json"];
+        args.extend(&extra);
+        let out = auditor(&dir, &args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        verdicts.push((extra, json(&out)["verdict"].clone()));
+    }
+    let first = &verdicts[0].1;
+    assert_eq!(first["kind"], "commitment-invalid", "{first}");
+    assert_eq!(first["file"], "checkpoints/0000000008.state.zst", "{first}");
+    assert!(first["what"].as_str().unwrap().contains("momentum"), "names the tensor: {first}");
+    for (extra, v) in &verdicts[1..] {
+        assert_eq!(v, first, "{extra:?}");
+    }
+    let out = auditor(&dir, &["audit", "--record", rec, "--threads", "0"]);
+    assert_eq!(out.status.code(), Some(64));
+}

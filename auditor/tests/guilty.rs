@@ -11,70 +11,14 @@ use auditor::{
     AuditError, AuditOptions, LocalRecord, Mode, NoProgress, SourceError, SpotPick, TrainerSource, Verdict, audit,
 };
 use common::codec::{Hash, to_hex};
-use common::leaf::{BatchIndices, LEAF_BYTES, Leaf};
-use common::merkle::{MerkleTree, leaf_hash};
+use common::leaf::{BatchIndices, Leaf};
 use common::state::{Tensor, TrainingState};
-use common::tielog::{self, TieBreakLog};
-use ed25519_dalek::Signer;
-use engine::record::{self, Manifest, Record, SigningKey};
+use common::tielog::TieBreakLog;
+use engine::record::{self, Manifest, SigningKey};
 use engine::train::{Fault, FaultKind};
 use kernels::Profile;
+use support::tamper::{key, rebuilt, recommit, tamper_checkpoint, tamper_spec};
 use support::{Drill, INTERVAL, SGD, STEPS, scratch, write_record};
-
-/// The key `support::write_record` signs with.
-fn key() -> SigningKey {
-    SigningKey::from_bytes(&[7; 32])
-}
-
-/// Rewrites leaf `step`'s state digest (when given), then the manifest's root and spec hash,
-/// signed again: a record whose every commitment is consistent, whatever it commits to.
-fn recommit(dir: &Path, state_digest: Option<(u64, Hash)>, edit_manifest: impl FnOnce(&mut Manifest)) {
-    let leaves_path = dir.join(record::LEAVES_FILE);
-    let mut leaves = record::read_leaves(&leaves_path, false).unwrap();
-    if let Some((step, digest)) = state_digest {
-        leaves[step as usize].state = digest;
-    }
-    let bytes: Vec<u8> = leaves.iter().flat_map(|l| l.encode()).collect();
-    assert_eq!(bytes.len(), leaves.len() * LEAF_BYTES);
-    std::fs::write(&leaves_path, bytes).unwrap();
-    let tree = MerkleTree::from_leaf_hashes(leaves.iter().map(|l| leaf_hash(&l.encode())));
-    let manifest_path = dir.join(record::MANIFEST_FILE);
-    let mut m: Manifest = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
-    m.root = to_hex(&tree.root());
-    m.spec_hash = to_hex(&common::codec::sha256(&std::fs::read(dir.join(record::SPEC_FILE)).unwrap()));
-    edit_manifest(&mut m);
-    m.signature = to_hex(&key().sign(&m.signing_payload()).to_bytes());
-    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-}
-
-/// Replaces checkpoint `step` by `edit` of it, under a correct hash, leaf, root and signature.
-fn tamper_checkpoint(dir: &Path, step: u64, edit: impl FnOnce(&TrainingState) -> TrainingState) {
-    let state = Record::open(dir).unwrap().checkpoint(step).unwrap();
-    let bad = edit(&state);
-    std::fs::write(record::checkpoint_path(dir, step), tielog::compress_canonical(&bad.encode())).unwrap();
-    recommit(dir, Some((step, bad.digest())), |_| {});
-}
-
-/// Replaces the spec by `edit` of its JSON, and signs a manifest that commits to it.
-fn tamper_spec(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join(record::SPEC_FILE);
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    edit(&mut v);
-    let spec: engine::spec::RunSpec = serde_json::from_value(v).unwrap();
-    std::fs::write(&path, spec.canonical_json()).unwrap();
-    recommit(dir, None, |_| {});
-}
-
-/// A copy of `s` with its tensors passed through `f` (name, tensor) → kept entries.
-fn rebuilt(s: &TrainingState, f: impl Fn(&str, &Tensor) -> Vec<(String, Tensor)>) -> TrainingState {
-    let mut out = TrainingState::new(s.step);
-    for (n, t) in s.tensors() {
-        for (n2, t2) in f(n, t) {
-            out.insert(&n2, t2).unwrap();
-        }
-    }
-    out
-}
 
 fn fresh_record(dir: &Path, drill: Drill) -> PathBuf {
     write_record(dir, Profile::Cpu, SGD, drill)

@@ -77,6 +77,10 @@ pub struct AuditArgs {
     /// Dataset files, for specs that are not synthetic.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Replay workers for intervals and spot mode (default: one per core). The verdict does
+    /// not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
     /// The auditor's ed25519 key (generated if absent).
     #[arg(long, default_value = "auditor.key")]
     key: PathBuf,
@@ -173,6 +177,9 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
     let trainer_key = args.trainer_pubkey.as_deref().map(|v| public_key_arg("--trainer-pubkey", v)).transpose()?;
     let explicit_device = args.device.as_deref().map(|d| device_arg("--device", d)).transpose()?;
     let mode = mode(&args)?;
+    if args.threads == Some(0) {
+        return Err(usage("--threads 0: must be at least 1"));
+    }
     if let (Some(from), Some(to)) = (args.from, args.to)
         && from > to
     {
@@ -225,9 +232,16 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
             .progress_chars("=> "),
     );
     let progress = Bar(bar);
+    let pool = {
+        let mut b = rayon::ThreadPoolBuilder::new();
+        if let Some(n) = args.threads {
+            b = b.num_threads(n);
+        }
+        b.build().context("starting the replay workers")?
+    };
     let (result, what) = match (&remote, &args.record) {
-        (Some(src), _) => (audit(src, &opts, &progress), src.describe()),
-        (None, Some(dir)) => (audit_dir(dir, &opts, &progress), dir.display().to_string()),
+        (Some(src), _) => (pool.install(|| audit(src, &opts, &progress)), src.describe()),
+        (None, Some(dir)) => (pool.install(|| audit_dir(dir, &opts, &progress)), dir.display().to_string()),
         (None, None) => return Err(usage("give --record DIR or --trainer-url URL --run ID")),
     };
     progress.0.finish_and_clear();

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of the helpers")]
 
+pub mod tamper;
+
 use std::path::{Path, PathBuf};
 
 use engine::record::{RecordWriter, SigningKey};
