@@ -228,7 +228,8 @@ fn a_refusal_after_the_run_is_committed_is_withholding_in_every_mode() {
 #[test]
 fn a_signed_spec_that_is_invalid_in_itself_is_commitment_invalid_naming_the_field() {
     let dir = scratch("bad-spec");
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type SpecEdit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, SpecEdit, &str)> = vec![
         ("batch size 0", Box::new(|v| v["config"]["train"]["batch_size"] = 0.into()), "batch_size"),
         (
             "checkpoint interval 0",
@@ -275,7 +276,8 @@ fn a_signed_spec_that_is_invalid_in_itself_is_commitment_invalid_naming_the_fiel
 #[test]
 fn manifest_fields_must_equal_the_spec_and_a_finished_run_needs_its_final_checkpoint() {
     let dir = scratch("manifest-fields");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+    type ManifestEdit = Box<dyn Fn(&mut Manifest)>;
+    let cases: Vec<(&str, ManifestEdit)> = vec![
         ("checkpoint_interval", Box::new(|m| m.checkpoint_interval = INTERVAL + 1)),
         ("device_profile", Box::new(|m| m.device_profile = "cpu-seq".into())),
         ("format_version", Box::new(|m| m.format_version += 1)),
