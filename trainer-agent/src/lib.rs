@@ -95,11 +95,15 @@ impl Session {
     /// spec, opens the record and the signing key. Nothing on disk is touched until every input
     /// has been validated.
     pub fn create(opts: &SessionOptions) -> Result<Session, TrainerError> {
+        // Range-check the config before its numbers size anything (the dataset first).
+        opts.config.validate().map_err(|e| EngineError::InvalidSpec(e.under("config.")))?;
         let data = Dataset::for_config(&opts.config, opts.data.as_deref())?;
         let n_steps = opts.steps.unwrap_or_else(|| planned_steps(&opts.config, data.n_train()));
         if n_steps == 0 {
             return Err(TrainerError::Usage("--steps must be at least 1".into()));
         }
+        // The spec's config plans exactly the steps run (a `--steps` override is written in).
+        let config = opts.config.clone().with_planned_steps(n_steps, data.n_train() as u64);
         let mut faults = BTreeMap::new();
         for f in &opts.faults {
             if f.step > n_steps {
@@ -113,7 +117,8 @@ impl Session {
                 return Err(TrainerError::Usage(format!("more than one fault at step {}", f.step)));
             }
         }
-        let spec = RunSpec::new(opts.config.clone(), data.commitment(), opts.device.name(), n_steps);
+        let spec = RunSpec::new(config, data.commitment(), opts.device.name(), n_steps);
+        // Refuses a spec that fails `RunSpec::validate` before anything is written.
         let run = Run::new(spec.clone(), data, Device::new(opts.device)?)?;
         let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
         let (writer, state, resumed_from) = if opts.resume {
