@@ -205,3 +205,48 @@ impl Session {
         Ok(self.writer.finish(&self.state, &self.key)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(out: PathBuf) -> SessionOptions {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/synthetic-mlp.toml");
+        let config = Config::from_toml(&std::fs::read_to_string(path).unwrap(), path).unwrap();
+        SessionOptions {
+            config,
+            data: None,
+            key: Some(out.with_extension("key")),
+            out,
+            device: Profile::Cpu,
+            steps: Some(3),
+            resume: false,
+            faults: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_run_whose_spec_is_invalid_does_not_start() {
+        let out = std::env::temp_dir().join(format!("tiebreak-agent-invalid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        // A config built in code bypasses the TOML checks; the session still refuses it.
+        for (field, edit) in [
+            ("config.train.batch_size", (|c: &mut Config| c.train.batch_size = 0) as fn(&mut Config)),
+            ("config.train.checkpoint_interval", |c| c.train.checkpoint_interval = 0),
+        ] {
+            let mut opts = options(out.clone());
+            edit(&mut opts.config);
+            match Session::create(&opts) {
+                Err(TrainerError::Engine(EngineError::InvalidSpec(e))) => assert_eq!(e.field, field),
+                other => panic!("{field}: expected InvalidSpec, got {other:?}"),
+            }
+            assert!(!out.exists(), "{field}: nothing may be written");
+        }
+        // A --steps override is written into the spec's config, so the spec stays valid.
+        let session = Session::create(&options(out.clone())).unwrap();
+        assert_eq!(session.run().spec.config.train.steps, Some(3));
+        session.run().spec.validate().unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        let _ = std::fs::remove_file(out.with_extension("key"));
+    }
+}
