@@ -371,6 +371,7 @@ impl Run {
     /// Mean loss and (for classification) accuracy over up to `max` held-out examples. Not part
     /// of the verified path: its rounding log is discarded.
     pub fn evaluate(&self, state: &TrainingState, max: usize) -> Result<Evaluation, EngineError> {
+        self.check_state(state).map_err(EngineError::InvalidState)?;
         let n = self.data.n_holdout().min(max);
         if n == 0 {
             return Ok(Evaluation { examples: 0, loss: None, accuracy: None });
