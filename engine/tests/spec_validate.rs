@@ -197,3 +197,34 @@ fn planned_steps_follow_the_config() {
     let c = c.with_planned_steps(7, 256);
     assert_eq!((c.train.steps, c.train.epochs), (Some(7), None));
 }
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
+    for name in ["synthetic-mlp", "mnist-mlp", "mnist-cnn", "shakespeare-gpt"] {
+        let path = format!("{dir}/{name}.toml");
+        let config = Config::from_toml(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+        let sizes = config.sizes().unwrap();
+        assert!(sizes.state_values >= 2 * sizes.param_values, "{name}");
+    }
+}
+
+/// An honest text commitment is never refused: whatever the text's length, context and holdout
+/// fraction, the counts it gives are found coherent (a false "commitment-invalid" would accuse
+/// an honest trainer).
+#[test]
+fn honest_text_commitments_are_coherent_at_every_length() {
+    let mut config = Config::from_toml(MLP, "mlp").unwrap();
+    for len in [40usize, 4095, 4096, 4097, 8192, 10_000, 123_457] {
+        for context in [8usize, 64] {
+            for fraction in [0.0, 0.05, 0.1, 0.3, 0.49] {
+                let text: Vec<u8> = (0..len).map(|i| b"abcdefghij .\n"[(i * 7 + i / 13) % 13]).collect();
+                let Ok(data) = Dataset::text(text, context, fraction) else { continue };
+                config.model = ModelConfig::Gpt(GptConfig { layers: 1, d_model: 8, heads: 2, context, dropout: 0.0 });
+                config.data = DataConfig::Text(TextConfig { holdout_fraction: fraction });
+                let spec = spec_for(config.clone(), data.commitment());
+                spec.validate().unwrap_or_else(|e| panic!("len {len}, context {context}, fraction {fraction}: {e}"));
+            }
+        }
+    }
+}
