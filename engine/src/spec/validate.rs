@@ -126,7 +126,7 @@ fn model_sizes(config: &Config, input: &[usize], classes: usize) -> Result<(u64,
             let (c0, c1) = (u(c.channels[0]), u(c.channels[1]));
             let (h, w) = (u(input[1]), u(input[2]));
             if h % 4 != 0 || w % 4 != 0 {
-                return Err(invalid("model", format!("the CNN needs image sides divisible by 4, not {h}×{w}")));
+                return Err(invalid("data.features", format!("the CNN needs image sides divisible by 4, not {h}×{w}")));
             }
             let flat = product("model.channels", &[c1, h / 4, w / 4], cap, "the flattened features")?;
             let terms = [
