@@ -238,3 +238,32 @@ fn checkpoints_decompress_within_the_spec_s_state_size() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+#[test]
+fn resume_refuses_a_special_entry_in_the_record_s_directories() {
+    let cfg = Config::from_toml(CONFIG, "test").unwrap();
+    let run = Run::from_config(&cfg, None, Profile::Cpu, 5).unwrap();
+    let dir = scratch("resume").join("rec");
+    let mut w = RecordWriter::create(&dir, &run.spec).unwrap();
+    let mut state = run.initial_state().unwrap();
+    w.commit_initial(&state).unwrap();
+    for t in 1..=3 {
+        let o = run.step(&state, t, StepMode::Commit { paper: false }, None).unwrap();
+        w.commit_step(&o.state, &o.log, &o.batch).unwrap();
+        state = o.state;
+    }
+    drop(w);
+    // Resuming removes later steps' files; a directory among them is not removed blindly.
+    let odd = record::checkpoint_path(&dir, 4);
+    std::fs::create_dir(&odd).unwrap();
+    match RecordWriter::resume(&dir, &run.spec) {
+        Err(RecordError::Corrupt { path, what, .. }) => {
+            assert_eq!(path, odd);
+            assert!(what.contains("not a regular file"), "{what}");
+        }
+        other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+    }
+    std::fs::remove_dir(&odd).unwrap();
+    let (_, point) = RecordWriter::resume(&dir, &run.spec).unwrap();
+    assert_eq!(point.state.step, 2);
+}
