@@ -22,6 +22,7 @@
 //! never hashed: different zstd versions or APIs may produce different bytes for the same input.
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
 
 use crate::codec::{self, DecodeError, Hash, Reader, put_varint};
 
@@ -352,18 +353,37 @@ pub fn compress_canonical(raw: &[u8]) -> Vec<u8> {
 
 /// Decompresses stored bytes, refusing output larger than `raw_bytes_max` (a zip bomb or a
 /// corrupt frame header cannot make us allocate more).
+///
+/// Memory follows what the data declares, not the bound: the output buffer is reserved at the
+/// size the frames declare (refused outright above `raw_bytes_max`), and the frames are
+/// stream-decoded through a reader that stops one byte past the bound, so a frame that does not
+/// declare its size (or declares too little) grows the buffer only as far as it really decodes.
+/// The output bytes are those of a one-shot decompression.
 pub fn decompress_bounded(stored: &[u8], raw_bytes_max: usize) -> Result<Vec<u8>, TieLogError> {
-    match zstd::bulk::Decompressor::upper_bound(stored) {
-        Some(n) if n > raw_bytes_max => return Err(TieLogError::TooLarge { limit: raw_bytes_max }),
-        _ => {}
-    }
-    zstd::bulk::decompress(stored, raw_bytes_max).map_err(|e| {
-        if e.to_string().contains("Destination buffer is too small") {
-            TieLogError::TooLarge { limit: raw_bytes_max }
-        } else {
-            TieLogError::Compression { detail: e.to_string() }
+    let too_large = || TieLogError::TooLarge { limit: raw_bytes_max };
+    // What the (first) frame declares; our writers always declare it, in one frame. A corrupt
+    // header is left for the decoder to report.
+    let declared = zstd::zstd_safe::get_frame_content_size(stored).ok().flatten();
+    let mut out = Vec::new();
+    if let Some(n) = declared {
+        if n > raw_bytes_max as u64 {
+            return Err(too_large());
         }
-    })
+        // `n` is within the caller's bound; a failed reservation is this machine's limit.
+        out.try_reserve_exact(n as usize).map_err(|e| TieLogError::Compression {
+            detail: format!("cannot reserve the {n} bytes the frame declares: {e}"),
+        })?;
+    }
+    let decoder = zstd::stream::read::Decoder::with_buffer(stored)
+        .map_err(|e| TieLogError::Compression { detail: e.to_string() })?;
+    decoder
+        .take(raw_bytes_max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| TieLogError::Compression { detail: e.to_string() })?;
+    if out.len() > raw_bytes_max {
+        return Err(too_large());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -503,5 +523,58 @@ mod tests {
             let _ = TieBreakLog::decode(&bytes);
             let _ = TieBreakLog::decompress(&bytes, 1 << 16);
         }
+    }
+
+    /// A frame header declaring `content_size` bytes, followed by one empty last block.
+    fn frame_declaring(content_size: u64) -> Vec<u8> {
+        let mut f = vec![0x28, 0xb5, 0x2f, 0xfd];
+        // Frame header descriptor: 8-byte content size, no single segment, no checksum; then a
+        // window descriptor (the smallest window).
+        f.extend([0xc0, 0x00]);
+        f.extend(content_size.to_le_bytes());
+        f.extend([0x01, 0x00, 0x00]);
+        f
+    }
+
+    #[test]
+    fn a_declared_size_above_the_bound_is_refused_before_allocating() {
+        // 1 TiB declared: reserving it would abort the process.
+        let bomb = frame_declaring(1 << 40);
+        assert!(matches!(decompress_bounded(&bomb, 4 << 30), Err(TieLogError::TooLarge { limit }) if limit == 4 << 30));
+        assert!(matches!(decompress_bounded(&bomb, 1 << 20), Err(TieLogError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn memory_follows_the_frame_not_the_bound() {
+        let raw: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let stored = compress_canonical(&raw);
+        // A bound of 1 TiB must not be reserved: only what the frame declares is.
+        let out = decompress_bounded(&stored, 1 << 40).unwrap();
+        assert_eq!(out, raw);
+        assert!(out.capacity() <= raw.len() + 64, "reserved {} for {} bytes", out.capacity(), raw.len());
+        // The bound itself is exact.
+        assert_eq!(decompress_bounded(&stored, raw.len()).unwrap(), raw);
+        assert!(matches!(decompress_bounded(&stored, raw.len() - 1), Err(TieLogError::TooLarge { .. })));
+        assert_eq!(
+            decompress_bounded(&stored, raw.len()).unwrap(),
+            zstd::bulk::decompress(&stored, raw.len()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_frame_without_a_declared_size_is_decoded_up_to_the_bound_only() {
+        // A streaming encoder does not write the content size.
+        let raw = vec![0u8; 8 << 20];
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        std::io::Write::write_all(&mut enc, &raw).unwrap();
+        let stored = enc.finish().unwrap();
+        assert_eq!(zstd::zstd_safe::get_frame_content_size(&stored).unwrap(), None);
+        assert!(stored.len() < 4096, "a bomb: {} stored bytes for {} raw", stored.len(), raw.len());
+        assert!(
+            matches!(decompress_bounded(&stored, 1 << 20), Err(TieLogError::TooLarge { limit }) if limit == 1 << 20)
+        );
+        assert_eq!(decompress_bounded(&stored, 8 << 20).unwrap(), raw);
+        assert!(decompress_bounded(&stored[..stored.len() / 2], 8 << 20).is_err());
+        assert!(decompress_bounded(b"not zstd at all", 1 << 20).is_err());
     }
 }

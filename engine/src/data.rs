@@ -16,6 +16,8 @@ use crate::spec::{DataConfig, DatasetCommitment};
 
 /// Bytes of text per committed leaf for text datasets.
 pub const TEXT_CHUNK_BYTES: usize = 4096;
+/// Height and width of an MNIST image.
+pub const MNIST_SIDE: usize = 28;
 /// Largest data file accepted (a corrupt header cannot make us read without limit).
 pub const DATA_FILE_BYTES_MAX: u64 = 1 << 30;
 
@@ -133,6 +135,13 @@ impl Dataset {
                 }
                 let (img_path, lbl_path) = find_mnist(dir)?;
                 let (n, rows, cols, pixels) = parse_idx_images(&read_maybe_gz(&img_path)?, &img_path)?;
+                // The spec names MNIST, so it determines the model's input size from it.
+                if (rows, cols) != (MNIST_SIDE, MNIST_SIDE) {
+                    return Err(data_err(
+                        &img_path,
+                        format!("images are {rows}×{cols}; MNIST's are {MNIST_SIDE}×{MNIST_SIDE}"),
+                    ));
+                }
                 let labels = parse_idx_labels(&read_maybe_gz(&lbl_path)?, &lbl_path)?;
                 if labels.len() != n {
                     return Err(data_err(&lbl_path, format!("{} labels for {n} images", labels.len())));
@@ -140,7 +149,7 @@ impl Dataset {
                 if let Some(i) = labels.iter().position(|&l| l > 9) {
                     return Err(data_err(&lbl_path, format!("label {} at index {i} is not a digit", labels[i])));
                 }
-                let used = m.train + m.holdout;
+                let used = m.train.saturating_add(m.holdout);
                 if used > n {
                     return Err(data_err(&img_path, format!("config asks for {used} examples, the file has {n}")));
                 }
@@ -211,7 +220,7 @@ impl Dataset {
 
     /// A character-level text dataset: the vocabulary is the sorted set of bytes in the text.
     pub fn text(raw: Vec<u8>, context: usize, holdout_fraction: f64) -> Result<Dataset, String> {
-        if raw.len() < 2 * (context + 2) {
+        if text_split(raw.len(), context, holdout_fraction).is_none() {
             return Err(format!("text of {} bytes is too short for context {context}", raw.len()));
         }
         let mut present = [false; 256];
@@ -220,21 +229,28 @@ impl Dataset {
         let mut index = [0u32; 256];
         vocab.iter().enumerate().for_each(|(i, &b)| index[b as usize] = i as u32);
         let tokens: Vec<u32> = raw.iter().map(|&b| index[b as usize]).collect();
-        let windows = tokens.len() - context - 1;
-        // Integer arithmetic only: the split must not depend on FP rounding of the fraction.
-        let n_holdout_tokens = ((tokens.len() as f64) * holdout_fraction) as usize;
-        let n_train = windows.saturating_sub(n_holdout_tokens).max(1);
-        let n_holdout = windows.saturating_sub(n_train + context);
+        let (n_train, n_holdout) = text_split(tokens.len(), context, holdout_fraction)
+            .ok_or_else(|| format!("text of {} bytes is too short for context {context}", raw.len()))?;
         Ok(Dataset::Text { raw, vocab, tokens, context, n_train, n_holdout })
     }
 
-    /// Loads the dataset a whole config names (the GPT's context sets the text windows).
+    /// Loads the dataset a whole config names (the GPT's context sets the text windows). A CNN
+    /// reads a synthetic task of `s²` features as `1×s×s` images.
     pub fn for_config(config: &crate::spec::Config, path: Option<&Path>) -> Result<Dataset, EngineError> {
         let context = match &config.model {
             crate::spec::ModelConfig::Gpt(g) => g.context,
             _ => 0,
         };
-        Self::load(&config.data, path, config.train.seed, context)
+        let data = Self::load(&config.data, path, config.train.seed, context)?;
+        match (&config.model, &config.data) {
+            (crate::spec::ModelConfig::Cnn(_), DataConfig::Synthetic(s)) => {
+                let side = square_side(s.features).ok_or_else(|| {
+                    EngineError::Usage(format!("a CNN needs square images; {} features are not s²", s.features))
+                })?;
+                data.with_input_shape(vec![1, side, side]).map_err(EngineError::Usage)
+            }
+            _ => Ok(data),
+        }
     }
 
     pub fn n_train(&self) -> usize {
@@ -290,6 +306,27 @@ impl Dataset {
             root: common::codec::to_hex(&tree.root()),
         }
     }
+}
+
+/// The train/held-out split of a text of `len` tokens read in windows of `context` (integer
+/// arithmetic only, so the split does not depend on FP rounding of the fraction), or `None` if
+/// the text is too short (fewer than `2·(context + 2)` tokens). The run spec's validation uses
+/// the same function to check a text commitment's counts.
+pub fn text_split(len: usize, context: usize, holdout_fraction: f64) -> Option<(usize, usize)> {
+    if len < context.checked_add(2)?.checked_mul(2)? {
+        return None;
+    }
+    let windows = len - context - 1;
+    let n_holdout_tokens = ((len as f64) * holdout_fraction) as usize;
+    let n_train = windows.saturating_sub(n_holdout_tokens).max(1);
+    let n_holdout = windows.saturating_sub(n_train + context);
+    Some((n_train, n_holdout))
+}
+
+/// `s` with `s² = n`, if there is one.
+pub fn square_side(n: usize) -> Option<usize> {
+    let s = (n as f64).sqrt() as usize;
+    (s.saturating_sub(1)..=s + 1).find(|&c| c.checked_mul(c) == Some(n))
 }
 
 #[cfg(test)]

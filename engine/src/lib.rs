@@ -40,4 +40,32 @@ pub enum EngineError {
     Kernel(kernels::KernelError),
     #[error(transparent)]
     State(common::state::StateError),
+    /// The run spec is invalid in itself (a signed spec: the trainer's fault).
+    #[error("invalid run spec: {0}")]
+    InvalidSpec(spec::SpecInvalid),
+    /// A state given to step from does not fit the model and optimizer (a committed state: the
+    /// trainer's fault). Distinct from a value overflowing while stepping, which is
+    /// [`EngineError::Rounding`] with a non-finite source (see [`EngineError::is_overflow`]).
+    #[error("malformed state: {0}")]
+    InvalidState(train::StateInvalid),
+    /// The loaded dataset is not the one the spec commits to (for files: the caller's copy of
+    /// the data; synthetic data cannot differ once the spec is valid).
+    #[error(
+        "dataset does not match the run's commitment: the spec commits to {} leaves ({} train, {} held out) with \
+         root {}, the data gives {} leaves ({} train, {} held out) with root {}",
+        spec.leaves, spec.n_train, spec.n_holdout, spec.root, data.leaves, data.n_train, data.n_holdout, data.root
+    )]
+    DatasetMismatch { spec: Box<spec::DatasetCommitment>, data: Box<spec::DatasetCommitment> },
+}
+
+impl EngineError {
+    /// Whether a value overflowed FP32 (or became NaN) while stepping from a well-formed state:
+    /// a divergence of the computation, never a malformed input.
+    pub fn is_overflow(&self) -> bool {
+        use common::rounding::RoundingError;
+        matches!(
+            self,
+            EngineError::Rounding { source: RoundingError::NonFinite { .. } | RoundingError::NotANumber { .. }, .. }
+        )
+    }
 }

@@ -29,12 +29,19 @@ use common::leaf::{BatchIndices, LEAF_BYTES, Leaf};
 use common::merkle::MerkleTree;
 use common::state::TrainingState;
 use common::tielog::{self, TieBreakLog};
+use ed25519_dalek::Signer as _;
 /// The trainer's signing key type (ed25519).
 pub use ed25519_dalek::SigningKey;
-use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
-use serde::{Deserialize, Serialize};
 
 use crate::spec::{FORMAT_VERSION, RunSpec};
+
+mod files;
+mod manifest;
+mod read;
+
+use files::read_regular;
+pub use manifest::{Manifest, load_or_create_key};
+pub use read::{CommittedFrame, Record, read_checkpoint, read_checkpoint_frame, read_leaves, read_leaves_max};
 
 pub const SPEC_FILE: &str = "spec.json";
 pub const LEAVES_FILE: &str = "leaves.bin";
@@ -47,6 +54,8 @@ pub const LOG_RAW_BYTES_MAX: usize = 256 << 20;
 pub const STATE_RAW_BYTES_MAX: usize = 4 << 30;
 /// Most bytes a spec or manifest file may have.
 pub const JSON_FILE_BYTES_MAX: u64 = 1 << 20;
+/// Most bytes a batch file may have.
+pub const BATCH_FILE_BYTES_MAX: u64 = 64 << 20;
 
 /// Why a record could not be written or read. `Corrupt` and `Mismatch` always name the file
 /// (and the byte offset where known), so a report can say exactly what failed where.
@@ -115,90 +124,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RecordError> {
     Ok(())
 }
 
-fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>, RecordError> {
-    let meta = fs::metadata(path).map_err(io("stat", path))?;
-    if meta.len() > max {
-        return Err(RecordError::Corrupt {
-            path: path.to_path_buf(),
-            offset: None,
-            what: format!("{} bytes, more than the {max} allowed", meta.len()),
-        });
-    }
-    fs::read(path).map_err(io("read", path))
-}
-
-/// The signed manifest, written when a run finishes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub format_version: u32,
-    pub software_version: String,
-    /// Hex SHA-256 of `spec.json`.
-    pub spec_hash: String,
-    pub device_profile: String,
-    pub checkpoint_interval: u64,
-    /// Steps committed (leaves = n_steps + 1, the initial state first).
-    pub n_steps: u64,
-    /// Hex RFC 6962 root over the leaves.
-    pub root: String,
-    /// Hex ed25519 public key of the trainer.
-    pub public_key: String,
-    /// Hex ed25519 signature over [`Manifest::signing_payload`].
-    pub signature: String,
-}
-
-impl Manifest {
-    /// The bytes the trainer signs: a fixed binary encoding of every field but the signature.
-    pub fn signing_payload(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"TBMF");
-        out.extend_from_slice(&self.format_version.to_le_bytes());
-        for s in [&self.software_version, &self.spec_hash, &self.device_profile, &self.root, &self.public_key] {
-            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-        out.extend_from_slice(&self.checkpoint_interval.to_le_bytes());
-        out.extend_from_slice(&self.n_steps.to_le_bytes());
-        out
-    }
-
-    /// Checks the signature against the embedded public key.
-    pub fn verify_signature(&self) -> Result<(), String> {
-        let pk: [u8; 32] = codec::from_hex::<32>(&self.public_key).ok_or("public_key is not 32 hex bytes")?;
-        let sig: [u8; 64] = codec::from_hex::<64>(&self.signature).ok_or("signature is not 64 hex bytes")?;
-        let key = VerifyingKey::from_bytes(&pk).map_err(|e| format!("public key invalid: {e}"))?;
-        key.verify(&self.signing_payload(), &Signature::from_bytes(&sig))
-            .map_err(|_| "signature does not verify against the manifest's public key".to_string())
-    }
-}
-
-/// Loads the ed25519 key at `path`, or generates and stores one (mode 0600) if it is absent.
-pub fn load_or_create_key(path: &Path) -> Result<SigningKey, RecordError> {
-    if path.exists() {
-        let bytes = read_limited(path, 1024)?;
-        let text = String::from_utf8_lossy(&bytes);
-        let seed = codec::from_hex::<32>(text.trim()).ok_or_else(|| RecordError::Corrupt {
-            path: path.to_path_buf(),
-            offset: None,
-            what: "expected 64 hex characters (an ed25519 secret key)".into(),
-        })?;
-        return Ok(SigningKey::from_bytes(&seed));
-    }
-    let mut seed = [0u8; 32];
-    getrandom::getrandom(&mut seed)
-        .map_err(|e| RecordError::Refused(format!("no OS randomness to generate a signing key: {e}")))?;
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io("create directory", parent))?;
-    }
-    write_atomic(path, format!("{}\n", to_hex(&seed)).as_bytes())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
-    }
-    Ok(SigningKey::from_bytes(&seed))
-}
-
 /// Writes a record, one committed step at a time.
 #[derive(Debug)]
 pub struct RecordWriter {
@@ -224,7 +149,8 @@ impl RecordWriter {
             let mut entries = fs::read_dir(dir).map_err(io("list", dir))?;
             if entries.next().is_some() {
                 let existing = dir.join(SPEC_FILE);
-                let same = fs::read(&existing).ok().is_some_and(|b| b == spec.canonical_json());
+                let same =
+                    read_regular(&existing, JSON_FILE_BYTES_MAX).ok().is_some_and(|b| b == spec.canonical_json());
                 return Err(RecordError::Refused(if same {
                     format!("{} already holds this run; pass --resume to continue it", dir.display())
                 } else {
@@ -246,7 +172,7 @@ impl RecordWriter {
     /// after the last checkpoint that verifies, and returns that checkpoint's state.
     pub fn resume(dir: &Path, spec: &RunSpec) -> Result<(Self, ResumePoint), RecordError> {
         let spec_path = dir.join(SPEC_FILE);
-        let existing = read_limited(&spec_path, JSON_FILE_BYTES_MAX)?;
+        let existing = read_regular(&spec_path, JSON_FILE_BYTES_MAX)?;
         if existing != spec.canonical_json() {
             return Err(RecordError::Refused(format!(
                 "{} holds a different run (spec hash {}, this run's is {}); refusing to resume",
@@ -255,11 +181,12 @@ impl RecordWriter {
                 to_hex(&spec.digest())
             )));
         }
-        if dir.join(MANIFEST_FILE).exists() {
+        if fs::symlink_metadata(dir.join(MANIFEST_FILE)).is_ok() {
             return Err(RecordError::Refused(format!("{} is a finished run (it has a manifest)", dir.display())));
         }
         let leaves_path = dir.join(LEAVES_FILE);
-        let leaves = read_leaves(&leaves_path, true)?;
+        let leaves = read_leaves_max(&leaves_path, true, spec.n_steps + 1)?;
+        let state_bytes_max = read::state_bytes_max(spec, &spec_path)?;
         let committed = leaves.len() as u64;
         // The newest checkpoint whose state matches its committed leaf.
         let k = spec.config.train.checkpoint_interval;
@@ -267,7 +194,7 @@ impl RecordWriter {
         let mut c = committed.saturating_sub(1) / k * k;
         loop {
             if c < committed
-                && let Ok(state) = read_checkpoint(dir, c, &leaves[c as usize])
+                && let Ok(state) = read_checkpoint(dir, c, &leaves[c as usize], state_bytes_max)
             {
                 start = Some(state);
                 break;
@@ -293,6 +220,16 @@ impl RecordWriter {
             let d = dir.join(sub);
             for entry in fs::read_dir(&d).map_err(io("list", &d))? {
                 let entry = entry.map_err(io("list", &d))?;
+                // Only files (or links) belong here; a directory or other special entry is not
+                // something this writer made, and is not removed blindly.
+                let kind = entry.file_type().map_err(io("stat", &entry.path()))?;
+                if !(kind.is_file() || kind.is_symlink()) {
+                    return Err(RecordError::Corrupt {
+                        path: entry.path(),
+                        offset: None,
+                        what: "not a regular file (a record writes only files here)".into(),
+                    });
+                }
                 let name = entry.file_name().to_string_lossy().to_string();
                 let step: Option<u64> = name.get(..10).and_then(|s| s.parse().ok());
                 if name.ends_with(".tmp") || step.is_none_or(|s| s >= keep) {
@@ -386,7 +323,11 @@ impl RecordWriter {
                 final_state.step
             )));
         }
-        if !checkpoint_path(&self.dir, n_steps).exists() {
+        // Always (re)written unless it is a checkpoint already on an interval: a finished
+        // record must checkpoint its final state (Record::open checks).
+        if !(n_steps.is_multiple_of(self.spec.config.train.checkpoint_interval)
+            && files::is_regular(&checkpoint_path(&self.dir, n_steps)))
+        {
             self.write_checkpoint(final_state)?;
         }
         let mut m = Manifest {
@@ -404,295 +345,5 @@ impl RecordWriter {
         let json = serde_json::to_vec_pretty(&m).expect("manifest serialises");
         write_atomic(&self.dir.join(MANIFEST_FILE), &json)?;
         Ok(m)
-    }
-}
-
-/// Reads `leaves.bin`. With `allow_torn`, a partial last leaf (a crash mid-append) is ignored;
-/// otherwise it is an error. Every leaf must carry its own step number.
-pub fn read_leaves(path: &Path, allow_torn: bool) -> Result<Vec<Leaf>, RecordError> {
-    let bytes = fs::read(path).map_err(io("read", path))?;
-    let whole = bytes.len() / LEAF_BYTES * LEAF_BYTES;
-    if whole != bytes.len() && !allow_torn {
-        return Err(RecordError::Corrupt {
-            path: path.to_path_buf(),
-            offset: Some(whole as u64),
-            what: format!("torn leaf: {} trailing bytes", bytes.len() - whole),
-        });
-    }
-    let mut out = Vec::with_capacity(whole / LEAF_BYTES);
-    for (i, chunk) in bytes[..whole].chunks_exact(LEAF_BYTES).enumerate() {
-        let offset = (i * LEAF_BYTES) as u64;
-        let leaf = Leaf::decode(chunk).map_err(|e| RecordError::Corrupt {
-            path: path.to_path_buf(),
-            offset: Some(offset + e.offset as u64),
-            what: e.what,
-        })?;
-        if leaf.step != i as u64 {
-            return Err(RecordError::Corrupt {
-                path: path.to_path_buf(),
-                offset: Some(offset + 5),
-                what: format!("leaf {i} claims step {}", leaf.step),
-            });
-        }
-        out.push(leaf);
-    }
-    Ok(out)
-}
-
-/// A stored zstd file checked against its commitment: the frame as stored, and its
-/// decompressed (canonical) bytes, whose SHA-256 is the committed hash.
-#[derive(Debug, Clone)]
-pub struct CommittedFrame {
-    pub stored: Vec<u8>,
-    pub raw: Vec<u8>,
-}
-
-/// Reads the zstd file at `path` (decompressing at most `raw_bytes_max` bytes) and checks its
-/// raw bytes against `expected`; `what` names the hash in a mismatch.
-fn read_committed_frame(
-    path: PathBuf,
-    raw_bytes_max: usize,
-    expected: &Hash,
-    what: String,
-) -> Result<CommittedFrame, RecordError> {
-    let stored = read_limited(&path, raw_bytes_max as u64)?;
-    let raw = tielog::decompress_bounded(&stored, raw_bytes_max).map_err(|e| RecordError::Corrupt {
-        path: path.clone(),
-        offset: None,
-        what: e.to_string(),
-    })?;
-    let actual = codec::sha256(&raw);
-    if actual != *expected {
-        return Err(RecordError::Mismatch { path, what, expected: to_hex(expected), actual: to_hex(&actual) });
-    }
-    Ok(CommittedFrame { stored, raw })
-}
-
-/// The checkpoint file after step `step`, checked against its committed leaf (not decoded).
-pub fn read_checkpoint_frame(dir: &Path, step: u64, leaf: &Leaf) -> Result<CommittedFrame, RecordError> {
-    read_committed_frame(
-        checkpoint_path(dir, step),
-        STATE_RAW_BYTES_MAX,
-        &leaf.state,
-        format!("state hash of step {step}"),
-    )
-}
-
-/// Reads a checkpoint and checks it against its committed leaf.
-pub fn read_checkpoint(dir: &Path, step: u64, leaf: &Leaf) -> Result<TrainingState, RecordError> {
-    let path = checkpoint_path(dir, step);
-    let raw = read_checkpoint_frame(dir, step, leaf)?.raw;
-    let state = TrainingState::decode(&raw).map_err(|e| RecordError::Corrupt {
-        path: path.clone(),
-        offset: None,
-        what: e.to_string(),
-    })?;
-    if state.step != step {
-        return Err(RecordError::Corrupt { path, offset: None, what: format!("checkpoint holds step {}", state.step) });
-    }
-    Ok(state)
-}
-
-/// A record opened for reading. Every piece handed out is verified against its leaf first.
-#[derive(Debug)]
-pub struct Record {
-    dir: PathBuf,
-    spec: RunSpec,
-    spec_bytes: Vec<u8>,
-    leaves: Vec<Leaf>,
-    tree: MerkleTree,
-    manifest: Option<Manifest>,
-}
-
-impl Record {
-    /// Opens a record. A finished record's manifest must verify (signature, spec hash, root and
-    /// step count); an unfinished one (no manifest) opens with its committed prefix.
-    pub fn open(dir: &Path) -> Result<Record, RecordError> {
-        if !dir.is_dir() {
-            return Err(RecordError::Refused(format!("{} is not a record directory", dir.display())));
-        }
-        let spec_path = dir.join(SPEC_FILE);
-        let spec_bytes = read_limited(&spec_path, JSON_FILE_BYTES_MAX)?;
-        let spec: RunSpec = serde_json::from_slice(&spec_bytes).map_err(|e| RecordError::Corrupt {
-            path: spec_path.clone(),
-            offset: None,
-            what: format!("not a run spec: {e}"),
-        })?;
-        if spec.canonical_json() != spec_bytes {
-            return Err(RecordError::Corrupt { path: spec_path, offset: None, what: "not in canonical form".into() });
-        }
-        let manifest_path = dir.join(MANIFEST_FILE);
-        let manifest = if manifest_path.exists() {
-            let bytes = read_limited(&manifest_path, JSON_FILE_BYTES_MAX)?;
-            let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| RecordError::Corrupt {
-                path: manifest_path.clone(),
-                offset: Some(e.column() as u64),
-                what: format!("not a manifest: {e}"),
-            })?;
-            m.verify_signature().map_err(|what| RecordError::Corrupt {
-                path: manifest_path.clone(),
-                offset: None,
-                what,
-            })?;
-            let spec_hash = to_hex(&codec::sha256(&spec_bytes));
-            if m.spec_hash != spec_hash {
-                return Err(RecordError::Mismatch {
-                    path: manifest_path,
-                    what: "spec hash".into(),
-                    expected: m.spec_hash,
-                    actual: spec_hash,
-                });
-            }
-            Some(m)
-        } else {
-            None
-        };
-        let leaves_path = dir.join(LEAVES_FILE);
-        let leaves = read_leaves(&leaves_path, manifest.is_none())?;
-        if leaves.is_empty() {
-            return Err(RecordError::Corrupt { path: leaves_path, offset: Some(0), what: "no initial leaf".into() });
-        }
-        let tree = MerkleTree::from_leaf_hashes(leaves.iter().map(|l| common::merkle::leaf_hash(&l.encode())));
-        if let Some(m) = &manifest {
-            if m.n_steps + 1 != tree.len() {
-                return Err(RecordError::Mismatch {
-                    path: leaves_path,
-                    what: "number of leaves".into(),
-                    expected: (m.n_steps + 1).to_string(),
-                    actual: tree.len().to_string(),
-                });
-            }
-            let root = to_hex(&tree.root());
-            if m.root != root {
-                return Err(RecordError::Mismatch {
-                    path: leaves_path,
-                    what: "Merkle root over leaves.bin vs manifest".into(),
-                    expected: m.root.clone(),
-                    actual: root,
-                });
-            }
-        }
-        Ok(Record { dir: dir.to_path_buf(), spec, spec_bytes, leaves, tree, manifest })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn spec(&self) -> &RunSpec {
-        &self.spec
-    }
-
-    pub fn spec_bytes(&self) -> &[u8] {
-        &self.spec_bytes
-    }
-
-    pub fn manifest(&self) -> Option<&Manifest> {
-        self.manifest.as_ref()
-    }
-
-    /// Whether the run finished (a verified manifest is present).
-    pub fn is_complete(&self) -> bool {
-        self.manifest.is_some()
-    }
-
-    /// Committed steps (leaves − 1).
-    pub fn n_steps(&self) -> u64 {
-        self.tree.len() - 1
-    }
-
-    pub fn leaves(&self) -> &[Leaf] {
-        &self.leaves
-    }
-
-    pub fn leaf(&self, step: u64) -> Result<&Leaf, RecordError> {
-        self.leaves
-            .get(step as usize)
-            .ok_or_else(|| RecordError::Refused(format!("step {step} is beyond the record's {} steps", self.n_steps())))
-    }
-
-    pub fn tree(&self) -> &MerkleTree {
-        &self.tree
-    }
-
-    /// Step `step`'s tie-break log file, checked against its leaf (not decoded): what the
-    /// record server hands out as is.
-    pub fn log_frame(&self, step: u64) -> Result<CommittedFrame, RecordError> {
-        let leaf = self.leaf(step)?;
-        read_committed_frame(
-            log_path(&self.dir, step),
-            LOG_RAW_BYTES_MAX,
-            &leaf.log,
-            format!("log hash of step {step}"),
-        )
-    }
-
-    /// Step `step`'s tie-break log, verified against its leaf.
-    pub fn log(&self, step: u64) -> Result<TieBreakLog, RecordError> {
-        let raw = self.log_frame(step)?.raw;
-        TieBreakLog::decode(&raw).map_err(|e| RecordError::Corrupt {
-            path: log_path(&self.dir, step),
-            offset: None,
-            what: e.to_string(),
-        })
-    }
-
-    /// Compressed size of step `step`'s log file.
-    pub fn log_bytes(&self, step: u64) -> Result<u64, RecordError> {
-        let path = log_path(&self.dir, step);
-        Ok(fs::metadata(&path).map_err(io("stat", &path))?.len())
-    }
-
-    /// Step `step`'s batch file, checked against its leaf (not decoded).
-    pub fn batch_bytes(&self, step: u64) -> Result<Vec<u8>, RecordError> {
-        let leaf = self.leaf(step)?;
-        let path = batch_path(&self.dir, step);
-        let bytes = read_limited(&path, 64 << 20)?;
-        let actual = codec::sha256(&bytes);
-        if actual != leaf.batch {
-            return Err(RecordError::Mismatch {
-                path,
-                what: format!("batch hash of step {step}"),
-                expected: to_hex(&leaf.batch),
-                actual: to_hex(&actual),
-            });
-        }
-        Ok(bytes)
-    }
-
-    /// Step `step`'s batch indices, verified against its leaf.
-    pub fn batch(&self, step: u64) -> Result<BatchIndices, RecordError> {
-        let bytes = self.batch_bytes(step)?;
-        BatchIndices::decode(&bytes).map_err(|e| RecordError::Corrupt {
-            path: batch_path(&self.dir, step),
-            offset: Some(e.offset as u64),
-            what: e.what,
-        })
-    }
-
-    /// Steps that have a checkpoint file, ascending.
-    pub fn checkpoint_steps(&self) -> Vec<u64> {
-        let k = self.spec.config.train.checkpoint_interval;
-        let n = self.n_steps();
-        let mut out: Vec<u64> = (0..=n).step_by(k as usize).collect();
-        if out.last() != Some(&n) && checkpoint_path(&self.dir, n).exists() {
-            out.push(n);
-        }
-        out
-    }
-
-    /// The checkpoint file after step `step`, checked against its leaf (not decoded).
-    pub fn checkpoint_frame(&self, step: u64) -> Result<CommittedFrame, RecordError> {
-        read_checkpoint_frame(&self.dir, step, self.leaf(step)?)
-    }
-
-    /// The checkpoint after step `step`, verified against its leaf.
-    pub fn checkpoint(&self, step: u64) -> Result<TrainingState, RecordError> {
-        read_checkpoint(&self.dir, step, self.leaf(step)?)
-    }
-
-    /// The newest checkpoint at or before `step`.
-    pub fn checkpoint_at_or_before(&self, step: u64) -> Option<u64> {
-        self.checkpoint_steps().into_iter().rev().find(|&c| c <= step)
     }
 }

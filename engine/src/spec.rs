@@ -8,6 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
 
+mod validate;
+pub use validate::{
+    ACTIVATION_VALUES_MAX, CLASSES_MAX, LAYERS_MAX, MNIST_EXAMPLES_MAX, STEPS_MAX, SYNTHETIC_VALUES_MAX, Sizes,
+    SpecInvalid, TEXT_VOCAB_MAX,
+};
+
 /// Version of the record format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// This software's version, recorded in every spec and report.
@@ -147,70 +153,8 @@ impl Config {
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, EngineError> {
         let cfg: Config = toml::from_str(text)
             .map_err(|e| EngineError::Config { origin: origin.to_string(), detail: e.to_string() })?;
-        cfg.validate().map_err(|detail| EngineError::Config { origin: origin.to_string(), detail })?;
+        cfg.validate().map_err(|e| EngineError::Config { origin: origin.to_string(), detail: e.to_string() })?;
         Ok(cfg)
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        let t = &self.train;
-        if t.batch_size == 0 {
-            return Err("train.batch_size must be at least 1".into());
-        }
-        if t.checkpoint_interval == 0 {
-            return Err("train.checkpoint_interval must be at least 1".into());
-        }
-        match (t.steps, t.epochs) {
-            (None, None) => return Err("set train.steps or train.epochs".into()),
-            (Some(0), _) | (_, Some(0)) => return Err("train.steps / train.epochs must be at least 1".into()),
-            _ => {}
-        }
-        let finite_pos = |name: &str, x: f64| {
-            if x.is_finite() && x > 0.0 {
-                Ok(())
-            } else {
-                Err(format!("optimizer.{name} must be finite and > 0, got {x}"))
-            }
-        };
-        let unit = |name: &str, x: f64| {
-            if (0.0..1.0).contains(&x) { Ok(()) } else { Err(format!("{name} must be in [0, 1), got {x}")) }
-        };
-        match &self.optimizer {
-            OptimizerConfig::Sgd(s) => {
-                finite_pos("lr", s.lr)?;
-                unit("optimizer.momentum", s.momentum)?;
-                unit("optimizer.weight_decay", s.weight_decay)?;
-            }
-            OptimizerConfig::Adamw(a) => {
-                finite_pos("lr", a.lr)?;
-                finite_pos("eps", a.eps)?;
-                unit("optimizer.beta1", a.beta1)?;
-                unit("optimizer.beta2", a.beta2)?;
-                unit("optimizer.weight_decay", a.weight_decay)?;
-            }
-        }
-        match &self.model {
-            ModelConfig::Mlp(m) if m.hidden.contains(&0) => return Err("model.hidden widths must be >= 1".into()),
-            ModelConfig::Cnn(c) if c.channels.contains(&0) => return Err("model.channels must be >= 1".into()),
-            ModelConfig::Gpt(g) => {
-                if g.layers == 0 || g.d_model == 0 || g.heads == 0 || g.context == 0 || g.d_model % g.heads != 0 {
-                    return Err(
-                        "model: layers, d_model, heads, context must be >= 1 and heads must divide d_model".into()
-                    );
-                }
-                unit("model.dropout", g.dropout)?;
-            }
-            _ => {}
-        }
-        match &self.data {
-            DataConfig::Synthetic(s) if s.examples <= s.holdout || s.features == 0 || s.classes < 2 => {
-                Err("data: synthetic needs examples > holdout, features >= 1, classes >= 2".into())
-            }
-            DataConfig::Mnist(m) if m.train == 0 => Err("data.train must be >= 1".into()),
-            DataConfig::Text(t) if !(0.0..0.5).contains(&t.holdout_fraction) => {
-                Err("data.holdout_fraction must be in [0, 0.5)".into())
-            }
-            _ => Ok(()),
-        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! Adversary drills (`Fault`) are applied here too, because they must act *inside* the step;
 //! only the trainer agent ever passes one, and the record still claims the honest spec.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use common::leaf::BatchIndices;
@@ -130,20 +131,21 @@ pub struct Run {
 }
 
 impl Run {
-    /// Builds a run; the dataset must match the spec's dataset commitment.
+    /// Builds a run. The spec must be valid ([`RunSpec::validate`]: `InvalidSpec`) and the
+    /// dataset must match its commitment (`DatasetMismatch`).
     pub fn new(spec: RunSpec, data: Dataset, device: Device) -> Result<Run, EngineError> {
+        spec.validate().map_err(EngineError::InvalidSpec)?;
         let commitment = data.commitment();
         if commitment != spec.dataset {
-            return Err(EngineError::Usage(format!(
-                "dataset does not match the run's commitment: spec has root {} over {} leaves, the data gives {} over {}",
-                spec.dataset.root, spec.dataset.leaves, commitment.root, commitment.leaves
-            )));
+            return Err(EngineError::DatasetMismatch { spec: Box::new(spec.dataset), data: Box::new(commitment) });
         }
         let model = Model::new(&spec.config.model, &data)?;
         Ok(Run { spec, data, model, device, order: std::sync::Mutex::new(None) })
     }
 
-    /// Loads the config's dataset, commits it, and builds a run of `n_steps` on `profile`.
+    /// Loads the config's dataset, commits it, and builds a run of `n_steps` on `profile`. If
+    /// `n_steps` is not what the config plans, the spec's config says `train.steps = n_steps`
+    /// (a spec's steps must agree with its config).
     pub fn from_config(
         config: &crate::spec::Config,
         data: Option<&std::path::Path>,
@@ -151,7 +153,8 @@ impl Run {
         n_steps: u64,
     ) -> Result<Run, EngineError> {
         let dataset = Dataset::for_config(config, data)?;
-        let spec = RunSpec::new(config.clone(), dataset.commitment(), profile.name(), n_steps);
+        let config = config.clone().with_planned_steps(n_steps, dataset.n_train() as u64);
+        let spec = RunSpec::new(config, dataset.commitment(), profile.name(), n_steps);
         Run::new(spec, dataset, Device::new(profile).map_err(EngineError::Kernel)?)
     }
 
@@ -165,8 +168,9 @@ impl Run {
     /// slice. Batches larger than the training split wrap around.
     pub fn batch_indices(&self, step: u64) -> BatchIndices {
         let spe = self.steps_per_epoch();
-        let epoch = (step - 1) / spe;
-        let pos = ((step - 1) % spe) as usize;
+        // Steps start at 1; step 0 (which has no batch) is read as step 1 rather than panic.
+        let epoch = step.saturating_sub(1) / spe;
+        let pos = (step.saturating_sub(1) % spe) as usize;
         let n = self.data.n_train();
         let perm = self.epoch_order(epoch);
         let b = self.spec.config.train.batch_size;
@@ -197,6 +201,58 @@ impl Run {
         }
     }
 
+    /// Checks that `state` has exactly the tensors the model and optimizer define (every
+    /// parameter and every optimizer slot, nothing else), each of the model's shape with as many
+    /// values as its shape holds, all finite. The first problem in tensor-name order is
+    /// reported. The step counter is the caller's to check.
+    pub fn check_state(&self, state: &TrainingState) -> Result<(), StateInvalid> {
+        let mut expected: BTreeMap<String, (Vec<usize>, String)> = BTreeMap::new();
+        for p in self.model.params() {
+            expected.insert(param_key(&p.name), (p.shape.clone(), format!("parameter {}", p.name)));
+            for slot in self.slots() {
+                expected
+                    .insert(slot_key(&p.name, slot), (p.shape.clone(), format!("optimizer slot {slot} of {}", p.name)));
+            }
+        }
+        let bad = |tensor: &str, what: String| StateInvalid { tensor: tensor.to_string(), what };
+        let mut given = state.tensors().peekable();
+        let mut wanted = expected.iter().peekable();
+        loop {
+            // Walk both name-ordered lists together, so the first problem by name is reported.
+            let order = match (given.peek(), wanted.peek()) {
+                (None, None) => return Ok(()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((g, _)), Some((w, _))) => (*g).cmp(w.as_str()),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    let Some((name, _)) = given.next() else { unreachable!("peeked") };
+                    return Err(bad(name, "is not a parameter or optimizer slot of this run's model".into()));
+                }
+                std::cmp::Ordering::Greater => {
+                    let Some((name, (_, what))) = wanted.next() else { unreachable!("peeked") };
+                    return Err(bad(name, format!("is missing (the {what})")));
+                }
+                std::cmp::Ordering::Equal => {
+                    let (Some((name, t)), Some((_, (shape, _)))) = (given.next(), wanted.next()) else {
+                        unreachable!("peeked")
+                    };
+                    if &t.shape != shape {
+                        return Err(bad(name, format!("has shape {:?}, the model's is {shape:?}", t.shape)));
+                    }
+                    let n: usize = shape.iter().product();
+                    if t.data.len() != n {
+                        return Err(bad(name, format!("holds {} values, its shape {shape:?} needs {n}", t.data.len())));
+                    }
+                    if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+                        return Err(bad(name, format!("element {i} is not finite ({})", t.data[i])));
+                    }
+                }
+            }
+        }
+    }
+
     /// The initial state (step 0): parameters from the seed, optimizer slots zero.
     pub fn initial_state(&self) -> Result<TrainingState, EngineError> {
         let mut state = TrainingState::new(0);
@@ -217,9 +273,11 @@ impl Run {
         mode: StepMode<'_>,
         fault: Option<FaultKind>,
     ) -> Result<StepOutput, EngineError> {
-        if prev.step + 1 != step {
+        if prev.step.checked_add(1) != Some(step) {
             return Err(EngineError::Usage(format!("step {step} must follow state {}", prev.step)));
         }
+        // No malformed state may reach a kernel (a wrong length would panic there).
+        self.check_state(prev).map_err(EngineError::InvalidState)?;
         let mut batch_idx = self.batch_indices(step);
         if fault == Some(FaultKind::SwapBatch) {
             let n = self.data.n_train() as u64;
@@ -313,6 +371,7 @@ impl Run {
     /// Mean loss and (for classification) accuracy over up to `max` held-out examples. Not part
     /// of the verified path: its rounding log is discarded.
     pub fn evaluate(&self, state: &TrainingState, max: usize) -> Result<Evaluation, EngineError> {
+        self.check_state(state).map_err(EngineError::InvalidState)?;
         let n = self.data.n_holdout().min(max);
         if n == 0 {
             return Ok(Evaluation { examples: 0, loss: None, accuracy: None });
@@ -346,6 +405,14 @@ impl Run {
             accuracy: classification.then(|| correct as f64 / n as f64),
         })
     }
+}
+
+/// Why a state does not fit a run's model and optimizer; names the tensor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tensor {tensor} {what}")]
+pub struct StateInvalid {
+    pub tensor: String,
+    pub what: String,
 }
 
 /// Held-out evaluation.

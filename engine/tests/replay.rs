@@ -192,7 +192,8 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
         for (model, (cfg, data)) in &cases {
             let data = data.clone().unwrap_or_else(|| Dataset::for_config(cfg, None).unwrap());
             let on = |device: Device| {
-                let spec = RunSpec::new(cfg.clone(), data.commitment(), device.profile().name(), 3);
+                let cfg = cfg.clone().with_planned_steps(3, data.n_train() as u64);
+                let spec = RunSpec::new(cfg, data.commitment(), device.profile().name(), 3);
                 Run::new(spec, data.clone(), device).unwrap()
             };
             let cpu = Device::new(Profile::Cpu).unwrap();

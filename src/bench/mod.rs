@@ -127,7 +127,8 @@ impl Setup {
         let spec = RunSpec {
             format_version: FORMAT_VERSION,
             software_version: SOFTWARE_VERSION.to_string(),
-            config: self.config.clone(),
+            // A spec's config plans exactly its steps (RunSpec::validate checks).
+            config: self.config.clone().with_planned_steps(n_steps, self.data.n_train() as u64),
             dataset: self.data.commitment(),
             device_profile: TRAINER_PROFILE.name().to_string(),
             n_steps,

@@ -95,11 +95,15 @@ impl Session {
     /// spec, opens the record and the signing key. Nothing on disk is touched until every input
     /// has been validated.
     pub fn create(opts: &SessionOptions) -> Result<Session, TrainerError> {
+        // Range-check the config before its numbers size anything (the dataset first).
+        opts.config.validate().map_err(|e| EngineError::InvalidSpec(e.under("config.")))?;
         let data = Dataset::for_config(&opts.config, opts.data.as_deref())?;
         let n_steps = opts.steps.unwrap_or_else(|| planned_steps(&opts.config, data.n_train()));
         if n_steps == 0 {
             return Err(TrainerError::Usage("--steps must be at least 1".into()));
         }
+        // The spec's config plans exactly the steps run (a `--steps` override is written in).
+        let config = opts.config.clone().with_planned_steps(n_steps, data.n_train() as u64);
         let mut faults = BTreeMap::new();
         for f in &opts.faults {
             if f.step > n_steps {
@@ -113,7 +117,8 @@ impl Session {
                 return Err(TrainerError::Usage(format!("more than one fault at step {}", f.step)));
             }
         }
-        let spec = RunSpec::new(opts.config.clone(), data.commitment(), opts.device.name(), n_steps);
+        let spec = RunSpec::new(config, data.commitment(), opts.device.name(), n_steps);
+        // Refuses a spec that fails `RunSpec::validate` before anything is written.
         let run = Run::new(spec.clone(), data, Device::new(opts.device)?)?;
         let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
         let (writer, state, resumed_from) = if opts.resume {
@@ -198,5 +203,50 @@ impl Session {
             return Err(TrainerError::Usage(format!("finish at step {} of {}", self.state.step, self.n_steps)));
         }
         Ok(self.writer.finish(&self.state, &self.key)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(out: PathBuf) -> SessionOptions {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/synthetic-mlp.toml");
+        let config = Config::from_toml(&std::fs::read_to_string(path).unwrap(), path).unwrap();
+        SessionOptions {
+            config,
+            data: None,
+            key: Some(out.with_extension("key")),
+            out,
+            device: Profile::Cpu,
+            steps: Some(3),
+            resume: false,
+            faults: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_run_whose_spec_is_invalid_does_not_start() {
+        let out = std::env::temp_dir().join(format!("tiebreak-agent-invalid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        // A config built in code bypasses the TOML checks; the session still refuses it.
+        for (field, edit) in [
+            ("config.train.batch_size", (|c: &mut Config| c.train.batch_size = 0) as fn(&mut Config)),
+            ("config.train.checkpoint_interval", |c| c.train.checkpoint_interval = 0),
+        ] {
+            let mut opts = options(out.clone());
+            edit(&mut opts.config);
+            match Session::create(&opts) {
+                Err(TrainerError::Engine(EngineError::InvalidSpec(e))) => assert_eq!(e.field, field),
+                other => panic!("{field}: expected InvalidSpec, got {other:?}"),
+            }
+            assert!(!out.exists(), "{field}: nothing may be written");
+        }
+        // A --steps override is written into the spec's config, so the spec stays valid.
+        let session = Session::create(&options(out.clone())).unwrap();
+        assert_eq!(session.run().spec.config.train.steps, Some(3));
+        session.run().spec.validate().unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        let _ = std::fs::remove_file(out.with_extension("key"));
     }
 }

@@ -279,6 +279,7 @@ fn finished_on_cuda_spec(base: &Path, run: &str) -> PathBuf {
     let config_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/synthetic-mlp.toml");
     let config = Config::from_toml(&std::fs::read_to_string(config_path).unwrap(), config_path).unwrap();
     let data = Dataset::for_config(&config, None).unwrap();
+    let config = config.with_planned_steps(STEPS, data.n_train() as u64);
     let spec = RunSpec::new(config, data.commitment(), Profile::Cuda.name(), STEPS);
     let run_ = Run::new(spec.clone(), data, Device::new(Profile::Cpu).unwrap()).unwrap();
     let dir = base.join("records").join(run);

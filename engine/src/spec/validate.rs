@@ -1,0 +1,509 @@
+//! What makes a config and a run spec valid: every number a step sizes, indexes or divides by is
+//! range-checked here, and a spec's own fields must agree with each other.
+//!
+//! A signed spec comes from a possibly hostile trainer, so this is the line between "the
+//! trainer committed to nonsense" (a [`SpecInvalid`] naming the field) and everything later: a
+//! spec that passes cannot make the engine panic, overflow, hang or allocate absurdly when it
+//! builds the dataset, the model or a step. Both sides run these checks (`Run::new` calls
+//! [`RunSpec::validate`]), and the TOML path runs the config part ([`Config::validate`]).
+//!
+//! Sizes are computed arithmetically with checked operations from the config alone (the model
+//! is never built to find out how big it would be).
+
+use std::str::FromStr;
+
+use super::{Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, ModelConfig, OptimizerConfig, RunSpec};
+use crate::data::{DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, square_side, text_split};
+use crate::model::{Model, param_key, slot_key};
+use crate::record::STATE_RAW_BYTES_MAX;
+
+/// Most steps a run may plan.
+pub const STEPS_MAX: u64 = 1_000_000_000;
+/// Most values one intermediate tensor of a step may have (FP64 values: 8 GiB).
+pub const ACTIVATION_VALUES_MAX: u64 = 1 << 30;
+/// Most input values (examples × features) a synthetic task may have.
+pub const SYNTHETIC_VALUES_MAX: u64 = 1 << 28;
+/// Most examples an MNIST config may ask for (the full dataset has 70,000).
+pub const MNIST_EXAMPLES_MAX: usize = 1 << 20;
+/// Most classes of a synthetic task.
+pub const CLASSES_MAX: usize = 1 << 16;
+/// Most layers (MLP hidden layers, GPT blocks).
+pub const LAYERS_MAX: usize = 256;
+/// Most symbols of a character-level vocabulary (bytes).
+pub const TEXT_VOCAB_MAX: usize = 256;
+
+/// A config or spec field that is out of range or inconsistent with another: the trainer's
+/// fault when it is in a signed spec (`commitment-invalid`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {what}")]
+pub struct SpecInvalid {
+    /// The field's path, e.g. `config.train.batch_size` (without `config.` for a TOML config).
+    pub field: String,
+    pub what: String,
+}
+
+fn invalid(field: impl Into<String>, what: impl Into<String>) -> SpecInvalid {
+    SpecInvalid { field: field.into(), what: what.into() }
+}
+
+impl SpecInvalid {
+    /// The same error with `prefix` before the field (`config.` for a config inside a spec).
+    pub fn under(mut self, prefix: &str) -> SpecInvalid {
+        self.field = format!("{prefix}{}", self.field);
+        self
+    }
+}
+
+/// How big a model and its steps are, derived from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// FP32 values of the parameters.
+    pub param_values: u64,
+    /// FP32 values of a whole state (parameters and optimizer slots).
+    pub state_values: u64,
+    /// Bytes of the canonical state encoding (exact; an upper bound for text, whose vocabulary
+    /// comes from the file).
+    pub state_bytes: u64,
+}
+
+/// The input shape and class count a data config gives a model, before any file is read.
+fn data_shape(config: &Config) -> Result<(Vec<usize>, usize), SpecInvalid> {
+    Ok(match (&config.data, &config.model) {
+        (DataConfig::Synthetic(s), ModelConfig::Cnn(_)) => {
+            let side = square_side(s.features).ok_or_else(|| {
+                invalid("data.features", format!("a CNN needs square images; {} is not s²", s.features))
+            })?;
+            (vec![1, side, side], s.classes)
+        }
+        (DataConfig::Synthetic(s), _) => (vec![s.features], s.classes),
+        (DataConfig::Mnist(_), _) => (vec![1, MNIST_SIDE, MNIST_SIDE], 10),
+        (DataConfig::Text(_), _) => (vec![], TEXT_VOCAB_MAX),
+    })
+}
+
+/// Checked product, naming `field` on overflow or above `max`.
+fn product(field: &str, factors: &[u64], max: u64, what: &str) -> Result<u64, SpecInvalid> {
+    let n = factors
+        .iter()
+        .try_fold(1u64, |a, &f| a.checked_mul(f))
+        .filter(|&n| n <= max)
+        .ok_or_else(|| invalid(field, format!("{what} ({}) exceeds {max}", display_product(factors))))?;
+    Ok(n)
+}
+
+fn display_product(factors: &[u64]) -> String {
+    factors.iter().map(u64::to_string).collect::<Vec<_>>().join(" × ")
+}
+
+fn u(x: usize) -> u64 {
+    x as u64
+}
+
+/// Parameter count of the model, and the largest per-example activation, with checked
+/// arithmetic (so [`Model::params`] and the step's buffers cannot overflow afterwards).
+fn model_sizes(config: &Config, input: &[usize], classes: usize) -> Result<(u64, u64), SpecInvalid> {
+    let cap = ACTIVATION_VALUES_MAX;
+    let sum = |field: &str, terms: &[u64]| -> Result<u64, SpecInvalid> {
+        terms
+            .iter()
+            .try_fold(0u64, |a, &t| a.checked_add(t))
+            .filter(|&n| n <= cap)
+            .ok_or_else(|| invalid(field, format!("the model's size overflows (more than {cap} values)")))
+    };
+    match &config.model {
+        ModelConfig::Mlp(m) => {
+            let mut dims = vec![product("data", &input.iter().map(|&d| u(d)).collect::<Vec<_>>(), cap, "input")?];
+            dims.extend(m.hidden.iter().map(|&h| u(h)));
+            dims.push(u(classes));
+            let mut params = 0u64;
+            for w in dims.windows(2) {
+                let layer = product("model.hidden", &[w[0], w[1]], cap, "a layer's weights")?;
+                params = sum("model.hidden", &[params, layer, w[1]])?;
+            }
+            Ok((params, dims.iter().copied().max().unwrap_or(0)))
+        }
+        ModelConfig::Cnn(c) => {
+            let (c0, c1) = (u(c.channels[0]), u(c.channels[1]));
+            let (h, w) = (u(input[1]), u(input[2]));
+            if h % 4 != 0 || w % 4 != 0 {
+                return Err(invalid("data.features", format!("the CNN needs image sides divisible by 4, not {h}×{w}")));
+            }
+            let flat = product("model.channels", &[c1, h / 4, w / 4], cap, "the flattened features")?;
+            let terms = [
+                product("model.channels", &[c0, 9], cap, "conv1's weights")?,
+                c0,
+                product("model.channels", &[c1, c0, 9], cap, "conv2's weights")?,
+                c1,
+                product("model.channels", &[u(classes), flat], cap, "the classifier's weights")?,
+                u(classes),
+            ];
+            let params = sum("model.channels", &terms)?;
+            // The widest activation: a conv's unfolded input (channels × 9 × pixels).
+            let act = product("model.channels", &[c0.max(c1), 9, h, w], cap, "a conv layer's activations")?;
+            Ok((params, act))
+        }
+        ModelConfig::Gpt(g) => gpt_sizes(g, u(classes)),
+    }
+}
+
+fn gpt_sizes(g: &GptConfig, vocab: u64) -> Result<(u64, u64), SpecInvalid> {
+    let cap = ACTIVATION_VALUES_MAX;
+    let (d, t) = (u(g.d_model), u(g.context));
+    let dd = product("model.d_model", &[d, d], cap, "a d_model × d_model matrix")?;
+    // Per block: two layer norms (4d), qkv (3d² + 3d), proj (d² + d), mlp (8d² + 5d).
+    let block = product("model.d_model", &[dd, 12], cap, "a block's weights")?
+        .checked_add(product("model.d_model", &[d, 13], cap, "a block's vectors")?)
+        .ok_or_else(|| invalid("model.d_model", "a block's size overflows"))?;
+    let blocks = product("model.layers", &[block, u(g.layers)], cap, "the blocks' weights")?;
+    let tok = product("model.d_model", &[vocab, d], cap, "the token embedding")?;
+    let pos = product("model.context", &[t, d], cap, "the position embedding")?;
+    let params = [blocks, tok, pos, tok, 2 * d, vocab]
+        .iter()
+        .try_fold(0u64, |a, &x| a.checked_add(x))
+        .filter(|&n| n <= cap)
+        .ok_or_else(|| invalid("model", format!("the model has more than {cap} parameters")))?;
+    // Per example: the attention scores (heads × t × t) and the MLP's hidden (t × 4d).
+    let scores = product("model.context", &[u(g.heads), t, t], cap, "the attention scores")?;
+    let hidden = product("model.context", &[t, d, 4], cap, "the MLP activations")?;
+    let logits = product("model.context", &[t, vocab], cap, "the logits")?;
+    Ok((params, scores.max(hidden).max(logits)))
+}
+
+impl Config {
+    /// Range checks of every field (without looking at any file). Field names are relative to
+    /// the config (`train.batch_size`).
+    pub fn validate(&self) -> Result<(), SpecInvalid> {
+        self.sizes().map(|_| ())
+    }
+
+    /// Range-checks every field and derives the model's sizes (see [`Sizes`]).
+    pub fn sizes(&self) -> Result<Sizes, SpecInvalid> {
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(invalid("train.batch_size", "must be at least 1"));
+        }
+        if t.checkpoint_interval == 0 {
+            return Err(invalid("train.checkpoint_interval", "must be at least 1"));
+        }
+        if t.steps.is_none() && t.epochs.is_none() {
+            return Err(invalid("train.steps", "set train.steps or train.epochs"));
+        }
+        for (field, n) in [("train.steps", t.steps), ("train.epochs", t.epochs)] {
+            match n {
+                Some(0) => return Err(invalid(field, "must be at least 1")),
+                Some(n) if n > STEPS_MAX => return Err(invalid(field, format!("{n} is more than {STEPS_MAX}"))),
+                _ => {}
+            }
+        }
+        self.check_optimizer()?;
+        self.check_model()?;
+        self.check_data()?;
+        let (input, classes) = data_shape(self)?;
+        let (param_values, act) = model_sizes(self, &input, classes)?;
+        product(
+            "train.batch_size",
+            &[u(t.batch_size), act],
+            ACTIVATION_VALUES_MAX,
+            "a batch's widest activation (batch size × values per example)",
+        )?;
+        let slots = match self.optimizer {
+            OptimizerConfig::Sgd(_) => 1,
+            OptimizerConfig::Adamw(_) => 2,
+        };
+        let state_values = product("model", &[param_values, 1 + slots], u64::MAX / 8, "the state's values")?;
+        let state_bytes = self.state_encoding_bytes(&input, classes)?;
+        Ok(Sizes { param_values, state_values, state_bytes })
+    }
+
+    /// Exact size of the canonical state encoding, from the model's parameter list (its size is
+    /// already bounded, so building the list is cheap).
+    fn state_encoding_bytes(&self, input: &[usize], classes: usize) -> Result<u64, SpecInvalid> {
+        let model = match &self.model {
+            ModelConfig::Mlp(m) => {
+                let mut dims = vec![input.iter().product()];
+                dims.extend(&m.hidden);
+                dims.push(classes);
+                Model::Mlp { dims }
+            }
+            ModelConfig::Cnn(c) => Model::Cnn { c: c.channels, h: input[1], w: input[2], classes },
+            ModelConfig::Gpt(g) => Model::Gpt { cfg: g.clone(), vocab: classes },
+        };
+        let slots: &[&str] = match self.optimizer {
+            OptimizerConfig::Sgd(_) => &["momentum"],
+            OptimizerConfig::Adamw(_) => &["m", "v"],
+        };
+        // "TBST", version, step, tensor count; then per tensor its name, rank, dims and data.
+        let mut bytes: u64 = 4 + 1 + 8 + 4;
+        for p in model.params() {
+            let values: u64 = p.shape.iter().map(|&d| u(d)).product();
+            let names = std::iter::once(param_key(&p.name)).chain(slots.iter().map(|s| slot_key(&p.name, s)));
+            for name in names {
+                bytes += 2 + u(name.len()) + 1 + 8 * u(p.shape.len()) + 4 * values;
+            }
+        }
+        if bytes > STATE_RAW_BYTES_MAX as u64 {
+            return Err(invalid(
+                "model",
+                format!(
+                    "a state of this model takes {bytes} bytes, more than the {STATE_RAW_BYTES_MAX} a state may have"
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    fn check_optimizer(&self) -> Result<(), SpecInvalid> {
+        let finite_pos = |name: &str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(name, format!("must be finite and > 0, got {x}")))
+            }
+        };
+        let unit = |name: &str, x: f64| {
+            if (0.0..1.0).contains(&x) { Ok(()) } else { Err(invalid(name, format!("must be in [0, 1), got {x}"))) }
+        };
+        match &self.optimizer {
+            OptimizerConfig::Sgd(s) => {
+                finite_pos("optimizer.lr", s.lr)?;
+                unit("optimizer.momentum", s.momentum)?;
+                unit("optimizer.weight_decay", s.weight_decay)
+            }
+            OptimizerConfig::Adamw(a) => {
+                finite_pos("optimizer.lr", a.lr)?;
+                finite_pos("optimizer.eps", a.eps)?;
+                unit("optimizer.beta1", a.beta1)?;
+                unit("optimizer.beta2", a.beta2)?;
+                unit("optimizer.weight_decay", a.weight_decay)
+            }
+        }
+    }
+
+    fn check_model(&self) -> Result<(), SpecInvalid> {
+        let at_least_1 =
+            |field: &str, n: usize| if n == 0 { Err(invalid(field, "must be at least 1")) } else { Ok(()) };
+        match &self.model {
+            ModelConfig::Mlp(m) => {
+                if m.hidden.len() > LAYERS_MAX {
+                    return Err(invalid("model.hidden", format!("{} layers, more than {LAYERS_MAX}", m.hidden.len())));
+                }
+                for (i, &h) in m.hidden.iter().enumerate() {
+                    at_least_1(&format!("model.hidden[{i}]"), h)?;
+                }
+            }
+            ModelConfig::Cnn(c) => {
+                for (i, &ch) in c.channels.iter().enumerate() {
+                    at_least_1(&format!("model.channels[{i}]"), ch)?;
+                }
+            }
+            ModelConfig::Gpt(g) => {
+                at_least_1("model.layers", g.layers)?;
+                if g.layers > LAYERS_MAX {
+                    return Err(invalid("model.layers", format!("{} is more than {LAYERS_MAX}", g.layers)));
+                }
+                at_least_1("model.d_model", g.d_model)?;
+                at_least_1("model.heads", g.heads)?;
+                at_least_1("model.context", g.context)?;
+                if g.d_model % g.heads != 0 {
+                    return Err(invalid(
+                        "model.heads",
+                        format!("{} does not divide model.d_model = {}", g.heads, g.d_model),
+                    ));
+                }
+                if !(0.0..1.0).contains(&g.dropout) {
+                    return Err(invalid("model.dropout", format!("must be in [0, 1), got {}", g.dropout)));
+                }
+            }
+        }
+        match (&self.model, &self.data) {
+            (ModelConfig::Gpt(_), DataConfig::Text(_)) => Ok(()),
+            (ModelConfig::Gpt(_), _) => Err(invalid("data.kind", "the GPT trains on text data")),
+            (_, DataConfig::Text(_)) => Err(invalid("data.kind", "MLP and CNN models train on classification data")),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_data(&self) -> Result<(), SpecInvalid> {
+        match &self.data {
+            DataConfig::Synthetic(s) => {
+                if s.holdout >= s.examples {
+                    return Err(invalid(
+                        "data.holdout",
+                        format!("{} leaves no training examples of {}", s.holdout, s.examples),
+                    ));
+                }
+                if s.features == 0 {
+                    return Err(invalid("data.features", "must be at least 1"));
+                }
+                if !(2..=CLASSES_MAX).contains(&s.classes) {
+                    return Err(invalid("data.classes", format!("must be in 2..={CLASSES_MAX}, got {}", s.classes)));
+                }
+                product("data.examples", &[u(s.examples), u(s.features)], SYNTHETIC_VALUES_MAX, "input values")?;
+                product("data.classes", &[u(s.classes), u(s.features)], SYNTHETIC_VALUES_MAX, "class centre values")?;
+                Ok(())
+            }
+            DataConfig::Mnist(m) => {
+                if m.train == 0 {
+                    return Err(invalid("data.train", "must be at least 1"));
+                }
+                if m.train.saturating_add(m.holdout) > MNIST_EXAMPLES_MAX {
+                    return Err(invalid("data.holdout", format!("train + holdout is more than {MNIST_EXAMPLES_MAX}")));
+                }
+                Ok(())
+            }
+            DataConfig::Text(t) if !(0.0..0.5).contains(&t.holdout_fraction) => {
+                Err(invalid("data.holdout_fraction", format!("must be in [0, 0.5), got {}", t.holdout_fraction)))
+            }
+            DataConfig::Text(_) => Ok(()),
+        }
+    }
+
+    /// This config, planning `n_steps` over a training split of `n_train` examples: unchanged
+    /// if it already does, else with `train.steps = n_steps` (and no `train.epochs`). What a
+    /// trainer's `--steps` override writes into its spec.
+    pub fn with_planned_steps(mut self, n_steps: u64, n_train: u64) -> Config {
+        if self.planned_steps(n_train) != Ok(n_steps) {
+            self.train.steps = Some(n_steps);
+            self.train.epochs = None;
+        }
+        self
+    }
+
+    /// The steps this config plans over a training split of `n_train` examples (`train.steps`,
+    /// else `train.epochs` passes), checked against [`STEPS_MAX`].
+    pub fn planned_steps(&self, n_train: u64) -> Result<u64, SpecInvalid> {
+        let batch = u(self.train.batch_size.max(1));
+        match (self.train.steps, self.train.epochs) {
+            (Some(s), _) => Ok(s),
+            (None, Some(e)) => e.checked_mul((n_train / batch).max(1)).filter(|&n| n <= STEPS_MAX).ok_or_else(|| {
+                invalid("train.epochs", format!("{e} epochs of this split are more than {STEPS_MAX} steps"))
+            }),
+            (None, None) => Err(invalid("train.steps", "set train.steps or train.epochs")),
+        }
+    }
+}
+
+impl RunSpec {
+    /// Parses a committed `spec.json` and validates it: what an auditor does with a trainer's
+    /// spec before anything else. A parse error names the line, column and (from serde) field.
+    pub fn from_committed_json(bytes: &[u8]) -> Result<RunSpec, SpecInvalid> {
+        let spec: RunSpec = serde_json::from_slice(bytes).map_err(|e| {
+            invalid("spec.json", format!("not a run spec (line {}, column {}): {e}", e.line(), e.column()))
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks everything the spec says on its own: the format version, the device profile,
+    /// every config range ([`Config::sizes`]), the dataset commitment against the config
+    /// (recomputed for synthetic data, counts for files), and the planned steps. Fields are
+    /// named from the spec's root (`config.train.batch_size`, `dataset.root`).
+    pub fn validate(&self) -> Result<(), SpecInvalid> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(invalid(
+                "format_version",
+                format!("made by format {}; this build reads format {FORMAT_VERSION}", self.format_version),
+            ));
+        }
+        kernels::Profile::from_str(&self.device_profile).map_err(|e| invalid("device_profile", e.to_string()))?;
+        self.config.sizes().map_err(|e| e.under("config."))?;
+        self.check_dataset()?;
+        if self.n_steps == 0 {
+            return Err(invalid("n_steps", "must be at least 1"));
+        }
+        let planned = self.config.planned_steps(self.dataset.n_train).map_err(|e| e.under("config."))?;
+        if self.n_steps != planned {
+            return Err(invalid("n_steps", format!("{} but the config plans {planned} steps", self.n_steps)));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the canonical encoding of a state of this run: the bound for decompressing a
+    /// checkpoint (exact for synthetic and MNIST data, the 256-symbol maximum for text).
+    pub fn state_bytes_max(&self) -> Result<usize, SpecInvalid> {
+        let sizes = self.config.sizes().map_err(|e| e.under("config."))?;
+        Ok(sizes.state_bytes as usize)
+    }
+
+    fn check_dataset(&self) -> Result<(), SpecInvalid> {
+        let d = &self.dataset;
+        let kind = match &self.config.data {
+            DataConfig::Synthetic(_) => "synthetic",
+            DataConfig::Mnist(_) => "mnist",
+            DataConfig::Text(_) => "text",
+        };
+        if d.kind != kind {
+            return Err(invalid("dataset.kind", format!("{:?} but config.data is {kind:?}", d.kind)));
+        }
+        match &self.config.data {
+            DataConfig::Synthetic(_) => {
+                // Fully determined by the config: regenerate and compare.
+                let data =
+                    Dataset::for_config(&self.config, None).map_err(|e| invalid("config.data", e.to_string()))?;
+                first_difference(d, &data.commitment())
+            }
+            DataConfig::Mnist(m) => {
+                let expect = |field: &str, have: u64, want: usize| {
+                    if have == u(want) {
+                        Ok(())
+                    } else {
+                        Err(invalid(field, format!("{have} but the config's MNIST split gives {want}")))
+                    }
+                };
+                expect("dataset.n_train", d.n_train, m.train)?;
+                expect("dataset.n_holdout", d.n_holdout, m.holdout)?;
+                expect("dataset.leaves", d.leaves, m.train + m.holdout)
+            }
+            DataConfig::Text(t) => {
+                let ModelConfig::Gpt(g) = &self.config.model else {
+                    return Err(invalid("config.model.kind", "text data needs the GPT"));
+                };
+                check_text_counts(d, g.context, t.holdout_fraction)
+            }
+        }
+    }
+}
+
+/// The first field where a recomputed commitment differs from the committed one.
+fn first_difference(committed: &DatasetCommitment, recomputed: &DatasetCommitment) -> Result<(), SpecInvalid> {
+    let fields: [(&str, String, String); 4] = [
+        ("dataset.leaves", committed.leaves.to_string(), recomputed.leaves.to_string()),
+        ("dataset.n_train", committed.n_train.to_string(), recomputed.n_train.to_string()),
+        ("dataset.n_holdout", committed.n_holdout.to_string(), recomputed.n_holdout.to_string()),
+        ("dataset.root", committed.root.clone(), recomputed.root.clone()),
+    ];
+    match fields.into_iter().find(|(_, a, b)| a != b) {
+        Some((field, a, b)) => Err(invalid(field, format!("{a} but the config's own data gives {b}"))),
+        None => Ok(()),
+    }
+}
+
+/// A text commitment's counts must come from some text of `leaves` chunks: its byte length is
+/// in `((leaves − 1)·4096, leaves·4096]`, and [`text_split`] of that length must give them.
+fn check_text_counts(d: &DatasetCommitment, context: usize, holdout_fraction: f64) -> Result<(), SpecInvalid> {
+    let chunk = u(TEXT_CHUNK_BYTES);
+    if d.leaves == 0 || d.leaves > DATA_FILE_BYTES_MAX / chunk {
+        return Err(invalid(
+            "dataset.leaves",
+            format!("{} chunks of text is not in 1..={}", d.leaves, DATA_FILE_BYTES_MAX / chunk),
+        ));
+    }
+    let lengths = (d.leaves - 1) * chunk + 1..=d.leaves * chunk;
+    let fits = lengths.clone().any(|len| {
+        text_split(len as usize, context, holdout_fraction) == Some((d.n_train as usize, d.n_holdout as usize))
+    });
+    if fits {
+        return Ok(());
+    }
+    Err(invalid(
+        "dataset.n_train",
+        format!(
+            "no text of {} to {} bytes gives {} training and {} held-out windows at context {context} and holdout \
+             fraction {holdout_fraction}",
+            lengths.start(),
+            lengths.end(),
+            d.n_train,
+            d.n_holdout
+        ),
+    ))
+}
