@@ -278,7 +278,7 @@ fn bad(what: impl Into<String>) -> AuditError {
 /// Checks a bundle's commitments and re-executes its step on `device`. `data` is the dataset
 /// (checked against the spec's commitment); synthetic specs need none.
 pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result<Adjudication, AuditError> {
-    let spec: RunSpec = serde_json::from_slice(&ev.spec_json).map_err(|e| bad(format!("spec: {e}")))?;
+    let spec = RunSpec::from_committed_json(&ev.spec_json).map_err(|e| bad(format!("spec: {e}")))?;
     if spec.canonical_json() != ev.spec_json {
         return Err(bad("spec is not in canonical form"));
     }

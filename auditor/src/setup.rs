@@ -18,7 +18,7 @@ pub fn build_run(spec: &RunSpec, data: Option<&Path>, device: Profile) -> Result
     let dataset = Dataset::for_config(&spec.config, data)?;
     let dev = Device::new(device).map_err(|e| AuditError::Usage(e.to_string()))?;
     Run::new(spec.clone(), dataset, dev).map_err(|e| match e {
-        EngineError::Usage(what) => AuditError::Data(what),
+        e @ EngineError::DatasetMismatch { .. } => AuditError::Data(e.to_string()),
         e => AuditError::Engine(e),
     })
 }

@@ -215,9 +215,9 @@ pub enum TieLogError {
     TooManySites,
     #[error("malformed tie-break log: {0}")]
     Decode(#[from] DecodeError),
-    #[error("tie-break log decompresses to more than {limit} bytes")]
+    #[error("decompresses to more than {limit} bytes, the most this file may hold")]
     TooLarge { limit: usize },
-    #[error("tie-break log is not valid zstd data: {detail}")]
+    #[error("is not valid zstd data: {detail}")]
     Compression { detail: String },
 }
 

@@ -87,30 +87,15 @@ pub(super) fn check(src: &dyn TrainerSource, opts: &AuditOptions) -> Result<Comm
     Ok(Committed { commitment, spec, leaves, checkpoints, n_steps })
 }
 
-/// The spec's bytes as a run spec: JSON in canonical form, every field in range.
+/// The spec's bytes as a run spec: JSON in canonical form, every field in range (the engine's
+/// own validation, the one the trainer ran), so nothing later panics, overflows or hangs on it.
 pub(crate) fn committed_spec(bytes: &[u8]) -> Result<RunSpec, Verdict> {
-    let spec: RunSpec = serde_json::from_slice(bytes)
-        .map_err(|e| Verdict::invalid(record::SPEC_FILE, Some(e.column() as u64), format!("not a run spec: {e}")))?;
+    let spec =
+        RunSpec::from_committed_json(bytes).map_err(|e| Verdict::invalid(record::SPEC_FILE, None, e.to_string()))?;
     if spec.canonical_json() != bytes {
         return Err(Verdict::invalid(record::SPEC_FILE, None, "not in canonical form"));
     }
-    validate_spec(&spec).map_err(|what| Verdict::invalid(record::SPEC_FILE, None, what))?;
     Ok(spec)
-}
-
-/// Every field of a signed spec in range, so nothing later panics, overflows or hangs on it.
-fn validate_spec(spec: &RunSpec) -> Result<(), String> {
-    if spec.format_version != engine::spec::FORMAT_VERSION {
-        return Err(format!(
-            "format_version: made by format {}; this auditor reads format {}",
-            spec.format_version,
-            engine::spec::FORMAT_VERSION
-        ));
-    }
-    // The config's own checks, as a trainer's TOML config gets them.
-    let toml = toml::to_string(&spec.config).map_err(|e| format!("config: {e}"))?;
-    engine::spec::Config::from_toml(&toml, "spec.json config").map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 /// The signed manifest against the spec and the leaves.
@@ -125,20 +110,12 @@ fn check_manifest(
     if m.spec_hash != to_hex(spec_hash) {
         return Err(bad(format!("spec hash {} does not match spec.json's {}", m.spec_hash, to_hex(spec_hash))));
     }
-    let differs = |field: &str, manifest: &dyn std::fmt::Display, spec: &dyn std::fmt::Display| {
-        bad(format!("{field} is {manifest}, the spec's is {spec}"))
-    };
-    if m.format_version != spec.format_version {
-        return Err(differs("format_version", &m.format_version, &spec.format_version));
-    }
-    if m.device_profile != spec.device_profile {
-        return Err(differs("device_profile", &m.device_profile, &spec.device_profile));
-    }
-    if m.checkpoint_interval != spec.config.train.checkpoint_interval {
-        return Err(differs("checkpoint_interval", &m.checkpoint_interval, &spec.config.train.checkpoint_interval));
-    }
+    m.check_against(spec).map_err(bad)?;
     if m.software_version != spec.software_version {
-        return Err(differs("software_version", &m.software_version, &spec.software_version));
+        return Err(bad(format!(
+            "software_version is {} in the manifest but {} in the spec",
+            m.software_version, spec.software_version
+        )));
     }
     if m.n_steps + 1 != tree.len() {
         return Err(Stop::Verdict(Verdict::invalid(

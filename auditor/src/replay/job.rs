@@ -23,7 +23,6 @@ use rayon::prelude::*;
 
 use super::commit::Committed;
 use super::plan::Job;
-use super::state_check::StateChecks;
 use super::{Phase, Progress, Stop, source_stop};
 use crate::source::{TrainerSource, record_file};
 use crate::{AuditError, Verdict};
@@ -96,7 +95,6 @@ pub(super) struct Replayer<'a> {
     run: &'a Run,
     leaves: &'a [Leaf],
     checkpoints: &'a BTreeSet<u64>,
-    checks: &'a StateChecks,
     /// Smallest step with a finding so far (jobs past it stop early).
     earliest: AtomicU64,
     progress: &'a dyn Progress,
@@ -117,13 +115,13 @@ fn mismatch(file: fn(&Path, u64) -> PathBuf, what: &str, step: u64, committed: &
 }
 
 /// The trainer's checkpoint at `step`, checked against leaf `step` (hash and step counter)
-/// and, with `checks`, against the model (tensors, shapes, finiteness). Repeated here so that
+/// and, with `run`, against the model (tensors, shapes, slots, finiteness). Repeated here so that
 /// no source implementation has to be trusted.
 pub(super) fn checked_checkpoint(
     src: &dyn TrainerSource,
     leaves: &[Leaf],
     step: u64,
-    checks: Option<&StateChecks>,
+    run: Option<&Run>,
 ) -> Result<TrainingState, Stop> {
     let state = src.checkpoint(step).map_err(|e| source_stop(e, Phase::Committed))?;
     let (committed, found) = (&leaves[step as usize].state, state.digest());
@@ -134,8 +132,9 @@ pub(super) fn checked_checkpoint(
     if state.step != step {
         return Err(Verdict::invalid(file(), None, format!("the state claims step {}", state.step)).into());
     }
-    if let Some(checks) = checks {
-        checks.check(&state).map_err(|p| Verdict::invalid(file(), None, format!("malformed committed state: {p}")))?;
+    if let Some(run) = run {
+        run.check_state(&state)
+            .map_err(|p| Verdict::invalid(file(), None, format!("malformed committed state: {p}")))?;
     }
     Ok(state)
 }
@@ -145,7 +144,6 @@ impl<'a> Replayer<'a> {
         src: &'a dyn TrainerSource,
         run: &'a Run,
         committed: &'a Committed,
-        checks: &'a StateChecks,
         progress: &'a dyn Progress,
         resume: &'a BTreeMap<u64, u64>,
     ) -> Self {
@@ -154,7 +152,6 @@ impl<'a> Replayer<'a> {
             run,
             leaves: &committed.leaves,
             checkpoints: &committed.checkpoints,
-            checks,
             earliest: AtomicU64::new(u64::MAX),
             progress,
             resume,
@@ -183,15 +180,17 @@ impl<'a> Replayer<'a> {
     }
 
     fn checkpoint(&self, step: u64) -> Result<TrainingState, Stop> {
-        checked_checkpoint(self.src, self.leaves, step, Some(self.checks))
+        checked_checkpoint(self.src, self.leaves, step, Some(self.run))
     }
 
     /// The trainer's state after `step`, if the source hands it out and it matches the leaf
     /// (which the auditor reproduced in an earlier attempt). `None`: replay from the job start.
     fn resumed_state(&self, step: u64) -> Option<TrainingState> {
         let state = self.src.state(step).ok()?;
-        (state.step == step && state.digest() == self.leaves[step as usize].state && self.checks.check(&state).is_ok())
-            .then_some(state)
+        (state.step == step
+            && state.digest() == self.leaves[step as usize].state
+            && self.run.check_state(&state).is_ok())
+        .then_some(state)
     }
 
     fn log(&self, step: u64) -> Result<TieBreakLog, Stop> {

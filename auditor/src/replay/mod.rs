@@ -27,7 +27,6 @@ mod commit;
 mod conclude;
 mod job;
 mod plan;
-mod state_check;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -398,14 +397,13 @@ fn phases(
     let committed = commit::check(src, opts)?;
     audit.commitment = Some(committed.commitment.clone());
     let run = build_run(&committed.spec, opts.data.as_deref(), opts.device)?;
-    let checks = state_check::StateChecks::new(&run)?;
-    let plan = plan::plan(src, &committed, &checks, opts)?;
+    let plan = plan::plan(src, &committed, &run, opts)?;
     audit.segment = Some(plan.segment);
     audit.intervals = plan.jobs.iter().map(|j| (j.start, j.end)).collect();
     audit.timings.open_ms = ms(t0);
 
     let t_replay = Instant::now();
-    let replayer = job::Replayer::new(src, &run, &committed, &checks, progress, &opts.resume);
+    let replayer = job::Replayer::new(src, &run, &committed, progress, &opts.resume);
     let merged = replayer.replay_all(&plan.jobs)?;
     audit.steps_replayed = merged.steps + merged.resumed;
     audit.steps_resumed = merged.resumed;

@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::prng::Stream;
 use common::state::TrainingState;
+use engine::train::Run;
 
 use super::commit::Committed;
 use super::job::checked_checkpoint;
-use super::state_check::StateChecks;
 use super::{AuditOptions, Mode, SpotPick, Stop};
 use crate::AuditError;
 use crate::source::TrainerSource;
@@ -33,12 +33,7 @@ pub(super) struct Plan {
     pub jobs: Vec<Job>,
 }
 
-pub(super) fn plan(
-    src: &dyn TrainerSource,
-    c: &Committed,
-    checks: &StateChecks,
-    opts: &AuditOptions,
-) -> Result<Plan, Stop> {
+pub(super) fn plan(src: &dyn TrainerSource, c: &Committed, run: &Run, opts: &AuditOptions) -> Result<Plan, Stop> {
     let n_steps = c.n_steps;
     let from = opts.from.unwrap_or(0);
     let to = opts.to.unwrap_or(n_steps);
@@ -59,7 +54,7 @@ pub(super) fn plan(
             let mut order: Vec<usize> = (0..all.len()).collect();
             match pick {
                 SpotPick::Random { seed, .. } => Stream::new(seed, "audit/spot", 0, 0).shuffle(&mut order),
-                SpotPick::LargestUpdates => rank_by_update(src, c, checks, &all, &mut order)?,
+                SpotPick::LargestUpdates => rank_by_update(src, c, run, &all, &mut order)?,
             }
             let mut picked: Vec<Job> = order.into_iter().take(count).map(|i| all[i]).collect();
             picked.sort_by_key(|j| j.start);
@@ -94,7 +89,7 @@ pub(super) fn intervals(checkpoints: &BTreeSet<u64>, from: u64, to: u64) -> Vec<
 fn rank_by_update(
     src: &dyn TrainerSource,
     c: &Committed,
-    checks: &StateChecks,
+    run: &Run,
     all: &[Job],
     order: &mut [usize],
 ) -> Result<(), Stop> {
@@ -106,9 +101,9 @@ fn rank_by_update(
         }
         let a = match prev.take() {
             Some((s, st)) if s == job.start => Some(st),
-            _ => checkpoint_or_flag(src, c, checks, job.start)?,
+            _ => checkpoint_or_flag(src, c, run, job.start)?,
         };
-        let b = checkpoint_or_flag(src, c, checks, job.end)?;
+        let b = checkpoint_or_flag(src, c, run, job.end)?;
         let norm = match (&a, &b) {
             (Some(a), Some(b)) => update_norm(a, b),
             _ => f64::INFINITY,
@@ -129,10 +124,10 @@ fn rank_by_update(
 fn checkpoint_or_flag(
     src: &dyn TrainerSource,
     c: &Committed,
-    checks: &StateChecks,
+    run: &Run,
     step: u64,
 ) -> Result<Option<TrainingState>, Stop> {
-    match checked_checkpoint(src, &c.leaves, step, Some(checks)) {
+    match checked_checkpoint(src, &c.leaves, step, Some(run)) {
         Ok(s) => Ok(Some(s)),
         Err(Stop::Verdict(_)) => Ok(None),
         Err(e @ Stop::Undecided(_)) => Err(e),
