@@ -100,10 +100,17 @@ fn differing_fraction(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count() as f64 / a.len() as f64
 }
 
+/// Every pair of CPU profiles computes different bits on most outputs of a realistic product
+/// (the most differing shape counts), and `cpu-splitk` on every shape. Measured on an Intel
+/// Xeon with AVX-512: `gemm`'s kernel for 64×784×256 sums in the same order as `cpu-seq`, so
+/// `cpu` and `cpu-seq` agree on every bit there (0 %) while they differ on 92 % at
+/// 16×2048×16; on an AMD EPYC they differ on both. A second fast profile that always differs
+/// is issue 20's.
 #[test]
 fn profiles_give_different_bits_on_realistic_shapes() {
     let devs = devices();
     let mut rng = SplitMix64(99);
+    let mut most = [[0.0f64; 3]; 3];
     for (m, k, n) in [(64, 784, 256), (16, 2048, 16)] {
         let a = rng.uniform(m * k, 1.0);
         let b = rng.uniform(k * n, 1.0);
@@ -117,8 +124,17 @@ fn profiles_give_different_bits_on_realistic_shapes() {
                     devs[j].profile(),
                     100.0 * f
                 );
-                assert!(f > 0.3, "{} and {} agree too often ({f})", devs[i].profile(), devs[j].profile());
+                most[i][j] = most[i][j].max(f);
+                if devs[i].profile() == Profile::CpuSplitK || devs[j].profile() == Profile::CpuSplitK {
+                    assert!(f > 0.3, "{} and {} agree too often ({f})", devs[i].profile(), devs[j].profile());
+                }
             }
+        }
+    }
+    for i in 0..3 {
+        for j in i + 1..3 {
+            let f = most[i][j];
+            assert!(f > 0.3, "{} and {} agree too often on every shape ({f})", devs[i].profile(), devs[j].profile());
         }
     }
     // The GPU's fractions are reported, not required: its order and exp are its own.
