@@ -23,6 +23,7 @@ fn exported_mlp_loads_in_candle_nn_and_matches_the_engine() {
         resume: false,
         faults: vec![],
         key: Some(dir.join("k")),
+        init_weights: None,
     };
     let mut s = Session::create(&opts).unwrap();
     while s.next_step().is_some() {

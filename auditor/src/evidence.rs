@@ -311,10 +311,19 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
     if s > 0 && ev.trainer_batch.digest() != ev.trainer.leaf.batch {
         return Err(bad("trainer batch does not match the trainer's leaf"));
     }
-    let run = build_run(&spec, data, device)?;
+    let mut run = build_run(&spec, data, device)?;
     let (computed_leaf, forged) = if s == 0 {
-        if ev.previous.is_some() || !ev.prev_state.is_empty() {
-            return Err(bad("step 0 has no previous state"));
+        if ev.previous.is_some() {
+            return Err(bad("step 0 has no previous leaf"));
+        }
+        match (&spec.init_weights, ev.prev_state.is_empty()) {
+            // A fine-tune: the bundle carries the committed starting weights.
+            (Some(_), false) => {
+                run.load_init_weights(&ev.prev_state).map_err(|p| bad(format!("starting weights: {}", p.detail())))?
+            }
+            (Some(_), true) => return Err(bad("a fine-tune's step 0 needs its starting weights in the bundle")),
+            (None, false) => return Err(bad("step 0 of a run from the seed has no previous state")),
+            (None, true) => {}
         }
         (Leaf::initial(run.initial_state()?.digest()), Vec::new())
     } else {

@@ -401,6 +401,11 @@ impl TrainerSource for HttpTrainer {
         TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
     }
 
+    fn init_weights(&self) -> Result<Vec<u8>, SourceError> {
+        let p = path::init_weights(&self.run);
+        self.get_required(&p).map_err(|e| named(e, engine::init::INIT_WEIGHTS_FILE, &p))
+    }
+
     fn state(&self, step: u64) -> Result<TrainingState, SourceError> {
         let p = path::state(&self.run, step);
         let raw = self.get_zstd(&p, &p, state_bound(&self.policy))?;

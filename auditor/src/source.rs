@@ -63,6 +63,11 @@ pub trait TrainerSource: Sync {
     fn checkpoint_steps(&self) -> Result<Vec<u64>, SourceError>;
     /// The full state after step `step` (a checkpoint step).
     fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError>;
+    /// The starting weights a fine-tune's spec commits to (the raw file). Only asked for when
+    /// the spec names some; the default is a source that cannot hand them out.
+    fn init_weights(&self) -> Result<Vec<u8>, SourceError> {
+        Err(SourceError::Unavailable(format!("{}: this source cannot hand out starting weights", self.describe())))
+    }
     /// The full state after any committed step, where the source can produce it (a trainer's
     /// record server recomputes it from the nearest checkpoint). Used only to resume an
     /// interrupted audit; the default hands out checkpoints only.
@@ -178,5 +183,17 @@ impl TrainerSource for LocalRecord {
 
     fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
         self.record.checkpoint(step).map_err(|e| self.map(e))
+    }
+
+    fn init_weights(&self) -> Result<Vec<u8>, SourceError> {
+        match self.record.init_weights() {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(SourceError::Invalid {
+                file: engine::init::INIT_WEIGHTS_FILE.into(),
+                offset: None,
+                what: "the spec commits to no starting weights".into(),
+            }),
+            Err(e) => Err(self.map(e)),
+        }
     }
 }

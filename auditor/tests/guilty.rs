@@ -357,7 +357,8 @@ fn honest_records_stay_consistent_in_every_mode() {
 #[test]
 fn special_files_in_a_local_record_are_findings_not_hangs() {
     let dir = scratch("special-files");
-    let kinds: [(&str, fn(&Path)); 4] = [
+    type Make = fn(&Path);
+    let kinds: [(&str, Make); 4] = [
         ("directory", |p| std::fs::create_dir(p).unwrap()),
         ("fifo", |p| assert!(std::process::Command::new("mkfifo").arg(p).status().unwrap().success())),
         ("link to /dev/zero", |p| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),

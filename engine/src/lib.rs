@@ -17,6 +17,7 @@
 use std::path::PathBuf;
 
 pub mod data;
+pub mod init;
 pub mod model;
 pub mod record;
 pub mod spec;

@@ -168,6 +168,17 @@ impl RecordWriter {
         Ok(RecordWriter { dir: dir.to_path_buf(), spec: spec.clone(), tree: MerkleTree::new(), leaves })
     }
 
+    /// Stores the starting weights the spec commits to, as [`crate::init::INIT_WEIGHTS_FILE`]
+    /// (before the initial state is committed), so that an auditor reads the very bytes the
+    /// spec's hash names. Bytes that are not the committed file are refused.
+    pub fn store_init_weights(&self, bytes: &[u8]) -> Result<(), RecordError> {
+        let Some(c) = &self.spec.init_weights else {
+            return Err(RecordError::Refused("this run's spec commits to no starting weights".into()));
+        };
+        c.check(bytes).map_err(|p| RecordError::Refused(p.to_string()))?;
+        write_atomic(&self.dir.join(crate::init::INIT_WEIGHTS_FILE), bytes)
+    }
+
     /// Re-opens an interrupted record for the same spec: drops a torn last leaf and every step
     /// after the last checkpoint that verifies, and returns that checkpoint's state.
     pub fn resume(dir: &Path, spec: &RunSpec) -> Result<(Self, ResumePoint), RecordError> {

@@ -186,6 +186,11 @@ pub struct RunSpec {
     pub device_profile: String,
     /// Planned number of steps.
     pub n_steps: u64,
+    /// Starting weights (a fine-tune): the committed file, stored in the record as
+    /// [`crate::init::INIT_WEIGHTS_FILE`]. Absent: parameters are initialised from the seed
+    /// (and the field is not serialised, so such specs hash as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_weights: Option<crate::init::WeightsCommitment>,
 }
 
 impl RunSpec {
@@ -199,6 +204,7 @@ impl RunSpec {
             dataset,
             device_profile: device_profile.to_string(),
             n_steps,
+            init_weights: None,
         }
     }
 
@@ -282,7 +288,10 @@ momentum = 0.9
             },
             device_profile: "cpu".into(),
             n_steps: 20,
+            init_weights: None,
         };
+        // No starting weights: the field is absent, so specs made before it existed hash as then.
+        assert!(!String::from_utf8(spec.canonical_json()).unwrap().contains("init_weights"));
         let back: RunSpec = serde_json::from_slice(&spec.canonical_json()).unwrap();
         assert_eq!(back, spec);
         assert_eq!(back.digest(), spec.digest());

@@ -128,6 +128,9 @@ pub struct Run {
     /// The last epoch's permutation of the training indices (a cache: recomputing it is
     /// deterministic, only slow for a text dataset of a million windows).
     order: std::sync::Mutex<Option<(u64, std::sync::Arc<Vec<u64>>)>>,
+    /// The parameters of the committed starting weights, once loaded
+    /// ([`Run::load_init_weights`]); only for specs with `init_weights`.
+    init_params: Option<Vec<Tensor>>,
 }
 
 impl Run {
@@ -140,7 +143,22 @@ impl Run {
             return Err(EngineError::DatasetMismatch { spec: Box::new(spec.dataset), data: Box::new(commitment) });
         }
         let model = Model::new(&spec.config.model, &data)?;
-        Ok(Run { spec, data, model, device, order: std::sync::Mutex::new(None) })
+        Ok(Run { spec, data, model, device, order: std::sync::Mutex::new(None), init_params: None })
+    }
+
+    /// Loads the starting weights the spec commits to: `bytes` must be the committed file
+    /// (SHA-256 and size) and hold every parameter of the model, F32, with its shape, and
+    /// nothing else. The problem names the file and the tensor.
+    pub fn load_init_weights(&mut self, bytes: &[u8]) -> Result<(), crate::init::WeightsProblem> {
+        let Some(commitment) = &self.spec.init_weights else {
+            return Err(crate::init::WeightsProblem {
+                tensor: None,
+                what: "this run's spec starts from the seed, not from starting weights".into(),
+            });
+        };
+        commitment.check(bytes)?;
+        self.init_params = Some(crate::init::params_from_safetensors(bytes, &self.model.params())?);
+        Ok(())
     }
 
     /// Loads the config's dataset, commits it, and builds a run of `n_steps` on `profile`. If
@@ -253,10 +271,23 @@ impl Run {
         }
     }
 
-    /// The initial state (step 0): parameters from the seed, optimizer slots zero.
+    /// The initial state (step 0): parameters from the seed or from the committed starting
+    /// weights, optimizer slots zero.
     pub fn initial_state(&self) -> Result<TrainingState, EngineError> {
         let mut state = TrainingState::new(0);
-        self.model.init_params(self.spec.config.train.seed, &mut state)?;
+        match (&self.spec.init_weights, &self.init_params) {
+            (None, _) => self.model.init_params(self.spec.config.train.seed, &mut state)?,
+            (Some(_), Some(params)) => {
+                for (p, t) in self.model.params().iter().zip(params) {
+                    state.insert(&param_key(&p.name), t.clone()).map_err(EngineError::State)?;
+                }
+            }
+            (Some(_), None) => {
+                return Err(EngineError::Usage(
+                    "the spec starts from committed weights that were not loaded (Run::load_init_weights)".into(),
+                ));
+            }
+        }
         for p in self.model.params() {
             for slot in self.slots() {
                 state.insert(&slot_key(&p.name, slot), Tensor::zeros(p.shape.clone())).map_err(EngineError::State)?;

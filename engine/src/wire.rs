@@ -195,6 +195,10 @@ pub mod path {
     pub fn state(run: &str, step: u64) -> String {
         format!("{API_PREFIX}/runs/{run}/states/{step}")
     }
+    /// The starting weights a fine-tune's spec commits to (the raw safetensors file).
+    pub fn init_weights(run: &str) -> String {
+        format!("{API_PREFIX}/runs/{run}/init-weights")
+    }
 }
 
 #[cfg(test)]

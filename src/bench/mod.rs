@@ -132,6 +132,7 @@ impl Setup {
             dataset: self.data.commitment(),
             device_profile: TRAINER_PROFILE.name().to_string(),
             n_steps,
+            init_weights: None,
         };
         Ok(Run::new(spec, self.data.clone(), Device::new(profile)?)?)
     }

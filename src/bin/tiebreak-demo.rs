@@ -65,6 +65,7 @@ fn main() -> Result<()> {
             resume: false,
             faults: faults.clone(),
             key: Some(out.join("trainer.key")),
+            init_weights: None,
         };
         let mut session = Session::create(&opts)?;
         let mut entries = 0usize;

@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         resume: false,
         faults: Vec::new(),
         key: Some(out.join("trainer.key")),
+        init_weights: None,
     };
     let mut session = Session::create(&opts)?;
 

@@ -62,6 +62,10 @@ pub struct SessionOptions {
     pub faults: Vec<Fault>,
     /// Signing key file; default `<out>/../trainer.key`, generated if absent.
     pub key: Option<PathBuf>,
+    /// `--init-weights`: a fine-tune's starting weights (safetensors with candle-nn names, as
+    /// `export` writes). The spec commits to the file's SHA-256 and size, and the record keeps
+    /// a copy, so an auditor replays from the very same bytes.
+    pub init_weights: Option<PathBuf>,
 }
 
 /// Default location of the trainer's signing key: beside the record directory.
@@ -82,6 +86,23 @@ pub struct Session {
     key: SigningKey,
     last_loss: Option<f32>,
     resumed_from: Option<u64>,
+}
+
+/// Reads a starting-weights file, refusing anything but a regular file of bounded size.
+fn read_init_weights(path: &std::path::Path) -> Result<Vec<u8>, TrainerError> {
+    let bad = |what: String| TrainerError::Usage(format!("--init-weights {}: {what}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > engine::init::INIT_WEIGHTS_BYTES_MAX {
+        return Err(bad(format!(
+            "{} bytes, more than the {} allowed",
+            meta.len(),
+            engine::init::INIT_WEIGHTS_BYTES_MAX
+        )));
+    }
+    std::fs::read(path).map_err(|e| bad(e.to_string()))
 }
 
 /// The number of steps a config asks for, given the training split and batch size.
@@ -117,9 +138,21 @@ impl Session {
                 return Err(TrainerError::Usage(format!("more than one fault at step {}", f.step)));
             }
         }
-        let spec = RunSpec::new(config, data.commitment(), opts.device.name(), n_steps);
+        let mut spec = RunSpec::new(config, data.commitment(), opts.device.name(), n_steps);
+        let init_weights = match &opts.init_weights {
+            None => None,
+            Some(path) => {
+                let bytes = read_init_weights(path)?;
+                spec.init_weights = Some(engine::init::WeightsCommitment::of(&bytes));
+                Some(bytes)
+            }
+        };
         // Refuses a spec that fails `RunSpec::validate` before anything is written.
-        let run = Run::new(spec.clone(), data, Device::new(opts.device)?)?;
+        let mut run = Run::new(spec.clone(), data, Device::new(opts.device)?)?;
+        if let (Some(bytes), Some(path)) = (&init_weights, &opts.init_weights) {
+            run.load_init_weights(bytes)
+                .map_err(|p| TrainerError::Usage(format!("--init-weights {}: {p}", path.display())))?;
+        }
         let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
         let (writer, state, resumed_from) = if opts.resume {
             let (writer, point) = RecordWriter::resume(&opts.out, &spec)?;
@@ -127,6 +160,9 @@ impl Session {
             (writer, point.state, Some(from))
         } else {
             let mut writer = RecordWriter::create(&opts.out, &spec)?;
+            if let Some(bytes) = &init_weights {
+                writer.store_init_weights(bytes)?;
+            }
             let state = run.initial_state()?;
             writer.commit_initial(&state)?;
             (writer, state, None)
@@ -222,6 +258,7 @@ mod tests {
             steps: Some(3),
             resume: false,
             faults: Vec::new(),
+            init_weights: None,
         }
     }
 

@@ -53,6 +53,10 @@ enum Command {
         /// Signing key (hex ed25519 secret); default `trainer.key` beside --out, generated if absent.
         #[arg(long)]
         key: Option<PathBuf>,
+        /// A fine-tune's starting weights: safetensors with candle-nn names (what `export`
+        /// writes). Committed by SHA-256 in the spec and copied into the record.
+        #[arg(long)]
+        init_weights: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -105,12 +109,13 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, out, steps, device, data, resume, faults, key, json } => {
+        Command::Train { config, out, steps, device, data, resume, faults, key, init_weights, json } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("read config {}", config.display()))?;
             let config = Config::from_toml(&text, &config.display().to_string())?;
             let device: Profile = device.parse()?;
             let faults = faults.iter().map(|f| f.parse::<Fault>()).collect::<Result<Vec<_>, _>>()?;
-            let opts = SessionOptions { config, data, out: out.clone(), device, steps, resume, faults, key };
+            let opts =
+                SessionOptions { config, data, out: out.clone(), device, steps, resume, faults, key, init_weights };
             train(opts, json)
         }
         Command::Inspect { record, json, step } => inspect(&record, json, step),

@@ -155,6 +155,7 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
         .route(&format!("{p}/runs/{{run}}/checkpoints"), get(checkpoints))
         .route(&format!("{p}/runs/{{run}}/checkpoints/{{step}}"), get(checkpoint))
         .route(&format!("{p}/runs/{{run}}/states/{{step}}"), get(state))
+        .route(&format!("{p}/runs/{{run}}/init-weights"), get(init_weights))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
@@ -718,6 +719,19 @@ async fn checkpoint(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result
             return Err(ApiError::new(code::NOT_FOUND, format!("step {step} has no checkpoint")));
         }
         r.checkpoint_frame(step).map(frame_body).map_err(|e| record_error(r.dir(), e))
+    })
+    .await
+}
+
+/// The starting weights the run's spec commits to, as stored (checked against the commitment).
+async fn init_weights(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<Response, ApiError> {
+    no_query(&uri)?;
+    blocking(&s, move |s| {
+        let r = s.record(&p.run)?;
+        match r.init_weights().map_err(|e| record_error(r.dir(), e))? {
+            Some(bytes) => Ok(bytes_body("application/octet-stream", bytes)),
+            None => Err(ApiError::new(code::NOT_FOUND, "this run starts from the seed: it has no starting weights")),
+        }
     })
     .await
 }

@@ -49,6 +49,7 @@ fn session(base: &Path, run: &str, steps: u64) -> Session {
         resume: false,
         faults: Vec::new(),
         key: Some(base.join("trainer.key")),
+        init_weights: None,
     };
     Session::create(&opts).unwrap()
 }

@@ -73,6 +73,7 @@ pub(super) fn conclude(
     c: &Committed,
     merged: Merged,
     opts: &AuditOptions,
+    init_weights: Option<Vec<u8>>,
     audit: &mut Audit,
 ) -> Result<Verdict, Stop> {
     let Some(finding) = merged.finding else {
@@ -132,7 +133,12 @@ pub(super) fn conclude(
         auditor_leaf: own_leaf,
         auditor_device: opts.device.name().to_string(),
         previous,
-        prev_state: sf.prev.as_ref().map(|s| s.encode()).unwrap_or_default(),
+        // At step 0 of a fine-tune the "previous state" is the committed starting weights.
+        prev_state: match (&sf.prev, s) {
+            (Some(prev), _) => prev.encode(),
+            (None, 0) => init_weights.unwrap_or_default(),
+            (None, _) => Vec::new(),
+        },
         trainer_batch: sf.trainer_batch,
         trainer_log: sf.log,
     });

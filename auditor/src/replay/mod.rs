@@ -396,8 +396,16 @@ fn phases(
 ) -> Result<Verdict, Stop> {
     let committed = commit::check(src, opts)?;
     audit.commitment = Some(committed.commitment.clone());
-    let run = build_run(&committed.spec, opts.data.as_deref(), opts.device)?;
+    let mut init_weights = None;
+    let mut run = build_run(&committed.spec, opts.data.as_deref(), opts.device)?;
     let plan = plan::plan(src, &committed, &run, opts)?;
+    if committed.spec.init_weights.is_some() && plan.jobs.iter().any(|j| j.start == 0) {
+        // A fine-tune: the initial state comes from the committed starting weights.
+        let bytes = src.init_weights().map_err(|e| source_stop(e, Phase::Committed))?;
+        run.load_init_weights(&bytes)
+            .map_err(|p| Verdict::invalid(engine::init::INIT_WEIGHTS_FILE, None, p.detail()))?;
+        init_weights = Some(bytes);
+    }
     audit.segment = Some(plan.segment);
     audit.intervals = plan.jobs.iter().map(|j| (j.start, j.end)).collect();
     audit.timings.open_ms = ms(t0);
@@ -414,7 +422,7 @@ fn phases(
     let bisection = conclude::bisect(src, &committed, &merged)?;
     audit.bisection = Some(bisection);
     audit.timings.bisection_ms = ms(t_bisect);
-    conclude::conclude(src, &committed, merged, opts, audit)
+    conclude::conclude(src, &committed, merged, opts, init_weights, audit)
 }
 
 #[cfg(test)]

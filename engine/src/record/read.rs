@@ -297,6 +297,26 @@ impl Record {
         regular_len(&log_path(&self.dir, step), zstd::zstd_safe::compress_bound(LOG_RAW_BYTES_MAX) as u64)
     }
 
+    /// The starting weights the spec commits to (a fine-tune), checked against the commitment.
+    /// `None` when the spec starts from the seed.
+    pub fn init_weights(&self) -> Result<Option<Vec<u8>>, RecordError> {
+        let Some(c) = &self.spec.init_weights else {
+            return Ok(None);
+        };
+        let path = self.dir.join(crate::init::INIT_WEIGHTS_FILE);
+        let bytes = read_regular(&path, c.bytes)?;
+        let found = crate::init::WeightsCommitment::of(&bytes);
+        if found != *c {
+            return Err(RecordError::Mismatch {
+                path,
+                what: "starting weights".into(),
+                expected: format!("{} ({} bytes)", c.sha256, c.bytes),
+                actual: format!("{} ({} bytes)", found.sha256, found.bytes),
+            });
+        }
+        Ok(Some(bytes))
+    }
+
     /// Step `step`'s batch file, checked against its leaf (not decoded).
     pub fn batch_bytes(&self, step: u64) -> Result<Vec<u8>, RecordError> {
         let leaf = self.leaf(step)?;

@@ -415,6 +415,17 @@ impl RunSpec {
         if self.n_steps != planned {
             return Err(invalid("n_steps", format!("{} but the config plans {planned} steps", self.n_steps)));
         }
+        if let Some(w) = &self.init_weights {
+            if w.sha256.len() != 64 || !w.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(invalid("init_weights.sha256", "must be 64 lowercase hex digits"));
+            }
+            if w.bytes == 0 || w.bytes > crate::init::INIT_WEIGHTS_BYTES_MAX {
+                return Err(invalid(
+                    "init_weights.bytes",
+                    format!("{} is not in 1..={}", w.bytes, crate::init::INIT_WEIGHTS_BYTES_MAX),
+                ));
+            }
+        }
         Ok(())
     }
 
