@@ -126,6 +126,10 @@ impl Dataset {
     /// `context` is the text model's context length.
     pub fn load(config: &DataConfig, path: Option<&Path>, seed: u64, context: usize) -> Result<Dataset, EngineError> {
         match config {
+            DataConfig::Synthetic(_) if path.is_some() => Err(EngineError::Usage(format!(
+                "--data {}: this config's data is synthetic (generated from the seed), so no data file is read; drop --data",
+                path.map(|p| p.display().to_string()).unwrap_or_default()
+            ))),
             DataConfig::Synthetic(s) => Ok(Self::synthetic(s.examples, s.holdout, s.features, s.classes, seed)),
             DataConfig::Mnist(m) => {
                 let dir = path

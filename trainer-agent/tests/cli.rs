@@ -156,6 +156,18 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
     check(train(&base.join("f"), &["--steps", "5", "--fault", "melt@2"]), "unknown fault kind");
     // A different run in the output directory.
     check(train(&good, &["--steps", "6"]), "does not hold this run");
+    // A data file the config does not use is an error, not silently ignored.
+    check(train(&base.join("d"), &["--steps", "5", "--data", "Cargo.toml"]), "synthetic");
+    assert!(!base.join("d").exists());
+    // Starting weights that are not a safetensors file of this model.
+    check(train(&base.join("w"), &["--steps", "5", "--init-weights", "nowhere.safetensors"]), "nowhere.safetensors");
+    std::fs::write(base.join("junk.safetensors"), b"junk").unwrap();
+    let junk = base.join("junk.safetensors");
+    check(
+        train(&base.join("w"), &["--steps", "5", "--init-weights", junk.to_str().unwrap()]),
+        "not a safetensors file",
+    );
+    assert!(!base.join("w").exists(), "nothing written for refused starting weights");
     // Missing and corrupt data.
     let mnist = repo().join("configs/mnist-mlp.toml");
     let run = |data: &Path| {
