@@ -377,3 +377,42 @@ async fn a_server_that_refuses_after_committing_is_convicted_and_its_words_stay_
     daemon.stop().await;
     trainer.stop().await;
 }
+
+/// A spot audit without a seed gets one drawn fresh at submission, kept with the audit and
+/// written into the signed report; a given seed is reported as given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_audits_draw_a_fresh_seed_unless_given_one() {
+    let dir = scratch("daemon-spot-seed");
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "h");
+    let trainer = start_trainer(&records, None).await;
+    let daemon = start_daemon(config(&dir.join("state"))).await;
+    let c = reqwest::Client::new();
+    let mut seeds = Vec::new();
+    for body in [
+        json!({"trainer_url": trainer.url, "run": "h", "mode": "spot", "spot_count": 2}),
+        json!({"trainer_url": trainer.url, "run": "h", "mode": "spot", "spot_count": 2}),
+        json!({"trainer_url": trainer.url, "run": "h", "mode": "spot", "spot_count": 2, "spot_seed": 7}),
+    ] {
+        let (s, v, _) = send(post(&c, &daemon.url, &body, None)).await;
+        assert_eq!(s, 202, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let done = wait_done(&c, &daemon.url, &id, None).await;
+        assert_eq!(done["verdict"], "consistent", "{done}");
+        let (_, report, _) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
+        seeds.push((report["spot_seed"].as_u64().unwrap(), report["spot_seed_chosen"].as_str().unwrap().to_string()));
+    }
+    assert_eq!((seeds[0].1.as_str(), seeds[1].1.as_str(), seeds[2].1.as_str()), ("fresh", "fresh", "given"));
+    assert_ne!(seeds[0].0, seeds[1].0, "two fresh draws differ");
+    assert_eq!(seeds[2].0, 7);
+    let (s, v, _) = send(post(
+        &c,
+        &daemon.url,
+        &json!({"trainer_url": trainer.url, "run": "h", "mode": "spot", "spot_seed_fresh": true}),
+        None,
+    ))
+    .await;
+    assert_eq!(s, 400, "a client cannot claim a seed was drawn fresh: {v}");
+    daemon.stop().await;
+    trainer.stop().await;
+}
