@@ -399,44 +399,30 @@ fn follow_direction(site: &str, index: u64, w: f64, d: f64, dir: Direction) -> R
 fn follow_exact(site: &str, index: u64, w: f64, d: f64, bits: u32) -> Result<f32, RoundingError> {
     let r = f32::from_bits(bits);
     let reach = REPLAY_SLACK * d * COMPARE_SLACK;
+    // The entry is forged, reported against boundary `m` (NaN: no boundary makes sense).
+    let forged = |m: f64| RoundingError::ForgedEntry {
+        site: site.to_string(),
+        index,
+        value: w,
+        midpoint: m,
+        bound: d,
+        distance: (w - m).abs(),
+    };
     // An entry is only allowed where an honest trainer could have logged one: some rounding
     // boundary within reach of the replayer's value. Elsewhere (in particular where the bound
     // is 0) the entry is forged, even when it carries the value every machine computes.
     if decide(w, REPLAY_SLACK * d).1 == Decision::Plain {
         let (lo, hi) = cell(w as f32);
-        let m = if hi - w <= w - lo { hi } else { lo };
-        return Err(RoundingError::ForgedEntry {
-            site: site.to_string(),
-            index,
-            value: w,
-            midpoint: m,
-            bound: d,
-            distance: (w - m).abs(),
-        });
+        return Err(forged(if hi - w <= w - lo { hi } else { lo }));
     }
-    if !r.is_nan() {
-        let (lo, hi) = cell(r);
-        if lo <= w + reach && hi >= w - reach {
-            return Ok(r);
-        }
-        let m = if w < lo { lo } else { hi };
-        return Err(RoundingError::ForgedEntry {
-            site: site.to_string(),
-            index,
-            value: w,
-            midpoint: m,
-            bound: d,
-            distance: (w - m).abs(),
-        });
+    if r.is_nan() {
+        return Err(forged(f64::NAN));
     }
-    Err(RoundingError::ForgedEntry {
-        site: site.to_string(),
-        index,
-        value: w,
-        midpoint: f64::NAN,
-        bound: d,
-        distance: f64::NAN,
-    })
+    let (lo, hi) = cell(r);
+    if lo <= w + reach && hi >= w - reach {
+        return Ok(r);
+    }
+    Err(forged(if w < lo { lo } else { hi }))
 }
 
 /// Rounds every site of one training step, either recording tie-breaks (trainer) or following

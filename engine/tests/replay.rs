@@ -163,7 +163,7 @@ fn steps_are_independent_of_the_thread_count() {
 #[test]
 fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
     use engine::data::Dataset;
-    use engine::spec::{DataConfig, RunSpec, TextConfig};
+    use engine::spec::RunSpec;
     use kernels::Device;
 
     let mut gpus: Vec<(&str, Device)> = Vec::new();
@@ -180,10 +180,16 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
     let mut cnn = config("[model]\nkind = \"cnn\"\nchannels = [3, 4]", ADAMW);
     cnn.train.batch_size = 4;
     let images = Dataset::synthetic(256, 32, 64, 4, 11).with_input_shape(vec![1, 8, 8]).unwrap();
-    let mut gpt =
-        config("[model]\nkind = \"gpt\"\nlayers = 1\nd_model = 16\nheads = 2\ncontext = 8\ndropout = 0.1", ADAMW);
-    gpt.train.batch_size = 3;
-    gpt.data = DataConfig::Text(TextConfig { holdout_fraction: 0.1 });
+    // The GPT trains on text: its config names text data from the start (a spec must agree).
+    let gpt = Config::from_toml(
+        &format!(
+            "[model]\nkind = \"gpt\"\nlayers = 1\nd_model = 16\nheads = 2\ncontext = 8\ndropout = 0.1\n\
+             [data]\nkind = \"text\"\nholdout_fraction = 0.1\n\
+             [train]\nbatch_size = 3\nsteps = 6\nseed = 11\ncheckpoint_interval = 2\n{ADAMW}"
+        ),
+        "test",
+    )
+    .unwrap();
     let text = b"to be, or not to be, that is the question: whether 'tis nobler in the mind to suffer".repeat(4);
     let words = Dataset::text(text, 8, 0.1).unwrap();
     let cases =
