@@ -20,6 +20,7 @@ pub mod data;
 pub mod init;
 pub mod model;
 pub mod record;
+pub mod schedule;
 pub mod spec;
 pub mod train;
 pub mod wire;

@@ -27,6 +27,10 @@ pub struct Config {
     pub data: DataConfig,
     pub train: TrainConfig,
     pub optimizer: OptimizerConfig,
+    /// The learning-rate schedule (absent: constant, and not serialised, so such specs hash as
+    /// before schedules existed).
+    #[serde(default, skip_serializing_if = "crate::schedule::Schedule::is_constant")]
+    pub schedule: crate::schedule::Schedule,
 }
 
 /// The model architecture.

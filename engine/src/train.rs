@@ -332,7 +332,8 @@ impl Run {
                 state.insert(name, t.clone()).map_err(EngineError::State)?;
             }
         } else {
-            let lr_scale = if fault == Some(FaultKind::ScaleLr) { 10.0 } else { 1.0 };
+            let fault_scale = if fault == Some(FaultKind::ScaleLr) { 10.0 } else { 1.0 };
+            let lr_scale = self.spec.config.schedule.factor(step, self.spec.n_steps) * fault_scale;
             self.optimize(&mut ctx, prev, &grads, lr_scale, &mut state)?;
         }
         let common::rounding::Finished { mut log, paper, forged, rounded } = rounder.finish();

@@ -211,3 +211,27 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
         }
     }
 }
+
+/// A cosine schedule with warm-up changes the run (its states differ from a constant rate's)
+/// and replays bit-identically on every other profile: the factor is computed from basic
+/// operations only, the same on every machine.
+#[test]
+fn a_scheduled_learning_rate_replays_on_every_profile() {
+    let plain = config(MLP, SGD);
+    let text = format!(
+        "{MLP}\n[data]\nkind = \"synthetic\"\nexamples = 256\nholdout = 32\nfeatures = 64\nclasses = 4\n\
+         [train]\nbatch_size = 16\nsteps = 6\nseed = 11\ncheckpoint_interval = 2\n{SGD}\n\
+         [schedule]\nkind = \"cosine\"\nwarmup_steps = 2\nmin_ratio = 0.1\n"
+    );
+    let scheduled = Config::from_toml(&text, "cosine").unwrap();
+    let trained = train(&run(&scheduled, Profile::Cpu), 6);
+    let constant = train(&run(&plain, Profile::Cpu), 6);
+    assert_ne!(trained[0].0.digest(), constant[0].0.digest(), "warm-up starts at a smaller rate");
+    for p in [Profile::CpuSeq, Profile::CpuSplitK] {
+        replay_exactly(&run(&scheduled, p), &trained, &format!("cosine on {p:?}"));
+    }
+    // A schedule the run cannot follow is refused, naming the field.
+    let bad = text.replace("warmup_steps = 2", "warmup_steps = 7");
+    let e = Config::from_toml(&bad, "cosine").unwrap_err().to_string();
+    assert!(e.contains("schedule.warmup_steps"), "{e}");
+}

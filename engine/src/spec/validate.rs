@@ -173,7 +173,8 @@ impl Config {
     /// Range checks of every field (without looking at any file). Field names are relative to
     /// the config (`train.batch_size`).
     pub fn validate(&self) -> Result<(), SpecInvalid> {
-        self.sizes().map(|_| ())
+        self.sizes().map(|_| ())?;
+        self.schedule.validate(self.train.steps).map_err(|(field, what)| invalid(field, what))
     }
 
     /// Range-checks every field and derives the model's sizes (see [`Sizes`]).
@@ -406,7 +407,8 @@ impl RunSpec {
             ));
         }
         kernels::Profile::from_str(&self.device_profile).map_err(|e| invalid("device_profile", e.to_string()))?;
-        self.config.sizes().map_err(|e| e.under("config."))?;
+        self.config.validate().map_err(|e| e.under("config."))?;
+        self.config.schedule.validate(Some(self.n_steps)).map_err(|(f, w)| invalid(f, w).under("config."))?;
         self.check_dataset()?;
         if self.n_steps == 0 {
             return Err(invalid("n_steps", "must be at least 1"));
