@@ -186,7 +186,8 @@ pub struct Job {
     pub id: String,
     pub request: AuditRequest,
     pub state: JobState,
-    /// Claims so far (1 on the first run; more after crashes or requeues).
+    /// Claims since the audit last made durable progress (1 on the first run; more after
+    /// crashes or failed final writes that did not move it forward).
     pub attempts: u32,
     /// Durable progress: replay job start → last verified step.
     pub progress: BTreeMap<u64, u64>,
@@ -466,7 +467,7 @@ impl Worker {
         let id = job.id.clone();
         if job.attempts > self.config.attempts_max {
             let why = format!(
-                "gave up after {} attempts (each one ended without the audit deciding: crashes or store failures)",
+                "gave up after {} attempts in a row that verified no new step (crashes or store failures)",
                 self.config.attempts_max
             );
             let state = if self.must("fail", || self.store.fail(&id, &why, self.clock.now_ms())) {

@@ -228,13 +228,27 @@ impl Store for SqliteStore {
             if state.as_deref() != Some("running") {
                 return Ok(());
             }
+            let before: Option<i64> = tx
+                .query_row(
+                    "SELECT through FROM progress WHERE id = ?1 AND job_start = ?2",
+                    params![id, i(job_start)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if before.is_some_and(|b| u(b) >= through) {
+                return Ok(());
+            }
             tx.execute(
                 "INSERT INTO progress (id, job_start, through) VALUES (?1, ?2, ?3)
                  ON CONFLICT (id, job_start) DO UPDATE SET through = MAX(through, excluded.through)",
                 params![id, i(job_start), i(through)],
             )?;
+            // `attempts` counts claims since the audit last moved forward: an attempt that
+            // verified new steps is not a strike against it, however it ends (a kill -9 included),
+            // so only an audit that keeps dying at the same point is given up.
             tx.execute(
-                "UPDATE jobs SET steps_replayed = MAX(steps_replayed, ?2), updated_ms = ?3 WHERE id = ?1",
+                "UPDATE jobs SET steps_replayed = MAX(steps_replayed, ?2), attempts = MIN(attempts, 1), updated_ms = ?3
+                 WHERE id = ?1",
                 params![id, i(steps_replayed), i(now_ms)],
             )?;
             tx.commit()
