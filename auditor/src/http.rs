@@ -36,10 +36,9 @@ pub struct RetryPolicy {
     /// Wait before the first retry; doubled after each, up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// Attempts per request, the first included.
-    pub attempts_max: u32,
     /// A request still failing this long after its first attempt makes the trainer
-    /// unresponsive, whatever attempts are left.
+    /// unresponsive. It is the only way to that verdict: failed attempts are retried (with
+    /// backoff) until it passes, however many there were.
     pub deadline: Duration,
     /// Largest response body accepted.
     pub response_bytes_max: u64,
@@ -51,7 +50,6 @@ impl Default for RetryPolicy {
             request_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
-            attempts_max: 8,
             deadline: Duration::from_secs(120),
             response_bytes_max: 512 << 20,
         }
@@ -70,6 +68,14 @@ impl RetryPolicy {
 /// retried or not (the daemon counts them in a metric).
 pub type ErrorHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Asked while a request is in flight (every [`ABORT_POLL`]): `Some(why)` abandons it at once
+/// with [`SourceError::Unavailable`] (the auditor stopped the audit: a shutdown, its time
+/// limit), never a verdict.
+pub type AbortCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// How often an in-flight request asks its [`AbortCheck`].
+pub const ABORT_POLL: Duration = Duration::from_millis(25);
+
 /// A run on a trainer's record server.
 #[derive(Clone)]
 pub struct HttpTrainer {
@@ -80,6 +86,7 @@ pub struct HttpTrainer {
     runtime: Handle,
     policy: RetryPolicy,
     on_error: Option<ErrorHook>,
+    abort: Option<AbortCheck>,
     /// The spec, fetched once per source (it never changes for a run; the daemon reads it to
     /// pick a dataset before the audit reads it again). An error is kept too, so an
     /// unresponsive trainer costs one deadline, not two.
@@ -138,6 +145,7 @@ impl HttpTrainer {
             runtime,
             policy,
             on_error: None,
+            abort: None,
             spec: Arc::new(std::sync::OnceLock::new()),
         })
     }
@@ -145,6 +153,12 @@ impl HttpTrainer {
     /// Reports every failed request to `hook`.
     pub fn with_error_hook(mut self, hook: ErrorHook) -> Self {
         self.on_error = Some(hook);
+        self
+    }
+
+    /// Abandons requests in flight when `check` says so.
+    pub fn with_abort(mut self, check: AbortCheck) -> Self {
+        self.abort = Some(check);
         self
     }
 
@@ -164,8 +178,29 @@ impl HttpTrainer {
     }
 
     async fn get_async(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let Some(check) = self.abort.clone() else {
+            return self.get_retrying(path).await;
+        };
+        let aborted = async move {
+            loop {
+                if let Some(why) = check() {
+                    return why;
+                }
+                tokio::time::sleep(ABORT_POLL).await;
+            }
+        };
+        tokio::select! {
+            got = self.get_retrying(path) => got,
+            why = aborted => Err(SourceError::Unavailable(format!("GET {path}: abandoned: {why}"))),
+        }
+    }
+
+    /// Retries until an answer, a final failure, or the deadline: the only way to
+    /// [`SourceError::Unresponsive`], whose text says exactly how long the trainer was silent.
+    async fn get_retrying(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
         let url = format!("{}{path}", self.base);
         let first = Instant::now();
+        let deadline = self.policy.deadline;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -174,13 +209,18 @@ impl HttpTrainer {
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => why,
             };
-            let wait = self.policy.backoff(attempt);
-            if attempt >= self.policy.attempts_max || first.elapsed() + wait > self.policy.deadline {
+            let elapsed = first.elapsed();
+            if elapsed >= deadline {
                 return Err(SourceError::Unresponsive {
-                    what: format!("GET {url}: {why} ({attempt} attempts over {:.1} s)", first.elapsed().as_secs_f64()),
+                    what: format!(
+                        "GET {path}: no answer for {:.1} s, past the {:.1} s deadline ({attempt} attempts; the last: {why})",
+                        elapsed.as_secs_f64(),
+                        deadline.as_secs_f64()
+                    ),
                 });
             }
-            tokio::time::sleep(wait).await;
+            // The last wait ends at the deadline, so one more attempt is made right there.
+            tokio::time::sleep(self.policy.backoff(attempt).min(deadline - elapsed)).await;
         }
     }
 
@@ -456,8 +496,7 @@ mod tests {
             request_timeout: Duration::from_millis(200),
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(40),
-            attempts_max: 1000,
-            deadline: Duration::from_millis(300),
+            deadline: Duration::from_millis(1000),
             response_bytes_max: 1 << 20,
         };
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -469,8 +508,11 @@ mod tests {
             }));
         let t0 = Instant::now();
         let e = src.child_hashes(0, 2, 2).unwrap_err();
-        assert!(matches!(e, SourceError::Unresponsive { .. }), "{e:?}");
+        // Many fast failures before the deadline (the retries alone never give up: issue 14).
+        let SourceError::Unresponsive { what } = &e else { panic!("{e:?}") };
+        assert!(t0.elapsed() >= Duration::from_millis(1000), "gave up before the deadline: {what}");
         assert!(t0.elapsed() < Duration::from_secs(5), "gave up after the deadline, not much later");
+        assert!(what.starts_with("GET /v1/runs/r/nodes") && what.contains("past the 1.0 s deadline"), "{what}");
         assert!(errors.load(std::sync::atomic::Ordering::Relaxed) >= 2, "retried");
     }
 }

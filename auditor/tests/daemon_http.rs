@@ -6,9 +6,13 @@
 mod support;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use auditor::daemon::Config;
+use auditor::daemon::job::{JobState, Store};
+use auditor::daemon::store::SqliteStore;
 use auditor::evidence::{Evidence, Side, adjudicate};
 use auditor::report::verify;
 use auditor::{AuditOptions, NoProgress, audit_dir};
@@ -413,6 +417,111 @@ async fn spot_audits_draw_a_fresh_seed_unless_given_one() {
     ))
     .await;
     assert_eq!(s, 400, "a client cannot claim a seed was drawn fresh: {v}");
+    daemon.stop().await;
+    trainer.stop().await;
+}
+
+/// A proxy in front of `upstream`: every answer is delayed by `delay`, and while `hang` is set,
+/// a request whose path ends with `hang_on` is never answered (`hit` is notified when one
+/// arrives).
+struct Proxy {
+    url: String,
+    hang: Arc<AtomicBool>,
+    hit: Arc<tokio::sync::Notify>,
+}
+
+async fn proxy(upstream: String, hang_on: &'static str, delay: Duration) -> Proxy {
+    let hang = Arc::new(AtomicBool::new(true));
+    let hit = Arc::new(tokio::sync::Notify::new());
+    let (h, n) = (hang.clone(), hit.clone());
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (upstream, h, n) = (upstream.clone(), h.clone(), n.clone());
+        async move {
+            if uri.path().ends_with(hang_on) && h.load(Ordering::SeqCst) {
+                n.notify_one();
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(delay).await;
+            let resp = reqwest::get(format!("{upstream}{uri}")).await.unwrap();
+            let status = axum::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            (status, resp.bytes().await.unwrap().to_vec())
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Proxy { url, hang, hit }
+}
+
+/// Issue 14: a shutdown while a trainer request was in flight failed the audit for good ("A
+/// Tokio 1.x context was found, but it is being shutdown"). The request is abandoned at once,
+/// the audit goes back to the queue with its progress and its claim refunded, and the next
+/// daemon finishes it from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_trainer_request_requeues_the_audit_with_its_progress() {
+    let dir = scratch("daemon-sigterm");
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "h");
+    let trainer = start_trainer(&records, None).await;
+    let p = proxy(trainer.url.clone(), "/logs/6", Duration::ZERO).await;
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.request_timeout_ms = 60_000;
+    cfg.trainer.deadline_ms = 60_000;
+    cfg.shutdown_grace_ms = 5_000;
+    let daemon = start_daemon(cfg.clone()).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": p.url, "run": "h"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    tokio::time::timeout(Duration::from_secs(60), p.hit.notified()).await.expect("the audit reached step 6");
+    let t0 = Instant::now();
+    daemon.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(3), "the request in flight was abandoned, not waited out");
+    {
+        let store = SqliteStore::open(&dir.join("state")).unwrap();
+        let job = store.get(&id).unwrap().unwrap();
+        assert_eq!((job.state, job.attempts, job.error.as_deref()), (JobState::Queued, 0, None), "{job:?}");
+        assert_eq!(job.progress, [(0, 5)].into(), "steps 1-5 were verified before the shutdown");
+    }
+    p.hang.store(false, Ordering::SeqCst);
+    let daemon = start_daemon(cfg).await;
+    let done = wait_done(&c, &daemon.url, &id, None).await;
+    assert_eq!((done["state"].as_str(), done["verdict"].as_str()), (Some("done"), Some("consistent")), "{done}");
+    assert_eq!(done["steps_resumed"], 5, "{done}");
+    daemon.stop().await;
+    trainer.stop().await;
+}
+
+/// A trainer that answers everything, slowly, runs into the daemon's per-audit time limit:
+/// `failed` with reason `time-limit`, no verdict and no report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_trainer_meets_the_time_limit_which_is_not_a_verdict() {
+    let dir = scratch("daemon-time-limit");
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "h");
+    let trainer = start_trainer(&records, None).await;
+    let p = proxy(trainer.url.clone(), "/never", Duration::from_millis(150)).await;
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.deadline_ms = 60_000;
+    cfg.audit_time_max_ms = 1_000;
+    let daemon = start_daemon(cfg).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": p.url, "run": "h"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().unwrap();
+    let t0 = Instant::now();
+    let done = wait_done(&c, &daemon.url, id, None).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "stopped at the limit: {done}");
+    assert_eq!(
+        (done["state"].as_str(), done["reason"].as_str(), done["verdict"].as_str()),
+        (Some("failed"), Some("time-limit"), None),
+        "{done}"
+    );
+    assert!(done["error"].as_str().unwrap().contains("audit_time_max_ms = 1000"), "{done}");
+    let (s, _, _) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
+    assert_eq!(s, 404);
+    let (_, _, text) = send(c.get(format!("{}/metrics", daemon.url))).await;
+    assert!(String::from_utf8(text).unwrap().contains("auditor_audits_failed_total{reason=\"time-limit\"} 1"));
     daemon.stop().await;
     trainer.stop().await;
 }

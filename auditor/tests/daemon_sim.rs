@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use auditor::Progress;
 use auditor::daemon::job::{
-    AuditRequest, Clock, Decided, Inserted, Job, JobState, NoObserver, Outcome, Runner, Store, StoreError, Worked,
-    Worker, WorkerConfig,
+    AuditRequest, Clock, Decided, FailReason, Inserted, Job, JobState, NoObserver, Outcome, Runner, Store, StoreError,
+    Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::store::SqliteStore;
 use common::prng::Stream;
@@ -120,8 +120,8 @@ impl Store for FlakyStore {
     fn finish(&self, id: &str, decided: &Decided, now_ms: u64) -> Result<(), StoreError> {
         self.op(true, |s| s.finish(id, decided, now_ms))
     }
-    fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.fail(id, error, now_ms))
+    fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.op(true, |s| s.fail(id, reason, error, now_ms))
     }
     fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
         self.op(true, |s| s.requeue(id, refund, now_ms))

@@ -183,6 +183,7 @@ pub fn status_json(job: &Job) -> Value {
         "verdict": job.verdict.map(|k| k.as_str()),
         "first_diverging_step": job.first_step,
         "error": job.error,
+        "reason": job.reason.map(|r| r.as_str()),
         "created_ms": job.created_ms,
         "updated_ms": job.updated_ms,
     });

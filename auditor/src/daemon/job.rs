@@ -6,10 +6,12 @@
 //! # States
 //! ```text
 //!  submit ─▶ queued ──claim──▶ running ──decided──▶ done   (report stored in the same transaction)
-//!              ▲                  │ ├──could not decide──▶ failed
-//!              └── requeue ◀──────┘ └──attempts exhausted──▶ failed
+//!              ▲                  │ ├──could not decide──▶ failed (reason undecided)
+//!              │                  │ ├──audit_time_max_ms passed──▶ failed (reason time-limit)
+//!              └── requeue ◀──────┘ └──attempts exhausted──▶ failed (reason gave-up)
 //!                 (shutdown, crash recovery, a report that could not be stored)
 //! ```
+//! A failed audit is never a verdict: its [`FailReason`] says why the auditor stopped.
 //! Invariants the store keeps: a job is `done` exactly when its report is stored; a report is
 //! written once (a second `finish` of a done job is a no-op); progress points of a job only
 //! move forward; the number of `queued` jobs never exceeds the configured bound.
@@ -180,6 +182,40 @@ impl JobState {
     }
 }
 
+/// Why a job ended `failed` (none of them is a verdict against the trainer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailReason {
+    /// The audit could not decide: a bad request, the auditor's own data, I/O or limits, a
+    /// trainer that never answered the first request.
+    Undecided,
+    /// It ran past the daemon's `audit_time_max_ms` (the trainer was slow, but never silent for
+    /// `trainer.deadline_ms`).
+    TimeLimit,
+    /// `attempts_max` claims in a row ended without verifying a new step.
+    GaveUp,
+    /// Its stored row no longer parses; it was set aside so that other audits can run.
+    Quarantined,
+}
+
+impl FailReason {
+    pub const ALL: [FailReason; 4] =
+        [FailReason::Undecided, FailReason::TimeLimit, FailReason::GaveUp, FailReason::Quarantined];
+
+    /// The wire name (status JSON, the store, metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::Undecided => "undecided",
+            FailReason::TimeLimit => "time-limit",
+            FailReason::GaveUp => "gave-up",
+            FailReason::Quarantined => "quarantined",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FailReason> {
+        FailReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
@@ -198,6 +234,8 @@ pub struct Job {
     pub verdict: Option<VerdictKind>,
     pub first_step: Option<u64>,
     pub error: Option<String>,
+    /// Set when `failed`.
+    pub reason: Option<FailReason>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -252,7 +290,7 @@ pub trait Store: Send + Sync {
     /// `running` → `done` with its report, atomically; a no-op for a job already done.
     fn finish(&self, id: &str, decided: &Decided, now_ms: u64) -> Result<(), StoreError>;
     /// `running` or `queued` → `failed`.
-    fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError>;
+    fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError>;
     /// `running` → `queued`, keeping its progress. `refund` gives the claim back (a graceful
     /// shutdown is not the job's fault and must not use up its attempts).
     fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError>;
@@ -294,6 +332,8 @@ pub enum Outcome {
     Decided(Decided),
     /// The audit could not decide (bad request, the auditor's own data or I/O): final.
     Failed(String),
+    /// Stopped at the daemon's per-audit time limit: final, and not a verdict.
+    TimeLimit(String),
     /// Stopped by [`Progress::cancelled`] (shutdown): to be resumed.
     Cancelled,
 }
@@ -309,6 +349,7 @@ pub trait Observer: Send + Sync {
     fn step_replayed(&self, _seconds: f64) {}
     fn store_error(&self, _op: &str) {}
     fn decided(&self, _decided: &Decided) {}
+    fn failed(&self, _reason: FailReason) {}
 }
 
 /// Observes nothing.
@@ -470,7 +511,8 @@ impl Worker {
                 "gave up after {} attempts in a row that verified no new step (crashes or store failures)",
                 self.config.attempts_max
             );
-            let state = if self.must("fail", || self.store.fail(&id, &why, self.clock.now_ms())) {
+            let state = if self.must("fail", || self.store.fail(&id, FailReason::GaveUp, &why, self.clock.now_ms())) {
+                self.observer.failed(FailReason::GaveUp);
                 JobState::Failed
             } else {
                 JobState::Running
@@ -488,14 +530,27 @@ impl Worker {
             steps: AtomicU64::new(job.progress.iter().map(|(&s, &t)| t.saturating_sub(s)).sum()),
             points: Mutex::new(job.progress.iter().map(|(&s, &t)| (s, (t, t, 0))).collect()),
         };
-        let outcome = self.runner.run(&job, &progress);
+        let outcome = match self.runner.run(&job, &progress) {
+            // A failure while the daemon shuts down may be the shutdown itself (a request
+            // abandoned, the runtime going away): never final, the audit runs again.
+            Outcome::Failed(_) | Outcome::TimeLimit(_) if self.cancel.load(Ordering::SeqCst) => Outcome::Cancelled,
+            o => o,
+        };
         let now = || self.clock.now_ms();
+        let fail = |reason: FailReason, why: &str| {
+            let ok = self.must("fail", || self.store.fail(&id, reason, why, now()));
+            if ok {
+                self.observer.failed(reason);
+            }
+            (ok, JobState::Failed)
+        };
         let (ok, target) = match &outcome {
             Outcome::Decided(d) => {
                 self.observer.decided(d);
                 (self.must("finish", || self.store.finish(&id, d, now())), JobState::Done)
             }
-            Outcome::Failed(why) => (self.must("fail", || self.store.fail(&id, why, now())), JobState::Failed),
+            Outcome::Failed(why) => fail(FailReason::Undecided, why),
+            Outcome::TimeLimit(why) => fail(FailReason::TimeLimit, why),
             Outcome::Cancelled => {
                 progress.flush();
                 (self.must("requeue", || self.store.requeue(&id, true, now())), JobState::Queued)

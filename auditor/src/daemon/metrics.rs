@@ -2,7 +2,7 @@
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use super::job::{Decided, JobState, Observer, Store};
+use super::job::{Decided, FailReason, JobState, Observer, Store};
 use crate::VerdictKind;
 
 /// The daemon's metrics, on a registry of their own (not the process-global one, so that
@@ -17,6 +17,7 @@ pub struct Metrics {
     pub bisection_queries: IntCounter,
     pub divergences: IntCounter,
     pub verdicts: IntCounterVec,
+    pub failed: IntCounterVec,
     pub trainer_request_errors: IntCounterVec,
     pub store_errors: IntCounterVec,
 }
@@ -46,6 +47,18 @@ impl Metrics {
         let verdicts =
             IntCounterVec::new(Opts::new("auditor_verdicts_total", "Decided audits, by verdict"), &["verdict"])
                 .expect("valid metric");
+        let failed = IntCounterVec::new(
+            Opts::new("auditor_audits_failed_total", "Audits that ended failed (never a verdict), by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        // Present at 0 from the start, so a rate over them is defined before the first event.
+        for r in FailReason::ALL {
+            failed.with_label_values(&[r.as_str()]);
+        }
+        for v in VerdictKind::ALL {
+            verdicts.with_label_values(&[v.as_str()]);
+        }
         let trainer_request_errors = IntCounterVec::new(
             Opts::new("auditor_trainer_request_errors_total", "Failed requests to trainers (retried or not), by kind"),
             &["kind"],
@@ -64,6 +77,7 @@ impl Metrics {
             Box::new(bisection_queries.clone()),
             Box::new(divergences.clone()),
             Box::new(verdicts.clone()),
+            Box::new(failed.clone()),
             Box::new(trainer_request_errors.clone()),
             Box::new(store_errors.clone()),
         ] {
@@ -78,6 +92,7 @@ impl Metrics {
             bisection_queries,
             divergences,
             verdicts,
+            failed,
             trainer_request_errors,
             store_errors,
         }
@@ -116,6 +131,9 @@ impl Observer for Metrics {
     }
     fn store_error(&self, op: &str) {
         self.store_errors.with_label_values(&[op]).inc();
+    }
+    fn failed(&self, reason: FailReason) {
+        self.failed.with_label_values(&[reason.as_str()]).inc();
     }
     fn decided(&self, d: &Decided) {
         self.verdicts.with_label_values(&[d.verdict.as_str()]).inc();

@@ -80,6 +80,10 @@ pub struct Config {
     pub progress_interval_ms: u64,
     /// How long a graceful shutdown waits for running audits to stop at a step boundary.
     pub shutdown_grace_ms: u64,
+    /// Wall-clock limit of one audit attempt; past it the audit ends `failed` with reason
+    /// `time-limit` (not a verdict), unless the trainer was silent for `trainer.deadline_ms`
+    /// first (`trainer-unresponsive`).
+    pub audit_time_max_ms: u64,
     pub data: DataSection,
     pub trainer: TrainerSection,
 }
@@ -99,7 +103,9 @@ pub struct TrainerSection {
     pub request_timeout_ms: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
-    pub attempts_max: u32,
+    /// Ignored (accepted so that older configs still load): failed requests are retried until
+    /// `deadline_ms`, the only way to `trainer-unresponsive`.
+    pub attempts_max: Option<u32>,
     /// A trainer that has not answered one request for this long is unresponsive.
     pub deadline_ms: u64,
     pub response_bytes_max: u64,
@@ -112,7 +118,7 @@ impl Default for TrainerSection {
             request_timeout_ms: p.request_timeout.as_millis() as u64,
             backoff_initial_ms: p.backoff_initial.as_millis() as u64,
             backoff_max_ms: p.backoff_max.as_millis() as u64,
-            attempts_max: p.attempts_max,
+            attempts_max: None,
             deadline_ms: p.deadline.as_millis() as u64,
             response_bytes_max: p.response_bytes_max,
         }
@@ -125,7 +131,6 @@ impl TrainerSection {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             backoff_initial: Duration::from_millis(self.backoff_initial_ms),
             backoff_max: Duration::from_millis(self.backoff_max_ms),
-            attempts_max: self.attempts_max,
             deadline: Duration::from_millis(self.deadline_ms),
             response_bytes_max: self.response_bytes_max,
         }
@@ -146,6 +151,7 @@ impl Default for Config {
             attempts_max: w.attempts_max,
             progress_interval_ms: w.progress_interval_ms,
             shutdown_grace_ms: 10_000,
+            audit_time_max_ms: 6 * 3600 * 1000,
             data: DataSection::default(),
             trainer: TrainerSection::default(),
         }
@@ -180,6 +186,9 @@ impl Config {
             return Err(format!("body_bytes_max = {}: must be 256..=16777216", self.body_bytes_max));
         }
         self.device.parse::<Profile>().map_err(|e| format!("device = {:?}: {e}", self.device))?;
+        if self.audit_time_max_ms < 1000 {
+            return Err(format!("audit_time_max_ms = {}: must be at least 1000", self.audit_time_max_ms));
+        }
         if self.attempts_max == 0 {
             return Err("attempts_max = 0: must be at least 1".into());
         }
@@ -189,10 +198,8 @@ impl Config {
             return Err("token: empty; leave it out for an open daemon".into());
         }
         let t = &self.trainer;
-        if t.request_timeout_ms == 0 || t.deadline_ms == 0 || t.attempts_max == 0 {
-            return Err(
-                "trainer.request_timeout_ms, trainer.deadline_ms and trainer.attempts_max must be positive".into()
-            );
+        if t.request_timeout_ms == 0 || t.deadline_ms == 0 {
+            return Err("trainer.request_timeout_ms and trainer.deadline_ms must be positive".into());
         }
         if t.backoff_initial_ms > t.backoff_max_ms {
             return Err(format!(
@@ -266,6 +273,8 @@ pub async fn serve(
         default_device: config.device.parse().expect("validated"),
         data: DataPaths { mnist: config.data.mnist.clone(), text: config.data.text.clone() },
         metrics: metrics.clone(),
+        shutdown: cancel.clone(),
+        time_max: Duration::from_millis(config.audit_time_max_ms),
     };
     let worker = Worker {
         store: store.clone(),

@@ -14,14 +14,14 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::job::{AuditRequest, Decided, Inserted, Job, JobState, Store, StoreError, job_id};
+use super::job::{AuditRequest, Decided, FailReason, Inserted, Job, JobState, Store, StoreError, job_id};
 use crate::VerdictKind;
 
 /// The database file under the state directory.
 pub const DB_FILE: &str = "auditor.sqlite3";
 /// Bumped when the schema changes; a database with another version is refused, not migrated
 /// silently.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     verdict TEXT,
     first_step INTEGER,
     error TEXT,
+    reason TEXT,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
 );
@@ -99,6 +100,15 @@ impl SqliteStore {
                     .map_err(ctx)?;
             }
             Some(SCHEMA_VERSION) => {}
+            // Version 1 had no `reason` column (why a job failed); adding it loses nothing.
+            Some(1) => {
+                conn.execute_batch(
+                    "BEGIN IMMEDIATE; ALTER TABLE jobs ADD COLUMN reason TEXT;
+                     UPDATE jobs SET reason = 'undecided' WHERE state = 'failed';
+                     UPDATE meta SET value = 2 WHERE key = 'schema_version'; COMMIT;",
+                )
+                .map_err(ctx)?;
+            }
             Some(v) => {
                 return Err(StoreError(format!(
                     "{}: schema version {v}, this auditor knows {SCHEMA_VERSION}; refusing to touch it",
@@ -119,8 +129,8 @@ impl SqliteStore {
     }
 }
 
-const JOB_COLUMNS: &str =
-    "id, request, state, attempts, steps_replayed, steps_resumed, verdict, first_step, error, created_ms, updated_ms";
+const JOB_COLUMNS: &str = "id, request, state, attempts, steps_replayed, steps_resumed, verdict, first_step, error, \
+                           created_ms, updated_ms, reason";
 
 fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let id: String = r.get(0)?;
@@ -133,6 +143,10 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let verdict = r
         .get::<_, Option<String>>(6)?
         .map(|v| v.parse::<VerdictKind>().map_err(|e| bad(format!("job {id}: verdict: {e}"))))
+        .transpose()?;
+    let reason = r
+        .get::<_, Option<String>>(11)?
+        .map(|v| FailReason::parse(&v).ok_or_else(|| bad(format!("job {id}: reason {v:?}"))))
         .transpose()?;
     let mut stmt = conn.prepare_cached("SELECT job_start, through FROM progress WHERE id = ?1 ORDER BY job_start")?;
     let progress = stmt.query_map([&id], |p| Ok((u(p.get(0)?), u(p.get(1)?))))?.collect::<rusqlite::Result<_>>()?;
@@ -147,6 +161,7 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         verdict,
         first_step: r.get::<_, Option<i64>>(7)?.map(u),
         error: r.get(8)?,
+        reason,
         created_ms: u(r.get(9)?),
         updated_ms: u(r.get(10)?),
     })
@@ -290,12 +305,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError> {
+    fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError> {
         self.with(|conn| {
             conn.execute(
-                "UPDATE jobs SET state = 'failed', error = ?2, updated_ms = ?3
+                "UPDATE jobs SET state = 'failed', error = ?2, reason = ?4, updated_ms = ?3
                  WHERE id = ?1 AND state IN ('queued', 'running')",
-                params![id, error, i(now_ms)],
+                params![id, error, i(now_ms), reason.as_str()],
             )
             .map(|_| ())
         })
@@ -420,7 +435,7 @@ mod tests {
         assert_eq!(s.evidence(&id).unwrap(), Some(vec![1, 2, 3]));
         s.save_progress(&id, 0, 9, 9, 8).unwrap();
         assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into(), "no progress after done");
-        assert!(s.fail(&id, "late", 9).is_ok());
+        assert!(s.fail(&id, FailReason::Undecided, "late", 9).is_ok());
         assert_eq!(s.get(&id).unwrap().unwrap().state, JobState::Done, "a done job cannot fail");
     }
 
