@@ -193,8 +193,17 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         (c.get(format!("{url}/v1/audits?state=sleeping")).bearer_auth("t0k3n"), 400, "bad-request"),
         (c.get(format!("{url}/v1/nothing")), 404, "not-found"),
         (c.delete(format!("{url}/v1/audits")).bearer_auth("t0k3n"), 405, "method-not-allowed"),
+        // Credentials in a URL would be published in the report's `record` field.
+        (raw("{\"trainer_url\": \"http://user:hunter2@127.0.0.1:9\", \"run\": \"r\"}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \"http://user@127.0.0.1:9\", \"run\": \"r\"}"), 400, "bad-request"),
+        // An id that is not UTF-8: the token first, then a JSON 404.
+        (c.get(format!("{url}/v1/audits/%FF")), 401, "unauthorized"),
+        (c.get(format!("{url}/v1/audits/%FF")).bearer_auth("t0k3n"), 404, "not-found"),
+        (c.get(format!("{url}/v1/reports/%FF")), 404, "not-found"),
+        (c.get(format!("{url}/v1/reports/%FF/evidence")), 404, "not-found"),
     ] {
         let (s, v, body) = send(req).await;
+        assert!(!String::from_utf8_lossy(&body).contains("hunter2"), "a password echoed");
         assert_eq!((s, v["code"].as_str()), (status, Some(code)), "{}", String::from_utf8_lossy(&body));
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     }
@@ -522,6 +531,98 @@ async fn a_slow_trainer_meets_the_time_limit_which_is_not_a_verdict() {
     assert_eq!(s, 404);
     let (_, _, text) = send(c.get(format!("{}/metrics", daemon.url))).await;
     assert!(String::from_utf8(text).unwrap().contains("auditor_audits_failed_total{reason=\"time-limit\"} 1"));
+    daemon.stop().await;
+    trainer.stop().await;
+}
+
+/// The operator's allow-list of trainers; `/readyz`; a lost database beside its key is refused
+/// rather than reissuing `audit-1` under the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allow_list_limits_trainers_and_a_lost_database_is_refused() {
+    let dir = scratch("daemon-allow");
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.allow = vec!["127.0.0.1:9".into(), "localhost:*".into()];
+    cfg.workers = 1;
+    let daemon = start_daemon(cfg.clone()).await;
+    let c = reqwest::Client::new();
+    for (url, status) in [
+        ("http://127.0.0.1:10", 403),
+        ("http://10.0.0.1:9", 403),
+        ("http://127.0.0.1:9", 202),
+        ("http://localhost:4444", 202),
+    ] {
+        let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": url, "run": "r"}), None)).await;
+        assert_eq!(s, status, "{url}: {v}");
+        if s == 403 {
+            assert_eq!(v["code"], "trainer-not-allowed", "{v}");
+        }
+    }
+    let (s, v, _) = send(c.get(format!("{}/readyz", daemon.url))).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ready")), "{v}");
+    daemon.stop().await;
+
+    for f in ["auditor.sqlite3", "auditor.sqlite3-wal", "auditor.sqlite3-shm"] {
+        let _ = std::fs::remove_file(dir.join("state").join(f));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = auditor::daemon::serve(listener, cfg, async {}).await.expect_err("a lost database").to_string();
+    assert!(e.contains("auditor.key is there but auditor.sqlite3 is not") && e.contains("Restore"), "{e}");
+    assert!(!dir.join("state/auditor.sqlite3").exists(), "no fresh database was made");
+}
+
+/// Issue 14: an honest checkpoint larger than `response_bytes_max` was `commitment-invalid`.
+/// The auditor's limit follows the model now: the audit of a run whose states are larger than
+/// the limit is consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_checkpoint_larger_than_the_response_limit_is_audited() {
+    use engine::record::{RecordWriter, SigningKey};
+    use engine::train::{Run, StepMode};
+    let dir = scratch("daemon-big-state");
+    let text = r#"
+[model]
+kind = "mlp"
+hidden = [160, 160]
+[data]
+kind = "synthetic"
+examples = 64
+holdout = 16
+features = 32
+classes = 4
+[train]
+batch_size = 8
+steps = 2
+seed = 5
+checkpoint_interval = 2
+[optimizer]
+kind = "sgd"
+lr = 0.1
+momentum = 0.9
+weight_decay = 0.0
+"#;
+    let cfg = engine::spec::Config::from_toml(text, "test").unwrap();
+    let run = Run::from_config(&cfg, None, Profile::Cpu, 2).unwrap();
+    let record = dir.join("records/big");
+    let mut w = RecordWriter::create(&record, &run.spec).unwrap();
+    let mut state = run.initial_state().unwrap();
+    w.commit_initial(&state).unwrap();
+    for t in 1..=2 {
+        let o = run.step(&state, t, StepMode::Commit { paper: false }, None).unwrap();
+        w.commit_step(&o.state, &o.log, &o.batch).unwrap();
+        state = o.state;
+    }
+    w.finish(&state, &SigningKey::from_bytes(&[7; 32])).unwrap();
+    let compressed = std::fs::metadata(engine::record::checkpoint_path(&record, 2)).unwrap().len();
+    assert!(compressed > 65_536, "the checkpoint ({compressed} bytes) is over the limit below");
+
+    let trainer = start_trainer(&dir.join("records"), None).await;
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.response_bytes_max = 65_536;
+    let daemon = start_daemon(cfg).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": trainer.url, "run": "big"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let done = wait_done(&c, &daemon.url, v["id"].as_str().unwrap(), None).await;
+    assert_eq!((done["state"].as_str(), done["verdict"].as_str()), (Some("done"), Some("consistent")), "{done}");
     daemon.stop().await;
     trainer.stop().await;
 }

@@ -8,7 +8,8 @@
 //! | `GET /v1/reports/{id}` | open | the signed report JSON, byte for byte as stored |
 //! | `GET /v1/reports/{id}/evidence` | open | the evidence bundle (binary) |
 //! | `GET /metrics` | open | Prometheus text |
-//! | `GET /healthz` | open | `{"status": "ok", …}` |
+//! | `GET /healthz` | open | `{"status": "ok", …}`; 503 `{"status": "unhealthy", "why"}` when the store fails its check |
+//! | `GET /readyz` | open | 200 `{"status": "ready"}`; 503 while shutting down or with an unhealthy store |
 //!
 //! Reports and evidence are open because they are meant to be published: anyone can check
 //! them. Audit requests carry trainer URLs and tokens, so listing and submitting need the
@@ -17,7 +18,7 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -72,6 +73,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/reports/{id}/evidence", get(evidence))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this route")
@@ -125,6 +127,11 @@ async fn submit(
         ApiError::bad_request(format!("body is not an audit request (line {}, column {}): {e}", e.line(), e.column()))
     })?;
     request.validate().map_err(ApiError::bad_request)?;
+    shared
+        .config
+        .trainer
+        .check_allowed(&request.trainer_url)
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "trainer-not-allowed", e))?;
     // A spot draw nobody can predict: the seed is drawn here, once, and kept with the audit.
     let mut request = request;
     if request.mode.as_deref() == Some("spot")
@@ -223,9 +230,21 @@ fn check_id(id: &str) -> ApiResult<()> {
     if is_job_id(id) { Ok(()) } else { Err(ApiError::not_found(format!("no audit {id:?}"))) }
 }
 
-async fn status(State(shared): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
-    authorize(&shared, &headers)?;
+/// The `{id}` of a route, as JSON 404 when it does not even decode (`%FF`): taken as a
+/// `Result` so that the token is checked first and axum's plain-text rejection never answers.
+fn path_id(path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    let Path(id) = path.map_err(|_| ApiError::not_found("no such audit (the id is not valid UTF-8)"))?;
     check_id(&id)?;
+    Ok(id)
+}
+
+async fn status(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let id = path_id(path)?;
     let store = shared.store.clone();
     let lookup = id.clone();
     let job = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?;
@@ -256,7 +275,8 @@ async fn stored<T: Send + 'static>(
     .await
 }
 
-async fn report(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn report(State(shared): State<Shared>, path: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+    let id = path_id(path)?;
     let r = stored(&shared, id.clone(), |s, id| s.report(id)).await?;
     let r = r.ok_or_else(|| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("audit {id} is done without a report"))
@@ -264,7 +284,8 @@ async fn report(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResu
     Ok(([(header::CONTENT_TYPE, "application/json")], r).into_response())
 }
 
-async fn evidence(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn evidence(State(shared): State<Shared>, path: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+    let id = path_id(path)?;
     let e = stored(&shared, id.clone(), |s, id| s.evidence(id)).await?;
     let e = e.ok_or_else(|| {
         ApiError::not_found(format!("audit {id} has no evidence bundle (its verdict is not about a step)"))
@@ -278,16 +299,26 @@ async fn metrics(State(shared): State<Shared>) -> ApiResult<Response> {
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
+/// 503 with `{"status": "unhealthy", "why"}`.
+fn unhealthy(status: &str, why: String) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": status, "why": why}))).into_response()
+}
+
 async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
     let store = shared.store.clone();
     let counts = blocking(move || {
+        store.check().map_err(ApiError::store)?;
         JobState::ALL
             .into_iter()
             .map(|s| store.count(s).map(|n| (s.name(), n)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::store)
     })
-    .await?;
+    .await;
+    let counts = match counts {
+        Ok(c) => c,
+        Err(e) => return Ok(unhealthy("unhealthy", e.message)),
+    };
     let audits: serde_json::Map<String, Value> = counts.into_iter().map(|(k, n)| (k.to_string(), json!(n))).collect();
     Ok(axum::Json(json!({
         "status": "ok",
@@ -298,4 +329,16 @@ async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
         "auditor_public_key": shared.auditor_public_key,
     }))
     .into_response())
+}
+
+/// Ready for traffic: not shutting down, and the store passes its check.
+async fn readyz(State(shared): State<Shared>) -> ApiResult<Response> {
+    if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(unhealthy("not-ready", "shutting down".into()));
+    }
+    let store = shared.store.clone();
+    match blocking(move || store.check().map_err(ApiError::store)).await {
+        Ok(()) => Ok(axum::Json(json!({"status": "ready"})).into_response()),
+        Err(e) => Ok(unhealthy("not-ready", e.message)),
+    }
 }

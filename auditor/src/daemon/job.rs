@@ -109,9 +109,7 @@ impl AuditRequest {
                 return Err(format!("{name}: longer than {FIELD_BYTES_MAX} bytes"));
             }
         }
-        if !self.trainer_url.starts_with("http://") {
-            return Err(format!("trainer_url: {:?} is not an http:// URL", self.trainer_url));
-        }
+        crate::http::parse_trainer_url(&self.trainer_url).map_err(|e| format!("trainer_url: {e}"))?;
         if !engine::wire::is_valid_run_id(&self.run) {
             return Err(format!("run: {:?} is not a run id ([A-Za-z0-9._-], not starting with '.')", self.run));
         }
@@ -304,6 +302,10 @@ pub trait Store: Send + Sync {
     /// Reports stored for a job (0 or 1; more would be a bug the simulation looks for).
     fn report_count(&self, id: &str) -> Result<u64, StoreError>;
     fn count(&self, state: JobState) -> Result<u64, StoreError>;
+    /// Whether the store is sound (an integrity check; `/healthz` says why not).
+    fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Time, injectable: the simulation runs on a virtual clock.

@@ -109,6 +109,9 @@ pub struct TrainerSection {
     /// A trainer that has not answered one request for this long is unresponsive.
     pub deadline_ms: u64,
     pub response_bytes_max: u64,
+    /// `host:port` pairs (`*` for any port) that `trainer_url`s may name; empty allows every
+    /// host and port, including the daemon's own network neighbours.
+    pub allow: Vec<String>,
 }
 
 impl Default for TrainerSection {
@@ -121,11 +124,28 @@ impl Default for TrainerSection {
             attempts_max: None,
             deadline_ms: p.deadline.as_millis() as u64,
             response_bytes_max: p.response_bytes_max,
+            allow: Vec::new(),
         }
     }
 }
 
 impl TrainerSection {
+    /// Whether `trainer_url` names a host and port the allow-list lets the daemon contact
+    /// (`Err` says why not, naming the host and port but nothing else of the URL).
+    pub fn check_allowed(&self, trainer_url: &str) -> Result<(), String> {
+        if self.allow.is_empty() {
+            return Ok(());
+        }
+        let url = crate::http::parse_trainer_url(trainer_url).map_err(|e| format!("trainer_url: {e}"))?;
+        let hp = crate::http::host_port(&url);
+        let host = hp.rsplit_once(':').map_or("", |(h, _)| h);
+        let allowed = self.allow.iter().any(|a| {
+            let a = a.to_ascii_lowercase();
+            a == hp || a.strip_suffix(":*").is_some_and(|h| h == host)
+        });
+        if allowed { Ok(()) } else { Err(format!("trainer_url: {hp} is not in this daemon's trainer.allow list")) }
+    }
+
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
@@ -207,6 +227,12 @@ impl Config {
                 t.backoff_initial_ms, t.backoff_max_ms
             ));
         }
+        for a in &t.allow {
+            let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && (p == "*" || p.parse::<u16>().is_ok()));
+            if !ok {
+                return Err(format!("trainer.allow: {a:?} is not host:port or host:*"));
+            }
+        }
         if t.response_bytes_max < 1 << 16 {
             return Err(format!("trainer.response_bytes_max = {}: must be at least 65536", t.response_bytes_max));
         }
@@ -232,6 +258,8 @@ pub struct Shared {
     /// Woken when an audit is queued.
     pub queued: Arc<Notify>,
     pub auditor_public_key: String,
+    /// Set when shutdown begins (`/readyz` then answers 503).
+    pub stopping: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -250,6 +278,7 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     config.validate().map_err(|detail| DaemonError::Config { origin: "config".into(), detail })?;
     let _lock = lock_state_dir(&config.state_dir)?;
+    refuse_lost_database(&config.state_dir)?;
     let state_dir = config.state_dir.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now_ms();
@@ -275,6 +304,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         shutdown: cancel.clone(),
         time_max: Duration::from_millis(config.audit_time_max_ms),
+        trainers: config.trainer.clone(),
     };
     let worker = Worker {
         store: store.clone(),
@@ -291,6 +321,7 @@ pub async fn serve(
         clock,
         queued: Arc::new(Notify::new()),
         auditor_public_key: common::codec::to_hex(key.verifying_key().as_bytes()),
+        stopping: cancel.clone(),
     };
 
     let workers: Vec<_> = (0..config.workers)
@@ -320,11 +351,30 @@ pub async fn serve(
     served.map_err(DaemonError::Http)
 }
 
+/// A signing key without its database means the database was lost or moved: a fresh one would
+/// number audits from `audit-1` again, and a published report URL would then serve a different
+/// report signed by the same key. Refused, saying how to go on.
+fn refuse_lost_database(dir: &Path) -> Result<(), DaemonError> {
+    if dir.join(KEY_FILE).exists() && !dir.join(store::DB_FILE).exists() {
+        return Err(DaemonError::StateDir {
+            path: dir.to_path_buf(),
+            detail: format!(
+                "{KEY_FILE} is there but {db} is not: the database was lost or moved. Restore {db} (with its -wal \
+                 file, if any) from a backup; or, to start afresh, move {KEY_FILE} away too: the new daemon makes \
+                 a new key, so its reports can never be mistaken for the old ones (keep the old public key to \
+                 verify those)",
+                db = store::DB_FILE
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Takes the state directory's lock for as long as the returned file lives (the OS drops it if
 /// the process dies, so a kill -9 leaves nothing to clean up).
 fn lock_state_dir(dir: &Path) -> Result<std::fs::File, DaemonError> {
     let err = |detail: String| DaemonError::StateDir { path: dir.to_path_buf(), detail };
-    std::fs::create_dir_all(dir).map_err(|e| err(format!("creating it: {e}")))?;
+    store::create_private_dir(dir).map_err(|e| err(format!("creating it: {e}")))?;
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -41,6 +41,9 @@ pub struct HttpRunner {
     pub shutdown: Arc<AtomicBool>,
     /// Wall-clock limit of one attempt (`audit_time_max_ms`).
     pub time_max: Duration,
+    /// The allow-list, checked again at every attempt (the config may have changed since the
+    /// audit was submitted).
+    pub trainers: super::TrainerSection,
 }
 
 /// The worker's progress, also cancelled when the attempt's time is up.
@@ -126,6 +129,9 @@ impl HttpRunner {
 impl Runner for HttpRunner {
     fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
         let r = &job.request;
+        if let Err(e) = self.trainers.check_allowed(&r.trainer_url) {
+            return Outcome::Failed(e);
+        }
         let metrics = self.metrics.clone();
         let until = Instant::now() + self.time_max;
         let time_max = self.time_max;

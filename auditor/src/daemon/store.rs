@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS progress (
     through INTEGER NOT NULL,
     PRIMARY KEY (id, job_start)
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    id TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    why TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS reports (
     id TEXT PRIMARY KEY REFERENCES jobs (id),
     report TEXT NOT NULL,
@@ -60,6 +66,39 @@ CREATE TABLE IF NOT EXISTS reports (
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The last integrity check and when it ran ([`Store::check`] runs it at most every
+    /// [`CHECK_EVERY`]: it reads the whole file).
+    checked: Mutex<Option<(std::time::Instant, Result<(), StoreError>)>>,
+}
+
+/// How long an integrity check's answer is reused.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Queued rows set aside in one claim at most (each is logged); the claim then answers
+/// "nothing to do" and the next one goes on.
+const QUARANTINE_PER_CLAIM_MAX: usize = 64;
+
+/// The request that replaces one that no longer parses (the original is kept in table
+/// `quarantine`).
+const QUARANTINED_REQUEST: &str = r#"{"trainer_url": "", "run": ""}"#;
+
+/// Creates `dir` (and its parents) if it is missing, readable by its owner only (it holds
+/// trainer tokens and the signing key). An existing directory is left exactly as it is: its
+/// mode is the operator's (a shared 1777 directory must stay one).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut b = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    match b.create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
 }
 
 fn i(x: u64) -> i64 {
@@ -73,13 +112,8 @@ fn u(x: i64) -> u64 {
 impl SqliteStore {
     /// Opens (creating if needed) the database under `state_dir`.
     pub fn open(state_dir: &Path) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(state_dir)
+        create_private_dir(state_dir)
             .map_err(|e| StoreError(format!("creating state directory {}: {e}", state_dir.display())))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
-        }
         let path = state_dir.join(DB_FILE);
         let ctx = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
         let conn = Connection::open(&path).map_err(ctx)?;
@@ -116,7 +150,7 @@ impl SqliteStore {
                 )));
             }
         }
-        Ok(SqliteStore { path, conn: Mutex::new(conn) })
+        Ok(SqliteStore { path, conn: Mutex::new(conn), checked: Mutex::new(None) })
     }
 
     pub fn path(&self) -> &Path {
@@ -167,6 +201,27 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     })
 }
 
+/// Sets job `id` aside: its row as it was goes to table `quarantine`, the job becomes `failed`
+/// with reason `quarantined` and a request that parses (so listing and status still work).
+fn quarantine(tx: &Connection, id: &str, why: &str, now_ms: u64) -> rusqlite::Result<()> {
+    eprintln!("auditor: quarantined {id}: its stored row no longer parses ({why}); kept in table quarantine");
+    tx.execute(
+        "INSERT OR REPLACE INTO quarantine (id, request, why, at_ms) SELECT id, request, ?2, ?3 FROM jobs WHERE id = ?1",
+        params![id, why, i(now_ms)],
+    )?;
+    tx.execute(
+        "UPDATE jobs SET state = 'failed', reason = 'quarantined', verdict = NULL, request = ?2, error = ?3,
+         updated_ms = ?4 WHERE id = ?1",
+        params![
+            id,
+            QUARANTINED_REQUEST,
+            format!("quarantined: its stored row no longer parses ({why}); the original is kept in table quarantine"),
+            i(now_ms)
+        ],
+    )?;
+    Ok(())
+}
+
 fn get_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
     conn.query_row(&sql, [id], |r| job_row(conn, r)).optional()
@@ -211,19 +266,33 @@ impl Store for SqliteStore {
     fn claim(&self, now_ms: u64) -> Result<Option<Job>, StoreError> {
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let id: Option<String> = tx
-                .query_row("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1", [], |r| r.get(0))
-                .optional()?;
-            let Some(id) = id else {
-                return Ok(None);
-            };
-            tx.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
-                params![id, i(now_ms)],
-            )?;
-            let job = get_job(&tx, &id)?;
+            for _ in 0..QUARANTINE_PER_CLAIM_MAX {
+                let id: Option<String> = tx
+                    .query_row("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1", [], |r| r.get(0))
+                    .optional()?;
+                let Some(id) = id else {
+                    tx.commit()?;
+                    return Ok(None);
+                };
+                tx.execute(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
+                    params![id, i(now_ms)],
+                )?;
+                match get_job(&tx, &id) {
+                    Ok(job) => {
+                        tx.commit()?;
+                        return Ok(job);
+                    }
+                    // A row that no longer parses must not block every audit behind it: set it
+                    // aside (failed, reason quarantined, the original kept) and take the next.
+                    Err(
+                        e @ (rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..)),
+                    ) => quarantine(&tx, &id, &e.to_string(), now_ms)?,
+                    Err(e) => return Err(e),
+                }
+            }
             tx.commit()?;
-            Ok(job)
+            Ok(None)
         })
     }
 
@@ -365,6 +434,30 @@ impl Store for SqliteStore {
         })
     }
 
+    fn check(&self) -> Result<(), StoreError> {
+        let mut last = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, r)) = last.as_ref()
+            && at.elapsed() < CHECK_EVERY
+        {
+            return r.clone();
+        }
+        let r = self
+            .with(|conn| {
+                let mut stmt = conn.prepare("PRAGMA quick_check(5)")?;
+                let rows: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                Ok(rows)
+            })
+            .and_then(|rows| {
+                if rows == ["ok"] {
+                    Ok(())
+                } else {
+                    Err(StoreError(format!("{}: integrity check failed: {}", self.path.display(), rows.join("; "))))
+                }
+            });
+        *last = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
+
     fn count(&self, state: JobState) -> Result<u64, StoreError> {
         self.with(|conn| {
             conn.query_row("SELECT COUNT(*) FROM jobs WHERE state = ?1", [state.name()], |r| r.get::<_, i64>(0)).map(u)
@@ -463,5 +556,78 @@ mod tests {
         let e = SqliteStore::open(&dir).unwrap_err();
         assert!(e.0.contains(DB_FILE), "{e}");
         assert_eq!(std::fs::read(dir.join(DB_FILE)).unwrap(), bytes);
+    }
+
+    /// Issue 14: one queued row that no longer parsed blocked every claim, and later audits
+    /// stayed queued forever.
+    #[test]
+    fn a_queued_row_that_no_longer_parses_is_quarantined_and_the_next_one_runs() {
+        let s = SqliteStore::open(&scratch("quarantine")).unwrap();
+        let Inserted::New(bad) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
+        let Inserted::New(good) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
+        s.with(|c| c.execute("UPDATE jobs SET request = '{torn' WHERE id = ?1", [&bad])).unwrap();
+        let job = s.claim(2).unwrap().expect("the good job is claimed past the bad one");
+        assert_eq!(job.id, good);
+        let q = s.get(&bad).unwrap().unwrap();
+        assert_eq!((q.state, q.reason), (JobState::Failed, Some(FailReason::Quarantined)), "{q:?}");
+        assert!(q.error.as_deref().unwrap().contains("quarantine"), "{q:?}");
+        let kept: String =
+            s.with(|c| c.query_row("SELECT request FROM quarantine WHERE id = ?1", [&bad], |r| r.get(0))).unwrap();
+        assert_eq!(kept, "{torn", "the original row is kept");
+        assert_eq!(s.list(None, 10).unwrap().len(), 2, "listing still works");
+        assert!(s.claim(3).unwrap().is_none());
+    }
+
+    /// Issue 14: `--state-dir` made a shared 1777 directory 0700.
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_state_directory_keeps_its_mode_and_a_new_one_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        drop(SqliteStore::open(&dir).unwrap());
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777, 0o1777);
+        let fresh = dir.join("a/b");
+        drop(SqliteStore::open(&fresh).unwrap());
+        assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn garbage_pages_fail_the_integrity_check() {
+        let dir = scratch("pages");
+        let s = SqliteStore::open(&dir).unwrap();
+        for _ in 0..200 {
+            s.insert(&request(None), 1000, 1).unwrap();
+        }
+        assert_eq!(s.check(), Ok(()));
+        s.with(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")).unwrap();
+        drop(s);
+        let path = dir.join(DB_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 4 * 4096, "several pages");
+        for b in &mut bytes[2 * 4096..4 * 4096] {
+            *b = 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = SqliteStore::open(&dir).and_then(|s| s.check()).unwrap_err();
+        assert!(e.0.contains(DB_FILE), "{e}");
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_reason_column() {
+        let dir = scratch("v1");
+        let s = SqliteStore::open(&dir).unwrap();
+        let Inserted::New(id) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
+        s.fail(&id, FailReason::Undecided, "x", 2).unwrap();
+        s.with(|c| {
+            c.execute_batch(
+                "ALTER TABLE jobs DROP COLUMN reason; UPDATE meta SET value = 1 WHERE key = 'schema_version';",
+            )
+        })
+        .unwrap();
+        drop(s);
+        let s = SqliteStore::open(&dir).unwrap();
+        assert_eq!(s.get(&id).unwrap().unwrap().reason, Some(FailReason::Undecided));
     }
 }
