@@ -626,3 +626,36 @@ weight_decay = 0.0
     daemon.stop().await;
     trainer.stop().await;
 }
+
+/// Issue 14: idle and half-sent connections from an unauthenticated client starved `/healthz`.
+/// Past the connection limit new connections are closed at once, and the header-read timeout
+/// frees the held ones, so `/healthz` answers again within about that timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_loris_client_does_not_starve_healthz() {
+    use tokio::io::AsyncWriteExt;
+    let dir = scratch("daemon-loris");
+    let mut cfg = config(&dir.join("state"));
+    cfg.connections_max = 100;
+    cfg.header_read_timeout_ms = 500;
+    let daemon = start_daemon(cfg).await;
+    let addr = daemon.url.strip_prefix("http://").unwrap().to_string();
+    let mut loris = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+        loris.push(s);
+    }
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = c.get(format!("{}/healthz", daemon.url)).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "/healthz still starved after the header timeout");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(loris);
+    daemon.stop().await;
+}

@@ -48,6 +48,8 @@ use crate::TrainerError;
 
 /// Most bytes a request body may have (every route is a `GET`; a body is never needed).
 pub const REQUEST_BODY_BYTES_MAX: usize = 16 << 10;
+/// Time a request body (never needed) may take to arrive.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`ServeOptions::response_bytes_max`].
 pub const RESPONSE_BYTES_MAX_DEFAULT: u64 = 256 << 20;
 /// Default for [`ServeOptions::recompute_max`].
@@ -75,6 +77,9 @@ pub struct ServeOptions {
     pub recompute_max: usize,
     /// How long a state request waits for a recomputation slot before answering 503 `busy`.
     pub recompute_wait: Duration,
+    /// Connections at once, and the time a client has to send a request head (also the idle
+    /// limit of a kept-alive connection).
+    pub limits: service::Limits,
 }
 
 impl ServeOptions {
@@ -88,6 +93,7 @@ impl ServeOptions {
             response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
             recompute_max: RECOMPUTE_MAX_DEFAULT,
             recompute_wait: RECOMPUTE_WAIT_DEFAULT,
+            limits: service::Limits::default(),
         }
     }
 }
@@ -102,6 +108,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("response_bytes_max", &self.response_bytes_max)
             .field("recompute_max", &self.recompute_max)
             .field("recompute_wait", &self.recompute_wait)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -114,8 +121,9 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TrainerError> {
+    let limits = opts.limits;
     let app = router(opts)?;
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(TrainerError::Serve)
+    service::serve(listener, app, limits, shutdown).await.map_err(TrainerError::Serve)
 }
 
 /// The record server's routes, with authentication and size limits applied. Fails if the
@@ -159,6 +167,7 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
+        .layer(axum::middleware::from_fn(service::log_requests))
         .with_state(shared);
     Ok(api)
 }
@@ -824,9 +833,15 @@ async fn guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         return too_large_request();
     }
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, REQUEST_BODY_BYTES_MAX).await {
-        Ok(b) => b,
-        Err(_) => return too_large_request(),
+    // Bounded in time too: a body sent a byte at a time must not hold a connection forever.
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, REQUEST_BODY_BYTES_MAX)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return too_large_request(),
+        Err(_) => {
+            let mut r = ApiError::new(code::BAD_REQUEST, "the request body was not sent in time").into_response();
+            *r.status_mut() = StatusCode::REQUEST_TIMEOUT;
+            return r;
+        }
     };
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     let size = response.body().size_hint();

@@ -79,7 +79,28 @@ pub fn router(shared: Shared) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this route")
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), time_limit))
+        .layer(axum::middleware::from_fn(service::log_requests))
         .with_state(shared)
+}
+
+/// A request that takes longer than `request_time_max_ms` (a body sent a byte at a time) is
+/// answered 408 and its connection freed.
+async fn time_limit(
+    State(shared): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = std::time::Duration::from_millis(shared.config.request_time_max_ms);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            format!("the request took longer than {} ms", limit.as_millis()),
+        )
+        .into_response(),
+    }
 }
 
 /// Equal in time independent of where the strings differ.

@@ -72,6 +72,12 @@ pub struct Config {
     pub queue_max: u64,
     /// Largest request body accepted.
     pub body_bytes_max: usize,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub connections_max: usize,
+    /// Time a client has to send a request head (also how long an idle connection is kept).
+    pub header_read_timeout_ms: u64,
+    /// Time a request has, its body included, before it is answered 408.
+    pub request_time_max_ms: u64,
     /// Replay profile when a request names none.
     pub device: String,
     /// Claims of one audit (crashes, requeues) before it is failed.
@@ -167,6 +173,9 @@ impl Default for Config {
             workers: 2,
             queue_max: 256,
             body_bytes_max: 64 << 10,
+            connections_max: service::CONNECTIONS_MAX_DEFAULT,
+            header_read_timeout_ms: service::HEADER_READ_TIMEOUT_DEFAULT.as_millis() as u64,
+            request_time_max_ms: 30_000,
             device: Profile::CpuSeq.name().into(),
             attempts_max: w.attempts_max,
             progress_interval_ms: w.progress_interval_ms,
@@ -206,6 +215,12 @@ impl Config {
             return Err(format!("body_bytes_max = {}: must be 256..=16777216", self.body_bytes_max));
         }
         self.device.parse::<Profile>().map_err(|e| format!("device = {:?}: {e}", self.device))?;
+        if !(1..=100_000).contains(&self.connections_max) {
+            return Err(format!("connections_max = {}: must be 1..=100000", self.connections_max));
+        }
+        if self.header_read_timeout_ms == 0 || self.request_time_max_ms == 0 {
+            return Err("header_read_timeout_ms and request_time_max_ms must be positive".into());
+        }
         if self.audit_time_max_ms < 1000 {
             return Err(format!("audit_time_max_ms = {}: must be at least 1000", self.audit_time_max_ms));
         }
@@ -336,11 +351,15 @@ pub async fn serve(
         queued.notify_waiters();
         let _ = stop_tx.send(true);
     });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        })
-        .await;
+    let limits = service::Limits {
+        connections_max: config.connections_max,
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+    };
+    let served = service::serve(listener, app, limits, async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    })
+    .await;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let _ = tokio::time::timeout(grace, async {
         for w in workers {

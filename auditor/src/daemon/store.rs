@@ -204,7 +204,11 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
 /// Sets job `id` aside: its row as it was goes to table `quarantine`, the job becomes `failed`
 /// with reason `quarantined` and a request that parses (so listing and status still work).
 fn quarantine(tx: &Connection, id: &str, why: &str, now_ms: u64) -> rusqlite::Result<()> {
-    eprintln!("auditor: quarantined {id}: its stored row no longer parses ({why}); kept in table quarantine");
+    tracing::error!(
+        audit = id,
+        why,
+        "quarantined: its stored row no longer parses; the original is kept in table quarantine"
+    );
     tx.execute(
         "INSERT OR REPLACE INTO quarantine (id, request, why, at_ms) SELECT id, request, ?2, ?3 FROM jobs WHERE id = ?1",
         params![id, why, i(now_ms)],
