@@ -128,7 +128,7 @@ async fn audits_over_http_reach_the_verdicts_of_local_audits_and_publish_verifia
     assert_eq!(code, 200);
     let text = String::from_utf8(text).unwrap();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        assert!(line.starts_with("auditor_"), "metric outside the auditor_ namespace: {line}");
+        assert!(line.starts_with("tiebreak_auditor_"), "metric outside the tiebreak_auditor_ namespace: {line}");
     }
     let metric = |name: &str| -> f64 {
         text.lines()
@@ -137,11 +137,11 @@ async fn audits_over_http_reach_the_verdicts_of_local_audits_and_publish_verifia
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
     };
-    assert_eq!(metric("auditor_audits{state=\"done\"}"), 3.0);
-    assert_eq!(metric("auditor_divergences_total"), 2.0);
-    assert!(metric("auditor_steps_replayed_total") >= 13.0);
-    assert!(metric("auditor_replay_step_seconds_count") >= 13.0);
-    assert!(metric("auditor_bisection_queries_total") >= 2.0);
+    assert_eq!(metric("tiebreak_auditor_audits{state=\"done\"}"), 3.0);
+    assert_eq!(metric("tiebreak_auditor_divergences_total"), 2.0);
+    assert!(metric("tiebreak_auditor_steps_replayed_total") >= 13.0);
+    assert!(metric("tiebreak_auditor_replay_step_seconds_count") >= 13.0);
+    assert!(metric("tiebreak_auditor_bisection_queries_total") >= 2.0);
     let (code, health, _) = send(c.get(format!("{}/healthz", daemon.url))).await;
     assert_eq!((code, health["status"].as_str()), (200, Some("ok")));
 
@@ -284,7 +284,9 @@ async fn a_trainer_that_stops_answering_during_bisection_is_unresponsive_after_t
     let report: Value = serde_json::from_slice(&report).unwrap();
     assert!(report["verdict"].to_string().contains("nodes"), "the report says which request: {}", report["verdict"]);
     let (_, _, text) = send(c.get(format!("{}/metrics", daemon.url))).await;
-    assert!(String::from_utf8(text).unwrap().contains("auditor_trainer_request_errors_total{kind=\"timeout\"}"));
+    assert!(
+        String::from_utf8(text).unwrap().contains("tiebreak_auditor_trainer_request_errors_total{kind=\"timeout\"}")
+    );
     daemon.stop().await;
     trainer.stop().await;
 }
@@ -530,7 +532,7 @@ async fn a_slow_trainer_meets_the_time_limit_which_is_not_a_verdict() {
     let (s, _, _) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
     assert_eq!(s, 404);
     let (_, _, text) = send(c.get(format!("{}/metrics", daemon.url))).await;
-    assert!(String::from_utf8(text).unwrap().contains("auditor_audits_failed_total{reason=\"time-limit\"} 1"));
+    assert!(String::from_utf8(text).unwrap().contains("tiebreak_auditor_audits_failed_total{reason=\"time-limit\"} 1"));
     daemon.stop().await;
     trainer.stop().await;
 }
@@ -657,5 +659,46 @@ async fn a_slow_loris_client_does_not_starve_healthz() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(loris);
+    daemon.stop().await;
+}
+
+/// Newest-first listing with a cursor; cancel (`DELETE`) and retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_newest_first_and_audits_can_be_cancelled_and_retried() {
+    let dir = scratch("daemon-cancel");
+    let mut cfg = config(&dir.join("state"));
+    cfg.workers = 1;
+    cfg.token = Some("t".into());
+    let daemon = start_daemon(cfg).await;
+    let c = reqwest::Client::new();
+    let url = &daemon.url;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        // Nobody listens on port 9: each audit ends could-not-decide after the 1.5 s deadline.
+        let (s, v, _) =
+            send(post(&c, url, &json!({"trainer_url": "http://127.0.0.1:9", "run": format!("r{i}")}), Some("t"))).await;
+        assert_eq!(s, 202, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (_, page, _) = send(c.get(format!("{url}/v1/audits?limit=2")).bearer_auth("t")).await;
+    let got: Vec<&str> = page["audits"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(got, [ids[2].as_str(), ids[1].as_str()], "newest first: {page}");
+    assert_eq!(page["next"], ids[1].as_str());
+    let (_, page, _) = send(c.get(format!("{url}/v1/audits?limit=2&before={}", ids[1])).bearer_auth("t")).await;
+    assert_eq!(page["audits"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!((page["audits"][0]["id"].as_str(), &page["next"]), (Some(ids[0].as_str()), &Value::Null));
+
+    let (s, v, _) = send(c.delete(format!("{url}/v1/audits/{}", ids[2])).bearer_auth("t")).await;
+    assert_eq!((s, v["state"].as_str(), v["reason"].as_str()), (200, Some("failed"), Some("cancelled")), "{v}");
+    let (s, _, _) = send(c.delete(format!("{url}/v1/audits/{}", ids[2]))).await;
+    assert_eq!(s, 401, "cancelling needs the token");
+    let (s, v, _) = send(c.delete(format!("{url}/v1/audits/audit-99")).bearer_auth("t")).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not-found")));
+    let (s, v, _) = send(c.post(format!("{url}/v1/audits/{}/retry", ids[2])).bearer_auth("t")).await;
+    assert_eq!((s, v["state"].as_str(), v["reason"].as_str()), (200, Some("queued"), None), "{v}");
+    let (s, v, _) = send(c.post(format!("{url}/v1/audits/{}/retry", ids[2])).bearer_auth("t")).await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("not-failed")), "{v}");
+    let done = wait_done(&c, url, &ids[2], Some("t")).await;
+    assert_eq!((done["state"].as_str(), done["reason"].as_str()), (Some("failed"), Some("undecided")), "{done}");
     daemon.stop().await;
 }

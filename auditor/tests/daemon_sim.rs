@@ -132,8 +132,17 @@ impl Store for FlakyStore {
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
         self.op(false, |s| s.get(id))
     }
-    fn list(&self, state: Option<JobState>, limit: u64) -> Result<Vec<Job>, StoreError> {
-        self.op(false, |s| s.list(state, limit))
+    fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<JobState>, StoreError> {
+        self.op(true, |s| s.cancel(id, now_ms))
+    }
+    fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, JobState)>, StoreError> {
+        self.op(true, |s| s.retry(id, queued_max, now_ms))
+    }
+    fn still_running(&self, id: &str) -> Result<bool, StoreError> {
+        self.op(false, |s| s.still_running(id))
+    }
+    fn list(&self, state: Option<JobState>, limit: u64, before: Option<&str>) -> Result<Vec<Job>, StoreError> {
+        self.op(false, |s| s.list(state, limit, before))
     }
     fn report(&self, id: &str) -> Result<Option<String>, StoreError> {
         self.op(false, |s| s.report(id))

@@ -3,8 +3,10 @@
 //! | route | auth | answer |
 //! | --- | --- | --- |
 //! | `POST /v1/audits` | token | 202 `{"id", "state"}` ([`AuditRequest`] body) |
-//! | `GET /v1/audits[?state=&limit=]` | token | `{"audits": [status…]}` |
-//! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, … |
+//! | `GET /v1/audits[?state=&limit=&before=]` | token | `{"audits": [status…], "next"}`, newest first; `next` (when there are more) is the `before` of the next page |
+//! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, `reason`, … |
+//! | `DELETE /v1/audits/{id}` | token | cancels a queued or running audit: `failed`, reason `cancelled` |
+//! | `POST /v1/audits/{id}/retry` | token | a failed audit queued again (its progress kept) |
 //! | `GET /v1/reports/{id}` | open | the signed report JSON, byte for byte as stored |
 //! | `GET /v1/reports/{id}/evidence` | open | the evidence bundle (binary) |
 //! | `GET /metrics` | open | Prometheus text |
@@ -68,7 +70,8 @@ pub fn router(shared: Shared) -> Router {
     let limit = shared.config.body_bytes_max;
     Router::new()
         .route("/v1/audits", post(submit).get(list))
-        .route("/v1/audits/{id}", get(status))
+        .route("/v1/audits/{id}", get(status).delete(cancel))
+        .route("/v1/audits/{id}/retry", post(retry))
         .route("/v1/reports/{id}", get(report))
         .route("/v1/reports/{id}/evidence", get(evidence))
         .route("/metrics", get(metrics))
@@ -80,6 +83,7 @@ pub fn router(shared: Shared) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), time_limit))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), count_requests))
         .layer(axum::middleware::from_fn(service::log_requests))
         .with_state(shared)
 }
@@ -101,6 +105,24 @@ async fn time_limit(
         )
         .into_response(),
     }
+}
+
+/// Counts answered requests by method and status (bounded label sets: no paths).
+async fn count_requests(
+    State(shared): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    shared.metrics.http_requests.with_label_values(&[method, response.status().as_str()]).inc();
+    response
 }
 
 /// Equal in time independent of where the strings differ.
@@ -226,6 +248,7 @@ pub fn status_json(job: &Job) -> Value {
 struct ListQuery {
     state: Option<String>,
     limit: Option<u64>,
+    before: Option<String>,
 }
 
 async fn list(
@@ -241,10 +264,17 @@ async fn list(
             ApiError::bad_request(format!("state: {s:?} is not one of queued, running, done, failed"))
         })?),
     };
-    let limit = q.limit.unwrap_or(100).min(1000);
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    if let Some(b) = &q.before {
+        check_id(b).map_err(|_| ApiError::bad_request(format!("before: {b:?} is not an audit id")))?;
+    }
     let store = shared.store.clone();
-    let jobs = blocking(move || store.list(state, limit).map_err(ApiError::store)).await?;
-    Ok(axum::Json(json!({"audits": jobs.iter().map(status_json).collect::<Vec<_>>()})).into_response())
+    // One more than asked, to know whether there is a next page.
+    let mut jobs = blocking(move || store.list(state, limit + 1, q.before.as_deref()).map_err(ApiError::store)).await?;
+    let more = jobs.len() as u64 > limit;
+    jobs.truncate(limit as usize);
+    let next = if more { jobs.last().map(|j| j.id.clone()) } else { None };
+    Ok(axum::Json(json!({"audits": jobs.iter().map(status_json).collect::<Vec<_>>(), "next": next})).into_response())
 }
 
 fn check_id(id: &str) -> ApiResult<()> {
@@ -362,4 +392,61 @@ async fn readyz(State(shared): State<Shared>) -> ApiResult<Response> {
         Ok(()) => Ok(axum::Json(json!({"status": "ready"})).into_response()),
         Err(e) => Ok(unhealthy("not-ready", e.message)),
     }
+}
+
+async fn cancel(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let id = path_id(path)?;
+    let (store, lookup, now) = (shared.store.clone(), id.clone(), shared.clock.now_ms());
+    let state = blocking(move || store.cancel(&lookup, now).map_err(ApiError::store)).await?;
+    match state {
+        None => Err(ApiError::not_found(format!("no audit {id:?}"))),
+        Some(JobState::Done) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already-done",
+            format!("audit {id} is done; its report stays published"),
+        )),
+        Some(_) => status_of(&shared, id).await,
+    }
+}
+
+async fn retry(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let id = path_id(path)?;
+    let (store, lookup, now, max) = (shared.store.clone(), id.clone(), shared.clock.now_ms(), shared.config.queue_max);
+    let state = blocking(move || store.retry(&lookup, max, now).map_err(ApiError::store)).await?;
+    match state {
+        None => Err(ApiError::not_found(format!("no audit {id:?}"))),
+        Some((true, _)) => {
+            shared.queued.notify_waiters();
+            status_of(&shared, id).await
+        }
+        Some((false, JobState::Failed)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not-retried",
+            format!("audit {id} stays failed: it was quarantined, or {max} audits are queued already"),
+        )),
+        Some((false, s)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not-failed",
+            format!("audit {id} is {}; only a failed audit is retried", s.name()),
+        )),
+    }
+}
+
+/// The status of audit `id`.
+async fn status_of(shared: &Shared, id: String) -> ApiResult<Response> {
+    let store = shared.store.clone();
+    let lookup = id.clone();
+    let job = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?;
+    let job = job.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
+    Ok(axum::Json(status_json(&job)).into_response())
 }

@@ -193,11 +193,18 @@ pub enum FailReason {
     GaveUp,
     /// Its stored row no longer parses; it was set aside so that other audits can run.
     Quarantined,
+    /// A client cancelled it (`DELETE /v1/audits/{id}`).
+    Cancelled,
 }
 
 impl FailReason {
-    pub const ALL: [FailReason; 4] =
-        [FailReason::Undecided, FailReason::TimeLimit, FailReason::GaveUp, FailReason::Quarantined];
+    pub const ALL: [FailReason; 5] = [
+        FailReason::Undecided,
+        FailReason::TimeLimit,
+        FailReason::GaveUp,
+        FailReason::Quarantined,
+        FailReason::Cancelled,
+    ];
 
     /// The wire name (status JSON, the store, metric labels).
     pub fn as_str(self) -> &'static str {
@@ -206,6 +213,7 @@ impl FailReason {
             FailReason::TimeLimit => "time-limit",
             FailReason::GaveUp => "gave-up",
             FailReason::Quarantined => "quarantined",
+            FailReason::Cancelled => "cancelled",
         }
     }
 
@@ -295,8 +303,19 @@ pub trait Store: Send + Sync {
     /// At start-up: every `running` job (its worker died with the last process) → `queued`.
     fn recover(&self, now_ms: u64) -> Result<u64, StoreError>;
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
-    /// Jobs in submission order, at most `limit`, optionally only in one state.
-    fn list(&self, state: Option<JobState>, limit: u64) -> Result<Vec<Job>, StoreError>;
+    /// Jobs newest first, at most `limit`, optionally only in one state, and only those
+    /// submitted before job `before` (the cursor of the previous page).
+    fn list(&self, state: Option<JobState>, limit: u64, before: Option<&str>) -> Result<Vec<Job>, StoreError>;
+    /// `queued` or `running` → `failed` with reason `cancelled` (a running audit's worker stops
+    /// at its next progress write and stores nothing). The state the job is in afterwards;
+    /// `None` for an unknown job.
+    fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<JobState>, StoreError>;
+    /// `failed` → `queued` with its attempts reset and its progress kept, unless `queued_max`
+    /// jobs are queued or it was quarantined. Whether it was requeued, and the state it is in
+    /// afterwards; `None` for an unknown job.
+    fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, JobState)>, StoreError>;
+    /// Whether job `id` is still `running` (a worker asks after each progress write).
+    fn still_running(&self, id: &str) -> Result<bool, StoreError>;
     fn report(&self, id: &str) -> Result<Option<String>, StoreError>;
     fn evidence(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Reports stored for a job (0 or 1; more would be a bug the simulation looks for).
@@ -390,6 +409,8 @@ struct JobProgress<'a> {
     steps: AtomicU64,
     /// job start → (verified through, saved through, saved at ms).
     points: Mutex<BTreeMap<u64, (u64, u64, u64)>>,
+    /// The job is no longer `running` in the store (cancelled by a client): stop.
+    stopped: AtomicBool,
 }
 
 impl JobProgress<'_> {
@@ -411,10 +432,15 @@ impl JobProgress<'_> {
             Ok(()) => {
                 // Only this job's worker reports points for `job_start`, so nothing moved it
                 // meanwhile except forward.
-                let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(e) = points.get_mut(&job_start) {
-                    e.1 = e.1.max(verified);
-                    e.2 = now;
+                {
+                    let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(e) = points.get_mut(&job_start) {
+                        e.1 = e.1.max(verified);
+                        e.2 = now;
+                    }
+                }
+                if self.store.still_running(self.id) == Ok(false) {
+                    self.stopped.store(true, Ordering::SeqCst);
                 }
             }
             // Progress is an optimisation: a failed write only means more replay after a crash.
@@ -443,7 +469,7 @@ impl Progress for JobProgress<'_> {
         self.save(job_start, through, false);
     }
     fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.cancel.load(Ordering::SeqCst) || self.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -531,8 +557,14 @@ impl Worker {
             // Verified steps that are durable count as checked already.
             steps: AtomicU64::new(job.progress.iter().map(|(&s, &t)| t.saturating_sub(s)).sum()),
             points: Mutex::new(job.progress.iter().map(|(&s, &t)| (s, (t, t, 0))).collect()),
+            stopped: AtomicBool::new(false),
         };
-        let outcome = match self.runner.run(&job, &progress) {
+        let outcome = self.runner.run(&job, &progress);
+        if progress.stopped.load(Ordering::SeqCst) {
+            // Cancelled by a client while it ran: the store already says failed; nothing to write.
+            return Worked::Job { id, state: JobState::Failed };
+        }
+        let outcome = match outcome {
             // A failure while the daemon shuts down may be the shutdown itself (a request
             // abandoned, the runtime going away): never final, the audit runs again.
             Outcome::Failed(_) | Outcome::TimeLimit(_) if self.cancel.load(Ordering::SeqCst) => Outcome::Cancelled,

@@ -411,12 +411,66 @@ impl Store for SqliteStore {
         self.with(|conn| get_job(conn, id))
     }
 
-    fn list(&self, state: Option<JobState>, limit: u64) -> Result<Vec<Job>, StoreError> {
+    fn list(&self, state: Option<JobState>, limit: u64, before: Option<&str>) -> Result<Vec<Job>, StoreError> {
         self.with(|conn| {
-            let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) ORDER BY seq LIMIT ?2");
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1)
+                 AND (?3 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?3)) ORDER BY seq DESC LIMIT ?2"
+            );
             let mut stmt = conn.prepare(&sql)?;
-            let rows = stmt.query_map(params![state.map(JobState::name), i(limit)], |r| job_row(conn, r))?;
+            let rows = stmt.query_map(params![state.map(JobState::name), i(limit), before], |r| job_row(conn, r))?;
             rows.collect()
+        })
+    }
+
+    fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<JobState>, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE jobs SET state = 'failed', reason = 'cancelled', error = 'cancelled by a client', updated_ms = ?2
+                 WHERE id = ?1 AND state IN ('queued', 'running')",
+                params![id, i(now_ms)],
+            )?;
+            let state: Option<String> =
+                tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            tx.commit()?;
+            Ok(state.as_deref().and_then(JobState::parse))
+        })
+    }
+
+    fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, JobState)>, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let state: Option<String> =
+                tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            let Some(state) = state.as_deref().and_then(JobState::parse) else {
+                return Ok(None);
+            };
+            // A quarantined row stays where it is: its request is a placeholder.
+            let quarantined: bool =
+                tx.query_row("SELECT reason = 'quarantined' FROM jobs WHERE id = ?1", [id], |r| r.get::<_, Option<bool>>(0))?
+                    .unwrap_or(false);
+            if state != JobState::Failed || quarantined {
+                return Ok(Some((false, state)));
+            }
+            let queued: i64 = tx.query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued'", [], |r| r.get(0))?;
+            if u(queued) >= queued_max {
+                return Ok(Some((false, JobState::Failed)));
+            }
+            tx.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, reason = NULL, error = NULL, updated_ms = ?2 WHERE id = ?1",
+                params![id, i(now_ms)],
+            )?;
+            tx.commit()?;
+            Ok(Some((true, JobState::Queued)))
+        })
+    }
+
+    fn still_running(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT state = 'running' FROM jobs WHERE id = ?1", [id], |r| r.get::<_, bool>(0))
+                .optional()
+                .map(|r| r.unwrap_or(false))
         })
     }
 
@@ -547,8 +601,11 @@ mod tests {
         assert!(matches!(s.insert(&request(None), 2, 1).unwrap(), Inserted::New(_)));
         assert_eq!(s.insert(&request(None), 2, 1).unwrap(), Inserted::QueueFull);
         assert_eq!(s.count(JobState::Queued).unwrap(), 2);
-        assert_eq!(s.list(None, 10).unwrap().len(), 2);
-        assert_eq!(s.list(Some(JobState::Done), 10).unwrap().len(), 0);
+        let all = s.list(None, 10, None).unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all[0].created_ms >= all[1].created_ms && all[0].id > all[1].id, "newest first");
+        assert_eq!(s.list(None, 10, Some(&all[0].id)).unwrap()[0].id, all[1].id, "the cursor pages on");
+        assert_eq!(s.list(Some(JobState::Done), 10, None).unwrap().len(), 0);
     }
 
     #[test]
@@ -578,7 +635,7 @@ mod tests {
         let kept: String =
             s.with(|c| c.query_row("SELECT request FROM quarantine WHERE id = ?1", [&bad], |r| r.get(0))).unwrap();
         assert_eq!(kept, "{torn", "the original row is kept");
-        assert_eq!(s.list(None, 10).unwrap().len(), 2, "listing still works");
+        assert_eq!(s.list(None, 10, None).unwrap().len(), 2, "listing still works");
         assert!(s.claim(3).unwrap().is_none());
     }
 
