@@ -101,9 +101,11 @@ enum Command {
         /// Log lines on stderr as `text` or `json` (`RUST_LOG` sets the level).
         #[arg(long, default_value = "text")]
         log_format: service::LogFormat,
-        /// MNIST IDX directory or text file, for recomputing states of runs that need one.
-        #[arg(long)]
-        data: Option<PathBuf>,
+        /// Datasets for recomputing states of runs that need one: `mnist=PATH` (IDX directory),
+        /// `text=PATH` (text file), or a bare PATH for every kind. Repeatable, so one server
+        /// serves MNIST and text runs.
+        #[arg(long, value_name = "[NAME=]PATH")]
+        data: Vec<String>,
         /// Refuse (413) responses larger than this.
         #[arg(long, default_value_t = trainer_agent::serve::RESPONSE_BYTES_MAX_DEFAULT)]
         max_response_bytes: u64,
@@ -160,9 +162,20 @@ fn run(cli: Cli) -> Result<()> {
                 header_read_timeout: std::time::Duration::from_millis(header_read_timeout_ms),
                 ..service::Limits::default()
             };
+            let mut fallback = None;
+            let mut datasets = std::collections::BTreeMap::new();
+            for d in data {
+                match d.split_once('=') {
+                    Some((kind @ ("mnist" | "text"), path)) => {
+                        datasets.insert(kind.to_string(), PathBuf::from(path));
+                    }
+                    _ => fallback = Some(PathBuf::from(d)),
+                }
+            }
             let opts = ServeOptions {
                 token,
-                data,
+                data: fallback,
+                datasets,
                 response_bytes_max: max_response_bytes,
                 recompute_max,
                 limits,
