@@ -534,6 +534,23 @@ impl Worker {
             }
         };
         let id = job.id.clone();
+        // Every line logged while this audit runs carries its id.
+        let span = tracing::info_span!("audit", id = %id);
+        let _entered = span.enter();
+        let worked = self.work_on(job);
+        match &worked {
+            Worked::Job { state: JobState::Running, .. } => {
+                tracing::error!("its final store write kept failing; start-up recovery will requeue it")
+            }
+            Worked::Job { state, .. } => tracing::info!(state = state.name(), "attempt ended"),
+            _ => {}
+        }
+        worked
+    }
+
+    fn work_on(&self, job: Job) -> Worked {
+        let id = job.id.clone();
+        tracing::info!(attempt = job.attempts, trainer = %job.request.trainer_url, run = %job.request.run, "audit claimed");
         if job.attempts > self.config.attempts_max {
             let why = format!(
                 "gave up after {} attempts in a row that verified no new step (crashes or store failures)",
@@ -572,6 +589,7 @@ impl Worker {
         };
         let now = || self.clock.now_ms();
         let fail = |reason: FailReason, why: &str| {
+            tracing::warn!(reason = reason.as_str(), error = why, "could not decide");
             let ok = self.must("fail", || self.store.fail(&id, reason, why, now()));
             if ok {
                 self.observer.failed(reason);
@@ -580,6 +598,7 @@ impl Worker {
         };
         let (ok, target) = match &outcome {
             Outcome::Decided(d) => {
+                tracing::info!(verdict = d.verdict.as_str(), steps = d.steps_replayed, "decided");
                 self.observer.decided(d);
                 (self.must("finish", || self.store.finish(&id, d, now())), JobState::Done)
             }

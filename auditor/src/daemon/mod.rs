@@ -6,7 +6,7 @@
 //! - [`store`]: the embedded SQLite store under `--state-dir` (jobs, progress, reports).
 //! - [`runner`]: one attempt of an audit over HTTP ([`crate::http::HttpTrainer`]).
 //! - [`api`]: the axum routes.
-//! - [`metrics`]: Prometheus metrics, all named `auditor_*`.
+//! - [`metrics`]: Prometheus metrics, all named `tiebreak_auditor_*`.
 //!
 //! [`serve`] ties them together; it takes its shutdown signal as a future so tests can run a
 //! daemon in-process on `127.0.0.1:0`.

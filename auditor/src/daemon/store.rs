@@ -7,7 +7,8 @@
 //! report's primary key is its job id, so it cannot be stored twice.
 //!
 //! Request JSON is stored as submitted, including a trainer token (it is needed to resume after
-//! a crash): keep the state directory private (it is created `0700`). Tokens are never served.
+//! a crash): keep the state directory private (it is created `0700` when missing; an existing
+//! directory keeps the mode its operator gave it). Tokens are never served.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
