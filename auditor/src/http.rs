@@ -500,7 +500,15 @@ impl TrainerSource for HttpTrainer {
 
     fn init_weights(&self) -> Result<Vec<u8>, SourceError> {
         let p = path::init_weights(&self.run);
-        self.get_required(&p).map_err(|e| named(e, engine::init::INIT_WEIGHTS_FILE, &p))
+        // The spec commits to the file's size: an honest file always fits, whatever
+        // response_bytes_max says.
+        let honest = self
+            .spec_bytes()
+            .ok()
+            .and_then(|b| serde_json::from_slice::<engine::spec::RunSpec>(&b).ok())
+            .and_then(|s| s.init_weights)
+            .map(|w| w.bytes);
+        self.get_required_bounded(&p, honest).map_err(|e| named(e, engine::init::INIT_WEIGHTS_FILE, &p))
     }
 
     fn state(&self, step: u64) -> Result<TrainingState, SourceError> {
