@@ -36,10 +36,9 @@ pub struct RetryPolicy {
     /// Wait before the first retry; doubled after each, up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// Attempts per request, the first included.
-    pub attempts_max: u32,
     /// A request still failing this long after its first attempt makes the trainer
-    /// unresponsive, whatever attempts are left.
+    /// unresponsive. It is the only way to that verdict: failed attempts are retried (with
+    /// backoff) until it passes, however many there were.
     pub deadline: Duration,
     /// Largest response body accepted.
     pub response_bytes_max: u64,
@@ -51,7 +50,6 @@ impl Default for RetryPolicy {
             request_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
-            attempts_max: 8,
             deadline: Duration::from_secs(120),
             response_bytes_max: 512 << 20,
         }
@@ -66,9 +64,44 @@ impl RetryPolicy {
     }
 }
 
+/// Checks a record server's URL: `http://host[:port]` (an optional path prefix, no query or
+/// fragment) and no credentials in it: a URL is published in reports (their `record` field)
+/// and shown in statuses; a token goes in `trainer_token`. The message names the problem,
+/// never the URL's password.
+pub fn parse_trainer_url(url: &str) -> Result<reqwest::Url, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL ({e})"))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("has credentials in it (user:password@); pass a bearer token as trainer_token instead".into());
+    }
+    if parsed.scheme() != "http" {
+        return Err(format!("scheme {:?}: only http:// is spoken (put TLS in a reverse proxy)", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("has a query or fragment; give the server's base URL".into());
+    }
+    Ok(parsed)
+}
+
+/// `host:port` of a parsed trainer URL (the port made explicit), as an allow-list names it.
+pub fn host_port(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    format!("{host}:{}", url.port_or_known_default().unwrap_or(0))
+}
+
 /// Called with a short kind (`timeout`, `connect`, `status-503`, ...) for every failed request,
 /// retried or not (the daemon counts them in a metric).
 pub type ErrorHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Asked while a request is in flight (every [`ABORT_POLL`]): `Some(why)` abandons it at once
+/// with [`SourceError::Unavailable`] (the auditor stopped the audit: a shutdown, its time
+/// limit), never a verdict.
+pub type AbortCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// How often an in-flight request asks its [`AbortCheck`].
+pub const ABORT_POLL: Duration = Duration::from_millis(25);
 
 /// A run on a trainer's record server.
 #[derive(Clone)]
@@ -80,6 +113,10 @@ pub struct HttpTrainer {
     runtime: Handle,
     policy: RetryPolicy,
     on_error: Option<ErrorHook>,
+    abort: Option<AbortCheck>,
+    /// The canonical size of this run's states, once the replay knows the model
+    /// ([`TrainerSource::expect_state_bytes`]); 0 until then.
+    state_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// The spec, fetched once per source (it never changes for a run; the daemon reads it to
     /// pick a dataset before the audit reads it again). An error is kept too, so an
     /// unresponsive trainer costs one deadline, not two.
@@ -108,15 +145,9 @@ impl HttpTrainer {
         policy: RetryPolicy,
         runtime: Handle,
     ) -> Result<HttpTrainer, SourceError> {
+        // Checked before anything is formatted with it, so a password never reaches a message.
+        parse_trainer_url(base).map_err(|e| SourceError::Unavailable(format!("trainer_url: {e}")))?;
         let base = base.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(SourceError::Unavailable(format!("trainer_url {base:?} is not an http:// URL")));
-        }
-        if base.starts_with("https://") {
-            return Err(SourceError::Unavailable(format!(
-                "trainer_url {base:?}: this build speaks plain HTTP only; put TLS in a reverse proxy"
-            )));
-        }
         if !wire::is_valid_run_id(run) {
             return Err(SourceError::Unavailable(format!(
                 "run {run:?} is not a valid run id (1-{} bytes of [A-Za-z0-9._-], not starting with '.')",
@@ -138,6 +169,8 @@ impl HttpTrainer {
             runtime,
             policy,
             on_error: None,
+            abort: None,
+            state_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             spec: Arc::new(std::sync::OnceLock::new()),
         })
     }
@@ -145,6 +178,12 @@ impl HttpTrainer {
     /// Reports every failed request to `hook`.
     pub fn with_error_hook(mut self, hook: ErrorHook) -> Self {
         self.on_error = Some(hook);
+        self
+    }
+
+    /// Abandons requests in flight when `check` says so.
+    pub fn with_abort(mut self, check: AbortCheck) -> Self {
+        self.abort = Some(check);
         self
     }
 
@@ -160,31 +199,65 @@ impl HttpTrainer {
 
     /// GET `path` with retries; the body, or `Ok(None)` for a 404 with code `unfinished`.
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        self.runtime.block_on(self.get_async(path))
+        self.get_bounded(path, None)
     }
 
-    async fn get_async(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
+    /// GET `path`, where no honest answer is larger than `honest_max` bytes when that is known
+    /// (from the request or the run's spec). The body may be as large as that or
+    /// `response_bytes_max`, whichever is more: past the honest size it is the trainer's
+    /// answer that is wrong; past only the auditor's own limit, the auditor cannot decide.
+    fn get_bounded(&self, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, SourceError> {
+        self.runtime.block_on(self.get_async(path, honest_max))
+    }
+
+    async fn get_async(&self, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, SourceError> {
+        let Some(check) = self.abort.clone() else {
+            return self.get_retrying(path, honest_max).await;
+        };
+        let aborted = async move {
+            loop {
+                if let Some(why) = check() {
+                    return why;
+                }
+                tokio::time::sleep(ABORT_POLL).await;
+            }
+        };
+        tokio::select! {
+            got = self.get_retrying(path, honest_max) => got,
+            why = aborted => Err(SourceError::Unavailable(format!("GET {path}: abandoned: {why}"))),
+        }
+    }
+
+    /// Retries until an answer, a final failure, or the deadline: the only way to
+    /// [`SourceError::Unresponsive`], whose text says exactly how long the trainer was silent.
+    async fn get_retrying(&self, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, SourceError> {
         let url = format!("{}{path}", self.base);
         let first = Instant::now();
+        let deadline = self.policy.deadline;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let why = match self.attempt(&url, path).await {
+            let why = match self.attempt(&url, path, honest_max).await {
                 Ok(body) => return Ok(body),
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => why,
             };
-            let wait = self.policy.backoff(attempt);
-            if attempt >= self.policy.attempts_max || first.elapsed() + wait > self.policy.deadline {
+            let elapsed = first.elapsed();
+            if elapsed >= deadline {
                 return Err(SourceError::Unresponsive {
-                    what: format!("GET {url}: {why} ({attempt} attempts over {:.1} s)", first.elapsed().as_secs_f64()),
+                    what: format!(
+                        "GET {path}: no answer for {:.1} s, past the {:.1} s deadline ({attempt} attempts; the last: {why})",
+                        elapsed.as_secs_f64(),
+                        deadline.as_secs_f64()
+                    ),
                 });
             }
-            tokio::time::sleep(wait).await;
+            // The last wait ends at the deadline, so one more attempt is made right there.
+            tokio::time::sleep(self.policy.backoff(attempt).min(deadline - elapsed)).await;
         }
     }
 
-    async fn attempt(&self, url: &str, path: &str) -> Result<Option<Vec<u8>>, Attempt> {
+    async fn attempt(&self, url: &str, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, Attempt> {
         let mut req = self.client.get(url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -198,7 +271,7 @@ impl HttpTrainer {
             }
         };
         let status = resp.status().as_u16();
-        let body = match self.read_body(resp).await {
+        let body = match self.read_body(resp, path, honest_max).await {
             Ok(b) => b,
             Err(a) => {
                 if let Attempt::Retry(_) = &a {
@@ -232,15 +305,27 @@ impl HttpTrainer {
         }
     }
 
-    /// Reads a body of at most `response_bytes_max` bytes.
-    async fn read_body(&self, mut resp: reqwest::Response) -> Result<Vec<u8>, Attempt> {
-        let max = self.policy.response_bytes_max;
-        let file = resp.url().path().to_string();
+    /// Reads a body of at most `max(honest_max, response_bytes_max)` bytes (see
+    /// [`Self::get_bounded`] for whose fault a larger one is).
+    async fn read_body(
+        &self,
+        mut resp: reqwest::Response,
+        path: &str,
+        honest_max: Option<u64>,
+    ) -> Result<Vec<u8>, Attempt> {
+        let ours = self.policy.response_bytes_max;
+        let max = honest_max.map_or(ours, |h| h.max(ours));
         let too_large = |n: u64| {
-            Attempt::Fail(SourceError::Invalid {
-                file: file.clone(),
-                offset: None,
-                what: format!("response of {n} bytes, more than the {max} allowed"),
+            Attempt::Fail(match honest_max {
+                Some(h) => SourceError::Invalid {
+                    file: path.to_string(),
+                    offset: None,
+                    what: format!("response of {n} bytes, more than the {h} any honest answer to it can have"),
+                },
+                None => SourceError::Unavailable(format!(
+                    "GET {path}: the response is over this auditor's limit of {ours} bytes \
+                     (trainer.response_bytes_max; raise it to audit this run)"
+                )),
             })
         };
         if let Some(n) = resp.content_length()
@@ -264,7 +349,11 @@ impl HttpTrainer {
     }
 
     fn get_required(&self, path: &str) -> Result<Vec<u8>, SourceError> {
-        self.get(path)?.ok_or_else(|| SourceError::Invalid {
+        self.get_required_bounded(path, None)
+    }
+
+    fn get_required_bounded(&self, path: &str, honest_max: Option<u64>) -> Result<Vec<u8>, SourceError> {
+        self.get_bounded(path, honest_max)?.ok_or_else(|| SourceError::Invalid {
             file: path.to_string(),
             offset: None,
             what: "missing on the trainer (run unfinished)".into(),
@@ -281,8 +370,14 @@ impl HttpTrainer {
     }
 
     /// A zstd body, decompressed with a bound.
-    fn get_zstd(&self, path: &str, file: &str, raw_bytes_max: usize) -> Result<Vec<u8>, SourceError> {
-        let body = self.get_required(path).map_err(|e| named(e, file, path))?;
+    fn get_zstd(
+        &self,
+        path: &str,
+        file: &str,
+        raw_bytes_max: usize,
+        honest_max: Option<u64>,
+    ) -> Result<Vec<u8>, SourceError> {
+        let body = self.get_required_bounded(path, honest_max).map_err(|e| named(e, file, path))?;
         decompress_bounded(&body, raw_bytes_max).map_err(|e| SourceError::Invalid {
             file: file.to_string(),
             offset: None,
@@ -342,7 +437,8 @@ impl TrainerSource for HttpTrainer {
         while (leaves.len() as u64) < n {
             let start = leaves.len() as u64;
             let count = (n - start).min(wire::LEAVES_PAGE_MAX);
-            let body = self.get_required(&path::leaves(&self.run, start, count))?;
+            let body =
+                self.get_required_bounded(&path::leaves(&self.run, start, count), Some(count * LEAF_BYTES as u64))?;
             if body.len() as u64 != count * LEAF_BYTES as u64 {
                 return Err(SourceError::Invalid {
                     file: record::LEAVES_FILE.into(),
@@ -376,7 +472,7 @@ impl TrainerSource for HttpTrainer {
 
     fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
         let file = record_file(record::log_path, step);
-        let raw = self.get_zstd(&path::log(&self.run, step), &file, record::LOG_RAW_BYTES_MAX)?;
+        let raw = self.get_zstd(&path::log(&self.run, step), &file, record::LOG_RAW_BYTES_MAX, None)?;
         TieBreakLog::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
     }
 
@@ -397,26 +493,51 @@ impl TrainerSource for HttpTrainer {
 
     fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
         let file = record_file(record::checkpoint_path, step);
-        let raw = self.get_zstd(&path::checkpoint(&self.run, step), &file, state_bound(&self.policy))?;
+        let (raw_max, honest_max) = self.state_bounds();
+        let raw = self.get_zstd(&path::checkpoint(&self.run, step), &file, raw_max, honest_max)?;
         TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
     }
 
     fn init_weights(&self) -> Result<Vec<u8>, SourceError> {
         let p = path::init_weights(&self.run);
-        self.get_required(&p).map_err(|e| named(e, engine::init::INIT_WEIGHTS_FILE, &p))
+        // The spec commits to the file's size: an honest file always fits, whatever
+        // response_bytes_max says.
+        let honest = self
+            .spec_bytes()
+            .ok()
+            .and_then(|b| serde_json::from_slice::<engine::spec::RunSpec>(&b).ok())
+            .and_then(|s| s.init_weights)
+            .map(|w| w.bytes);
+        self.get_required_bounded(&p, honest).map_err(|e| named(e, engine::init::INIT_WEIGHTS_FILE, &p))
     }
 
     fn state(&self, step: u64) -> Result<TrainingState, SourceError> {
         let p = path::state(&self.run, step);
-        let raw = self.get_zstd(&p, &p, state_bound(&self.policy))?;
+        let (raw_max, honest_max) = self.state_bounds();
+        let raw = self.get_zstd(&p, &p, raw_max, honest_max)?;
         TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file: p, offset: None, what: e.to_string() })
+    }
+
+    fn expect_state_bytes(&self, bytes: u64) {
+        self.state_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-/// Decompressed states are bounded by the record format's limit and by what the auditor is
-/// willing to hold: 8× its response limit (FP32 states compress little).
-fn state_bound(policy: &RetryPolicy) -> usize {
-    (policy.response_bytes_max.saturating_mul(8)).min(record::STATE_RAW_BYTES_MAX as u64) as usize
+impl HttpTrainer {
+    /// Bounds on a state: decompressed, its model's exact canonical size once known (the record
+    /// format's limit before); served, zstd's worst case for that size. An honest state always
+    /// fits both, whatever `response_bytes_max` says.
+    fn state_bounds(&self) -> (usize, Option<u64>) {
+        match self.state_bytes.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => (record::STATE_RAW_BYTES_MAX, None),
+            n => (usize::try_from(n).unwrap_or(usize::MAX).min(record::STATE_RAW_BYTES_MAX), Some(zstd_bound(n))),
+        }
+    }
+}
+
+/// The most zstd makes of `n` bytes (`ZSTD_COMPRESSBOUND`, with room for the frame header).
+fn zstd_bound(n: u64) -> u64 {
+    n + (n >> 8) + (128 << 10) + 64
 }
 
 #[cfg(test)]
@@ -441,9 +562,18 @@ mod tests {
         let h = rt.handle().clone();
         let mk = |base: &str, run: &str| HttpTrainer::new(base, run, None, RetryPolicy::default(), h.clone());
         assert!(mk("http://127.0.0.1:1", "run-1").is_ok());
-        for (base, run) in [("ftp://x", "r"), ("127.0.0.1:80", "r"), ("https://x", "r"), ("http://x", "../etc")] {
+        for (base, run) in [
+            ("ftp://x", "r"),
+            ("127.0.0.1:80", "r"),
+            ("https://x", "r"),
+            ("http://x", "../etc"),
+            ("http://user:hunter2@x", "r"),
+            ("http://user@x", "r"),
+            ("http://x/?a=b", "r"),
+        ] {
             let e = mk(base, run).unwrap_err();
             assert!(matches!(e, SourceError::Unavailable(_)), "{base} {run}: {e:?}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
         }
     }
 
@@ -456,8 +586,7 @@ mod tests {
             request_timeout: Duration::from_millis(200),
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(40),
-            attempts_max: 1000,
-            deadline: Duration::from_millis(300),
+            deadline: Duration::from_millis(1000),
             response_bytes_max: 1 << 20,
         };
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -469,8 +598,11 @@ mod tests {
             }));
         let t0 = Instant::now();
         let e = src.child_hashes(0, 2, 2).unwrap_err();
-        assert!(matches!(e, SourceError::Unresponsive { .. }), "{e:?}");
+        // Many fast failures before the deadline (the retries alone never give up: issue 14).
+        let SourceError::Unresponsive { what } = &e else { panic!("{e:?}") };
+        assert!(t0.elapsed() >= Duration::from_millis(1000), "gave up before the deadline: {what}");
         assert!(t0.elapsed() < Duration::from_secs(5), "gave up after the deadline, not much later");
+        assert!(what.starts_with("GET /v1/runs/r/nodes") && what.contains("past the 1.0 s deadline"), "{what}");
         assert!(errors.load(std::sync::atomic::Ordering::Relaxed) >= 2, "retried");
     }
 }

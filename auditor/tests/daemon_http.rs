@@ -6,9 +6,13 @@
 mod support;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use auditor::daemon::Config;
+use auditor::daemon::job::{JobState, Store};
+use auditor::daemon::store::SqliteStore;
 use auditor::evidence::{Evidence, Side, adjudicate};
 use auditor::report::verify;
 use auditor::{AuditOptions, NoProgress, audit_dir};
@@ -124,7 +128,7 @@ async fn audits_over_http_reach_the_verdicts_of_local_audits_and_publish_verifia
     assert_eq!(code, 200);
     let text = String::from_utf8(text).unwrap();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        assert!(line.starts_with("auditor_"), "metric outside the auditor_ namespace: {line}");
+        assert!(line.starts_with("tiebreak_auditor_"), "metric outside the tiebreak_auditor_ namespace: {line}");
     }
     let metric = |name: &str| -> f64 {
         text.lines()
@@ -133,11 +137,11 @@ async fn audits_over_http_reach_the_verdicts_of_local_audits_and_publish_verifia
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
     };
-    assert_eq!(metric("auditor_audits{state=\"done\"}"), 3.0);
-    assert_eq!(metric("auditor_divergences_total"), 2.0);
-    assert!(metric("auditor_steps_replayed_total") >= 13.0);
-    assert!(metric("auditor_replay_step_seconds_count") >= 13.0);
-    assert!(metric("auditor_bisection_queries_total") >= 2.0);
+    assert_eq!(metric("tiebreak_auditor_audits{state=\"done\"}"), 3.0);
+    assert_eq!(metric("tiebreak_auditor_divergences_total"), 2.0);
+    assert!(metric("tiebreak_auditor_steps_replayed_total") >= 13.0);
+    assert!(metric("tiebreak_auditor_replay_step_seconds_count") >= 13.0);
+    assert!(metric("tiebreak_auditor_bisection_queries_total") >= 2.0);
     let (code, health, _) = send(c.get(format!("{}/healthz", daemon.url))).await;
     assert_eq!((code, health["status"].as_str()), (200, Some("ok")));
 
@@ -189,8 +193,17 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         (c.get(format!("{url}/v1/audits?state=sleeping")).bearer_auth("t0k3n"), 400, "bad-request"),
         (c.get(format!("{url}/v1/nothing")), 404, "not-found"),
         (c.delete(format!("{url}/v1/audits")).bearer_auth("t0k3n"), 405, "method-not-allowed"),
+        // Credentials in a URL would be published in the report's `record` field.
+        (raw("{\"trainer_url\": \"http://user:hunter2@127.0.0.1:9\", \"run\": \"r\"}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \"http://user@127.0.0.1:9\", \"run\": \"r\"}"), 400, "bad-request"),
+        // An id that is not UTF-8: the token first, then a JSON 404.
+        (c.get(format!("{url}/v1/audits/%FF")), 401, "unauthorized"),
+        (c.get(format!("{url}/v1/audits/%FF")).bearer_auth("t0k3n"), 404, "not-found"),
+        (c.get(format!("{url}/v1/reports/%FF")), 404, "not-found"),
+        (c.get(format!("{url}/v1/reports/%FF/evidence")), 404, "not-found"),
     ] {
         let (s, v, body) = send(req).await;
+        assert!(!String::from_utf8_lossy(&body).contains("hunter2"), "a password echoed");
         assert_eq!((s, v["code"].as_str()), (status, Some(code)), "{}", String::from_utf8_lossy(&body));
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     }
@@ -271,7 +284,9 @@ async fn a_trainer_that_stops_answering_during_bisection_is_unresponsive_after_t
     let report: Value = serde_json::from_slice(&report).unwrap();
     assert!(report["verdict"].to_string().contains("nodes"), "the report says which request: {}", report["verdict"]);
     let (_, _, text) = send(c.get(format!("{}/metrics", daemon.url))).await;
-    assert!(String::from_utf8(text).unwrap().contains("auditor_trainer_request_errors_total{kind=\"timeout\"}"));
+    assert!(
+        String::from_utf8(text).unwrap().contains("tiebreak_auditor_trainer_request_errors_total{kind=\"timeout\"}")
+    );
     daemon.stop().await;
     trainer.stop().await;
 }
@@ -415,4 +430,275 @@ async fn spot_audits_draw_a_fresh_seed_unless_given_one() {
     assert_eq!(s, 400, "a client cannot claim a seed was drawn fresh: {v}");
     daemon.stop().await;
     trainer.stop().await;
+}
+
+/// A proxy in front of `upstream`: every answer is delayed by `delay`, and while `hang` is set,
+/// a request whose path ends with `hang_on` is never answered (`hit` is notified when one
+/// arrives).
+struct Proxy {
+    url: String,
+    hang: Arc<AtomicBool>,
+    hit: Arc<tokio::sync::Notify>,
+}
+
+async fn proxy(upstream: String, hang_on: &'static str, delay: Duration) -> Proxy {
+    let hang = Arc::new(AtomicBool::new(true));
+    let hit = Arc::new(tokio::sync::Notify::new());
+    let (h, n) = (hang.clone(), hit.clone());
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (upstream, h, n) = (upstream.clone(), h.clone(), n.clone());
+        async move {
+            if uri.path().ends_with(hang_on) && h.load(Ordering::SeqCst) {
+                n.notify_one();
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(delay).await;
+            let resp = reqwest::get(format!("{upstream}{uri}")).await.unwrap();
+            let status = axum::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            (status, resp.bytes().await.unwrap().to_vec())
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Proxy { url, hang, hit }
+}
+
+/// Issue 14: a shutdown while a trainer request was in flight failed the audit for good ("A
+/// Tokio 1.x context was found, but it is being shutdown"). The request is abandoned at once,
+/// the audit goes back to the queue with its progress and its claim refunded, and the next
+/// daemon finishes it from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_trainer_request_requeues_the_audit_with_its_progress() {
+    let dir = scratch("daemon-sigterm");
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "h");
+    let trainer = start_trainer(&records, None).await;
+    let p = proxy(trainer.url.clone(), "/logs/6", Duration::ZERO).await;
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.request_timeout_ms = 60_000;
+    cfg.trainer.deadline_ms = 60_000;
+    cfg.shutdown_grace_ms = 5_000;
+    let daemon = start_daemon(cfg.clone()).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": p.url, "run": "h"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    tokio::time::timeout(Duration::from_secs(60), p.hit.notified()).await.expect("the audit reached step 6");
+    let t0 = Instant::now();
+    daemon.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(3), "the request in flight was abandoned, not waited out");
+    {
+        let store = SqliteStore::open(&dir.join("state")).unwrap();
+        let job = store.get(&id).unwrap().unwrap();
+        assert_eq!((job.state, job.attempts, job.error.as_deref()), (JobState::Queued, 0, None), "{job:?}");
+        assert_eq!(job.progress, [(0, 5)].into(), "steps 1-5 were verified before the shutdown");
+    }
+    p.hang.store(false, Ordering::SeqCst);
+    let daemon = start_daemon(cfg).await;
+    let done = wait_done(&c, &daemon.url, &id, None).await;
+    assert_eq!((done["state"].as_str(), done["verdict"].as_str()), (Some("done"), Some("consistent")), "{done}");
+    assert_eq!(done["steps_resumed"], 5, "{done}");
+    daemon.stop().await;
+    trainer.stop().await;
+}
+
+/// A trainer that answers everything, slowly, runs into the daemon's per-audit time limit:
+/// `failed` with reason `time-limit`, no verdict and no report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_trainer_meets_the_time_limit_which_is_not_a_verdict() {
+    let dir = scratch("daemon-time-limit");
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "h");
+    let trainer = start_trainer(&records, None).await;
+    let p = proxy(trainer.url.clone(), "/never", Duration::from_millis(150)).await;
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.deadline_ms = 60_000;
+    cfg.audit_time_max_ms = 1_000;
+    let daemon = start_daemon(cfg).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": p.url, "run": "h"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().unwrap();
+    let t0 = Instant::now();
+    let done = wait_done(&c, &daemon.url, id, None).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "stopped at the limit: {done}");
+    assert_eq!(
+        (done["state"].as_str(), done["reason"].as_str(), done["verdict"].as_str()),
+        (Some("failed"), Some("time-limit"), None),
+        "{done}"
+    );
+    assert!(done["error"].as_str().unwrap().contains("audit_time_max_ms = 1000"), "{done}");
+    let (s, _, _) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
+    assert_eq!(s, 404);
+    let (_, _, text) = send(c.get(format!("{}/metrics", daemon.url))).await;
+    assert!(String::from_utf8(text).unwrap().contains("tiebreak_auditor_audits_failed_total{reason=\"time-limit\"} 1"));
+    daemon.stop().await;
+    trainer.stop().await;
+}
+
+/// The operator's allow-list of trainers; `/readyz`; a lost database beside its key is refused
+/// rather than reissuing `audit-1` under the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allow_list_limits_trainers_and_a_lost_database_is_refused() {
+    let dir = scratch("daemon-allow");
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.allow = vec!["127.0.0.1:9".into(), "localhost:*".into()];
+    cfg.workers = 1;
+    let daemon = start_daemon(cfg.clone()).await;
+    let c = reqwest::Client::new();
+    for (url, status) in [
+        ("http://127.0.0.1:10", 403),
+        ("http://10.0.0.1:9", 403),
+        ("http://127.0.0.1:9", 202),
+        ("http://localhost:4444", 202),
+    ] {
+        let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": url, "run": "r"}), None)).await;
+        assert_eq!(s, status, "{url}: {v}");
+        if s == 403 {
+            assert_eq!(v["code"], "trainer-not-allowed", "{v}");
+        }
+    }
+    let (s, v, _) = send(c.get(format!("{}/readyz", daemon.url))).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ready")), "{v}");
+    daemon.stop().await;
+
+    for f in ["auditor.sqlite3", "auditor.sqlite3-wal", "auditor.sqlite3-shm"] {
+        let _ = std::fs::remove_file(dir.join("state").join(f));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = auditor::daemon::serve(listener, cfg, async {}).await.expect_err("a lost database").to_string();
+    assert!(e.contains("auditor.key is there but auditor.sqlite3 is not") && e.contains("Restore"), "{e}");
+    assert!(!dir.join("state/auditor.sqlite3").exists(), "no fresh database was made");
+}
+
+/// Issue 14: an honest checkpoint larger than `response_bytes_max` was `commitment-invalid`.
+/// The auditor's limit follows the model now: the audit of a run whose states are larger than
+/// the limit is consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_checkpoint_larger_than_the_response_limit_is_audited() {
+    use engine::record::{RecordWriter, SigningKey};
+    use engine::train::{Run, StepMode};
+    let dir = scratch("daemon-big-state");
+    let text = r#"
+[model]
+kind = "mlp"
+hidden = [160, 160]
+[data]
+kind = "synthetic"
+examples = 64
+holdout = 16
+features = 32
+classes = 4
+[train]
+batch_size = 8
+steps = 2
+seed = 5
+checkpoint_interval = 2
+[optimizer]
+kind = "sgd"
+lr = 0.1
+momentum = 0.9
+weight_decay = 0.0
+"#;
+    let cfg = engine::spec::Config::from_toml(text, "test").unwrap();
+    let run = Run::from_config(&cfg, None, Profile::Cpu, 2).unwrap();
+    let record = dir.join("records/big");
+    let mut w = RecordWriter::create(&record, &run.spec).unwrap();
+    let mut state = run.initial_state().unwrap();
+    w.commit_initial(&state).unwrap();
+    for t in 1..=2 {
+        let o = run.step(&state, t, StepMode::Commit { paper: false }, None).unwrap();
+        w.commit_step(&o.state, &o.log, &o.batch).unwrap();
+        state = o.state;
+    }
+    w.finish(&state, &SigningKey::from_bytes(&[7; 32])).unwrap();
+    let compressed = std::fs::metadata(engine::record::checkpoint_path(&record, 2)).unwrap().len();
+    assert!(compressed > 65_536, "the checkpoint ({compressed} bytes) is over the limit below");
+
+    let trainer = start_trainer(&dir.join("records"), None).await;
+    let mut cfg = config(&dir.join("state"));
+    cfg.trainer.response_bytes_max = 65_536;
+    let daemon = start_daemon(cfg).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": trainer.url, "run": "big"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let done = wait_done(&c, &daemon.url, v["id"].as_str().unwrap(), None).await;
+    assert_eq!((done["state"].as_str(), done["verdict"].as_str()), (Some("done"), Some("consistent")), "{done}");
+    daemon.stop().await;
+    trainer.stop().await;
+}
+
+/// Issue 14: idle and half-sent connections from an unauthenticated client starved `/healthz`.
+/// Past the connection limit new connections are closed at once, and the header-read timeout
+/// frees the held ones, so `/healthz` answers again within about that timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_loris_client_does_not_starve_healthz() {
+    use tokio::io::AsyncWriteExt;
+    let dir = scratch("daemon-loris");
+    let mut cfg = config(&dir.join("state"));
+    cfg.connections_max = 100;
+    cfg.header_read_timeout_ms = 500;
+    let daemon = start_daemon(cfg).await;
+    let addr = daemon.url.strip_prefix("http://").unwrap().to_string();
+    let mut loris = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+        loris.push(s);
+    }
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = c.get(format!("{}/healthz", daemon.url)).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "/healthz still starved after the header timeout");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(loris);
+    daemon.stop().await;
+}
+
+/// Newest-first listing with a cursor; cancel (`DELETE`) and retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_newest_first_and_audits_can_be_cancelled_and_retried() {
+    let dir = scratch("daemon-cancel");
+    let mut cfg = config(&dir.join("state"));
+    cfg.workers = 1;
+    cfg.token = Some("t".into());
+    let daemon = start_daemon(cfg).await;
+    let c = reqwest::Client::new();
+    let url = &daemon.url;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        // Nobody listens on port 9: each audit ends could-not-decide after the 1.5 s deadline.
+        let (s, v, _) =
+            send(post(&c, url, &json!({"trainer_url": "http://127.0.0.1:9", "run": format!("r{i}")}), Some("t"))).await;
+        assert_eq!(s, 202, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (_, page, _) = send(c.get(format!("{url}/v1/audits?limit=2")).bearer_auth("t")).await;
+    let got: Vec<&str> = page["audits"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(got, [ids[2].as_str(), ids[1].as_str()], "newest first: {page}");
+    assert_eq!(page["next"], ids[1].as_str());
+    let (_, page, _) = send(c.get(format!("{url}/v1/audits?limit=2&before={}", ids[1])).bearer_auth("t")).await;
+    assert_eq!(page["audits"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!((page["audits"][0]["id"].as_str(), &page["next"]), (Some(ids[0].as_str()), &Value::Null));
+
+    let (s, v, _) = send(c.delete(format!("{url}/v1/audits/{}", ids[2])).bearer_auth("t")).await;
+    assert_eq!((s, v["state"].as_str(), v["reason"].as_str()), (200, Some("failed"), Some("cancelled")), "{v}");
+    let (s, _, _) = send(c.delete(format!("{url}/v1/audits/{}", ids[2]))).await;
+    assert_eq!(s, 401, "cancelling needs the token");
+    let (s, v, _) = send(c.delete(format!("{url}/v1/audits/audit-99")).bearer_auth("t")).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not-found")));
+    let (s, v, _) = send(c.post(format!("{url}/v1/audits/{}/retry", ids[2])).bearer_auth("t")).await;
+    assert_eq!((s, v["state"].as_str(), v["reason"].as_str()), (200, Some("queued"), None), "{v}");
+    let (s, v, _) = send(c.post(format!("{url}/v1/audits/{}/retry", ids[2])).bearer_auth("t")).await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("not-failed")), "{v}");
+    let done = wait_done(&c, url, &ids[2], Some("t")).await;
+    assert_eq!((done["state"].as_str(), done["reason"].as_str()), (Some("failed"), Some("undecided")), "{done}");
+    daemon.stop().await;
 }

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use auditor::Progress;
 use auditor::daemon::job::{
-    AuditRequest, Clock, Decided, Inserted, Job, JobState, NoObserver, Outcome, Runner, Store, StoreError, Worked,
-    Worker, WorkerConfig,
+    AuditRequest, Clock, Decided, FailReason, Inserted, Job, JobState, NoObserver, Outcome, Runner, Store, StoreError,
+    Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::store::SqliteStore;
 use common::prng::Stream;
@@ -120,8 +120,8 @@ impl Store for FlakyStore {
     fn finish(&self, id: &str, decided: &Decided, now_ms: u64) -> Result<(), StoreError> {
         self.op(true, |s| s.finish(id, decided, now_ms))
     }
-    fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.fail(id, error, now_ms))
+    fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.op(true, |s| s.fail(id, reason, error, now_ms))
     }
     fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
         self.op(true, |s| s.requeue(id, refund, now_ms))
@@ -132,8 +132,17 @@ impl Store for FlakyStore {
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
         self.op(false, |s| s.get(id))
     }
-    fn list(&self, state: Option<JobState>, limit: u64) -> Result<Vec<Job>, StoreError> {
-        self.op(false, |s| s.list(state, limit))
+    fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<JobState>, StoreError> {
+        self.op(true, |s| s.cancel(id, now_ms))
+    }
+    fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, JobState)>, StoreError> {
+        self.op(true, |s| s.retry(id, queued_max, now_ms))
+    }
+    fn still_running(&self, id: &str) -> Result<bool, StoreError> {
+        self.op(false, |s| s.still_running(id))
+    }
+    fn list(&self, state: Option<JobState>, limit: u64, before: Option<&str>) -> Result<Vec<Job>, StoreError> {
+        self.op(false, |s| s.list(state, limit, before))
     }
     fn report(&self, id: &str) -> Result<Option<String>, StoreError> {
         self.op(false, |s| s.report(id))

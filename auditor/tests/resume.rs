@@ -5,9 +5,15 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use auditor::daemon::job::{
+    AuditRequest, Decided, Inserted, Job, JobState, NoObserver, Outcome, Runner, Store, SystemClock, Worked, Worker,
+    WorkerConfig,
+};
+use auditor::daemon::runner::options;
+use auditor::daemon::store::SqliteStore;
 use auditor::source::SourceError;
 use auditor::{AuditError, AuditOptions, LocalRecord, Mode, Progress, TrainerSource, audit};
 use common::codec::Hash;
@@ -191,4 +197,90 @@ fn interval_jobs_verified_to_their_end_are_skipped() {
     let mut replayed = progress.replayed_steps.into_inner().unwrap();
     replayed.sort();
     assert_eq!(replayed, vec![9, 10, 11, 12, 13]);
+}
+
+/// Kills (a panic out of the worker, leaving the job `running` as a kill -9 does) after `every`
+/// replayed steps, on the first `kills` attempts; lets the next attempt finish.
+struct KillingRunner {
+    src: WithStates,
+    every: u64,
+    kills: u64,
+    attempts: AtomicU64,
+}
+
+struct CountThenKill<'a> {
+    inner: &'a dyn Progress,
+    left: AtomicU64,
+}
+
+impl Progress for CountThenKill<'_> {
+    fn replayed(&self, step: u64, seconds: f64) {
+        self.left.fetch_sub(1, Ordering::SeqCst);
+        self.inner.replayed(step, seconds);
+    }
+    fn verified(&self, job_start: u64, through: u64) {
+        self.inner.verified(job_start, through);
+    }
+    fn cancelled(&self) -> bool {
+        self.left.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Runner for KillingRunner {
+    fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
+        let attempt = self.attempts.fetch_add(1, Ordering::SeqCst);
+        let budget = if attempt < self.kills { self.every } else { u64::MAX };
+        let opts = options(job, Profile::CpuSeq, None).unwrap();
+        let p = CountThenKill { inner: progress, left: AtomicU64::new(budget) };
+        match audit(&self.src, &opts, &p) {
+            Ok(a) => Outcome::Decided(Decided {
+                verdict: a.verdict.kind(),
+                first_step: a.verdict.step(),
+                steps_replayed: a.steps_replayed,
+                steps_resumed: a.steps_resumed,
+                bisection_queries: 0,
+                report_json: "{}".into(),
+                evidence: None,
+            }),
+            Err(AuditError::Cancelled) => panic!("killed"),
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Issue 14: progress saved after a resume was keyed by the resume point and never found again,
+/// so every kill went back to the first resume point, and six kills ended "gave up".
+#[test]
+fn five_kills_of_one_audit_resume_from_ever_later_points_and_it_ends_done() {
+    let dir = scratch("resume-kills");
+    let record = write_record(&dir, Profile::Cpu, SGD, Drill::default());
+    let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
+    let request = AuditRequest { trainer_url: "http://127.0.0.1:1".into(), run: "r".into(), ..Default::default() };
+    let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
+    let runner =
+        Arc::new(KillingRunner { src: source(&record, false), every: 2, kills: 5, attempts: AtomicU64::new(0) });
+    let config = WorkerConfig { attempts_max: 5, progress_interval_ms: 0, ..WorkerConfig::default() };
+    let worker = Worker {
+        store: store.clone(),
+        runner,
+        clock: Arc::new(SystemClock),
+        observer: Arc::new(NoObserver),
+        config,
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    let mut points = Vec::new();
+    for kill in 1..=5u64 {
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.work_one()));
+        assert!(killed.is_err(), "attempt {kill} was killed");
+        // The restart after a kill -9.
+        assert_eq!(store.recover(0).unwrap(), 1);
+        let job = store.get(&id).unwrap().unwrap();
+        assert_eq!(job.progress, BTreeMap::from([(0, 2 * kill)]), "kill {kill}: resume point");
+        points.push(job.progress[&0]);
+    }
+    assert!(points.windows(2).all(|w| w[0] < w[1]), "monotone resume points: {points:?}");
+    assert_eq!(worker.work_one(), Worked::Job { id: id.clone(), state: JobState::Done });
+    let job = store.get(&id).unwrap().unwrap();
+    assert_eq!(job.verdict, Some(auditor::VerdictKind::Consistent), "{job:?}");
+    assert_eq!((job.steps_replayed, job.steps_resumed), (STEPS, 10));
 }

@@ -176,7 +176,11 @@ async fn serve_and_audit(out: PathBuf, records: PathBuf) -> Result<()> {
         println!("  report   {}  (check it: auditor verify-report {})", report_path.display(), report_path.display());
     }
     let (_, metrics) = raw(client.get(format!("{daemon_url}/metrics"))).await?;
-    let wanted = ["auditor_audits{state=\"done\"}", "auditor_steps_replayed_total", "auditor_divergences_total"];
+    let wanted = [
+        "tiebreak_auditor_audits{state=\"done\"}",
+        "tiebreak_auditor_steps_replayed_total",
+        "tiebreak_auditor_divergences_total",
+    ];
     for line in metrics.lines().filter(|l| wanted.iter().any(|w| l.starts_with(w))) {
         println!("  metric {line}");
     }

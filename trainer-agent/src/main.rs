@@ -84,12 +84,28 @@ enum Command {
         /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
         #[arg(long)]
         listen: String,
-        /// Require `Authorization: Bearer <token>` on every request.
+        /// Require `Authorization: Bearer <token>` on every request. Shows in process lists:
+        /// prefer --token-file or the TRAINER_TOKEN environment variable. Never empty.
         #[arg(long)]
         token: Option<String>,
-        /// MNIST IDX directory or text file, for recomputing states of runs that need one.
+        /// Reads the token from this file (a trailing newline is dropped).
         #[arg(long)]
-        data: Option<PathBuf>,
+        token_file: Option<PathBuf>,
+        /// Connections served at once; more are closed as soon as they are accepted.
+        #[arg(long, default_value_t = service::CONNECTIONS_MAX_DEFAULT)]
+        connections_max: usize,
+        /// Milliseconds a client has to send a request head (also the idle limit of a
+        /// kept-alive connection).
+        #[arg(long, default_value_t = service::HEADER_READ_TIMEOUT_DEFAULT.as_millis() as u64)]
+        header_read_timeout_ms: u64,
+        /// Log lines on stderr as `text` or `json` (`RUST_LOG` sets the level).
+        #[arg(long, default_value = "text")]
+        log_format: service::LogFormat,
+        /// Datasets for recomputing states of runs that need one: `mnist=PATH` (IDX directory),
+        /// `text=PATH` (text file), or a bare PATH for every kind. Repeatable, so one server
+        /// serves MNIST and text runs.
+        #[arg(long, value_name = "[NAME=]PATH")]
+        data: Vec<String>,
         /// Refuse (413) responses larger than this.
         #[arg(long, default_value_t = trainer_agent::serve::RESPONSE_BYTES_MAX_DEFAULT)]
         max_response_bytes: u64,
@@ -124,12 +140,45 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
-        Command::Serve { records, listen, token, data, max_response_bytes, recompute_max } => {
+        Command::Serve {
+            records,
+            listen,
+            token,
+            token_file,
+            data,
+            max_response_bytes,
+            recompute_max,
+            connections_max,
+            header_read_timeout_ms,
+            log_format,
+        } => {
+            service::init_logs(log_format);
+            let token = service::secret(token, token_file.as_deref(), "TRAINER_TOKEN").map_err(anyhow::Error::msg)?;
+            if connections_max == 0 || header_read_timeout_ms == 0 {
+                bail!("--connections-max and --header-read-timeout-ms must be positive");
+            }
+            let limits = service::Limits {
+                connections_max,
+                header_read_timeout: std::time::Duration::from_millis(header_read_timeout_ms),
+                ..service::Limits::default()
+            };
+            let mut fallback = None;
+            let mut datasets = std::collections::BTreeMap::new();
+            for d in data {
+                match d.split_once('=') {
+                    Some((kind @ ("mnist" | "text"), path)) => {
+                        datasets.insert(kind.to_string(), PathBuf::from(path));
+                    }
+                    _ => fallback = Some(PathBuf::from(d)),
+                }
+            }
             let opts = ServeOptions {
                 token,
-                data,
+                data: fallback,
+                datasets,
                 response_bytes_max: max_response_bytes,
                 recompute_max,
+                limits,
                 ..ServeOptions::new(records)
             };
             serve(&listen, opts)
@@ -150,35 +199,13 @@ fn serve(listen: &str, opts: ServeOptions) -> Result<()> {
         // One line on stdout that scripts and tests wait for.
         println!("listening on http://{addr}");
         std::io::Write::flush(&mut std::io::stdout()).context("write to stdout")?;
-        trainer_agent::serve::serve(listener, opts, shutdown_signal()).await?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: records and tokens cross the network in clear; put a TLS reverse proxy in front");
+        }
+        trainer_agent::serve::serve(listener, opts, service::shutdown_signal()).await?;
         eprintln!("shut down");
         Ok(())
     })
-}
-
-/// Completes on Ctrl-C or (on Unix) SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No Ctrl-C handler could be installed: rely on SIGTERM alone.
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }
 
 fn train(opts: SessionOptions, json: bool) -> Result<()> {

@@ -48,6 +48,8 @@ use crate::TrainerError;
 
 /// Most bytes a request body may have (every route is a `GET`; a body is never needed).
 pub const REQUEST_BODY_BYTES_MAX: usize = 16 << 10;
+/// Time a request body (never needed) may take to arrive.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`ServeOptions::response_bytes_max`].
 pub const RESPONSE_BYTES_MAX_DEFAULT: u64 = 256 << 20;
 /// Default for [`ServeOptions::recompute_max`].
@@ -66,8 +68,12 @@ pub struct ServeOptions {
     pub records: PathBuf,
     /// If set, every request needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
-    /// MNIST IDX directory or text file for recomputing states of runs that need one.
+    /// MNIST IDX directory or text file for recomputing states of runs that need one, when
+    /// [`Self::datasets`] names none for the run's kind of data.
     pub data: Option<PathBuf>,
+    /// Datasets by the kind of data a spec names (`mnist`, `text`), so one server recomputes
+    /// states of MNIST and text runs alike.
+    pub datasets: BTreeMap<String, PathBuf>,
     /// A response body larger than this is refused with 413 `too-large` instead of being sent.
     pub response_bytes_max: u64,
     /// Most state recomputations at once. 0 turns recomputation off: a state that is not a
@@ -75,6 +81,9 @@ pub struct ServeOptions {
     pub recompute_max: usize,
     /// How long a state request waits for a recomputation slot before answering 503 `busy`.
     pub recompute_wait: Duration,
+    /// Connections at once, and the time a client has to send a request head (also the idle
+    /// limit of a kept-alive connection).
+    pub limits: service::Limits,
 }
 
 impl ServeOptions {
@@ -85,9 +94,11 @@ impl ServeOptions {
             records: records.into(),
             token: None,
             data: None,
+            datasets: BTreeMap::new(),
             response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
             recompute_max: RECOMPUTE_MAX_DEFAULT,
             recompute_wait: RECOMPUTE_WAIT_DEFAULT,
+            limits: service::Limits::default(),
         }
     }
 }
@@ -99,9 +110,11 @@ impl std::fmt::Debug for ServeOptions {
             .field("records", &self.records)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("data", &self.data)
+            .field("datasets", &self.datasets)
             .field("response_bytes_max", &self.response_bytes_max)
             .field("recompute_max", &self.recompute_max)
             .field("recompute_wait", &self.recompute_wait)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -114,8 +127,9 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TrainerError> {
+    let limits = opts.limits;
     let app = router(opts)?;
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(TrainerError::Serve)
+    service::serve(listener, app, limits, shutdown).await.map_err(TrainerError::Serve)
 }
 
 /// The record server's routes, with authentication and size limits applied. Fails if the
@@ -133,6 +147,8 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
         records,
         token_digest: opts.token.as_deref().map(|t| codec::sha256(t.as_bytes())),
         data: opts.data,
+        datasets: opts.datasets,
+        requests: RequestCounts::default(),
         response_bytes_max: opts.response_bytes_max,
         reads: Arc::new(Semaphore::new(READS_MAX)),
         recompute: Arc::new(Semaphore::new(opts.recompute_max.min(Semaphore::MAX_PERMITS))),
@@ -158,9 +174,15 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
         .route(&format!("{p}/runs/{{run}}/init-weights"), get(init_weights))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), guard));
+    // Health and metrics are open (like the daemon's): they say nothing about any record.
+    let open = Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics));
+    let app = open
+        .merge(api)
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), count_requests))
+        .layer(axum::middleware::from_fn(service::log_requests))
         .with_state(shared);
-    Ok(api)
+    Ok(app)
 }
 
 /// State shared by every request.
@@ -170,6 +192,8 @@ struct Shared {
     /// SHA-256 of the token: compared in constant time (and the same length whatever is sent).
     token_digest: Option<Hash>,
     data: Option<PathBuf>,
+    datasets: BTreeMap<String, PathBuf>,
+    requests: RequestCounts,
     response_bytes_max: u64,
     reads: Arc<Semaphore>,
     recompute: Arc<Semaphore>,
@@ -361,7 +385,25 @@ impl Shared {
             |what: String| ApiError::new(code::INTERNAL, format!("cannot recompute states of {run_id:?}: {what}"));
         let profile: Profile =
             spec.device_profile.parse().map_err(|e: kernels::KernelError| internal(e.to_string()))?;
-        let data = Dataset::for_config(&spec.config, self.data.as_deref()).map_err(|e| internal(e.to_string()))?;
+        // The dataset for this run's kind of data; without one, the state cannot be recomputed
+        // here: 404, which an auditor does not retry (it resumes from a checkpoint instead).
+        let kind = match &spec.config.data {
+            engine::spec::DataConfig::Mnist(_) => Some("mnist"),
+            engine::spec::DataConfig::Text(_) => Some("text"),
+            engine::spec::DataConfig::Synthetic(_) => None,
+        };
+        let path = kind.and_then(|k| self.datasets.get(k)).or(self.data.as_ref());
+        if let (Some(k), None) = (kind, path) {
+            return Err(ApiError::new(
+                code::NOT_FOUND,
+                format!(
+                    "states of {run_id:?} between checkpoints cannot be recomputed here: the server has no {k} \
+                     dataset (start it with --data {k}=PATH)"
+                ),
+            ));
+        }
+        let data =
+            Dataset::for_config(&spec.config, path.map(PathBuf::as_path)).map_err(|e| internal(e.to_string()))?;
         // A GPU-trained record on a server without that GPU (or this build's CUDA support) is
         // recomputed on the CPU: replay follows the trainer's logs, so any profile reproduces the
         // committed leaves, and `recompute` checks every one.
@@ -824,9 +866,15 @@ async fn guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         return too_large_request();
     }
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, REQUEST_BODY_BYTES_MAX).await {
-        Ok(b) => b,
-        Err(_) => return too_large_request(),
+    // Bounded in time too: a body sent a byte at a time must not hold a connection forever.
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, REQUEST_BODY_BYTES_MAX)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return too_large_request(),
+        Err(_) => {
+            let mut r = ApiError::new(code::BAD_REQUEST, "the request body was not sent in time").into_response();
+            *r.status_mut() = StatusCode::REQUEST_TIMEOUT;
+            return r;
+        }
     };
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     let size = response.body().size_hint();
@@ -839,6 +887,58 @@ async fn guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         .into_response();
     }
     response
+}
+
+/// Requests answered, by status class (a fixed set: the metric's labels stay bounded).
+#[derive(Debug, Default)]
+struct RequestCounts([std::sync::atomic::AtomicU64; 4]);
+
+impl RequestCounts {
+    const CLASSES: [&'static str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+    fn count(&self, status: StatusCode) {
+        let i = (status.as_u16() / 100).saturating_sub(2).min(3) as usize;
+        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn count_requests(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    s.requests.count(response.status());
+    response
+}
+
+/// `{"status": "ok", "runs"}`, or 503 when the records directory cannot be listed.
+async fn healthz(State(s): State<Arc<Shared>>) -> Response {
+    match blocking(&s, |s| s.run_ids()).await {
+        Ok(runs) => {
+            axum::Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "runs": runs.len()}))
+                .into_response()
+        }
+        Err(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "unhealthy", "why": e.0.error})))
+                .into_response()
+        }
+    }
+}
+
+/// Prometheus text: build info, requests by status class, state recomputations in use.
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP tiebreak_record_server_build_info Always 1; the labels say which build runs");
+    let _ = writeln!(out, "# TYPE tiebreak_record_server_build_info gauge");
+    let _ = writeln!(out, "tiebreak_record_server_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "# HELP tiebreak_record_server_http_requests_total HTTP requests answered, by status class");
+    let _ = writeln!(out, "# TYPE tiebreak_record_server_http_requests_total counter");
+    for (class, n) in RequestCounts::CLASSES.iter().zip(&s.requests.0) {
+        let n = n.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(out, "tiebreak_record_server_http_requests_total{{class=\"{class}\"}} {n}");
+    }
+    let busy = s.recompute_max.saturating_sub(s.recompute.available_permits());
+    let _ = writeln!(out, "# HELP tiebreak_record_server_recomputations State recomputations running now");
+    let _ = writeln!(out, "# TYPE tiebreak_record_server_recomputations gauge");
+    let _ = writeln!(out, "tiebreak_record_server_recomputations {busy}");
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 #[cfg(test)]

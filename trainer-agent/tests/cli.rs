@@ -228,3 +228,72 @@ fn export_writes_safetensors_with_candle_names() {
     assert_eq!(header["fc2.bias"]["dtype"], "F32");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// A raw HTTP GET; the status line and body.
+fn http_get(addr: &str, path: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Issue 14: `serve --token ''` started and then refused every request; tokens could only be
+/// given on the command line (where process lists show them); SIGHUP killed the server.
+#[cfg(unix)]
+#[test]
+fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and_outlives_sighup() {
+    use std::io::BufRead;
+    let dir = tmp("serve-token");
+    let records = dir.join("records");
+    std::fs::create_dir_all(&records).unwrap();
+    let base = || {
+        let mut c = Command::new(BIN);
+        c.args(["serve", "--listen", "127.0.0.1:0", "--records"]).arg(&records).env_remove("TRAINER_TOKEN");
+        c
+    };
+    for (args, env) in [(vec!["--token", ""], None), (vec![], Some("  ")), (vec!["--token-file", "/dev/null"], None)] {
+        let mut c = base();
+        c.args(&args);
+        if let Some(v) = env {
+            c.env("TRAINER_TOKEN", v);
+        }
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "{args:?} {env:?}: started");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("empty"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    let file = dir.join("token");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    for (use_file, token) in [(true, "from-a-file"), (false, "from-the-env")] {
+        let mut c = base();
+        if use_file {
+            c.arg("--token-file").arg(&file);
+        } else {
+            c.env("TRAINER_TOKEN", token);
+        }
+        let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("{line}")).to_string();
+        assert!(http_get(&addr, "/v1/runs", token).starts_with("HTTP/1.1 200"), "{token}");
+        assert!(http_get(&addr, "/v1/runs", "wrong").starts_with("HTTP/1.1 401"));
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped the server");
+        assert!(http_get(&addr, "/v1/runs", token).starts_with("HTTP/1.1 200"), "still serving after SIGHUP");
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "SIGTERM did not stop it");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status:?}");
+    }
+}

@@ -708,3 +708,80 @@ fn the_binary_prints_its_address_and_exits_cleanly_on_sigterm() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("nowhere"));
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Issue 14: the record server had no `/healthz` or `/metrics`; a state of a run whose dataset
+/// the server lacks was a 500 (retried by auditors until their deadline), and one `--data`
+/// could not serve MNIST and text runs together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_are_open_and_a_missing_dataset_is_a_plain_404() {
+    let dir = std::env::temp_dir().join(format!("tb-serve-health-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let records = dir.join("records");
+    std::fs::create_dir_all(&records).unwrap();
+    let text = dir.join("tiny.txt");
+    std::fs::write(&text, "to be or not to be, that is the question. ".repeat(40)).unwrap();
+    let cfg = engine::spec::Config::from_toml(
+        r#"
+[model]
+kind = "gpt"
+layers = 1
+d_model = 16
+heads = 2
+context = 8
+dropout = 0.0
+[data]
+kind = "text"
+holdout_fraction = 0.1
+[train]
+batch_size = 2
+steps = 3
+seed = 1
+checkpoint_interval = 2
+[optimizer]
+kind = "sgd"
+lr = 0.1
+momentum = 0.9
+weight_decay = 0.0
+"#,
+        "test",
+    )
+    .unwrap();
+    let run = engine::train::Run::from_config(&cfg, Some(&text), kernels::Profile::Cpu, 3).unwrap();
+    let mut w = engine::record::RecordWriter::create(&records.join("gpt"), &run.spec).unwrap();
+    let mut state = run.initial_state().unwrap();
+    w.commit_initial(&state).unwrap();
+    for t in 1..=3 {
+        let o = run.step(&state, t, engine::train::StepMode::Commit { paper: false }, None).unwrap();
+        w.commit_step(&o.state, &o.log, &o.batch).unwrap();
+        state = o.state;
+    }
+    w.finish(&state, &engine::record::SigningKey::from_bytes(&[7; 32])).unwrap();
+
+    let c = reqwest::Client::new();
+    for (datasets, status) in [(vec![], 404u16), (vec![("mnist", dir.join("no-mnist")), ("text", text.clone())], 200)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let mut opts = trainer_agent::serve::ServeOptions::new(&records);
+        opts.token = Some("tok".into());
+        opts.datasets = datasets.into_iter().map(|(k, p)| (k.to_string(), p)).collect();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(trainer_agent::serve::serve(listener, opts, async {
+            let _ = rx.await;
+        }));
+        let r = c.get(format!("{url}/v1/runs/gpt/states/1")).bearer_auth("tok").send().await.unwrap();
+        let got = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert_eq!(got, status, "{body}");
+        if status == 404 {
+            assert!(body.contains("--data text=PATH"), "{body}");
+        }
+        let health = c.get(format!("{url}/healthz")).send().await.unwrap().text().await.unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        assert_eq!((health["status"].as_str(), health["runs"].as_u64()), (Some("ok"), Some(1)), "{health}");
+        let metrics = c.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("tiebreak_record_server_build_info{"), "{metrics}");
+        assert!(metrics.contains("tiebreak_record_server_http_requests_total{class=\"4xx\"}"), "{metrics}");
+        let _ = tx.send(());
+        server.await.unwrap().unwrap();
+    }
+}

@@ -21,12 +21,24 @@ pub struct ServeArgs {
     /// Overrides the config's `state_dir`.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Overrides the config's `token` (bearer token required on /v1/audits).
+    /// Overrides the config's `token` (bearer token required on /v1/audits). Shows in process
+    /// lists: prefer --token-file or the AUDITOR_TOKEN environment variable.
     #[arg(long)]
     token: Option<String>,
+    /// Reads the token from this file (a trailing newline is dropped).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// A local dataset for specs that need one, as NAME=PATH with NAME `mnist` (IDX directory)
+    /// or `text` (text file); overrides the config's `[data]`. Repeatable.
+    #[arg(long, value_name = "NAME=PATH")]
+    data: Vec<String>,
+    /// Log lines on stderr as `text` or `json` (`RUST_LOG` sets the level).
+    #[arg(long, default_value = "text")]
+    log_format: service::LogFormat,
 }
 
 pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
+    service::init_logs(args.log_format);
     let mut cfg = match &args.config {
         Some(path) => {
             require_exists("--config", path)?;
@@ -40,12 +52,23 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
     if let Some(d) = args.state_dir {
         cfg.state_dir = d;
     }
-    if args.token.is_some() {
-        cfg.token = args.token;
+    if let Some(t) = service::secret(args.token, args.token_file.as_deref(), "AUDITOR_TOKEN").map_err(usage)? {
+        cfg.token = Some(t);
+    }
+    for d in &args.data {
+        let (name, path) = d.split_once('=').ok_or_else(|| usage(format_args!("--data {d:?}: not NAME=PATH")))?;
+        let path = PathBuf::from(path);
+        require_exists("--data", &path)?;
+        match name {
+            "mnist" => cfg.data.mnist = Some(path),
+            "text" => cfg.data.text = Some(path),
+            _ => return Err(usage(format_args!("--data {name}=…: NAME is one of mnist, text"))),
+        }
     }
     cfg.validate().map_err(|e| usage(format_args!("config: {e}")))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
+        let shutdown = service::shutdown_signal();
         let (listener, addr) = auditor::daemon::bind(&cfg.listen).await.map_err(|e| {
             let e = anyhow::Error::new(e).context(format!("binding {}", cfg.listen));
             // An address that does not parse is the user's; one that is taken is the machine's.
@@ -54,38 +77,18 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
                 _ => Failure::Undecided(e),
             }
         })?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: tokens and trainer tokens cross the network in clear; put a TLS reverse proxy in front");
+        }
+        if cfg.trainer.allow.is_empty() {
+            tracing::info!("trainer.allow is empty: audits may name any host and port");
+        }
         // The address line is how supervisors and tests find the daemon. It is a courtesy: a
         // daemon that cannot print it (stdout closed or failing) keeps serving.
         let _ = emit(&format!("auditor daemon listening on http://{addr} (state in {})\n", cfg.state_dir.display()));
-        auditor::daemon::serve(listener, cfg, shutdown_signal()).await.context("daemon")?;
+        auditor::daemon::serve(listener, cfg, shutdown).await.context("daemon")?;
         let _ = emit("auditor daemon stopped\n");
         Ok::<_, Failure>(())
     })?;
     Ok(Exit::Ok)
-}
-
-/// Completes on SIGTERM or Ctrl-C. (The same as `trainer-agent`'s: the two binaries share no
-/// crate that knows tokio, and 15 lines do not justify one.)
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No Ctrl-C handler could be installed: rely on SIGTERM alone, rather than stop now.
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }

@@ -3,12 +3,15 @@
 //! | route | auth | answer |
 //! | --- | --- | --- |
 //! | `POST /v1/audits` | token | 202 `{"id", "state"}` ([`AuditRequest`] body) |
-//! | `GET /v1/audits[?state=&limit=]` | token | `{"audits": [status…]}` |
-//! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, … |
+//! | `GET /v1/audits[?state=&limit=&before=]` | token | `{"audits": [status…], "next"}`, newest first; `next` (when there are more) is the `before` of the next page |
+//! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, `reason`, … |
+//! | `DELETE /v1/audits/{id}` | token | cancels a queued or running audit: `failed`, reason `cancelled` |
+//! | `POST /v1/audits/{id}/retry` | token | a failed audit queued again (its progress kept) |
 //! | `GET /v1/reports/{id}` | open | the signed report JSON, byte for byte as stored |
 //! | `GET /v1/reports/{id}/evidence` | open | the evidence bundle (binary) |
 //! | `GET /metrics` | open | Prometheus text |
-//! | `GET /healthz` | open | `{"status": "ok", …}` |
+//! | `GET /healthz` | open | `{"status": "ok", …}`; 503 `{"status": "unhealthy", "why"}` when the store fails its check |
+//! | `GET /readyz` | open | 200 `{"status": "ready"}`; 503 while shutting down or with an unhealthy store |
 //!
 //! Reports and evidence are open because they are meant to be published: anyone can check
 //! them. Audit requests carry trainer URLs and tokens, so listing and submitting need the
@@ -17,7 +20,7 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -67,17 +70,59 @@ pub fn router(shared: Shared) -> Router {
     let limit = shared.config.body_bytes_max;
     Router::new()
         .route("/v1/audits", post(submit).get(list))
-        .route("/v1/audits/{id}", get(status))
+        .route("/v1/audits/{id}", get(status).delete(cancel))
+        .route("/v1/audits/{id}/retry", post(retry))
         .route("/v1/reports/{id}", get(report))
         .route("/v1/reports/{id}/evidence", get(evidence))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this route")
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), time_limit))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), count_requests))
+        .layer(axum::middleware::from_fn(service::log_requests))
         .with_state(shared)
+}
+
+/// A request that takes longer than `request_time_max_ms` (a body sent a byte at a time) is
+/// answered 408 and its connection freed.
+async fn time_limit(
+    State(shared): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = std::time::Duration::from_millis(shared.config.request_time_max_ms);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            format!("the request took longer than {} ms", limit.as_millis()),
+        )
+        .into_response(),
+    }
+}
+
+/// Counts answered requests by method and status (bounded label sets: no paths).
+async fn count_requests(
+    State(shared): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    shared.metrics.http_requests.with_label_values(&[method, response.status().as_str()]).inc();
+    response
 }
 
 /// Equal in time independent of where the strings differ.
@@ -125,6 +170,11 @@ async fn submit(
         ApiError::bad_request(format!("body is not an audit request (line {}, column {}): {e}", e.line(), e.column()))
     })?;
     request.validate().map_err(ApiError::bad_request)?;
+    shared
+        .config
+        .trainer
+        .check_allowed(&request.trainer_url)
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "trainer-not-allowed", e))?;
     // A spot draw nobody can predict: the seed is drawn here, once, and kept with the audit.
     let mut request = request;
     if request.mode.as_deref() == Some("spot")
@@ -183,6 +233,7 @@ pub fn status_json(job: &Job) -> Value {
         "verdict": job.verdict.map(|k| k.as_str()),
         "first_diverging_step": job.first_step,
         "error": job.error,
+        "reason": job.reason.map(|r| r.as_str()),
         "created_ms": job.created_ms,
         "updated_ms": job.updated_ms,
     });
@@ -197,6 +248,7 @@ pub fn status_json(job: &Job) -> Value {
 struct ListQuery {
     state: Option<String>,
     limit: Option<u64>,
+    before: Option<String>,
 }
 
 async fn list(
@@ -212,19 +264,38 @@ async fn list(
             ApiError::bad_request(format!("state: {s:?} is not one of queued, running, done, failed"))
         })?),
     };
-    let limit = q.limit.unwrap_or(100).min(1000);
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    if let Some(b) = &q.before {
+        check_id(b).map_err(|_| ApiError::bad_request(format!("before: {b:?} is not an audit id")))?;
+    }
     let store = shared.store.clone();
-    let jobs = blocking(move || store.list(state, limit).map_err(ApiError::store)).await?;
-    Ok(axum::Json(json!({"audits": jobs.iter().map(status_json).collect::<Vec<_>>()})).into_response())
+    // One more than asked, to know whether there is a next page.
+    let mut jobs = blocking(move || store.list(state, limit + 1, q.before.as_deref()).map_err(ApiError::store)).await?;
+    let more = jobs.len() as u64 > limit;
+    jobs.truncate(limit as usize);
+    let next = if more { jobs.last().map(|j| j.id.clone()) } else { None };
+    Ok(axum::Json(json!({"audits": jobs.iter().map(status_json).collect::<Vec<_>>(), "next": next})).into_response())
 }
 
 fn check_id(id: &str) -> ApiResult<()> {
     if is_job_id(id) { Ok(()) } else { Err(ApiError::not_found(format!("no audit {id:?}"))) }
 }
 
-async fn status(State(shared): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
-    authorize(&shared, &headers)?;
+/// The `{id}` of a route, as JSON 404 when it does not even decode (`%FF`): taken as a
+/// `Result` so that the token is checked first and axum's plain-text rejection never answers.
+fn path_id(path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    let Path(id) = path.map_err(|_| ApiError::not_found("no such audit (the id is not valid UTF-8)"))?;
     check_id(&id)?;
+    Ok(id)
+}
+
+async fn status(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let id = path_id(path)?;
     let store = shared.store.clone();
     let lookup = id.clone();
     let job = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?;
@@ -255,7 +326,8 @@ async fn stored<T: Send + 'static>(
     .await
 }
 
-async fn report(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn report(State(shared): State<Shared>, path: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+    let id = path_id(path)?;
     let r = stored(&shared, id.clone(), |s, id| s.report(id)).await?;
     let r = r.ok_or_else(|| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("audit {id} is done without a report"))
@@ -263,7 +335,8 @@ async fn report(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResu
     Ok(([(header::CONTENT_TYPE, "application/json")], r).into_response())
 }
 
-async fn evidence(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn evidence(State(shared): State<Shared>, path: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+    let id = path_id(path)?;
     let e = stored(&shared, id.clone(), |s, id| s.evidence(id)).await?;
     let e = e.ok_or_else(|| {
         ApiError::not_found(format!("audit {id} has no evidence bundle (its verdict is not about a step)"))
@@ -277,16 +350,26 @@ async fn metrics(State(shared): State<Shared>) -> ApiResult<Response> {
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
+/// 503 with `{"status": "unhealthy", "why"}`.
+fn unhealthy(status: &str, why: String) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": status, "why": why}))).into_response()
+}
+
 async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
     let store = shared.store.clone();
     let counts = blocking(move || {
+        store.check().map_err(ApiError::store)?;
         JobState::ALL
             .into_iter()
             .map(|s| store.count(s).map(|n| (s.name(), n)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::store)
     })
-    .await?;
+    .await;
+    let counts = match counts {
+        Ok(c) => c,
+        Err(e) => return Ok(unhealthy("unhealthy", e.message)),
+    };
     let audits: serde_json::Map<String, Value> = counts.into_iter().map(|(k, n)| (k.to_string(), json!(n))).collect();
     Ok(axum::Json(json!({
         "status": "ok",
@@ -297,4 +380,73 @@ async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
         "auditor_public_key": shared.auditor_public_key,
     }))
     .into_response())
+}
+
+/// Ready for traffic: not shutting down, and the store passes its check.
+async fn readyz(State(shared): State<Shared>) -> ApiResult<Response> {
+    if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(unhealthy("not-ready", "shutting down".into()));
+    }
+    let store = shared.store.clone();
+    match blocking(move || store.check().map_err(ApiError::store)).await {
+        Ok(()) => Ok(axum::Json(json!({"status": "ready"})).into_response()),
+        Err(e) => Ok(unhealthy("not-ready", e.message)),
+    }
+}
+
+async fn cancel(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let id = path_id(path)?;
+    let (store, lookup, now) = (shared.store.clone(), id.clone(), shared.clock.now_ms());
+    let state = blocking(move || store.cancel(&lookup, now).map_err(ApiError::store)).await?;
+    match state {
+        None => Err(ApiError::not_found(format!("no audit {id:?}"))),
+        Some(JobState::Done) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already-done",
+            format!("audit {id} is done; its report stays published"),
+        )),
+        Some(_) => status_of(&shared, id).await,
+    }
+}
+
+async fn retry(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    authorize(&shared, &headers)?;
+    let id = path_id(path)?;
+    let (store, lookup, now, max) = (shared.store.clone(), id.clone(), shared.clock.now_ms(), shared.config.queue_max);
+    let state = blocking(move || store.retry(&lookup, max, now).map_err(ApiError::store)).await?;
+    match state {
+        None => Err(ApiError::not_found(format!("no audit {id:?}"))),
+        Some((true, _)) => {
+            shared.queued.notify_waiters();
+            status_of(&shared, id).await
+        }
+        Some((false, JobState::Failed)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not-retried",
+            format!("audit {id} stays failed: it was quarantined, or {max} audits are queued already"),
+        )),
+        Some((false, s)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not-failed",
+            format!("audit {id} is {}; only a failed audit is retried", s.name()),
+        )),
+    }
+}
+
+/// The status of audit `id`.
+async fn status_of(shared: &Shared, id: String) -> ApiResult<Response> {
+    let store = shared.store.clone();
+    let lookup = id.clone();
+    let job = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?;
+    let job = job.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
+    Ok(axum::Json(status_json(&job)).into_response())
 }

@@ -6,10 +6,12 @@
 //! # States
 //! ```text
 //!  submit ─▶ queued ──claim──▶ running ──decided──▶ done   (report stored in the same transaction)
-//!              ▲                  │ ├──could not decide──▶ failed
-//!              └── requeue ◀──────┘ └──attempts exhausted──▶ failed
+//!              ▲                  │ ├──could not decide──▶ failed (reason undecided)
+//!              │                  │ ├──audit_time_max_ms passed──▶ failed (reason time-limit)
+//!              └── requeue ◀──────┘ └──attempts exhausted──▶ failed (reason gave-up)
 //!                 (shutdown, crash recovery, a report that could not be stored)
 //! ```
+//! A failed audit is never a verdict: its [`FailReason`] says why the auditor stopped.
 //! Invariants the store keeps: a job is `done` exactly when its report is stored; a report is
 //! written once (a second `finish` of a done job is a no-op); progress points of a job only
 //! move forward; the number of `queued` jobs never exceeds the configured bound.
@@ -107,9 +109,7 @@ impl AuditRequest {
                 return Err(format!("{name}: longer than {FIELD_BYTES_MAX} bytes"));
             }
         }
-        if !self.trainer_url.starts_with("http://") {
-            return Err(format!("trainer_url: {:?} is not an http:// URL", self.trainer_url));
-        }
+        crate::http::parse_trainer_url(&self.trainer_url).map_err(|e| format!("trainer_url: {e}"))?;
         if !engine::wire::is_valid_run_id(&self.run) {
             return Err(format!("run: {:?} is not a run id ([A-Za-z0-9._-], not starting with '.')", self.run));
         }
@@ -180,13 +180,56 @@ impl JobState {
     }
 }
 
+/// Why a job ended `failed` (none of them is a verdict against the trainer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailReason {
+    /// The audit could not decide: a bad request, the auditor's own data, I/O or limits, a
+    /// trainer that never answered the first request.
+    Undecided,
+    /// It ran past the daemon's `audit_time_max_ms` (the trainer was slow, but never silent for
+    /// `trainer.deadline_ms`).
+    TimeLimit,
+    /// `attempts_max` claims in a row ended without verifying a new step.
+    GaveUp,
+    /// Its stored row no longer parses; it was set aside so that other audits can run.
+    Quarantined,
+    /// A client cancelled it (`DELETE /v1/audits/{id}`).
+    Cancelled,
+}
+
+impl FailReason {
+    pub const ALL: [FailReason; 5] = [
+        FailReason::Undecided,
+        FailReason::TimeLimit,
+        FailReason::GaveUp,
+        FailReason::Quarantined,
+        FailReason::Cancelled,
+    ];
+
+    /// The wire name (status JSON, the store, metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::Undecided => "undecided",
+            FailReason::TimeLimit => "time-limit",
+            FailReason::GaveUp => "gave-up",
+            FailReason::Quarantined => "quarantined",
+            FailReason::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FailReason> {
+        FailReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: String,
     pub request: AuditRequest,
     pub state: JobState,
-    /// Claims so far (1 on the first run; more after crashes or requeues).
+    /// Claims since the audit last made durable progress (1 on the first run; more after
+    /// crashes or failed final writes that did not move it forward).
     pub attempts: u32,
     /// Durable progress: replay job start → last verified step.
     pub progress: BTreeMap<u64, u64>,
@@ -197,6 +240,8 @@ pub struct Job {
     pub verdict: Option<VerdictKind>,
     pub first_step: Option<u64>,
     pub error: Option<String>,
+    /// Set when `failed`.
+    pub reason: Option<FailReason>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -251,20 +296,35 @@ pub trait Store: Send + Sync {
     /// `running` → `done` with its report, atomically; a no-op for a job already done.
     fn finish(&self, id: &str, decided: &Decided, now_ms: u64) -> Result<(), StoreError>;
     /// `running` or `queued` → `failed`.
-    fn fail(&self, id: &str, error: &str, now_ms: u64) -> Result<(), StoreError>;
+    fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError>;
     /// `running` → `queued`, keeping its progress. `refund` gives the claim back (a graceful
     /// shutdown is not the job's fault and must not use up its attempts).
     fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError>;
     /// At start-up: every `running` job (its worker died with the last process) → `queued`.
     fn recover(&self, now_ms: u64) -> Result<u64, StoreError>;
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
-    /// Jobs in submission order, at most `limit`, optionally only in one state.
-    fn list(&self, state: Option<JobState>, limit: u64) -> Result<Vec<Job>, StoreError>;
+    /// Jobs newest first, at most `limit`, optionally only in one state, and only those
+    /// submitted before job `before` (the cursor of the previous page).
+    fn list(&self, state: Option<JobState>, limit: u64, before: Option<&str>) -> Result<Vec<Job>, StoreError>;
+    /// `queued` or `running` → `failed` with reason `cancelled` (a running audit's worker stops
+    /// at its next progress write and stores nothing). The state the job is in afterwards;
+    /// `None` for an unknown job.
+    fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<JobState>, StoreError>;
+    /// `failed` → `queued` with its attempts reset and its progress kept, unless `queued_max`
+    /// jobs are queued or it was quarantined. Whether it was requeued, and the state it is in
+    /// afterwards; `None` for an unknown job.
+    fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, JobState)>, StoreError>;
+    /// Whether job `id` is still `running` (a worker asks after each progress write).
+    fn still_running(&self, id: &str) -> Result<bool, StoreError>;
     fn report(&self, id: &str) -> Result<Option<String>, StoreError>;
     fn evidence(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Reports stored for a job (0 or 1; more would be a bug the simulation looks for).
     fn report_count(&self, id: &str) -> Result<u64, StoreError>;
     fn count(&self, state: JobState) -> Result<u64, StoreError>;
+    /// Whether the store is sound (an integrity check; `/healthz` says why not).
+    fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Time, injectable: the simulation runs on a virtual clock.
@@ -293,6 +353,8 @@ pub enum Outcome {
     Decided(Decided),
     /// The audit could not decide (bad request, the auditor's own data or I/O): final.
     Failed(String),
+    /// Stopped at the daemon's per-audit time limit: final, and not a verdict.
+    TimeLimit(String),
     /// Stopped by [`Progress::cancelled`] (shutdown): to be resumed.
     Cancelled,
 }
@@ -308,6 +370,7 @@ pub trait Observer: Send + Sync {
     fn step_replayed(&self, _seconds: f64) {}
     fn store_error(&self, _op: &str) {}
     fn decided(&self, _decided: &Decided) {}
+    fn failed(&self, _reason: FailReason) {}
 }
 
 /// Observes nothing.
@@ -346,6 +409,8 @@ struct JobProgress<'a> {
     steps: AtomicU64,
     /// job start → (verified through, saved through, saved at ms).
     points: Mutex<BTreeMap<u64, (u64, u64, u64)>>,
+    /// The job is no longer `running` in the store (cancelled by a client): stop.
+    stopped: AtomicBool,
 }
 
 impl JobProgress<'_> {
@@ -367,10 +432,15 @@ impl JobProgress<'_> {
             Ok(()) => {
                 // Only this job's worker reports points for `job_start`, so nothing moved it
                 // meanwhile except forward.
-                let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(e) = points.get_mut(&job_start) {
-                    e.1 = e.1.max(verified);
-                    e.2 = now;
+                {
+                    let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(e) = points.get_mut(&job_start) {
+                        e.1 = e.1.max(verified);
+                        e.2 = now;
+                    }
+                }
+                if self.store.still_running(self.id) == Ok(false) {
+                    self.stopped.store(true, Ordering::SeqCst);
                 }
             }
             // Progress is an optimisation: a failed write only means more replay after a crash.
@@ -399,7 +469,7 @@ impl Progress for JobProgress<'_> {
         self.save(job_start, through, false);
     }
     fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.cancel.load(Ordering::SeqCst) || self.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -464,12 +534,30 @@ impl Worker {
             }
         };
         let id = job.id.clone();
+        // Every line logged while this audit runs carries its id.
+        let span = tracing::info_span!("audit", id = %id);
+        let _entered = span.enter();
+        let worked = self.work_on(job);
+        match &worked {
+            Worked::Job { state: JobState::Running, .. } => {
+                tracing::error!("its final store write kept failing; start-up recovery will requeue it")
+            }
+            Worked::Job { state, .. } => tracing::info!(state = state.name(), "attempt ended"),
+            _ => {}
+        }
+        worked
+    }
+
+    fn work_on(&self, job: Job) -> Worked {
+        let id = job.id.clone();
+        tracing::info!(attempt = job.attempts, trainer = %job.request.trainer_url, run = %job.request.run, "audit claimed");
         if job.attempts > self.config.attempts_max {
             let why = format!(
-                "gave up after {} attempts (each one ended without the audit deciding: crashes or store failures)",
+                "gave up after {} attempts in a row that verified no new step (crashes or store failures)",
                 self.config.attempts_max
             );
-            let state = if self.must("fail", || self.store.fail(&id, &why, self.clock.now_ms())) {
+            let state = if self.must("fail", || self.store.fail(&id, FailReason::GaveUp, &why, self.clock.now_ms())) {
+                self.observer.failed(FailReason::GaveUp);
                 JobState::Failed
             } else {
                 JobState::Running
@@ -486,15 +574,36 @@ impl Worker {
             // Verified steps that are durable count as checked already.
             steps: AtomicU64::new(job.progress.iter().map(|(&s, &t)| t.saturating_sub(s)).sum()),
             points: Mutex::new(job.progress.iter().map(|(&s, &t)| (s, (t, t, 0))).collect()),
+            stopped: AtomicBool::new(false),
         };
         let outcome = self.runner.run(&job, &progress);
+        if progress.stopped.load(Ordering::SeqCst) {
+            // Cancelled by a client while it ran: the store already says failed; nothing to write.
+            return Worked::Job { id, state: JobState::Failed };
+        }
+        let outcome = match outcome {
+            // A failure while the daemon shuts down may be the shutdown itself (a request
+            // abandoned, the runtime going away): never final, the audit runs again.
+            Outcome::Failed(_) | Outcome::TimeLimit(_) if self.cancel.load(Ordering::SeqCst) => Outcome::Cancelled,
+            o => o,
+        };
         let now = || self.clock.now_ms();
+        let fail = |reason: FailReason, why: &str| {
+            tracing::warn!(reason = reason.as_str(), error = why, "could not decide");
+            let ok = self.must("fail", || self.store.fail(&id, reason, why, now()));
+            if ok {
+                self.observer.failed(reason);
+            }
+            (ok, JobState::Failed)
+        };
         let (ok, target) = match &outcome {
             Outcome::Decided(d) => {
+                tracing::info!(verdict = d.verdict.as_str(), steps = d.steps_replayed, "decided");
                 self.observer.decided(d);
                 (self.must("finish", || self.store.finish(&id, d, now())), JobState::Done)
             }
-            Outcome::Failed(why) => (self.must("fail", || self.store.fail(&id, why, now())), JobState::Failed),
+            Outcome::Failed(why) => fail(FailReason::Undecided, why),
+            Outcome::TimeLimit(why) => fail(FailReason::TimeLimit, why),
             Outcome::Cancelled => {
                 progress.flush();
                 (self.must("requeue", || self.store.requeue(&id, true, now())), JobState::Queued)

@@ -1,8 +1,9 @@
-//! Prometheus metrics of the daemon, every name prefixed `auditor_`, served at `/metrics`.
+//! Prometheus metrics of the daemon, every name prefixed `tiebreak_auditor_`, served at `/metrics`.
+//! Labelled counters are present at 0 from the start, so rates are defined before the first event.
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use super::job::{Decided, JobState, Observer, Store};
+use super::job::{Decided, FailReason, JobState, Observer, Store};
 use crate::VerdictKind;
 
 /// The daemon's metrics, on a registry of their own (not the process-global one, so that
@@ -17,53 +18,93 @@ pub struct Metrics {
     pub bisection_queries: IntCounter,
     pub divergences: IntCounter,
     pub verdicts: IntCounterVec,
+    pub failed: IntCounterVec,
     pub trainer_request_errors: IntCounterVec,
     pub store_errors: IntCounterVec,
+    pub http_requests: IntCounterVec,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let audits = IntGaugeVec::new(Opts::new("auditor_audits", "Audits in the store, by state"), &["state"])
-            .expect("valid metric");
-        let submitted = IntCounter::new("auditor_audits_submitted_total", "Audits accepted by POST /v1/audits")
-            .expect("valid metric");
+        let audits =
+            IntGaugeVec::new(Opts::new("tiebreak_auditor_audits", "Audits in the store, by state"), &["state"])
+                .expect("valid metric");
+        let submitted =
+            IntCounter::new("tiebreak_auditor_audits_submitted_total", "Audits accepted by POST /v1/audits")
+                .expect("valid metric");
         let steps_replayed =
-            IntCounter::new("auditor_steps_replayed_total", "Training steps replayed").expect("valid metric");
+            IntCounter::new("tiebreak_auditor_steps_replayed_total", "Training steps replayed").expect("valid metric");
         let replay_step_seconds = Histogram::with_opts(
-            HistogramOpts::new("auditor_replay_step_seconds", "Wall-clock seconds to replay one step")
+            HistogramOpts::new("tiebreak_auditor_replay_step_seconds", "Wall-clock seconds to replay one step")
                 .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
         )
         .expect("valid metric");
-        let bisection_queries =
-            IntCounter::new("auditor_bisection_queries_total", "Node-hash queries sent to trainers while bisecting")
-                .expect("valid metric");
+        let bisection_queries = IntCounter::new(
+            "tiebreak_auditor_bisection_queries_total",
+            "Node-hash queries sent to trainers while bisecting",
+        )
+        .expect("valid metric");
         let divergences = IntCounter::new(
-            "auditor_divergences_total",
+            "tiebreak_auditor_divergences_total",
             "Audits that found a first diverging step (verdict diverged or forged-log)",
         )
         .expect("valid metric");
-        let verdicts =
-            IntCounterVec::new(Opts::new("auditor_verdicts_total", "Decided audits, by verdict"), &["verdict"])
-                .expect("valid metric");
+        let verdicts = IntCounterVec::new(
+            Opts::new("tiebreak_auditor_verdicts_total", "Decided audits, by verdict"),
+            &["verdict"],
+        )
+        .expect("valid metric");
+        let failed = IntCounterVec::new(
+            Opts::new("tiebreak_auditor_audits_failed_total", "Audits that ended failed (never a verdict), by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        // Present at 0 from the start, so a rate over them is defined before the first event.
+        for r in FailReason::ALL {
+            failed.with_label_values(&[r.as_str()]);
+        }
+        for v in VerdictKind::ALL {
+            verdicts.with_label_values(&[v.as_str()]);
+        }
         let trainer_request_errors = IntCounterVec::new(
-            Opts::new("auditor_trainer_request_errors_total", "Failed requests to trainers (retried or not), by kind"),
+            Opts::new(
+                "tiebreak_auditor_trainer_request_errors_total",
+                "Failed requests to trainers (retried or not), by kind",
+            ),
             &["kind"],
         )
         .expect("valid metric");
         let store_errors = IntCounterVec::new(
-            Opts::new("auditor_store_errors_total", "Failed writes to the state store, by operation"),
+            Opts::new("tiebreak_auditor_store_errors_total", "Failed writes to the state store, by operation"),
             &["op"],
         )
         .expect("valid metric");
+        let http_requests = IntCounterVec::new(
+            Opts::new("tiebreak_auditor_http_requests_total", "HTTP requests answered, by method and status"),
+            &["method", "status"],
+        )
+        .expect("valid metric");
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new("tiebreak_auditor_build_info", "Always 1; the labels say which build runs"),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[crate::AUDITOR_VERSION]).set(1);
+        for s in JobState::ALL {
+            audits.with_label_values(&[s.name()]);
+        }
         for c in [
-            Box::new(audits.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_requests.clone()),
+            Box::new(audits.clone()),
             Box::new(submitted.clone()),
             Box::new(steps_replayed.clone()),
             Box::new(replay_step_seconds.clone()),
             Box::new(bisection_queries.clone()),
             Box::new(divergences.clone()),
             Box::new(verdicts.clone()),
+            Box::new(failed.clone()),
             Box::new(trainer_request_errors.clone()),
             Box::new(store_errors.clone()),
         ] {
@@ -78,8 +119,10 @@ impl Metrics {
             bisection_queries,
             divergences,
             verdicts,
+            failed,
             trainer_request_errors,
             store_errors,
+            http_requests,
         }
     }
 
@@ -116,6 +159,9 @@ impl Observer for Metrics {
     }
     fn store_error(&self, op: &str) {
         self.store_errors.with_label_values(&[op]).inc();
+    }
+    fn failed(&self, reason: FailReason) {
+        self.failed.with_label_values(&[reason.as_str()]).inc();
     }
     fn decided(&self, d: &Decided) {
         self.verdicts.with_label_values(&[d.verdict.as_str()]).inc();

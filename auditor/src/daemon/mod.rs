@@ -6,7 +6,7 @@
 //! - [`store`]: the embedded SQLite store under `--state-dir` (jobs, progress, reports).
 //! - [`runner`]: one attempt of an audit over HTTP ([`crate::http::HttpTrainer`]).
 //! - [`api`]: the axum routes.
-//! - [`metrics`]: Prometheus metrics, all named `auditor_*`.
+//! - [`metrics`]: Prometheus metrics, all named `tiebreak_auditor_*`.
 //!
 //! [`serve`] ties them together; it takes its shutdown signal as a future so tests can run a
 //! daemon in-process on `127.0.0.1:0`.
@@ -72,6 +72,12 @@ pub struct Config {
     pub queue_max: u64,
     /// Largest request body accepted.
     pub body_bytes_max: usize,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub connections_max: usize,
+    /// Time a client has to send a request head (also how long an idle connection is kept).
+    pub header_read_timeout_ms: u64,
+    /// Time a request has, its body included, before it is answered 408.
+    pub request_time_max_ms: u64,
     /// Replay profile when a request names none.
     pub device: String,
     /// Claims of one audit (crashes, requeues) before it is failed.
@@ -80,6 +86,10 @@ pub struct Config {
     pub progress_interval_ms: u64,
     /// How long a graceful shutdown waits for running audits to stop at a step boundary.
     pub shutdown_grace_ms: u64,
+    /// Wall-clock limit of one audit attempt; past it the audit ends `failed` with reason
+    /// `time-limit` (not a verdict), unless the trainer was silent for `trainer.deadline_ms`
+    /// first (`trainer-unresponsive`).
+    pub audit_time_max_ms: u64,
     pub data: DataSection,
     pub trainer: TrainerSection,
 }
@@ -99,10 +109,15 @@ pub struct TrainerSection {
     pub request_timeout_ms: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
-    pub attempts_max: u32,
+    /// Ignored (accepted so that older configs still load): failed requests are retried until
+    /// `deadline_ms`, the only way to `trainer-unresponsive`.
+    pub attempts_max: Option<u32>,
     /// A trainer that has not answered one request for this long is unresponsive.
     pub deadline_ms: u64,
     pub response_bytes_max: u64,
+    /// `host:port` pairs (`*` for any port) that `trainer_url`s may name; empty allows every
+    /// host and port, including the daemon's own network neighbours.
+    pub allow: Vec<String>,
 }
 
 impl Default for TrainerSection {
@@ -112,20 +127,36 @@ impl Default for TrainerSection {
             request_timeout_ms: p.request_timeout.as_millis() as u64,
             backoff_initial_ms: p.backoff_initial.as_millis() as u64,
             backoff_max_ms: p.backoff_max.as_millis() as u64,
-            attempts_max: p.attempts_max,
+            attempts_max: None,
             deadline_ms: p.deadline.as_millis() as u64,
             response_bytes_max: p.response_bytes_max,
+            allow: Vec::new(),
         }
     }
 }
 
 impl TrainerSection {
+    /// Whether `trainer_url` names a host and port the allow-list lets the daemon contact
+    /// (`Err` says why not, naming the host and port but nothing else of the URL).
+    pub fn check_allowed(&self, trainer_url: &str) -> Result<(), String> {
+        if self.allow.is_empty() {
+            return Ok(());
+        }
+        let url = crate::http::parse_trainer_url(trainer_url).map_err(|e| format!("trainer_url: {e}"))?;
+        let hp = crate::http::host_port(&url);
+        let host = hp.rsplit_once(':').map_or("", |(h, _)| h);
+        let allowed = self.allow.iter().any(|a| {
+            let a = a.to_ascii_lowercase();
+            a == hp || a.strip_suffix(":*").is_some_and(|h| h == host)
+        });
+        if allowed { Ok(()) } else { Err(format!("trainer_url: {hp} is not in this daemon's trainer.allow list")) }
+    }
+
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             backoff_initial: Duration::from_millis(self.backoff_initial_ms),
             backoff_max: Duration::from_millis(self.backoff_max_ms),
-            attempts_max: self.attempts_max,
             deadline: Duration::from_millis(self.deadline_ms),
             response_bytes_max: self.response_bytes_max,
         }
@@ -142,10 +173,14 @@ impl Default for Config {
             workers: 2,
             queue_max: 256,
             body_bytes_max: 64 << 10,
+            connections_max: service::CONNECTIONS_MAX_DEFAULT,
+            header_read_timeout_ms: service::HEADER_READ_TIMEOUT_DEFAULT.as_millis() as u64,
+            request_time_max_ms: 30_000,
             device: Profile::CpuSeq.name().into(),
             attempts_max: w.attempts_max,
             progress_interval_ms: w.progress_interval_ms,
             shutdown_grace_ms: 10_000,
+            audit_time_max_ms: 6 * 3600 * 1000,
             data: DataSection::default(),
             trainer: TrainerSection::default(),
         }
@@ -180,6 +215,15 @@ impl Config {
             return Err(format!("body_bytes_max = {}: must be 256..=16777216", self.body_bytes_max));
         }
         self.device.parse::<Profile>().map_err(|e| format!("device = {:?}: {e}", self.device))?;
+        if !(1..=100_000).contains(&self.connections_max) {
+            return Err(format!("connections_max = {}: must be 1..=100000", self.connections_max));
+        }
+        if self.header_read_timeout_ms == 0 || self.request_time_max_ms == 0 {
+            return Err("header_read_timeout_ms and request_time_max_ms must be positive".into());
+        }
+        if self.audit_time_max_ms < 1000 {
+            return Err(format!("audit_time_max_ms = {}: must be at least 1000", self.audit_time_max_ms));
+        }
         if self.attempts_max == 0 {
             return Err("attempts_max = 0: must be at least 1".into());
         }
@@ -189,16 +233,20 @@ impl Config {
             return Err("token: empty; leave it out for an open daemon".into());
         }
         let t = &self.trainer;
-        if t.request_timeout_ms == 0 || t.deadline_ms == 0 || t.attempts_max == 0 {
-            return Err(
-                "trainer.request_timeout_ms, trainer.deadline_ms and trainer.attempts_max must be positive".into()
-            );
+        if t.request_timeout_ms == 0 || t.deadline_ms == 0 {
+            return Err("trainer.request_timeout_ms and trainer.deadline_ms must be positive".into());
         }
         if t.backoff_initial_ms > t.backoff_max_ms {
             return Err(format!(
                 "trainer.backoff_initial_ms = {} is more than trainer.backoff_max_ms = {}",
                 t.backoff_initial_ms, t.backoff_max_ms
             ));
+        }
+        for a in &t.allow {
+            let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && (p == "*" || p.parse::<u16>().is_ok()));
+            if !ok {
+                return Err(format!("trainer.allow: {a:?} is not host:port or host:*"));
+            }
         }
         if t.response_bytes_max < 1 << 16 {
             return Err(format!("trainer.response_bytes_max = {}: must be at least 65536", t.response_bytes_max));
@@ -225,6 +273,8 @@ pub struct Shared {
     /// Woken when an audit is queued.
     pub queued: Arc<Notify>,
     pub auditor_public_key: String,
+    /// Set when shutdown begins (`/readyz` then answers 503).
+    pub stopping: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -243,6 +293,7 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     config.validate().map_err(|detail| DaemonError::Config { origin: "config".into(), detail })?;
     let _lock = lock_state_dir(&config.state_dir)?;
+    refuse_lost_database(&config.state_dir)?;
     let state_dir = config.state_dir.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now_ms();
@@ -266,6 +317,9 @@ pub async fn serve(
         default_device: config.device.parse().expect("validated"),
         data: DataPaths { mnist: config.data.mnist.clone(), text: config.data.text.clone() },
         metrics: metrics.clone(),
+        shutdown: cancel.clone(),
+        time_max: Duration::from_millis(config.audit_time_max_ms),
+        trainers: config.trainer.clone(),
     };
     let worker = Worker {
         store: store.clone(),
@@ -282,6 +336,7 @@ pub async fn serve(
         clock,
         queued: Arc::new(Notify::new()),
         auditor_public_key: common::codec::to_hex(key.verifying_key().as_bytes()),
+        stopping: cancel.clone(),
     };
 
     let workers: Vec<_> = (0..config.workers)
@@ -296,11 +351,15 @@ pub async fn serve(
         queued.notify_waiters();
         let _ = stop_tx.send(true);
     });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        })
-        .await;
+    let limits = service::Limits {
+        connections_max: config.connections_max,
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+    };
+    let served = service::serve(listener, app, limits, async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    })
+    .await;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let _ = tokio::time::timeout(grace, async {
         for w in workers {
@@ -311,11 +370,30 @@ pub async fn serve(
     served.map_err(DaemonError::Http)
 }
 
+/// A signing key without its database means the database was lost or moved: a fresh one would
+/// number audits from `audit-1` again, and a published report URL would then serve a different
+/// report signed by the same key. Refused, saying how to go on.
+fn refuse_lost_database(dir: &Path) -> Result<(), DaemonError> {
+    if dir.join(KEY_FILE).exists() && !dir.join(store::DB_FILE).exists() {
+        return Err(DaemonError::StateDir {
+            path: dir.to_path_buf(),
+            detail: format!(
+                "{KEY_FILE} is there but {db} is not: the database was lost or moved. Restore {db} (with its -wal \
+                 file, if any) from a backup; or, to start afresh, move {KEY_FILE} away too: the new daemon makes \
+                 a new key, so its reports can never be mistaken for the old ones (keep the old public key to \
+                 verify those)",
+                db = store::DB_FILE
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Takes the state directory's lock for as long as the returned file lives (the OS drops it if
 /// the process dies, so a kill -9 leaves nothing to clean up).
 fn lock_state_dir(dir: &Path) -> Result<std::fs::File, DaemonError> {
     let err = |detail: String| DaemonError::StateDir { path: dir.to_path_buf(), detail };
-    std::fs::create_dir_all(dir).map_err(|e| err(format!("creating it: {e}")))?;
+    store::create_private_dir(dir).map_err(|e| err(format!("creating it: {e}")))?;
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)

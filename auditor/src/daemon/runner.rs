@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use engine::record::SigningKey;
 use engine::spec::RunSpec;
@@ -34,6 +36,35 @@ pub struct HttpRunner {
     pub default_device: Profile,
     pub data: DataPaths,
     pub metrics: Metrics,
+    /// Set when the daemon shuts down: requests in flight are abandoned at once (the audit is
+    /// requeued with its progress), not left to the runtime going away under them.
+    pub shutdown: Arc<AtomicBool>,
+    /// Wall-clock limit of one attempt (`audit_time_max_ms`).
+    pub time_max: Duration,
+    /// The allow-list, checked again at every attempt (the config may have changed since the
+    /// audit was submitted).
+    pub trainers: super::TrainerSection,
+}
+
+/// The worker's progress, also cancelled when the attempt's time is up.
+struct TimeLimited<'a> {
+    inner: &'a dyn Progress,
+    until: Instant,
+}
+
+impl Progress for TimeLimited<'_> {
+    fn begin(&self, steps_total: u64) {
+        self.inner.begin(steps_total);
+    }
+    fn replayed(&self, step: u64, seconds: f64) {
+        self.inner.replayed(step, seconds);
+    }
+    fn verified(&self, job_start: u64, through: u64) {
+        self.inner.verified(job_start, through);
+    }
+    fn cancelled(&self) -> bool {
+        self.inner.cancelled() || Instant::now() >= self.until
+    }
 }
 
 impl std::fmt::Debug for HttpRunner {
@@ -98,7 +129,32 @@ impl HttpRunner {
 impl Runner for HttpRunner {
     fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
         let r = &job.request;
+        if let Err(e) = self.trainers.check_allowed(&r.trainer_url) {
+            return Outcome::Failed(e);
+        }
         let metrics = self.metrics.clone();
+        let until = Instant::now() + self.time_max;
+        let time_max = self.time_max;
+        let shutdown = self.shutdown.clone();
+        let abort = Arc::new(move || {
+            if shutdown.load(Ordering::SeqCst) {
+                Some("the auditor daemon is shutting down".to_string())
+            } else if Instant::now() >= until {
+                Some(format!("the audit ran past audit_time_max_ms = {}", time_max.as_millis()))
+            } else {
+                None
+            }
+        });
+        let progress = &TimeLimited { inner: progress, until };
+        let timed_out = || {
+            (Instant::now() >= until).then(|| {
+                format!(
+                    "time-limit: the audit ran past this daemon's audit_time_max_ms = {} (the trainer was answering, \
+                     more slowly than that allows); not a verdict",
+                    time_max.as_millis()
+                )
+            })
+        };
         let src = match HttpTrainer::new(
             &r.trainer_url,
             &r.run,
@@ -106,12 +162,12 @@ impl Runner for HttpRunner {
             self.policy.clone(),
             self.runtime.clone(),
         ) {
-            Ok(s) => s.with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind))),
+            Ok(s) => s.with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind))).with_abort(abort),
             Err(e) => return Outcome::Failed(e.to_string()),
         };
         let data = match self.data_for(&src) {
             Ok(d) => d,
-            Err(SourceError::Unavailable(e)) => return Outcome::Failed(e),
+            Err(SourceError::Unavailable(e)) => return timed_out().map_or(Outcome::Failed(e), Outcome::TimeLimit),
             // Unresponsive or invalid: the audit below reaches the same error as a verdict.
             Err(_) => None,
         };
@@ -136,8 +192,12 @@ impl Runner for HttpRunner {
                     evidence: a.evidence.as_ref().map(|e| e.encode()),
                 })
             }
-            Err(AuditError::Cancelled) => Outcome::Cancelled,
-            Err(e) => Outcome::Failed(e.to_string()),
+            // Whatever ended it, an attempt past its time is a time limit, not a failure of its own.
+            Err(e) => match timed_out() {
+                Some(why) => Outcome::TimeLimit(why),
+                None if matches!(e, AuditError::Cancelled) => Outcome::Cancelled,
+                None => Outcome::Failed(e.to_string()),
+            },
         }
     }
 }

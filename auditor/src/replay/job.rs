@@ -225,7 +225,9 @@ impl<'a> Replayer<'a> {
                 out.resumed = through - job.start;
                 return match state {
                     None => out,
-                    Some(state) => self.replay_from(Job { start: through, end: job.end }, state, out),
+                    // Progress stays keyed by the job's own start: that is where the next attempt
+                    // looks it up (`Job::resume_point`), however often the audit is interrupted.
+                    Some(state) => self.replay_from(Job { start: through, end: job.end }, job.start, state, out),
                 };
             }
         }
@@ -266,11 +268,12 @@ impl<'a> Replayer<'a> {
         } else {
             start
         };
-        self.replay_from(job, state, out)
+        self.replay_from(job, job.start, state, out)
     }
 
-    /// Replays `(job.start, job.end]` from `state`, the agreed state after `job.start`.
-    fn replay_from(&self, job: Job, mut state: TrainingState, mut out: JobOutcome) -> JobOutcome {
+    /// Replays `(job.start, job.end]` from `state`, the agreed state after `job.start`,
+    /// reporting verified points under `progress_key` (the start of the planned job).
+    fn replay_from(&self, job: Job, progress_key: u64, mut state: TrainingState, mut out: JobOutcome) -> JobOutcome {
         for t in job.start + 1..=job.end {
             if self.earliest.load(Ordering::Relaxed) < t {
                 break;
@@ -344,7 +347,7 @@ impl<'a> Replayer<'a> {
                 self.note(&mut out, t, Order::Step, Found::Step(Box::new(finding)));
                 return out;
             }
-            self.progress.verified(job.start, t);
+            self.progress.verified(progress_key, t);
             state = step.state;
         }
         out

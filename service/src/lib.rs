@@ -1,0 +1,303 @@
+//! What the two HTTP services, the trainer's record server (`trainer-agent serve`) and the
+//! auditor daemon (`auditor serve`), share, and nothing else: both depend on it, it depends on
+//! no crate of ours (it knows HTTP and tokio, not records or audits).
+//!
+//! - [`serve`]: the accept loop. `axum::serve` sets no header-read or idle timeout and takes
+//!   every connection, so a client holding a thousand idle or half-sent connections starved
+//!   `/healthz` (issue 14). Here a connection must send a request head within
+//!   [`Limits::header_read_timeout`] (also the idle limit between requests on a kept-alive
+//!   connection), and past [`Limits::connections_max`] new connections are closed at once
+//!   rather than queued behind the held ones.
+//! - [`shutdown_signal`]: SIGTERM or Ctrl-C; SIGHUP is logged and ignored, never fatal.
+//! - [`secret`]: a token from a flag, a file or the environment, never empty.
+//! - [`init_logs`] and [`log_requests`]: `tracing` to stderr as text or JSON, one line per request.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connection limits of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub connections_max: usize,
+    /// Time to send a whole request head, counted from the connection's start or the end of its
+    /// previous response (so it is also how long an idle kept-alive connection is kept).
+    pub header_read_timeout: Duration,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            header_read_timeout: HEADER_READ_TIMEOUT_DEFAULT,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Below the common 1024 open-file limit, with room for the services' own files and requests.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 512;
+pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` within `limits` until `shutdown` completes; then stops accepting,
+/// lets requests in flight finish (up to `limits.shutdown_grace`) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.connections_max.clamp(1, Semaphore::MAX_PERMITS)));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut refused_logged = Instant::now() - Duration::from_secs(60);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if refused_logged.elapsed() >= Duration::from_secs(10) {
+                tracing::warn!(%peer, connections_max = limits.connections_max, "at the connection limit; closing new connections");
+                refused_logged = Instant::now();
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            grace_ms = limits.shutdown_grace.as_millis() as u64,
+            "connections still open after the grace period"
+        );
+    }
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C. SIGHUP (a closed terminal, a reload sent by habit) is logged
+/// and ignored: it must never stop a service. The handlers are installed when this is called,
+/// not when the future is first polled, so call it before serving.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let (term, hup) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (signal(SignalKind::terminate()).ok(), signal(SignalKind::hangup()).ok())
+    };
+    async move {
+        let ctrl_c = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        #[cfg(unix)]
+        let term = async move {
+            match term {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(unix)]
+        let hup = async move {
+            match hup {
+                Some(mut s) => {
+                    while s.recv().await.is_some() {
+                        tracing::info!("SIGHUP: nothing is reloaded while running; ignored (restart to apply changes)");
+                    }
+                    std::future::pending::<()>().await
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let (term, hup) = (std::future::pending::<()>(), std::future::pending::<()>());
+        tokio::select! {
+            () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+            () = term => tracing::info!("SIGTERM: shutting down"),
+            () = hup => {}
+        }
+    }
+}
+
+/// A secret (a bearer token) from, in this order: the command-line value, the file, the
+/// environment variable `env`. None of them set: `Ok(None)`. An empty or blank one is an
+/// error (an empty token would start a server that turns every request away, or accepts any).
+/// A file's trailing newline is not part of the token. The message names the source, never the
+/// secret.
+pub fn secret(flag: Option<String>, file: Option<&Path>, env: &str) -> Result<Option<String>, String> {
+    let (value, from) = if let Some(v) = flag {
+        (v, "--token".to_string())
+    } else if let Some(path) = file {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("--token-file {}: reading it: {e}", path.display()))?;
+        (text.trim_end_matches(['\n', '\r']).to_string(), format!("--token-file {}", path.display()))
+    } else if let Some(v) = std::env::var_os(env) {
+        (v.into_string().map_err(|_| format!("{env}: not UTF-8"))?, env.to_string())
+    } else {
+        return Ok(None);
+    };
+    if value.trim().is_empty() {
+        return Err(format!("{from}: the token is empty; leave it out for an open server"));
+    }
+    Ok(Some(value))
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("log format {s:?}: one of text, json")),
+        }
+    }
+}
+
+/// Installs the process's `tracing` subscriber: stderr, `info` and up unless `RUST_LOG` says
+/// otherwise. A second call (tests start several services in one process) changes nothing.
+pub fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Middleware: one log line per request (method, path, status, milliseconds). Never the query
+/// string or headers, where secrets might be.
+pub async fn log_requests(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let t0 = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    if response.status().is_server_error() {
+        tracing::warn!(%method, %path, status, ms, "request");
+    } else {
+        tracing::info!(%method, %path, status, ms, "request");
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The raw answer; empty when the server closed the connection (at its limit) first.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if s.write_all(request.as_bytes()).await.is_err() {
+            return String::new();
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    async fn start(limits: Limits) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(listener, app, limits, std::future::pending()));
+        addr
+    }
+
+    /// Issue 14: 1,100 idle or half-sent connections starved `/healthz`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_sent_requests_neither_starve_nor_outlive_the_header_timeout() {
+        let limits =
+            Limits { connections_max: 100, header_read_timeout: Duration::from_millis(500), ..Limits::default() };
+        let addr = start(limits).await;
+        let mut loris = Vec::new();
+        for _ in 0..300 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+            loris.push(s);
+        }
+        // The slots are all held: new connections are closed at once, never left hanging; once
+        // the header timeout has freed them, /healthz answers.
+        let t0 = Instant::now();
+        loop {
+            let answer = tokio::time::timeout(Duration::from_secs(2), get(addr, "/healthz")).await.expect("no hang");
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(3), "still starved after the header timeout");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // And the half-sent connections were closed by the server.
+        for s in &mut loris[..100] {
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("closed by the server");
+            let closed = match &n {
+                Ok(k) => *k == 0 || buf[..*k].starts_with(b"HTTP/1.1 408"),
+                Err(_) => true,
+            };
+            assert!(closed, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_the_flag_a_file_or_the_environment_and_are_never_empty() {
+        let dir = std::env::temp_dir().join(format!("tiebreak-service-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let env = "TIEBREAK_SERVICE_TEST_TOKEN";
+        assert_eq!(secret(Some("a".into()), Some(&file), env), Ok(Some("a".into())));
+        assert_eq!(secret(None, Some(&file), env), Ok(Some("s3cret".into())));
+        assert_eq!(secret(None, None, env), Ok(None));
+        assert!(secret(Some(String::new()), None, env).unwrap_err().contains("empty"));
+        std::fs::write(&file, "\n").unwrap();
+        assert!(secret(None, Some(&file), env).unwrap_err().contains("empty"));
+        assert!(secret(None, Some(&dir.join("missing")), env).unwrap_err().contains("missing"));
+    }
+}
