@@ -119,7 +119,7 @@ impl Graph {
                     LABELS => {
                         return Err(invalid(
                             field,
-                            format!("node {name:?}: labels are only an input of a loss (cross_entropy, mse)"),
+                            format!("node {name:?}: labels can only be the second input of a loss (cross_entropy, mse)"),
                         ));
                     }
                     other => match index.get(other) {
