@@ -154,7 +154,14 @@ fn the_toml_graph_parses_to_the_builders_graph_with_the_same_digest_and_root() {
     let (_, root_b) = train(&b, 6);
     assert_eq!(root_a, root_b);
     // The spec commits to the graph: another width is another digest.
-    let other = config(&RESIDUAL.replace("out = 12\n[[model.nodes]]\nname = \"h\"", "out = 11\n[[model.nodes]]\nname = \"h\"").replace("out = 12\n[[model.nodes]]\nname = \"t\"", "out = 11\n[[model.nodes]]\nname = \"t\"").replace("shape = [3, 4]", "shape = [11]").replace("out = 2\nbias", "out = 1\nbias")).unwrap();
+    let other = config(
+        &RESIDUAL
+            .replace("out = 12\n[[model.nodes]]\nname = \"h\"", "out = 11\n[[model.nodes]]\nname = \"h\"")
+            .replace("out = 12\n[[model.nodes]]\nname = \"t\"", "out = 11\n[[model.nodes]]\nname = \"t\"")
+            .replace("shape = [3, 4]", "shape = [11]")
+            .replace("out = 2\nbias", "out = 1\nbias"),
+    )
+    .unwrap();
     assert_ne!(Run::from_config(&other, None, Profile::Cpu, 6).unwrap().spec.digest(), a.spec.digest());
     // The canonical JSON spells every attribute out, and reads back to the same spec.
     let json = String::from_utf8(a.spec.canonical_json()).unwrap();
@@ -238,7 +245,10 @@ fn the_example_graph_learns_the_synthetic_task() {
         assert!(after.loss.unwrap() < 0.5 * before.loss.unwrap(), "{before:?} → {after:?}");
         accuracies.push(after.accuracy.unwrap());
     }
-    assert!(accuracies[0] > 0.6 && accuracies[0] >= accuracies[1] - 0.05, "chance is 0.125; graph, MLP: {accuracies:?}");
+    assert!(
+        accuracies[0] > 0.6 && accuracies[0] >= accuracies[1] - 0.05,
+        "chance is 0.125; graph, MLP: {accuracies:?}"
+    );
 }
 
 /// An MSE loss against one-hot labels, and against another tensor (whose gradient then flows
@@ -271,4 +281,50 @@ fn mse_graphs_train_and_replay() {
             state = o.state;
         }
     }
+}
+
+/// A small residual CNN with every windowed and normalising op (conv2d, max and average
+/// pooling, global average pooling, layer norm, dropout, softmax) replays bit-identically on
+/// every CPU profile, with dropout masks that differ from step to step.
+#[test]
+fn a_residual_cnn_with_norm_dropout_and_softmax_replays_on_every_profile() {
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    g.reshape("img", &x, &[1, 6, 6]);
+    g.node("c1", Op::Conv2d { out_channels: 4, kernel: 3, stride: 1, padding: 1, bias: true }, &["img"]);
+    g.node("r1", Op::Relu {}, &["c1"]);
+    g.node("c2", Op::Conv2d { out_channels: 4, kernel: 3, stride: 1, padding: 1, bias: false }, &["r1"]);
+    g.node("res", Op::Add {}, &["r1", "c2"]);
+    g.node("mp", Op::MaxPool2d { kernel: 2, stride: 2, padding: 0 }, &["res"]);
+    g.node("ap", Op::AvgPool2d { kernel: 2, stride: 1, padding: 1 }, &["mp"]);
+    g.node("gap", Op::GlobalAvgPool {}, &["ap"]);
+    g.node("ln", Op::LayerNorm { eps: 1e-5 }, &["gap"]);
+    g.node("drop", Op::Dropout { p: 0.5 }, &["ln"]);
+    g.node("fc", Op::Linear { out: 4, bias: true }, &["drop"]);
+    g.node("sm", Op::Softmax { causal: false }, &["fc"]);
+    g.node("head", Op::Linear { out: 4, bias: true }, &["sm"]);
+    g.node("loss", Op::CrossEntropy {}, &["head", "labels"]);
+    let mut cfg =
+        Config::from_toml(&format!("{RESIDUAL}\n{DATA_AND_TRAIN}").replace("features = 16", "features = 36"), "t")
+            .unwrap();
+    cfg.model = g.build().into();
+    let mut masks = std::collections::BTreeSet::new();
+    for trainer in Profile::CPU {
+        let (steps, _) = train(&Run::from_config(&cfg, None, trainer, 6).unwrap(), 6);
+        for auditor in Profile::CPU {
+            let r = Run::from_config(&cfg, None, auditor, 6).unwrap();
+            let mut state = r.initial_state().unwrap();
+            for (t, (expected, log)) in steps.iter().enumerate() {
+                let o = r.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
+                assert!(o.forged.is_empty(), "{trainer}→{auditor}: {:?}", o.forged);
+                assert_eq!(o.state.digest(), expected.digest(), "{trainer}→{auditor}: step {} diverged", t + 1);
+                assert!(o.rounded.contains_key("fwd/ln/mean") && o.rounded.contains_key("fwd/ln/rstd"));
+                state = o.state;
+            }
+        }
+        for t in 1..=6 {
+            masks.insert(engine::graph::dropout_mask(5, t, "drop", 16 * 4, 0.5));
+        }
+    }
+    assert_eq!(masks.len(), 6, "a fresh dropout mask every step");
 }

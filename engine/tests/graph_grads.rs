@@ -8,9 +8,9 @@
 //! sites deep), so honest differences are around 1e-6 of the tensor's scale; a wrong
 //! backward rule (a missing factor, a wrong sign, a dropped contribution) is off by O(1).
 
-use candle_core::{DType, Device as CDevice, Tensor, Var};
+use candle_core::{D, DType, Device as CDevice, Tensor, Var};
 use common::rounding::Rounder;
-use engine::graph::{GraphBuilder, GraphConfig, INPUT, LABELS, Op};
+use engine::graph::{GraphBuilder, GraphConfig, INPUT, LABELS, Op, dropout_mask};
 use engine::model::{Batch, Ctx, param_key};
 use engine::spec::Config;
 use engine::train::Run;
@@ -63,6 +63,55 @@ fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32
                 let mut out_dims = dims.clone();
                 *out_dims.last_mut().unwrap() = w.dims()[0];
                 h.reshape(out_dims).unwrap()
+            }
+            Op::Conv2d { stride, padding, bias, .. } => {
+                let w = var(&format!("{}.weight", node.name));
+                let mut h = a.conv2d(&w, *padding, *stride, 1, 1).unwrap();
+                if *bias {
+                    let b = var(&format!("{}.bias", node.name));
+                    let c = b.dims1().unwrap();
+                    h = h.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
+                }
+                h
+            }
+            Op::MaxPool2d { kernel, stride, padding } => {
+                // Not candle's `max_pool2d`: its backward (0.11) scales each window's gradient
+                // by (number of maxima)/k² instead of 1/(number of maxima), so a unique maximum
+                // gets a k²-th of its gradient. Two `max` reductions over the window axes
+                // have a correct backward (for non-overlapping windows without padding).
+                assert!(*padding == 0 && kernel == stride, "the reference covers tiling windows");
+                let (b, c, h, w) = a.dims4().unwrap();
+                let k = *kernel;
+                a.reshape((b, c, h / k, k, w / k, k)).unwrap().max(5).unwrap().max(3).unwrap()
+            }
+            Op::AvgPool2d { kernel, stride, padding } => {
+                let p = a.pad_with_zeros(2, *padding, *padding).unwrap().pad_with_zeros(3, *padding, *padding).unwrap();
+                p.avg_pool2d_with_stride(*kernel, *stride).unwrap()
+            }
+            Op::GlobalAvgPool {} => a.flatten_from(2).unwrap().mean(2).unwrap(),
+            Op::LayerNorm { eps } => {
+                let c = a.broadcast_sub(&a.mean_keepdim(D::Minus1).unwrap()).unwrap();
+                let var_ = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let xhat = c.broadcast_div(&(var_ + *eps).unwrap().sqrt().unwrap()).unwrap();
+                let w = var(&format!("{}.weight", node.name));
+                let b = var(&format!("{}.bias", node.name));
+                xhat.broadcast_mul(&w).unwrap().broadcast_add(&b).unwrap()
+            }
+            Op::Dropout { p } => {
+                let keep = dropout_mask(3, 1, &node.name, a.elem_count(), *p);
+                let s = 1.0 / (1.0 - p);
+                let m: Vec<f64> = keep.iter().map(|&k| if k { s } else { 0.0 }).collect();
+                (a.clone() * Tensor::from_vec(m, a.dims(), &dev).unwrap()).unwrap()
+            }
+            Op::Softmax { causal } => {
+                let m = a.max_keepdim(D::Minus1).unwrap().detach();
+                let mut e = a.broadcast_sub(&m).unwrap().exp().unwrap();
+                if *causal {
+                    let t = *a.dims().last().unwrap();
+                    let tri: Vec<f64> = (0..t * t).map(|i| if i % t <= i / t { 1.0 } else { 0.0 }).collect();
+                    e = e.broadcast_mul(&Tensor::from_vec(tri, (t, t), &dev).unwrap()).unwrap();
+                }
+                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
             }
             Op::Relu {} => a.relu().unwrap(),
             Op::Gelu {} => a.gelu().unwrap(),
@@ -223,4 +272,51 @@ fn a_whole_residual_graph() {
     g.cross_entropy("loss", &logits);
     let worst = check(g.build(), 12);
     assert!(worst < 1e-5, "honest differences are FP32 rounding, not {worst}");
+}
+
+#[test]
+fn conv2d_and_pools() {
+    // x (36 features) as a 1×6×6 image → conv 3×3 pad 1 → relu → max pool 2 → conv 2×2
+    // stride 1 without bias → avg pool 2 with padding 1 and stride 2 → flatten → head.
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let img = g.reshape("img", &x, &[1, 6, 6]);
+    let c1 = g.node("c1", Op::Conv2d { out_channels: 3, kernel: 3, stride: 1, padding: 1, bias: true }, &["img"]);
+    let r = g.relu("r", &c1);
+    let p = g.node("p", Op::MaxPool2d { kernel: 2, stride: 2, padding: 0 }, &[r.name()]);
+    let _c2 = g.node("c2", Op::Conv2d { out_channels: 4, kernel: 2, stride: 1, padding: 0, bias: false }, &[p.name()]);
+    let a = g.node("a", Op::AvgPool2d { kernel: 2, stride: 2, padding: 1 }, &["c2"]);
+    let f = g.flatten("f", &a);
+    let logits = g.linear("head", &f, 4);
+    g.cross_entropy("loss", &logits);
+    let _ = img;
+    check(g.build(), 36);
+    // Strided conv with padding, then global average pooling.
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    g.reshape("img", &x, &[1, 6, 6]);
+    g.node("c1", Op::Conv2d { out_channels: 5, kernel: 3, stride: 2, padding: 1, bias: true }, &["img"]);
+    g.node("t", Op::Tanh {}, &["c1"]);
+    let gap = g.node("gap", Op::GlobalAvgPool {}, &["t"]);
+    let logits = g.linear("head", &gap, 4);
+    g.cross_entropy("loss", &logits);
+    check(g.build(), 36);
+}
+
+#[test]
+fn layer_norm_dropout_and_softmax() {
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let h = g.linear("fc1", &x, 9);
+    let h = g.node("ln", Op::LayerNorm { eps: 1e-5 }, &[h.name()]);
+    let h = g.node("drop", Op::Dropout { p: 0.25 }, &[h.name()]);
+    let h = g.linear("fc2", &h, 9);
+    let h = g.reshape("sq", &h, &[3, 3]);
+    let h = g.node("sm", Op::Softmax { causal: true }, &[h.name()]);
+    let h = g.flatten("f", &h);
+    let h2 = g.linear("fc3", &h, 6);
+    let h2 = g.node("sm2", Op::Softmax { causal: false }, &[h2.name()]);
+    let logits = g.linear("head", &h2, 4);
+    g.cross_entropy("loss", &logits);
+    check(g.build(), 12);
 }

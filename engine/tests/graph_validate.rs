@@ -90,7 +90,11 @@ fn each_mistake_names_its_node_and_field() {
         "model.nodes[1].shape",
         "does not hold the 5 values",
     );
-    refused(edit(|n| n[1].inputs[0] = "labels".into()), "model.nodes[1].inputs[0]", "only be the second input of a loss");
+    refused(
+        edit(|n| n[1].inputs[0] = "labels".into()),
+        "model.nodes[1].inputs[0]",
+        "only be the second input of a loss",
+    );
     refused(edit(|n| n[3].inputs[1] = "fc1".into()), "model.nodes[3].inputs", "must be labels");
     refused(edit(|n| n[3].inputs[0] = "labels".into()), "model.nodes[3].inputs[0]", "second input of a loss");
 }
@@ -185,4 +189,50 @@ fn a_committed_spec_with_an_invalid_graph_is_refused_naming_the_field() {
     spec.config.model = edit(|n| n[2].inputs[0] = "ghost".into()).into();
     let e = Run::new(spec, run.data.clone(), run.device.clone()).unwrap_err();
     assert!(matches!(e, engine::EngineError::InvalidSpec(_)), "{e}");
+}
+
+#[test]
+fn windowed_and_normalising_ops_check_their_attributes() {
+    let image = |op: Op| {
+        let mut g = GraphBuilder::new();
+        let x = g.input();
+        g.reshape("img", &x, &[1, 2, 3]);
+        g.node("op", op, &["img"]);
+        g.flatten("f", &engine::graph::Tensor::from_name("op"));
+        let f = engine::graph::Tensor::from_name("f");
+        let h = g.linear("head", &f, 3);
+        g.cross_entropy("loss", &h);
+        g.build()
+    };
+    let conv = |k, s, p| Op::Conv2d { out_channels: 2, kernel: k, stride: s, padding: p, bias: true };
+    // The good case first, so each refusal below is the attribute's fault.
+    let mut c = base();
+    c.model = image(conv(2, 1, 0)).into();
+    c.validate().unwrap();
+    refused(image(conv(3, 1, 0)), "model.nodes[1].kernel", "larger than the padded input 2");
+    refused(image(conv(0, 1, 0)), "model.nodes[1].kernel", "at least 1");
+    refused(image(conv(2, 0, 0)), "model.nodes[1].stride", "at least 1");
+    refused(
+        image(Op::Conv2d { out_channels: 0, kernel: 1, stride: 1, padding: 0, bias: true }),
+        "model.nodes[1].out_channels",
+        "at least 1",
+    );
+    refused(image(Op::MaxPool2d { kernel: 2, stride: 1, padding: 2 }), "model.nodes[1].padding", "below the window");
+    refused(image(Op::LayerNorm { eps: 0.0 }), "model.nodes[1].eps", "> 0");
+    refused(image(Op::LayerNorm { eps: f64::NAN }), "model.nodes[1].eps", "> 0");
+    refused(image(Op::Dropout { p: 1.0 }), "model.nodes[1].p", "[0, 1)");
+    refused(image(Op::Softmax { causal: true }), "model.nodes[1].causal", "square");
+    // A convolution needs an image.
+    refused(
+        edit(|n| n[1] = node("act", conv(1, 1, 0), &["fc1"])),
+        "model.nodes[1].inputs",
+        "[channels, height, width]",
+    );
+    refused(
+        edit(|n| n[1] = node("act", Op::GlobalAvgPool {}, &["fc1"])),
+        "model.nodes[1].inputs",
+        "[channels, height, width]",
+    );
+    // A convolution's unfolded input counts against the limits.
+    refused(image(conv(1, 1, 1 << 20)), "model.nodes[1].op", "exceed");
 }

@@ -19,8 +19,7 @@ use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len, shape_err};
 const TINY: f64 = 4.0 * f64::MIN_POSITIVE;
 
 fn map_bounded(x: &[f32], f: impl Fn(f64) -> (f64, f64) + Sync + Send) -> Bounded {
-    let (values, bounds): (Vec<f64>, Vec<f64>) =
-        x.par_iter().with_min_len(4096).map(|&v| f(v as f64)).unzip();
+    let (values, bounds): (Vec<f64>, Vec<f64>) = x.par_iter().with_min_len(4096).map(|&v| f(v as f64)).unzip();
     Bounded { values, bound: ErrorBound::PerElement(bounds) }
 }
 

@@ -27,6 +27,12 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// A handle to the tensor named `name` (a node added with [`GraphBuilder::node`], or
+    /// [`super::INPUT`]).
+    pub fn from_name(name: &str) -> Tensor {
+        Tensor { name: name.to_string() }
+    }
+
     /// The tensor's name in the graph.
     pub fn name(&self) -> &str {
         &self.name
@@ -51,11 +57,7 @@ impl GraphBuilder {
 
     /// Appends a node of `op` reading `inputs`; every method below is this with an op.
     pub fn node(&mut self, name: &str, op: Op, inputs: &[&str]) -> Tensor {
-        self.nodes.push(Node {
-            name: name.to_string(),
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-            op,
-        });
+        self.nodes.push(Node { name: name.to_string(), inputs: inputs.iter().map(|s| s.to_string()).collect(), op });
         Tensor { name: name.to_string() }
     }
 

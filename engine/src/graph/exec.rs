@@ -36,15 +36,23 @@ impl Graph {
     ) -> Result<Pass, EngineError> {
         let count = self.nodes.len();
         let mut values: Vec<Vec<f32>> = Vec::with_capacity(count);
+        let mut saved: Vec<Vec<Vec<f32>>> = vec![Vec::new(); count];
         let mut loss_value = 0.0f32;
         let mut loss_grads: Vec<Option<Bounded>> = Vec::new();
         for node in &self.nodes {
             let fwd = {
-                let args = self.args(values.len(), get, x, y, n, &values)?;
+                let args = self.args(values.len(), get, x, y, n, &values, &[])?;
                 node.op.forward(ctx, &args)?
             };
             match fwd {
                 Fwd::Rounded(b) => values.push(ctx.round(&format!("fwd/{}/out", node.name), b)?),
+                Fwd::Saving(b, extra) => {
+                    values.push(ctx.round(&format!("fwd/{}/out", node.name), b)?);
+                    let i = values.len() - 1;
+                    for (what, b) in extra {
+                        saved[i].push(ctx.round(&format!("fwd/{}/{what}", node.name), b)?);
+                    }
+                }
                 Fwd::View(v) => values.push(v),
                 Fwd::Loss { loss, grads } => {
                     loss_value = ctx.round(&format!("fwd/{}/out", node.name), loss)?[0];
@@ -77,7 +85,7 @@ impl Graph {
                 (grads, Vec::new())
             } else {
                 let gy = sum_incoming(ctx, &node.name, std::mem::take(&mut incoming[i]))?;
-                let args = self.args(i, get, x, y, n, &values)?;
+                let args = self.args(i, get, x, y, n, &values, &saved[i])?;
                 let bwd = node.op.backward(ctx, &args, &values[i], &gy, &need)?;
                 (bwd.inputs, bwd.params)
             };
@@ -111,6 +119,7 @@ impl Graph {
     }
 
     /// The arguments of node `i`.
+    #[allow(clippy::too_many_arguments)] // reason: everything a node reads, gathered in one place
     fn args<'a, 'g: 'a>(
         &'a self,
         i: usize,
@@ -119,6 +128,7 @@ impl Graph {
         y: &'a [u32],
         n: usize,
         values: &'a [Vec<f32>],
+        saved: &'a [Vec<f32>],
     ) -> Result<Args<'a>, EngineError> {
         let node = &self.nodes[i];
         let ins = node
@@ -131,7 +141,16 @@ impl Graph {
             })
             .collect();
         let params = node.params.iter().map(|&p| get(&self.params[p].name)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Args { ins, in_shapes: &node.in_shapes, params, n, labels: y, classes: self.classes })
+        Ok(Args {
+            name: &node.name,
+            ins,
+            saved,
+            in_shapes: &node.in_shapes,
+            params,
+            n,
+            labels: y,
+            classes: self.classes,
+        })
     }
 }
 

@@ -68,6 +68,7 @@ mod ops;
 mod resolve;
 
 pub use builder::{GraphBuilder, Tensor};
+pub use ops::dropout_mask;
 pub use resolve::{Graph, NAME_MAX, NODES_MAX};
 
 /// The batch's input tensor.
@@ -98,6 +99,14 @@ fn yes() -> bool {
     true
 }
 
+fn one() -> usize {
+    1
+}
+
+fn layer_norm_eps() -> f64 {
+    1e-5
+}
+
 /// The verified op catalogue, with each op's attributes. Names and attributes follow ONNX
 /// where it has the op. Shapes are per example.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +118,54 @@ pub enum Op {
         out: usize,
         #[serde(default = "yes")]
         bias: bool,
+    },
+    /// 2-D convolution of `[c_in, h, w]` with `out_channels` square `kernel`s, `stride` and
+    /// zero `padding` on every side: `[out_channels, oh, ow]`, `oh = (h + 2·padding −
+    /// kernel)/stride + 1`. Parameters `weight` `[out_channels, c_in, kernel, kernel]` and
+    /// (unless `bias = false`) `bias` `[out_channels]`.
+    Conv2d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// Max over square windows of `[c, h, w]` (padding, below the window, is never the max).
+    MaxPool2d {
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+    },
+    /// Mean over square windows of `[c, h, w]` (padding counts as zeros).
+    AvgPool2d {
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+    },
+    /// Mean over each channel's plane: `[c, h, w] → [c]` (ONNX keeps `[c, 1, 1]`; this drops
+    /// the unit axes, ready for a `linear` head).
+    GlobalAvgPool {},
+    /// Layer normalisation over the last axis, `eps` (default 1e-5) inside the square root;
+    /// parameters `weight` (γ, ones) and `bias` (β, zeros) of the last axis' size.
+    LayerNorm {
+        #[serde(default = "layer_norm_eps")]
+        eps: f64,
+    },
+    /// Inverted dropout with drop probability `p` in `[0, 1)`; the mask comes from the seeded
+    /// stream `dropout/<node>` at the step (so it is a checkable claim, not a choice).
+    Dropout { p: f64 },
+    /// Softmax over the last axis; with `causal`, the last two axes must be `[t, t]` and row
+    /// `i` sees columns `≤ i` (masked outputs are exactly 0).
+    Softmax {
+        #[serde(default)]
+        causal: bool,
     },
     /// `max(x, 0)`.
     Relu {},

@@ -5,7 +5,8 @@
 //! site; values that are only moved (views, identity gradients) come back as FP32 and are not
 //! rounded again.
 
-use kernels::{Bounded, MatmulSpec};
+use common::prng::Stream;
+use kernels::{Bounded, Conv2dSpec, MatmulSpec, Pool2dSpec, RowSpec};
 
 use super::Op;
 use crate::EngineError;
@@ -15,6 +16,9 @@ use crate::model::{Ctx, Init};
 pub(crate) enum Fwd {
     /// FP64 values to round at `fwd/<node>/out`.
     Rounded(Bounded),
+    /// The output, and intermediate results the backward pass reads, each rounded at
+    /// `fwd/<node>/<what>` after the output.
+    Saving(Bounded, Vec<(&'static str, Bounded)>),
     /// FP32 values passed on unchanged (no site).
     View(Vec<f32>),
     /// A loss value (`fwd/<node>/out`), and the gradients of the loss with respect to each
@@ -39,7 +43,11 @@ pub(crate) struct Bwd {
 /// What an op reads: its inputs' FP32 values and per-example shapes, its parameters, the batch
 /// size, and the labels (for losses).
 pub(crate) struct Args<'a> {
+    /// The node's name (it keys the dropout mask).
+    pub name: &'a str,
     pub ins: Vec<&'a [f32]>,
+    /// What the forward pass saved (rounded), in the backward pass.
+    pub saved: &'a [Vec<f32>],
     pub in_shapes: &'a [Vec<usize>],
     pub params: Vec<&'a [f32]>,
     pub n: usize,
@@ -76,6 +84,13 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Linear { .. } => "linear",
+            Op::Conv2d { .. } => "conv2d",
+            Op::MaxPool2d { .. } => "max_pool2d",
+            Op::AvgPool2d { .. } => "avg_pool2d",
+            Op::GlobalAvgPool {} => "global_avg_pool",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Dropout { .. } => "dropout",
+            Op::Softmax { .. } => "softmax",
             Op::Relu {} => "relu",
             Op::Gelu {} => "gelu",
             Op::Tanh {} => "tanh",
@@ -123,6 +138,52 @@ impl Op {
                 match x.split_last() {
                     Some((_, rest)) => Ok(rest.iter().copied().chain([*out]).collect()),
                     None => Err(("inputs", "a scalar input has no axis to transform".into())),
+                }
+            }
+            Op::Conv2d { out_channels, kernel, stride, padding, .. } => {
+                if *out_channels == 0 {
+                    return Err(("out_channels", "must be at least 1".into()));
+                }
+                let [_, h, w] = image(tensor(0)?)?;
+                Ok(vec![
+                    *out_channels,
+                    window_out(h, *kernel, *stride, *padding)?,
+                    window_out(w, *kernel, *stride, *padding)?,
+                ])
+            }
+            Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding } => {
+                let [c, h, w] = image(tensor(0)?)?;
+                if padding >= kernel {
+                    return Err(("padding", format!("{padding} must be below the window {kernel}")));
+                }
+                Ok(vec![c, window_out(h, *kernel, *stride, *padding)?, window_out(w, *kernel, *stride, *padding)?])
+            }
+            Op::GlobalAvgPool {} => Ok(vec![image(tensor(0)?)?[0]]),
+            Op::LayerNorm { eps } => {
+                if !(eps.is_finite() && *eps > 0.0) {
+                    return Err(("eps", format!("must be finite and > 0, got {eps}")));
+                }
+                let x = tensor(0)?;
+                if x.is_empty() {
+                    return Err(("inputs", "a scalar input has no axis to normalise".into()));
+                }
+                Ok(x.to_vec())
+            }
+            Op::Dropout { p } => {
+                if !(0.0..1.0).contains(p) {
+                    return Err(("p", format!("must be in [0, 1), got {p}")));
+                }
+                Ok(tensor(0)?.to_vec())
+            }
+            Op::Softmax { causal } => {
+                let x = tensor(0)?;
+                match x {
+                    [] => Err(("inputs", "a scalar input has no axis".into())),
+                    [.., a, b] if *causal && a != b => {
+                        Err(("causal", format!("a causal softmax needs square last axes, not {x:?}")))
+                    }
+                    [_] if *causal => Err(("causal", "a causal softmax needs [.., t, t]".into())),
+                    _ => Ok(x.to_vec()),
                 }
             }
             Op::Relu {} | Op::Gelu {} | Op::Tanh {} | Op::Sigmoid {} => Ok(tensor(0)?.to_vec()),
@@ -181,7 +242,37 @@ impl Op {
                 }
                 p
             }
+            Op::Conv2d { out_channels, kernel, bias, .. } => {
+                let c_in = ins[0].and_then(|s| s.first().copied()).unwrap_or(1);
+                let fan_in = c_in * kernel * kernel;
+                let mut p = vec![(
+                    "weight",
+                    vec![*out_channels, c_in, *kernel, *kernel],
+                    Init::Uniform(1.0 / (fan_in.max(1) as f64).sqrt()),
+                )];
+                if *bias {
+                    p.push(("bias", vec![*out_channels], Init::Const(0.0)));
+                }
+                p
+            }
+            Op::LayerNorm { .. } => {
+                let d = ins[0].and_then(|s| s.last().copied()).unwrap_or(1);
+                vec![("weight", vec![d], Init::Const(1.0)), ("bias", vec![d], Init::Const(0.0))]
+            }
             _ => vec![],
+        }
+    }
+
+    /// Scratch values per example the op's kernel allocates beyond its output (a
+    /// convolution's unfolded input), for the size limits.
+    pub(crate) fn scratch_values(&self, ins: &[Option<&[usize]>], out: &[usize]) -> Option<u64> {
+        match (self, ins.first().copied().flatten()) {
+            (Op::Conv2d { kernel, .. }, Some(x)) => {
+                let c_in = *x.first()? as u64;
+                let pixels = out.iter().skip(1).try_fold(1u64, |a, &d| a.checked_mul(d as u64))?;
+                c_in.checked_mul(*kernel as u64)?.checked_mul(*kernel as u64)?.checked_mul(pixels)
+            }
+            _ => Some(0),
         }
     }
 
@@ -194,6 +285,21 @@ impl Op {
                 let spec = MatmulSpec::new(rows, i, *out).trans_b();
                 Fwd::Rounded(dev.matmul(a.ins[0], a.params[0], a.params.get(1).copied(), spec).map_err(k)?)
             }
+            Op::Conv2d { bias, .. } => {
+                let spec = self.conv_spec(a);
+                Fwd::Rounded(dev.conv2d(a.ins[0], a.params[0], bias.then(|| a.params[1]), spec).map_err(k)?)
+            }
+            Op::MaxPool2d { .. } => Fwd::Rounded(dev.max_pool2d(a.ins[0], self.pool_spec(a)).map_err(k)?.0),
+            Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => {
+                Fwd::Rounded(dev.avg_pool2d(a.ins[0], self.pool_spec(a)).map_err(k)?)
+            }
+            Op::LayerNorm { eps } => {
+                let (rows, d) = last_axis(a);
+                let out = dev.layer_norm(a.ins[0], a.params[0], a.params[1], rows, d, *eps).map_err(k)?;
+                Fwd::Saving(out.y, vec![("mean", out.mean), ("rstd", out.rstd)])
+            }
+            Op::Dropout { p } => Fwd::Rounded(dev.dropout(a.ins[0], &mask(ctx, a, *p), *p).map_err(k)?),
+            Op::Softmax { causal } => Fwd::Rounded(dev.softmax(a.ins[0], row_spec(a, *causal)).map_err(k)?),
             Op::Relu {} => Fwd::Rounded(dev.relu(a.ins[0]).map_err(k)?),
             Op::Gelu {} => Fwd::Rounded(dev.gelu(a.ins[0]).map_err(k)?),
             Op::Tanh {} => Fwd::Rounded(dev.tanh(a.ins[0]).map_err(k)?),
@@ -241,14 +347,40 @@ impl Op {
                 }
                 Bwd { inputs: vec![need[0].then_some(Grad::Rounded(gx))], params }
             }
+            Op::Conv2d { bias, .. } => {
+                let g = dev.conv2d_backward(a.ins[0], a.params[0], gy, self.conv_spec(a)).map_err(k)?;
+                let mut params = vec![g.gw];
+                if *bias {
+                    params.push(g.gb);
+                }
+                Bwd { inputs: vec![need[0].then_some(Grad::Rounded(g.gx))], params }
+            }
+            Op::MaxPool2d { .. } => {
+                // The window maxima are recomputed (exact, so the same argmax as forward).
+                let spec = self.pool_spec(a);
+                let (_, argmax) = dev.max_pool2d(a.ins[0], spec).map_err(k)?;
+                one(Some(Grad::Rounded(dev.max_pool2d_backward(gy, &argmax, spec).map_err(k)?)))
+            }
+            Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => {
+                one(Some(Grad::Rounded(dev.avg_pool2d_backward(gy, self.pool_spec(a)).map_err(k)?)))
+            }
+            Op::LayerNorm { .. } => {
+                let (rows, d) = last_axis(a);
+                let (mean, rstd) = (&a.saved[0], &a.saved[1]);
+                let g = dev.layer_norm_backward(a.ins[0], a.params[0], mean, rstd, gy, rows, d).map_err(k)?;
+                Bwd { inputs: vec![need[0].then_some(Grad::Rounded(g.gx))], params: vec![g.ggamma, g.gbeta] }
+            }
+            Op::Dropout { p } => one(Some(Grad::Rounded(dev.dropout_backward(gy, &mask(ctx, a, *p), *p).map_err(k)?))),
+            Op::Softmax { causal } => {
+                one(Some(Grad::Rounded(dev.softmax_backward(y, gy, row_spec(a, *causal)).map_err(k)?)))
+            }
             Op::Relu {} => one(Some(Grad::Rounded(dev.relu_backward(a.ins[0], gy).map_err(k)?))),
             Op::Gelu {} => one(Some(Grad::Rounded(dev.gelu_backward(a.ins[0], gy).map_err(k)?))),
             Op::Tanh {} => one(Some(Grad::Rounded(dev.tanh_backward(y, gy).map_err(k)?))),
             Op::Sigmoid {} => one(Some(Grad::Rounded(dev.sigmoid_backward(y, gy).map_err(k)?))),
-            Op::Add {} => Bwd {
-                inputs: need.iter().map(|&n| n.then(|| Grad::View(gy.to_vec()))).collect(),
-                params: vec![],
-            },
+            Op::Add {} => {
+                Bwd { inputs: need.iter().map(|&n| n.then(|| Grad::View(gy.to_vec()))).collect(), params: vec![] }
+            }
             Op::Mul {} => {
                 // d(a·b)/da = gy·b, /db = gy·a: products of FP32 values, exact.
                 let g = |other: &[f32]| Grad::Rounded(Bounded::exact(zip(gy, other, |g, o| g * o)));
@@ -260,6 +392,74 @@ impl Op {
             }
         })
     }
+}
+
+impl Op {
+    fn conv_spec(&self, a: &Args) -> Conv2dSpec {
+        let (x, w) = (&a.in_shapes[0], a.params[0]);
+        let (c_out, k, stride, pad) = match self {
+            Op::Conv2d { out_channels, kernel, stride, padding, .. } => (*out_channels, *kernel, *stride, *padding),
+            _ => (w.len(), 1, 1, 0),
+        };
+        Conv2dSpec { n: a.n, c_in: x[0], h: x[1], w: x[2], c_out, kh: k, kw: k, stride, pad }
+    }
+
+    fn pool_spec(&self, a: &Args) -> Pool2dSpec {
+        let x = &a.in_shapes[0];
+        let (kh, kw, stride, pad) = match self {
+            Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding } => {
+                (*kernel, *kernel, *stride, *padding)
+            }
+            _ => (x[1], x[2], 1, 0), // global: one window over the plane
+        };
+        Pool2dSpec { n: a.n, c: x[0], h: x[1], w: x[2], kh, kw, stride, pad }
+    }
+}
+
+/// A per-example `[c, h, w]` shape.
+fn image(x: &[usize]) -> Result<[usize; 3], ShapeError> {
+    match x {
+        [c, h, w] => Ok([*c, *h, *w]),
+        _ => Err(("inputs", format!("needs [channels, height, width], not {x:?}"))),
+    }
+}
+
+/// Output size of a window op along one axis.
+fn window_out(size: usize, kernel: usize, stride: usize, pad: usize) -> Result<usize, ShapeError> {
+    if kernel == 0 {
+        return Err(("kernel", "must be at least 1".into()));
+    }
+    if stride == 0 {
+        return Err(("stride", "must be at least 1".into()));
+    }
+    let padded =
+        pad.checked_mul(2).and_then(|p| p.checked_add(size)).ok_or(("padding", format!("{pad} is too large")))?;
+    if padded < kernel {
+        return Err(("kernel", format!("{kernel} is larger than the padded input {padded}")));
+    }
+    Ok((padded - kernel) / stride + 1)
+}
+
+/// Rows and length of the last axis.
+fn last_axis(a: &Args) -> (usize, usize) {
+    let d = a.in_shapes[0].last().copied().unwrap_or(1).max(1);
+    (a.ins[0].len() / d, d)
+}
+
+fn row_spec(a: &Args, causal: bool) -> RowSpec {
+    let (rows, d) = last_axis(a);
+    if causal { RowSpec::causal(rows, d) } else { RowSpec::new(rows, d) }
+}
+
+/// The dropout mask of node `a.name` at this step: stream `dropout/<node>` of the committed
+/// seed, step field = step, layer 0; an element is kept unless its Bernoulli(p) draw hits.
+pub fn dropout_mask(seed: u64, step: u64, node: &str, len: usize, p: f64) -> Vec<bool> {
+    let mut s = Stream::new(seed, &format!("dropout/{node}"), step, 0);
+    (0..len).map(|_| !s.bernoulli(p)).collect()
+}
+
+fn mask(ctx: &Ctx, a: &Args, p: f64) -> Vec<bool> {
+    dropout_mask(ctx.seed, ctx.step, a.name, a.ins[0].len(), p)
 }
 
 /// Rows and input width of a linear op: every axis but the last is a row.

@@ -119,7 +119,9 @@ impl Graph {
                     LABELS => {
                         return Err(invalid(
                             field,
-                            format!("node {name:?}: labels can only be the second input of a loss (cross_entropy, mse)"),
+                            format!(
+                                "node {name:?}: labels can only be the second input of a loss (cross_entropy, mse)"
+                            ),
                         ));
                     }
                     other => match index.get(other) {
@@ -154,30 +156,45 @@ impl Graph {
                     Src::Node(j) => Some(resolved[*j].shape.as_slice()),
                 })
                 .collect();
-            let shape =
-                op.shape(&in_shapes, classes).map_err(|(field, what)| invalid(at(field), format!("node {name:?}: {what}")))?;
+            let shape = op
+                .shape(&in_shapes, classes)
+                .map_err(|(field, what)| invalid(at(field), format!("node {name:?}: {what}")))?;
             let n = checked_numel(&shape).ok_or_else(|| {
-                invalid(at("op"), format!("node {name:?}: an output of {shape:?} per example exceeds {ACTIVATION_VALUES_MAX} values"))
+                invalid(
+                    at("op"),
+                    format!("node {name:?}: an output of {shape:?} per example exceeds {ACTIVATION_VALUES_MAX} values"),
+                )
             })?;
-            // The interpreter keeps every output (and its gradient) for the backward pass.
-            activation_values = activation_values.checked_add(n).filter(|&v| v <= ACTIVATION_VALUES_MAX).ok_or_else(|| {
-                invalid(at("op"), format!("node {name:?}: the graph's tensors exceed {ACTIVATION_VALUES_MAX} values per example"))
-            })?;
+            // The interpreter keeps every output (and its gradient) for the backward pass; a
+            // kernel's scratch (a convolution's unfolded input) counts too.
+            let n = op.scratch_values(&in_shapes, &shape).and_then(|s| s.checked_add(n)).unwrap_or(u64::MAX);
+            activation_values =
+                activation_values.checked_add(n).filter(|&v| v <= ACTIVATION_VALUES_MAX).ok_or_else(|| {
+                    invalid(
+                        at("op"),
+                        format!("node {name:?}: the graph's tensors exceed {ACTIVATION_VALUES_MAX} values per example"),
+                    )
+                })?;
             let mut mine = Vec::new();
             for (suffix, pshape, init) in op.params(&in_shapes) {
                 if checked_numel(&pshape).is_none() {
                     return Err(invalid(
                         at("op"),
-                        format!("node {name:?}: parameter {suffix} of {pshape:?} exceeds {ACTIVATION_VALUES_MAX} values"),
+                        format!(
+                            "node {name:?}: parameter {suffix} of {pshape:?} exceeds {ACTIVATION_VALUES_MAX} values"
+                        ),
                     ));
                 }
                 mine.push(params.len());
                 params.push(ParamSpec { name: format!("{name}.{suffix}"), shape: pshape, init });
             }
-            let needs_grad = !mine.is_empty()
-                || srcs.iter().any(|s| matches!(s, Src::Node(j) if resolved[*j].needs_grad));
+            let needs_grad =
+                !mine.is_empty() || srcs.iter().any(|s| matches!(s, Src::Node(j) if resolved[*j].needs_grad));
             if op.is_loss() && i + 1 != nodes.len() {
-                return Err(invalid(at("op"), format!("node {name:?}: the loss must be the last node, and the only one")));
+                return Err(invalid(
+                    at("op"),
+                    format!("node {name:?}: the loss must be the last node, and the only one"),
+                ));
             }
             let in_shapes = in_shapes.iter().map(|s| s.map(<[usize]>::to_vec).unwrap_or_default()).collect();
             index.insert(name, i);
