@@ -125,20 +125,10 @@ fn lecun(fan_in: usize) -> Init {
 /// A model architecture with its dimensions resolved against a dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Model {
-    Mlp {
-        dims: Vec<usize>,
-    },
-    Cnn {
-        c: [usize; 2],
-        h: usize,
-        w: usize,
-        classes: usize,
-    },
-    Gpt {
-        cfg: GptConfig,
-        vocab: usize,
-    },
-    /// A user-defined graph, checked against the data ([`crate::graph`]).
+    Mlp { dims: Vec<usize> },
+    Cnn { c: [usize; 2], h: usize, w: usize, classes: usize },
+    Gpt { cfg: GptConfig, vocab: usize },
+    // A user-defined graph, checked against the data (`crate::graph`).
     Graph(Box<crate::graph::Graph>),
 }
 
