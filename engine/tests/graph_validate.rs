@@ -218,6 +218,7 @@ fn windowed_and_normalising_ops_check_their_attributes() {
         "at least 1",
     );
     refused(image(Op::MaxPool2d { kernel: 2, stride: 1, padding: 2 }), "model.nodes[1].padding", "below the window");
+    refused(image(Op::AvgPool2d { kernel: 0, stride: 1, padding: 0 }), "model.nodes[1].kernel", "at least 1");
     refused(image(Op::LayerNorm { eps: 0.0 }), "model.nodes[1].eps", "> 0");
     refused(image(Op::LayerNorm { eps: f64::NAN }), "model.nodes[1].eps", "> 0");
     refused(image(Op::Dropout { p: 1.0 }), "model.nodes[1].p", "[0, 1)");

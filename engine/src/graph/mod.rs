@@ -45,8 +45,9 @@
 //! (PyTorch's default for `nn.Linear`), biases zero.
 //!
 //! # Rounding sites and their order
-//! Forward, node by node: `fwd/<node>/out` (views — `reshape`, `flatten` — copy FP32 values
-//! and round nothing). Backward, node by node in reverse order, for the nodes a gradient
+//! Forward, node by node: `fwd/<node>/out`, then `fwd/<node>/<what>` for intermediate results
+//! the backward pass reads (layer norm's `mean` and `rstd`); views — `reshape`, `flatten` —
+//! copy FP32 values and round nothing. Backward, node by node in reverse order, for the nodes a gradient
 //! reaches: first, if the node's output fed several inputs, the incoming gradients are
 //! summed in the order they arrived at `bwd/<node>/sum`; then the gradient of each input that
 //! needs one, in input order, at `bwd/<node>/grad_<input>` (`grad_<input>#<position>` when a

@@ -153,6 +153,9 @@ impl Op {
             }
             Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding } => {
                 let [c, h, w] = image(tensor(0)?)?;
+                if *kernel == 0 {
+                    return Err(("kernel", "must be at least 1".into()));
+                }
                 if padding >= kernel {
                     return Err(("padding", format!("{padding} must be below the window {kernel}")));
                 }
