@@ -37,6 +37,7 @@ fn train(dir: &Path, name: &str, faults: Vec<Fault>) -> PathBuf {
         resume: false,
         faults,
         key: Some(dir.join("trainer.key")),
+        init_weights: None,
     };
     let mut session = Session::create(&opts).unwrap();
     while session.next_step().is_some() {

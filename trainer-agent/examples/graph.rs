@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         resume: false,
         faults: Vec::new(),
         key: Some(out.join("trainer.key")),
+        init_weights: None,
     };
     let mut session = Session::create(&opts)?;
     while session.next_step().is_some() {
