@@ -328,3 +328,39 @@ fn a_residual_cnn_with_norm_dropout_and_softmax_replays_on_every_profile() {
     }
     assert_eq!(masks.len(), 6, "a fresh dropout mask every step");
 }
+
+/// Causal self-attention as a composite (with dropout on the attention output) replays
+/// bit-identically on every CPU profile.
+#[test]
+fn an_attention_composite_replays_on_every_profile() {
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let t = g.reshape("tokens", &x, &[4, 4]);
+    let ln = g.layer_norm("ln", &t, 1e-5);
+    let q = g.linear("q", &ln, 4);
+    let k = g.linear("k", &ln, 4);
+    let v = g.linear("v", &ln, 4);
+    let s = g.matmul_t("scores", &q, &k, 0.5);
+    let p = g.softmax("probs", &s, true);
+    let a = g.matmul("att", &p, &v);
+    let a = g.dropout("drop", &a, 0.1);
+    let r = g.add("res", &t, &a);
+    let f = g.flatten("f", &r);
+    let logits = g.linear("head", &f, 4);
+    g.cross_entropy("loss", &logits);
+    let mut cfg = config(RESIDUAL).unwrap();
+    cfg.model = g.build().into();
+    for trainer in Profile::CPU {
+        let (steps, _) = train(&Run::from_config(&cfg, None, trainer, 6).unwrap(), 6);
+        for auditor in Profile::CPU {
+            let r = Run::from_config(&cfg, None, auditor, 6).unwrap();
+            let mut state = r.initial_state().unwrap();
+            for (t, (expected, log)) in steps.iter().enumerate() {
+                let o = r.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
+                assert!(o.forged.is_empty(), "{trainer}→{auditor}: {:?}", o.forged);
+                assert_eq!(o.state.digest(), expected.digest(), "{trainer}→{auditor}: step {} diverged", t + 1);
+                state = o.state;
+            }
+        }
+    }
+}

@@ -56,6 +56,10 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Mul {}),
         prop::collection::vec(0usize..7, 0..4).prop_map(|shape| Op::Reshape { shape }),
         Just(Op::Flatten {}),
+        Just(Op::Transpose {}),
+        Just(Op::LogSoftmax {}),
+        (any::<bool>(), prop::sample::select(vec![1.0, 0.5, f64::NAN]))
+            .prop_map(|(transpose_b, scale)| Op::Matmul { transpose_b, scale }),
         Just(Op::CrossEntropy {}),
         Just(Op::Mse {}),
     ]
@@ -82,7 +86,7 @@ fn graph() -> impl Strategy<Value = GraphConfig> {
                 };
                 let inputs: Vec<String> = if picks.is_empty() {
                     match op {
-                        Op::Add {} | Op::Mul {} => vec![prev.clone(), prev],
+                        Op::Add {} | Op::Mul {} | Op::Matmul { .. } => vec![prev.clone(), prev],
                         Op::CrossEntropy {} | Op::Mse {} => vec![prev, "labels".into()],
                         _ => vec![prev],
                     }

@@ -113,6 +113,18 @@ fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32
                 }
                 e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
             }
+            Op::LogSoftmax {} => {
+                let m = a.max_keepdim(D::Minus1).unwrap().detach();
+                let shifted = a.broadcast_sub(&m).unwrap();
+                let lse = shifted.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+                shifted.broadcast_sub(&lse).unwrap()
+            }
+            Op::Matmul { transpose_b, scale } => {
+                let b = get(&vals, &node.inputs[1]);
+                let b = if *transpose_b { b.transpose(D::Minus2, D::Minus1).unwrap().contiguous().unwrap() } else { b };
+                (a.matmul(&b).unwrap() * *scale).unwrap()
+            }
+            Op::Transpose {} => a.transpose(D::Minus2, D::Minus1).unwrap().contiguous().unwrap(),
             Op::Relu {} => a.relu().unwrap(),
             Op::Gelu {} => a.gelu().unwrap(),
             Op::Tanh {} => a.tanh().unwrap(),
@@ -319,4 +331,28 @@ fn layer_norm_dropout_and_softmax() {
     let logits = g.linear("head", &h2, 4);
     g.cross_entropy("loss", &logits);
     check(g.build(), 12);
+}
+
+/// Single-head causal self-attention as a composite (`x` read as 4 tokens of 4 features):
+/// q, k, v projections, scaled scores `q·kᵀ/2`, causal softmax, `p·v`, a residual, and a
+/// transposed view and log-softmax on the way to the head.
+#[test]
+fn causal_attention_as_a_composite_with_transpose_and_log_softmax() {
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let t = g.reshape("tokens", &x, &[4, 4]);
+    let q = g.linear_no_bias("q", &t, 4);
+    let k = g.linear_no_bias("k", &t, 4);
+    let v = g.linear("v", &t, 4);
+    let s = g.matmul_t("scores", &q, &k, 0.5);
+    let p = g.softmax("probs", &s, true);
+    let a = g.matmul("att", &p, &v);
+    let r = g.add("res", &t, &a);
+    let rt = g.transpose("rt", &r);
+    let m = g.linear("mix", &rt, 3);
+    let ls = g.log_softmax("ls", &m);
+    let f = g.flatten("f", &ls);
+    let logits = g.linear("head", &f, 4);
+    g.cross_entropy("loss", &logits);
+    check(g.build(), 16);
 }

@@ -237,3 +237,30 @@ fn windowed_and_normalising_ops_check_their_attributes() {
     // A convolution's unfolded input counts against the limits.
     refused(image(conv(1, 1, 1 << 20)), "model.nodes[1].op", "exceed");
 }
+
+#[test]
+fn matmul_and_transpose_check_their_shapes() {
+    let pair = |op: Op, shape_b: &[usize]| {
+        let mut g = GraphBuilder::new();
+        let x = g.input();
+        let a = g.reshape("a", &x, &[2, 3]);
+        let b = g.linear("b", &a, 3);
+        let b = g.reshape("bs", &b, shape_b);
+        g.node("mm", op, &[a.name(), b.name()]);
+        let f = g.flatten("f", &engine::graph::Tensor::from_name("mm"));
+        let h = g.linear("head", &f, 3);
+        g.cross_entropy("loss", &h);
+        g.build()
+    };
+    let mm = |transpose_b, scale| Op::Matmul { transpose_b, scale };
+    let mut c = base();
+    c.model = pair(mm(false, 1.0), &[3, 2]).into();
+    c.validate().unwrap();
+    c.model = pair(mm(true, 0.5), &[2, 3]).into();
+    c.validate().unwrap();
+    refused(pair(mm(false, 1.0), &[2, 3]), "model.nodes[3].inputs", "cannot multiply [2, 3] by [2, 3]");
+    refused(pair(mm(true, f64::NAN), &[2, 3]), "model.nodes[3].scale", "finite");
+    refused(pair(mm(false, 1.0), &[6]), "model.nodes[3].inputs", "at least two axes");
+    refused(pair(mm(false, 1.0), &[1, 3, 2]), "model.nodes[3].inputs", "cannot multiply");
+    refused(edit(|n| n[1] = node("act", Op::Transpose {}, &["fc1"])), "model.nodes[1].inputs", "at least two axes");
+}

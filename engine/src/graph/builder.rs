@@ -95,6 +95,38 @@ impl GraphBuilder {
         self.node(name, Op::Mul {}, &[a.name(), b.name()])
     }
 
+    /// `a·b` over the last two axes (batched over the leading ones).
+    pub fn matmul(&mut self, name: &str, a: &Tensor, b: &Tensor) -> Tensor {
+        self.node(name, Op::Matmul { transpose_b: false, scale: 1.0 }, &[a.name(), b.name()])
+    }
+
+    /// `scale·(a·bᵀ)` over the last two axes (attention scores).
+    pub fn matmul_t(&mut self, name: &str, a: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+        self.node(name, Op::Matmul { transpose_b: true, scale }, &[a.name(), b.name()])
+    }
+
+    /// Swaps the last two axes.
+    pub fn transpose(&mut self, name: &str, x: &Tensor) -> Tensor {
+        self.node(name, Op::Transpose {}, &[x.name()])
+    }
+
+    /// Softmax over the last axis, optionally causal (`[.., t, t]`).
+    pub fn softmax(&mut self, name: &str, x: &Tensor, causal: bool) -> Tensor {
+        self.node(name, Op::Softmax { causal }, &[x.name()])
+    }
+
+    pub fn log_softmax(&mut self, name: &str, x: &Tensor) -> Tensor {
+        self.node(name, Op::LogSoftmax {}, &[x.name()])
+    }
+
+    pub fn layer_norm(&mut self, name: &str, x: &Tensor, eps: f64) -> Tensor {
+        self.node(name, Op::LayerNorm { eps }, &[x.name()])
+    }
+
+    pub fn dropout(&mut self, name: &str, x: &Tensor, p: f64) -> Tensor {
+        self.node(name, Op::Dropout { p }, &[x.name()])
+    }
+
     /// The same values with per-example shape `shape`.
     pub fn reshape(&mut self, name: &str, x: &Tensor, shape: &[usize]) -> Tensor {
         self.node(name, Op::Reshape { shape: shape.to_vec() }, &[x.name()])

@@ -104,6 +104,10 @@ fn one() -> usize {
     1
 }
 
+fn unit() -> f64 {
+    1.0
+}
+
 fn layer_norm_eps() -> f64 {
     1e-5
 }
@@ -168,6 +172,19 @@ pub enum Op {
         #[serde(default)]
         causal: bool,
     },
+    /// Log-softmax over the last axis.
+    LogSoftmax {},
+    /// Batched product over the last two axes, `scale·(a·b)`: `a` `[…, m, k]`, `b` `[…, k, n]`
+    /// (`[…, n, k]` with `transpose_b`), the same leading axes; `[…, m, n]`. The scale
+    /// multiplies the finished dot product (attention's `1/√d`).
+    Matmul {
+        #[serde(default)]
+        transpose_b: bool,
+        #[serde(default = "unit")]
+        scale: f64,
+    },
+    /// Swaps the last two axes (a permutation: moved, not rounded).
+    Transpose {},
     /// `max(x, 0)`.
     Relu {},
     /// GPT-2's tanh-approximated GELU.

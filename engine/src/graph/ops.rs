@@ -91,6 +91,9 @@ impl Op {
             Op::LayerNorm { .. } => "layer_norm",
             Op::Dropout { .. } => "dropout",
             Op::Softmax { .. } => "softmax",
+            Op::LogSoftmax {} => "log_softmax",
+            Op::Matmul { .. } => "matmul",
+            Op::Transpose {} => "transpose",
             Op::Relu {} => "relu",
             Op::Gelu {} => "gelu",
             Op::Tanh {} => "tanh",
@@ -107,7 +110,7 @@ impl Op {
     /// Number of inputs.
     pub(crate) fn arity(&self) -> usize {
         match self {
-            Op::Add {} | Op::Mul {} | Op::CrossEntropy {} | Op::Mse {} => 2,
+            Op::Add {} | Op::Mul {} | Op::Matmul { .. } | Op::CrossEntropy {} | Op::Mse {} => 2,
             _ => 1,
         }
     }
@@ -189,6 +192,28 @@ impl Op {
                     _ => Ok(x.to_vec()),
                 }
             }
+            Op::LogSoftmax {} => match tensor(0)? {
+                [] => Err(("inputs", "a scalar input has no axis".into())),
+                x => Ok(x.to_vec()),
+            },
+            Op::Matmul { transpose_b, scale } => {
+                if !scale.is_finite() {
+                    return Err(("scale", format!("must be finite, got {scale}")));
+                }
+                let (a, b) = (tensor(0)?, tensor(1)?);
+                let (Some((ta, [m, k])), Some((tb, [r, c]))) = (split_last2(a), split_last2(b)) else {
+                    return Err(("inputs", format!("needs two tensors of at least two axes, not {a:?} and {b:?}")));
+                };
+                let (kb, n) = if *transpose_b { (*c, *r) } else { (*r, *c) };
+                if ta != tb || *k != kb {
+                    return Err(("inputs", format!("cannot multiply {a:?} by {b:?} (transpose_b = {transpose_b})")));
+                }
+                Ok(ta.iter().copied().chain([*m, n]).collect())
+            }
+            Op::Transpose {} => match split_last2(tensor(0)?) {
+                Some((lead, [m, n])) => Ok(lead.iter().copied().chain([*n, *m]).collect()),
+                None => Err(("inputs", "needs at least two axes".into())),
+            },
             Op::Relu {} | Op::Gelu {} | Op::Tanh {} | Op::Sigmoid {} => Ok(tensor(0)?.to_vec()),
             Op::Add {} | Op::Mul {} => {
                 let (a, b) = (tensor(0)?, tensor(1)?);
@@ -303,6 +328,14 @@ impl Op {
             }
             Op::Dropout { p } => Fwd::Rounded(dev.dropout(a.ins[0], &mask(ctx, a, *p), *p).map_err(k)?),
             Op::Softmax { causal } => Fwd::Rounded(dev.softmax(a.ins[0], row_spec(a, *causal)).map_err(k)?),
+            Op::LogSoftmax {} => Fwd::Rounded(dev.log_softmax(a.ins[0], row_spec(a, false)).map_err(k)?),
+            Op::Matmul { scale, .. } => {
+                Fwd::Rounded(dev.matmul_scaled(a.ins[0], a.ins[1], *scale, self.matmul_spec(a)).map_err(k)?)
+            }
+            Op::Transpose {} => {
+                let (m, n) = last2(&a.in_shapes[0]);
+                Fwd::View(swap_last2(a.ins[0], m, n))
+            }
             Op::Relu {} => Fwd::Rounded(dev.relu(a.ins[0]).map_err(k)?),
             Op::Gelu {} => Fwd::Rounded(dev.gelu(a.ins[0]).map_err(k)?),
             Op::Tanh {} => Fwd::Rounded(dev.tanh(a.ins[0]).map_err(k)?),
@@ -377,6 +410,22 @@ impl Op {
             Op::Softmax { causal } => {
                 one(Some(Grad::Rounded(dev.softmax_backward(y, gy, row_spec(a, *causal)).map_err(k)?)))
             }
+            Op::LogSoftmax {} => {
+                one(Some(Grad::Rounded(dev.log_softmax_backward(y, gy, row_spec(a, false)).map_err(k)?)))
+            }
+            Op::Matmul { scale, .. } => {
+                let spec = self.matmul_spec(a);
+                let (ga, gb) = dev.matmul_scaled_backward(a.ins[0], a.ins[1], gy, *scale, spec).map_err(k)?;
+                Bwd {
+                    inputs: vec![need[0].then_some(Grad::Rounded(ga)), need[1].then_some(Grad::Rounded(gb))],
+                    params: vec![],
+                }
+            }
+            Op::Transpose {} => {
+                // The output gradient has the swapped shape [.., n, m].
+                let (m, n) = last2(&a.in_shapes[0]);
+                one(Some(Grad::View(swap_last2(gy, n, m))))
+            }
             Op::Relu {} => one(Some(Grad::Rounded(dev.relu_backward(a.ins[0], gy).map_err(k)?))),
             Op::Gelu {} => one(Some(Grad::Rounded(dev.gelu_backward(a.ins[0], gy).map_err(k)?))),
             Op::Tanh {} => one(Some(Grad::Rounded(dev.tanh_backward(y, gy).map_err(k)?))),
@@ -398,6 +447,16 @@ impl Op {
 }
 
 impl Op {
+    fn matmul_spec(&self, a: &Args) -> MatmulSpec {
+        let transpose_b = matches!(self, Op::Matmul { transpose_b: true, .. });
+        let (m, k) = last2(&a.in_shapes[0]);
+        let (r, c) = last2(&a.in_shapes[1]);
+        let n = if transpose_b { r } else { c };
+        let batch = a.ins[0].len() / (m * k).max(1);
+        let spec = MatmulSpec::batched(batch, m, k, n);
+        if transpose_b { spec.trans_b() } else { spec }
+    }
+
     fn conv_spec(&self, a: &Args) -> Conv2dSpec {
         let (x, w) = (&a.in_shapes[0], a.params[0]);
         let (c_out, k, stride, pad) = match self {
@@ -417,6 +476,35 @@ impl Op {
         };
         Pool2dSpec { n: a.n, c: x[0], h: x[1], w: x[2], kh, kw, stride, pad }
     }
+}
+
+/// The leading axes and the last two of a shape with at least two.
+fn split_last2(x: &[usize]) -> Option<(&[usize], &[usize; 2])> {
+    let at = x.len().checked_sub(2)?;
+    let (lead, last) = x.split_at(at);
+    Some((lead, last.try_into().ok()?))
+}
+
+/// The last two axes of a shape the shape rule accepted.
+fn last2(x: &[usize]) -> (usize, usize) {
+    match x {
+        [.., m, n] => (*m, *n),
+        _ => (1, x.first().copied().unwrap_or(1)),
+    }
+}
+
+/// Swaps the last two axes of blocks of `m×n` values.
+fn swap_last2(v: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let block = (m * n).max(1);
+    let mut out = vec![0.0; v.len()];
+    for (src, dst) in v.chunks(block).zip(out.chunks_mut(block)) {
+        for i in 0..m {
+            for j in 0..n {
+                dst[j * m + i] = src[i * n + j];
+            }
+        }
+    }
+    out
 }
 
 /// A per-example `[c, h, w]` shape.
