@@ -8,6 +8,7 @@
 //! - [`spec`]: TOML configs and the committed run spec.
 //! - [`data`]: datasets and their Merkle commitment.
 //! - [`model`]: MLP, CNN and GPT built on `kernels`, with named rounding sites.
+//! - [`graph`]: user-defined models as committed graphs, interpreted with automatic backward.
 //! - [`train`]: the verified step (data order, forward/backward, optimizer) and adversary drills.
 //! - [`record`]: the record on disk (crash-safe writer, verifying reader, signed manifest).
 //! - [`wire`]: the trainer record server's HTTP protocol (routes, limits, JSON bodies), shared
@@ -17,6 +18,7 @@
 use std::path::PathBuf;
 
 pub mod data;
+pub mod graph;
 pub mod init;
 pub mod model;
 pub mod record;

@@ -128,6 +128,8 @@ pub enum Model {
     Mlp { dims: Vec<usize> },
     Cnn { c: [usize; 2], h: usize, w: usize, classes: usize },
     Gpt { cfg: GptConfig, vocab: usize },
+    // A user-defined graph, checked against the data (`crate::graph`).
+    Graph(Box<crate::graph::Graph>),
 }
 
 /// The key of a parameter in the training state.
@@ -163,8 +165,12 @@ impl Model {
                 }
                 Ok(Model::Gpt { cfg: g.clone(), vocab: vocab.len() })
             }
+            (ModelConfig::Graph(g), Dataset::Classification { input_shape, classes, .. }) => {
+                let graph = crate::graph::Graph::resolve(g, input_shape, *classes).map_err(EngineError::InvalidSpec)?;
+                Ok(Model::Graph(Box::new(graph)))
+            }
             (ModelConfig::Gpt(_), _) => Err(bad("the GPT trains on text data")),
-            _ => Err(bad("MLP and CNN models train on classification data")),
+            _ => Err(bad("MLP, CNN and graph models train on classification data")),
         }
     }
 
@@ -174,6 +180,7 @@ impl Model {
             Model::Mlp { dims } => *dims.last().unwrap_or(&0),
             Model::Cnn { classes, .. } => *classes,
             Model::Gpt { vocab, .. } => *vocab,
+            Model::Graph(g) => g.classes(),
         }
     }
 
@@ -225,6 +232,7 @@ impl Model {
                 out.push(param("lm_head.bias", vec![*vocab], Init::Const(0.0)));
                 out
             }
+            Model::Graph(g) => g.params().to_vec(),
         }
     }
 
@@ -281,6 +289,7 @@ impl Model {
             (Model::Gpt { cfg, vocab }, Batch::Tokens { ids, targets, b, t }) => {
                 gpt(ctx, cfg, *vocab, &get, ids, targets, *b, *t).map(|(l, g)| (l, g, None))
             }
+            (Model::Graph(g), Batch::Classes { x, y, n }) => g.pass(ctx, &get, x, y, *n),
             _ => Err(EngineError::Usage("batch kind does not match the model".into())),
         }
     }

@@ -43,6 +43,8 @@ pub enum ModelConfig {
     Cnn(CnnConfig),
     /// A character-level GPT (pre-norm transformer decoder).
     Gpt(GptConfig),
+    /// A user-defined graph of ops from the verified catalogue (see [`crate::graph`]).
+    Graph(crate::graph::GraphConfig),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

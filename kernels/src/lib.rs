@@ -35,6 +35,7 @@ mod layernorm;
 mod matmul;
 mod optim;
 pub mod parity;
+mod pointwise;
 mod reduce;
 mod scatter;
 mod softmax;

@@ -226,6 +226,8 @@ fn ops_of(model: &ModelConfig) -> &'static [&'static str] {
             "cross_entropy",
             "adamw",
         ],
+        // Graphs are not benchmarked yet.
+        ModelConfig::Graph(_) => &[],
         ModelConfig::Gpt(_) => &[
             "embedding",
             "embedding_backward",

@@ -14,6 +14,7 @@ use std::str::FromStr;
 
 use super::{Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, ModelConfig, OptimizerConfig, RunSpec};
 use crate::data::{DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, square_side, text_split};
+use crate::graph::Graph;
 use crate::model::{Model, param_key, slot_key};
 use crate::record::STATE_RAW_BYTES_MAX;
 
@@ -143,6 +144,11 @@ fn model_sizes(config: &Config, input: &[usize], classes: usize) -> Result<(u64,
             Ok((params, act))
         }
         ModelConfig::Gpt(g) => gpt_sizes(g, u(classes)),
+        // Resolving checks the whole graph (names, inputs, shapes, sizes) against the data.
+        ModelConfig::Graph(g) => {
+            let graph = Graph::resolve(g, input, classes)?;
+            Ok((graph.param_values(), graph.activation_values()))
+        }
     }
 }
 
@@ -228,6 +234,7 @@ impl Config {
             }
             ModelConfig::Cnn(c) => Model::Cnn { c: c.channels, h: input[1], w: input[2], classes },
             ModelConfig::Gpt(g) => Model::Gpt { cfg: g.clone(), vocab: classes },
+            ModelConfig::Graph(g) => Model::Graph(Box::new(Graph::resolve(g, input, classes)?)),
         };
         let slots: &[&str] = match self.optimizer {
             OptimizerConfig::Sgd(_) => &["momentum"],
@@ -315,11 +322,15 @@ impl Config {
                     return Err(invalid("model.dropout", format!("must be in [0, 1), got {}", g.dropout)));
                 }
             }
+            // Checked against the data's shape in `model_sizes`.
+            ModelConfig::Graph(_) => {}
         }
         match (&self.model, &self.data) {
             (ModelConfig::Gpt(_), DataConfig::Text(_)) => Ok(()),
             (ModelConfig::Gpt(_), _) => Err(invalid("data.kind", "the GPT trains on text data")),
-            (_, DataConfig::Text(_)) => Err(invalid("data.kind", "MLP and CNN models train on classification data")),
+            (_, DataConfig::Text(_)) => {
+                Err(invalid("data.kind", "MLP, CNN and graph models train on classification data"))
+            }
             _ => Ok(()),
         }
     }

@@ -1,0 +1,73 @@
+//! A user's graph end to end: trained from `configs/synthetic-graph.toml` by the trainer
+//! agent's session (what `trainer-agent train` runs), audited by the `auditor` binary on every
+//! other CPU profile and in every mode: `consistent`; with a fault, `diverged` at its step.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use engine::spec::Config;
+use engine::train::{Fault, FaultKind};
+use kernels::Profile;
+use support::scratch;
+use trainer_agent::{Session, SessionOptions};
+
+fn auditor(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_auditor")).current_dir(dir).args(args).output().unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// Trains 30 steps of the example graph (checkpoints at 0 and 20) into `dir/<name>`.
+fn train(dir: &Path, name: &str, faults: Vec<Fault>) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/synthetic-graph.toml");
+    let config = Config::from_toml(&std::fs::read_to_string(&path).unwrap(), "synthetic-graph.toml").unwrap();
+    let out = dir.join(name);
+    let opts = SessionOptions {
+        config,
+        data: None,
+        out: out.clone(),
+        device: Profile::Cpu,
+        steps: Some(30),
+        resume: false,
+        faults,
+        key: Some(dir.join("trainer.key")),
+        init_weights: None,
+    };
+    let mut session = Session::create(&opts).unwrap();
+    while session.next_step().is_some() {
+        session.step().unwrap();
+    }
+    session.finish().unwrap();
+    out
+}
+
+#[test]
+fn a_graph_record_audits_consistent_on_every_other_profile_and_mode() {
+    let dir = scratch("graph");
+    let honest = train(&dir, "honest", vec![]);
+    let rec = honest.to_str().unwrap();
+    for device in ["cpu-seq", "cpu-splitk"] {
+        for mode in [&["--mode", "full"][..], &["--mode", "intervals"], &["--mode", "spot", "--spot-count", "1"]] {
+            let mut args = vec!["audit", "--record", rec, "--device", device, "--json"];
+            args.extend_from_slice(mode);
+            let out = auditor(&dir, &args);
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let v = json(&out);
+            assert_eq!(v["verdict"]["kind"], "consistent", "{args:?}: {v}");
+            assert_eq!(v["auditor_device"], device);
+        }
+    }
+    let faulty = train(&dir, "faulty", vec![Fault { kind: FaultKind::PerturbWeight, step: 13 }]);
+    let out = auditor(&dir, &["audit", "--record", faulty.to_str().unwrap(), "--device", "cpu-seq", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["verdict"]["kind"], "diverged", "{v}");
+    assert_eq!(v["verdict"]["step"], 13, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

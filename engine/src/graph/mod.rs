@@ -1,0 +1,215 @@
+//! User-defined models: a model is a graph of ops from the verified catalogue, written as data
+//! in the config (and so committed by the spec digest), and interpreted the same way by the
+//! trainer and the auditor. The backward pass is derived by reverse-mode differentiation.
+//!
+//! # The graph
+//! A [`GraphConfig`] is a list of [`Node`]s; **node order is evaluation order**. A node has a
+//! unique `name`, the names of its `inputs` (earlier nodes, or the batch's tensors [`INPUT`]
+//! and [`LABELS`]) and an [`Op`] with its attributes. Tensors have a per-example shape (the
+//! batch dimension is implicit and leading); `x` has the dataset's input shape (`[features]`
+//! for synthetic data, `[1, 28, 28]` for MNIST), `labels` holds one class index per example.
+//! The last node, and only it, is a loss (`cross_entropy` or `mse`).
+//!
+//! In TOML:
+//! ```toml
+//! [model]
+//! kind = "graph"
+//! [[model.nodes]]
+//! name = "fc1"
+//! op = "linear"
+//! inputs = ["x"]
+//! out = 64
+//! [[model.nodes]]
+//! name = "act1"
+//! op = "gelu"
+//! inputs = ["fc1"]
+//! [[model.nodes]]
+//! name = "head"
+//! op = "linear"
+//! inputs = ["act1"]
+//! out = 8
+//! [[model.nodes]]
+//! name = "loss"
+//! op = "cross_entropy"
+//! inputs = ["head", "labels"]
+//! ```
+//! The canonical form in the spec is the same structure as JSON (`{"name":…,"inputs":[…],
+//! "op":"linear","out":64,"bias":true}`), with every attribute written out.
+//!
+//! # Parameters
+//! A node with parameters names them after itself, candle-nn style (`fc1.weight`,
+//! `fc1.bias`); their shapes follow from the input shapes. Parameters are listed in node
+//! order (weight before bias); parameter `k` of that list is initialised from the seeded
+//! stream `init` with layer `k`, exactly as the presets' parameters are
+//! ([`crate::model::Model::init_params`]). `linear` weights are uniform in `±1/√fan_in`
+//! (PyTorch's default for `nn.Linear`), biases zero.
+//!
+//! # Rounding sites and their order
+//! Forward, node by node: `fwd/<node>/out`, then `fwd/<node>/<what>` for intermediate results
+//! the backward pass reads (layer norm's `mean` and `rstd`); views — `reshape`, `flatten` —
+//! copy FP32 values and round nothing. Backward, node by node in reverse order, for the nodes a gradient
+//! reaches: first, if the node's output fed several inputs, the incoming gradients are
+//! summed in the order they arrived at `bwd/<node>/sum`; then the gradient of each input that
+//! needs one, in input order, at `bwd/<node>/grad_<input>` (`grad_<input>#<position>` when a
+//! node reads the same tensor twice; identity gradients, as of `add` and views, are passed on
+//! without a site); then each of the node's parameters, in order, at `grad/<param>`. The
+//! optimizer's sites follow as for every model (`opt/<param>/<slot>`, parameters in list
+//! order). See [`exec`] for why the gradient sums are exact.
+//!
+//! # The op catalogue
+//! See [`Op`]: each op states its shape rule, forward, backward and bound in `ops.rs`; the
+//! interpreter (`exec.rs`) knows no op by name. Only ops whose backward is implemented and
+//! tested against candle's autograd (`engine/tests/graph_grads.rs`) exist here.
+
+use serde::{Deserialize, Serialize};
+
+mod builder;
+mod exec;
+mod ops;
+mod resolve;
+
+pub use builder::{GraphBuilder, Tensor};
+pub use ops::dropout_mask;
+pub use resolve::{Graph, NAME_MAX, NODES_MAX};
+
+/// The batch's input tensor.
+pub const INPUT: &str = "x";
+/// The batch's class labels (an input of a loss only).
+pub const LABELS: &str = "labels";
+
+/// A model as a graph of nodes, in evaluation order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphConfig {
+    pub nodes: Vec<Node>,
+}
+
+/// One op applied to named inputs. (Unknown fields are refused by [`Op`], which receives
+/// every field but `name` and `inputs`.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique within the graph: 1..=[`NAME_MAX`] characters of `A–Z a–z 0–9 _ . -`.
+    pub name: String,
+    /// The tensors the op reads: earlier nodes' names, [`INPUT`] or [`LABELS`].
+    pub inputs: Vec<String>,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> usize {
+    1
+}
+
+fn unit() -> f64 {
+    1.0
+}
+
+fn layer_norm_eps() -> f64 {
+    1e-5
+}
+
+/// The verified op catalogue, with each op's attributes. Names and attributes follow ONNX
+/// where it has the op. Shapes are per example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// `y = x·Wᵀ + b` over the last axis: `[…, i] → […, out]`; parameters `weight` `[out, i]`
+    /// and (unless `bias = false`) `bias` `[out]`.
+    Linear {
+        out: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// 2-D convolution of `[c_in, h, w]` with `out_channels` square `kernel`s, `stride` and
+    /// zero `padding` on every side: `[out_channels, oh, ow]`, `oh = (h + 2·padding −
+    /// kernel)/stride + 1`. Parameters `weight` `[out_channels, c_in, kernel, kernel]` and
+    /// (unless `bias = false`) `bias` `[out_channels]`.
+    Conv2d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// Max over square windows of `[c, h, w]` (padding, below the window, is never the max).
+    MaxPool2d {
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+    },
+    /// Mean over square windows of `[c, h, w]` (padding counts as zeros).
+    AvgPool2d {
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+    },
+    /// Mean over each channel's plane: `[c, h, w] → [c]` (ONNX keeps `[c, 1, 1]`; this drops
+    /// the unit axes, ready for a `linear` head).
+    GlobalAvgPool {},
+    /// Layer normalisation over the last axis, `eps` (default 1e-5) inside the square root;
+    /// parameters `weight` (γ, ones) and `bias` (β, zeros) of the last axis' size.
+    LayerNorm {
+        #[serde(default = "layer_norm_eps")]
+        eps: f64,
+    },
+    /// Inverted dropout with drop probability `p` in `[0, 1)`; the mask comes from the seeded
+    /// stream `dropout/<node>` at the step (so it is a checkable claim, not a choice).
+    Dropout { p: f64 },
+    /// Softmax over the last axis; with `causal`, the last two axes must be `[t, t]` and row
+    /// `i` sees columns `≤ i` (masked outputs are exactly 0).
+    Softmax {
+        #[serde(default)]
+        causal: bool,
+    },
+    /// Log-softmax over the last axis.
+    LogSoftmax {},
+    /// Batched product over the last two axes, `scale·(a·b)`: `a` `[…, m, k]`, `b` `[…, k, n]`
+    /// (`[…, n, k]` with `transpose_b`), the same leading axes; `[…, m, n]`. The scale
+    /// multiplies the finished dot product (attention's `1/√d`).
+    Matmul {
+        #[serde(default)]
+        transpose_b: bool,
+        #[serde(default = "unit")]
+        scale: f64,
+    },
+    /// Swaps the last two axes (a permutation: moved, not rounded).
+    Transpose {},
+    /// `max(x, 0)`.
+    Relu {},
+    /// GPT-2's tanh-approximated GELU.
+    Gelu {},
+    /// `tanh x`.
+    Tanh {},
+    /// `1/(1 + e^{−x})`.
+    Sigmoid {},
+    /// Elementwise sum of two tensors of one shape.
+    Add {},
+    /// Elementwise product of two tensors of one shape.
+    Mul {},
+    /// The same values with another per-example shape of as many elements.
+    Reshape { shape: Vec<usize> },
+    /// The same values as one axis.
+    Flatten {},
+    /// Mean cross-entropy of logits `[classes]` against `labels`: inputs `[logits, labels]`.
+    CrossEntropy {},
+    /// Mean squared error over all elements: inputs `[prediction, target]`; a target of
+    /// `labels` means their one-hot encoding (`[classes]`).
+    Mse {},
+}
+
+impl From<GraphConfig> for crate::spec::ModelConfig {
+    fn from(g: GraphConfig) -> Self {
+        crate::spec::ModelConfig::Graph(g)
+    }
+}
