@@ -13,7 +13,8 @@
 //!       | auditor_device: blob | spec_json: blob | manifest_json: blob (empty: unfinished run)
 //!       | trainer leaf: 109 | proof | auditor leaf: 109
 //!       | has_previous: u8 (0/1) | [previous leaf: 109 | proof]
-//!       | previous state: blob (canonical state encoding; empty at step 0)
+//!       | previous state: blob (canonical state encoding; empty at step 0 of a run from the
+//!         seed; at step 0 of a fine-tune, the committed starting-weights file)
 //!       | trainer batch: blob (canonical) | trainer log: blob (canonical)
 //!       | sha256 of the body before it: 32
 //! blob: len: u64 LE | bytes          proof: n: u32 LE | n × 32-byte hashes

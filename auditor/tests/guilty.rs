@@ -162,6 +162,7 @@ struct Refusing {
     log: Option<u64>,
     batch: Option<u64>,
     checkpoint: Option<u64>,
+    leaves: bool,
 }
 
 impl Refusing {
@@ -181,6 +182,9 @@ impl TrainerSource for Refusing {
         self.inner.manifest()
     }
     fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
+        if self.leaves {
+            return Err(Self::refused("leaves"));
+        }
         self.inner.leaves()
     }
     fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError> {
@@ -217,12 +221,13 @@ fn a_refusal_after_the_run_is_committed_is_withholding_in_every_mode() {
     let dir = scratch("refusing");
     let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
     let record = fresh_record(&dir, Drill { fault: Some(fault), ..Drill::default() });
-    for (name, log, batch, checkpoint, from) in [
-        ("log of the diverging step", Some(6), None, None, 5),
-        ("batch of the diverging step", None, Some(6), None, 5),
-        ("checkpoint before it", None, None, Some(INTERVAL), INTERVAL + 1),
+    for (name, log, batch, checkpoint, leaves, from) in [
+        ("log of the diverging step", Some(6), None, None, false, 5),
+        ("batch of the diverging step", None, Some(6), None, false, 5),
+        ("checkpoint before it", None, None, Some(INTERVAL), false, INTERVAL + 1),
+        ("leaves under a signed manifest", None, None, None, true, 5),
     ] {
-        let src = Refusing { inner: LocalRecord::open(&record).unwrap(), log, batch, checkpoint };
+        let src = Refusing { inner: LocalRecord::open(&record).unwrap(), log, batch, checkpoint, leaves };
         let v = same_adverse_verdict(&src, from, name);
         assert_invalid(&v, "", "withheld", name);
     }
@@ -284,6 +289,7 @@ fn manifest_fields_must_equal_the_spec_and_a_finished_run_needs_its_final_checkp
         ("checkpoint_interval", Box::new(|m| m.checkpoint_interval = INTERVAL + 1)),
         ("device_profile", Box::new(|m| m.device_profile = "cpu-seq".into())),
         ("format_version", Box::new(|m| m.format_version += 1)),
+        ("software_version", Box::new(|m| m.software_version.push_str("-other"))),
     ];
     for (i, (field, edit)) in cases.into_iter().enumerate() {
         let record = fresh_record(&dir.join(format!("case{i}")), Drill::default());

@@ -131,6 +131,18 @@ pub struct Run {
     /// The parameters of the committed starting weights, once loaded
     /// ([`Run::load_init_weights`]); only for specs with `init_weights`.
     init_params: Option<Vec<Tensor>>,
+    /// Every tensor a state of this run holds (parameters and optimizer slots), by name, with
+    /// its shape and what it is: computed once, since [`Run::check_state`] runs before every
+    /// step.
+    layout: BTreeMap<String, (Vec<usize>, String)>,
+}
+
+/// Optimizer slots per parameter.
+fn slots_of(optimizer: &OptimizerConfig) -> &'static [&'static str] {
+    match optimizer {
+        OptimizerConfig::Sgd(_) => &["momentum"],
+        OptimizerConfig::Adamw(_) => &["m", "v"],
+    }
 }
 
 impl Run {
@@ -143,7 +155,16 @@ impl Run {
             return Err(EngineError::DatasetMismatch { spec: Box::new(spec.dataset), data: Box::new(commitment) });
         }
         let model = Model::new(&spec.config.model, &data)?;
-        Ok(Run { spec, data, model, device, order: std::sync::Mutex::new(None), init_params: None })
+        let slots = slots_of(&spec.config.optimizer);
+        let mut layout = BTreeMap::new();
+        for p in model.params() {
+            layout.insert(param_key(&p.name), (p.shape.clone(), format!("parameter {}", p.name)));
+            for slot in slots {
+                layout
+                    .insert(slot_key(&p.name, slot), (p.shape.clone(), format!("optimizer slot {slot} of {}", p.name)));
+            }
+        }
+        Ok(Run { spec, data, model, device, order: std::sync::Mutex::new(None), init_params: None, layout })
     }
 
     /// Loads the starting weights the spec commits to: `bytes` must be the committed file
@@ -213,10 +234,7 @@ impl Run {
 
     /// Optimizer slots per parameter.
     fn slots(&self) -> &'static [&'static str] {
-        match self.spec.config.optimizer {
-            OptimizerConfig::Sgd(_) => &["momentum"],
-            OptimizerConfig::Adamw(_) => &["m", "v"],
-        }
+        slots_of(&self.spec.config.optimizer)
     }
 
     /// Checks that `state` has exactly the tensors the model and optimizer define (every
@@ -224,17 +242,9 @@ impl Run {
     /// values as its shape holds, all finite. The first problem in tensor-name order is
     /// reported. The step counter is the caller's to check.
     pub fn check_state(&self, state: &TrainingState) -> Result<(), StateInvalid> {
-        let mut expected: BTreeMap<String, (Vec<usize>, String)> = BTreeMap::new();
-        for p in self.model.params() {
-            expected.insert(param_key(&p.name), (p.shape.clone(), format!("parameter {}", p.name)));
-            for slot in self.slots() {
-                expected
-                    .insert(slot_key(&p.name, slot), (p.shape.clone(), format!("optimizer slot {slot} of {}", p.name)));
-            }
-        }
         let bad = |tensor: &str, what: String| StateInvalid { tensor: tensor.to_string(), what };
         let mut given = state.tensors().peekable();
-        let mut wanted = expected.iter().peekable();
+        let mut wanted = self.layout.iter().peekable();
         loop {
             // Walk both name-ordered lists together, so the first problem by name is reported.
             let order = match (given.peek(), wanted.peek()) {

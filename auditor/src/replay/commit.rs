@@ -31,7 +31,9 @@ pub(super) fn check(src: &dyn TrainerSource, opts: &AuditOptions) -> Result<Comm
     let spec = committed_spec(&spec_bytes)?;
     let spec_hash = common::codec::sha256(&spec_bytes);
     let manifest = src.manifest().map_err(|e| source_stop(e, Phase::Committing))?;
-    let leaves = src.leaves().map_err(|e| source_stop(e, Phase::Committing))?;
+    // Once a signed manifest is out, its leaves are committed: refusing them is withholding.
+    let leaves_phase = if manifest.is_some() { Phase::Committed } else { Phase::Committing };
+    let leaves = src.leaves().map_err(|e| source_stop(e, leaves_phase))?;
     if leaves.is_empty() {
         return Err(Verdict::invalid(record::LEAVES_FILE, Some(0), "no initial leaf").into());
     }
@@ -111,12 +113,6 @@ fn check_manifest(
         return Err(bad(format!("spec hash {} does not match spec.json's {}", m.spec_hash, to_hex(spec_hash))));
     }
     m.check_against(spec).map_err(bad)?;
-    if m.software_version != spec.software_version {
-        return Err(bad(format!(
-            "software_version is {} in the manifest but {} in the spec",
-            m.software_version, spec.software_version
-        )));
-    }
     if m.n_steps + 1 != tree.len() {
         return Err(Stop::Verdict(Verdict::invalid(
             record::LEAVES_FILE,

@@ -298,14 +298,14 @@ impl<'a> Replayer<'a> {
             let t_step = Instant::now();
             let step = match self.run.step(&state, t, StepMode::Replay(&log), None) {
                 Ok(step) => step,
-                Err(EngineError::Rounding {
-                    source: e @ (RoundingError::NonFinite { .. } | RoundingError::NotANumber { .. }),
-                    ..
-                }) => {
+                Err(e) if e.is_overflow() => {
                     // From an agreed, well-formed state, an honest step stays finite: the
                     // trainer committed a state that the step it claims cannot lead to.
                     let site = match &e {
-                        RoundingError::NonFinite { site, .. } | RoundingError::NotANumber { site, .. } => site.clone(),
+                        EngineError::Rounding {
+                            source: RoundingError::NonFinite { site, .. } | RoundingError::NotANumber { site, .. },
+                            ..
+                        } => site.clone(),
                         _ => String::new(),
                     };
                     let finding = StepFinding {

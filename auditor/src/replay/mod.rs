@@ -38,7 +38,7 @@ use common::merkle::ProvenLeaf;
 use engine::record::Manifest;
 use kernels::Profile;
 
-pub use crate::setup::build_run;
+use crate::setup::build_run;
 use crate::source::{LocalRecord, SourceError, TrainerSource};
 use crate::{AuditError, Verdict};
 

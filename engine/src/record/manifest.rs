@@ -46,9 +46,9 @@ impl Manifest {
         out
     }
 
-    /// Checks the fields the manifest repeats from the spec: format version, device profile and
-    /// checkpoint interval must be the spec's, and no more steps than the spec plans may be
-    /// committed. The error names the field and both values.
+    /// Checks the fields the manifest repeats from the spec: format version, device profile,
+    /// software version and checkpoint interval must be the spec's, and no more steps than the
+    /// spec plans may be committed. The error names the field and both values.
     pub fn check_against(&self, spec: &RunSpec) -> Result<(), String> {
         let differ = |field: &str, manifest: &dyn std::fmt::Display, spec: &dyn std::fmt::Display| {
             Err(format!("{field} is {manifest} in the manifest but {spec} in the spec"))
@@ -58,6 +58,9 @@ impl Manifest {
         }
         if self.device_profile != spec.device_profile {
             return differ("device_profile", &self.device_profile, &spec.device_profile);
+        }
+        if self.software_version != spec.software_version {
+            return differ("software_version", &self.software_version, &spec.software_version);
         }
         let interval = spec.config.train.checkpoint_interval;
         if self.checkpoint_interval != interval {
