@@ -114,9 +114,6 @@ pub struct HttpTrainer {
     policy: RetryPolicy,
     on_error: Option<ErrorHook>,
     abort: Option<AbortCheck>,
-    /// The canonical size of this run's states, once the replay knows the model
-    /// ([`TrainerSource::expect_state_bytes`]); 0 until then.
-    state_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// The spec, fetched once per source (it never changes for a run; the daemon reads it to
     /// pick a dataset before the audit reads it again). An error is kept too, so an
     /// unresponsive trainer costs one deadline, not two.
@@ -170,7 +167,6 @@ impl HttpTrainer {
             policy,
             on_error: None,
             abort: None,
-            state_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             spec: Arc::new(std::sync::OnceLock::new()),
         })
     }
@@ -517,20 +513,22 @@ impl TrainerSource for HttpTrainer {
         let raw = self.get_zstd(&p, &p, raw_max, honest_max)?;
         TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file: p, offset: None, what: e.to_string() })
     }
-
-    fn expect_state_bytes(&self, bytes: u64) {
-        self.state_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 impl HttpTrainer {
-    /// Bounds on a state: decompressed, its model's exact canonical size once known (the record
-    /// format's limit before); served, zstd's worst case for that size. An honest state always
-    /// fits both, whatever `response_bytes_max` says.
+    /// Bounds on a state: decompressed, the most a state of the run's model encodes to
+    /// (`RunSpec::state_bytes_max`, from the spec this source already holds; the record
+    /// format's limit when its config is out of range); served, zstd's worst case for that
+    /// size. An honest state always fits both, whatever `response_bytes_max` says.
     fn state_bounds(&self) -> (usize, Option<u64>) {
-        match self.state_bytes.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => (record::STATE_RAW_BYTES_MAX, None),
-            n => (usize::try_from(n).unwrap_or(usize::MAX).min(record::STATE_RAW_BYTES_MAX), Some(zstd_bound(n))),
+        let from_spec = self
+            .spec_bytes()
+            .ok()
+            .and_then(|b| serde_json::from_slice::<engine::spec::RunSpec>(&b).ok())
+            .and_then(|s| s.state_bytes_max().ok());
+        match from_spec {
+            None => (record::STATE_RAW_BYTES_MAX, None),
+            Some(n) => (n.min(record::STATE_RAW_BYTES_MAX), Some(zstd_bound(n as u64))),
         }
     }
 }

@@ -68,9 +68,6 @@ pub trait TrainerSource: Sync {
     fn init_weights(&self) -> Result<Vec<u8>, SourceError> {
         Err(SourceError::Unavailable(format!("{}: this source cannot hand out starting weights", self.describe())))
     }
-    /// Told by the replay, once it knows the model, how many bytes a state of this run
-    /// encodes to, so that a source with size limits sets them so an honest state always fits.
-    fn expect_state_bytes(&self, _bytes: u64) {}
     /// The full state after any committed step, where the source can produce it (a trainer's
     /// record server recomputes it from the nearest checkpoint). Used only to resume an
     /// interrupted audit; the default hands out checkpoints only.

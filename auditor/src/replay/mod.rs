@@ -406,11 +406,6 @@ fn phases(
             .map_err(|p| Verdict::invalid(engine::init::INIT_WEIGHTS_FILE, None, p.detail()))?;
         init_weights = Some(bytes);
     }
-    // Size limits follow from the model, so an honest state always fits (design §9): every
-    // state of the run encodes to the initial state's size.
-    if let Ok(init) = run.initial_state() {
-        src.expect_state_bytes(init.encode().len() as u64);
-    }
     audit.segment = Some(plan.segment);
     audit.intervals = plan.jobs.iter().map(|j| (j.start, j.end)).collect();
     audit.timings.open_ms = ms(t0);
