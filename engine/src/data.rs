@@ -243,6 +243,7 @@ impl Dataset {
     pub fn for_config(config: &crate::spec::Config, path: Option<&Path>) -> Result<Dataset, EngineError> {
         let context = match &config.model {
             crate::spec::ModelConfig::Gpt(g) => g.context,
+            crate::spec::ModelConfig::Graph(g) => g.context.unwrap_or(0),
             _ => 0,
         };
         let data = Self::load(&config.data, path, config.train.seed, context)?;

@@ -169,6 +169,13 @@ impl Model {
                 let graph = crate::graph::Graph::resolve(g, input_shape, *classes).map_err(EngineError::InvalidSpec)?;
                 Ok(Model::Graph(Box::new(graph)))
             }
+            (ModelConfig::Graph(g), Dataset::Text { vocab, context, .. }) => {
+                if g.context != Some(*context) {
+                    return Err(bad("text context differs from model.context"));
+                }
+                let graph = crate::graph::Graph::resolve_text(g, vocab.len()).map_err(EngineError::InvalidSpec)?;
+                Ok(Model::Graph(Box::new(graph)))
+            }
             (ModelConfig::Gpt(_), _) => Err(bad("the GPT trains on text data")),
             _ => Err(bad("MLP, CNN and graph models train on classification data")),
         }
@@ -290,6 +297,11 @@ impl Model {
                 gpt(ctx, cfg, *vocab, &get, ids, targets, *b, *t).map(|(l, g)| (l, g, None))
             }
             (Model::Graph(g), Batch::Classes { x, y, n }) => g.pass(ctx, &get, x, y, *n),
+            (Model::Graph(g), Batch::Tokens { ids, targets, b, .. }) => {
+                // Token ids below 2²⁴ are exact in FP32; the embedding reads them back.
+                let x: Vec<f32> = ids.iter().map(|&id| id as f32).collect();
+                g.pass(ctx, &get, &x, targets, *b)
+            }
             _ => Err(EngineError::Usage("batch kind does not match the model".into())),
         }
     }

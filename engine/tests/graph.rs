@@ -3,7 +3,7 @@
 
 use common::leaf::Leaf;
 use common::merkle::MerkleTree;
-use engine::graph::{GraphBuilder, GraphConfig, Op};
+use engine::graph::{GraphBuilder, GraphConfig, Op, Width};
 use engine::spec::{Config, ModelConfig, RunSpec};
 use engine::train::{Run, StepMode};
 use kernels::Profile;
@@ -138,8 +138,8 @@ fn the_toml_graph_parses_to_the_builders_graph_with_the_same_digest_and_root() {
     let toml = config(RESIDUAL).unwrap();
     let ModelConfig::Graph(g) = &toml.model else { panic!("not a graph: {:?}", toml.model) };
     assert_eq!(g, &residual_built());
-    assert_eq!(g.nodes[8].op, Op::Linear { out: 2, bias: false });
-    assert_eq!(g.nodes[0].op, Op::Linear { out: 12, bias: true }, "bias defaults to true");
+    assert_eq!(g.nodes[8].op, Op::Linear { out: Width::Fixed(2), bias: false });
+    assert_eq!(g.nodes[0].op, Op::Linear { out: Width::Fixed(12), bias: true }, "bias defaults to true");
     let mut built = toml.clone();
     built.model = residual_built().into();
     let a = Run::from_config(&toml, None, Profile::Cpu, 6).unwrap();
@@ -300,9 +300,9 @@ fn a_residual_cnn_with_norm_dropout_and_softmax_replays_on_every_profile() {
     g.node("gap", Op::GlobalAvgPool {}, &["ap"]);
     g.node("ln", Op::LayerNorm { eps: 1e-5 }, &["gap"]);
     g.node("drop", Op::Dropout { p: 0.5 }, &["ln"]);
-    g.node("fc", Op::Linear { out: 4, bias: true }, &["drop"]);
+    g.node("fc", Op::Linear { out: Width::Fixed(4), bias: true }, &["drop"]);
     g.node("sm", Op::Softmax { causal: false }, &["fc"]);
-    g.node("head", Op::Linear { out: 4, bias: true }, &["sm"]);
+    g.node("head", Op::Linear { out: Width::Fixed(4), bias: true }, &["sm"]);
     g.node("loss", Op::CrossEntropy {}, &["head", "labels"]);
     let mut cfg =
         Config::from_toml(&format!("{RESIDUAL}\n{DATA_AND_TRAIN}").replace("features = 16", "features = 36"), "t")

@@ -2,7 +2,7 @@
 //! builds a run whose step succeeds (or overflows, which is a verdict about values, not a
 //! malformed spec) — so the shape rules cover everything the kernels would refuse.
 
-use engine::graph::{GraphConfig, Node, Op};
+use engine::graph::{GraphConfig, Node, Op, Width};
 use engine::spec::Config;
 use engine::train::{Run, StepMode};
 use kernels::Profile;
@@ -31,7 +31,7 @@ lr = 0.1
 fn op() -> impl Strategy<Value = Op> {
     let small = 0usize..4;
     prop_oneof![
-        (0usize..7, any::<bool>()).prop_map(|(out, bias)| Op::Linear { out, bias }),
+        (0usize..7, any::<bool>()).prop_map(|(out, bias)| Op::Linear { out: Width::Fixed(out), bias }),
         (0usize..4, small.clone(), small.clone(), small.clone(), any::<bool>())
             .prop_map(|(o, k, s, p, bias)| { Op::Conv2d { out_channels: o, kernel: k, stride: s, padding: p, bias } }),
         (small.clone(), small.clone(), small.clone()).prop_map(|(k, s, p)| Op::MaxPool2d {
@@ -99,14 +99,18 @@ fn graph() -> impl Strategy<Value = GraphConfig> {
             .collect();
         if ending > 0 {
             let last = format!("n{}", n - 1);
-            nodes.push(Node { name: "head".into(), inputs: vec![last], op: Op::Linear { out: 3, bias: true } });
+            nodes.push(Node {
+                name: "head".into(),
+                inputs: vec![last],
+                op: Op::Linear { out: Width::Fixed(3), bias: true },
+            });
             nodes.push(Node {
                 name: "loss".into(),
                 inputs: vec!["head".into(), "labels".into()],
                 op: Op::CrossEntropy {},
             });
         }
-        GraphConfig { nodes }
+        GraphConfig { context: None, nodes }
     })
 }
 

@@ -36,14 +36,41 @@ kind = "sgd"
 lr = 0.1
 "#;
 
-/// Candle's forward pass of `graph`, from the parameter vars by name.
-fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32], classes: usize) -> Tensor {
+/// `x → linear` (`out` outputs, with bias) in candle, over the last axis.
+fn candle_linear(a: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let dims = a.dims().to_vec();
+    let i = *dims.last().unwrap();
+    let rows = a.elem_count() / i;
+    let mut h = a.reshape((rows, i)).unwrap().matmul(&w.t().unwrap()).unwrap();
+    if let Some(b) = b {
+        h = h.broadcast_add(b).unwrap();
+    }
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().unwrap() = w.dims()[0];
+    h.reshape(out_dims).unwrap()
+}
+
+/// Softmax over the last axis, optionally causal over the last two.
+fn candle_softmax(a: &Tensor, causal: bool) -> Tensor {
+    let m = a.max_keepdim(D::Minus1).unwrap().detach();
+    let mut e = a.broadcast_sub(&m).unwrap().exp().unwrap();
+    if causal {
+        let t = *a.dims().last().unwrap();
+        let tri: Vec<f64> = (0..t * t).map(|i| if i % t <= i / t { 1.0 } else { 0.0 }).collect();
+        e = e.broadcast_mul(&Tensor::from_vec(tri, (t, t), a.device()).unwrap()).unwrap();
+    }
+    e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+}
+
+/// Candle's forward pass of `graph`, from the parameter vars by name. `n` examples; `y` holds
+/// one label per example (or per position, for text).
+fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32], n: usize, classes: usize) -> Tensor {
     let dev = CDevice::Cpu;
-    let n = y.len();
+    let rows = y.len();
     let onehot = {
-        let mut t = vec![0.0f64; n * classes];
+        let mut t = vec![0.0f64; rows * classes];
         y.iter().enumerate().for_each(|(r, &c)| t[r * classes + c as usize] = 1.0);
-        Tensor::from_vec(t, (n, classes), &dev).unwrap()
+        Tensor::from_vec(t, (rows, classes), &dev).unwrap()
     };
     let var = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_tensor().clone()).unwrap();
     let mut vals: Vec<(String, Tensor)> = vec![(INPUT.to_string(), x.clone())];
@@ -53,16 +80,8 @@ fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32
         let out = match &node.op {
             Op::Linear { bias, .. } => {
                 let w = var(&format!("{}.weight", node.name));
-                let dims = a.dims().to_vec();
-                let i = *dims.last().unwrap();
-                let rows = a.elem_count() / i;
-                let mut h = a.reshape((rows, i)).unwrap().matmul(&w.t().unwrap()).unwrap();
-                if *bias {
-                    h = h.broadcast_add(&var(&format!("{}.bias", node.name))).unwrap();
-                }
-                let mut out_dims = dims.clone();
-                *out_dims.last_mut().unwrap() = w.dims()[0];
-                h.reshape(out_dims).unwrap()
+                let b = bias.then(|| var(&format!("{}.bias", node.name)));
+                candle_linear(&a, &w, b.as_ref())
             }
             Op::Conv2d { stride, padding, bias, .. } => {
                 let w = var(&format!("{}.weight", node.name));
@@ -103,16 +122,7 @@ fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32
                 let m: Vec<f64> = keep.iter().map(|&k| if k { s } else { 0.0 }).collect();
                 (a.clone() * Tensor::from_vec(m, a.dims(), &dev).unwrap()).unwrap()
             }
-            Op::Softmax { causal } => {
-                let m = a.max_keepdim(D::Minus1).unwrap().detach();
-                let mut e = a.broadcast_sub(&m).unwrap().exp().unwrap();
-                if *causal {
-                    let t = *a.dims().last().unwrap();
-                    let tri: Vec<f64> = (0..t * t).map(|i| if i % t <= i / t { 1.0 } else { 0.0 }).collect();
-                    e = e.broadcast_mul(&Tensor::from_vec(tri, (t, t), &dev).unwrap()).unwrap();
-                }
-                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
-            }
+            Op::Softmax { causal } => candle_softmax(&a, *causal),
             Op::LogSoftmax {} => {
                 let m = a.max_keepdim(D::Minus1).unwrap().detach();
                 let shifted = a.broadcast_sub(&m).unwrap();
@@ -137,15 +147,72 @@ fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32
                 a.reshape(dims).unwrap()
             }
             Op::Flatten {} => a.flatten_from(1).unwrap(),
+            Op::Permute { perm } => {
+                let dims: Vec<usize> = std::iter::once(0).chain(perm.iter().map(|p| p + 1)).collect();
+                a.permute(dims).unwrap().contiguous().unwrap()
+            }
+            Op::Slice { axis, start, end } => a.narrow(axis + 1, *start, end - start).unwrap(),
+            Op::Split { axis, parts, index } => {
+                let w = a.dims()[axis + 1] / parts;
+                a.narrow(axis + 1, index * w, w).unwrap()
+            }
+            Op::Concat { axis } => {
+                let parts: Vec<Tensor> = node.inputs.iter().map(|i| get(&vals, i)).collect();
+                Tensor::cat(&parts, axis + 1).unwrap()
+            }
+            Op::BatchNorm { eps } => {
+                // Statistics per channel over the batch and every position.
+                let dims = a.dims().to_vec();
+                let c = dims[1];
+                let a3 = a.reshape((dims[0], c, a.elem_count() / (dims[0] * c))).unwrap();
+                let mean = a3.mean_keepdim(2).unwrap().mean_keepdim(0).unwrap();
+                let cen = a3.broadcast_sub(&mean).unwrap();
+                let var_ = cen.sqr().unwrap().mean_keepdim(2).unwrap().mean_keepdim(0).unwrap();
+                let xhat = cen.broadcast_div(&(var_ + *eps).unwrap().sqrt().unwrap()).unwrap();
+                let w = var(&format!("{}.weight", node.name)).reshape((1, c, 1)).unwrap();
+                let b = var(&format!("{}.bias", node.name)).reshape((1, c, 1)).unwrap();
+                xhat.broadcast_mul(&w).unwrap().broadcast_add(&b).unwrap().reshape(dims).unwrap()
+            }
+            Op::Embedding { .. } => {
+                let w = var(&format!("{}.weight", node.name));
+                let ids: Vec<u32> =
+                    a.flatten_all().unwrap().to_vec1::<f64>().unwrap().iter().map(|&v| v as u32).collect();
+                let t = ids.len() / n;
+                let ids = Tensor::from_vec(ids, t * n, &dev).unwrap();
+                w.index_select(&ids, 0).unwrap().reshape((n, t, w.dims()[1])).unwrap()
+            }
+            Op::PositionalEmbedding {} => a.broadcast_add(&var(&format!("{}.weight", node.name))).unwrap(),
+            Op::Attention { heads, causal, dropout } => {
+                assert_eq!(*dropout, 0.0, "the reference attention has no dropout");
+                let (b, t, d) = a.dims3().unwrap();
+                let (h, dh) = (*heads, d / heads);
+                let p = |s: &str| var(&format!("{}.{s}", node.name));
+                let qkv = candle_linear(&a, &p("qkv.weight"), Some(&p("qkv.bias")));
+                let head = |i: usize| {
+                    let part = qkv.narrow(2, i * d, d).unwrap();
+                    part.reshape((b, t, h, dh)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+                };
+                let (q, k, v) = (head(0), head(1), head(2));
+                let kt = k.transpose(2, 3).unwrap().contiguous().unwrap();
+                let scores = (q.matmul(&kt).unwrap() * (1.0 / (dh as f64).sqrt())).unwrap();
+                let ctx = candle_softmax(&scores, *causal).matmul(&v).unwrap();
+                let joined = ctx.transpose(1, 2).unwrap().contiguous().unwrap().reshape((b, t, d)).unwrap();
+                candle_linear(&joined, &p("proj.weight"), Some(&p("proj.bias")))
+            }
             Op::CrossEntropy {} => {
+                let a = a.reshape((rows, classes)).unwrap();
                 let m = a.max_keepdim(1).unwrap().detach();
                 let shifted = a.broadcast_sub(&m).unwrap();
                 let lse = shifted.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
                 let logp = shifted.broadcast_sub(&lse).unwrap();
-                ((logp * &onehot).unwrap().sum_all().unwrap() / -(n as f64)).unwrap()
+                ((logp * &onehot).unwrap().sum_all().unwrap() / -(rows as f64)).unwrap()
             }
             Op::Mse {} => {
-                let t = if node.inputs[1] == LABELS { onehot.clone() } else { get(&vals, &node.inputs[1]) };
+                let t = if node.inputs[1] == LABELS {
+                    onehot.reshape(a.dims()).unwrap()
+                } else {
+                    get(&vals, &node.inputs[1])
+                };
                 (a - t).unwrap().sqr().unwrap().mean_all().unwrap()
             }
         };
@@ -158,17 +225,48 @@ fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32
 /// compares every parameter's gradient. Returns the largest relative difference seen.
 fn check(graph: GraphConfig, features: usize) -> f64 {
     let mut cfg = Config::from_toml(&BASE.replace("features = 12", &format!("features = {features}")), "t").unwrap();
-    cfg.model = graph.clone().into();
-    let run = Run::from_config(&cfg, None, Profile::CpuSeq, 1).unwrap();
+    cfg.model = graph.into();
+    compare(&Run::from_config(&cfg, None, Profile::CpuSeq, 1).unwrap())
+}
+
+/// A short text (every letter of it, so the vocabulary is known), as a file for `--data`.
+fn text_file() -> std::path::PathBuf {
+    let text = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. ".repeat(6);
+    let path = std::env::temp_dir().join(format!("tiebreak-graph-grads-{}.txt", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// [`check`] for a graph on text data: windows of `context` tokens.
+fn check_text(graph: GraphConfig) -> f64 {
+    let mut cfg = Config::from_toml(&BASE.replace("batch_size = 8", "batch_size = 3"), "t").unwrap();
+    cfg.model = graph.into();
+    cfg.data = engine::spec::DataConfig::Text(engine::spec::TextConfig { holdout_fraction: 0.1 });
+    cfg.validate().unwrap();
+    let path = text_file();
+    let run = Run::from_config(&cfg, Some(&path), Profile::CpuSeq, 1).unwrap();
+    compare(&run)
+}
+
+/// One step of `run`'s graph in the interpreter and in candle; see [`check`].
+fn compare(run: &Run) -> f64 {
+    let engine::spec::ModelConfig::Graph(graph) = &run.spec.config.model else { panic!("a graph") };
     let state = run.initial_state().unwrap();
     let batch = Batch::gather(&run.data, &run.batch_indices(1).0);
     let mut rounder = Rounder::commit();
     let mut ctx = Ctx { dev: &run.device, rounder: &mut rounder, step: 1, seed: 3 };
     let (loss, grads) = run.model.loss_and_grads(&mut ctx, &state, &batch).unwrap();
 
-    let Batch::Classes { x, y, n } = &batch else { panic!("classification batch") };
     let dev = CDevice::Cpu;
-    let x = Tensor::from_slice(x, (*n, features), &dev).unwrap().to_dtype(DType::F64).unwrap();
+    let (x, y, n) = match &batch {
+        Batch::Classes { x, y, n } => {
+            (Tensor::from_slice(x, (*n, x.len() / n), &dev).unwrap().to_dtype(DType::F64).unwrap(), y, *n)
+        }
+        Batch::Tokens { ids, targets, b, t } => {
+            let ids: Vec<f64> = ids.iter().map(|&i| i as f64).collect();
+            (Tensor::from_vec(ids, (*b, *t), &dev).unwrap(), targets, *b)
+        }
+    };
     let params = run.model.params();
     let vars: Vec<(String, Var)> = params
         .iter()
@@ -178,7 +276,7 @@ fn check(graph: GraphConfig, features: usize) -> f64 {
             (p.name.clone(), Var::from_tensor(&v).unwrap())
         })
         .collect();
-    let ref_loss = candle_loss(&graph, &vars, &x, y, run.model.classes());
+    let ref_loss = candle_loss(graph, &vars, &x, y, n, run.model.classes());
     let store = ref_loss.backward().unwrap();
     let ref_loss = ref_loss.to_scalar::<f64>().unwrap();
     assert!((loss as f64 - ref_loss).abs() <= 1e-5 * ref_loss.abs().max(1.0), "loss {loss} vs candle {ref_loss}");
@@ -355,4 +453,81 @@ fn causal_attention_as_a_composite_with_transpose_and_log_softmax() {
     let logits = g.linear("head", &f, 4);
     g.cross_entropy("loss", &logits);
     check(g.build(), 16);
+}
+
+#[test]
+fn permute_split_slice_and_concat_move_gradients_back() {
+    check(
+        around(|g, h| {
+            let grid = g.reshape("grid", h, &[2, 3]);
+            let cols = g.permute("cols", &grid, &[1, 0]); // [3, 2]
+            let parts = g.split("part", &cols, 0, 3); // three [1, 2]
+            let a = g.linear("a", &parts[0], 2);
+            let joined = g.concat("joined", &[&parts[2], &a, &parts[1], &parts[2]], 0); // [4, 2]
+            let mid = g.slice("mid", &joined, 0, 1, 4); // [3, 2]
+            let t = g.tanh("t", &mid);
+            g.flatten("flat", &t)
+        }),
+        12,
+    );
+}
+
+#[test]
+fn batch_norm_over_channels_and_over_features() {
+    // Convolution → batch norm (statistics over the batch and the 6×6 plane) → relu → pool.
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let img = g.reshape("img", &x, &[1, 6, 6]);
+    // No bias before a batch norm: it would be removed with the mean (its gradient is 0).
+    let conv = |out_channels| Op::Conv2d { out_channels, kernel: 3, stride: 1, padding: 1, bias: false };
+    let c = g.node("c1", conv(3), &[img.name()]);
+    let bn = g.batch_norm("bn", &c, 1e-5);
+    let r = g.relu("r", &bn);
+    let c2 = g.node("c2", conv(3), &[r.name()]);
+    let bn2 = g.batch_norm("bn2", &c2, 1e-5);
+    let res = g.add("res", &r, &bn2);
+    let gap = g.global_avg_pool("gap", &res);
+    let logits = g.linear("head", &gap, 4);
+    g.cross_entropy("loss", &logits);
+    check(g.build(), 36);
+    // On features: every feature is a channel.
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let h = g.linear_no_bias("fc1", &x, 6);
+    let h = g.batch_norm("bn", &h, 1e-3);
+    let h = g.tanh("t", &h);
+    let logits = g.linear("head", &h, 4);
+    g.cross_entropy("loss", &logits);
+    check(g.build(), 12);
+}
+
+/// A small GPT on text, built from the catalogue: token and position embeddings, pre-norm
+/// blocks of multi-head causal attention and a GELU MLP with residuals, and a head over the
+/// vocabulary; the loss averages over every position.
+fn tiny_gpt(context: usize, d: usize, heads: usize, layers: usize, dropout: f64) -> GraphConfig {
+    let mut g = GraphBuilder::text(context);
+    let x = g.input();
+    let tok = g.embedding("tok_emb", &x, d);
+    let mut h = g.positional_embedding("pos_emb", &tok);
+    for l in 0..layers {
+        let p = |s: &str| format!("blk{l}.{s}");
+        let n1 = g.layer_norm(&p("ln1"), &h, 1e-5);
+        let a = g.causal_self_attention(&p("attn"), &n1, heads, dropout);
+        h = g.add(&p("res1"), &h, &a);
+        let n2 = g.layer_norm(&p("ln2"), &h, 1e-5);
+        let f = g.linear(&p("mlp.fc"), &n2, 4 * d);
+        let f = g.gelu(&p("mlp.act"), &f);
+        let f = g.linear(&p("mlp.proj"), &f, d);
+        h = g.add(&p("res2"), &h, &f);
+    }
+    let h = g.layer_norm("ln_f", &h, 1e-5);
+    let logits = g.linear_classes("lm_head", &h);
+    g.cross_entropy("loss", &logits);
+    g.build()
+}
+
+#[test]
+fn a_multi_head_transformer_on_text() {
+    let worst = check_text(tiny_gpt(8, 8, 2, 2, 0.0));
+    assert!(worst < 1e-4, "honest differences are FP32 rounding, not {worst}");
 }

@@ -1,7 +1,7 @@
 //! An invalid graph is an error naming the node and the field, from the TOML path and from a
 //! committed spec (where it is the trainer's fault), and never a panic.
 
-use engine::graph::{GraphBuilder, GraphConfig, Node, Op};
+use engine::graph::{GraphBuilder, GraphConfig, Node, Op, Width};
 use engine::spec::{Config, RunSpec, SpecInvalid};
 use engine::train::Run;
 use kernels::Profile;
@@ -77,14 +77,18 @@ fn each_mistake_names_its_node_and_field() {
         "model.nodes[1].inputs[0]",
         "cycle",
     );
-    refused(edit(|n| n[1].name = "fc1".into()), "model.nodes[1].name", "already the name of model.nodes[0]");
+    refused(
+        edit(|n| n[1].name = "fc1".into()),
+        "model.nodes[1].name",
+        "already the name of a node (from model.nodes[0])",
+    );
     refused(edit(|n| n[1].name = "x".into()), "model.nodes[1].name", "reserved");
     refused(edit(|n| n[1].name = "a/b".into()), "model.nodes[1].name", "characters");
     refused(edit(|n| n[1].name = "a".repeat(49)), "model.nodes[1].name", "1..=48");
-    refused(edit(|n| n[2].op = Op::Linear { out: 4, bias: true }), "model.nodes[3].inputs", "3 classes");
+    refused(edit(|n| n[2].op = Op::Linear { out: Width::Fixed(4), bias: true }), "model.nodes[3].inputs", "3 classes");
     refused(edit(|n| n[1] = node("act", Op::Add {}, &["fc1", "x"])), "model.nodes[1].inputs", "[5] and [6] differ");
     refused(edit(|n| n[1] = node("act", Op::Add {}, &["fc1"])), "model.nodes[1].inputs", "takes 2 inputs, not 1");
-    refused(edit(|n| n[0].op = Op::Linear { out: 0, bias: true }), "model.nodes[0].out", "at least 1");
+    refused(edit(|n| n[0].op = Op::Linear { out: Width::Fixed(0), bias: true }), "model.nodes[0].out", "at least 1");
     refused(
         edit(|n| n[1] = node("act", Op::Reshape { shape: vec![2, 3] }, &["fc1"])),
         "model.nodes[1].shape",
@@ -111,13 +115,13 @@ fn structure_mistakes_are_refused() {
     );
     // A node nothing reads (and so an unused parameter).
     refused(
-        edit(|n| n.insert(1, node("dead", Op::Linear { out: 2, bias: true }, &["x"]))),
+        edit(|n| n.insert(1, node("dead", Op::Linear { out: Width::Fixed(2), bias: true }, &["x"]))),
         "model.nodes[1].name",
         "\"dead\" is never used",
     );
     // No parameters at all.
     refused(
-        GraphConfig { nodes: vec![node("loss", Op::Mse {}, &["x", "x"])] },
+        GraphConfig { context: None, nodes: vec![node("loss", Op::Mse {}, &["x", "x"])] },
         "model.nodes",
         "no parameters to train",
     );
@@ -131,15 +135,19 @@ fn structure_mistakes_are_refused() {
     refused(g.build(), "model.nodes", "no parameters to train");
     let mut g = GraphBuilder::new();
     let _ = g.input();
-    let w = g.node("w", Op::Linear { out: 3, bias: true }, &["labels"]);
+    let w = g.node("w", Op::Linear { out: Width::Fixed(3), bias: true }, &["labels"]);
     g.cross_entropy("loss", &w);
     refused(g.build(), "model.nodes[0].inputs[0]", "only be the second input of a loss");
 }
 
 #[test]
 fn sizes_beyond_the_limits_are_refused_before_anything_is_allocated() {
-    refused(edit(|n| n[0].op = Op::Linear { out: 1 << 40, bias: true }), "model.nodes[0].op", "exceeds");
-    refused(edit(|n| n[0].op = Op::Linear { out: usize::MAX, bias: true }), "model.nodes[0].op", "exceeds");
+    refused(edit(|n| n[0].op = Op::Linear { out: Width::Fixed(1 << 40), bias: true }), "model.nodes[0].op", "exceeds");
+    refused(
+        edit(|n| n[0].op = Op::Linear { out: Width::Fixed(usize::MAX), bias: true }),
+        "model.nodes[0].op",
+        "exceeds",
+    );
     let mut g = good();
     g.nodes.splice(1..1, (0..engine::graph::NODES_MAX).map(|i| node(&format!("r{i}"), Op::Relu {}, &["fc1"])));
     refused(g, "model.nodes", "more than 4096");

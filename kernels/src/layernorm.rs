@@ -75,6 +75,42 @@ fn y_bound(g: f64, c: f64, rstd: f64, (e_mu, e_r): (f64, f64), y: f64) -> f64 {
     two_sided(g.abs() * (e_c * rstd + c.abs() * e_r) + gamma(2) * prod.abs() + U * y.abs() + ETA)
 }
 
+/// Where the affine weights of element `(row, col)` come from: one per column (layer norm,
+/// which normalises each example's features) or one per row (batch norm, whose rows are
+/// channels).
+#[derive(Clone, Copy)]
+enum Affine<'a> {
+    PerCol(&'a [f32], &'a [f32]),
+    PerRow(&'a [f32], &'a [f32]),
+}
+
+impl Affine<'_> {
+    #[inline]
+    fn gamma(self, r: usize, i: usize) -> f64 {
+        match self {
+            Affine::PerCol(g, _) => g[i] as f64,
+            Affine::PerRow(g, _) => g[r] as f64,
+        }
+    }
+
+    #[inline]
+    fn beta(self, r: usize, i: usize) -> f64 {
+        match self {
+            Affine::PerCol(_, b) => b[i] as f64,
+            Affine::PerRow(_, b) => b[r] as f64,
+        }
+    }
+
+    fn check(self, op: &'static str, rows: usize, cols: usize) -> Result<()> {
+        let (g, b, n) = match self {
+            Affine::PerCol(g, b) => (g, b, cols),
+            Affine::PerRow(g, b) => (g, b, rows),
+        };
+        check_len(op, "gamma", g.len(), n)?;
+        check_len(op, "beta", b.len(), n)
+    }
+}
+
 impl Device {
     /// Layer norm of each of `rows` rows of length `cols`, with affine `gamma`, `beta` (`cols`).
     /// `eps` must be positive.
@@ -87,24 +123,55 @@ impl Device {
         cols: usize,
         eps: f64,
     ) -> Result<LayerNormOut> {
+        self.norm("layer_norm", x, Affine::PerCol(gamma_w, beta), rows, cols, eps)
+    }
+
+    /// Batch normalisation with batch statistics, laid out as `rows` channels of `cols` values
+    /// each (every example's and position's value of that channel, in the caller's fixed
+    /// order), with one affine `gamma`, `beta` per channel. The same definition as
+    /// [`Device::layer_norm`] with the affine per row; computed on the host on every profile
+    /// (the cuda profile in its sequential order).
+    pub fn batch_norm(
+        &self,
+        x: &[f32],
+        gamma_w: &[f32],
+        beta: &[f32],
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) -> Result<LayerNormOut> {
+        self.norm("batch_norm", x, Affine::PerRow(gamma_w, beta), rows, cols, eps)
+    }
+
+    fn norm(
+        &self,
+        op: &'static str,
+        x: &[f32],
+        affine: Affine<'_>,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) -> Result<LayerNormOut> {
         const OP: &str = "layer_norm";
-        check_len(OP, "x", x.len(), checked_prod(OP, &[rows, cols])?)?;
-        check_len(OP, "gamma", gamma_w.len(), cols)?;
-        check_len(OP, "beta", beta.len(), cols)?;
+        check_len(op, "x", x.len(), checked_prod(op, &[rows, cols])?)?;
+        affine.check(op, rows, cols)?;
         if !(eps > 0.0 && eps.is_finite()) {
-            return Err(arg_err(OP, format!("eps {eps} must be positive and finite")));
+            return Err(arg_err(op, format!("eps {eps} must be positive and finite")));
         }
         if cols == 0 {
-            return Err(arg_err(OP, "rows of length 0 have no mean"));
+            return Err(arg_err(op, "rows of length 0 have no mean"));
         }
         let p = self.profile();
         let n = cols;
         let nf = n as f64;
-        let gpu = self.gpu().map(|g| {
-            let ins = [In::F32(x), In::F32(gamma_w), In::F32(beta)];
-            let outs = [x.len(), rows, rows, rows];
-            g.run(OP, "layer_norm_fwd", rows, &ins, outs, &[size(rows), size(cols), Param::F64(eps)])
-        });
+        let gpu = match affine {
+            Affine::PerCol(gamma_w, beta) => self.gpu().map(|g| {
+                let ins = [In::F32(x), In::F32(gamma_w), In::F32(beta)];
+                let outs = [x.len(), rows, rows, rows];
+                g.run(OP, "layer_norm_fwd", rows, &ins, outs, &[size(rows), size(cols), Param::F64(eps)])
+            }),
+            Affine::PerRow(..) => None,
+        };
         let (mut y, from_gpu) = match gpu.transpose()? {
             Some([y, mean, rstd, ss]) => (y, Some((mean, rstd, ss))),
             None => (vec![0.0; x.len()], None),
@@ -123,7 +190,7 @@ impl Device {
                         let e_r = rstd_err(n, e_mu, ss[r], rstd, eps);
                         for (i, ((d, &xv), &yv)) in br.iter_mut().zip(xr).zip(yr.iter()).enumerate() {
                             // c = x − μ is one correctly rounded subtraction: the GPU's own c.
-                            *d = y_bound(gamma_w[i] as f64, xv as f64 - mu, rstd, (e_mu, e_r), yv);
+                            *d = y_bound(affine.gamma(r, i), xv as f64 - mu, rstd, (e_mu, e_r), yv);
                         }
                         (mu, rstd, e_mu, e_r)
                     }
@@ -137,8 +204,8 @@ impl Device {
                         let rstd = 1.0 / (ss / nf + eps).sqrt();
                         let e_r = rstd_err(n, e_mu, ss, rstd, eps);
                         for (i, (c, d)) in yr.iter_mut().zip(br.iter_mut()).enumerate() {
-                            let g = gamma_w[i] as f64;
-                            let out = *c * rstd * g + beta[i] as f64;
+                            let g = affine.gamma(r, i);
+                            let out = *c * rstd * g + affine.beta(r, i);
                             *d = y_bound(g, *c, rstd, (e_mu, e_r), out);
                             *c = out;
                         }
@@ -176,15 +243,50 @@ impl Device {
         rows: usize,
         cols: usize,
     ) -> Result<LayerNormGrads> {
+        self.norm_backward("layer_norm_backward", x, Affine::PerCol(gamma_w, &[]), mean, rstd, gy, rows, cols)
+    }
+
+    /// Batch norm backward ([`Device::batch_norm`]'s layout): as
+    /// [`Device::layer_norm_backward`] with `γ` per row, so `gγ` and `gβ` are sums over each
+    /// row (`gγ_r = Σ gy·x̂`, `gβ_r = Σ gy`).
+    #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs, all same-typed slices
+    pub fn batch_norm_backward(
+        &self,
+        x: &[f32],
+        gamma_w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gy: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<LayerNormGrads> {
+        self.norm_backward("batch_norm_backward", x, Affine::PerRow(gamma_w, &[]), mean, rstd, gy, rows, cols)
+    }
+
+    #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs, all same-typed slices
+    fn norm_backward(
+        &self,
+        op: &'static str,
+        x: &[f32],
+        affine: Affine<'_>,
+        mean: &[f32],
+        rstd: &[f32],
+        gy: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<LayerNormGrads> {
         const OP: &str = "layer_norm_backward";
-        let total = checked_prod(OP, &[rows, cols])?;
-        check_len(OP, "x", x.len(), total)?;
-        check_len(OP, "grad_out", gy.len(), total)?;
-        check_len(OP, "gamma", gamma_w.len(), cols)?;
-        check_len(OP, "mean", mean.len(), rows)?;
-        check_len(OP, "rstd", rstd.len(), rows)?;
+        let total = checked_prod(op, &[rows, cols])?;
+        check_len(op, "x", x.len(), total)?;
+        check_len(op, "grad_out", gy.len(), total)?;
+        match affine {
+            Affine::PerCol(g, _) => check_len(op, "gamma", g.len(), cols)?,
+            Affine::PerRow(g, _) => check_len(op, "gamma", g.len(), rows)?,
+        }
+        check_len(op, "mean", mean.len(), rows)?;
+        check_len(op, "rstd", rstd.len(), rows)?;
         if cols == 0 {
-            return Err(arg_err(OP, "rows of length 0 have no mean"));
+            return Err(arg_err(op, "rows of length 0 have no mean"));
         }
         let p = self.profile();
         let n = cols;
@@ -193,13 +295,17 @@ impl Device {
         // the host computes it for every profile, the GPU receives it.
         let xhat: Vec<f64> =
             x.iter().enumerate().map(|(i, &v)| (v as f64 - mean[i / n] as f64) * rstd[i / n] as f64).collect();
-        let gpu = self.gpu().map(|g| {
-            let ins = [In::F32(gy), In::F32(gamma_w), In::F64(&xhat), In::F32(rstd)];
-            let [gx, a, b] = g.run(OP, "layer_norm_bwd", rows, &ins, [total, rows, rows], &[size(rows), size(cols)])?;
-            let sizes = [size(rows), size(cols)];
-            let [ggamma] = g.run(OP, "col_dot", cols, &[In::F32(gy), In::F64(&xhat)], [cols], &sizes)?;
-            Ok::<_, crate::KernelError>((gx, a, b, ggamma))
-        });
+        let gpu = match affine {
+            Affine::PerCol(gamma_w, _) => self.gpu().map(|g| {
+                let ins = [In::F32(gy), In::F32(gamma_w), In::F64(&xhat), In::F32(rstd)];
+                let [gx, a, b] =
+                    g.run(OP, "layer_norm_bwd", rows, &ins, [total, rows, rows], &[size(rows), size(cols)])?;
+                let sizes = [size(rows), size(cols)];
+                let [ggamma] = g.run(OP, "col_dot", cols, &[In::F32(gy), In::F64(&xhat)], [cols], &sizes)?;
+                Ok::<_, crate::KernelError>((gx, a, b, ggamma))
+            }),
+            Affine::PerRow(..) => None,
+        };
         let (mut gx, from_gpu, ggamma_gpu) = match gpu.transpose()? {
             Some((gx, a, b, ggamma)) => (gx, Some((a, b)), Some(ggamma)),
             None => (vec![0.0; total], None, None),
@@ -209,7 +315,7 @@ impl Device {
             let gr = &gy[r * n..(r + 1) * n];
             let xh = &xhat[r * n..(r + 1) * n];
             let rs = rstd[r] as f64;
-            let g = |i: usize| gr[i] as f64 * gamma_w[i] as f64;
+            let g = |i: usize| gr[i] as f64 * affine.gamma(r, i);
             let (a, b) = match &from_gpu {
                 Some((a, b)) => (a[r], b[r]),
                 None => (sum_by(p, n, g) / nf, dot_by(p, n, g, |i| xh[i]) / nf),
@@ -233,24 +339,46 @@ impl Device {
                 bnd[i] = two_sided(rs * e_t + gamma(2) * out[i].abs() + ETA);
             }
         });
-        // Column reductions over rows, each in the profile's order, parallel over columns.
-        let (ggamma, ggb): (Vec<f64>, Vec<f64>) = (0..n)
-            .into_par_iter()
-            .map(|j| {
-                let v = match &ggamma_gpu {
-                    Some(gg) => gg[j],
-                    None => dot_by(p, rows, |r| gy[r * n + j] as f64, |r| xhat[r * n + j]),
+        let (ggamma, gbeta) = match affine {
+            Affine::PerCol(..) => {
+                // Column reductions over rows, each in the profile's order, parallel over columns.
+                let (ggamma, ggb): (Vec<f64>, Vec<f64>) = (0..n)
+                    .into_par_iter()
+                    .map(|j| {
+                        let v = match &ggamma_gpu {
+                            Some(gg) => gg[j],
+                            None => dot_by(p, rows, |r| gy[r * n + j] as f64, |r| xhat[r * n + j]),
+                        };
+                        let abs: f64 = (0..rows).map(|r| (gy[r * n + j] as f64 * xhat[r * n + j]).abs()).sum();
+                        // rows rounded products, any order/FMA: per side γ_rows·Σ|gy·x̂|.
+                        (v, two_sided(gamma(rows) * abs + ETA))
+                    })
+                    .unzip();
+                let ggamma = Bounded { values: ggamma, bound: ErrorBound::PerElement(ggb) };
+                (ggamma, self.sum_rows(gy, rows, cols)?)
+            }
+            Affine::PerRow(..) => {
+                // Reductions along each row, in the profile's order, parallel over rows.
+                type Sums = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+                let (gg, gb): Sums = (0..rows)
+                    .into_par_iter()
+                    .map(|r| {
+                        let (gr, xh) = (&gy[r * n..(r + 1) * n], &xhat[r * n..(r + 1) * n]);
+                        let dot = dot_by(p, n, |i| gr[i] as f64, |i| xh[i]);
+                        let abs_dot: f64 = (0..n).map(|i| (gr[i] as f64 * xh[i]).abs()).sum();
+                        let sum = sum_by(p, n, |i| gr[i] as f64);
+                        let mut terms = ExactTerms::new();
+                        gr.iter().for_each(|&v| terms.value(v));
+                        ((dot, two_sided(gamma(n) * abs_dot + ETA)), (sum, terms.bound()))
+                    })
+                    .unzip();
+                let split = |v: Vec<(f64, f64)>| {
+                    let (values, bounds) = v.into_iter().unzip();
+                    Bounded { values, bound: ErrorBound::PerElement(bounds) }
                 };
-                let abs: f64 = (0..rows).map(|r| (gy[r * n + j] as f64 * xhat[r * n + j]).abs()).sum();
-                // rows rounded products, any order/FMA: per side γ_rows·Σ|gy·x̂|.
-                (v, two_sided(gamma(rows) * abs + ETA))
-            })
-            .unzip();
-        let gbeta = self.sum_rows(gy, rows, cols)?;
-        Ok(LayerNormGrads {
-            gx: Bounded { values: gx, bound: ErrorBound::PerElement(gxb) },
-            ggamma: Bounded { values: ggamma, bound: ErrorBound::PerElement(ggb) },
-            gbeta,
-        })
+                (split(gg), split(gb))
+            }
+        };
+        Ok(LayerNormGrads { gx: Bounded { values: gx, bound: ErrorBound::PerElement(gxb) }, ggamma, gbeta })
     }
 }

@@ -18,7 +18,7 @@
 //! The builder checks nothing: the graph is checked, with errors naming node and field, when
 //! the spec is validated (as every graph is, whoever wrote it).
 
-use super::{GraphConfig, INPUT, Node, Op};
+use super::{ClassesWord, GraphConfig, INPUT, Node, Op, Width};
 
 /// A handle to a tensor of the graph being built: the name of the node that produces it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,12 +42,18 @@ impl Tensor {
 /// Appends nodes to a graph.
 #[derive(Debug, Clone, Default)]
 pub struct GraphBuilder {
+    context: Option<usize>,
     nodes: Vec<Node>,
 }
 
 impl GraphBuilder {
     pub fn new() -> GraphBuilder {
         GraphBuilder::default()
+    }
+
+    /// A graph for text data, whose examples are windows of `context` tokens.
+    pub fn text(context: usize) -> GraphBuilder {
+        GraphBuilder { context: Some(context), nodes: Vec::new() }
     }
 
     /// The batch's input `x`.
@@ -63,12 +69,89 @@ impl GraphBuilder {
 
     /// `x·Wᵀ + b` with `out` outputs (parameters `<name>.weight`, `<name>.bias`).
     pub fn linear(&mut self, name: &str, x: &Tensor, out: usize) -> Tensor {
-        self.node(name, Op::Linear { out, bias: true }, &[x.name()])
+        self.node(name, Op::Linear { out: Width::Fixed(out), bias: true }, &[x.name()])
     }
 
     /// `x·Wᵀ` with `out` outputs (parameter `<name>.weight`).
     pub fn linear_no_bias(&mut self, name: &str, x: &Tensor, out: usize) -> Tensor {
-        self.node(name, Op::Linear { out, bias: false }, &[x.name()])
+        self.node(name, Op::Linear { out: Width::Fixed(out), bias: false }, &[x.name()])
+    }
+
+    /// `x·Wᵀ + b` with one output per class (per token of the vocabulary, for text).
+    pub fn linear_classes(&mut self, name: &str, x: &Tensor) -> Tensor {
+        self.node(name, Op::Linear { out: Width::Classes(ClassesWord::Classes), bias: true }, &[x.name()])
+    }
+
+    /// A 2-D convolution with `out_channels` square `kernel`s (parameters `<name>.weight`,
+    /// `<name>.bias`).
+    pub fn conv2d(
+        &mut self,
+        name: &str,
+        x: &Tensor,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Tensor {
+        self.node(name, Op::Conv2d { out_channels, kernel, stride, padding, bias: true }, &[x.name()])
+    }
+
+    pub fn max_pool2d(&mut self, name: &str, x: &Tensor, kernel: usize, stride: usize) -> Tensor {
+        self.node(name, Op::MaxPool2d { kernel, stride, padding: 0 }, &[x.name()])
+    }
+
+    pub fn avg_pool2d(&mut self, name: &str, x: &Tensor, kernel: usize, stride: usize) -> Tensor {
+        self.node(name, Op::AvgPool2d { kernel, stride, padding: 0 }, &[x.name()])
+    }
+
+    /// `[c, h, w] → [c]`.
+    pub fn global_avg_pool(&mut self, name: &str, x: &Tensor) -> Tensor {
+        self.node(name, Op::GlobalAvgPool {}, &[x.name()])
+    }
+
+    /// Batch normalisation with batch statistics over `[c, …]` (parameters `<name>.weight`,
+    /// `<name>.bias`).
+    pub fn batch_norm(&mut self, name: &str, x: &Tensor, eps: f64) -> Tensor {
+        self.node(name, Op::BatchNorm { eps }, &[x.name()])
+    }
+
+    /// Embeds the token ids of text data in `dim` dimensions (parameter `<name>.weight`).
+    pub fn embedding(&mut self, name: &str, ids: &Tensor, dim: usize) -> Tensor {
+        self.node(name, Op::Embedding { dim }, &[ids.name()])
+    }
+
+    /// Adds a learned tensor of `x`'s shape (parameter `<name>.weight`).
+    pub fn positional_embedding(&mut self, name: &str, x: &Tensor) -> Tensor {
+        self.node(name, Op::PositionalEmbedding {}, &[x.name()])
+    }
+
+    /// Causal multi-head self-attention over `[t, d]` (see [`Op::Attention`] for what it
+    /// expands to), with dropout `p` on the attention weights.
+    pub fn causal_self_attention(&mut self, name: &str, x: &Tensor, heads: usize, p: f64) -> Tensor {
+        self.node(name, Op::Attention { heads, causal: true, dropout: p }, &[x.name()])
+    }
+
+    /// Output axis `i` is axis `perm[i]` of `x`.
+    pub fn permute(&mut self, name: &str, x: &Tensor, perm: &[usize]) -> Tensor {
+        self.node(name, Op::Permute { perm: perm.to_vec() }, &[x.name()])
+    }
+
+    /// Elements `start..end` of `axis`.
+    pub fn slice(&mut self, name: &str, x: &Tensor, axis: usize, start: usize, end: usize) -> Tensor {
+        self.node(name, Op::Slice { axis, start, end }, &[x.name()])
+    }
+
+    /// `parts` equal parts of `axis`, as nodes `<name>.0`, `<name>.1`, ….
+    pub fn split(&mut self, name: &str, x: &Tensor, axis: usize, parts: usize) -> Vec<Tensor> {
+        (0..parts)
+            .map(|index| self.node(&format!("{name}.{index}"), Op::Split { axis, parts, index }, &[x.name()]))
+            .collect()
+    }
+
+    /// The tensors joined along `axis`.
+    pub fn concat(&mut self, name: &str, xs: &[&Tensor], axis: usize) -> Tensor {
+        let inputs: Vec<&str> = xs.iter().map(|x| x.name()).collect();
+        self.node(name, Op::Concat { axis }, &inputs)
     }
 
     pub fn relu(&mut self, name: &str, x: &Tensor) -> Tensor {
@@ -153,6 +236,6 @@ impl GraphBuilder {
 
     /// The graph built so far.
     pub fn build(self) -> GraphConfig {
-        GraphConfig { nodes: self.nodes }
+        GraphConfig { context: self.context, nodes: self.nodes }
     }
 }

@@ -149,7 +149,8 @@ impl Graph {
             params,
             n,
             labels: y,
-            classes: self.classes,
+            classes: self.data.classes,
+            out_shape: &node.shape,
         })
     }
 }

@@ -81,7 +81,43 @@ pub const LABELS: &str = "labels";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GraphConfig {
+    /// Tokens per example when the graph trains on text (the window length); absent for other
+    /// data, and then not serialised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<usize>,
     pub nodes: Vec<Node>,
+}
+
+/// A width: a number, or `"classes"` for the data's class count (the vocabulary of text data,
+/// which only the data knows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Width {
+    Fixed(usize),
+    Classes(ClassesWord),
+}
+
+/// The word `classes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassesWord {
+    Classes,
+}
+
+impl Width {
+    /// The data's class count for `"classes"`.
+    pub fn resolve(self, classes: usize) -> usize {
+        match self {
+            Width::Fixed(n) => n,
+            Width::Classes(_) => classes,
+        }
+    }
+}
+
+impl From<usize> for Width {
+    fn from(n: usize) -> Width {
+        Width::Fixed(n)
+    }
 }
 
 /// One op applied to named inputs. (Unknown fields are refused by [`Op`], which receives
@@ -120,7 +156,7 @@ pub enum Op {
     /// `y = x·Wᵀ + b` over the last axis: `[…, i] → […, out]`; parameters `weight` `[out, i]`
     /// and (unless `bias = false`) `bias` `[out]`.
     Linear {
-        out: usize,
+        out: Width,
         #[serde(default = "yes")]
         bias: bool,
     },
@@ -201,7 +237,48 @@ pub enum Op {
     Reshape { shape: Vec<usize> },
     /// The same values as one axis.
     Flatten {},
-    /// Mean cross-entropy of logits `[classes]` against `labels`: inputs `[logits, labels]`.
+    /// Permutes the per-example axes: output axis `i` is input axis `perm[i]` (moved, not
+    /// rounded).
+    Permute { perm: Vec<usize> },
+    /// Elements `start..end` of `axis` (moved, not rounded).
+    Slice { axis: usize, start: usize, end: usize },
+    /// Part `index` of `parts` equal parts of `axis` (a [`Op::Slice`] whose bounds follow from
+    /// the shape).
+    Split { axis: usize, parts: usize, index: usize },
+    /// Two or more tensors joined along `axis`; the other axes must agree (moved, not rounded).
+    Concat { axis: usize },
+    /// Batch normalisation with batch statistics: for `[c, …]`, each channel is normalised with
+    /// the mean and variance over the batch and every position, then scaled and shifted by its
+    /// `weight` (ones) and `bias` (zeros); `eps` (default 1e-5) inside the square root. The
+    /// statistics are the batch's in training and in evaluation alike: there are no running
+    /// averages, so nothing outside the committed parameters shapes the output.
+    BatchNorm {
+        #[serde(default = "layer_norm_eps")]
+        eps: f64,
+    },
+    /// Token embedding: reads the token ids `x` of text data (`[t]`) and gives `[t, dim]`;
+    /// parameter `weight` `[classes, dim]` (the vocabulary), uniform in ±0.1.
+    Embedding { dim: usize },
+    /// Adds a learned tensor of the input's per-example shape to every example (a GPT's
+    /// position embedding on `[t, d]`); parameter `weight`, uniform in ±0.1.
+    PositionalEmbedding {},
+    /// Causal (unless `causal = false`) multi-head self-attention over `[t, d]`, a composite
+    /// that expands, where it stands, into the catalogue's ops: `<name>.qkv` (linear to
+    /// `3d`), `<name>.heads` (reshape `[t, 3, heads, d/heads]`), `<name>.split` (permute to
+    /// `[3, heads, t, d/heads]`), `<name>.q`, `.k`, `.v` (split), `<name>.scores` (matmul
+    /// `q·kᵀ/√(d/heads)`), `<name>.probs` (softmax), `<name>.drop` (dropout `p = dropout`, when
+    /// above 0), `<name>.ctx` (matmul with `v`), `<name>.merge` (permute), `<name>.joined`
+    /// (reshape `[t, d]`) and `<name>.proj` (linear to `d`), whose output is the node's.
+    /// Parameters `<name>.qkv.weight`, `.bias`, `<name>.proj.weight`, `.bias`.
+    Attention {
+        heads: usize,
+        #[serde(default = "yes")]
+        causal: bool,
+        #[serde(default)]
+        dropout: f64,
+    },
+    /// Mean cross-entropy of logits `[…, classes]` against `labels` (`[…]`: one class per
+    /// example, or per position of text data): inputs `[logits, labels]`.
     CrossEntropy {},
     /// Mean squared error over all elements: inputs `[prediction, target]`; a target of
     /// `labels` means their one-hot encoding (`[classes]`).

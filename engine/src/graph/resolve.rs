@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{GraphConfig, INPUT, LABELS, Op};
+use super::ops::DataInfo;
+use super::{GraphConfig, INPUT, LABELS, Node, Op, Width};
 use crate::model::ParamSpec;
 use crate::spec::{ACTIVATION_VALUES_MAX, SpecInvalid};
 
@@ -42,6 +43,9 @@ pub(crate) struct Resolved {
     pub params: Vec<usize>,
     /// Whether the node's output needs a gradient (it depends on a parameter).
     pub needs_grad: bool,
+    /// The position of the node in the config it comes from (an attention node's parts all
+    /// come from it).
+    pub origin: usize,
 }
 
 /// A checked graph, ready to run on data of one input shape and class count.
@@ -49,7 +53,7 @@ pub(crate) struct Resolved {
 pub struct Graph {
     pub(crate) nodes: Vec<Resolved>,
     pub(crate) params: Vec<ParamSpec>,
-    pub(crate) classes: usize,
+    pub(crate) data: DataInfo,
     /// Values of every tensor the interpreter keeps, per example (for the batch-size limit).
     pub(crate) activation_values: u64,
 }
@@ -68,10 +72,42 @@ fn checked_numel(shape: &[usize]) -> Option<u64> {
     shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)).filter(|&n| n <= ACTIVATION_VALUES_MAX)
 }
 
+/// A graph being resolved: what the nodes so far have established.
+struct Resolver<'c> {
+    data: DataInfo,
+    input_shape: Vec<usize>,
+    index: BTreeMap<String, usize>,
+    resolved: Vec<Resolved>,
+    params: Vec<ParamSpec>,
+    used: Vec<bool>,
+    input_used: bool,
+    activation_values: u64,
+    /// The user's nodes (for "defined later" messages).
+    written: &'c [Node],
+}
+
 impl Graph {
-    /// Checks `cfg` on data of per-example `input_shape` with `classes` classes. Fields are
-    /// named from the config's root (`model.nodes[2].out`).
+    /// Checks `cfg` on classification data of per-example `input_shape` with `classes`
+    /// classes. Fields are named from the config's root (`model.nodes[2].out`).
     pub fn resolve(cfg: &GraphConfig, input_shape: &[usize], classes: usize) -> Result<Graph, SpecInvalid> {
+        if cfg.context.is_some() {
+            return Err(invalid("model.context".into(), "only a graph trained on text data has a context"));
+        }
+        Self::resolve_with(cfg, input_shape, DataInfo { classes, labels: vec![], tokens: false })
+    }
+
+    /// Checks `cfg` on text data with a vocabulary of `vocab` tokens: `x` holds `context` token
+    /// ids per example, `labels` the next token at each position.
+    pub fn resolve_text(cfg: &GraphConfig, vocab: usize) -> Result<Graph, SpecInvalid> {
+        let t = match cfg.context {
+            Some(0) => return Err(invalid("model.context".into(), "must be at least 1")),
+            Some(t) => t,
+            None => return Err(invalid("model.context".into(), "a graph trained on text data needs a context")),
+        };
+        Self::resolve_with(cfg, &[t], DataInfo { classes: vocab, labels: vec![t], tokens: true })
+    }
+
+    fn resolve_with(cfg: &GraphConfig, input_shape: &[usize], data: DataInfo) -> Result<Graph, SpecInvalid> {
         let nodes = &cfg.nodes;
         if nodes.is_empty() {
             return Err(invalid("model.nodes".into(), "the graph has no nodes"));
@@ -79,146 +115,54 @@ impl Graph {
         if nodes.len() > NODES_MAX {
             return Err(invalid("model.nodes".into(), format!("{} nodes, more than {NODES_MAX}", nodes.len())));
         }
-        let mut index: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut resolved: Vec<Resolved> = Vec::with_capacity(nodes.len());
-        let mut params: Vec<ParamSpec> = Vec::new();
-        let mut used = vec![false; nodes.len()];
-        let mut input_used = false;
-        let mut activation_values = checked_numel(input_shape).unwrap_or(u64::MAX);
+        let mut r = Resolver {
+            data,
+            input_shape: input_shape.to_vec(),
+            index: BTreeMap::new(),
+            resolved: Vec::with_capacity(nodes.len()),
+            params: Vec::new(),
+            used: Vec::with_capacity(nodes.len()),
+            input_used: false,
+            activation_values: checked_numel(input_shape).unwrap_or(u64::MAX),
+            written: nodes,
+        };
         for (i, node) in nodes.iter().enumerate() {
-            let at = |field: &str| format!("model.nodes[{i}].{field}");
-            let name = node.name.as_str();
-            if !valid_name(name) {
+            if node.op.is_loss() && i + 1 != nodes.len() {
                 return Err(invalid(
-                    at("name"),
-                    format!("{name:?} must be 1..={NAME_MAX} characters of A-Z a-z 0-9 _ . -"),
+                    format!("model.nodes[{i}].op"),
+                    format!("node {:?}: the loss must be the last node, and the only one", node.name),
                 ));
             }
-            if name == INPUT || name == LABELS {
-                return Err(invalid(at("name"), format!("{name:?} is reserved for the batch's tensors")));
-            }
-            if let Some(&j) = index.get(name) {
-                return Err(invalid(at("name"), format!("{name:?} is already the name of model.nodes[{j}]")));
-            }
-            let op = &node.op;
-            if node.inputs.len() != op.arity() {
-                return Err(invalid(
-                    at("inputs"),
-                    format!("node {name:?}: {} takes {} inputs, not {}", op.name(), op.arity(), node.inputs.len()),
-                ));
-            }
-            let mut srcs = Vec::with_capacity(node.inputs.len());
-            for (pos, input) in node.inputs.iter().enumerate() {
-                let field = format!("model.nodes[{i}].inputs[{pos}]");
-                let src = match input.as_str() {
-                    INPUT => {
-                        input_used = true;
-                        Src::Input
-                    }
-                    LABELS if op.takes_labels(pos) => Src::Labels,
-                    LABELS => {
+            match &node.op {
+                Op::Attention { heads, causal, dropout } => {
+                    let parts = r.attention(i, node, *heads, *causal, *dropout)?;
+                    if r.resolved.len() + parts.len() > NODES_MAX {
                         return Err(invalid(
-                            field,
-                            format!(
-                                "node {name:?}: labels can only be the second input of a loss (cross_entropy, mse)"
-                            ),
+                            format!("model.nodes[{i}]"),
+                            format!("expanded, the graph has more than {NODES_MAX} nodes"),
                         ));
                     }
-                    other => match index.get(other) {
-                        Some(&j) => {
-                            if resolved[j].op.is_loss() {
-                                return Err(invalid(field, format!("node {name:?}: the loss {other:?} is no input")));
-                            }
-                            used[j] = true;
-                            Src::Node(j)
-                        }
-                        None if nodes.iter().any(|n| n.name == other) => {
-                            return Err(invalid(
-                                field,
-                                format!(
-                                    "node {name:?} reads {other:?} before it is defined (nodes run in the order \
-                                     written, so a cycle cannot be expressed)"
-                                ),
-                            ));
-                        }
-                        None => {
-                            return Err(invalid(field, format!("node {name:?}: unknown input {other:?}")));
-                        }
-                    },
-                };
-                srcs.push(src);
-            }
-            let in_shapes: Vec<Option<&[usize]>> = srcs
-                .iter()
-                .map(|s| match s {
-                    Src::Input => Some(input_shape),
-                    Src::Labels => None,
-                    Src::Node(j) => Some(resolved[*j].shape.as_slice()),
-                })
-                .collect();
-            let shape = op
-                .shape(&in_shapes, classes)
-                .map_err(|(field, what)| invalid(at(field), format!("node {name:?}: {what}")))?;
-            let n = checked_numel(&shape).ok_or_else(|| {
-                invalid(
-                    at("op"),
-                    format!("node {name:?}: an output of {shape:?} per example exceeds {ACTIVATION_VALUES_MAX} values"),
-                )
-            })?;
-            // The interpreter keeps every output (and its gradient) for the backward pass; a
-            // kernel's scratch (a convolution's unfolded input) counts too.
-            let n = op.scratch_values(&in_shapes, &shape).and_then(|s| s.checked_add(n)).unwrap_or(u64::MAX);
-            activation_values =
-                activation_values.checked_add(n).filter(|&v| v <= ACTIVATION_VALUES_MAX).ok_or_else(|| {
-                    invalid(
-                        at("op"),
-                        format!("node {name:?}: the graph's tensors exceed {ACTIVATION_VALUES_MAX} values per example"),
-                    )
-                })?;
-            let mut mine = Vec::new();
-            for (suffix, pshape, init) in op.params(&in_shapes) {
-                if checked_numel(&pshape).is_none() {
-                    return Err(invalid(
-                        at("op"),
-                        format!(
-                            "node {name:?}: parameter {suffix} of {pshape:?} exceeds {ACTIVATION_VALUES_MAX} values"
-                        ),
-                    ));
+                    for part in &parts {
+                        r.add(i, part)?;
+                    }
+                    // The composite's name stands for its last part's output.
+                    let last = r.resolved.len() - 1;
+                    r.index.insert(node.name.clone(), last);
                 }
-                mine.push(params.len());
-                params.push(ParamSpec { name: format!("{name}.{suffix}"), shape: pshape, init });
+                _ => r.add(i, node)?,
             }
-            let needs_grad =
-                !mine.is_empty() || srcs.iter().any(|s| matches!(s, Src::Node(j) if resolved[*j].needs_grad));
-            if op.is_loss() && i + 1 != nodes.len() {
-                return Err(invalid(
-                    at("op"),
-                    format!("node {name:?}: the loss must be the last node, and the only one"),
-                ));
-            }
-            let in_shapes = in_shapes.iter().map(|s| s.map(<[usize]>::to_vec).unwrap_or_default()).collect();
-            index.insert(name, i);
-            resolved.push(Resolved {
-                name: name.to_string(),
-                op: op.clone(),
-                inputs: srcs,
-                input_names: node.inputs.clone(),
-                in_shapes,
-                shape,
-                params: mine,
-                needs_grad,
-            });
         }
+        let Resolver { resolved, params, used, input_used, activation_values, data, .. } = r;
         let last = resolved.len() - 1;
         if !resolved[last].op.is_loss() {
             return Err(invalid(
-                format!("model.nodes[{last}].op"),
+                format!("model.nodes[{}].op", nodes.len() - 1),
                 format!("the last node ({:?}) must be a loss (cross_entropy or mse)", resolved[last].name),
             ));
         }
         if let Some(j) = (0..last).find(|&j| !used[j]) {
             return Err(invalid(
-                format!("model.nodes[{j}].name"),
+                format!("model.nodes[{}].name", resolved[j].origin),
                 format!("node {:?} is never used (nothing reads its output)", resolved[j].name),
             ));
         }
@@ -229,7 +173,7 @@ impl Graph {
             return Err(invalid("model.nodes".into(), "the graph has no parameters to train"));
         }
         // Parameter names cannot collide: node names are unique and the suffixes fixed.
-        Ok(Graph { nodes: resolved, params, classes, activation_values })
+        Ok(Graph { nodes: resolved, params, data, activation_values })
     }
 
     /// The parameters, in node order.
@@ -237,9 +181,9 @@ impl Graph {
         &self.params
     }
 
-    /// Number of classes of the data.
+    /// Number of classes of the data (the vocabulary of text data).
     pub fn classes(&self) -> usize {
-        self.classes
+        self.data.classes
     }
 
     /// Parameter values (checked: each parameter is within [`ACTIVATION_VALUES_MAX`], and
@@ -251,5 +195,200 @@ impl Graph {
     /// Values of every tensor the interpreter keeps, per example.
     pub fn activation_values(&self) -> u64 {
         self.activation_values
+    }
+}
+
+impl Resolver<'_> {
+    /// Checks one node (from `model.nodes[origin]`) and appends it.
+    fn add(&mut self, origin: usize, node: &Node) -> Result<(), SpecInvalid> {
+        let at = |field: &str| format!("model.nodes[{origin}].{field}");
+        let name = node.name.as_str();
+        if !valid_name(name) {
+            return Err(invalid(
+                at("name"),
+                format!("{name:?} must be 1..={NAME_MAX} characters of A-Z a-z 0-9 _ . -"),
+            ));
+        }
+        if name == INPUT || name == LABELS {
+            return Err(invalid(at("name"), format!("{name:?} is reserved for the batch's tensors")));
+        }
+        if let Some(&j) = self.index.get(name) {
+            return Err(invalid(
+                at("name"),
+                format!("{name:?} is already the name of a node (from model.nodes[{}])", self.resolved[j].origin),
+            ));
+        }
+        let op = &node.op;
+        if !op.arity().contains(&node.inputs.len()) {
+            let (lo, hi) = (op.arity().start().to_owned(), op.arity().end().to_owned());
+            let takes = if lo == hi { format!("{lo}") } else { format!("{lo} to {hi}") };
+            return Err(invalid(
+                at("inputs"),
+                format!("node {name:?}: {} takes {takes} inputs, not {}", op.name(), node.inputs.len()),
+            ));
+        }
+        let mut srcs = Vec::with_capacity(node.inputs.len());
+        for (pos, input) in node.inputs.iter().enumerate() {
+            let field = format!("model.nodes[{origin}].inputs[{pos}]");
+            let src = match input.as_str() {
+                INPUT => {
+                    let embeds = matches!(op, Op::Embedding { .. });
+                    if self.data.tokens && !embeds {
+                        return Err(invalid(
+                            field,
+                            format!("node {name:?}: the input holds token ids, which only an embedding reads"),
+                        ));
+                    }
+                    self.input_used = true;
+                    Src::Input
+                }
+                LABELS if op.takes_labels(pos) => Src::Labels,
+                LABELS => {
+                    return Err(invalid(
+                        field,
+                        format!("node {name:?}: labels can only be the second input of a loss (cross_entropy, mse)"),
+                    ));
+                }
+                other => match self.index.get(other) {
+                    Some(&j) => {
+                        if self.resolved[j].op.is_loss() {
+                            return Err(invalid(field, format!("node {name:?}: the loss {other:?} is no input")));
+                        }
+                        self.used[j] = true;
+                        Src::Node(j)
+                    }
+                    None if self.written.iter().any(|n| n.name == other) => {
+                        return Err(invalid(
+                            field,
+                            format!(
+                                "node {name:?} reads {other:?} before it is defined (nodes run in the order \
+                                 written, so a cycle cannot be expressed)"
+                            ),
+                        ));
+                    }
+                    None => return Err(invalid(field, format!("node {name:?}: unknown input {other:?}"))),
+                },
+            };
+            if matches!(op, Op::Embedding { .. }) && src != Src::Input {
+                return Err(invalid(field, format!("node {name:?}: an embedding reads the token ids {INPUT:?}")));
+            }
+            srcs.push(src);
+        }
+        let in_shapes: Vec<Option<&[usize]>> = srcs
+            .iter()
+            .map(|s| match s {
+                Src::Input => Some(self.input_shape.as_slice()),
+                Src::Labels => None,
+                Src::Node(j) => Some(self.resolved[*j].shape.as_slice()),
+            })
+            .collect();
+        let shape = op
+            .shape(&in_shapes, &self.data)
+            .map_err(|(field, what)| invalid(at(field), format!("node {name:?}: {what}")))?;
+        let n = checked_numel(&shape).ok_or_else(|| {
+            invalid(
+                at("op"),
+                format!("node {name:?}: an output of {shape:?} per example exceeds {ACTIVATION_VALUES_MAX} values"),
+            )
+        })?;
+        // The interpreter keeps every output (and its gradient) for the backward pass; a
+        // kernel's scratch (a convolution's unfolded input) counts too.
+        let n = op.scratch_values(&in_shapes, &shape).and_then(|s| s.checked_add(n)).unwrap_or(u64::MAX);
+        self.activation_values =
+            self.activation_values.checked_add(n).filter(|&v| v <= ACTIVATION_VALUES_MAX).ok_or_else(|| {
+                invalid(
+                    at("op"),
+                    format!("node {name:?}: the graph's tensors exceed {ACTIVATION_VALUES_MAX} values per example"),
+                )
+            })?;
+        let mut mine = Vec::new();
+        for (suffix, pshape, init) in op.params(&in_shapes, &self.data) {
+            if checked_numel(&pshape).is_none() {
+                return Err(invalid(
+                    at("op"),
+                    format!("node {name:?}: parameter {suffix} of {pshape:?} exceeds {ACTIVATION_VALUES_MAX} values"),
+                ));
+            }
+            mine.push(self.params.len());
+            self.params.push(ParamSpec { name: format!("{name}.{suffix}"), shape: pshape, init });
+        }
+        let needs_grad =
+            !mine.is_empty() || srcs.iter().any(|s| matches!(s, Src::Node(j) if self.resolved[*j].needs_grad));
+        let in_shapes = in_shapes.iter().map(|s| s.map(<[usize]>::to_vec).unwrap_or_default()).collect();
+        self.index.insert(name.to_string(), self.resolved.len());
+        self.used.push(false);
+        self.resolved.push(Resolved {
+            name: name.to_string(),
+            op: op.clone(),
+            inputs: srcs,
+            input_names: node.inputs.clone(),
+            in_shapes,
+            shape,
+            params: mine,
+            needs_grad,
+            origin,
+        });
+        Ok(())
+    }
+
+    /// The ops an attention node (`model.nodes[origin]`) stands for (see [`Op::Attention`]).
+    fn attention(
+        &self,
+        origin: usize,
+        node: &Node,
+        heads: usize,
+        causal: bool,
+        dropout: f64,
+    ) -> Result<Vec<Node>, SpecInvalid> {
+        let at = |field: &str| format!("model.nodes[{origin}].{field}");
+        let name = &node.name;
+        if node.inputs.len() != 1 {
+            return Err(invalid(
+                at("inputs"),
+                format!("node {name:?}: attention takes 1 input, not {}", node.inputs.len()),
+            ));
+        }
+        let input = &node.inputs[0];
+        let shape = match input.as_str() {
+            INPUT => self.input_shape.clone(),
+            other => match self.index.get(other) {
+                Some(&j) => self.resolved[j].shape.clone(),
+                // Unknown or later inputs: let the first part's check name the problem.
+                None => vec![1, heads.max(1)],
+            },
+        };
+        let [t, d] = shape[..] else {
+            return Err(invalid(at("inputs"), format!("node {name:?}: attention needs [t, d], not {shape:?}")));
+        };
+        if heads == 0 || d % heads != 0 {
+            return Err(invalid(at("heads"), format!("node {name:?}: {heads} heads do not divide d = {d}")));
+        }
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(invalid(at("dropout"), format!("node {name:?}: must be in [0, 1), got {dropout}")));
+        }
+        let dh = d / heads;
+        let part = |suffix: &str| format!("{name}.{suffix}");
+        let node = |suffix: &str, op: Op, inputs: &[String]| Node { name: part(suffix), inputs: inputs.to_vec(), op };
+        let mut out = vec![
+            node("qkv", Op::Linear { out: Width::Fixed(3 * d), bias: true }, std::slice::from_ref(input)),
+            node("heads", Op::Reshape { shape: vec![t, 3, heads, dh] }, &[part("qkv")]),
+            node("split", Op::Permute { perm: vec![1, 2, 0, 3] }, &[part("heads")]),
+        ];
+        for (index, which) in ["q", "k", "v"].iter().enumerate() {
+            out.push(node(which, Op::Split { axis: 0, parts: 3, index }, &[part("split")]));
+        }
+        let scale = 1.0 / (dh as f64).sqrt();
+        out.push(node("scores", Op::Matmul { transpose_b: true, scale }, &[part("q"), part("k")]));
+        out.push(node("probs", Op::Softmax { causal }, &[part("scores")]));
+        let mut probs = part("probs");
+        if dropout > 0.0 {
+            out.push(node("drop", Op::Dropout { p: dropout }, &[probs]));
+            probs = part("drop");
+        }
+        out.push(node("ctx", Op::Matmul { transpose_b: false, scale: 1.0 }, &[probs, part("v")]));
+        out.push(node("merge", Op::Permute { perm: vec![0, 2, 1, 3] }, &[part("ctx")]));
+        out.push(node("joined", Op::Reshape { shape: vec![t, d] }, &[part("merge")]));
+        out.push(node("proj", Op::Linear { out: Width::Fixed(d), bias: true }, &[part("joined")]));
+        Ok(out)
     }
 }

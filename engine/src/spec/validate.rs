@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use super::{Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, ModelConfig, OptimizerConfig, RunSpec};
 use crate::data::{DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, square_side, text_split};
-use crate::graph::Graph;
+use crate::graph::{Graph, GraphConfig};
 use crate::model::{Model, param_key, slot_key};
 use crate::record::STATE_RAW_BYTES_MAX;
 
@@ -78,8 +78,17 @@ fn data_shape(config: &Config) -> Result<(Vec<usize>, usize), SpecInvalid> {
         }
         (DataConfig::Synthetic(s), _) => (vec![s.features], s.classes),
         (DataConfig::Mnist(_), _) => (vec![1, MNIST_SIDE, MNIST_SIDE], 10),
+        (DataConfig::Text(_), ModelConfig::Graph(g)) => (vec![g.context.unwrap_or(0)], TEXT_VOCAB_MAX),
         (DataConfig::Text(_), _) => (vec![], TEXT_VOCAB_MAX),
     })
+}
+
+/// A graph checked against the config's data (on text, `classes` bounds the vocabulary).
+fn resolve_graph(config: &Config, g: &GraphConfig, input: &[usize], classes: usize) -> Result<Graph, SpecInvalid> {
+    match config.data {
+        DataConfig::Text(_) => Graph::resolve_text(g, classes),
+        _ => Graph::resolve(g, input, classes),
+    }
 }
 
 /// Checked product, naming `field` on overflow or above `max`.
@@ -146,7 +155,7 @@ fn model_sizes(config: &Config, input: &[usize], classes: usize) -> Result<(u64,
         ModelConfig::Gpt(g) => gpt_sizes(g, u(classes)),
         // Resolving checks the whole graph (names, inputs, shapes, sizes) against the data.
         ModelConfig::Graph(g) => {
-            let graph = Graph::resolve(g, input, classes)?;
+            let graph = resolve_graph(config, g, input, classes)?;
             Ok((graph.param_values(), graph.activation_values()))
         }
     }
@@ -234,7 +243,7 @@ impl Config {
             }
             ModelConfig::Cnn(c) => Model::Cnn { c: c.channels, h: input[1], w: input[2], classes },
             ModelConfig::Gpt(g) => Model::Gpt { cfg: g.clone(), vocab: classes },
-            ModelConfig::Graph(g) => Model::Graph(Box::new(Graph::resolve(g, input, classes)?)),
+            ModelConfig::Graph(g) => Model::Graph(Box::new(resolve_graph(self, g, input, classes)?)),
         };
         let slots: &[&str] = match self.optimizer {
             OptimizerConfig::Sgd(_) => &["momentum"],
@@ -326,11 +335,9 @@ impl Config {
             ModelConfig::Graph(_) => {}
         }
         match (&self.model, &self.data) {
-            (ModelConfig::Gpt(_), DataConfig::Text(_)) => Ok(()),
+            (ModelConfig::Gpt(_) | ModelConfig::Graph(_), DataConfig::Text(_)) => Ok(()),
             (ModelConfig::Gpt(_), _) => Err(invalid("data.kind", "the GPT trains on text data")),
-            (_, DataConfig::Text(_)) => {
-                Err(invalid("data.kind", "MLP, CNN and graph models train on classification data"))
-            }
+            (_, DataConfig::Text(_)) => Err(invalid("data.kind", "MLP and CNN models train on classification data")),
             _ => Ok(()),
         }
     }
@@ -479,10 +486,12 @@ impl RunSpec {
                 expect("dataset.leaves", d.leaves, m.train + m.holdout)
             }
             DataConfig::Text(t) => {
-                let ModelConfig::Gpt(g) = &self.config.model else {
-                    return Err(invalid("config.model.kind", "text data needs the GPT"));
+                let context = match &self.config.model {
+                    ModelConfig::Gpt(g) => g.context,
+                    ModelConfig::Graph(g) => g.context.unwrap_or(0),
+                    _ => return Err(invalid("config.model.kind", "text data needs the GPT or a graph")),
                 };
-                check_text_counts(d, g.context, t.holdout_fraction)
+                check_text_counts(d, context, t.holdout_fraction)
             }
         }
     }

@@ -1,0 +1,164 @@
+//! Ops that move values without computing any: permutations, slices and joins of the
+//! per-example axes (the batch axis leads and stays put). Their outputs are FP32 values copied
+//! from their inputs, and so are their gradients (or zeros), so they have no rounding site.
+
+/// A per-example shape with the batch's `n` leading.
+fn batched(n: usize, shape: &[usize]) -> Vec<usize> {
+    std::iter::once(n).chain(shape.iter().copied()).collect()
+}
+
+/// Row-major strides of `shape`.
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// `v` (`n` examples of `shape`) with its per-example axes permuted: output axis `i` is input
+/// axis `perm[i]`. Works on any element type (FP32 values, FP64 results and their bounds).
+pub(crate) fn permute<T: Copy + Default>(v: &[T], n: usize, shape: &[usize], perm: &[usize]) -> Vec<T> {
+    let full = batched(n, shape);
+    let perm: Vec<usize> = std::iter::once(0).chain(perm.iter().map(|&p| p + 1)).collect();
+    let in_strides = strides(&full);
+    let out_shape: Vec<usize> = perm.iter().map(|&p| full[p]).collect();
+    // The input stride of each output axis: walk the output in order.
+    let step: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let mut out = vec![T::default(); v.len()];
+    let mut index = vec![0usize; out_shape.len()];
+    let mut src = 0usize;
+    for o in out.iter_mut() {
+        *o = v[src];
+        // Advance the output index like an odometer, keeping `src` in step.
+        for axis in (0..out_shape.len()).rev() {
+            index[axis] += 1;
+            src += step[axis];
+            if index[axis] < out_shape[axis] {
+                break;
+            }
+            src -= step[axis] * out_shape[axis];
+            index[axis] = 0;
+        }
+    }
+    out
+}
+
+/// The inverse of a permutation.
+pub(crate) fn inverse(perm: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    inv
+}
+
+/// `(outer, size, inner)` of `axis` of a batched tensor: `outer` counts the batch and the axes
+/// before, `inner` the values after.
+fn around(n: usize, shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer = n * shape[..axis].iter().product::<usize>();
+    (outer, shape[axis], shape[axis + 1..].iter().product())
+}
+
+/// Elements `start..end` of `axis`.
+pub(crate) fn slice(v: &[f32], n: usize, shape: &[usize], axis: usize, start: usize, end: usize) -> Vec<f32> {
+    let (outer, size, inner) = around(n, shape, axis);
+    let mut out = Vec::with_capacity(outer * (end - start) * inner);
+    for o in 0..outer {
+        let base = o * size * inner;
+        out.extend_from_slice(&v[base + start * inner..base + end * inner]);
+    }
+    out
+}
+
+/// The gradient of [`slice`]: `g` in place `start..end` of `axis`, zeros elsewhere.
+pub(crate) fn unslice(g: &[f32], n: usize, shape: &[usize], axis: usize, start: usize, end: usize) -> Vec<f32> {
+    let (outer, size, inner) = around(n, shape, axis);
+    let width = (end - start) * inner;
+    let mut out = vec![0.0; outer * size * inner];
+    for o in 0..outer {
+        let base = o * size * inner + start * inner;
+        out[base..base + width].copy_from_slice(&g[o * width..(o + 1) * width]);
+    }
+    out
+}
+
+/// Tensors of per-example shapes `shapes` (equal but on `axis`) joined along `axis`.
+pub(crate) fn concat(parts: &[&[f32]], n: usize, shapes: &[Vec<usize>], axis: usize) -> Vec<f32> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(total);
+    let outer = n * shapes[0][..axis].iter().product::<usize>();
+    let widths: Vec<usize> = shapes.iter().map(|s| s[axis..].iter().product()).collect();
+    for o in 0..outer {
+        for (part, &w) in parts.iter().zip(&widths) {
+            out.extend_from_slice(&part[o * w..(o + 1) * w]);
+        }
+    }
+    out
+}
+
+/// The gradient of [`concat`] for each input: its block of `g`.
+pub(crate) fn unconcat(g: &[f32], n: usize, shapes: &[Vec<usize>], axis: usize) -> Vec<Vec<f32>> {
+    let outer = n * shapes[0][..axis].iter().product::<usize>();
+    let widths: Vec<usize> = shapes.iter().map(|s| s[axis..].iter().product()).collect();
+    let row: usize = widths.iter().sum();
+    let mut out: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(outer * w)).collect();
+    for o in 0..outer {
+        let mut at = o * row;
+        for (part, &w) in out.iter_mut().zip(&widths) {
+            part.extend_from_slice(&g[at..at + w]);
+            at += w;
+        }
+    }
+    out
+}
+
+/// Swaps the last two axes of blocks of `m×n` values.
+pub(crate) fn swap_last2(v: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let block = (m * n).max(1);
+    let mut out = vec![0.0; v.len()];
+    for (src, dst) in v.chunks(block).zip(out.chunks_mut(block)) {
+        for i in 0..m {
+            for j in 0..n {
+                dst[j * m + i] = src[i * n + j];
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_moves_axes_and_inverts() {
+        // Two examples of [2, 3]: transposing gives [3, 2].
+        let v: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let t = permute(&v, 2, &[2, 3], &[1, 0]);
+        assert_eq!(t, swap_last2(&v, 2, 3));
+        let back = permute(&t, 2, &[3, 2], &inverse(&[1, 0]));
+        assert_eq!(back, v);
+        // A 3-axis rotation and its inverse.
+        let v: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let r = permute(&v, 1, &[2, 3, 4], &[2, 0, 1]);
+        // Output [0, 0, 1] is input [0, 1, 0] (axis 2 → 0, 0 → 1, 1 → 2): flat index 4.
+        assert_eq!(r[1], v[4]);
+        assert_eq!(permute(&r, 1, &[4, 2, 3], &inverse(&[2, 0, 1])), v);
+    }
+
+    #[test]
+    fn slice_concat_round_trip() {
+        let v: Vec<f32> = (0..2 * 2 * 6).map(|i| i as f32).collect();
+        let shape = [2, 6];
+        let a = slice(&v, 2, &shape, 1, 0, 2);
+        let b = slice(&v, 2, &shape, 1, 2, 6);
+        let joined = concat(&[&a, &b], 2, &[vec![2, 2], vec![2, 4]], 1);
+        assert_eq!(joined, v);
+        let parts = unconcat(&v, 2, &[vec![2, 2], vec![2, 4]], 1);
+        assert_eq!((parts[0].clone(), parts[1].clone()), (a.clone(), b));
+        let g = unslice(&a, 2, &shape, 1, 0, 2);
+        assert_eq!(g.iter().filter(|&&x| x != 0.0).count(), a.iter().filter(|&&x| x != 0.0).count());
+        assert_eq!(slice(&g, 2, &shape, 1, 0, 2), a);
+    }
+}
