@@ -27,10 +27,14 @@ fn json(out: &Output) -> serde_json::Value {
 fn train(dir: &Path, name: &str, faults: Vec<Fault>) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/synthetic-graph.toml");
     let config = Config::from_toml(&std::fs::read_to_string(&path).unwrap(), "synthetic-graph.toml").unwrap();
+    train_config(dir, name, config, None, faults)
+}
+
+fn train_config(dir: &Path, name: &str, config: Config, data: Option<PathBuf>, faults: Vec<Fault>) -> PathBuf {
     let out = dir.join(name);
     let opts = SessionOptions {
         config,
-        data: None,
+        data,
         out: out.clone(),
         device: Profile::Cpu,
         steps: Some(30),
@@ -69,5 +73,53 @@ fn a_graph_record_audits_consistent_on_every_other_profile_and_mode() {
     let v = json(&out);
     assert_eq!(v["verdict"]["kind"], "diverged", "{v}");
     assert_eq!(v["verdict"]["step"], 13, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A transformer written as a graph (multi-head attention with dropout, embeddings, layer norm,
+/// GELU, residuals) on text, trained by the agent's session and audited by the binary on every
+/// other CPU profile in every mode: `consistent`; a fault is `diverged` at its step.
+#[test]
+fn a_transformer_graph_on_text_audits_consistent_on_every_other_profile_and_mode() {
+    let dir = scratch("graph-text");
+    let text = dir.join("words.txt");
+    std::fs::write(
+        &text,
+        "shall i compare thee to a summer's day? thou art more lovely and more temperate. ".repeat(8),
+    )
+    .unwrap();
+    // The shipped text graph's data and training settings, a smaller transformer, 12 steps.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/shakespeare-graph.toml");
+    let mut config = Config::from_toml(&std::fs::read_to_string(&path).unwrap(), "shakespeare-graph.toml").unwrap();
+    config.train.batch_size = 4;
+    config.train.steps = Some(12);
+    config.train.checkpoint_interval = 4;
+    config.model = engine::graph::presets::transformer(16, 16, 4, 2, 0.1).into();
+    let honest = train_config(&dir, "honest", config.clone(), Some(text.clone()), vec![]);
+    let (rec, data) = (honest.to_str().unwrap(), text.to_str().unwrap());
+    for device in ["cpu-seq", "cpu-splitk"] {
+        for mode in [&["--mode", "full"][..], &["--mode", "intervals"], &["--mode", "spot", "--spot-count", "1"]] {
+            let mut args = vec!["audit", "--record", rec, "--data", data, "--device", device, "--json"];
+            args.extend_from_slice(mode);
+            let out = auditor(&dir, &args);
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(json(&out)["verdict"]["kind"], "consistent", "{args:?}");
+        }
+    }
+    let faulty = train_config(
+        &dir,
+        "faulty",
+        config,
+        Some(text.clone()),
+        vec![Fault { kind: FaultKind::PerturbWeight, step: 7 }],
+    );
+    let out = auditor(
+        &dir,
+        &["audit", "--record", faulty.to_str().unwrap(), "--data", data, "--device", "cpu-seq", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["verdict"]["kind"], "diverged", "{v}");
+    assert_eq!(v["verdict"]["step"], 7, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }

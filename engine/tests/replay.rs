@@ -192,8 +192,27 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
     .unwrap();
     let text = b"to be, or not to be, that is the question: whether 'tis nobler in the mind to suffer".repeat(4);
     let words = Dataset::text(text, 8, 0.1).unwrap();
-    let cases =
-        [("mlp/sgd", mlp(SGD)), ("mlp/adamw", mlp(ADAMW)), ("cnn", (cnn, Some(images))), ("gpt", (gpt, Some(words)))];
+    // Graphs: a transformer (multi-head attention, dropout, embeddings) on the same text, and
+    // a residual CNN with batch norm, tanh, sigmoid and an MSE loss on the images.
+    let mut graph_gpt = gpt.clone();
+    graph_gpt.model = engine::graph::presets::transformer(8, 16, 2, 1, 0.1).into();
+    let mut resnet = engine::graph::presets::resnet(&[3, 4], 1, 1);
+    let n = resnet.nodes.len();
+    resnet.nodes[n - 1].op = engine::graph::Op::Mse {};
+    resnet.nodes.insert(n - 1, node("sig", engine::graph::Op::Sigmoid {}, "head"));
+    resnet.nodes[n].inputs[0] = "sig".into();
+    resnet.nodes.insert(n - 2, node("squash", engine::graph::Op::Tanh {}, "pool"));
+    resnet.nodes[n - 1].inputs[0] = "squash".into();
+    let mut graph_cnn = cnn.clone();
+    graph_cnn.model = resnet.into();
+    let cases = [
+        ("mlp/sgd", mlp(SGD)),
+        ("mlp/adamw", mlp(ADAMW)),
+        ("cnn", (cnn, Some(images.clone()))),
+        ("gpt", (gpt, Some(words.clone()))),
+        ("graph/transformer", (graph_gpt, Some(words))),
+        ("graph/resnet", (graph_cnn, Some(images))),
+    ];
     for (gpu_name, gpu) in &gpus {
         for (model, (cfg, data)) in &cases {
             let data = data.clone().unwrap_or_else(|| Dataset::for_config(cfg, None).unwrap());
@@ -210,6 +229,11 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
             println!("{model}: cpu ↔ {gpu_name}: 3 steps each way bit-identical");
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn node(name: &str, op: engine::graph::Op, input: &str) -> engine::graph::Node {
+    engine::graph::Node { name: name.into(), inputs: vec![input.into()], op }
 }
 
 /// A cosine schedule with warm-up changes the run (its states differ from a constant rate's)

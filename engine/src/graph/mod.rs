@@ -66,6 +66,7 @@ use serde::{Deserialize, Serialize};
 mod builder;
 mod exec;
 mod ops;
+pub mod presets;
 mod resolve;
 
 pub use builder::{GraphBuilder, Tensor};

@@ -1,0 +1,80 @@
+//! Ready-made graphs, written with the [`GraphBuilder`] as a user would: a GPT-style
+//! transformer for text and a residual CNN for images. They are ordinary graphs (the configs
+//! `configs/shakespeare-graph.toml` and `configs/mnist-resnet.toml` write the same nodes in
+//! TOML, and a test checks they agree), so nothing about them is special to the verifier.
+
+use super::{GraphBuilder, GraphConfig, Op, Tensor};
+
+/// A pre-norm decoder-only transformer on windows of `context` tokens: token and position
+/// embeddings (`tok_emb`, `pos_emb`), `layers` blocks of causal multi-head self-attention
+/// (`blk<l>.attn`, `heads` heads, dropout `dropout` on the attention weights) and a GELU MLP
+/// (`blk<l>.mlp.fc`, `blk<l>.mlp.proj`, width `4·d_model`), each with a layer norm before it
+/// and a residual around it, a final layer norm `ln_f` and a head `lm_head` over the
+/// vocabulary; the loss is the mean cross-entropy of the next token at every position.
+pub fn transformer(context: usize, d_model: usize, heads: usize, layers: usize, dropout: f64) -> GraphConfig {
+    let mut g = GraphBuilder::text(context);
+    let x = g.input();
+    let tok = g.embedding("tok_emb", &x, d_model);
+    let mut h = g.positional_embedding("pos_emb", &tok);
+    for l in 0..layers {
+        let p = |s: &str| format!("blk{l}.{s}");
+        let n1 = g.layer_norm(&p("ln1"), &h, 1e-5);
+        let a = g.causal_self_attention(&p("attn"), &n1, heads, dropout);
+        h = g.add(&p("res1"), &h, &a);
+        let n2 = g.layer_norm(&p("ln2"), &h, 1e-5);
+        let f = g.linear(&p("mlp.fc"), &n2, 4 * d_model);
+        let f = g.gelu(&p("mlp.act"), &f);
+        let f = g.linear(&p("mlp.proj"), &f, d_model);
+        h = g.add(&p("res2"), &h, &f);
+    }
+    let h = g.layer_norm("ln_f", &h, 1e-5);
+    let logits = g.linear_classes("lm_head", &h);
+    g.cross_entropy("loss", &logits);
+    g.build()
+}
+
+/// A 3×3 convolution without bias (a batch norm follows, which would cancel it).
+fn conv(g: &mut GraphBuilder, name: &str, x: &Tensor, out_channels: usize, stride: usize) -> Tensor {
+    g.node(name, Op::Conv2d { out_channels, kernel: 3, stride, padding: 1, bias: false }, &[x.name()])
+}
+
+/// A small ResNet for `[1, h, w]` images: a stem (`stem.conv`, stride `stem_stride`, and
+/// `stem.bn`), then one stage per
+/// entry of `widths`, each of `blocks` residual blocks (`s<i>.b<j>`: conv, batch norm, ReLU,
+/// conv, batch norm, plus the block's input, ReLU). Every stage after the first halves the
+/// resolution with a stride-2 first convolution, its skip path a stride-2 1×1 convolution
+/// with a batch norm (`…skip`). Global average pooling and a linear head over the classes end
+/// it; the loss is cross-entropy.
+pub fn resnet(widths: &[usize], blocks: usize, stem_stride: usize) -> GraphConfig {
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let first = widths.first().copied().unwrap_or(8);
+    let stem = conv(&mut g, "stem.conv", &x, first, stem_stride);
+    let stem = g.batch_norm("stem.bn", &stem, 1e-5);
+    let mut h = g.relu("stem.relu", &stem);
+    for (i, &width) in widths.iter().enumerate() {
+        for j in 0..blocks {
+            let p = |s: &str| format!("s{i}.b{j}.{s}");
+            let down = i > 0 && j == 0;
+            let stride = if down { 2 } else { 1 };
+            let c1 = conv(&mut g, &p("conv1"), &h, width, stride);
+            let b1 = g.batch_norm(&p("bn1"), &c1, 1e-5);
+            let r1 = g.relu(&p("relu1"), &b1);
+            let c2 = conv(&mut g, &p("conv2"), &r1, width, 1);
+            let b2 = g.batch_norm(&p("bn2"), &c2, 1e-5);
+            let skip = if down {
+                let s = Op::Conv2d { out_channels: width, kernel: 1, stride: 2, padding: 0, bias: false };
+                let s = g.node(&p("skip.conv"), s, &[h.name()]);
+                g.batch_norm(&p("skip.bn"), &s, 1e-5)
+            } else {
+                h.clone()
+            };
+            let sum = g.add(&p("add"), &b2, &skip);
+            h = g.relu(&p("relu2"), &sum);
+        }
+    }
+    let pooled = g.global_avg_pool("pool", &h);
+    let logits = g.linear_classes("head", &pooled);
+    g.cross_entropy("loss", &logits);
+    g.build()
+}
