@@ -1,10 +1,10 @@
-//! The interpreter against the hand-written models: the MLP and CNN presets written as graphs
-//! (same parameter names and shapes, same kernels) train bit-identically to the presets from
-//! the same state, for both optimizers. The presets are still hand-written; this is what lets
-//! them become graphs without changing a single rounded value (their initialisations differ,
-//! which is why the graphs start here from the preset's initial state).
+//! The presets are graphs: `mlp`, `cnn` and `gpt` configs expand to `engine::graph::presets`,
+//! and a user's own graph written like a preset (other node names, the graph's default
+//! initialisation) trains bit-identically to it from the same state, for both optimizers. The
+//! presets keep their He-uniform initialisation of layers that feed a ReLU.
 
-use engine::graph::{GraphBuilder, GraphConfig, Op};
+use engine::graph::{GraphBuilder, GraphConfig, Op, presets};
+use engine::model::{Init, param_key};
 use engine::spec::Config;
 use engine::train::{Run, StepMode};
 use kernels::Profile;
@@ -34,7 +34,7 @@ const SGD: &str = "[optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\nweight
 const ADAMW: &str =
     "[optimizer]\nkind = \"adamw\"\nlr = 0.01\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\nweight_decay = 0.01";
 
-/// The MLP preset `hidden = [24, 12]` as a graph.
+/// The MLP preset `hidden = [24, 12]` as a user would write it (its own node names).
 fn mlp_graph() -> GraphConfig {
     let mut g = GraphBuilder::new();
     let x = g.input();
@@ -47,7 +47,7 @@ fn mlp_graph() -> GraphConfig {
     g.build()
 }
 
-/// The CNN preset `channels = [3, 4]` on 8×8 images as a graph.
+/// The CNN preset `channels = [3, 4]` on 8×8 images as a user would write it.
 fn cnn_graph() -> GraphConfig {
     let conv = |out_channels| Op::Conv2d { out_channels, kernel: 3, stride: 1, padding: 1, bias: true };
     let pool = Op::MaxPool2d { kernel: 2, stride: 2, padding: 0 };
@@ -95,4 +95,31 @@ fn the_mlp_preset_as_a_graph_trains_bit_identically() {
 #[test]
 fn the_cnn_preset_as_a_graph_trains_bit_identically() {
     same_training("[model]\nkind = \"cnn\"\nchannels = [3, 4]", cnn_graph());
+}
+
+#[test]
+fn presets_expand_to_their_graphs_with_he_initialised_relu_layers() {
+    let cfg = config("[model]\nkind = \"mlp\"\nhidden = [24, 12]", SGD);
+    assert_eq!(*cfg.model.graph(), presets::mlp(&[24, 12]));
+    let run = Run::from_config(&cfg, None, Profile::Cpu, 1).unwrap();
+    let params = run.model.params();
+    let bound = |name: &str| params.iter().find(|p| p.name == name).map(|p| p.init).unwrap();
+    assert_eq!(bound("fc1.weight"), Init::Uniform((6.0f64 / 64.0).sqrt()), "a hidden layer: He");
+    assert_eq!(bound("fc3.weight"), Init::Uniform(1.0 / 12.0f64.sqrt()), "the classifier: 1/√fan_in");
+    let state = run.initial_state().unwrap();
+    let w = &state.get(&param_key("fc1.weight")).unwrap().data;
+    let max = w.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+    assert!(max > 1.0 / 8.0 && max <= (6.0f64 / 64.0).sqrt(), "fc1 drawn from ±√(6/64): max |w| = {max}");
+
+    // The MLP flattens image-shaped input (MNIST's [1, 28, 28]) before its first layer.
+    let images = engine::data::Dataset::synthetic(64, 8, 64, 5, 3).with_input_shape(vec![1, 8, 8]).unwrap();
+    let model = engine::model::Model::new(&cfg.model, &images).unwrap();
+    assert_eq!(model.params()[0].shape, vec![24, 64]);
+    let cnn = config("[model]\nkind = \"cnn\"\nchannels = [3, 4]", SGD);
+    assert_eq!(*cnn.model.graph(), presets::cnn([3, 4]));
+    let gpt = engine::spec::GptConfig { layers: 2, d_model: 16, heads: 2, context: 8, dropout: 0.1 };
+    let g = presets::gpt(&gpt);
+    assert_eq!(g.context, Some(8));
+    assert!(g.nodes.iter().any(|n| n.name == "blk1.mlp.drop"), "residual dropout after each MLP");
+    assert_eq!(engine::spec::ModelConfig::Gpt(gpt).graph().into_owned(), g);
 }

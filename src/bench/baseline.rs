@@ -11,9 +11,17 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use common::state::TrainingState;
-use engine::model::LN_EPS;
+use engine::data::Dataset;
 use engine::model::{Batch, Model, param_key};
-use engine::spec::{GptConfig, OptimizerConfig};
+use engine::spec::{GptConfig, ModelConfig, OptimizerConfig};
+
+/// The architecture of the baseline: one of the presets, with the data's dimensions.
+#[derive(Debug, Clone)]
+enum Arch {
+    Mlp { dims: Vec<usize> },
+    Cnn { h: usize, w: usize },
+    Gpt { cfg: GptConfig, vocab: usize },
+}
 
 /// The optimizer of the baseline: the same update rule and hyper-parameters as the engine's.
 enum Update {
@@ -26,7 +34,7 @@ enum Update {
 
 /// A candle FP32 model with its parameters and optimizer state.
 pub struct Baseline {
-    model: Model,
+    model: Arch,
     /// Parameters in [`Model::params`] order.
     vars: Vec<Var>,
     update: Update,
@@ -40,9 +48,29 @@ impl std::fmt::Debug for Baseline {
 }
 
 impl Baseline {
-    /// Builds the baseline from the engine's model and initial state (same weights).
-    pub fn new(model: &Model, init: &TrainingState, opt: &OptimizerConfig) -> Result<Baseline> {
+    /// Builds the baseline of a preset `cfg` from the engine's model and initial state (same
+    /// weights).
+    pub fn new(
+        cfg: &ModelConfig,
+        model: &Model,
+        data: &Dataset,
+        init: &TrainingState,
+        opt: &OptimizerConfig,
+    ) -> Result<Baseline> {
         let dev = Device::Cpu;
+        let arch = match (cfg, data) {
+            (ModelConfig::Mlp(m), Dataset::Classification { input_shape, classes, .. }) => {
+                let mut dims = vec![input_shape.iter().product()];
+                dims.extend(&m.hidden);
+                dims.push(*classes);
+                Arch::Mlp { dims }
+            }
+            (ModelConfig::Cnn(_), Dataset::Classification { input_shape, .. }) if input_shape.len() == 3 => {
+                Arch::Cnn { h: input_shape[1], w: input_shape[2] }
+            }
+            (ModelConfig::Gpt(g), Dataset::Text { .. }) => Arch::Gpt { cfg: g.clone(), vocab: model.classes() },
+            _ => bail!("no FP32 baseline for this model and data"),
+        };
         let mut vars = Vec::new();
         for p in model.params() {
             let t = init.get(&param_key(&p.name)).with_context(|| format!("initial state lacks {}", p.name))?;
@@ -61,7 +89,7 @@ impl Baseline {
                 ParamsAdamW { lr: a.lr, beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay },
             )?),
         };
-        Ok(Baseline { model: model.clone(), vars, update, dev })
+        Ok(Baseline { model: arch, vars, update, dev })
     }
 
     /// One training step: forward, loss, backward, optimizer update. Returns the loss.
@@ -87,7 +115,7 @@ impl Baseline {
     fn loss(&self, batch: &Batch) -> Result<Tensor> {
         let v = |i: usize| self.vars[i].as_tensor();
         match (&self.model, batch) {
-            (Model::Mlp { dims }, Batch::Classes { x, y, n }) => {
+            (Arch::Mlp { dims }, Batch::Classes { x, y, n }) => {
                 let mut h = Tensor::from_slice(x, (*n, dims[0]), &self.dev)?;
                 let layers = dims.len() - 1;
                 for l in 0..layers {
@@ -98,7 +126,7 @@ impl Baseline {
                 }
                 ce(&h, y, &self.dev)
             }
-            (Model::Cnn { h, w, .. }, Batch::Classes { x, y, n }) => {
+            (Arch::Cnn { h, w }, Batch::Classes { x, y, n }) => {
                 let img = Tensor::from_slice(x, (*n, 1, *h, *w), &self.dev)?;
                 let conv = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
                     let c = b.dims1()?;
@@ -109,7 +137,7 @@ impl Baseline {
                 let flat = a2.flatten_from(1)?;
                 ce(&linear(&flat, v(4), v(5))?, y, &self.dev)
             }
-            (Model::Gpt { cfg, vocab }, Batch::Tokens { ids, targets, b, t }) => {
+            (Arch::Gpt { cfg, vocab }, Batch::Tokens { ids, targets, b, t }) => {
                 let logits = self.gpt_logits(cfg, *vocab, ids, *b, *t)?;
                 ce(&logits, targets, &self.dev)
             }
@@ -179,6 +207,6 @@ fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let rstd = (var + LN_EPS)?.sqrt()?.recip()?;
+    let rstd = (var + 1e-5)?.sqrt()?.recip()?;
     Ok(xc.broadcast_mul(&rstd)?.broadcast_mul(gamma)?.broadcast_add(beta)?)
 }

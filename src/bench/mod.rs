@@ -23,6 +23,7 @@
 //! binary (`bench --child <role> --model <name>`), which prints its own `VmHWM`.
 
 pub mod baseline;
+pub mod handwritten;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,10 +35,11 @@ use common::codec::to_hex;
 use common::leaf::LEAF_BYTES;
 use common::merkle::{Bisection, BisectionOutcome, MerkleTree};
 use common::prng::Stream;
+use common::rounding::Rounder;
 use common::state::TrainingState;
 use common::tielog::{SiteLog, TieBreakLog, compress_canonical};
 use engine::data::Dataset;
-use engine::model::Batch;
+use engine::model::{Batch, Ctx};
 use engine::spec::{Config, DataConfig, FORMAT_VERSION, ModelConfig, RunSpec, SOFTWARE_VERSION, SyntheticConfig};
 use engine::train::{Run, StepMode};
 use kernels::{Device, Profile};
@@ -320,7 +322,14 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let replayers: Vec<(Profile, Run)> =
         Profile::CPU.into_iter().map(|p| Ok((p, setup.run(p, steps)?))).collect::<Result<_>>()?;
     let init = trainer.initial_state()?;
-    let mut fp32 = Baseline::new(&trainer.model, &init, &trainer.spec.config.optimizer)?;
+    let mut fp32 = Baseline::new(
+        &trainer.spec.config.model,
+        &trainer.model,
+        &trainer.data,
+        &init,
+        &trainer.spec.config.optimizer,
+    )?;
+    let (mut t_graph, mut t_hand, mut graph_ties, mut hand_ties) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
 
     let mut state = init.clone();
     let mut replay_states: Vec<TrainingState> = replayers.iter().map(|_| init.clone()).collect();
@@ -363,6 +372,25 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
             );
             replay_states[k] = rep.state;
         }
+        // The graph interpreter against the hand-written model: forward and backward of this
+        // step from the same state and batch, alternating which goes first.
+        let (graph, hand) = if t % 2 == 1 {
+            let g = timed(|| graph_pass(&trainer, &state, &batch));
+            (g, timed(|| hand_pass(&trainer, &state, &batch)))
+        } else {
+            let h = timed(|| hand_pass(&trainer, &state, &batch));
+            (timed(|| graph_pass(&trainer, &state, &batch)), h)
+        };
+        let ((graph_loss, g_ties), dt) = (graph.0.with_context(|| format!("{name}: graph pass"))?, graph.1);
+        t_graph.push(dt);
+        let ((hand_loss, h_ties), dt) = (hand.0.with_context(|| format!("{name}: hand-written pass"))?, hand.1);
+        t_hand.push(dt);
+        ensure!(
+            (graph_loss - hand_loss).abs() <= 1e-5 * hand_loss.abs().max(1.0),
+            "{name}: step {t}: the graph's loss {graph_loss} and the hand-written model's {hand_loss} differ"
+        );
+        graph_ties.push(g_ties as f64);
+        hand_ties.push(h_ties as f64);
         let (paper, dt) = timed(|| trainer.step(&state, t, StepMode::Commit { paper: true }, None));
         let paper = paper?;
         t_paper.push(dt);
@@ -474,10 +502,49 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         "pol_bytes_per_step": pol,
         "record_ratio_vs_pol": pol / record,
         "peak_rss_bytes": rss,
+        "graph_vs_handwritten": {
+            "graph_pass_seconds_min": min(&t_graph),
+            "handwritten_pass_seconds_min": min(&t_hand),
+            "graph_overhead": min(&t_graph) / min(&t_hand),
+            "graph_overhead_of_medians": median(&t_graph) / median(&t_hand),
+            "graph_tie_breaks_per_step": mean(&graph_ties),
+            "handwritten_tie_breaks_per_step": mean(&hand_ties),
+            "method": "forward and backward of each step from the same state and batch, rounding at every site, alternating order; the hand-written models are the engine's before it interpreted every model as a graph (src/bench/handwritten.rs)",
+        },
         "loss_first_last": [losses.first(), losses.last()],
         "fp32_loss_first_last": [fp32_losses.first(), fp32_losses.last()],
     });
     Ok((report, setup.data_kind))
+}
+
+/// The engine's forward and backward of `batch` from `state` (the graph interpreter): the loss
+/// and the number of tie-breaks logged.
+fn graph_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, usize)> {
+    let mut rounder = Rounder::commit();
+    let mut ctx =
+        Ctx { dev: &run.device, rounder: &mut rounder, step: state.step + 1, seed: run.spec.config.train.seed };
+    let (loss, _) = run.model.loss_and_grads(&mut ctx, state, batch)?;
+    Ok((loss, rounder.finish().log.n_entries()))
+}
+
+/// [`graph_pass`] with the hand-written model of the same preset.
+fn hand_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, usize)> {
+    let get = |name: &str| -> Result<&[f32], engine::EngineError> {
+        state
+            .get(&engine::model::param_key(name))
+            .map(|t| t.data.as_slice())
+            .ok_or_else(|| engine::EngineError::Usage(format!("state has no parameter {name}")))
+    };
+    let shape = match &run.data {
+        Dataset::Classification { input_shape, .. } => input_shape.clone(),
+        Dataset::Text { .. } => Vec::new(),
+    };
+    let mut rounder = Rounder::commit();
+    let mut ctx =
+        Ctx { dev: &run.device, rounder: &mut rounder, step: state.step + 1, seed: run.spec.config.train.seed };
+    let (loss, _) =
+        handwritten::loss_and_grads(&mut ctx, &run.spec.config.model, &shape, run.model.classes(), &get, batch)?;
+    Ok((loss, rounder.finish().log.n_entries()))
 }
 
 /// Site names and lengths of a stored (compressed) log.
@@ -604,7 +671,8 @@ pub fn child(role: &str, model: &str, data: Option<&Path>, steps: u64, logs: &Pa
         "fp32" => {
             let run = setup.run(TRAINER_PROFILE, steps)?;
             let init = run.initial_state()?;
-            let mut b = Baseline::new(&run.model, &init, &run.spec.config.optimizer)?;
+            let mut b =
+                Baseline::new(&run.spec.config.model, &run.model, &run.data, &init, &run.spec.config.optimizer)?;
             drop(init);
             for t in 1..=steps {
                 b.step(&Batch::gather(&run.data, &run.batch_indices(t).0))?;

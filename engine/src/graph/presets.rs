@@ -1,9 +1,50 @@
-//! Ready-made graphs, written with the [`GraphBuilder`] as a user would: a GPT-style
-//! transformer for text and a residual CNN for images. They are ordinary graphs (the configs
-//! `configs/shakespeare-graph.toml` and `configs/mnist-resnet.toml` write the same nodes in
-//! TOML, and a test checks they agree), so nothing about them is special to the verifier.
+//! Ready-made graphs, written with the [`GraphBuilder`] as a user would. The config kinds
+//! `mlp`, `cnn` and `gpt` expand to [`mlp`], [`cnn`] and [`gpt`] (the engine has no other model
+//! code); [`transformer`] and [`resnet`] are the graphs of `configs/shakespeare-graph.toml` and
+//! `configs/mnist-resnet.toml` (a test checks they agree). Nothing about them is special to the
+//! verifier: they are interpreted like any user's graph.
 
 use super::{GraphBuilder, GraphConfig, Op, Tensor};
+use crate::spec::GptConfig;
+
+/// The input flattened (`flat`), fully connected layers `fc1`, `fc2`, … of the `hidden`
+/// widths with ReLU (`relu1`, …) between them, then `fc<n>` over the classes and a
+/// cross-entropy loss.
+pub fn mlp(hidden: &[usize]) -> GraphConfig {
+    let mut g = GraphBuilder::new();
+    let x = g.input();
+    let mut h = g.flatten("flat", &x);
+    for (l, &width) in hidden.iter().enumerate() {
+        let fc = g.linear(&format!("fc{}", l + 1), &h, width);
+        h = g.relu(&format!("relu{}", l + 1), &fc);
+    }
+    let logits = g.linear_classes(&format!("fc{}", hidden.len() + 1), &h);
+    g.cross_entropy("loss", &logits);
+    g.build()
+}
+
+/// Two blocks of 3×3 convolution (padding 1; `conv1`, `conv2` with `channels` outputs), ReLU
+/// and 2×2 max pooling, then a linear classifier `fc` over the flattened features.
+pub fn cnn(channels: [usize; 2]) -> GraphConfig {
+    let mut g = GraphBuilder::new();
+    let mut h = g.input();
+    for (i, &c) in channels.iter().enumerate() {
+        let conv = g.conv2d(&format!("conv{}", i + 1), &h, c, 3, 1, 1);
+        let r = g.relu(&format!("relu{}", i + 1), &conv);
+        h = g.max_pool2d(&format!("pool{}", i + 1), &r, 2, 2);
+    }
+    let flat = g.flatten("flat", &h);
+    let logits = g.linear_classes("fc", &flat);
+    g.cross_entropy("loss", &logits);
+    g.build()
+}
+
+/// The character-level GPT: [`transformer`]'s blocks with `cfg.dropout` applied after each
+/// attention projection and each MLP (`blk<l>.attn_drop`, `blk<l>.mlp.drop`) rather than on the
+/// attention weights.
+pub fn gpt(cfg: &GptConfig) -> GraphConfig {
+    decoder(cfg.context, cfg.d_model, cfg.heads, cfg.layers, 0.0, cfg.dropout)
+}
 
 /// A pre-norm decoder-only transformer on windows of `context` tokens: token and position
 /// embeddings (`tok_emb`, `pos_emb`), `layers` blocks of causal multi-head self-attention
@@ -12,6 +53,12 @@ use super::{GraphBuilder, GraphConfig, Op, Tensor};
 /// and a residual around it, a final layer norm `ln_f` and a head `lm_head` over the
 /// vocabulary; the loss is the mean cross-entropy of the next token at every position.
 pub fn transformer(context: usize, d_model: usize, heads: usize, layers: usize, dropout: f64) -> GraphConfig {
+    decoder(context, d_model, heads, layers, dropout, 0.0)
+}
+
+/// A pre-norm decoder with dropout `attn_p` on the attention weights and `resid_p` on each
+/// block's two outputs before their residual sums.
+fn decoder(context: usize, d_model: usize, heads: usize, layers: usize, attn_p: f64, resid_p: f64) -> GraphConfig {
     let mut g = GraphBuilder::text(context);
     let x = g.input();
     let tok = g.embedding("tok_emb", &x, d_model);
@@ -19,12 +66,18 @@ pub fn transformer(context: usize, d_model: usize, heads: usize, layers: usize, 
     for l in 0..layers {
         let p = |s: &str| format!("blk{l}.{s}");
         let n1 = g.layer_norm(&p("ln1"), &h, 1e-5);
-        let a = g.causal_self_attention(&p("attn"), &n1, heads, dropout);
+        let mut a = g.causal_self_attention(&p("attn"), &n1, heads, attn_p);
+        if resid_p > 0.0 {
+            a = g.dropout(&p("attn_drop"), &a, resid_p);
+        }
         h = g.add(&p("res1"), &h, &a);
         let n2 = g.layer_norm(&p("ln2"), &h, 1e-5);
         let f = g.linear(&p("mlp.fc"), &n2, 4 * d_model);
         let f = g.gelu(&p("mlp.act"), &f);
-        let f = g.linear(&p("mlp.proj"), &f, d_model);
+        let mut f = g.linear(&p("mlp.proj"), &f, d_model);
+        if resid_p > 0.0 {
+            f = g.dropout(&p("mlp.drop"), &f, resid_p);
+        }
         h = g.add(&p("res2"), &h, &f);
     }
     let h = g.layer_norm("ln_f", &h, 1e-5);

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use super::{Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, ModelConfig, OptimizerConfig, RunSpec};
 use crate::data::{DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, square_side, text_split};
 use crate::graph::{Graph, GraphConfig};
-use crate::model::{Model, param_key, slot_key};
+use crate::model::{param_key, slot_key};
 use crate::record::STATE_RAW_BYTES_MAX;
 
 /// Most steps a run may plan.
@@ -109,9 +109,18 @@ fn u(x: usize) -> u64 {
     x as u64
 }
 
-/// Parameter count of the model, and the largest per-example activation, with checked
-/// arithmetic (so [`Model::params`] and the step's buffers cannot overflow afterwards).
+/// Parameter count of the model, and the values per example its graph keeps, with checked
+/// arithmetic (so the parameters and the step's buffers cannot overflow afterwards). A preset's
+/// own fields are checked first, so that its mistakes name them (`model.hidden`); then its graph
+/// is resolved like any other.
 fn model_sizes(config: &Config, input: &[usize], classes: usize) -> Result<(u64, u64), SpecInvalid> {
+    preset_sizes(config, input, classes)?;
+    let graph = resolve_graph(config, &config.model.graph(), input, classes)?;
+    Ok((graph.param_values(), graph.activation_values()))
+}
+
+/// A preset's sizes from its own fields.
+fn preset_sizes(config: &Config, input: &[usize], classes: usize) -> Result<(u64, u64), SpecInvalid> {
     let cap = ACTIVATION_VALUES_MAX;
     let sum = |field: &str, terms: &[u64]| -> Result<u64, SpecInvalid> {
         terms
@@ -154,10 +163,7 @@ fn model_sizes(config: &Config, input: &[usize], classes: usize) -> Result<(u64,
         }
         ModelConfig::Gpt(g) => gpt_sizes(g, u(classes)),
         // Resolving checks the whole graph (names, inputs, shapes, sizes) against the data.
-        ModelConfig::Graph(g) => {
-            let graph = resolve_graph(config, g, input, classes)?;
-            Ok((graph.param_values(), graph.activation_values()))
-        }
+        ModelConfig::Graph(_) => Ok((0, 0)),
     }
 }
 
@@ -234,17 +240,7 @@ impl Config {
     /// Exact size of the canonical state encoding, from the model's parameter list (its size is
     /// already bounded, so building the list is cheap).
     fn state_encoding_bytes(&self, input: &[usize], classes: usize) -> Result<u64, SpecInvalid> {
-        let model = match &self.model {
-            ModelConfig::Mlp(m) => {
-                let mut dims = vec![input.iter().product()];
-                dims.extend(&m.hidden);
-                dims.push(classes);
-                Model::Mlp { dims }
-            }
-            ModelConfig::Cnn(c) => Model::Cnn { c: c.channels, h: input[1], w: input[2], classes },
-            ModelConfig::Gpt(g) => Model::Gpt { cfg: g.clone(), vocab: classes },
-            ModelConfig::Graph(g) => Model::Graph(Box::new(resolve_graph(self, g, input, classes)?)),
-        };
+        let model = resolve_graph(self, &self.model.graph(), input, classes)?;
         let slots: &[&str] = match self.optimizer {
             OptimizerConfig::Sgd(_) => &["momentum"],
             OptimizerConfig::Adamw(_) => &["m", "v"],
