@@ -69,11 +69,18 @@ enum Command {
         #[arg(long)]
         step: Option<u64>,
     },
-    /// Export a finished record's final parameters as safetensors (candle-nn names).
+    /// Export a finished record's parameters as safetensors (candle-nn names), with metadata:
+    /// root, spec digest, step, the model's graph, and the vocabulary of a text run.
     Export {
         record: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// A checkpointed step (default: the final one).
+        #[arg(long)]
+        step: Option<u64>,
+        /// The run's data (required for text runs: the vocabulary comes from the text).
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
     /// Serve every record directory under --records over HTTP (the `engine::wire` protocol)
     /// until SIGTERM or Ctrl-C.
@@ -135,9 +142,10 @@ fn run(cli: Cli) -> Result<()> {
             train(opts, json)
         }
         Command::Inspect { record, json, step } => inspect(&record, json, step),
-        Command::Export { record, out } => {
-            trainer_agent::export::export_record(&record, &out)?;
-            eprintln!("wrote {}", out.display());
+        Command::Export { record, out, step, data } => {
+            let opts = trainer_agent::export::ExportOptions { record: &record, out: &out, step, data: data.as_deref() };
+            let done = trainer_agent::export::export(&opts)?;
+            eprintln!("wrote {} ({} tensors, step {})", out.display(), done.tensors, done.step);
             Ok(())
         }
         Command::Serve {

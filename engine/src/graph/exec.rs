@@ -37,11 +37,12 @@ impl Graph {
         let count = self.nodes.len();
         let mut values: Vec<Vec<f32>> = Vec::with_capacity(count);
         let mut saved: Vec<Vec<Vec<f32>>> = vec![Vec::new(); count];
+        let mut indices: Vec<Vec<u32>> = vec![Vec::new(); count];
         let mut loss_value = 0.0f32;
         let mut loss_grads: Vec<Option<Bounded>> = Vec::new();
         for node in &self.nodes {
             let fwd = {
-                let args = self.args(values.len(), get, x, y, n, &values, &[])?;
+                let args = self.args(values.len(), get, x, y, n, &values, &[], &[])?;
                 node.op.forward(ctx, &args)?
             };
             match fwd {
@@ -54,6 +55,10 @@ impl Graph {
                     }
                 }
                 Fwd::View(v) => values.push(v),
+                Fwd::Indexed(b, kept) => {
+                    values.push(ctx.round(&format!("fwd/{}/out", node.name), b)?);
+                    indices[values.len() - 1] = kept;
+                }
                 Fwd::Loss { loss, grads } => {
                     loss_value = ctx.round(&format!("fwd/{}/out", node.name), loss)?[0];
                     loss_grads = grads;
@@ -85,7 +90,7 @@ impl Graph {
                 (grads, Vec::new())
             } else {
                 let gy = sum_incoming(ctx, &node.name, std::mem::take(&mut incoming[i]))?;
-                let args = self.args(i, get, x, y, n, &values, &saved[i])?;
+                let args = self.args(i, get, x, y, n, &values, &saved[i], &indices[i])?;
                 let bwd = node.op.backward(ctx, &args, &values[i], &gy, &need)?;
                 (bwd.inputs, bwd.params)
             };
@@ -129,6 +134,7 @@ impl Graph {
         n: usize,
         values: &'a [Vec<f32>],
         saved: &'a [Vec<f32>],
+        indices: &'a [u32],
     ) -> Result<Args<'a>, EngineError> {
         let node = &self.nodes[i];
         let ins = node
@@ -145,6 +151,7 @@ impl Graph {
             name: &node.name,
             ins,
             saved,
+            indices,
             in_shapes: &node.in_shapes,
             params,
             n,

@@ -27,6 +27,9 @@ pub(crate) enum Fwd {
     Saving(Bounded, Vec<(&'static str, Bounded)>),
     /// FP32 values passed on unchanged (no site).
     View(Vec<f32>),
+    /// FP64 values to round at `fwd/<node>/out`, and positions the backward pass reads (a max
+    /// pool's argmax: exact, so the same on every machine).
+    Indexed(Bounded, Vec<u32>),
     /// A loss value (`fwd/<node>/out`), and the gradients of the loss with respect to each
     /// input, to round in the backward pass.
     Loss { loss: Bounded, grads: Vec<Option<Bounded>> },
@@ -54,6 +57,8 @@ pub(crate) struct Args<'a> {
     pub ins: Vec<&'a [f32]>,
     /// What the forward pass saved (rounded), in the backward pass.
     pub saved: &'a [Vec<f32>],
+    /// The positions the forward pass kept ([`Fwd::Indexed`]), in the backward pass.
+    pub indices: &'a [u32],
     pub in_shapes: &'a [Vec<usize>],
     pub params: Vec<&'a [f32]>,
     pub n: usize,

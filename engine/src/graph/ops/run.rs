@@ -35,7 +35,10 @@ impl Op {
                 let spec = self.conv_spec(a);
                 Fwd::Rounded(dev.conv2d(a.ins[0], a.params[0], bias.then(|| a.params[1]), spec).map_err(k)?)
             }
-            Op::MaxPool2d { .. } => Fwd::Rounded(dev.max_pool2d(a.ins[0], self.pool_spec(a)).map_err(k)?.0),
+            Op::MaxPool2d { .. } => {
+                let (y, argmax) = dev.max_pool2d(a.ins[0], self.pool_spec(a)).map_err(k)?;
+                Fwd::Indexed(y, argmax)
+            }
             Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => {
                 Fwd::Rounded(dev.avg_pool2d(a.ins[0], self.pool_spec(a)).map_err(k)?)
             }
@@ -140,10 +143,9 @@ impl Op {
                 Bwd { inputs: vec![need[0].then_some(Grad::Rounded(g.gx))], params }
             }
             Op::MaxPool2d { .. } => {
-                // The window maxima are recomputed (exact, so the same argmax as forward).
+                // The forward pass's argmax (exact: the same on every machine).
                 let spec = self.pool_spec(a);
-                let (_, argmax) = dev.max_pool2d(a.ins[0], spec).map_err(k)?;
-                one(Some(Grad::Rounded(dev.max_pool2d_backward(gy, &argmax, spec).map_err(k)?)))
+                one(Some(Grad::Rounded(dev.max_pool2d_backward(gy, a.indices, spec).map_err(k)?)))
             }
             Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => {
                 one(Some(Grad::Rounded(dev.avg_pool2d_backward(gy, self.pool_spec(a)).map_err(k)?)))
