@@ -360,7 +360,7 @@ impl Resolver<'_> {
         let [t, d] = shape[..] else {
             return Err(invalid(at("inputs"), format!("node {name:?}: attention needs [t, d], not {shape:?}")));
         };
-        if heads == 0 || d % heads != 0 {
+        if heads == 0 || !d.is_multiple_of(heads) {
             return Err(invalid(at("heads"), format!("node {name:?}: {heads} heads do not divide d = {d}")));
         }
         if !(0.0..1.0).contains(&dropout) {

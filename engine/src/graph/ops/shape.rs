@@ -76,7 +76,7 @@ impl Op {
             }
             Op::Split { axis, parts, index } => {
                 let axis = axis_of(x, *axis)?;
-                if *parts == 0 || x[axis] % parts != 0 {
+                if *parts == 0 || !x[axis].is_multiple_of(*parts) {
                     return Err(("parts", format!("{parts} equal parts do not divide axis {axis} of {x:?}")));
                 }
                 if index >= parts {
