@@ -282,6 +282,45 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
         Ok(vec![g.gx, g.ggamma, g.gbeta])
     }));
 
+    // batch norm: the layer-norm definition with the affine per row (channels × values).
+    let (rows, cols) = (4, 150);
+    let mut x = family_data(r, fam, rows * cols);
+    if fam == "cancel" {
+        x.iter_mut().for_each(|v| *v = 1.0e4 + *v * 1e-6);
+    }
+    let gw = family_data(r, fam, rows);
+    let bw = family_data(r, fam, rows);
+    let bn = seq.batch_norm(&x, &gw, &bw, rows, cols, 1e-5).expect("batch_norm");
+    let (mean, rstd) = (round32(&bn.mean), round32(&bn.rstd));
+    let gy = family_data(r, fam, rows * cols);
+    let (x2, gw2) = (x.clone(), gw.clone());
+    out.push(Case::new("batch_norm", fam, move |d| {
+        let o = d.batch_norm(&x, &gw, &bw, rows, cols, 1e-5)?;
+        Ok(vec![o.y, o.mean, o.rstd])
+    }));
+    out.push(Case::new("batch_norm_backward", fam, move |d| {
+        let g = d.batch_norm_backward(&x2, &gw2, &mean, &rstd, &gy, rows, cols)?;
+        Ok(vec![g.gx, g.ggamma, g.gbeta])
+    }));
+
+    // tanh, sigmoid (and their backward passes from the rounded outputs), mean squared error.
+    let x = family_data(r, fam, 300);
+    let gy = family_data(r, fam, 300);
+    let t = round32(&seq.tanh(&x).expect("tanh"));
+    let s = round32(&seq.sigmoid(&x).expect("sigmoid"));
+    let target = family_data(r, fam, 300);
+    let x2 = x.clone();
+    out.push(Case::new("tanh", fam, move |d| Ok(vec![d.tanh(&x)?])));
+    out.push(Case::new("sigmoid", fam, move |d| Ok(vec![d.sigmoid(&x2)?])));
+    let gy2 = gy.clone();
+    out.push(Case::new("tanh_backward", fam, move |d| Ok(vec![d.tanh_backward(&t, &gy)?])));
+    out.push(Case::new("sigmoid_backward", fam, move |d| Ok(vec![d.sigmoid_backward(&s, &gy2)?])));
+    let pred = family_data(r, fam, 300);
+    out.push(Case::new("mse", fam, move |d| {
+        let (l, g) = d.mse(&pred, &target)?;
+        Ok(vec![l, g])
+    }));
+
     // embedding.
     let (vocab, dim) = (11, 16);
     let table = family_data(r, fam, vocab * dim);
