@@ -49,7 +49,7 @@ fn exported_mlp_loads_in_candle_nn_and_matches_the_engine() {
     let candle_logits: Vec<f32> = fc2.forward(&hidden).unwrap().flatten_all().unwrap().to_vec1().unwrap();
 
     let mut rounder = common::rounding::Rounder::commit();
-    let mut ctx = Ctx { dev: &device, rounder: &mut rounder, step: 0, seed: 0 };
+    let mut ctx = Ctx::new(&device, &mut rounder, 0, 0);
     let (_, ours) = model.forward_logits(&mut ctx, &state, &batch).unwrap();
     let ours = ours.unwrap();
     assert_eq!(ours.len(), candle_logits.len());

@@ -118,6 +118,9 @@ impl Setup {
                 (data, format!("synthetic: {n} bytes of random words over 26 letters, space, newline and '.'"))
             }
             DataConfig::Synthetic(_) => (Dataset::load(&config.data, None, seed, context)?, "synthetic".to_string()),
+            DataConfig::Tensors(_) | DataConfig::Csv(_) | DataConfig::Tokens(_) => {
+                anyhow::bail!("{model}: benchmarks run on the built-in datasets, not a user's file")
+            }
         };
         Ok(Setup { config, data, data_kind: "synthetic", data_source: source })
     }
