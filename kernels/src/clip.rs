@@ -9,7 +9,8 @@
 //! `|√s − √s'| = |s − s'|/(√s + √s') ≤ min(δ/√s, √δ) =: D`, and each side's `√` is correctly
 //! rounded (relative error `u`), so the two norms differ by at most `D + u·(√s + √s + D)`. The
 //! returned bound is twice that (margin for evaluating the bound itself in FP64), times
-//! `SLACK`. The sum runs on the host on every profile (one value per step; the `cuda` profile
+//! `SLACK`; when every order gives the exact sum (`δ = 0`) the norm is the same everywhere
+//! and the bound is `Exact`. The sum runs on the host on every profile (one value per step; the `cuda` profile
 //! takes `cpu-seq`'s sequential order, as for its other host reductions).
 
 use crate::bound::{ExactTerms, SLACK, U};
@@ -28,10 +29,13 @@ impl Device {
         });
         let delta = terms.bound();
         let norm = s.sqrt();
+        if delta == 0.0 {
+            // Every order gives the same sum, and √ is correctly rounded: the same norm everywhere.
+            return Ok(Bounded { values: vec![norm], bound: ErrorBound::Exact });
+        }
         let d_sqrt = if s > 0.0 { (delta / norm).min(delta.sqrt()) } else { delta.sqrt() };
         let bound = 2.0 * (d_sqrt + U * (2.0 * norm + d_sqrt)) * SLACK;
-        let bound = if bound == 0.0 { ErrorBound::Exact } else { ErrorBound::Uniform(bound) };
-        Ok(Bounded { values: vec![norm], bound })
+        Ok(Bounded { values: vec![norm], bound: ErrorBound::Uniform(bound) })
     }
 }
 
