@@ -18,7 +18,11 @@ pub fn build_run(spec: &RunSpec, data: Option<&Path>, device: Profile) -> Result
     let dataset = Dataset::for_config(&spec.config, data)?;
     let dev = Device::new(device).map_err(|e| AuditError::Usage(e.to_string()))?;
     Run::new(spec.clone(), dataset, dev).map_err(|e| match e {
-        e @ EngineError::DatasetMismatch { .. } => AuditError::Data(e.to_string()),
+        // Name the file: with several datasets at hand, which one did not match is the point.
+        e @ EngineError::DatasetMismatch { .. } => AuditError::Data(match data {
+            Some(path) => format!("{}: {e}", path.display()),
+            None => e.to_string(),
+        }),
         e => AuditError::Engine(e),
     })
 }

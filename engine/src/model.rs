@@ -26,11 +26,26 @@ pub struct Ctx<'a, 'r> {
     pub rounder: &'a mut Rounder<'r>,
     pub step: u64,
     pub seed: u64,
+    /// Put before every site name (`micro/<j>/` while a step accumulates micro-batch `j`, so the
+    /// model's sites stay unique within the step); empty otherwise.
+    pub site_prefix: String,
 }
 
-impl Ctx<'_, '_> {
+impl<'a, 'r> Ctx<'a, 'r> {
+    /// A context for step `step` of a run seeded with `seed`, with no site prefix.
+    pub fn new(dev: &'a Device, rounder: &'a mut Rounder<'r>, step: u64, seed: u64) -> Self {
+        Ctx { dev, rounder, step, seed, site_prefix: String::new() }
+    }
+
     /// Rounds one op's FP64 result at a named site.
     pub fn round(&mut self, site: &str, b: Bounded) -> Result<Vec<f32>, EngineError> {
+        let prefixed;
+        let site = if self.site_prefix.is_empty() {
+            site
+        } else {
+            prefixed = format!("{}{site}", self.site_prefix);
+            &prefixed
+        };
         self.rounder
             .round(site, &b.values, &b.bound)
             .map_err(|source| EngineError::Rounding { step: self.step, source })
@@ -164,7 +179,7 @@ impl Model {
                 if graph_cfg.context != Some(*context) {
                     return Err(bad("text context differs from model.context"));
                 }
-                Graph::resolve_text(&graph_cfg, vocab.len())
+                Graph::resolve_text(&graph_cfg, *vocab)
             }
         }
         .map_err(EngineError::InvalidSpec)?;

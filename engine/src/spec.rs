@@ -83,6 +83,53 @@ pub enum DataConfig {
     Mnist(MnistConfig),
     /// A plain text file, from `--data <file>`, for a character-level model.
     Text(TextConfig),
+    /// A safetensors file, from `--data <file>`: inputs `x` and class labels `y`.
+    Tensors(TensorsConfig),
+    /// A CSV file of numbers, from `--data <file>`: one example a row, one column its label.
+    Csv(CsvConfig),
+    /// A file of little-endian token ids, from `--data <file>`, for the GPT.
+    Tokens(TokensConfig),
+}
+
+/// What kind of data a dataset commitment covers: one per [`DataConfig`] variant, spelled as
+/// its `kind` (so commitments serialise as before this enum existed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataKind {
+    Synthetic,
+    Mnist,
+    Text,
+    Tensors,
+    Csv,
+    Tokens,
+}
+
+impl DataKind {
+    /// The wire and log name (the config's `data.kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataKind::Synthetic => "synthetic",
+            DataKind::Mnist => "mnist",
+            DataKind::Text => "text",
+            DataKind::Tensors => "tensors",
+            DataKind::Csv => "csv",
+            DataKind::Tokens => "tokens",
+        }
+    }
+}
+
+impl DataConfig {
+    /// The kind of data this config names.
+    pub fn kind(&self) -> DataKind {
+        match self {
+            DataConfig::Synthetic(_) => DataKind::Synthetic,
+            DataConfig::Mnist(_) => DataKind::Mnist,
+            DataConfig::Text(_) => DataKind::Text,
+            DataConfig::Tensors(_) => DataKind::Tensors,
+            DataConfig::Csv(_) => DataKind::Csv,
+            DataConfig::Tokens(_) => DataKind::Tokens,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +158,76 @@ pub struct TextConfig {
     pub holdout_fraction: f64,
 }
 
+/// A user's safetensors dataset. The config states the shape of one example so that the spec
+/// alone sizes the model (an auditor validates a spec before it reads any file); the loader
+/// checks the file against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorsConfig {
+    /// Shape of one example's input (`x` is `[N, ..input_shape]`).
+    pub input_shape: Vec<usize>,
+    /// Number of classes; every label must be below it.
+    pub classes: usize,
+    /// Examples held out for evaluation (the last ones of the file).
+    pub holdout: usize,
+}
+
+/// Which CSV column holds the label: a 0-based index, or a header name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LabelColumn {
+    Index(usize),
+    Name(String),
+}
+
+/// A user's CSV dataset: every row one example, every column a number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvConfig {
+    /// The label column (index or header name).
+    pub label_column: LabelColumn,
+    /// Whether the first line names the columns.
+    #[serde(default)]
+    pub header: bool,
+    /// Number of feature columns (all columns but the label), stated so the spec sizes the model.
+    pub features: usize,
+    /// Number of classes; every label must be an integer below it.
+    pub classes: usize,
+    /// Examples held out for evaluation (the last rows).
+    pub holdout: usize,
+}
+
+/// Width of one token id in a token file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDtype {
+    U16,
+    U32,
+}
+
+impl TokenDtype {
+    /// Bytes per token id.
+    pub fn bytes(self) -> usize {
+        match self {
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        }
+    }
+}
+
+/// A user's token file (e.g. the output of a BPE tokenizer) for the GPT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    /// Little-endian width of each id.
+    pub dtype: TokenDtype,
+    /// Vocabulary size; every id must be below it.
+    pub vocab: usize,
+    /// Fraction of the tokens (at the end) held out for evaluation, in 0..0.5.
+    #[serde(default)]
+    pub holdout_fraction: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -123,6 +240,22 @@ pub struct TrainConfig {
     pub seed: u64,
     /// A full-state checkpoint every this many steps (and at step 0).
     pub checkpoint_interval: u64,
+    /// Global gradient-norm clipping: gradients are scaled by `min(1, clip_norm / ‖g‖)` before
+    /// the optimizer. Absent: off (and not serialised, so such specs hash as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
+    /// Gradient accumulation: each step's batch is split into this many equal micro-batches
+    /// whose gradients are averaged. Default 1 (not serialised, so such specs hash as before).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub accumulate: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// The optimizer and its hyper-parameters.
@@ -168,8 +301,8 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetCommitment {
-    /// `synthetic`, `mnist` or `text`.
-    pub kind: String,
+    /// The kind of data (serialised as the config's `data.kind`).
+    pub kind: DataKind,
     /// Number of committed leaves (examples, or text chunks for `text`).
     pub leaves: u64,
     /// Examples available for training.
@@ -286,7 +419,7 @@ momentum = 0.9
             software_version: "x".into(),
             config: c,
             dataset: DatasetCommitment {
-                kind: "synthetic".into(),
+                kind: DataKind::Synthetic,
                 leaves: 1,
                 n_train: 1,
                 n_holdout: 0,

@@ -13,7 +13,7 @@ use common::prng::Stream;
 use common::rounding::{Rounder, paper::DenseLog};
 use common::state::{Tensor, TrainingState};
 use common::tielog::{Direction, SiteLog, TieBreakLog};
-use kernels::{AdamWConfig, Device, SgdConfig};
+use kernels::{AdamWConfig, Bounded, Device, SgdConfig};
 
 use crate::EngineError;
 use crate::data::Dataset;
@@ -324,18 +324,15 @@ impl Run {
             let n = self.data.n_train() as u64;
             batch_idx.0.iter_mut().for_each(|i| *i = (*i + n / 2 + 1) % n);
         }
-        let mut batch = Batch::gather(&self.data, &batch_idx.0);
-        if fault == Some(FaultKind::FlipLabel) {
-            batch.flip_one_label(self.model.classes());
-        }
         let mut rounder = match mode {
             StepMode::Commit { paper: false } => Rounder::commit(),
             StepMode::Commit { paper: true } => Rounder::commit_with_paper(),
             StepMode::Replay(log) => Rounder::replay(log),
         };
         let seed = self.spec.config.train.seed;
-        let mut ctx = Ctx { dev: &self.device, rounder: &mut rounder, step, seed };
-        let (loss, grads) = self.model.loss_and_grads(&mut ctx, prev, &batch)?;
+        let mut ctx = Ctx::new(&self.device, &mut rounder, step, seed);
+        let (loss, grads) = self.accumulated_grads(&mut ctx, prev, &batch_idx, fault)?;
+        let grads = self.clip(&mut ctx, grads)?;
         let mut state = TrainingState::new(step);
         if fault == Some(FaultKind::SkipStep) {
             for (name, t) in prev.tensors() {
@@ -359,6 +356,79 @@ impl Run {
             forge_entry(&mut log, &format!("opt/{}/param", first.name), len);
         }
         Ok(StepOutput { state, log, batch: batch_idx, loss, paper, forged, rounded })
+    }
+
+    /// The step's loss and gradients. With `train.accumulate = k > 1` the batch is split into
+    /// `k` consecutive micro-batches of `batch_size / k` examples, each run through the model
+    /// with its sites under `micro/<j>/`; the gradients are then averaged per parameter as
+    /// `(Σ_j g_j) / k`, summed in micro-batch order in FP64 and rounded at `accum/<param>`.
+    /// That fixed sequence of correctly rounded operations is the op's definition, so every
+    /// machine computes the same FP64 values (`ErrorBound::Exact`). The loss is the mean of the
+    /// micro-batch losses.
+    fn accumulated_grads(
+        &self,
+        ctx: &mut Ctx<'_, '_>,
+        prev: &TrainingState,
+        batch_idx: &BatchIndices,
+        fault: Option<FaultKind>,
+    ) -> Result<(f32, Vec<Vec<f32>>), EngineError> {
+        let k = self.spec.config.train.accumulate.max(1);
+        let micro = batch_idx.0.len() / k;
+        if k == 1 {
+            let mut batch = Batch::gather(&self.data, &batch_idx.0);
+            if fault == Some(FaultKind::FlipLabel) {
+                batch.flip_one_label(self.model.classes());
+            }
+            return self.model.loss_and_grads(ctx, prev, &batch);
+        }
+        let mut loss_sum = 0.0f64;
+        let mut sums: Vec<Vec<f64>> = Vec::new();
+        for (j, idx) in batch_idx.0.chunks(micro).enumerate() {
+            let mut batch = Batch::gather(&self.data, idx);
+            if j == 0 && fault == Some(FaultKind::FlipLabel) {
+                batch.flip_one_label(self.model.classes());
+            }
+            ctx.site_prefix = format!("micro/{j}/");
+            let result = self.model.loss_and_grads(ctx, prev, &batch);
+            ctx.site_prefix.clear();
+            let (loss, grads) = result?;
+            loss_sum += loss as f64;
+            if sums.is_empty() {
+                sums = grads.iter().map(|g| g.iter().map(|&x| x as f64).collect()).collect();
+            } else {
+                for (s, g) in sums.iter_mut().zip(&grads) {
+                    s.iter_mut().zip(g).for_each(|(s, &x)| *s += x as f64);
+                }
+            }
+        }
+        let mut grads = Vec::with_capacity(sums.len());
+        for (p, s) in self.model.params().iter().zip(sums) {
+            let mean = s.into_iter().map(|x| x / k as f64).collect();
+            grads.push(ctx.round(&format!("accum/{}", p.name), Bounded::exact(mean))?);
+        }
+        Ok(((loss_sum / k as f64) as f32, grads))
+    }
+
+    /// Global-norm gradient clipping (`train.clip_norm = c`), in three rounded steps:
+    /// `clip/norm` = ‖g‖ over every parameter's gradient in [`Model::params`] order (a
+    /// reduction with its own bound, see `kernels::Device::global_norm`); `clip/scale` =
+    /// `min(1, c / norm)` from that FP32 norm (one correctly rounded division and a comparison
+    /// of values every machine shares: exact); `clip/<param>` = `g · scale` (a product of two
+    /// FP32 values, exact in FP64). The scaled gradients are rounded even when the scale is 1,
+    /// so the sites a step visits do not depend on the data.
+    fn clip(&self, ctx: &mut Ctx<'_, '_>, grads: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        let Some(max_norm) = self.spec.config.train.clip_norm else { return Ok(grads) };
+        let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        let norm = ctx.dev.global_norm(&refs).map_err(EngineError::Kernel)?;
+        let norm = ctx.round("clip/norm", norm)?[0];
+        // A zero norm gives c / 0 = +∞, so the scale is 1.
+        let scale = ctx.round("clip/scale", Bounded::exact(vec![(max_norm / norm as f64).min(1.0)]))?[0];
+        let mut out = Vec::with_capacity(grads.len());
+        for (p, g) in self.model.params().iter().zip(&grads) {
+            let scaled = g.iter().map(|&x| x as f64 * scale as f64).collect();
+            out.push(ctx.round(&format!("clip/{}", p.name), Bounded::exact(scaled))?);
+        }
+        Ok(out)
     }
 
     /// Applies the optimizer to every parameter, in [`Model::params`] order.
@@ -426,8 +496,7 @@ impl Run {
             let idx: Vec<u64> = (start..end).map(|k| self.data.holdout_index(k) as u64).collect();
             let batch = Batch::gather(&self.data, &idx);
             let mut rounder = Rounder::commit();
-            let mut ctx =
-                Ctx { dev: &self.device, rounder: &mut rounder, step: state.step, seed: self.spec.config.train.seed };
+            let mut ctx = Ctx::new(&self.device, &mut rounder, state.step, self.spec.config.train.seed);
             let (loss, logits) = self.model.forward_logits(&mut ctx, state, &batch)?;
             loss_sum += loss as f64 * (end - start) as f64;
             if let (Some(logits), Batch::Classes { y, .. }) = (logits, &batch) {

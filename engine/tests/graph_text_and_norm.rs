@@ -113,7 +113,7 @@ fn the_shipped_graph_configs_are_the_presets_graphs() {
     let mut built = resnet.clone();
     built.model = presets::resnet(&[16, 32], 1, 2).into();
     let commitment = engine::spec::DatasetCommitment {
-        kind: "mnist".into(),
+        kind: engine::spec::DataKind::Mnist,
         leaves: 10_000,
         n_train: 9000,
         n_holdout: 1000,

@@ -62,8 +62,13 @@ fn mnist_cnn_spec() -> RunSpec {
     let mut config = Config::from_toml(MLP, "mlp").unwrap();
     config.model = ModelConfig::Cnn(CnnConfig { channels: [4, 8] });
     config.data = DataConfig::Mnist(MnistConfig { train: 900, holdout: 100 });
-    let dataset =
-        DatasetCommitment { kind: "mnist".into(), leaves: 1000, n_train: 900, n_holdout: 100, root: "ab".repeat(32) };
+    let dataset = DatasetCommitment {
+        kind: engine::spec::DataKind::Mnist,
+        leaves: 1000,
+        n_train: 900,
+        n_holdout: 100,
+        root: "ab".repeat(32),
+    };
     spec_for(config, dataset)
 }
 

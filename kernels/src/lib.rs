@@ -24,6 +24,7 @@
 
 mod activation;
 mod bound;
+mod clip;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -120,6 +120,9 @@ impl Setup {
                 (data, format!("synthetic: {n} bytes of random words over 26 letters, space, newline and '.'"))
             }
             DataConfig::Synthetic(_) => (Dataset::load(&config.data, None, seed, context)?, "synthetic".to_string()),
+            DataConfig::Tensors(_) | DataConfig::Csv(_) | DataConfig::Tokens(_) => {
+                anyhow::bail!("{model}: benchmarks run on the built-in datasets, not a user's file")
+            }
         };
         Ok(Setup { config, data, data_kind: "synthetic", data_source: source })
     }
@@ -521,8 +524,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
 /// and the number of tie-breaks logged.
 fn graph_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, usize)> {
     let mut rounder = Rounder::commit();
-    let mut ctx =
-        Ctx { dev: &run.device, rounder: &mut rounder, step: state.step + 1, seed: run.spec.config.train.seed };
+    let mut ctx = Ctx::new(&run.device, &mut rounder, state.step + 1, run.spec.config.train.seed);
     let (loss, _) = run.model.loss_and_grads(&mut ctx, state, batch)?;
     Ok((loss, rounder.finish().log.n_entries()))
 }
@@ -540,8 +542,7 @@ fn hand_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, us
         Dataset::Text { .. } => Vec::new(),
     };
     let mut rounder = Rounder::commit();
-    let mut ctx =
-        Ctx { dev: &run.device, rounder: &mut rounder, step: state.step + 1, seed: run.spec.config.train.seed };
+    let mut ctx = Ctx::new(&run.device, &mut rounder, state.step + 1, run.spec.config.train.seed);
     let (loss, _) =
         handwritten::loss_and_grads(&mut ctx, &run.spec.config.model, &shape, run.model.classes(), &get, batch)?;
     Ok((loss, rounder.finish().log.n_entries()))

@@ -108,6 +108,9 @@ pub fn export(opts: &ExportOptions<'_>) -> Result<Exported, TrainerError> {
         serde_json::to_value(&spec.config.model).map_err(json)?["kind"].as_str().unwrap_or_default().to_string(),
     );
     put("graph", serde_json::to_string(&*spec.config.model.graph()).map_err(json)?);
+    if let DataConfig::Tokens(t) = &spec.config.data {
+        put("vocab_size", t.vocab.to_string());
+    }
     if let DataConfig::Text(_) = spec.config.data {
         let Some(path) = opts.data else {
             return Err(TrainerError::Usage(
@@ -123,8 +126,8 @@ pub fn export(opts: &ExportOptions<'_>) -> Result<Exported, TrainerError> {
                 data.commitment().root
             )));
         }
-        if let Dataset::Text { vocab, .. } = &data {
-            put("vocab", serde_json::to_string(vocab).map_err(json)?);
+        if let Some(vocab) = data.byte_vocabulary() {
+            put("vocab", serde_json::to_string(&vocab).map_err(json)?);
         }
     }
     let bytes = safetensors_bytes_with(&state, &metadata);

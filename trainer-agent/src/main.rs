@@ -174,7 +174,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut datasets = std::collections::BTreeMap::new();
             for d in data {
                 match d.split_once('=') {
-                    Some((kind @ ("mnist" | "text"), path)) => {
+                    Some((kind @ ("mnist" | "text" | "tensors" | "csv" | "tokens"), path)) => {
                         datasets.insert(kind.to_string(), PathBuf::from(path));
                     }
                     _ => fallback = Some(PathBuf::from(d)),

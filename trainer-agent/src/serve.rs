@@ -387,10 +387,9 @@ impl Shared {
             spec.device_profile.parse().map_err(|e: kernels::KernelError| internal(e.to_string()))?;
         // The dataset for this run's kind of data; without one, the state cannot be recomputed
         // here: 404, which an auditor does not retry (it resumes from a checkpoint instead).
-        let kind = match &spec.config.data {
-            engine::spec::DataConfig::Mnist(_) => Some("mnist"),
-            engine::spec::DataConfig::Text(_) => Some("text"),
-            engine::spec::DataConfig::Synthetic(_) => None,
+        let kind = match spec.config.data.kind() {
+            engine::spec::DataKind::Synthetic => None,
+            k => Some(k.as_str()),
         };
         let path = kind.and_then(|k| self.datasets.get(k)).or(self.data.as_ref());
         if let (Some(k), None) = (kind, path) {

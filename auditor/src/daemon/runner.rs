@@ -122,6 +122,11 @@ impl HttpRunner {
             engine::spec::DataConfig::Mnist(_) => self.data.mnist.clone(),
             engine::spec::DataConfig::Text(_) => self.data.text.clone(),
             engine::spec::DataConfig::Synthetic(_) => None,
+            // A user's file is one run's data, not a corpus a daemon keeps for every run: these
+            // specs are audited with `auditor audit --data FILE` (here: could not decide).
+            engine::spec::DataConfig::Tensors(_)
+            | engine::spec::DataConfig::Csv(_)
+            | engine::spec::DataConfig::Tokens(_) => None,
         })
     }
 }

@@ -12,8 +12,13 @@
 
 use std::str::FromStr;
 
-use super::{Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, ModelConfig, OptimizerConfig, RunSpec};
-use crate::data::{DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, square_side, text_split};
+use super::{
+    Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, LabelColumn, ModelConfig, OptimizerConfig,
+    RunSpec,
+};
+use crate::data::{
+    DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, USER_EXAMPLES_MAX, square_side, text_split,
+};
 use crate::graph::{Graph, GraphConfig};
 use crate::model::{param_key, slot_key};
 use crate::record::STATE_RAW_BYTES_MAX;
@@ -32,6 +37,12 @@ pub const CLASSES_MAX: usize = 1 << 16;
 pub const LAYERS_MAX: usize = 256;
 /// Most symbols of a character-level vocabulary (bytes).
 pub const TEXT_VOCAB_MAX: usize = 256;
+/// Most token ids of a token file's vocabulary.
+pub const TOKEN_VOCAB_MAX: usize = 1 << 24;
+/// Most dimensions of one example of a safetensors dataset.
+pub const INPUT_RANK_MAX: usize = 8;
+/// Most micro-batches a step may accumulate.
+pub const ACCUMULATE_MAX: usize = 1 << 16;
 
 /// A config or spec field that is out of range or inconsistent with another: the trainer's
 /// fault when it is in a signed spec (`commitment-invalid`).
@@ -79,14 +90,18 @@ fn data_shape(config: &Config) -> Result<(Vec<usize>, usize), SpecInvalid> {
         (DataConfig::Synthetic(s), _) => (vec![s.features], s.classes),
         (DataConfig::Mnist(_), _) => (vec![1, MNIST_SIDE, MNIST_SIDE], 10),
         (DataConfig::Text(_), ModelConfig::Graph(g)) => (vec![g.context.unwrap_or(0)], TEXT_VOCAB_MAX),
+        (DataConfig::Tokens(t), ModelConfig::Graph(g)) => (vec![g.context.unwrap_or(0)], t.vocab),
         (DataConfig::Text(_), _) => (vec![], TEXT_VOCAB_MAX),
+        (DataConfig::Tensors(t), _) => (t.input_shape.clone(), t.classes),
+        (DataConfig::Csv(c), _) => (vec![c.features], c.classes),
+        (DataConfig::Tokens(t), _) => (vec![], t.vocab),
     })
 }
 
 /// A graph checked against the config's data (on text, `classes` bounds the vocabulary).
 fn resolve_graph(config: &Config, g: &GraphConfig, input: &[usize], classes: usize) -> Result<Graph, SpecInvalid> {
     match config.data {
-        DataConfig::Text(_) => Graph::resolve_text(g, classes),
+        DataConfig::Text(_) | DataConfig::Tokens(_) => Graph::resolve_text(g, classes),
         _ => Graph::resolve(g, input, classes),
     }
 }
@@ -217,9 +232,26 @@ impl Config {
                 _ => {}
             }
         }
+        if let Some(c) = t.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(invalid("train.clip_norm", format!("must be finite and > 0, got {c}")));
+        }
+        if t.accumulate == 0 || t.accumulate > ACCUMULATE_MAX {
+            return Err(invalid("train.accumulate", format!("must be in 1..={ACCUMULATE_MAX}, got {}", t.accumulate)));
+        }
+        if !t.batch_size.is_multiple_of(t.accumulate) {
+            return Err(invalid(
+                "train.accumulate",
+                format!(
+                    "{} does not divide train.batch_size = {} into equal micro-batches",
+                    t.accumulate, t.batch_size
+                ),
+            ));
+        }
         self.check_optimizer()?;
-        self.check_model()?;
         self.check_data()?;
+        self.check_model()?;
         let (input, classes) = data_shape(self)?;
         let (param_values, act) = model_sizes(self, &input, classes)?;
         product(
@@ -330,10 +362,20 @@ impl Config {
             // Checked against the data's shape in `model_sizes`.
             ModelConfig::Graph(_) => {}
         }
+        let tokens = matches!(self.data, DataConfig::Text(_) | DataConfig::Tokens(_));
         match (&self.model, &self.data) {
-            (ModelConfig::Gpt(_) | ModelConfig::Graph(_), DataConfig::Text(_)) => Ok(()),
-            (ModelConfig::Gpt(_), _) => Err(invalid("data.kind", "the GPT trains on text data")),
-            (_, DataConfig::Text(_)) => Err(invalid("data.kind", "MLP and CNN models train on classification data")),
+            (ModelConfig::Gpt(_) | ModelConfig::Graph(_), _) if tokens => Ok(()),
+            (ModelConfig::Gpt(_), _) => Err(invalid("data.kind", "the GPT trains on text or token data")),
+            _ if tokens => Err(invalid("data.kind", "MLP and CNN models train on classification data")),
+            (ModelConfig::Cnn(_), DataConfig::Tensors(t)) if t.input_shape.len() != 3 || t.input_shape[0] != 1 => {
+                Err(invalid(
+                    "data.input_shape",
+                    format!("the CNN needs 1×H×W images, not examples of shape {:?}", t.input_shape),
+                ))
+            }
+            (ModelConfig::Cnn(_), DataConfig::Csv(_)) => {
+                Err(invalid("data.kind", "the CNN needs images; a CSV row is a vector (use the MLP or a graph)"))
+            }
             _ => Ok(()),
         }
     }
@@ -370,6 +412,58 @@ impl Config {
                 Err(invalid("data.holdout_fraction", format!("must be in [0, 0.5), got {}", t.holdout_fraction)))
             }
             DataConfig::Text(_) => Ok(()),
+            DataConfig::Tensors(t) => {
+                if t.input_shape.len() > INPUT_RANK_MAX {
+                    return Err(invalid(
+                        "data.input_shape",
+                        format!("{} dimensions, more than {INPUT_RANK_MAX}", t.input_shape.len()),
+                    ));
+                }
+                if let Some(i) = t.input_shape.iter().position(|&d| d == 0) {
+                    return Err(invalid(format!("data.input_shape[{i}]"), "must be at least 1"));
+                }
+                let dims: Vec<u64> = t.input_shape.iter().map(|&d| u(d)).collect();
+                product("data.input_shape", &dims, ACTIVATION_VALUES_MAX, "values per example")?;
+                check_classes(t.classes)?;
+                check_holdout(t.holdout)
+            }
+            DataConfig::Csv(c) => {
+                if c.features == 0 || u(c.features) > ACTIVATION_VALUES_MAX {
+                    return Err(invalid("data.features", format!("must be in 1..={ACTIVATION_VALUES_MAX}")));
+                }
+                match &c.label_column {
+                    LabelColumn::Index(i) if *i > c.features => {
+                        return Err(invalid(
+                            "data.label_column",
+                            format!(
+                                "column {i} is not one of the {} columns (features plus the label)",
+                                c.features + 1
+                            ),
+                        ));
+                    }
+                    LabelColumn::Name(_) if !c.header => {
+                        return Err(invalid("data.label_column", "names a column, so data.header must be true"));
+                    }
+                    LabelColumn::Name(n) if n.is_empty() => {
+                        return Err(invalid("data.label_column", "an empty column name"));
+                    }
+                    _ => {}
+                }
+                check_classes(c.classes)?;
+                check_holdout(c.holdout)
+            }
+            DataConfig::Tokens(t) => {
+                if !(2..=TOKEN_VOCAB_MAX).contains(&t.vocab) {
+                    return Err(invalid("data.vocab", format!("must be in 2..={TOKEN_VOCAB_MAX}, got {}", t.vocab)));
+                }
+                if !(0.0..0.5).contains(&t.holdout_fraction) {
+                    return Err(invalid(
+                        "data.holdout_fraction",
+                        format!("must be in [0, 0.5), got {}", t.holdout_fraction),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -454,13 +548,12 @@ impl RunSpec {
 
     fn check_dataset(&self) -> Result<(), SpecInvalid> {
         let d = &self.dataset;
-        let kind = match &self.config.data {
-            DataConfig::Synthetic(_) => "synthetic",
-            DataConfig::Mnist(_) => "mnist",
-            DataConfig::Text(_) => "text",
-        };
+        let kind = self.config.data.kind();
         if d.kind != kind {
-            return Err(invalid("dataset.kind", format!("{:?} but config.data is {kind:?}", d.kind)));
+            return Err(invalid(
+                "dataset.kind",
+                format!("{:?} but config.data is {:?}", d.kind.as_str(), kind.as_str()),
+            ));
         }
         match &self.config.data {
             DataConfig::Synthetic(_) => {
@@ -487,9 +580,59 @@ impl RunSpec {
                     ModelConfig::Graph(g) => g.context.unwrap_or(0),
                     _ => return Err(invalid("config.model.kind", "text data needs the GPT or a graph")),
                 };
-                check_text_counts(d, context, t.holdout_fraction)
+                check_text_counts(d, context, t.holdout_fraction, 1)
+            }
+            DataConfig::Tokens(t) => {
+                let context = match &self.config.model {
+                    ModelConfig::Gpt(g) => g.context,
+                    ModelConfig::Graph(g) => g.context.unwrap_or(0),
+                    _ => return Err(invalid("config.model.kind", "token data needs the GPT or a graph")),
+                };
+                check_text_counts(d, context, t.holdout_fraction, t.dtype.bytes())
+            }
+            DataConfig::Tensors(_) | DataConfig::Csv(_) => {
+                let holdout = match &self.config.data {
+                    DataConfig::Tensors(t) => t.holdout,
+                    DataConfig::Csv(c) => c.holdout,
+                    _ => unreachable!("matched above"),
+                };
+                if d.n_holdout != u(holdout) {
+                    return Err(invalid(
+                        "dataset.n_holdout",
+                        format!("{} but config.data.holdout is {holdout}", d.n_holdout),
+                    ));
+                }
+                if d.n_train == 0 || d.n_train > u(USER_EXAMPLES_MAX) {
+                    return Err(invalid("dataset.n_train", format!("{} is not in 1..={USER_EXAMPLES_MAX}", d.n_train)));
+                }
+                if Some(d.leaves) != d.n_train.checked_add(d.n_holdout) {
+                    return Err(invalid(
+                        "dataset.leaves",
+                        format!(
+                            "{} but a file's examples are its {} training and {} held-out ones",
+                            d.leaves, d.n_train, d.n_holdout
+                        ),
+                    ));
+                }
+                Ok(())
             }
         }
+    }
+}
+
+fn check_classes(classes: usize) -> Result<(), SpecInvalid> {
+    if (2..=CLASSES_MAX).contains(&classes) {
+        Ok(())
+    } else {
+        Err(invalid("data.classes", format!("must be in 2..={CLASSES_MAX}, got {classes}")))
+    }
+}
+
+fn check_holdout(holdout: usize) -> Result<(), SpecInvalid> {
+    if holdout < USER_EXAMPLES_MAX {
+        Ok(())
+    } else {
+        Err(invalid("data.holdout", format!("{holdout} is more examples than a data file can hold")))
     }
 }
 
@@ -507,9 +650,15 @@ fn first_difference(committed: &DatasetCommitment, recomputed: &DatasetCommitmen
     }
 }
 
-/// A text commitment's counts must come from some text of `leaves` chunks: its byte length is
-/// in `((leaves − 1)·4096, leaves·4096]`, and [`text_split`] of that length must give them.
-fn check_text_counts(d: &DatasetCommitment, context: usize, holdout_fraction: f64) -> Result<(), SpecInvalid> {
+/// A text (or token file) commitment's counts must come from some file of `leaves` chunks: its
+/// byte length is in `((leaves − 1)·4096, leaves·4096]`, a multiple of the `width` bytes per
+/// token, and [`text_split`] of its token count must give them.
+fn check_text_counts(
+    d: &DatasetCommitment,
+    context: usize,
+    holdout_fraction: f64,
+    width: usize,
+) -> Result<(), SpecInvalid> {
     let chunk = u(TEXT_CHUNK_BYTES);
     if d.leaves == 0 || d.leaves > DATA_FILE_BYTES_MAX / chunk {
         return Err(invalid(
@@ -518,8 +667,9 @@ fn check_text_counts(d: &DatasetCommitment, context: usize, holdout_fraction: f6
         ));
     }
     let lengths = (d.leaves - 1) * chunk + 1..=d.leaves * chunk;
-    let fits = lengths.clone().any(|len| {
-        text_split(len as usize, context, holdout_fraction) == Some((d.n_train as usize, d.n_holdout as usize))
+    let fits = lengths.clone().filter(|len| len.is_multiple_of(u(width))).any(|len| {
+        text_split((len / u(width)) as usize, context, holdout_fraction)
+            == Some((d.n_train as usize, d.n_holdout as usize))
     });
     if fits {
         return Ok(());

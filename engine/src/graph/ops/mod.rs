@@ -141,6 +141,12 @@ pub fn dropout_mask(seed: u64, step: u64, node: &str, len: usize, p: f64) -> Vec
     (0..len).map(|_| !s.bernoulli(p)).collect()
 }
 
+/// The mask of node `a.name`; while a step accumulates micro-batches, each draws its own (the
+/// stream is keyed by the site prefix too: `dropout/micro/<j>/<node>`).
 fn mask(ctx: &Ctx, a: &Args, p: f64) -> Vec<bool> {
-    dropout_mask(ctx.seed, ctx.step, a.name, a.ins[0].len(), p)
+    if ctx.site_prefix.is_empty() {
+        dropout_mask(ctx.seed, ctx.step, a.name, a.ins[0].len(), p)
+    } else {
+        dropout_mask(ctx.seed, ctx.step, &format!("{}{}", ctx.site_prefix, a.name), a.ins[0].len(), p)
+    }
 }

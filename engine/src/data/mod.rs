@@ -1,6 +1,11 @@
-//! Datasets: a deterministic synthetic task, MNIST from IDX files (gzip or raw), and plain text
-//! for a character-level model; and the dataset commitment (an RFC 6962 Merkle root over the
-//! examples) that goes in the run spec.
+//! Datasets: a deterministic synthetic task, MNIST from IDX files (gzip or raw), plain text for
+//! a character-level model, and a user's own files (safetensors, CSV, token ids: one module
+//! each); and the dataset commitment (an RFC 6962 Merkle root over the examples) that goes in
+//! the run spec.
+//!
+//! Every file is read through [`read_bounded`]: a regular file, at most
+//! [`DATA_FILE_BYTES_MAX`] bytes, and every size derived from its contents is checked before
+//! anything is allocated from it, so a hostile file or spec cannot panic either side.
 //!
 //! Inputs are FP32 values computed with correctly rounded operations only (no transcendental
 //! functions), so every machine derives the same bits from the same files and seed.
@@ -12,7 +17,14 @@ use common::merkle::MerkleTree;
 use common::prng::Stream;
 
 use crate::EngineError;
-use crate::spec::{DataConfig, DatasetCommitment};
+use crate::spec::{DataConfig, DataKind, DatasetCommitment};
+
+mod csv;
+mod tensors;
+mod tokens;
+pub use csv::parse_csv;
+pub use tensors::parse_tensors;
+pub use tokens::parse_tokens;
 
 /// Bytes of text per committed leaf for text datasets.
 pub const TEXT_CHUNK_BYTES: usize = 4096;
@@ -21,12 +33,15 @@ pub const MNIST_SIDE: usize = 28;
 /// Largest data file accepted (a corrupt header cannot make us read without limit).
 pub const DATA_FILE_BYTES_MAX: u64 = 1 << 30;
 
+/// Most examples a user's file (safetensors or CSV) may hold: each takes at least 4 bytes.
+pub const USER_EXAMPLES_MAX: usize = (DATA_FILE_BYTES_MAX / 4) as usize;
+
 /// A loaded dataset. Examples `0..n_train` are for training; the held-out examples follow.
 #[derive(Debug, Clone)]
 pub enum Dataset {
     /// Fixed-size inputs with a class label each.
     Classification {
-        kind: &'static str,
+        kind: DataKind,
         /// Shape of one input, e.g. `[784]` or `[1, 28, 28]`.
         input_shape: Vec<usize>,
         inputs: Vec<f32>,
@@ -36,8 +51,18 @@ pub enum Dataset {
         n_holdout: usize,
     },
     /// A token stream; example `i` is the window of `context` tokens starting at `i`, with the
-    /// next tokens as targets.
-    Text { raw: Vec<u8>, vocab: Vec<u8>, tokens: Vec<u32>, context: usize, n_train: usize, n_holdout: usize },
+    /// next tokens as targets. `raw` is the file as committed (the text's bytes, or the token
+    /// file's little-endian ids); `vocab` is the number of token ids (for text, the distinct
+    /// bytes, numbered in byte order).
+    Text {
+        kind: DataKind,
+        raw: Vec<u8>,
+        vocab: usize,
+        tokens: Vec<u32>,
+        context: usize,
+        n_train: usize,
+        n_holdout: usize,
+    },
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> EngineError {
@@ -48,16 +73,31 @@ fn data_err(path: &Path, detail: impl Into<String>) -> EngineError {
     EngineError::Data { path: path.to_path_buf(), detail: detail.into() }
 }
 
-/// Reads a whole file, transparently gunzipping it if it starts with the gzip magic.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, EngineError> {
-    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+/// Reads a whole regular file of at most [`DATA_FILE_BYTES_MAX`] bytes (the limit is enforced
+/// on the bytes read, not only on the size the file system reports).
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>, EngineError> {
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = file.metadata().map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(data_err(path, "not a regular file"));
+    }
     if meta.len() > DATA_FILE_BYTES_MAX {
         return Err(data_err(
             path,
             format!("file is {} bytes, more than the {DATA_FILE_BYTES_MAX} accepted", meta.len()),
         ));
     }
-    let raw = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let mut raw = Vec::with_capacity(meta.len() as usize);
+    file.take(DATA_FILE_BYTES_MAX + 1).read_to_end(&mut raw).map_err(|e| io_err(path, e))?;
+    if raw.len() as u64 > DATA_FILE_BYTES_MAX {
+        return Err(data_err(path, format!("file grew past the {DATA_FILE_BYTES_MAX} bytes accepted while read")));
+    }
+    Ok(raw)
+}
+
+/// Reads a whole file, transparently gunzipping it if it starts with the gzip magic.
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, EngineError> {
+    let raw = read_bounded(path)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
@@ -160,7 +200,7 @@ impl Dataset {
                 let dim = rows * cols;
                 let inputs = pixels[..used * dim].iter().map(|&p| p as f32 / 255.0).collect();
                 Ok(Dataset::Classification {
-                    kind: "mnist",
+                    kind: DataKind::Mnist,
                     input_shape: vec![1, rows, cols],
                     inputs,
                     labels: labels[..used].iter().map(|&l| l as u32).collect(),
@@ -176,6 +216,18 @@ impl Dataset {
                 }
                 let raw = read_maybe_gz(file)?;
                 Self::text(raw, context, t.holdout_fraction).map_err(|d| data_err(file, d))
+            }
+            DataConfig::Tensors(c) => {
+                let file = user_file(path, "a safetensors file with tensors x and y")?;
+                parse_tensors(&read_bounded(file)?, c).map_err(|d| data_err(file, d))
+            }
+            DataConfig::Csv(c) => {
+                let file = user_file(path, "a CSV file")?;
+                parse_csv(&read_bounded(file)?, c).map_err(|d| data_err(file, d))
+            }
+            DataConfig::Tokens(c) => {
+                let file = user_file(path, "a file of token ids")?;
+                parse_tokens(read_bounded(file)?, c, context).map_err(|d| data_err(file, d))
             }
         }
     }
@@ -196,7 +248,7 @@ impl Dataset {
             }
         }
         Dataset::Classification {
-            kind: "synthetic",
+            kind: DataKind::Synthetic,
             input_shape: vec![features],
             inputs,
             labels,
@@ -218,7 +270,7 @@ impl Dataset {
                 }
                 Ok(Dataset::Classification { kind, input_shape: shape, inputs, labels, classes, n_train, n_holdout })
             }
-            Dataset::Text { .. } => Err("a text dataset has no input shape".into()),
+            Dataset::Text { .. } => Err("a token dataset has no input shape".into()),
         }
     }
 
@@ -235,7 +287,20 @@ impl Dataset {
         let tokens: Vec<u32> = raw.iter().map(|&b| index[b as usize]).collect();
         let (n_train, n_holdout) = text_split(tokens.len(), context, holdout_fraction)
             .ok_or_else(|| format!("text of {} bytes is too short for context {context}", raw.len()))?;
-        Ok(Dataset::Text { raw, vocab, tokens, context, n_train, n_holdout })
+        Ok(Dataset::Text { kind: DataKind::Text, raw, vocab: vocab.len(), tokens, context, n_train, n_holdout })
+    }
+
+    /// A text dataset's vocabulary: token `i` is byte `vocab[i]` (the text's distinct bytes in
+    /// byte order). `None` for other data (a token file's ids have no bytes).
+    pub fn byte_vocabulary(&self) -> Option<Vec<u8>> {
+        match self {
+            Dataset::Text { kind: DataKind::Text, raw, .. } => {
+                let mut present = [false; 256];
+                raw.iter().for_each(|&b| present[b as usize] = true);
+                Some((0..=255u8).filter(|&b| present[b as usize]).collect())
+            }
+            _ => None,
+        }
     }
 
     /// Loads the dataset a whole config names (the GPT's context sets the text windows). A CNN
@@ -279,7 +344,8 @@ impl Dataset {
     }
 
     /// The commitment: an RFC 6962 root over example encodings (`label u32 LE ‖ inputs as f32 LE`
-    /// for classification; raw 4 KiB chunks for text).
+    /// for classification, whatever file they came from; raw 4 KiB chunks of the file for text
+    /// and token files, whose ids are 2 or 4 bytes, so no id straddles a chunk).
     pub fn commitment(&self) -> DatasetCommitment {
         let mut tree = MerkleTree::new();
         let (kind, n_train, n_holdout) = match self {
@@ -296,15 +362,15 @@ impl Dataset {
                 }
                 (*kind, *n_train, *n_holdout)
             }
-            Dataset::Text { raw, n_train, n_holdout, .. } => {
+            Dataset::Text { kind, raw, n_train, n_holdout, .. } => {
                 raw.chunks(TEXT_CHUNK_BYTES).for_each(|c| {
                     tree.push_entry(c);
                 });
-                ("text", *n_train, *n_holdout)
+                (*kind, *n_train, *n_holdout)
             }
         };
         DatasetCommitment {
-            kind: kind.to_string(),
+            kind,
             leaves: tree.len(),
             n_train: n_train as u64,
             n_holdout: n_holdout as u64,
@@ -326,6 +392,28 @@ pub fn text_split(len: usize, context: usize, holdout_fraction: f64) -> Option<(
     let n_train = windows.saturating_sub(n_holdout_tokens).max(1);
     let n_holdout = windows.saturating_sub(n_train + context);
     Some((n_train, n_holdout))
+}
+
+/// A classification dataset from a user's file: `labels.len()` examples of `input_shape`, the
+/// last `holdout` held out (at least one must remain for training).
+fn user_classification(
+    kind: DataKind,
+    input_shape: Vec<usize>,
+    inputs: Vec<f32>,
+    labels: Vec<u32>,
+    classes: usize,
+    holdout: usize,
+) -> Result<Dataset, String> {
+    let n = labels.len();
+    if holdout >= n {
+        return Err(format!("the file has {n} examples; holding out {holdout} leaves none for training"));
+    }
+    Ok(Dataset::Classification { kind, input_shape, inputs, labels, classes, n_train: n - holdout, n_holdout: holdout })
+}
+
+/// The `--data` path of a user's file kind, which must be given.
+fn user_file<'p>(path: Option<&'p Path>, what: &str) -> Result<&'p Path, EngineError> {
+    path.ok_or_else(|| EngineError::Usage(format!("this config needs --data <{what}>")))
 }
 
 /// `s` with `s² = n`, if there is one.
@@ -365,7 +453,8 @@ mod tests {
     fn text_vocab_and_split() {
         let d = Dataset::text(b"hello world, hello tiebreak! ".repeat(20), 8, 0.1).unwrap();
         let Dataset::Text { vocab, tokens, n_train, n_holdout, .. } = &d else { panic!() };
-        assert!(vocab.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(*vocab, 15, "h e l o space w r d , t i b a k !");
+        assert!(tokens.iter().all(|&t| (t as usize) < *vocab));
         assert_eq!(tokens.len(), 580);
         assert!(*n_train > 400 && *n_holdout > 0);
         assert!(d.holdout_index(0) >= n_train + 8);

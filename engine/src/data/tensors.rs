@@ -1,0 +1,86 @@
+//! A user's dataset as a safetensors file: tensor `x` (F32, `[N, ..input_shape]`) and tensor
+//! `y` (class labels `[N]`, as U8, U16, U32, I32 or I64, converted to `u32`). Nothing else may
+//! be in the file, so what is committed is exactly what was read.
+
+use safetensors::{Dtype, SafeTensors};
+
+use super::{DataKind, Dataset, user_classification};
+use crate::spec::TensorsConfig;
+
+/// Parses a safetensors dataset against its config; errors say what is wrong with which tensor.
+pub fn parse_tensors(bytes: &[u8], config: &TensorsConfig) -> Result<Dataset, String> {
+    // The crate checks the header's size, its JSON, and that every tensor's byte range lies
+    // inside the file and matches its dtype and shape (with checked arithmetic).
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let mut names: Vec<&str> = st.names();
+    names.sort_unstable();
+    if let Some(extra) = names.iter().find(|n| !matches!(**n, "x" | "y")) {
+        return Err(format!("tensor {extra:?} is not x or y (a dataset file holds only those two)"));
+    }
+    let x = st.tensor("x").map_err(|_| "there is no tensor x (the inputs)".to_string())?;
+    let y = st.tensor("y").map_err(|_| "there is no tensor y (the labels)".to_string())?;
+    if x.dtype() != Dtype::F32 {
+        return Err(format!("tensor x is {:?}; inputs must be F32", x.dtype()));
+    }
+    let (n, example) = x.shape().split_first().ok_or("tensor x is a scalar; it must be [N, ..input_shape]")?;
+    if example != config.input_shape.as_slice() {
+        return Err(format!(
+            "tensor x has examples of shape {example:?}, data.input_shape is {:?}",
+            config.input_shape
+        ));
+    }
+    let n = *n;
+    if y.shape() != [n] {
+        return Err(format!("tensor y has shape {:?}; class labels must be [{n}], one per example of x", y.shape()));
+    }
+    let dim = example.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("tensor x's shape overflows")?;
+    let want = n.checked_mul(dim).and_then(|v| v.checked_mul(4));
+    if want != Some(x.data().len()) {
+        return Err(format!("tensor x holds {} bytes, its shape needs {want:?}", x.data().len()));
+    }
+    let inputs: Vec<f32> = x.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    if let Some(i) = inputs.iter().position(|v| !v.is_finite()) {
+        return Err(format!(
+            "tensor x: value {} of example {} is not finite ({})",
+            i % dim.max(1),
+            i / dim.max(1),
+            inputs[i]
+        ));
+    }
+    let labels = labels_u32(y.dtype(), y.data(), n)?;
+    if let Some(i) = labels.iter().position(|&l| l as usize >= config.classes) {
+        return Err(format!(
+            "tensor y: label {} of example {i} is not below data.classes = {}",
+            labels[i], config.classes
+        ));
+    }
+    user_classification(DataKind::Tensors, config.input_shape.clone(), inputs, labels, config.classes, config.holdout)
+}
+
+/// `n` class labels of `dtype` (little-endian) as `u32`; a negative or too-large label is an
+/// error naming the example.
+fn labels_u32(dtype: Dtype, data: &[u8], n: usize) -> Result<Vec<u32>, String> {
+    let width = match dtype {
+        Dtype::U8 => 1,
+        Dtype::U16 => 2,
+        Dtype::U32 | Dtype::I32 => 4,
+        Dtype::I64 => 8,
+        other => return Err(format!("tensor y is {other:?}; class labels must be U8, U16, U32, I32 or I64")),
+    };
+    if n.checked_mul(width) != Some(data.len()) {
+        return Err(format!("tensor y holds {} bytes, {n} labels of {width} bytes need {}", data.len(), n * width));
+    }
+    data.chunks_exact(width)
+        .enumerate()
+        .map(|(i, b)| {
+            let v: i128 = match dtype {
+                Dtype::U8 => b[0].into(),
+                Dtype::U16 => u16::from_le_bytes([b[0], b[1]]).into(),
+                Dtype::U32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]).into(),
+                Dtype::I32 => i32::from_le_bytes([b[0], b[1], b[2], b[3]]).into(),
+                _ => i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).into(),
+            };
+            u32::try_from(v).map_err(|_| format!("tensor y: label {v} of example {i} is not a class index"))
+        })
+        .collect()
+}
