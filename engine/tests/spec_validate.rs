@@ -235,3 +235,23 @@ fn honest_text_commitments_are_coherent_at_every_length() {
         }
     }
 }
+
+/// Every training config shipped in `configs/` parses and validates (the daemon's
+/// `auditor.toml` is not a training config).
+#[test]
+fn every_shipped_training_config_parses_and_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".toml") || name == "auditor.toml" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = Config::from_toml(&text, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        seen += 1;
+    }
+    assert!(seen >= 12, "only {seen} configs found in {}", dir.display());
+}
