@@ -62,6 +62,15 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(transpose_b, scale)| Op::Matmul { transpose_b, scale }),
         Just(Op::CrossEntropy {}),
         Just(Op::Mse {}),
+        prop::collection::vec(0usize..5, 0..5).prop_map(|perm| Op::Permute { perm }),
+        (small.clone(), small.clone(), 0usize..8).prop_map(|(axis, start, end)| Op::Slice { axis, start, end }),
+        (small.clone(), small.clone(), small.clone()).prop_map(|(axis, parts, index)| Op::Split { axis, parts, index }),
+        small.clone().prop_map(|axis| Op::Concat { axis }),
+        prop::sample::select(vec![1e-5, 0.0, f64::NAN]).prop_map(|eps| Op::BatchNorm { eps }),
+        (0usize..5).prop_map(|dim| Op::Embedding { dim }),
+        Just(Op::PositionalEmbedding {}),
+        (0usize..5, any::<bool>(), prop::sample::select(vec![0.0, 0.2, 1.0]))
+            .prop_map(|(heads, causal, dropout)| Op::Attention { heads, causal, dropout }),
     ]
 }
 
@@ -86,7 +95,7 @@ fn graph() -> impl Strategy<Value = GraphConfig> {
                 };
                 let inputs: Vec<String> = if picks.is_empty() {
                     match op {
-                        Op::Add {} | Op::Mul {} | Op::Matmul { .. } => vec![prev.clone(), prev],
+                        Op::Add {} | Op::Mul {} | Op::Matmul { .. } | Op::Concat { .. } => vec![prev.clone(), prev],
                         Op::CrossEntropy {} | Op::Mse {} => vec![prev, "labels".into()],
                         _ => vec![prev],
                     }
@@ -114,14 +123,31 @@ fn graph() -> impl Strategy<Value = GraphConfig> {
     })
 }
 
+/// A text file for the text-data variant (every graph is also tried with `context = 4`).
+fn text_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("tiebreak-graph-fuzz-{}.txt", std::process::id()));
+    if !path.exists() {
+        std::fs::write(&path, "abcab cabba. ".repeat(8)).unwrap();
+    }
+    path
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(1000))]
     #[test]
-    fn validation_never_panics_and_a_valid_graph_steps(g in graph()) {
+    fn validation_never_panics_and_a_valid_graph_steps(g in graph(), text in any::<bool>()) {
         let mut cfg = Config::from_toml(REST, "t").unwrap();
+        let mut g = g;
+        let data = if text {
+            g.context = Some(4);
+            cfg.data = engine::spec::DataConfig::Text(engine::spec::TextConfig { holdout_fraction: 0.1 });
+            Some(text_file())
+        } else {
+            None
+        };
         cfg.model = g.into();
         if cfg.validate().is_ok() {
-            let run = Run::from_config(&cfg, None, Profile::Cpu, 1).expect("a valid graph builds a run");
+            let run = Run::from_config(&cfg, data.as_deref(), Profile::Cpu, 1).expect("a valid graph builds a run");
             let state = run.initial_state().unwrap();
             match run.step(&state, 1, StepMode::Commit { paper: false }, None) {
                 Ok(_) => {}

@@ -501,33 +501,11 @@ fn batch_norm_over_channels_and_over_features() {
     check(g.build(), 12);
 }
 
-/// A small GPT on text, built from the catalogue: token and position embeddings, pre-norm
-/// blocks of multi-head causal attention and a GELU MLP with residuals, and a head over the
-/// vocabulary; the loss averages over every position.
-fn tiny_gpt(context: usize, d: usize, heads: usize, layers: usize, dropout: f64) -> GraphConfig {
-    let mut g = GraphBuilder::text(context);
-    let x = g.input();
-    let tok = g.embedding("tok_emb", &x, d);
-    let mut h = g.positional_embedding("pos_emb", &tok);
-    for l in 0..layers {
-        let p = |s: &str| format!("blk{l}.{s}");
-        let n1 = g.layer_norm(&p("ln1"), &h, 1e-5);
-        let a = g.causal_self_attention(&p("attn"), &n1, heads, dropout);
-        h = g.add(&p("res1"), &h, &a);
-        let n2 = g.layer_norm(&p("ln2"), &h, 1e-5);
-        let f = g.linear(&p("mlp.fc"), &n2, 4 * d);
-        let f = g.gelu(&p("mlp.act"), &f);
-        let f = g.linear(&p("mlp.proj"), &f, d);
-        h = g.add(&p("res2"), &h, &f);
-    }
-    let h = g.layer_norm("ln_f", &h, 1e-5);
-    let logits = g.linear_classes("lm_head", &h);
-    g.cross_entropy("loss", &logits);
-    g.build()
-}
-
 #[test]
 fn a_multi_head_transformer_on_text() {
-    let worst = check_text(tiny_gpt(8, 8, 2, 2, 0.0));
+    // A small GPT built from the catalogue (engine::graph::presets::transformer): token and
+    // position embeddings, pre-norm blocks of multi-head causal attention and a GELU MLP with
+    // residuals, and a head over the vocabulary; the loss averages over every position.
+    let worst = check_text(engine::graph::presets::transformer(8, 8, 2, 2, 0.0));
     assert!(worst < 1e-4, "honest differences are FP32 rounding, not {worst}");
 }
