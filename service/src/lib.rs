@@ -55,6 +55,21 @@ impl Default for Limits {
 pub const CONNECTIONS_MAX_DEFAULT: usize = 512;
 pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 
+/// Blocking-pool threads a server keeps for its request handlers (store and record reads),
+/// beyond those its own long-running work holds.
+pub const HANDLER_BLOCKING_THREADS: usize = 16;
+
+/// The tokio runtime of a server: `blocking_threads` at most in the blocking pool (tokio's
+/// default is 512, so a burst of concurrent reads would leave hundreds of threads and their
+/// memory behind), idle ones ended after two seconds.
+pub fn runtime(blocking_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(blocking_threads.max(1))
+        .thread_keep_alive(Duration::from_secs(2))
+        .enable_all()
+        .build()
+}
+
 /// Serves `app` on `listener` within `limits` until `shutdown` completes; then stops accepting,
 /// lets requests in flight finish (up to `limits.shutdown_grace`) and returns.
 pub async fn serve(
@@ -299,5 +314,33 @@ mod tests {
         std::fs::write(&file, "\n").unwrap();
         assert!(secret(None, Some(&file), env).unwrap_err().contains("empty"));
         assert!(secret(None, Some(&dir.join("missing")), env).unwrap_err().contains("missing"));
+    }
+
+    /// Issue 14: a burst of concurrent reads (50-way report GETs) left 75–113 threads behind.
+    /// The server runtime runs at most its bound of blocking tasks at once, and ends idle
+    /// threads.
+    #[test]
+    fn the_server_runtime_bounds_its_blocking_threads() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let rt = runtime(4).unwrap();
+        let (running, most) = (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicUsize::new(0)));
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..50)
+                .map(|_| {
+                    let (running, most) = (running.clone(), most.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let most = most.load(Ordering::SeqCst);
+        assert!((2..=4).contains(&most), "{most} blocking tasks ran at once");
     }
 }

@@ -199,7 +199,7 @@ fn serve(listen: &str, opts: ServeOptions) -> Result<()> {
     if !opts.records.is_dir() {
         bail!("records directory {} is not a directory", opts.records.display());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the tokio runtime")?;
+    let rt = service::runtime(service::HANDLER_BLOCKING_THREADS).context("start the tokio runtime")?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
         let addr = listener.local_addr().context("local address of the listener")?;

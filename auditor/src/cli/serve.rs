@@ -66,7 +66,8 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
         }
     }
     cfg.validate().map_err(|e| usage(format_args!("config: {e}")))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    // Each worker holds a blocking thread for its whole audit; the handlers share the rest.
+    let rt = service::runtime(cfg.workers + service::HANDLER_BLOCKING_THREADS).context("starting the runtime")?;
     rt.block_on(async move {
         let shutdown = service::shutdown_signal();
         let (listener, addr) = auditor::daemon::bind(&cfg.listen).await.map_err(|e| {
