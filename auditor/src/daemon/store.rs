@@ -420,7 +420,20 @@ impl Store for SqliteStore {
             );
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(params![state.map(JobState::name), i(limit), before], |r| job_row(conn, r))?;
-            rows.collect()
+            // A row that no longer parses (a damaged store) must not hide every other audit:
+            // it is left out of the list, with a warning naming it; reading it alone still
+            // says what is wrong with it.
+            let mut jobs = Vec::new();
+            for row in rows {
+                match row {
+                    Ok(job) => jobs.push(job),
+                    Err(rusqlite::Error::FromSqlConversionFailure(_, _, why)) => {
+                        tracing::warn!(error = %why, "listing audits: a stored row no longer parses; left out");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(jobs)
         })
     }
 
@@ -618,6 +631,20 @@ mod tests {
         let e = SqliteStore::open(&dir).unwrap_err();
         assert!(e.0.contains(DB_FILE), "{e}");
         assert_eq!(std::fs::read(dir.join(DB_FILE)).unwrap(), bytes);
+    }
+
+    /// Issue 14: a finished row that no longer parses must not break the listing of the
+    /// others.
+    #[test]
+    fn a_finished_row_that_no_longer_parses_is_left_out_of_listings() {
+        let s = SqliteStore::open(&scratch("damaged-list")).unwrap();
+        let Inserted::New(a) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
+        let Inserted::New(b) = s.insert(&request(None), 10, 2).unwrap() else { panic!() };
+        s.with(|c| c.execute("UPDATE jobs SET state = 'done', request = '{not json' WHERE id = ?1", [&a])).unwrap();
+        let listed: Vec<String> = s.list(None, 10, None).unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(listed, vec![b.clone()]);
+        assert!(s.get(&a).is_err(), "reading the damaged row alone says it is damaged");
+        assert_eq!(s.get(&b).unwrap().unwrap().id, b);
     }
 
     /// Issue 14: one queued row that no longer parsed blocked every claim, and later audits
