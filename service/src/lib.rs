@@ -55,6 +55,32 @@ impl Default for Limits {
 pub const CONNECTIONS_MAX_DEFAULT: usize = 512;
 pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 
+/// Prometheus text for the process itself, every name prefixed `<prefix>_process_`: resident
+/// memory, peak resident memory, threads and open file descriptors, read from `/proc/self`
+/// (absent where there is no procfs).
+pub fn process_metrics(prefix: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse().ok()
+    };
+    let mut gauge = |name: &str, help: &str, value: Option<u64>| {
+        if let Some(v) = value {
+            let _ = writeln!(out, "# HELP {prefix}_process_{name} {help}");
+            let _ = writeln!(out, "# TYPE {prefix}_process_{name} gauge");
+            let _ = writeln!(out, "{prefix}_process_{name} {v}");
+        }
+    };
+    gauge("resident_memory_bytes", "Resident memory (VmRSS)", field("VmRSS:").map(|kb| kb * 1024));
+    gauge("resident_memory_peak_bytes", "Peak resident memory (VmHWM)", field("VmHWM:").map(|kb| kb * 1024));
+    gauge("threads", "Threads of the process", field("Threads:"));
+    let fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as u64);
+    gauge("open_fds", "Open file descriptors", fds);
+    out
+}
+
 /// Blocking-pool threads a server keeps for its request handlers (store and record reads),
 /// beyond those its own long-running work holds.
 pub const HANDLER_BLOCKING_THREADS: usize = 16;
@@ -342,5 +368,17 @@ mod tests {
         });
         let most = most.load(Ordering::SeqCst);
         assert!((2..=4).contains(&most), "{most} blocking tasks ran at once");
+    }
+
+    #[test]
+    fn process_metrics_report_memory_and_threads() {
+        let text = process_metrics("tiebreak_test");
+        if std::path::Path::new("/proc/self/status").exists() {
+            for name in ["resident_memory_bytes", "threads", "open_fds"] {
+                let line = text.lines().find(|l| l.starts_with(&format!("tiebreak_test_process_{name} "))).unwrap();
+                let v: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+                assert!(v > 0, "{line}");
+            }
+        }
     }
 }

@@ -937,6 +937,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let _ = writeln!(out, "# HELP tiebreak_record_server_recomputations State recomputations running now");
     let _ = writeln!(out, "# TYPE tiebreak_record_server_recomputations gauge");
     let _ = writeln!(out, "tiebreak_record_server_recomputations {busy}");
+    out.push_str(&service::process_metrics("tiebreak_record_server"));
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

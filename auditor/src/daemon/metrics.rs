@@ -137,7 +137,9 @@ impl Metrics {
         }
         let mut out = Vec::new();
         prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding");
-        String::from_utf8(out).expect("prometheus text is UTF-8")
+        let mut text = String::from_utf8(out).expect("prometheus text is UTF-8");
+        text.push_str(&service::process_metrics("tiebreak_auditor"));
+        text
     }
 
     /// Counts a failed trainer request.
