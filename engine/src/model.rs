@@ -16,7 +16,7 @@ use kernels::{Bounded, Device};
 
 use crate::EngineError;
 use crate::data::Dataset;
-use crate::graph::{Graph, GraphConfig, presets};
+use crate::graph::{Graph, GraphConfig, Labels, presets};
 use crate::spec::ModelConfig;
 
 /// Everything one step's ops need: the device, the rounder and the step number.
@@ -59,6 +59,8 @@ pub enum Batch {
     Classes { x: Vec<f32>, y: Vec<u32>, n: usize },
     /// `b` windows of `t` token ids, and the next-token targets.
     Tokens { ids: Vec<u32>, targets: Vec<u32>, b: usize, t: usize },
+    /// `n` inputs and their F32 targets (regression).
+    Targets { x: Vec<f32>, t: Vec<f32>, n: usize },
 }
 
 impl Batch {
@@ -75,6 +77,17 @@ impl Batch {
                     y.push(labels[i]);
                 }
                 Batch::Classes { x, y, n: indices.len() }
+            }
+            Dataset::Regression { input_shape, inputs, target_shape, targets, .. } => {
+                let (dim, per) = (input_shape.iter().product::<usize>(), target_shape.iter().product::<usize>());
+                let mut x = Vec::with_capacity(indices.len() * dim);
+                let mut t = Vec::with_capacity(indices.len() * per);
+                for &i in indices {
+                    let i = i as usize;
+                    x.extend_from_slice(&inputs[i * dim..(i + 1) * dim]);
+                    t.extend_from_slice(&targets[i * per..(i + 1) * per]);
+                }
+                Batch::Targets { x, t, n: indices.len() }
             }
             Dataset::Text { tokens, context, .. } => {
                 let t = *context;
@@ -95,6 +108,7 @@ impl Batch {
         match self {
             Batch::Classes { y, .. } => y[0] = (y[0] + 1) % classes as u32,
             Batch::Tokens { targets, .. } => targets[0] = (targets[0] + 1) % classes as u32,
+            Batch::Targets { t, .. } => t[0] += 1.0,
         }
     }
 }
@@ -171,6 +185,12 @@ impl Model {
                     || input_shape[2] % 4 != 0 =>
             {
                 return Err(bad("the CNN needs 1×H×W images with H and W divisible by 4"));
+            }
+            (ModelConfig::Graph(_), Dataset::Regression { input_shape, target_shape, .. }) => {
+                Graph::resolve_regression(&graph_cfg, input_shape, target_shape)
+            }
+            (_, Dataset::Regression { .. }) => {
+                return Err(bad("the presets classify; F32 targets need a graph with an mse loss against labels"));
             }
             (_, Dataset::Classification { input_shape, classes, .. }) => {
                 Graph::resolve(&graph_cfg, input_shape, *classes)
@@ -260,11 +280,12 @@ impl Model {
                 .ok_or_else(|| EngineError::Usage(format!("state has no parameter {name}")))
         };
         match batch {
-            Batch::Classes { x, y, n } => self.graph.pass(ctx, &get, x, y, *n),
+            Batch::Classes { x, y, n } => self.graph.pass(ctx, &get, x, Labels::Classes(y), *n),
+            Batch::Targets { x, t, n } => self.graph.pass(ctx, &get, x, Labels::Values(t), *n),
             Batch::Tokens { ids, targets, b, .. } => {
                 // Token ids below 2²⁴ are exact in FP32; the embedding reads them back.
                 let x: Vec<f32> = ids.iter().map(|&id| id as f32).collect();
-                self.graph.pass(ctx, &get, &x, targets, *b)
+                self.graph.pass(ctx, &get, &x, Labels::Classes(targets), *b)
             }
         }
     }

@@ -166,10 +166,16 @@ pub struct TextConfig {
 pub struct TensorsConfig {
     /// Shape of one example's input (`x` is `[N, ..input_shape]`).
     pub input_shape: Vec<usize>,
-    /// Number of classes; every label must be below it.
+    /// Number of classes; every label must be below it. 0 (the default) with `target_shape`.
+    #[serde(default)]
     pub classes: usize,
     /// Examples held out for evaluation (the last ones of the file).
     pub holdout: usize,
+    /// Regression: `y` holds F32 targets `[N, ..target_shape]` instead of class labels (a
+    /// graph with an `mse` loss against `labels` trains on them). Absent for labels, and then not
+    /// serialised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_shape: Option<Vec<usize>>,
 }
 
 /// Which CSV column holds the label: a 0-based index, or a header name.

@@ -419,3 +419,70 @@ fn a_hostile_spec_over_a_user_file_names_the_field() {
     let err = engine::spec::RunSpec::from_committed_json(json.as_bytes()).unwrap_err();
     assert_eq!(err.field, "spec.json");
 }
+
+/// Regression: a safetensors file with F32 targets `y` `[N, 2]` (a fixed linear function of
+/// the inputs); a graph with an `mse` loss against `labels` learns it and replays on every
+/// profile. The mistakes name their field.
+#[test]
+fn f32_targets_train_a_graph_with_an_mse_loss_and_replay() {
+    let dir = scratch("regression");
+    let (xs, _) = examples();
+    let ys: Vec<f32> = xs
+        .iter()
+        .flat_map(|x| {
+            let a: f32 = x.iter().enumerate().map(|(i, v)| v * (i as f32 - 5.5) / 8.0).sum();
+            [a, x[0] - x[1]]
+        })
+        .collect();
+    let file = dir.join("regression.safetensors");
+    let bytes = safetensors(&[
+        ("x", "F32", vec![N, FEATURES], f32_bytes(xs.iter().flatten().copied())),
+        ("y", "F32", vec![N, 2], f32_bytes(ys.iter().copied())),
+    ]);
+    std::fs::write(&file, bytes).unwrap();
+    let model = "[model]\nkind = \"graph\"\n\
+        [[model.nodes]]\nname = \"fc1\"\nop = \"linear\"\ninputs = [\"x\"]\nout = 16\n\
+        [[model.nodes]]\nname = \"act\"\nop = \"tanh\"\ninputs = [\"fc1\"]\n\
+        [[model.nodes]]\nname = \"head\"\nop = \"linear\"\ninputs = [\"act\"]\nout = 2\n\
+        [[model.nodes]]\nname = \"loss\"\nop = \"mse\"\ninputs = [\"head\", \"labels\"]";
+    let data = "[data]\nkind = \"tensors\"\ninput_shape = [12]\ntarget_shape = [2]\nholdout = 16";
+    let cfg = config(model, data, "");
+    let run = Run::from_config(&cfg, Some(&file), Profile::Cpu, 6).unwrap();
+    let Dataset::Regression { target_shape, targets, .. } = &run.data else { panic!("a regression dataset") };
+    assert_eq!((target_shape.as_slice(), targets.len()), (&[2][..], N * 2));
+    let steps = trains_and_replays(&cfg, Some(&file));
+    assert!(steps[0].2.contains_key("fwd/loss/out"));
+    // It learns: 60 steps lower the held-out error.
+    let mut long = cfg.clone();
+    long.train.steps = Some(60);
+    long.schedule = Default::default();
+    let r = Run::from_config(&long, Some(&file), Profile::Cpu, 60).unwrap();
+    let before = r.evaluate(&r.initial_state().unwrap(), 16).unwrap();
+    let after = r.evaluate(&train(&r).pop().unwrap().0, 16).unwrap();
+    assert_eq!(before.accuracy, None, "no accuracy without classes");
+    assert!(after.loss.unwrap() < 0.5 * before.loss.unwrap(), "{before:?} → {after:?}");
+
+    // Mistakes, each naming its field.
+    let refused = |model: &str, data: &str, field: &str| {
+        let text = format!(
+            "{model}\n{data}\n[train]\nbatch_size = 8\nsteps = 6\nseed = 4\ncheckpoint_interval = 2\n\
+             [optimizer]\nkind = \"sgd\"\nlr = 0.1\n"
+        );
+        let e = Config::from_toml(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains(field), "{e} does not name {field}");
+    };
+    refused(model, &data.replace("holdout", "classes = 3\nholdout"), "data.classes");
+    refused(MLP, data, "data.target_shape");
+    refused(GRAPH, data, "model.nodes[3]");
+    refused(model, &data.replace("[2]", "[0]"), "data.target_shape[0]");
+    // A file whose y is not F32 targets of that shape is refused, naming y.
+    let labels = safetensors(&[
+        ("x", "F32", vec![N, FEATURES], f32_bytes(xs.iter().flatten().copied())),
+        ("y", "F32", vec![N, 3], f32_bytes((0..N * 3).map(|i| i as f32))),
+    ]);
+    let path = dir.join("wrong-shape.safetensors");
+    std::fs::write(&path, labels).unwrap();
+    let e = Dataset::for_config(&cfg, Some(&path)).unwrap_err().to_string();
+    assert!(e.contains("wrong-shape.safetensors") && e.contains("tensor y"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

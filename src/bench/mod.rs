@@ -538,7 +538,7 @@ fn hand_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, us
             .ok_or_else(|| engine::EngineError::Usage(format!("state has no parameter {name}")))
     };
     let shape = match &run.data {
-        Dataset::Classification { input_shape, .. } => input_shape.clone(),
+        Dataset::Classification { input_shape, .. } | Dataset::Regression { input_shape, .. } => input_shape.clone(),
         Dataset::Text { .. } => Vec::new(),
     };
     let mut rounder = Rounder::commit();

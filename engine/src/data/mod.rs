@@ -50,6 +50,17 @@ pub enum Dataset {
         n_train: usize,
         n_holdout: usize,
     },
+    /// Fixed-size inputs with F32 targets of a fixed shape each (regression).
+    Regression {
+        kind: DataKind,
+        input_shape: Vec<usize>,
+        inputs: Vec<f32>,
+        /// Shape of one example's targets.
+        target_shape: Vec<usize>,
+        targets: Vec<f32>,
+        n_train: usize,
+        n_holdout: usize,
+    },
     /// A token stream; example `i` is the window of `context` tokens starting at `i`, with the
     /// next tokens as targets. `raw` is the file as committed (the text's bytes, or the token
     /// file's little-endian ids); `vocab` is the number of token ids (for text, the distinct
@@ -270,7 +281,9 @@ impl Dataset {
                 }
                 Ok(Dataset::Classification { kind, input_shape: shape, inputs, labels, classes, n_train, n_holdout })
             }
-            Dataset::Text { .. } => Err("a token dataset has no input shape".into()),
+            Dataset::Regression { .. } | Dataset::Text { .. } => {
+                Err("only a classification dataset is read with another input shape".into())
+            }
         }
     }
 
@@ -325,20 +338,24 @@ impl Dataset {
 
     pub fn n_train(&self) -> usize {
         match self {
-            Dataset::Classification { n_train, .. } | Dataset::Text { n_train, .. } => *n_train,
+            Dataset::Classification { n_train, .. }
+            | Dataset::Regression { n_train, .. }
+            | Dataset::Text { n_train, .. } => *n_train,
         }
     }
 
     pub fn n_holdout(&self) -> usize {
         match self {
-            Dataset::Classification { n_holdout, .. } | Dataset::Text { n_holdout, .. } => *n_holdout,
+            Dataset::Classification { n_holdout, .. }
+            | Dataset::Regression { n_holdout, .. }
+            | Dataset::Text { n_holdout, .. } => *n_holdout,
         }
     }
 
     /// The index of held-out example `k` in the example numbering.
     pub fn holdout_index(&self, k: usize) -> usize {
         match self {
-            Dataset::Classification { n_train, .. } => n_train + k,
+            Dataset::Classification { n_train, .. } | Dataset::Regression { n_train, .. } => n_train + k,
             Dataset::Text { n_train, context, .. } => n_train + context + k,
         }
     }
@@ -357,6 +374,19 @@ impl Dataset {
                     buf.extend_from_slice(&y.to_le_bytes());
                     for x in &inputs[i * dim..(i + 1) * dim] {
                         buf.extend_from_slice(&x.to_bits().to_le_bytes());
+                    }
+                    tree.push_entry(&buf);
+                }
+                (*kind, *n_train, *n_holdout)
+            }
+            Dataset::Regression { kind, input_shape, inputs, target_shape, targets, n_train, n_holdout } => {
+                // An example: its targets' bits, then its inputs' (both little-endian).
+                let (dim, per) = (input_shape.iter().product::<usize>(), target_shape.iter().product::<usize>());
+                let mut buf = Vec::with_capacity((per + dim) * 4);
+                for i in 0..n_train + n_holdout {
+                    buf.clear();
+                    for v in targets[i * per..(i + 1) * per].iter().chain(&inputs[i * dim..(i + 1) * dim]) {
+                        buf.extend_from_slice(&v.to_bits().to_le_bytes());
                     }
                     tree.push_entry(&buf);
                 }
@@ -409,6 +439,29 @@ fn user_classification(
         return Err(format!("the file has {n} examples; holding out {holdout} leaves none for training"));
     }
     Ok(Dataset::Classification { kind, input_shape, inputs, labels, classes, n_train: n - holdout, n_holdout: holdout })
+}
+
+fn user_regression(
+    input_shape: Vec<usize>,
+    inputs: Vec<f32>,
+    target_shape: Vec<usize>,
+    targets: Vec<f32>,
+    holdout: usize,
+) -> Result<Dataset, String> {
+    let per: usize = target_shape.iter().product();
+    let n = targets.len() / per.max(1);
+    if holdout >= n {
+        return Err(format!("the file has {n} examples; holding out {holdout} leaves none for training"));
+    }
+    Ok(Dataset::Regression {
+        kind: DataKind::Tensors,
+        input_shape,
+        inputs,
+        target_shape,
+        targets,
+        n_train: n - holdout,
+        n_holdout: holdout,
+    })
 }
 
 /// The `--data` path of a user's file kind, which must be given.

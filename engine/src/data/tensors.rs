@@ -1,10 +1,11 @@
 //! A user's dataset as a safetensors file: tensor `x` (F32, `[N, ..input_shape]`) and tensor
-//! `y` (class labels `[N]`, as U8, U16, U32, I32 or I64, converted to `u32`). Nothing else may
-//! be in the file, so what is committed is exactly what was read.
+//! `y` (class labels `[N]`, as U8, U16, U32, I32 or I64, converted to `u32`; or, with
+//! `data.target_shape`, F32 targets `[N, ..target_shape]`). Nothing else may be in the file, so
+//! what is committed is exactly what was read.
 
 use safetensors::{Dtype, SafeTensors};
 
-use super::{DataKind, Dataset, user_classification};
+use super::{DataKind, Dataset, user_classification, user_regression};
 use crate::spec::TensorsConfig;
 
 /// Parses a safetensors dataset against its config; errors say what is wrong with which tensor.
@@ -30,7 +31,16 @@ pub fn parse_tensors(bytes: &[u8], config: &TensorsConfig) -> Result<Dataset, St
         ));
     }
     let n = *n;
-    if y.shape() != [n] {
+    if let Some(target_shape) = &config.target_shape {
+        let want: Vec<usize> = std::iter::once(n).chain(target_shape.iter().copied()).collect();
+        if y.dtype() != Dtype::F32 || y.shape() != want.as_slice() {
+            return Err(format!(
+                "tensor y is {:?} {:?}; F32 targets of data.target_shape {target_shape:?} must be F32 {want:?}",
+                y.dtype(),
+                y.shape()
+            ));
+        }
+    } else if y.shape() != [n] {
         return Err(format!("tensor y has shape {:?}; class labels must be [{n}], one per example of x", y.shape()));
     }
     let dim = example.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("tensor x's shape overflows")?;
@@ -46,6 +56,18 @@ pub fn parse_tensors(bytes: &[u8], config: &TensorsConfig) -> Result<Dataset, St
             i / dim.max(1),
             inputs[i]
         ));
+    }
+    if let Some(target_shape) = &config.target_shape {
+        let targets: Vec<f32> =
+            y.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let per = target_shape.iter().product::<usize>().max(1);
+        if targets.len() != n * per {
+            return Err(format!("tensor y holds {} values, its shape needs {}", targets.len(), n * per));
+        }
+        if let Some(i) = targets.iter().position(|v| !v.is_finite()) {
+            return Err(format!("tensor y: value {} of example {} is not finite ({})", i % per, i / per, targets[i]));
+        }
+        return user_regression(config.input_shape.clone(), inputs, target_shape.clone(), targets, config.holdout);
     }
     let labels = labels_u32(y.dtype(), y.data(), n)?;
     if let Some(i) = labels.iter().position(|&l| l as usize >= config.classes) {

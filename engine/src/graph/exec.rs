@@ -13,7 +13,7 @@
 use kernels::Bounded;
 
 use super::Graph;
-use super::ops::{Args, Fwd, Grad};
+use super::ops::{Args, Fwd, Grad, Labels};
 use super::resolve::Src;
 use crate::EngineError;
 use crate::model::Ctx;
@@ -25,13 +25,13 @@ pub(crate) type Getter<'g> = dyn Fn(&str) -> Result<&'g [f32], EngineError> + 'g
 pub(crate) type Pass = (f32, Vec<Vec<f32>>, Option<Vec<f32>>);
 
 impl Graph {
-    /// Forward and backward over a batch of `n` examples `x` with labels `y`.
+    /// Forward and backward over a batch of `n` examples `x` with labels (or targets) `y`.
     pub(crate) fn pass(
         &self,
         ctx: &mut Ctx<'_, '_>,
         get: &Getter<'_>,
         x: &[f32],
-        y: &[u32],
+        y: Labels<'_>,
         n: usize,
     ) -> Result<Pass, EngineError> {
         let count = self.nodes.len();
@@ -130,7 +130,7 @@ impl Graph {
         i: usize,
         get: &Getter<'g>,
         x: &'a [f32],
-        y: &'a [u32],
+        y: Labels<'a>,
         n: usize,
         values: &'a [Vec<f32>],
         saved: &'a [Vec<f32>],

@@ -70,6 +70,7 @@ pub mod presets;
 mod resolve;
 
 pub use builder::{GraphBuilder, Tensor};
+pub(crate) use ops::Labels;
 pub use ops::dropout_mask;
 pub use resolve::{Graph, NAME_MAX, NODES_MAX};
 

@@ -93,7 +93,7 @@ impl Graph {
         if cfg.context.is_some() {
             return Err(invalid("model.context".into(), "only a graph trained on text data has a context"));
         }
-        Self::resolve_with(cfg, input_shape, DataInfo { classes, labels: vec![], tokens: false })
+        Self::resolve_with(cfg, input_shape, DataInfo { classes, labels: vec![], tokens: false, targets: false })
     }
 
     /// Checks `cfg` on text data with a vocabulary of `vocab` tokens: `x` holds `context` token
@@ -104,7 +104,21 @@ impl Graph {
             Some(t) => t,
             None => return Err(invalid("model.context".into(), "a graph trained on text data needs a context")),
         };
-        Self::resolve_with(cfg, &[t], DataInfo { classes: vocab, labels: vec![t], tokens: true })
+        Self::resolve_with(cfg, &[t], DataInfo { classes: vocab, labels: vec![t], tokens: true, targets: false })
+    }
+
+    /// Checks `cfg` on regression data: inputs of `input_shape`, `labels` F32 targets of
+    /// `target_shape` (which an `mse` loss reads).
+    pub fn resolve_regression(
+        cfg: &GraphConfig,
+        input_shape: &[usize],
+        target_shape: &[usize],
+    ) -> Result<Graph, SpecInvalid> {
+        if cfg.context.is_some() {
+            return Err(invalid("model.context".into(), "only a graph trained on text data has a context"));
+        }
+        let data = DataInfo { classes: 0, labels: target_shape.to_vec(), tokens: false, targets: true };
+        Self::resolve_with(cfg, input_shape, data)
     }
 
     fn resolve_with(cfg: &GraphConfig, input_shape: &[usize], data: DataInfo) -> Result<Graph, SpecInvalid> {

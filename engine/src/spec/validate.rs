@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use super::{
     Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, LabelColumn, ModelConfig, OptimizerConfig,
-    RunSpec,
+    RunSpec, TensorsConfig,
 };
 use crate::data::{
     DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, USER_EXAMPLES_MAX, square_side, text_split,
@@ -100,8 +100,11 @@ fn data_shape(config: &Config) -> Result<(Vec<usize>, usize), SpecInvalid> {
 
 /// A graph checked against the config's data (on text, `classes` bounds the vocabulary).
 fn resolve_graph(config: &Config, g: &GraphConfig, input: &[usize], classes: usize) -> Result<Graph, SpecInvalid> {
-    match config.data {
+    match &config.data {
         DataConfig::Text(_) | DataConfig::Tokens(_) => Graph::resolve_text(g, classes),
+        DataConfig::Tensors(TensorsConfig { target_shape: Some(targets), .. }) => {
+            Graph::resolve_regression(g, input, targets)
+        }
         _ => Graph::resolve(g, input, classes),
     }
 }
@@ -366,6 +369,13 @@ impl Config {
         match (&self.model, &self.data) {
             (ModelConfig::Gpt(_) | ModelConfig::Graph(_), _) if tokens => Ok(()),
             (ModelConfig::Gpt(_), _) => Err(invalid("data.kind", "the GPT trains on text or token data")),
+            (
+                ModelConfig::Mlp(_) | ModelConfig::Cnn(_),
+                DataConfig::Tensors(TensorsConfig { target_shape: Some(_), .. }),
+            ) => Err(invalid(
+                "data.target_shape",
+                "the MLP and CNN presets classify; F32 targets need a graph with an mse loss against labels",
+            )),
             _ if tokens => Err(invalid("data.kind", "MLP and CNN models train on classification data")),
             (ModelConfig::Cnn(_), DataConfig::Tensors(t)) if t.input_shape.len() != 3 || t.input_shape[0] != 1 => {
                 Err(invalid(
@@ -424,7 +434,28 @@ impl Config {
                 }
                 let dims: Vec<u64> = t.input_shape.iter().map(|&d| u(d)).collect();
                 product("data.input_shape", &dims, ACTIVATION_VALUES_MAX, "values per example")?;
-                check_classes(t.classes)?;
+                match &t.target_shape {
+                    None => check_classes(t.classes)?,
+                    Some(shape) => {
+                        if t.classes != 0 {
+                            return Err(invalid(
+                                "data.classes",
+                                "F32 targets (data.target_shape) have no classes; leave data.classes out",
+                            ));
+                        }
+                        if shape.len() > INPUT_RANK_MAX {
+                            return Err(invalid(
+                                "data.target_shape",
+                                format!("{} dimensions, more than {INPUT_RANK_MAX}", shape.len()),
+                            ));
+                        }
+                        if let Some(i) = shape.iter().position(|&d| d == 0) {
+                            return Err(invalid(format!("data.target_shape[{i}]"), "must be at least 1"));
+                        }
+                        let dims: Vec<u64> = shape.iter().map(|&d| u(d)).collect();
+                        product("data.target_shape", &dims, ACTIVATION_VALUES_MAX, "target values per example")?;
+                    }
+                }
                 check_holdout(t.holdout)
             }
             DataConfig::Csv(c) => {

@@ -62,10 +62,18 @@ pub(crate) struct Args<'a> {
     pub in_shapes: &'a [Vec<usize>],
     pub params: Vec<&'a [f32]>,
     pub n: usize,
-    pub labels: &'a [u32],
+    pub labels: Labels<'a>,
     pub classes: usize,
     /// The node's output shape, per example.
     pub out_shape: &'a [usize],
+}
+
+/// The batch's labels: class indices (one an example, or one a position of text), or F32
+/// targets (regression).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Labels<'a> {
+    Classes(&'a [u32]),
+    Values(&'a [f32]),
 }
 
 /// A shape rule's complaint: the node's field at fault and what is wrong.

@@ -4,7 +4,7 @@ use kernels::{Bounded, Conv2dSpec, ErrorBound, MatmulSpec, Pool2dSpec, RowSpec};
 
 use super::layout::{concat, inverse, permute, slice, swap_last2, unconcat, unslice};
 use super::shape::numel;
-use super::{Args, Bwd, Fwd, Grad, Op, mask};
+use super::{Args, Bwd, Fwd, Grad, Labels, Op, mask};
 use crate::EngineError;
 use crate::model::Ctx;
 
@@ -95,12 +95,18 @@ impl Op {
             }
             Op::Attention { .. } => return Err(expanded()),
             Op::CrossEntropy {} => {
-                let rows = a.labels.len();
-                let (loss, grad) = dev.cross_entropy(a.ins[0], a.labels, rows, a.classes).map_err(k)?;
+                let Labels::Classes(labels) = a.labels else {
+                    return Err(EngineError::Usage("cross_entropy needs class labels".into()));
+                };
+                let (loss, grad) = dev.cross_entropy(a.ins[0], labels, labels.len(), a.classes).map_err(k)?;
                 Fwd::Loss { loss, grads: vec![Some(grad), None] }
             }
             Op::Mse {} => {
-                let target = if a.ins[1].is_empty() { one_hot(a.labels, a.classes) } else { a.ins[1].to_vec() };
+                let target = match a.labels {
+                    _ if !a.ins[1].is_empty() => a.ins[1].to_vec(),
+                    Labels::Classes(labels) => one_hot(labels, a.classes),
+                    Labels::Values(targets) => targets.to_vec(),
+                };
                 let (loss, grad) = dev.mse(a.ins[0], &target).map_err(k)?;
                 // d/dt = −d/dp: a negation, exact.
                 let g_t = (!a.ins[1].is_empty()).then(|| Bounded::exact(grad.values.iter().map(|v| -v).collect()));

@@ -13,6 +13,8 @@ pub(crate) struct DataInfo {
     pub labels: Vec<usize>,
     /// Whether `x` holds token ids (text data), which only an embedding reads.
     pub tokens: bool,
+    /// Whether the labels are F32 targets of shape `labels` (regression) rather than classes.
+    pub targets: bool,
 }
 
 pub(super) fn numel(shape: &[usize]) -> usize {
@@ -237,6 +239,9 @@ impl Op {
             }
             Op::PositionalEmbedding {} => Ok(tensor(0)?.to_vec()),
             Op::Attention { .. } => Err(("op", "attention is expanded before shapes are checked".into())),
+            Op::CrossEntropy {} if data.targets => {
+                Err(("op", "cross_entropy needs class labels; this data has F32 targets (use mse)".into()))
+            }
             Op::CrossEntropy {} => {
                 let logits = tensor(0)?;
                 if ins[1].is_some() {
@@ -256,6 +261,13 @@ impl Op {
                 let one_hot: Vec<usize> = data.labels.iter().copied().chain([classes]).collect();
                 match ins[1] {
                     Some(t) => same_shape(p, t)?,
+                    None if data.targets && p == data.labels.as_slice() => {}
+                    None if data.targets => {
+                        return Err((
+                            "inputs",
+                            format!("a prediction of shape {p:?} against targets of shape {:?}", data.labels),
+                        ));
+                    }
                     None if p == one_hot.as_slice() => {}
                     None => {
                         return Err((
