@@ -153,3 +153,64 @@ fn a_leaf_zero_that_does_not_follow_the_weights_diverges_and_adjudicates() {
     let adj = adjudicate(&decoded, Profile::CpuSplitK, None).unwrap();
     assert_eq!(adj.reproduces, Side::Auditor);
 }
+
+/// A GPT trained on one text, exported (with its vocabulary) and fine-tuned on another with a
+/// cosine schedule, global-norm clipping and gradient accumulation: `consistent` on every
+/// other profile and in every mode.
+#[test]
+fn a_gpt_fine_tune_with_a_schedule_clipping_and_accumulation_audits_consistent() {
+    let dir = scratch("finetune-gpt");
+    let (a, b) = (dir.join("a.txt"), dir.join("b.txt"));
+    std::fs::write(&a, "the quality of mercy is not strained; it droppeth as the gentle rain. ".repeat(6)).unwrap();
+    // Other text over the same characters (the vocabulary, and so the weights' shapes, agree).
+    std::fs::write(&b, "it droppeth as the gentle rain; the quality of mercy is not strained. ".repeat(6)).unwrap();
+    let text = |steps: u64, extra: &str| {
+        engine::spec::Config::from_toml(
+            &format!(
+                "[model]\nkind = \"gpt\"\nlayers = 1\nd_model = 16\nheads = 2\ncontext = 8\ndropout = 0.1\n\
+                 [data]\nkind = \"text\"\nholdout_fraction = 0.1\n\
+                 [train]\nbatch_size = 4\nsteps = {steps}\nseed = 5\ncheckpoint_interval = 4\n{extra}\n\
+                 [optimizer]\nkind = \"adamw\"\nlr = 0.003\nbeta1 = 0.9\nbeta2 = 0.99\neps = 1e-8\n"
+            ),
+            "gpt.toml",
+        )
+        .unwrap()
+    };
+    let train = |cfg: engine::spec::Config, data: &Path, out: &str, init: Option<PathBuf>| {
+        let opts = SessionOptions {
+            config: cfg,
+            data: Some(data.to_path_buf()),
+            out: dir.join(out),
+            device: Profile::Cpu,
+            steps: None,
+            resume: false,
+            faults: Vec::new(),
+            key: Some(dir.join("trainer.key")),
+            init_weights: init,
+        };
+        let mut s = Session::create(&opts).unwrap();
+        while s.next_step().is_some() {
+            s.step().unwrap();
+        }
+        s.finish().unwrap();
+        dir.join(out)
+    };
+    let base = train(text(6, ""), &a, "base", None);
+    let weights = dir.join("base.safetensors");
+    let opts = trainer_agent::export::ExportOptions { record: &base, out: &weights, step: None, data: Some(&a) };
+    trainer_agent::export::export(&opts).unwrap();
+    let mut tuned_cfg = text(8, "clip_norm = 0.5\naccumulate = 2");
+    tuned_cfg.train.seed = 17;
+    tuned_cfg.schedule =
+        toml::from_str::<engine::schedule::Schedule>("kind = \"cosine\"\nwarmup_steps = 2\nmin_ratio = 0.1").unwrap();
+    let tuned = train(tuned_cfg, &b, "tuned", Some(weights));
+    let spec = Record::open(&tuned).unwrap().spec().clone();
+    assert!(spec.init_weights.is_some() && spec.config.train.clip_norm == Some(0.5));
+    for device in [Profile::CpuSeq, Profile::CpuSplitK] {
+        for mode in [Mode::Full, Mode::Intervals, Mode::Spot { count: 1, pick: SpotPick::LargestUpdates }] {
+            let o = AuditOptions { mode, data: Some(b.clone()), ..AuditOptions::new(device) };
+            let a = audit_dir(&tuned, &o, &NoProgress).unwrap();
+            assert_eq!(a.verdict, Verdict::Consistent, "{device:?} {mode:?}");
+        }
+    }
+}

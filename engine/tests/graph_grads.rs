@@ -224,8 +224,13 @@ fn candle_loss(graph: &GraphConfig, vars: &[(String, Var)], x: &Tensor, y: &[u32
 /// Runs one step's loss and gradients of `graph` in the interpreter and in candle, and
 /// compares every parameter's gradient. Returns the largest relative difference seen.
 fn check(graph: GraphConfig, features: usize) -> f64 {
+    check_model(graph.into(), features)
+}
+
+/// [`check`] for any model config (a preset expands to its graph).
+fn check_model(model: engine::spec::ModelConfig, features: usize) -> f64 {
     let mut cfg = Config::from_toml(&BASE.replace("features = 12", &format!("features = {features}")), "t").unwrap();
-    cfg.model = graph.into();
+    cfg.model = model;
     compare(&Run::from_config(&cfg, None, Profile::CpuSeq, 1).unwrap())
 }
 
@@ -238,9 +243,9 @@ fn text_file() -> std::path::PathBuf {
 }
 
 /// [`check`] for a graph on text data: windows of `context` tokens.
-fn check_text(graph: GraphConfig) -> f64 {
+fn check_text(model: impl Into<engine::spec::ModelConfig>) -> f64 {
     let mut cfg = Config::from_toml(&BASE.replace("batch_size = 8", "batch_size = 3"), "t").unwrap();
-    cfg.model = graph.into();
+    cfg.model = model.into();
     cfg.data = engine::spec::DataConfig::Text(engine::spec::TextConfig { holdout_fraction: 0.1 });
     cfg.validate().unwrap();
     let path = text_file();
@@ -250,7 +255,7 @@ fn check_text(graph: GraphConfig) -> f64 {
 
 /// One step of `run`'s graph in the interpreter and in candle; see [`check`].
 fn compare(run: &Run) -> f64 {
-    let engine::spec::ModelConfig::Graph(graph) = &run.spec.config.model else { panic!("a graph") };
+    let graph = run.spec.config.model.graph();
     let state = run.initial_state().unwrap();
     let batch = Batch::gather(&run.data, &run.batch_indices(1).0);
     let mut rounder = Rounder::commit();
@@ -260,7 +265,10 @@ fn compare(run: &Run) -> f64 {
     let dev = CDevice::Cpu;
     let (x, y, n) = match &batch {
         Batch::Classes { x, y, n } => {
-            (Tensor::from_slice(x, (*n, x.len() / n), &dev).unwrap().to_dtype(DType::F64).unwrap(), y, *n)
+            // Each example in the data's own shape (a CNN preset reads [1, h, w] images).
+            let engine::data::Dataset::Classification { input_shape, .. } = &run.data else { unreachable!() };
+            let shape: Vec<usize> = std::iter::once(*n).chain(input_shape.iter().copied()).collect();
+            (Tensor::from_slice(x, shape, &dev).unwrap().to_dtype(DType::F64).unwrap(), y, *n)
         }
         Batch::Tokens { ids, targets, b, t } => {
             let ids: Vec<f64> = ids.iter().map(|&i| i as f64).collect();
@@ -277,7 +285,7 @@ fn compare(run: &Run) -> f64 {
             (p.name.clone(), Var::from_tensor(&v).unwrap())
         })
         .collect();
-    let ref_loss = candle_loss(graph, &vars, &x, y, n, run.model.classes());
+    let ref_loss = candle_loss(&graph, &vars, &x, y, n, run.model.classes());
     let store = ref_loss.backward().unwrap();
     let ref_loss = ref_loss.to_scalar::<f64>().unwrap();
     assert!((loss as f64 - ref_loss).abs() <= 1e-5 * ref_loss.abs().max(1.0), "loss {loss} vs candle {ref_loss}");
@@ -508,5 +516,17 @@ fn a_multi_head_transformer_on_text() {
     // position embeddings, pre-norm blocks of multi-head causal attention and a GELU MLP with
     // residuals, and a head over the vocabulary; the loss averages over every position.
     let worst = check_text(engine::graph::presets::transformer(8, 8, 2, 2, 0.0));
+    assert!(worst < 1e-4, "honest differences are FP32 rounding, not {worst}");
+}
+
+/// Each preset's whole step (its graph, as the engine runs it) against candle: the MLP on
+/// 64 features, the CNN on 8×8 images, the GPT with dropout on text.
+#[test]
+fn each_presets_whole_step() {
+    use engine::spec::{CnnConfig, GptConfig, MlpConfig, ModelConfig};
+    check_model(ModelConfig::Mlp(MlpConfig { hidden: vec![16, 8] }), 64);
+    check_model(ModelConfig::Cnn(CnnConfig { channels: [3, 4] }), 64);
+    let gpt = GptConfig { layers: 2, d_model: 8, heads: 2, context: 8, dropout: 0.1 };
+    let worst = check_text(ModelConfig::Gpt(gpt));
     assert!(worst < 1e-4, "honest differences are FP32 rounding, not {worst}");
 }
