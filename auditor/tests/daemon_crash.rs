@@ -183,3 +183,49 @@ async fn kill_9_then_restart_resumes_and_reports_once_and_sigterm_requeues_with_
     assert!(d.child.wait().unwrap().success());
     trainer.stop().await;
 }
+
+/// Issue 14: SIGHUP killed the daemon. Now it never stops it, and a `--token-file` token is
+/// read again (rotation without a restart); a blank file keeps the current token.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_file_and_never_stops_the_daemon() {
+    let dir = scratch("daemon-hup");
+    let token = dir.join("token");
+    std::fs::write(&token, "first\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_auditor"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg("--token-file")
+        .arg(&token)
+        .env_remove("AUDITOR_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let c = reqwest::Client::new();
+    let code = |t: &'static str| {
+        let req = c.get(format!("{url}/v1/audits")).bearer_auth(t).send();
+        async move { req.await.unwrap().status().as_u16() }
+    };
+    assert_eq!((code("first").await, code("second").await), (200, 401));
+    let hup = || assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    std::fs::write(&token, "second\n").unwrap();
+    hup();
+    let t0 = Instant::now();
+    while code("second").await != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "SIGHUP did not reload the token");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(code("first").await, 401, "the old token still works");
+    std::fs::write(&token, "  \n").unwrap();
+    hup();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped the daemon");
+    assert_eq!(code("second").await, 200, "a blank file keeps the current token");
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

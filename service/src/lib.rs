@@ -15,7 +15,7 @@
 #![forbid(unsafe_code)]
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,58 @@ pub fn process_metrics(prefix: &str) -> String {
     let fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as u64);
     gauge("open_fds", "Open file descriptors", fds);
     out
+}
+
+/// A bearer token that can be replaced while a server runs: given a file, SIGHUP re-reads it
+/// ([`Token::reload_on_hangup`]), so an operator rotates the token without a restart. Cloning
+/// shares the token.
+#[derive(Clone, Default)]
+pub struct Token(Arc<std::sync::RwLock<Option<String>>>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.get().is_some() { "Token(<redacted>)" } else { "Token(none)" })
+    }
+}
+
+impl Token {
+    pub fn new(token: Option<String>) -> Token {
+        Token(Arc::new(std::sync::RwLock::new(token)))
+    }
+
+    /// The token now (`None`: no token is required).
+    pub fn get(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the token from `path` again, under [`secret`]'s rules. A file that cannot be read,
+    /// or holds an empty token, leaves the current token in place: the error says why.
+    pub fn reload_from(&self, path: &Path) -> Result<(), String> {
+        let new = secret(None, Some(path), "")?.ok_or_else(|| format!("{}: no token", path.display()))?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(new);
+        Ok(())
+    }
+
+    /// On every SIGHUP, reloads the token from `path` and logs the outcome (never the token).
+    /// Call from within the runtime; the listener lives as long as the runtime.
+    pub fn reload_on_hangup(&self, path: PathBuf) {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+            let token = self.clone();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match token.reload_from(&path) {
+                        Ok(()) => tracing::info!(file = %path.display(), "SIGHUP: token reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: token not reloaded; the current one stays"),
+                    }
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        let _ = path;
+    }
 }
 
 /// Blocking-pool threads a server keeps for its request handlers (store and record reads),
@@ -178,7 +230,7 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
             match hup {
                 Some(mut s) => {
                     while s.recv().await.is_some() {
-                        tracing::info!("SIGHUP: nothing is reloaded while running; ignored (restart to apply changes)");
+                        tracing::info!("SIGHUP: never stops the server (a --token-file token is reloaded)");
                     }
                     std::future::pending::<()>().await
                 }
@@ -380,5 +432,25 @@ mod tests {
                 assert!(v > 0, "{line}");
             }
         }
+    }
+
+    #[test]
+    fn a_token_reloads_from_its_file_and_a_bad_file_keeps_the_current_one() {
+        let dir = std::env::temp_dir().join(format!("tiebreak-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "first\n").unwrap();
+        let token = Token::new(secret(None, Some(&file), "").unwrap());
+        let shared = token.clone();
+        assert_eq!(token.get().as_deref(), Some("first"));
+        std::fs::write(&file, "second\n").unwrap();
+        token.reload_from(&file).unwrap();
+        assert_eq!(shared.get().as_deref(), Some("second"), "clones share the token");
+        std::fs::write(&file, "  \n").unwrap();
+        assert!(token.reload_from(&file).is_err());
+        std::fs::remove_file(&file).unwrap();
+        assert!(token.reload_from(&file).is_err());
+        assert_eq!(token.get().as_deref(), Some("second"), "a bad reload keeps the current token");
+        assert_eq!(format!("{token:?}"), "Token(<redacted>)");
     }
 }

@@ -181,6 +181,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             let opts = ServeOptions {
+                token_file: token_file.filter(|_| token.is_some()),
                 token,
                 data: fallback,
                 datasets,

@@ -68,6 +68,8 @@ pub struct ServeOptions {
     pub records: PathBuf,
     /// If set, every request needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// The file the token came from: SIGHUP reads it again (token rotation without a restart).
+    pub token_file: Option<PathBuf>,
     /// MNIST IDX directory or text file for recomputing states of runs that need one, when
     /// [`Self::datasets`] names none for the run's kind of data.
     pub data: Option<PathBuf>,
@@ -93,6 +95,7 @@ impl ServeOptions {
         ServeOptions {
             records: records.into(),
             token: None,
+            token_file: None,
             data: None,
             datasets: BTreeMap::new(),
             response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
@@ -145,7 +148,13 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
     }
     let shared = Arc::new(Shared {
         records,
-        token_digest: opts.token.as_deref().map(|t| codec::sha256(t.as_bytes())),
+        token: {
+            let token = service::Token::new(opts.token.clone());
+            if let (Some(_), Some(file)) = (&opts.token, &opts.token_file) {
+                token.reload_on_hangup(file.clone());
+            }
+            token
+        },
         data: opts.data,
         datasets: opts.datasets,
         requests: RequestCounts::default(),
@@ -189,8 +198,8 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
 struct Shared {
     /// Canonical records directory.
     records: PathBuf,
-    /// SHA-256 of the token: compared in constant time (and the same length whatever is sent).
-    token_digest: Option<Hash>,
+    /// The token (SIGHUP may replace it); compared through SHA-256 digests in constant time.
+    token: service::Token,
     data: Option<PathBuf>,
     datasets: BTreeMap<String, PathBuf>,
     requests: RequestCounts,
@@ -846,10 +855,10 @@ fn token_matches(expected: &Hash, given: &str) -> bool {
 
 /// Authentication and size limits around every route (the fallbacks included).
 async fn guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    if let Some(expected) = &s.token_digest {
+    if let Some(expected) = s.token.get().map(|t| codec::sha256(t.as_bytes())) {
         let given =
             req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|t| token_matches(expected, t)) {
+        if !given.is_some_and(|t| token_matches(&expected, t)) {
             let mut r = ApiError::new(code::UNAUTHORIZED, "a bearer token is required (Authorization: Bearer <token>)")
                 .into_response();
             r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -241,7 +241,8 @@ fn http_get(addr: &str, path: &str, token: &str) -> String {
 }
 
 /// Issue 14: `serve --token ''` started and then refused every request; tokens could only be
-/// given on the command line (where process lists show them); SIGHUP killed the server.
+/// given on the command line (where process lists show them); SIGHUP killed the server. Now
+/// SIGHUP reloads a token file (rotation without a restart) and never stops the server.
 #[cfg(unix)]
 #[test]
 fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and_outlives_sighup() {
@@ -285,6 +286,22 @@ fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and
         std::thread::sleep(Duration::from_millis(300));
         assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped the server");
         assert!(http_get(&addr, "/v1/runs", token).starts_with("HTTP/1.1 200"), "still serving after SIGHUP");
+        if use_file {
+            // Token rotation: SIGHUP reads the file again; a blank file then keeps the token.
+            std::fs::write(&file, "rotated\n").unwrap();
+            assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+            let t0 = Instant::now();
+            while !http_get(&addr, "/v1/runs", "rotated").starts_with("HTTP/1.1 200") {
+                assert!(t0.elapsed() < Duration::from_secs(5), "SIGHUP did not reload the token");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(http_get(&addr, "/v1/runs", token).starts_with("HTTP/1.1 401"), "the old token still works");
+            std::fs::write(&file, " \n").unwrap();
+            assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(http_get(&addr, "/v1/runs", "rotated").starts_with("HTTP/1.1 200"), "a blank file kept the token");
+            std::fs::write(&file, "from-a-file\n").unwrap();
+        }
         assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
         let t0 = Instant::now();
         let status = loop {

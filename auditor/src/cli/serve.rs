@@ -52,8 +52,12 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
     if let Some(d) = args.state_dir {
         cfg.state_dir = d;
     }
+    let from_file = args.token.is_none() && args.token_file.is_some();
     if let Some(t) = service::secret(args.token, args.token_file.as_deref(), "AUDITOR_TOKEN").map_err(usage)? {
         cfg.token = Some(t);
+        if from_file {
+            cfg.token_file = args.token_file.clone();
+        }
     }
     for d in &args.data {
         let (name, path) = d.split_once('=').ok_or_else(|| usage(format_args!("--data {d:?}: not NAME=PATH")))?;

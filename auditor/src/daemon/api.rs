@@ -131,7 +131,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn authorize(shared: &Shared, headers: &HeaderMap) -> ApiResult<()> {
-    let Some(token) = &shared.config.token else {
+    let Some(token) = shared.token.get() else {
         return Ok(());
     };
     let given =

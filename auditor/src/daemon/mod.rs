@@ -66,6 +66,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Bearer token required on `/v1/audits*`; none = open.
     pub token: Option<String>,
+    /// The file the token came from (`--token-file`): SIGHUP reads it again.
+    #[serde(skip)]
+    pub token_file: Option<PathBuf>,
     /// Audits replayed at once.
     pub workers: usize,
     /// Most audits waiting in the queue; more are refused with 429.
@@ -170,6 +173,7 @@ impl Default for Config {
             listen: "127.0.0.1:8420".into(),
             state_dir: PathBuf::from("auditor-state"),
             token: None,
+            token_file: None,
             workers: 2,
             queue_max: 256,
             body_bytes_max: 64 << 10,
@@ -275,6 +279,8 @@ pub struct Shared {
     pub auditor_public_key: String,
     /// Set when shutdown begins (`/readyz` then answers 503).
     pub stopping: Arc<AtomicBool>,
+    /// The bearer token now (SIGHUP reloads it from `config.token_file`).
+    pub token: service::Token,
 }
 
 impl std::fmt::Debug for Shared {
@@ -337,7 +343,11 @@ pub async fn serve(
         queued: Arc::new(Notify::new()),
         auditor_public_key: common::codec::to_hex(key.verifying_key().as_bytes()),
         stopping: cancel.clone(),
+        token: service::Token::new(config.token.clone()),
     };
+    if let (Some(_), Some(file)) = (&config.token, &config.token_file) {
+        shared.token.reload_on_hangup(file.clone());
+    }
 
     let workers: Vec<_> = (0..config.workers)
         .map(|_| tokio::spawn(worker_loop(worker.clone(), shared.queued.clone(), cancel.clone())))
