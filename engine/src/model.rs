@@ -229,8 +229,8 @@ impl Model {
     }
 
     /// The parameters, in a fixed order (the graph's node order).
-    pub fn params(&self) -> Vec<ParamSpec> {
-        self.params.clone()
+    pub fn params(&self) -> &[ParamSpec] {
+        &self.params
     }
 
     /// Initial parameters from the committed seed (stream `init`, layer = parameter position).

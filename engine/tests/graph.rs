@@ -145,7 +145,7 @@ fn the_toml_graph_parses_to_the_builders_graph_with_the_same_digest_and_root() {
     let a = Run::from_config(&toml, None, Profile::Cpu, 6).unwrap();
     let b = Run::from_config(&built, None, Profile::Cpu, 6).unwrap();
     assert_eq!(a.spec.digest(), b.spec.digest());
-    let names: Vec<String> = a.model.params().into_iter().map(|p| p.name).collect();
+    let names: Vec<String> = a.model.params().iter().map(|p| p.name.clone()).collect();
     assert_eq!(
         names,
         ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "rowwise.weight", "head.weight", "head.bias"]

@@ -73,7 +73,7 @@ fn same_training(preset: &str, graph: GraphConfig) {
         let mut cfg = config("[model]\nkind = \"mlp\"\nhidden = [2]", opt);
         cfg.model = graph.clone().into();
         let graph_run = Run::from_config(&cfg, None, Profile::Cpu, 5).unwrap();
-        let names = |r: &Run| r.model.params().into_iter().map(|p| (p.name, p.shape)).collect::<Vec<_>>();
+        let names = |r: &Run| r.model.params().iter().map(|p| (p.name.clone(), p.shape.clone())).collect::<Vec<_>>();
         assert_eq!(names(&preset), names(&graph_run), "same parameters, in the same order");
         let (mut a, mut b) = (preset.initial_state().unwrap(), preset.initial_state().unwrap());
         for t in 1..=5 {
