@@ -292,9 +292,7 @@ impl Dataset {
         if text_split(raw.len(), context, holdout_fraction).is_none() {
             return Err(format!("text of {} bytes is too short for context {context}", raw.len()));
         }
-        let mut present = [false; 256];
-        raw.iter().for_each(|&b| present[b as usize] = true);
-        let vocab: Vec<u8> = (0..=255u8).filter(|&b| present[b as usize]).collect();
+        let vocab = distinct_bytes(&raw);
         let mut index = [0u32; 256];
         vocab.iter().enumerate().for_each(|(i, &b)| index[b as usize] = i as u32);
         let tokens: Vec<u32> = raw.iter().map(|&b| index[b as usize]).collect();
@@ -307,11 +305,7 @@ impl Dataset {
     /// byte order). `None` for other data (a token file's ids have no bytes).
     pub fn byte_vocabulary(&self) -> Option<Vec<u8>> {
         match self {
-            Dataset::Text { kind: DataKind::Text, raw, .. } => {
-                let mut present = [false; 256];
-                raw.iter().for_each(|&b| present[b as usize] = true);
-                Some((0..=255u8).filter(|&b| present[b as usize]).collect())
-            }
+            Dataset::Text { kind: DataKind::Text, raw, .. } => Some(distinct_bytes(raw)),
             _ => None,
         }
     }
@@ -439,6 +433,13 @@ fn user_classification(
         return Err(format!("the file has {n} examples; holding out {holdout} leaves none for training"));
     }
     Ok(Dataset::Classification { kind, input_shape, inputs, labels, classes, n_train: n - holdout, n_holdout: holdout })
+}
+
+/// The distinct bytes of `raw`, in byte order: a text's vocabulary (token `i` is byte `i` of it).
+fn distinct_bytes(raw: &[u8]) -> Vec<u8> {
+    let mut present = [false; 256];
+    raw.iter().for_each(|&b| present[b as usize] = true);
+    (0..=255u8).filter(|&b| present[b as usize]).collect()
 }
 
 fn user_regression(
