@@ -148,24 +148,12 @@ impl ModelConfig {
             ModelConfig::Graph(g) => Cow::Borrowed(g),
         }
     }
-
-    /// Parameters a preset initialises He-uniform (`±√(6/fan_in)`, for layers feeding a ReLU)
-    /// instead of the graph default `±1/√fan_in`: the MLP's hidden layers and the CNN's
-    /// convolutions.
-    fn he_initialised(&self, name: &str) -> bool {
-        match self {
-            ModelConfig::Mlp(m) => (1..=m.hidden.len()).any(|l| name == format!("fc{l}.weight")),
-            ModelConfig::Cnn(_) => name == "conv1.weight" || name == "conv2.weight",
-            _ => false,
-        }
-    }
 }
 
 /// A model: a checked graph, ready to run on its data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     graph: Box<Graph>,
-    params: Vec<ParamSpec>,
 }
 
 impl Model {
@@ -203,19 +191,7 @@ impl Model {
             }
         }
         .map_err(EngineError::InvalidSpec)?;
-        let params = graph
-            .params()
-            .iter()
-            .map(|p| {
-                let mut p = p.clone();
-                if cfg.he_initialised(&p.name) {
-                    let fan_in: usize = p.shape[1..].iter().product();
-                    p.init = Init::Uniform((6.0 / fan_in as f64).sqrt());
-                }
-                p
-            })
-            .collect();
-        Ok(Model { graph: Box::new(graph), params })
+        Ok(Model { graph: Box::new(graph) })
     }
 
     /// The model's graph.
@@ -230,12 +206,12 @@ impl Model {
 
     /// The parameters, in a fixed order (the graph's node order).
     pub fn params(&self) -> &[ParamSpec] {
-        &self.params
+        self.graph.params()
     }
 
     /// Initial parameters from the committed seed (stream `init`, layer = parameter position).
     pub fn init_params(&self, seed: u64, state: &mut TrainingState) -> Result<(), EngineError> {
-        for (pos, p) in self.params.iter().enumerate() {
+        for (pos, p) in self.params().iter().enumerate() {
             let n: usize = p.shape.iter().product();
             let data = match p.init {
                 Init::Const(c) => vec![c; n],

@@ -178,7 +178,7 @@ impl Run {
             });
         };
         commitment.check(bytes)?;
-        self.init_params = Some(crate::init::params_from_safetensors(bytes, &self.model.params())?);
+        self.init_params = Some(crate::init::params_from_safetensors(bytes, self.model.params())?);
         Ok(())
     }
 

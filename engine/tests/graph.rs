@@ -138,8 +138,12 @@ fn the_toml_graph_parses_to_the_builders_graph_with_the_same_digest_and_root() {
     let toml = config(RESIDUAL).unwrap();
     let ModelConfig::Graph(g) = &toml.model else { panic!("not a graph: {:?}", toml.model) };
     assert_eq!(g, &residual_built());
-    assert_eq!(g.nodes[8].op, Op::Linear { out: Width::Fixed(2), bias: false });
-    assert_eq!(g.nodes[0].op, Op::Linear { out: Width::Fixed(12), bias: true }, "bias defaults to true");
+    assert_eq!(g.nodes[8].op, Op::Linear { out: Width::Fixed(2), bias: false, init: Default::default() });
+    assert_eq!(
+        g.nodes[0].op,
+        Op::Linear { out: Width::Fixed(12), bias: true, init: Default::default() },
+        "bias defaults to true"
+    );
     let mut built = toml.clone();
     built.model = residual_built().into();
     let a = Run::from_config(&toml, None, Profile::Cpu, 6).unwrap();
@@ -291,18 +295,26 @@ fn a_residual_cnn_with_norm_dropout_and_softmax_replays_on_every_profile() {
     let mut g = GraphBuilder::new();
     let x = g.input();
     g.reshape("img", &x, &[1, 6, 6]);
-    g.node("c1", Op::Conv2d { out_channels: 4, kernel: 3, stride: 1, padding: 1, bias: true }, &["img"]);
+    g.node(
+        "c1",
+        Op::Conv2d { out_channels: 4, kernel: 3, stride: 1, padding: 1, bias: true, init: Default::default() },
+        &["img"],
+    );
     g.node("r1", Op::Relu {}, &["c1"]);
-    g.node("c2", Op::Conv2d { out_channels: 4, kernel: 3, stride: 1, padding: 1, bias: false }, &["r1"]);
+    g.node(
+        "c2",
+        Op::Conv2d { out_channels: 4, kernel: 3, stride: 1, padding: 1, bias: false, init: Default::default() },
+        &["r1"],
+    );
     g.node("res", Op::Add {}, &["r1", "c2"]);
     g.node("mp", Op::MaxPool2d { kernel: 2, stride: 2, padding: 0 }, &["res"]);
     g.node("ap", Op::AvgPool2d { kernel: 2, stride: 1, padding: 1 }, &["mp"]);
     g.node("gap", Op::GlobalAvgPool {}, &["ap"]);
     g.node("ln", Op::LayerNorm { eps: 1e-5 }, &["gap"]);
     g.node("drop", Op::Dropout { p: 0.5 }, &["ln"]);
-    g.node("fc", Op::Linear { out: Width::Fixed(4), bias: true }, &["drop"]);
+    g.node("fc", Op::Linear { out: Width::Fixed(4), bias: true, init: Default::default() }, &["drop"]);
     g.node("sm", Op::Softmax { causal: false }, &["fc"]);
-    g.node("head", Op::Linear { out: Width::Fixed(4), bias: true }, &["sm"]);
+    g.node("head", Op::Linear { out: Width::Fixed(4), bias: true, init: Default::default() }, &["sm"]);
     g.node("loss", Op::CrossEntropy {}, &["head", "labels"]);
     let mut cfg =
         Config::from_toml(&format!("{RESIDUAL}\n{DATA_AND_TRAIN}").replace("features = 16", "features = 36"), "t")

@@ -31,9 +31,14 @@ lr = 0.1
 fn op() -> impl Strategy<Value = Op> {
     let small = 0usize..4;
     prop_oneof![
-        (0usize..7, any::<bool>()).prop_map(|(out, bias)| Op::Linear { out: Width::Fixed(out), bias }),
-        (0usize..4, small.clone(), small.clone(), small.clone(), any::<bool>())
-            .prop_map(|(o, k, s, p, bias)| { Op::Conv2d { out_channels: o, kernel: k, stride: s, padding: p, bias } }),
+        (0usize..7, any::<bool>()).prop_map(|(out, bias)| Op::Linear {
+            out: Width::Fixed(out),
+            bias,
+            init: Default::default()
+        }),
+        (0usize..4, small.clone(), small.clone(), small.clone(), any::<bool>()).prop_map(|(o, k, s, p, bias)| {
+            Op::Conv2d { out_channels: o, kernel: k, stride: s, padding: p, bias, init: Default::default() }
+        }),
         (small.clone(), small.clone(), small.clone()).prop_map(|(k, s, p)| Op::MaxPool2d {
             kernel: k,
             stride: s,
@@ -111,7 +116,7 @@ fn graph() -> impl Strategy<Value = GraphConfig> {
             nodes.push(Node {
                 name: "head".into(),
                 inputs: vec![last],
-                op: Op::Linear { out: Width::Fixed(3), bias: true },
+                op: Op::Linear { out: Width::Fixed(3), bias: true, init: Default::default() },
             });
             nodes.push(Node {
                 name: "loss".into(),

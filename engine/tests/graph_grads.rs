@@ -400,10 +400,18 @@ fn conv2d_and_pools() {
     let mut g = GraphBuilder::new();
     let x = g.input();
     let img = g.reshape("img", &x, &[1, 6, 6]);
-    let c1 = g.node("c1", Op::Conv2d { out_channels: 3, kernel: 3, stride: 1, padding: 1, bias: true }, &["img"]);
+    let c1 = g.node(
+        "c1",
+        Op::Conv2d { out_channels: 3, kernel: 3, stride: 1, padding: 1, bias: true, init: Default::default() },
+        &["img"],
+    );
     let r = g.relu("r", &c1);
     let p = g.node("p", Op::MaxPool2d { kernel: 2, stride: 2, padding: 0 }, &[r.name()]);
-    let _c2 = g.node("c2", Op::Conv2d { out_channels: 4, kernel: 2, stride: 1, padding: 0, bias: false }, &[p.name()]);
+    let _c2 = g.node(
+        "c2",
+        Op::Conv2d { out_channels: 4, kernel: 2, stride: 1, padding: 0, bias: false, init: Default::default() },
+        &[p.name()],
+    );
     let a = g.node("a", Op::AvgPool2d { kernel: 2, stride: 2, padding: 1 }, &["c2"]);
     let f = g.flatten("f", &a);
     let logits = g.linear("head", &f, 4);
@@ -414,7 +422,11 @@ fn conv2d_and_pools() {
     let mut g = GraphBuilder::new();
     let x = g.input();
     g.reshape("img", &x, &[1, 6, 6]);
-    g.node("c1", Op::Conv2d { out_channels: 5, kernel: 3, stride: 2, padding: 1, bias: true }, &["img"]);
+    g.node(
+        "c1",
+        Op::Conv2d { out_channels: 5, kernel: 3, stride: 2, padding: 1, bias: true, init: Default::default() },
+        &["img"],
+    );
     g.node("t", Op::Tanh {}, &["c1"]);
     let gap = g.node("gap", Op::GlobalAvgPool {}, &["t"]);
     let logits = g.linear("head", &gap, 4);
@@ -488,7 +500,14 @@ fn batch_norm_over_channels_and_over_features() {
     let x = g.input();
     let img = g.reshape("img", &x, &[1, 6, 6]);
     // No bias before a batch norm: it would be removed with the mean (its gradient is 0).
-    let conv = |out_channels| Op::Conv2d { out_channels, kernel: 3, stride: 1, padding: 1, bias: false };
+    let conv = |out_channels| Op::Conv2d {
+        out_channels,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        bias: false,
+        init: Default::default(),
+    };
     let c = g.node("c1", conv(3), &[img.name()]);
     let bn = g.batch_norm("bn", &c, 1e-5);
     let r = g.relu("r", &bn);

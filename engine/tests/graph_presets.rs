@@ -49,7 +49,14 @@ fn mlp_graph() -> GraphConfig {
 
 /// The CNN preset `channels = [3, 4]` on 8×8 images as a user would write it.
 fn cnn_graph() -> GraphConfig {
-    let conv = |out_channels| Op::Conv2d { out_channels, kernel: 3, stride: 1, padding: 1, bias: true };
+    let conv = |out_channels| Op::Conv2d {
+        out_channels,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        bias: true,
+        init: Default::default(),
+    };
     let pool = Op::MaxPool2d { kernel: 2, stride: 2, padding: 0 };
     let mut g = GraphBuilder::new();
     let x = g.input();
@@ -122,4 +129,23 @@ fn presets_expand_to_their_graphs_with_he_initialised_relu_layers() {
     assert_eq!(g.context, Some(8));
     assert!(g.nodes.iter().any(|n| n.name == "blk1.mlp.drop"), "residual dropout after each MLP");
     assert_eq!(engine::spec::ModelConfig::Gpt(gpt).graph().into_owned(), g);
+
+    // The initialisation is a node attribute any graph may set (the presets set "he"); the
+    // default is not written into the canonical form, so graphs that leave it out hash as before.
+    let node = |extra: &str| {
+        format!(
+            "[model]\nkind = \"graph\"\n[[model.nodes]]\nname = \"fc\"\nop = \"linear\"\ninputs = [\"x\"]\nout = 5\n{extra}\n[[model.nodes]]\nname = \"loss\"\nop = \"cross_entropy\"\ninputs = [\"fc\", \"labels\"]"
+        )
+    };
+    let he = config(&node("init = \"he\""), SGD);
+    let run = Run::from_config(&he, None, Profile::Cpu, 1).unwrap();
+    assert_eq!(run.model.params()[0].init, Init::Uniform((6.0f64 / 64.0).sqrt()));
+    let plain = config(&node(""), SGD);
+    assert!(!serde_json::to_string(&plain.model).unwrap().contains("init"), "the default is not serialised");
+    assert!(serde_json::to_string(&he.model).unwrap().contains("\"init\":\"he\""));
+    let text = format!(
+        "{}\n[data]\nkind = \"synthetic\"\nexamples = 160\nholdout = 16\nfeatures = 64\nclasses = 5\n[train]\nbatch_size = 8\nsteps = 5\nseed = 21\ncheckpoint_interval = 5\n{SGD}",
+        node("init = \"xavier\"")
+    );
+    assert!(Config::from_toml(&text, "t").unwrap_err().to_string().contains("xavier"));
 }

@@ -179,7 +179,7 @@ fn text_graph_mistakes_name_their_node_and_field() {
     refused(no_context, "model.context", "needs a context");
     // x holds token ids: only an embedding reads it.
     let mut linear_on_ids = gpt.clone();
-    linear_on_ids.nodes[0].op = Op::Linear { out: 16.into(), bias: true };
+    linear_on_ids.nodes[0].op = Op::Linear { out: 16.into(), bias: true, init: Default::default() };
     refused(linear_on_ids, "model.nodes[0].inputs[0]", "only an embedding reads");
     // Heads must divide the width; the composite's node is named.
     let mut bad_heads = gpt.clone();

@@ -85,10 +85,18 @@ fn each_mistake_names_its_node_and_field() {
     refused(edit(|n| n[1].name = "x".into()), "model.nodes[1].name", "reserved");
     refused(edit(|n| n[1].name = "a/b".into()), "model.nodes[1].name", "characters");
     refused(edit(|n| n[1].name = "a".repeat(49)), "model.nodes[1].name", "1..=48");
-    refused(edit(|n| n[2].op = Op::Linear { out: Width::Fixed(4), bias: true }), "model.nodes[3].inputs", "3 classes");
+    refused(
+        edit(|n| n[2].op = Op::Linear { out: Width::Fixed(4), bias: true, init: Default::default() }),
+        "model.nodes[3].inputs",
+        "3 classes",
+    );
     refused(edit(|n| n[1] = node("act", Op::Add {}, &["fc1", "x"])), "model.nodes[1].inputs", "[5] and [6] differ");
     refused(edit(|n| n[1] = node("act", Op::Add {}, &["fc1"])), "model.nodes[1].inputs", "takes 2 inputs, not 1");
-    refused(edit(|n| n[0].op = Op::Linear { out: Width::Fixed(0), bias: true }), "model.nodes[0].out", "at least 1");
+    refused(
+        edit(|n| n[0].op = Op::Linear { out: Width::Fixed(0), bias: true, init: Default::default() }),
+        "model.nodes[0].out",
+        "at least 1",
+    );
     refused(
         edit(|n| n[1] = node("act", Op::Reshape { shape: vec![2, 3] }, &["fc1"])),
         "model.nodes[1].shape",
@@ -115,7 +123,9 @@ fn structure_mistakes_are_refused() {
     );
     // A node nothing reads (and so an unused parameter).
     refused(
-        edit(|n| n.insert(1, node("dead", Op::Linear { out: Width::Fixed(2), bias: true }, &["x"]))),
+        edit(|n| {
+            n.insert(1, node("dead", Op::Linear { out: Width::Fixed(2), bias: true, init: Default::default() }, &["x"]))
+        }),
         "model.nodes[1].name",
         "\"dead\" is never used",
     );
@@ -135,16 +145,20 @@ fn structure_mistakes_are_refused() {
     refused(g.build(), "model.nodes", "no parameters to train");
     let mut g = GraphBuilder::new();
     let _ = g.input();
-    let w = g.node("w", Op::Linear { out: Width::Fixed(3), bias: true }, &["labels"]);
+    let w = g.node("w", Op::Linear { out: Width::Fixed(3), bias: true, init: Default::default() }, &["labels"]);
     g.cross_entropy("loss", &w);
     refused(g.build(), "model.nodes[0].inputs[0]", "only be the second input of a loss");
 }
 
 #[test]
 fn sizes_beyond_the_limits_are_refused_before_anything_is_allocated() {
-    refused(edit(|n| n[0].op = Op::Linear { out: Width::Fixed(1 << 40), bias: true }), "model.nodes[0].op", "exceeds");
     refused(
-        edit(|n| n[0].op = Op::Linear { out: Width::Fixed(usize::MAX), bias: true }),
+        edit(|n| n[0].op = Op::Linear { out: Width::Fixed(1 << 40), bias: true, init: Default::default() }),
+        "model.nodes[0].op",
+        "exceeds",
+    );
+    refused(
+        edit(|n| n[0].op = Op::Linear { out: Width::Fixed(usize::MAX), bias: true, init: Default::default() }),
         "model.nodes[0].op",
         "exceeds",
     );
@@ -212,7 +226,14 @@ fn windowed_and_normalising_ops_check_their_attributes() {
         g.cross_entropy("loss", &h);
         g.build()
     };
-    let conv = |k, s, p| Op::Conv2d { out_channels: 2, kernel: k, stride: s, padding: p, bias: true };
+    let conv = |k, s, p| Op::Conv2d {
+        out_channels: 2,
+        kernel: k,
+        stride: s,
+        padding: p,
+        bias: true,
+        init: Default::default(),
+    };
     // The good case first, so each refusal below is the attribute's fault.
     let mut c = base();
     c.model = image(conv(2, 1, 0)).into();
@@ -221,7 +242,7 @@ fn windowed_and_normalising_ops_check_their_attributes() {
     refused(image(conv(0, 1, 0)), "model.nodes[1].kernel", "at least 1");
     refused(image(conv(2, 0, 0)), "model.nodes[1].stride", "at least 1");
     refused(
-        image(Op::Conv2d { out_channels: 0, kernel: 1, stride: 1, padding: 0, bias: true }),
+        image(Op::Conv2d { out_channels: 0, kernel: 1, stride: 1, padding: 0, bias: true, init: Default::default() }),
         "model.nodes[1].out_channels",
         "at least 1",
     );

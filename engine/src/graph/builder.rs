@@ -69,17 +69,21 @@ impl GraphBuilder {
 
     /// `x·Wᵀ + b` with `out` outputs (parameters `<name>.weight`, `<name>.bias`).
     pub fn linear(&mut self, name: &str, x: &Tensor, out: usize) -> Tensor {
-        self.node(name, Op::Linear { out: Width::Fixed(out), bias: true }, &[x.name()])
+        self.node(name, Op::Linear { out: Width::Fixed(out), bias: true, init: Default::default() }, &[x.name()])
     }
 
     /// `x·Wᵀ` with `out` outputs (parameter `<name>.weight`).
     pub fn linear_no_bias(&mut self, name: &str, x: &Tensor, out: usize) -> Tensor {
-        self.node(name, Op::Linear { out: Width::Fixed(out), bias: false }, &[x.name()])
+        self.node(name, Op::Linear { out: Width::Fixed(out), bias: false, init: Default::default() }, &[x.name()])
     }
 
     /// `x·Wᵀ + b` with one output per class (per token of the vocabulary, for text).
     pub fn linear_classes(&mut self, name: &str, x: &Tensor) -> Tensor {
-        self.node(name, Op::Linear { out: Width::Classes(ClassesWord::Classes), bias: true }, &[x.name()])
+        self.node(
+            name,
+            Op::Linear { out: Width::Classes(ClassesWord::Classes), bias: true, init: Default::default() },
+            &[x.name()],
+        )
     }
 
     /// A 2-D convolution with `out_channels` square `kernel`s (parameters `<name>.weight`,
@@ -93,7 +97,11 @@ impl GraphBuilder {
         stride: usize,
         padding: usize,
     ) -> Tensor {
-        self.node(name, Op::Conv2d { out_channels, kernel, stride, padding, bias: true }, &[x.name()])
+        self.node(
+            name,
+            Op::Conv2d { out_channels, kernel, stride, padding, bias: true, init: Default::default() },
+            &[x.name()],
+        )
     }
 
     pub fn max_pool2d(&mut self, name: &str, x: &Tensor, kernel: usize, stride: usize) -> Tensor {

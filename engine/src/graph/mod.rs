@@ -41,8 +41,9 @@
 //! `fc1.bias`); their shapes follow from the input shapes. Parameters are listed in node
 //! order (weight before bias); parameter `k` of that list is initialised from the seeded
 //! stream `init` with layer `k`, exactly as the presets' parameters are
-//! ([`crate::model::Model::init_params`]). `linear` weights are uniform in `±1/√fan_in`
-//! (PyTorch's default for `nn.Linear`), biases zero.
+//! ([`crate::model::Model::init_params`]). `linear` and `conv2d` weights are uniform in
+//! `±1/√fan_in` (PyTorch's default), or He-uniform `±√(6/fan_in)` with `init = "he"` (what the
+//! presets use for layers feeding a ReLU); biases zero.
 //!
 //! # Rounding sites and their order
 //! Forward, node by node: `fwd/<node>/out`, then `fwd/<node>/<what>` for intermediate results
@@ -106,6 +107,33 @@ pub enum ClassesWord {
     Classes,
 }
 
+/// How a `linear` or `conv2d` weight is initialised from the seeded stream: uniform in
+/// `±1/√fan_in` (PyTorch's default), or He-uniform `±√(6/fan_in)` (for layers feeding a ReLU).
+/// The default is not written into the canonical spec, so graphs that do not set it hash as
+/// before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightInit {
+    #[default]
+    Uniform,
+    He,
+}
+
+impl WeightInit {
+    fn is_default(&self) -> bool {
+        *self == WeightInit::Uniform
+    }
+
+    /// The bound of the uniform draw for a weight of `fan_in` inputs.
+    pub(crate) fn bound(self, fan_in: usize) -> f64 {
+        let fan_in = fan_in.max(1) as f64;
+        match self {
+            WeightInit::Uniform => 1.0 / fan_in.sqrt(),
+            WeightInit::He => (6.0 / fan_in).sqrt(),
+        }
+    }
+}
+
 impl Width {
     /// The data's class count for `"classes"`.
     pub fn resolve(self, classes: usize) -> usize {
@@ -161,6 +189,9 @@ pub enum Op {
         out: Width,
         #[serde(default = "yes")]
         bias: bool,
+        /// How `weight` is drawn (default `uniform`: `±1/√fan_in`).
+        #[serde(default, skip_serializing_if = "WeightInit::is_default")]
+        init: WeightInit,
     },
     /// 2-D convolution of `[c_in, h, w]` with `out_channels` square `kernel`s, `stride` and
     /// zero `padding` on every side: `[out_channels, oh, ow]`, `oh = (h + 2·padding −
@@ -175,6 +206,9 @@ pub enum Op {
         padding: usize,
         #[serde(default = "yes")]
         bias: bool,
+        /// How `weight` is drawn (default `uniform`: `±1/√fan_in`, fan-in `c_in·kernel²`).
+        #[serde(default, skip_serializing_if = "WeightInit::is_default")]
+        init: WeightInit,
     },
     /// Max over square windows of `[c, h, w]` (padding, below the window, is never the max).
     MaxPool2d {

@@ -4,18 +4,22 @@
 //! `configs/mnist-resnet.toml` (a test checks they agree). Nothing about them is special to the
 //! verifier: they are interpreted like any user's graph.
 
-use super::{GraphBuilder, GraphConfig, Op, Tensor};
+use super::{GraphBuilder, GraphConfig, Op, Tensor, WeightInit, Width};
 use crate::spec::GptConfig;
 
 /// The input flattened (`flat`), fully connected layers `fc1`, `fc2`, … of the `hidden`
-/// widths with ReLU (`relu1`, …) between them, then `fc<n>` over the classes and a
+/// widths (He-uniform weights) with ReLU (`relu1`, …) between them, then `fc<n>` over the classes and a
 /// cross-entropy loss.
 pub fn mlp(hidden: &[usize]) -> GraphConfig {
     let mut g = GraphBuilder::new();
     let x = g.input();
     let mut h = g.flatten("flat", &x);
     for (l, &width) in hidden.iter().enumerate() {
-        let fc = g.linear(&format!("fc{}", l + 1), &h, width);
+        let fc = g.node(
+            &format!("fc{}", l + 1),
+            Op::Linear { out: Width::Fixed(width), bias: true, init: WeightInit::He },
+            &[h.name()],
+        );
         h = g.relu(&format!("relu{}", l + 1), &fc);
     }
     let logits = g.linear_classes(&format!("fc{}", hidden.len() + 1), &h);
@@ -23,13 +27,15 @@ pub fn mlp(hidden: &[usize]) -> GraphConfig {
     g.build()
 }
 
-/// Two blocks of 3×3 convolution (padding 1; `conv1`, `conv2` with `channels` outputs), ReLU
+/// Two blocks of 3×3 convolution (padding 1; `conv1`, `conv2` with `channels` outputs and
+/// He-uniform weights), ReLU
 /// and 2×2 max pooling, then a linear classifier `fc` over the flattened features.
 pub fn cnn(channels: [usize; 2]) -> GraphConfig {
     let mut g = GraphBuilder::new();
     let mut h = g.input();
     for (i, &c) in channels.iter().enumerate() {
-        let conv = g.conv2d(&format!("conv{}", i + 1), &h, c, 3, 1, 1);
+        let op = Op::Conv2d { out_channels: c, kernel: 3, stride: 1, padding: 1, bias: true, init: WeightInit::He };
+        let conv = g.node(&format!("conv{}", i + 1), op, &[h.name()]);
         let r = g.relu(&format!("relu{}", i + 1), &conv);
         h = g.max_pool2d(&format!("pool{}", i + 1), &r, 2, 2);
     }
@@ -88,7 +94,11 @@ fn decoder(context: usize, d_model: usize, heads: usize, layers: usize, attn_p: 
 
 /// A 3×3 convolution without bias (a batch norm follows, which would cancel it).
 fn conv(g: &mut GraphBuilder, name: &str, x: &Tensor, out_channels: usize, stride: usize) -> Tensor {
-    g.node(name, Op::Conv2d { out_channels, kernel: 3, stride, padding: 1, bias: false }, &[x.name()])
+    g.node(
+        name,
+        Op::Conv2d { out_channels, kernel: 3, stride, padding: 1, bias: false, init: Default::default() },
+        &[x.name()],
+    )
 }
 
 /// A small ResNet for `[1, h, w]` images: a stem (`stem.conv`, stride `stem_stride`, and
@@ -116,7 +126,14 @@ pub fn resnet(widths: &[usize], blocks: usize, stem_stride: usize) -> GraphConfi
             let c2 = conv(&mut g, &p("conv2"), &r1, width, 1);
             let b2 = g.batch_norm(&p("bn2"), &c2, 1e-5);
             let skip = if down {
-                let s = Op::Conv2d { out_channels: width, kernel: 1, stride: 2, padding: 0, bias: false };
+                let s = Op::Conv2d {
+                    out_channels: width,
+                    kernel: 1,
+                    stride: 2,
+                    padding: 0,
+                    bias: false,
+                    init: Default::default(),
+                };
                 let s = g.node(&p("skip.conv"), s, &[h.name()]);
                 g.batch_norm(&p("skip.bn"), &s, 1e-5)
             } else {

@@ -384,7 +384,11 @@ impl Resolver<'_> {
         let part = |suffix: &str| format!("{name}.{suffix}");
         let node = |suffix: &str, op: Op, inputs: &[String]| Node { name: part(suffix), inputs: inputs.to_vec(), op };
         let mut out = vec![
-            node("qkv", Op::Linear { out: Width::Fixed(3 * d), bias: true }, std::slice::from_ref(input)),
+            node(
+                "qkv",
+                Op::Linear { out: Width::Fixed(3 * d), bias: true, init: Default::default() },
+                std::slice::from_ref(input),
+            ),
             node("heads", Op::Reshape { shape: vec![t, 3, heads, dh] }, &[part("qkv")]),
             node("split", Op::Permute { perm: vec![1, 2, 0, 3] }, &[part("heads")]),
         ];
@@ -402,7 +406,11 @@ impl Resolver<'_> {
         out.push(node("ctx", Op::Matmul { transpose_b: false, scale: 1.0 }, &[probs, part("v")]));
         out.push(node("merge", Op::Permute { perm: vec![0, 2, 1, 3] }, &[part("ctx")]));
         out.push(node("joined", Op::Reshape { shape: vec![t, d] }, &[part("merge")]));
-        out.push(node("proj", Op::Linear { out: Width::Fixed(d), bias: true }, &[part("joined")]));
+        out.push(node(
+            "proj",
+            Op::Linear { out: Width::Fixed(d), bias: true, init: Default::default() },
+            &[part("joined")],
+        ));
         Ok(out)
     }
 }

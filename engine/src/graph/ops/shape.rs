@@ -284,23 +284,20 @@ impl Op {
     /// The op's parameters (name suffix, shape, initialisation) for inputs of these shapes.
     pub(crate) fn params(&self, ins: &[Option<&[usize]>], data: &DataInfo) -> Vec<(&'static str, Vec<usize>, Init)> {
         match self {
-            Op::Linear { out, bias } => {
+            Op::Linear { out, bias, init } => {
                 let out = out.resolve(data.classes);
                 let fan_in = ins[0].and_then(|s| s.last().copied()).unwrap_or(1);
-                let mut p = vec![("weight", vec![out, fan_in], Init::Uniform(1.0 / (fan_in as f64).sqrt()))];
+                let mut p = vec![("weight", vec![out, fan_in], Init::Uniform(init.bound(fan_in)))];
                 if *bias {
                     p.push(("bias", vec![out], Init::Const(0.0)));
                 }
                 p
             }
-            Op::Conv2d { out_channels, kernel, bias, .. } => {
+            Op::Conv2d { out_channels, kernel, bias, init, .. } => {
                 let c_in = ins[0].and_then(|s| s.first().copied()).unwrap_or(1);
                 let fan_in = c_in * kernel * kernel;
-                let mut p = vec![(
-                    "weight",
-                    vec![*out_channels, c_in, *kernel, *kernel],
-                    Init::Uniform(1.0 / (fan_in.max(1) as f64).sqrt()),
-                )];
+                let mut p =
+                    vec![("weight", vec![*out_channels, c_in, *kernel, *kernel], Init::Uniform(init.bound(fan_in)))];
                 if *bias {
                     p.push(("bias", vec![*out_channels], Init::Const(0.0)));
                 }
