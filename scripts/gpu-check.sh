@@ -6,7 +6,7 @@
 #   summary.md       verdicts and step times, ready for the README
 #   reports.tar.gz   the signed audit reports and trainer summaries
 #
-# Usage: scripts/gpu-check.sh [PHASE...]   (default: env parity mlp gpt)
+# Usage: scripts/gpu-check.sh [PHASE...]   (default: env parity mlp here determinism floor gpt)
 #   env     the GPU, driver and library paths; fails if the cuda device cannot start
 #   parity  the kernels' unit tests (NVRTC on this machine) and the parity/bound-soundness suite,
 #           which now includes the CPU-vs-CUDA pairs (TIEBREAK_REQUIRE_GPU=1 makes their absence
@@ -14,6 +14,13 @@
 #   mlp     MNIST MLP: train on cpu and audit on cuda, train on cuda and audit on cpu (verdicts
 #           consistent, every step replayed, the trainer's root reproduced); perturb-weight@37 on
 #           each side caught at step 37
+#   here    the MNIST MLP records that gpu-prepare.sh trained on the preparing machine's cpu
+#           (honest, and perturb-weight@37), audited on this GPU: consistent, and diverged at 37
+#   determinism  the MLP and a short GPT trained on the GPU twice more: the same roots, log
+#           sizes and losses every time (and as the mlp/gpt phases' runs, where they ran)
+#   floor   cuBLAS FP32 and FP64 GEMM time of one MLP and one GPT step with operands resident
+#           on the GPU (kernels' ignored test cuda_step_gemm_floor): the GEMM-bound floor of a
+#           plain FP32 step, for comparison with the trainer's step times
 #   gpt     the same for the Shakespeare GPT, $GPT_STEPS steps (default 200), with the fault at
 #           step $GPT_FAULT_STEP (default 120) trained on the sides in $GPT_FAULT_SIDES (cpu
 #           and/or gpu; default cpu, audited on the GPU)
@@ -35,7 +42,7 @@ GPT_STEPS="${GPT_STEPS:-200}"
 # The GPU's profile; a dry run on a machine without one can name a CPU profile (cpu-seq).
 DEV="${GPU_CHECK_DEVICE:-cuda}"
 phases=("$@")
-[ ${#phases[@]} -gt 0 ] || phases=(env parity mlp gpt)
+[ ${#phases[@]} -gt 0 ] || phases=(env parity mlp here determinism floor gpt)
 failures=0
 
 log() { printf '\n== %s  [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
@@ -174,6 +181,66 @@ model() {
   done
 }
 
+phase_here() {
+  local rec
+  for rec in mnist-cpu-here mnist-cpu-here-fault; do
+    [ -d "$G/records/$rec" ] || { fail "here-$rec" "$G/records/$rec was not staged"; continue; }
+    cp -r "$G/records/$rec" "$WORK/$rec"
+    cp "$G/records/$rec.train.json" "$WORK/$rec.train.json"
+  done
+  log "MNIST MLP trained on the preparing machine's cpu, audited on $DEV"
+  [ -d "$WORK/mnist-cpu-here" ] && audit mnist-cpu-here "$G/data/mnist" "$DEV" full consistent
+  [ -d "$WORK/mnist-cpu-here-fault" ] && audit mnist-cpu-here-fault "$G/data/mnist" "$DEV" full diverged 37
+}
+
+# same NAME A.json B.json: the two trainings agree on everything but their timings.
+same() {
+  python3 - "$@" <<'PY' >>"$OUT/results.jsonl"
+import json, sys
+name, a, b = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+keys = ["root", "n_steps", "first_loss", "final_loss", "eval_loss", "eval_accuracy", "log_bytes_total"]
+diff = [k for k in keys if a.get(k) != b.get(k)]
+print(json.dumps({"check": f"determinism {name}", "ok": not diff, "root": a.get("root"), "differs": diff,
+                  "log_bytes_total": a.get("log_bytes_total"), "train_s": [a.get("seconds"), b.get("seconds")]}))
+PY
+  tail -1 "$OUT/results.jsonl" | sed 's/^/RESULT /'
+  tail -1 "$OUT/results.jsonl" | grep -q '"ok": true' || failures=$((failures + 1))
+}
+
+phase_determinism() {
+  local n
+  log "determinism: the MLP and a ${DET_GPT_STEPS:-30}-step GPT trained on $DEV twice"
+  for n in 1 2; do
+    train "det-mlp-$n" configs/mnist-mlp.toml "$G/data/mnist" "$DEV" "" || return
+    train "det-gpt-$n" configs/shakespeare-gpt.toml "$G/data/shakespeare.txt" "$DEV" "${DET_GPT_STEPS:-30}" || return
+  done
+  same mlp-twice "$WORK/det-mlp-1.train.json" "$WORK/det-mlp-2.train.json"
+  same gpt-twice "$WORK/det-gpt-1.train.json" "$WORK/det-gpt-2.train.json"
+  # The mlp phase's GPU run, when it ran in this invocation, is a third.
+  [ -f "$WORK/mnist-mlp-$DEV.train.json" ] && same mlp-thrice "$WORK/det-mlp-1.train.json" "$WORK/mnist-mlp-$DEV.train.json"
+}
+
+phase_floor() {
+  log "GEMM-bound floor of an FP32 step on this GPU"
+  "$BIN/kernels-parity" --ignored --exact cuda_step_gemm_floor --nocapture --test-threads=1 2>&1 | tee "$WORK/floor.txt"
+  if grep -q 'GEMM_FLOOR ' "$WORK/floor.txt"; then
+    grep -o 'GEMM_FLOOR {.*}' "$WORK/floor.txt" | sed 's/^GEMM_FLOOR //' | python3 -c '
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); r["check"] = "gemm floor " + r["model"]; r["ok"] = True; print(json.dumps(r))' >>"$OUT/results.jsonl"
+  else
+    fail floor "cuda_step_gemm_floor printed no timings"
+  fi
+}
+
+# The convolutional and graph-defined models, short runs: MNIST CNN, the residual CNN with batch
+# norm (configs/mnist-resnet.toml) and the graph transformer (configs/shakespeare-graph.toml).
+phase_graphs() {
+  model mnist-cnn configs/mnist-cnn.toml "$G/data/mnist" 40 25 cpu
+  model mnist-resnet configs/mnist-resnet.toml "$G/data/mnist" 20 12 cpu
+  model graph-transformer configs/shakespeare-graph.toml "$G/data/shakespeare.txt" 20 12 cpu
+}
+
 phase_mlp() { model mnist-mlp configs/mnist-mlp.toml "$G/data/mnist" "" 37 "cpu gpu"; }
 phase_gpt() {
   model gpt configs/shakespeare-gpt.toml "$G/data/shakespeare.txt" "$GPT_STEPS" "${GPT_FAULT_STEP:-120}" "${GPT_FAULT_SIDES:-cpu}"
@@ -186,7 +253,12 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print("| check | ok | verdict | steps | trainer s/step (whole run) | replay s/step |")
 print("| --- | --- | --- | --- | --- | --- |")
 for r in rows:
-    if "verdict" in r:
+    if "f32_s" in r:
+        print(f"| {r['check']}: {r['gemms']} GEMMs, {r['gflop']} GFLOP | {r['ok']} | FP32 {r['f32_s']*1e3:.3f} ms, "
+              f"FP64 {r['f64_s']*1e3:.3f} ms per step (operands on the GPU) | | | |")
+    elif "differs" in r:
+        print(f"| {r['check']} | {r['ok']} | root {str(r['root'])[:16]}…, differs in {r['differs'] or 'nothing'} | | | |")
+    elif "verdict" in r:
         at = f" at {r['at_step']}" if r.get("at_step") is not None else ""
         print(f"| {r['check']} (trained on {r['trainer_device']}) | {r['ok']} | {r['verdict']}{at} | {r['steps']} "
               f"| {r['train_s_per_step']:.4f} | {r['replay_s_per_step']:.4f} |")
@@ -200,8 +272,8 @@ PY
 setup_libraries
 for p in "${phases[@]}"; do
   case "$p" in
-    env | parity | mlp | gpt) "phase_$p" ;;
-    *) echo "gpu-check: unknown phase $p (env parity mlp gpt)"; exit 2 ;;
+    env | parity | mlp | here | determinism | floor | gpt | graphs) "phase_$p" ;;
+    *) echo "gpu-check: unknown phase $p (env parity mlp here determinism floor gpt graphs)"; exit 2 ;;
   esac
 done
 summarise

@@ -4,6 +4,9 @@
 #   .gpu/bin/trainer-agent, .gpu/bin/auditor      release builds with `--features cuda`, stripped
 #   .gpu/bin/kernels-unit, .gpu/bin/kernels-parity the kernels' test binaries (release, cuda)
 #   .gpu/data/mnist/, .gpu/data/shakespeare.txt    the datasets (../shared/data does not travel)
+#   .gpu/records/mnist-cpu-here{,-fault}/          MNIST MLP records trained here on `cpu`
+#                                                  (honest, and perturb-weight@37), with their
+#                                                  trainer summaries, for the GPU to audit
 #   .gpu/MANIFEST                                  commit, build flags and sizes
 # The carried folder plus the tracked files must stay under the device tool's 64 MiB.
 #
@@ -59,6 +62,15 @@ done <<<"$tests"
 cp "$data/mnist/t10k-images-idx3-ubyte.gz" "$data/mnist/t10k-labels-idx1-ubyte.gz" "$stage/data/mnist/"
 cp "$data/shakespeare.txt" "$stage/data/"
 
+echo "== MNIST MLP records trained here on cpu, for the GPU to audit"
+mkdir -p "$stage/records"
+for fault in "" perturb-weight@37; do
+  name=mnist-cpu-here${fault:+-fault}
+  "$release/trainer-agent" train --config configs/mnist-mlp.toml --data "$stage/data/mnist" --device cpu --json \
+    --out "$stage/records/$name" ${fault:+--fault "$fault"} >"$stage/records/$name.train.json"
+  cat "$stage/records/$name.train.json"
+done
+
 staged=$(du -sb "$stage" | cut -f1)
 tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 {
@@ -66,7 +78,8 @@ tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
   echo "built    $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(ldd --version | head -1)"
   echo "features cuda (cudarc 0.19.10, cuda-12060 bindings, dynamic loading)"
   echo "staged   $staged bytes; tracked files $tracked bytes"
-  (cd "$stage" && find . -type f -printf '%10s %p\n' | sort -k2)
+  (cd "$stage" && find . -path ./records -prune -o -type f -printf '%10s %p\n' | sort -k2)
+  (cd "$stage" && du -sb records/* | sort -k2)
 } >"$stage/MANIFEST"
 cat "$stage/MANIFEST"
 if [ $((staged + tracked)) -gt "$limit_bytes" ]; then

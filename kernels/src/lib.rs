@@ -46,6 +46,8 @@ use std::str::FromStr;
 
 pub use common::rounding::ErrorBound;
 pub use conv::{Conv2dGrads, Conv2dSpec, Pool2dSpec};
+#[cfg(feature = "cuda")]
+pub use cuda::GemmPrecision;
 pub use layernorm::{LayerNormGrads, LayerNormOut};
 pub use matmul::MatmulSpec;
 pub use optim::{AdamWConfig, AdamWOut, SgdConfig, SgdOut, pow_step};

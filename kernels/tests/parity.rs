@@ -281,3 +281,56 @@ fn matmul_bound_alone_equals_the_ops_bound() {
     let alone = d.matmul_bound(&a, &b, Some(&bias), spec).unwrap();
     assert_eq!(full.bound, kernels::ErrorBound::PerElement(alone));
 }
+
+/// The products of one training step of a linear layer on `rows` inputs of width `i` and
+/// outputs of width `o`: forward, the weight gradient and (unless the layer reads the data)
+/// the input gradient.
+#[cfg(feature = "cuda")]
+fn linear_gemms(rows: usize, i: usize, o: usize, input_grad: bool) -> Vec<MatmulSpec> {
+    let mut v = vec![MatmulSpec::new(rows, i, o), MatmulSpec::new(i, rows, o).trans_a()];
+    if input_grad {
+        v.push(MatmulSpec::new(rows, o, i).trans_b());
+    }
+    v
+}
+
+/// The GEMMs of one step of `configs/mnist-mlp.toml` (batch 64, 784 → 128 → 10) and of
+/// `configs/shakespeare-gpt.toml` (batch 8, context 64, d_model 128, 4 heads, 4 layers, the
+/// 62-byte vocabulary of `shakespeare.txt`), timed on the GPU in FP32 and FP64 with operands
+/// resident on the device: the GEMM-bound floor of a plain FP32 step (no elementwise ops, no
+/// transfers). Run by `scripts/gpu-check.sh` (`--ignored`); needs a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a GPU; run by scripts/gpu-check.sh"]
+fn cuda_step_gemm_floor() {
+    use kernels::GemmPrecision;
+    let dev = Device::new(Profile::Cuda).expect("this check needs a GPU");
+    let mlp: Vec<MatmulSpec> = [linear_gemms(64, 784, 128, false), linear_gemms(64, 128, 10, true)].concat();
+    let (b, t, d, h, layers, vocab) = (8, 64, 128, 4, 4, 62);
+    let (rows, dh) = (b * t, d / h);
+    let mut gpt = Vec::new();
+    for _ in 0..layers {
+        gpt.extend(linear_gemms(rows, d, 3 * d, true));
+        gpt.push(MatmulSpec::batched(b * h, t, dh, t).trans_b()); // scores Q·Kᵀ
+        gpt.push(MatmulSpec::batched(b * h, t, t, dh)); // context P·V
+        gpt.push(MatmulSpec::batched(b * h, t, t, dh)); // dQ = dS·K
+        gpt.push(MatmulSpec::batched(b * h, t, t, dh).trans_a()); // dK = dSᵀ·Q
+        gpt.push(MatmulSpec::batched(b * h, t, dh, t).trans_b()); // dP = dC·Vᵀ
+        gpt.push(MatmulSpec::batched(b * h, t, t, dh).trans_a()); // dV = Pᵀ·dC
+        gpt.extend(linear_gemms(rows, d, d, true));
+        gpt.extend(linear_gemms(rows, d, 4 * d, true));
+        gpt.extend(linear_gemms(rows, 4 * d, d, true));
+    }
+    gpt.extend(linear_gemms(rows, d, vocab, true));
+    for (model, specs) in [("mnist-mlp", &mlp), ("gpt", &gpt)] {
+        let f32_s = dev.cuda_gemm_seconds(specs, GemmPrecision::F32, 200).unwrap();
+        let f64_s = dev.cuda_gemm_seconds(specs, GemmPrecision::F64, 200).unwrap();
+        assert!(f32_s > 0.0 && f64_s > 0.0, "{model}: timings must be positive");
+        let flops: usize = specs.iter().map(|s| 2 * s.batch * s.m * s.k * s.n).sum();
+        println!(
+            "GEMM_FLOOR {{\"model\": \"{model}\", \"gemms\": {}, \"gflop\": {:.4}, \"f32_s\": {f32_s:.3e}, \"f64_s\": {f64_s:.3e}}}",
+            specs.len(),
+            flops as f64 / 1e9
+        );
+    }
+}

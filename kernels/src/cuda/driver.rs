@@ -10,7 +10,8 @@ use cudarc::cublas::result as blas;
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaContext, result as drv, sys as drv_sys};
 
-use super::{Exec, GemmCall, arch_for, nvrtc_options};
+use super::{Exec, GemmCall, GemmPrecision, arch_for, gemm_call, nvrtc_options};
+use crate::MatmulSpec;
 
 /// The driver backend: one context, one module of kernels, one cuBLAS handle, this op's
 /// buffers.
@@ -115,6 +116,39 @@ impl CudaExec {
     fn owned(&self, addr: u64) -> Result<(), String> {
         if self.buffers.contains(&addr) { Ok(()) } else { Err(format!("address {addr:#x} is not a buffer of this op")) }
     }
+
+    /// The FP32 twin of [`Exec::dgemm`] on the same call (timing only: buffers hold zeros).
+    fn sgemm(&mut self, g: &GemmCall) -> Result<(), String> {
+        self.bind()?;
+        let op =
+            |t| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: as in `dgemm`: the buffers were allocated by `time_gemms` with room for the
+        // FP64 operands of this call, twice what the FP32 ones need.
+        unsafe {
+            blas::sgemm_strided_batched(
+                self.blas,
+                op(g.trans_a),
+                op(g.trans_b),
+                g.m,
+                g.n,
+                g.k,
+                &alpha,
+                g.a as *const f32,
+                g.lda,
+                g.stride_a,
+                g.b as *const f32,
+                g.ldb,
+                g.stride_b,
+                &beta,
+                g.c as *mut f32,
+                g.ldc,
+                g.stride_c,
+                g.batch,
+            )
+        }
+        .map_err(|e| format!("{e:?}"))
+    }
 }
 
 impl Exec for CudaExec {
@@ -196,6 +230,39 @@ impl Exec for CudaExec {
             )
         }
         .map_err(|e| format!("{e:?}"))
+    }
+
+    fn time_gemms(&mut self, specs: &[MatmulSpec], precision: GemmPrecision, reps: usize) -> Result<f64, String> {
+        // Buffers sized for FP64 serve both precisions; they are zero-filled by `alloc`.
+        let mut calls = Vec::with_capacity(specs.len());
+        for s in specs {
+            let a = self.alloc(s.batch * s.m * s.k * 8)?;
+            let b = self.alloc(s.batch * s.k * s.n * 8)?;
+            let c = self.alloc(s.batch * s.m * s.n * 8)?;
+            calls.push(gemm_call(*s, a, b, c)?);
+        }
+        let pass = |exec: &mut CudaExec| -> Result<(), String> {
+            for g in &calls {
+                match precision {
+                    GemmPrecision::F64 => exec.dgemm(g)?,
+                    GemmPrecision::F32 => exec.sgemm(g)?,
+                }
+            }
+            Ok(())
+        };
+        let timed = (|| -> Result<f64, String> {
+            pass(self)?;
+            drv::ctx::synchronize().map_err(|e| format!("cuCtxSynchronize: {e:?}"))?;
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                pass(self)?;
+            }
+            drv::ctx::synchronize().map_err(|e| format!("cuCtxSynchronize: {e:?}"))?;
+            Ok(t0.elapsed().as_secs_f64() / reps as f64)
+        })();
+        let released = self.release();
+        let seconds = timed?;
+        released.map(|()| seconds)
     }
 
     fn release(&mut self) -> Result<(), String> {

@@ -285,6 +285,21 @@ pub(crate) trait Exec: Send {
     fn dgemm(&mut self, call: &GemmCall) -> Result<(), String>;
     /// Waits for all work and frees every buffer.
     fn release(&mut self) -> Result<(), String>;
+    /// Seconds per pass of these products as cuBLAS GEMMs of `precision` on buffers that stay
+    /// on the GPU (`reps` timed passes after one warm-up), for benchmarks only.
+    fn time_gemms(&mut self, specs: &[MatmulSpec], precision: GemmPrecision, reps: usize) -> Result<f64, String> {
+        let _ = (specs, precision, reps);
+        Err("GEMM timing needs the real GPU, not the host emulation".into())
+    }
+}
+
+/// The element type of a timed GEMM ([`Device::cuda_gemm_seconds`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// `cublasSgemmStridedBatched`: what a plain FP32 framework step runs.
+    F32,
+    /// `cublasDgemmStridedBatched`: what this profile runs.
+    F64,
 }
 
 /// One GPU (or its emulation) with its compiled kernels.
@@ -513,6 +528,17 @@ impl Device {
                 reason: format!("host emulation: {reason}"),
             }),
         }
+    }
+
+    /// Seconds per pass of `specs` as cuBLAS GEMMs of `precision` with every operand already on
+    /// the GPU (no uploads, downloads or allocations inside the timed region): the GEMM-bound
+    /// floor of a step made of these products. Benchmarks only; a CPU device is an error.
+    #[doc(hidden)]
+    pub fn cuda_gemm_seconds(&self, specs: &[MatmulSpec], precision: GemmPrecision, reps: usize) -> Result<f64> {
+        let err = |detail: String| KernelError::Cuda { op: "gemm timing", detail };
+        let gpu = self.gpu.as_ref().ok_or_else(|| err(format!("{} is not a cuda device", self.profile)))?;
+        let mut exec = gpu.gpu.exec.lock().map_err(|_| err("a previous GPU call panicked".into()))?;
+        exec.time_gemms(specs, precision, reps.max(1)).map_err(err)
     }
 
     /// This device launching `threads` threads per block (tests: results must not depend on
