@@ -47,6 +47,22 @@ enum Command {
     /// Re-execute the disputed step of an evidence bundle and say whose side it takes.
     #[command(after_help = cli::adjudicate::EXIT_CODES)]
     Adjudicate(cli::adjudicate::AdjudicateArgs),
+    /// Submit an audit to a daemon (`--wait`: then wait for its verdict).
+    #[command(after_help = EXIT_CODES)]
+    Submit(cli::client::SubmitArgs),
+    /// One audit's state, verdict and live progress (steps, rate, ETA) on a daemon.
+    Status(cli::client::IdArgs),
+    /// Wait for an audit on a daemon to finish, with a progress bar; exits with its verdict's code.
+    #[command(after_help = EXIT_CODES)]
+    Wait(cli::client::WaitArgs),
+    /// A daemon's audits, newest first.
+    List(cli::client::ListArgs),
+    /// Fetch an audit's signed report from a daemon, verify it and print the verdict; optionally
+    /// save it and its evidence bundle.
+    #[command(after_help = EXIT_CODES)]
+    Report(cli::client::ReportArgs),
+    /// Cancel a queued or running audit on a daemon.
+    Cancel(cli::client::IdArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +80,12 @@ fn main() -> ExitCode {
         Command::VerifyReport(args) => cli::verify::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Adjudicate(args) => cli::adjudicate::run(args),
+        Command::Submit(args) => cli::client::submit(args),
+        Command::Status(args) => cli::client::status(args),
+        Command::Wait(args) => cli::client::wait(args),
+        Command::List(args) => cli::client::list(args),
+        Command::Report(args) => cli::client::report(args),
+        Command::Cancel(args) => cli::client::cancel(args),
     };
     match result {
         Ok(exit) => exit.into(),

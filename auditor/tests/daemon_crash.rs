@@ -123,6 +123,13 @@ async fn kill_9_then_restart_resumes_and_reports_once_and_sigterm_requeues_with_
     let id = serde_json::from_slice::<Value>(&resp.bytes().await.unwrap()).unwrap()["id"].as_str().unwrap().to_string();
     let s = until(&c, &d, &id, "replay under way", |s| s["steps_replayed"].as_u64().unwrap_or(0) >= 40).await;
     assert_eq!(s["state"], "running", "killed while replaying: {s}");
+    // Live progress while it runs: the whole record's steps (full mode), a rate and an ETA once
+    // steps are replayed.
+    let s = until(&c, &d, &id, "live progress", |s| s["progress"]["eta_seconds"].is_u64()).await;
+    let p = &s["progress"];
+    assert_eq!(p["steps_total"], STEPS, "{s}");
+    let done = p["steps_done"].as_u64().unwrap();
+    assert!((1..=STEPS).contains(&done) && p["steps_per_second"].as_f64().unwrap() > 0.0, "{s}");
     d.child.kill().unwrap(); // SIGKILL
     d.child.wait().unwrap();
     assert_eq!(sqlite_reports(&state, &id), 0);

@@ -4,6 +4,7 @@
 
 pub mod adjudicate;
 pub mod audit;
+pub mod client;
 pub mod exit;
 pub mod keys;
 pub mod output;

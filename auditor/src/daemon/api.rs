@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `POST /v1/audits` | token | 202 `{"id", "state"}` ([`AuditRequest`] body) |
 //! | `GET /v1/audits[?state=&limit=&before=]` | token | `{"audits": [status…], "next"}`, newest first; `next` (when there are more) is the `before` of the next page |
-//! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, `reason`, … |
+//! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, `reason`, …; while running, `progress`: `steps_done`, `steps_total`, `percent`, `steps_per_second`, `eta_seconds` |
 //! | `DELETE /v1/audits/{id}` | token | cancels a queued or running audit: `failed`, reason `cancelled` |
 //! | `POST /v1/audits/{id}/retry` | token | a failed audit queued again (its progress kept) |
 //! | `GET /v1/reports/{id}` | open | the signed report JSON, byte for byte as stored |
@@ -30,6 +30,7 @@ use serde_json::{Value, json};
 
 use super::Shared;
 use super::job::{AuditRequest, Inserted, Job, JobState, is_job_id};
+use super::live::Live;
 
 /// A JSON error response.
 #[derive(Debug)]
@@ -216,7 +217,7 @@ async fn submit(
 }
 
 /// A job as clients see it (no token).
-pub fn status_json(job: &Job) -> Value {
+pub fn status_json(job: &Job, live: &Live) -> Value {
     let r = &job.request;
     let mut v = json!({
         "id": job.id,
@@ -239,6 +240,11 @@ pub fn status_json(job: &Job) -> Value {
     });
     if job.state == JobState::Done {
         v["report"] = json!(format!("/v1/reports/{}", job.id));
+    }
+    if job.state == JobState::Running
+        && let Some(p) = live.snapshot(&job.id)
+    {
+        v["progress"] = p;
     }
     v
 }
@@ -274,7 +280,10 @@ async fn list(
     let more = jobs.len() as u64 > limit;
     jobs.truncate(limit as usize);
     let next = if more { jobs.last().map(|j| j.id.clone()) } else { None };
-    Ok(axum::Json(json!({"audits": jobs.iter().map(status_json).collect::<Vec<_>>(), "next": next})).into_response())
+    Ok(axum::Json(
+        json!({"audits": jobs.iter().map(|j| status_json(j, &shared.metrics.live)).collect::<Vec<_>>(), "next": next}),
+    )
+    .into_response())
 }
 
 fn check_id(id: &str) -> ApiResult<()> {
@@ -300,7 +309,7 @@ async fn status(
     let lookup = id.clone();
     let job = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?;
     let job = job.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
-    Ok(axum::Json(status_json(&job)).into_response())
+    Ok(axum::Json(status_json(&job, &shared.metrics.live)).into_response())
 }
 
 /// The report of a done audit, or why there is none.
@@ -448,5 +457,5 @@ async fn status_of(shared: &Shared, id: String) -> ApiResult<Response> {
     let lookup = id.clone();
     let job = blocking(move || store.get(&lookup).map_err(ApiError::store)).await?;
     let job = job.ok_or_else(|| ApiError::not_found(format!("no audit {id:?}")))?;
-    Ok(axum::Json(status_json(&job)).into_response())
+    Ok(axum::Json(status_json(&job, &shared.metrics.live)).into_response())
 }

@@ -367,7 +367,12 @@ pub trait Runner: Send + Sync {
 
 /// Counters the worker reports to (the daemon's metrics; nothing in tests).
 pub trait Observer: Send + Sync {
-    fn step_replayed(&self, _seconds: f64) {}
+    /// An attempt of audit `id` is about to replay `steps_total` steps; `resumed` were checked
+    /// by earlier attempts.
+    fn begun(&self, _id: &str, _steps_total: u64, _resumed: u64) {}
+    fn step_replayed(&self, _id: &str, _seconds: f64) {}
+    /// The attempt of audit `id` ended, whatever its outcome.
+    fn ended(&self, _id: &str) {}
     fn store_error(&self, _op: &str) {}
     fn decided(&self, _decided: &Decided) {}
     fn failed(&self, _reason: FailReason) {}
@@ -461,9 +466,12 @@ impl JobProgress<'_> {
 }
 
 impl Progress for JobProgress<'_> {
+    fn begin(&self, steps_total: u64) {
+        self.observer.begun(self.id, steps_total, self.steps.load(Ordering::SeqCst));
+    }
     fn replayed(&self, _step: u64, seconds: f64) {
         self.steps.fetch_add(1, Ordering::SeqCst);
-        self.observer.step_replayed(seconds);
+        self.observer.step_replayed(self.id, seconds);
     }
     fn verified(&self, job_start: u64, through: u64) {
         self.save(job_start, through, false);
@@ -577,6 +585,7 @@ impl Worker {
             stopped: AtomicBool::new(false),
         };
         let outcome = self.runner.run(&job, &progress);
+        self.observer.ended(&id);
         if progress.stopped.load(Ordering::SeqCst) {
             // Cancelled by a client while it ran: the store already says failed; nothing to write.
             return Worked::Job { id, state: JobState::Failed };

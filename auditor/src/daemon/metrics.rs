@@ -22,6 +22,8 @@ pub struct Metrics {
     pub trainer_request_errors: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub http_requests: IntCounterVec,
+    /// Live progress of the running attempts (for the status route, not exported).
+    pub live: std::sync::Arc<super::live::Live>,
 }
 
 impl Metrics {
@@ -123,6 +125,7 @@ impl Metrics {
             trainer_request_errors,
             store_errors,
             http_requests,
+            live: Default::default(),
         }
     }
 
@@ -155,9 +158,16 @@ impl Default for Metrics {
 }
 
 impl Observer for Metrics {
-    fn step_replayed(&self, seconds: f64) {
+    fn begun(&self, id: &str, steps_total: u64, resumed: u64) {
+        self.live.begin(id, steps_total, resumed);
+    }
+    fn step_replayed(&self, id: &str, seconds: f64) {
         self.steps_replayed.inc();
         self.replay_step_seconds.observe(seconds);
+        self.live.step(id);
+    }
+    fn ended(&self, id: &str) {
+        self.live.end(id);
     }
     fn store_error(&self, op: &str) {
         self.store_errors.with_label_values(&[op]).inc();

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod job;
+pub mod live;
 pub mod metrics;
 pub mod runner;
 pub mod store;

@@ -1,0 +1,132 @@
+//! The daemon's client CLI (`auditor submit | status | wait | list | report | cancel`) against
+//! a daemon and a record server: the README's walkthrough without curl. Exit codes follow the
+//! verdicts, tokens come from the environment or a file, and refusals are usage errors that
+//! say what to do.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use auditor::daemon::Config;
+use engine::train::{Fault, FaultKind};
+use kernels::Profile;
+use serde_json::Value;
+use support::{Drill, SGD, place, scratch, start_daemon, start_trainer, write_record};
+
+/// Runs the `auditor` binary with `args` and the environment `env`, off the async runtime
+/// (the servers run on it).
+async fn auditor(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_auditor"));
+        c.args(&args).env_remove("AUDITOR_TOKEN").env_remove("TRAINER_TOKEN").env_remove("TIEBREAK_DAEMON");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json_out(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_runs_the_walkthrough_and_exits_with_the_verdict() {
+    let dir = scratch("client-cli");
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "honest");
+    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
+    place(
+        &write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() }),
+        &records,
+        "faulty",
+    );
+    let trainer = start_trainer(&records, Some("trainer-secret")).await;
+    let mut cfg = Config { state_dir: dir.join("state"), progress_interval_ms: 0, ..Config::default() };
+    cfg.token = Some("daemon-secret".into());
+    let daemon = start_daemon(cfg).await;
+    let token_file = dir.join("daemon.token");
+    std::fs::write(&token_file, "daemon-secret\n").unwrap();
+    let tf = token_file.to_str().unwrap();
+    let d = daemon.url.as_str();
+    let env = [("TRAINER_TOKEN", "trainer-secret")];
+
+    // Without the daemon's token: a usage error (64) that says where the token goes.
+    let o = auditor(&["list", "--daemon", d], &[]).await;
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("AUDITOR_TOKEN"), "{}", text(&o));
+
+    // Honest: submit --wait exits 0 with the verdict; faulty: 1, at the step.
+    let o = auditor(
+        &["submit", "--daemon", d, "--token-file", tf, "--trainer-url", &trainer.url, "--run", "honest", "--wait"],
+        &env,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("verdict consistent"), "{}", text(&o));
+
+    let o = auditor(
+        &["submit", "--daemon", d, "--trainer-url", &trainer.url, "--run", "faulty", "--mode", "intervals", "--json"],
+        &[("AUDITOR_TOKEN", "daemon-secret"), env[0]],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let id = json_out(&o)["id"].as_str().unwrap().to_string();
+    let o = auditor(&["wait", &id, "--daemon", d, "--token-file", tf, "--timeout", "240"], &[]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("verdict diverged at step 6"), "{}", text(&o));
+
+    // status and list, as text and JSON.
+    let o = auditor(&["status", &id, "--daemon", d, "--token-file", tf, "--json"], &[]).await;
+    let s = json_out(&o);
+    assert_eq!((s["state"].as_str(), s["verdict"].as_str()), (Some("done"), Some("diverged")), "{s}");
+    let o = auditor(&["list", "--daemon", d, "--token-file", tf, "--state", "done"], &[]).await;
+    let listed = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(listed.lines().count(), 2, "{}", text(&o));
+    assert!(listed.lines().next().unwrap().starts_with(&format!("{id}: done, verdict diverged at step 6")), "{listed}");
+    let o = auditor(&["list", "--daemon", d, "--token-file", tf, "--state", "sideways"], &[]).await;
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+
+    // report: fetched, verified, saved with its evidence; the digests are in the text.
+    let (saved, bundle) = (dir.join("report.json"), dir.join("evidence.tbev"));
+    let o = auditor(
+        &["report", &id, "--daemon", d, "--out", saved.to_str().unwrap(), "--evidence", bundle.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "an adverse verdict: {}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("verifies: verdict diverged at step 6") && out.contains("trainer state "), "{out}");
+    assert!(auditor::report::verify(&std::fs::read_to_string(&saved).unwrap()).is_ok());
+    assert!(std::fs::metadata(&bundle).unwrap().len() > 0);
+
+    // cancel: a finished audit is not cancelled (a usage error naming its state); an unknown
+    // id and a malformed one are usage errors; an unreachable daemon is "could not decide".
+    let o = auditor(&["cancel", &id, "--daemon", d, "--token-file", tf], &[]).await;
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    let o = auditor(&["status", "audit-999", "--daemon", d, "--token-file", tf], &[]).await;
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    let o = auditor(&["status", "../etc", "--daemon", d, "--token-file", tf], &[]).await;
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    let o = auditor(&["status", &id, "--daemon", "http://127.0.0.1:9", "--token-file", tf], &[]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = auditor(&["status", &id, "--daemon", d, "--token-file", dir.join("missing").to_str().unwrap()], &[]).await;
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(Path::new(&saved).exists());
+    daemon.stop().await;
+    trainer.stop().await;
+}
