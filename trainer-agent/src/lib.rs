@@ -25,6 +25,7 @@ use engine::{EngineError, record::RecordError};
 use kernels::{Device, Profile};
 
 pub mod export;
+pub mod plot;
 pub mod serve;
 
 /// Why the trainer agent could not do what it was asked.
@@ -86,6 +87,26 @@ pub struct Session {
     key: SigningKey,
     last_loss: Option<f32>,
     resumed_from: Option<u64>,
+    /// `<out>/losses.txt`, appended after every commit (see [`LOSSES_FILE`]).
+    losses: Option<std::fs::File>,
+}
+
+/// The trainer's per-step losses, `<step> <loss>` a line, beside the record (`inspect --plot`
+/// draws them). Informational and **not committed**: nothing verifies it, the auditor never
+/// reads it, and a resumed run appends the steps it recomputes again (the last line of a step
+/// counts).
+pub const LOSSES_FILE: &str = "losses.txt";
+
+/// The losses in `dir/losses.txt` by step (the last line of each step wins); empty when the
+/// file is absent. Lines that do not parse are skipped: the file is not part of the record.
+pub fn read_losses(dir: &Path) -> BTreeMap<u64, f64> {
+    let text = std::fs::read_to_string(dir.join(LOSSES_FILE)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (step, loss) = l.split_once(' ')?;
+            Some((step.parse().ok()?, loss.trim().parse::<f64>().ok().filter(|v| v.is_finite())?))
+        })
+        .collect()
 }
 
 /// Reads a starting-weights file, refusing anything but a regular file of bounded size.
@@ -168,7 +189,12 @@ impl Session {
             (writer, state, None)
         };
         let key = load_or_create_key(&key_path)?;
-        Ok(Session { run, writer, state, faults, n_steps, key, last_loss: None, resumed_from })
+        let losses_path = opts.out.join(LOSSES_FILE);
+        let losses = std::fs::OpenOptions::new().create(true).append(true).open(&losses_path);
+        if let Err(e) = &losses {
+            tracing::warn!(path = %losses_path.display(), error = %e, "per-step losses will not be kept");
+        }
+        Ok(Session { run, writer, state, faults, n_steps, key, last_loss: None, resumed_from, losses: losses.ok() })
     }
 
     /// The run being trained.
@@ -218,6 +244,14 @@ impl Session {
     pub fn commit(&mut self, out: StepOutput) -> Result<Leaf, TrainerError> {
         let leaf = self.writer.commit_step(&out.state, &out.log, &out.batch)?;
         self.last_loss = Some(out.loss);
+        if let Some(f) = &mut self.losses {
+            use std::io::Write;
+            // Informational only: a failed write loses a plot point, never the record.
+            if let Err(e) = writeln!(f, "{} {:e}", out.state.step, out.loss) {
+                tracing::warn!(error = %e, "per-step losses: write failed; no more will be kept");
+                self.losses = None;
+            }
+        }
         self.state = out.state;
         Ok(leaf)
     }

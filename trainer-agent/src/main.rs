@@ -68,6 +68,10 @@ enum Command {
         /// Also list one step's tie-break log, site by site.
         #[arg(long)]
         step: Option<u64>,
+        /// Draw loss (from the trainer's uncommitted losses.txt), tie-breaks per step and log
+        /// bytes per step into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Export a finished record's parameters as safetensors (candle-nn names), with metadata:
     /// root, spec digest, step, the model's graph, and the vocabulary of a text run.
@@ -141,7 +145,12 @@ fn run(cli: Cli) -> Result<()> {
                 SessionOptions { config, data, out: out.clone(), device, steps, resume, faults, key, init_weights };
             train(opts, json)
         }
-        Command::Inspect { record, json, step } => inspect(&record, json, step),
+        Command::Inspect { record, json, step, plot } => {
+            if let Some(path) = &plot {
+                plot_record(&record, path)?;
+            }
+            inspect(&record, json, step)
+        }
         Command::Export { record, out, step, data } => {
             let opts = trainer_agent::export::ExportOptions { record: &record, out: &out, step, data: data.as_deref() };
             let done = trainer_agent::export::export(&opts)?;
@@ -280,6 +289,41 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
         }
         println!("logs      {log_bytes} bytes compressed in total");
     }
+    Ok(())
+}
+
+/// Writes `inspect --plot`'s SVG for the record in `dir` (through a temporary file and a
+/// rename, so a failed write leaves no half a picture).
+fn plot_record(dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
+    use trainer_agent::plot::{Series, svg};
+    let record = Record::open(dir)?;
+    let n = record.n_steps();
+    let mut ties = Vec::new();
+    let mut bytes = Vec::new();
+    for s in 1..=n {
+        let log = record.log(s)?;
+        let count: usize = log.sites().map(|(_, l)| l.directions().count() + l.exacts().count()).sum();
+        ties.push((s, count as f64));
+        bytes.push((s, record.log_bytes(s)? as f64));
+    }
+    let losses: Vec<(u64, f64)> =
+        trainer_agent::read_losses(dir).into_iter().filter(|(s, _)| (1..=n).contains(s)).collect();
+    let title = format!("{} — {} steps on {}", dir.display(), n, record.spec().device_profile);
+    let doc = svg(
+        &title,
+        1,
+        n.max(1),
+        &[
+            Series { title: "loss (reported by the trainer, not committed)".into(), points: losses },
+            Series { title: "tie-breaks per step".into(), points: ties },
+            Series { title: "tie-break log bytes per step (compressed)".into(), points: bytes },
+        ],
+    );
+    let tmp = path.with_extension("svg.part");
+    std::fs::write(&tmp, doc)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("--plot {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
 

@@ -127,6 +127,42 @@ fn kill_9_leaves_a_verifiable_prefix_and_resume_reproduces_the_same_leaves() {
     assert_eq!(resumed["root"], reference["root"], "resumed run must produce the uninterrupted run's leaves");
     let rec = Record::open(&out).unwrap();
     assert_eq!(&rec.leaves()[..partial_leaves.len()], &partial_leaves[..]);
+    // The uncommitted per-step losses: recomputed steps appended again, the last line of each
+    // step counts, and they equal the uninterrupted run's.
+    let losses = trainer_agent::read_losses(&out);
+    assert_eq!(losses.len(), 300);
+    assert_eq!(losses, trainer_agent::read_losses(&base.join("ref")));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn inspect_plots_loss_tie_breaks_and_log_bytes_per_step() {
+    let base = tmp("plot");
+    let rec = base.join("run");
+    json(&train(&rec, &["--steps", "12", "--json"]));
+    let svg = base.join("run.svg");
+    let o = Command::new(BIN).arg("inspect").arg(&rec).arg("--plot").arg(&svg).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc = std::fs::read_to_string(&svg).unwrap();
+    assert!(doc.starts_with("<svg") && doc.trim_end().ends_with("</svg>"));
+    for title in ["loss (reported by the trainer", "tie-breaks per step", "log bytes per step"] {
+        assert!(doc.contains(title), "{title} missing");
+    }
+    // One point per step in each of the three lines.
+    let lines: Vec<&str> = doc.split("points=\"").skip(1).map(|p| p.split('"').next().unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l.split(' ').count() == 12), "{lines:?}");
+    // Without the trainer's losses.txt the loss panel says so; the others are drawn.
+    std::fs::remove_file(rec.join(trainer_agent::LOSSES_FILE)).unwrap();
+    let o = Command::new(BIN).arg("inspect").arg(&rec).arg("--plot").arg(&svg).output().unwrap();
+    assert!(o.status.success());
+    let doc = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(doc.matches("<polyline").count(), 2);
+    assert!(doc.contains("no data in this record"));
+    // A plot into a folder that does not exist fails, naming the flag, and writes nothing.
+    let o = Command::new(BIN).arg("inspect").arg(&rec).arg("--plot").arg(base.join("no/such.svg")).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--plot"), "{}", String::from_utf8_lossy(&o.stderr));
     let _ = std::fs::remove_dir_all(&base);
 }
 

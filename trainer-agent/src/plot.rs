@@ -1,0 +1,122 @@
+//! `trainer-agent inspect --plot FILE.svg`: a record's per-step series as a standalone SVG
+//! (no scripts, no external fonts or styles): the trainer's loss when the record has its
+//! `losses.txt`, tie-breaks per step and compressed log bytes per step, one panel each, sharing
+//! the step axis.
+
+use std::fmt::Write;
+
+/// One panel: a title and `(step, value)` points in step order.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub title: String,
+    pub points: Vec<(u64, f64)>,
+}
+
+const WIDTH: f64 = 760.0;
+const PANEL: f64 = 170.0;
+const LEFT: f64 = 78.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 46.0;
+const GAP: f64 = 42.0;
+
+/// Escapes text for SVG.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A compact number for an axis label.
+fn num(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-2) {
+        format!("{v:.2e}")
+    } else {
+        format!("{}", (v * 1000.0).round() / 1000.0)
+    }
+}
+
+/// The SVG document: `title` on top, then one panel per series (an empty series says so in
+/// its panel instead of drawing a line). Every panel's x axis runs from `first` to `last` step.
+pub fn svg(title: &str, first: u64, last: u64, series: &[Series]) -> String {
+    let height = TOP + series.len() as f64 * (PANEL + GAP) + 10.0;
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let span = (last.saturating_sub(first)).max(1) as f64;
+    let x = |step: u64| LEFT + plot_w * (step.saturating_sub(first)) as f64 / span;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\" \
+         font-family=\"sans-serif\" font-size=\"12\" role=\"img\" aria-label=\"{t}\">\n<title>{t}</title>\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{LEFT}\" y=\"24\" font-size=\"15\" font-weight=\"bold\">{t}</text>\n",
+        t = esc(title)
+    );
+    for (i, s) in series.iter().enumerate() {
+        let top = TOP + i as f64 * (PANEL + GAP) + 18.0;
+        let bottom = top + PANEL - 18.0;
+        let _ = writeln!(out, "<g class=\"panel\" data-series=\"{}\">", esc(&s.title));
+        let _ = writeln!(out, "<text x=\"{LEFT}\" y=\"{}\" font-weight=\"bold\">{}</text>", top - 6.0, esc(&s.title));
+        let _ = writeln!(
+            out,
+            "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{plot_w}\" height=\"{}\" fill=\"none\" stroke=\"#888\"/>",
+            bottom - top
+        );
+        if s.points.is_empty() {
+            let _ = writeln!(
+                out,
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">no data in this record</text>\n</g>",
+                LEFT + plot_w / 2.0,
+                (top + bottom) / 2.0
+            );
+            continue;
+        }
+        let lo = s.points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = s.points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 0.5, hi + 0.5) };
+        let y = |v: f64| bottom - (bottom - top) * (v - lo) / (hi - lo);
+        for (v, anchor_y) in [(hi, top + 4.0), (lo, bottom)] {
+            let _ = writeln!(out, "<text x=\"{}\" y=\"{anchor_y}\" text-anchor=\"end\">{}</text>", LEFT - 6.0, num(v));
+        }
+        let pts: Vec<String> = s.points.iter().map(|&(st, v)| format!("{:.1},{:.1}", x(st), y(v))).collect();
+        let _ = writeln!(
+            out,
+            "<polyline fill=\"none\" stroke=\"#1f5fa8\" stroke-width=\"1.5\" points=\"{}\"/>",
+            pts.join(" ")
+        );
+        for (step, anchor) in [(first, "start"), (last, "end")] {
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"{anchor}\">step {step}</text>",
+                x(step),
+                bottom + 15.0
+            );
+        }
+        out.push_str("</g>\n");
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panels_hold_one_point_per_step_and_escape_text() {
+        let s = svg(
+            "run <a&b>",
+            1,
+            3,
+            &[
+                Series { title: "loss".into(), points: vec![(1, 2.0), (2, 1.0), (3, 0.5)] },
+                Series { title: "flat".into(), points: vec![(1, 4.0), (2, 4.0), (3, 4.0)] },
+                Series { title: "none".into(), points: vec![] },
+            ],
+        );
+        assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
+        assert!(s.contains("run &lt;a&amp;b&gt;") && !s.contains("<a&b>"));
+        assert_eq!(s.matches("<polyline").count(), 2);
+        assert!(s.contains("no data in this record"));
+        let first = s.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        assert_eq!(first.split(' ').count(), 3);
+        assert!(!s.contains("NaN") && !s.contains("inf"), "{s}");
+    }
+}
