@@ -26,8 +26,8 @@
 #           and/or gpu; default cpu, audited on the GPU)
 # GPU_CHECK_DEVICE=cpu-seq runs the mlp and gpt phases without a GPU (a dry run of this script).
 # Step times go to summary.md: training seconds per step on each device, replay seconds per step.
-# Device tool (2,000 characters, 10 minutes a command): two calls, e.g.
-#   bash scripts/gpu-check.sh env parity mlp      then      bash scripts/gpu-check.sh env gpt
+# Device tool (2,000 characters, 10 minutes a command): as run on the H200 (README), e.g.
+#   bash scripts/gpu-check.sh env parity mlp here   then   bash scripts/gpu-check.sh determinism floor gpt graphs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

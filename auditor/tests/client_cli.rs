@@ -78,6 +78,14 @@ async fn the_client_runs_the_walkthrough_and_exits_with_the_verdict() {
     .await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("verdict consistent"), "{}", text(&o));
+    // Its report verifies (exit 0); a consistent verdict has no evidence bundle, which is said,
+    // not an error, and no file appears.
+    let honest_id = String::from_utf8_lossy(&o.stdout).split(':').next().unwrap().trim().to_string();
+    let none = dir.join("none.tbev");
+    let o = auditor(&["report", &honest_id, "--daemon", d, "--evidence", none.to_str().unwrap()], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not written"), "{}", text(&o));
+    assert!(!none.exists());
 
     let o = auditor(
         &["submit", "--daemon", d, "--trainer-url", &trainer.url, "--run", "faulty", "--mode", "intervals", "--json"],

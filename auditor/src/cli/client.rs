@@ -422,8 +422,14 @@ pub fn report(args: ReportArgs) -> Result<Exit, Failure> {
         }
     };
     if let Some(path) = &args.evidence {
-        let bundle = client.send(reqwest::Method::GET, &format!("/v1/reports/{id}/evidence"), None)?;
-        write_file("--evidence", path, &bundle)?;
+        match client.send(reqwest::Method::GET, &format!("/v1/reports/{id}/evidence"), None) {
+            Ok(bundle) => write_file("--evidence", path, &bundle)?,
+            // A verdict without a disputed step has no bundle: say so, keep the report's answer.
+            Err(Failure::Usage(e)) => {
+                super::exit::warn(format_args!("--evidence {}: not written: {e:#}", path.display()))
+            }
+            Err(e) => return Err(e),
+        }
     }
     let text = if !valid {
         format!("report {id} does NOT verify: {}", summary["error"].as_str().unwrap_or_default())
