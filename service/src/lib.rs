@@ -11,8 +11,12 @@
 //! - [`shutdown_signal`]: SIGTERM or Ctrl-C; SIGHUP is logged and ignored, never fatal.
 //! - [`secret`]: a token from a flag, a file or the environment, never empty.
 //! - [`init_logs`] and [`log_requests`]: `tracing` to stderr as text or JSON, one line per request.
+//! - [`svg`]: line charts as standalone SVG, for `trainer-agent inspect --plot` and the daemon's
+//!   report pages.
 
 #![forbid(unsafe_code)]
+
+pub mod svg;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -25,7 +25,7 @@ use engine::{EngineError, record::RecordError};
 use kernels::{Device, Profile};
 
 pub mod export;
-pub mod plot;
+
 pub mod serve;
 
 /// Why the trainer agent could not do what it was asked.

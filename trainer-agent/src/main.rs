@@ -295,7 +295,7 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
 /// Writes `inspect --plot`'s SVG for the record in `dir` (through a temporary file and a
 /// rename, so a failed write leaves no half a picture).
 fn plot_record(dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
-    use trainer_agent::plot::{Series, svg};
+    use service::svg::{Series, svg};
     let record = Record::open(dir)?;
     let n = record.n_steps();
     let mut ties = Vec::new();
@@ -318,6 +318,7 @@ fn plot_record(dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
             Series { title: "tie-breaks per step".into(), points: ties },
             Series { title: "tie-break log bytes per step (compressed)".into(), points: bytes },
         ],
+        &[],
     );
     let tmp = path.with_extension("svg.part");
     std::fs::write(&tmp, doc)

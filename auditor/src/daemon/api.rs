@@ -12,6 +12,7 @@
 //! | `GET /metrics` | open | Prometheus text |
 //! | `GET /healthz` | open | `{"status": "ok", …}`; 503 `{"status": "unhealthy", "why"}` when the store fails its check |
 //! | `GET /readyz` | open | 200 `{"status": "ready"}`; 503 while shutting down or with an unhealthy store |
+//! | `GET /ui…`, `GET /reports/{id}` | token / open | the web pages ([`super::ui`]) |
 //!
 //! Reports and evidence are open because they are meant to be published: anyone can check
 //! them. Audit requests carry trainer URLs and tokens, so listing and submitting need the
@@ -53,7 +54,7 @@ impl ApiError {
     fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
-    fn store(e: super::job::StoreError) -> Self {
+    pub(super) fn store(e: super::job::StoreError) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", e.to_string())
     }
 }
@@ -64,7 +65,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 /// The routes, with the body limit and the JSON fallbacks.
 pub fn router(shared: Shared) -> Router {
@@ -78,6 +79,11 @@ pub fn router(shared: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/ui", get(super::ui::audits_page))
+        .route("/ui/audits/{id}", get(super::ui::audit_page))
+        .route("/ui/login", get(super::ui::login_form).post(super::ui::login))
+        .route("/ui/logout", post(super::ui::logout))
+        .route("/reports/{id}", get(super::ui::report_page))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this route")
@@ -127,24 +133,30 @@ async fn count_requests(
 }
 
 /// Equal in time independent of where the strings differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(shared: &Shared, headers: &HeaderMap) -> ApiResult<()> {
+/// Whether the request carries the daemon's bearer token (or the daemon has none).
+pub(super) fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
     let Some(token) = shared.token.get() else {
-        return Ok(());
+        return true;
     };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")),
+    given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+}
+
+fn authorize(shared: &Shared, headers: &HeaderMap) -> ApiResult<()> {
+    if authorized(shared, headers) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"))
     }
 }
 
 /// Runs a store call on a blocking thread.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("worker thread: {e}")))?

@@ -370,7 +370,7 @@ pub trait Observer: Send + Sync {
     /// An attempt of audit `id` is about to replay `steps_total` steps; `resumed` were checked
     /// by earlier attempts.
     fn begun(&self, _id: &str, _steps_total: u64, _resumed: u64) {}
-    fn step_replayed(&self, _id: &str, _seconds: f64) {}
+    fn step_replayed(&self, _id: &str, _step: u64, _seconds: f64) {}
     /// The attempt of audit `id` ended, whatever its outcome.
     fn ended(&self, _id: &str) {}
     fn store_error(&self, _op: &str) {}
@@ -469,9 +469,9 @@ impl Progress for JobProgress<'_> {
     fn begin(&self, steps_total: u64) {
         self.observer.begun(self.id, steps_total, self.steps.load(Ordering::SeqCst));
     }
-    fn replayed(&self, _step: u64, seconds: f64) {
+    fn replayed(&self, step: u64, seconds: f64) {
         self.steps.fetch_add(1, Ordering::SeqCst);
-        self.observer.step_replayed(self.id, seconds);
+        self.observer.step_replayed(self.id, step, seconds);
     }
     fn verified(&self, job_start: u64, through: u64) {
         self.save(job_start, through, false);

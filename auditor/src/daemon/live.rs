@@ -2,9 +2,15 @@
 //! store: how many steps this attempt plans and has replayed, and since when. The status route
 //! adds it to a running audit's answer as `progress` (steps, total, rate, ETA); it is gone when
 //! the attempt ends, and after a restart until the next attempt begins.
+//!
+//! Each replayed step's wall-clock time is kept too and, when the attempt ends, merged into
+//! `<state_dir>/timings/<id>.json` (a resumed audit's attempts add up), which the report page
+//! plots. Informational: not signed, not part of the report, written through a rename, and a
+//! failure to write it only loses the plot.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -19,12 +25,30 @@ struct Attempt {
     /// Steps checked before this attempt began (durable progress it resumed from).
     resumed: u64,
     began: Instant,
+    /// (step, seconds) of every step replayed in this attempt.
+    times: Vec<(u64, f64)>,
 }
+
+/// The folder of the state directory holding step times.
+pub const TIMINGS_DIR: &str = "timings";
+
+/// At most this many step times are kept per audit (a longer audit keeps its first ones).
+const TIMES_MAX: usize = 200_000;
 
 /// Live progress by audit id.
 #[derive(Debug, Default)]
 pub struct Live {
     attempts: Mutex<BTreeMap<String, Attempt>>,
+    /// Where finished attempts' step times go (`<state_dir>/timings`); unset in tests that
+    /// need no files.
+    dir: OnceLock<PathBuf>,
+}
+
+/// The step times stored for `id` under `dir`, by step.
+fn stored(dir: &Path, id: &str) -> BTreeMap<u64, f64> {
+    let text = std::fs::read_to_string(dir.join(format!("{id}.json"))).unwrap_or_default();
+    let pairs: Vec<(u64, f64)> = serde_json::from_str(&text).unwrap_or_default();
+    pairs.into_iter().filter(|(_, s)| s.is_finite() && *s >= 0.0).collect()
 }
 
 impl Live {
@@ -32,23 +56,61 @@ impl Live {
         f(&mut self.attempts.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// An attempt of `id` begins: `total` steps to replay, `resumed` already checked.
-    pub fn begin(&self, id: &str, total: u64, resumed: u64) {
-        self.with(|m| m.insert(id.to_string(), Attempt { total, done: 0, resumed, began: Instant::now() }));
+    /// Keeps finished attempts' step times under `dir` (once; later calls are ignored).
+    pub fn keep_times_in(&self, dir: PathBuf) {
+        let _ = self.dir.set(dir);
     }
 
-    /// One more step of `id` replayed.
-    pub fn step(&self, id: &str) {
+    /// An attempt of `id` begins: `total` steps to replay, `resumed` already checked.
+    pub fn begin(&self, id: &str, total: u64, resumed: u64) {
+        let a = Attempt { total, done: 0, resumed, began: Instant::now(), times: Vec::new() };
+        self.with(|m| m.insert(id.to_string(), a));
+    }
+
+    /// Step `step` of `id` was replayed in `seconds`.
+    pub fn step(&self, id: &str, step: u64, seconds: f64) {
         self.with(|m| {
             if let Some(a) = m.get_mut(id) {
                 a.done += 1;
+                if a.times.len() < TIMES_MAX {
+                    a.times.push((step, seconds));
+                }
             }
         });
     }
 
-    /// The attempt of `id` ended, whatever its outcome.
+    /// The attempt of `id` ended, whatever its outcome: its step times are merged into the
+    /// stored ones.
     pub fn end(&self, id: &str) {
-        self.with(|m| m.remove(id));
+        let Some(a) = self.with(|m| m.remove(id)) else { return };
+        let Some(dir) = self.dir.get() else { return };
+        if a.times.is_empty() {
+            return;
+        }
+        let mut all = stored(dir, id);
+        for (step, s) in a.times {
+            if all.len() < TIMES_MAX || all.contains_key(&step) {
+                all.insert(step, s);
+            }
+        }
+        let pairs: Vec<(u64, f64)> = all.into_iter().collect();
+        let path = dir.join(format!("{id}.json"));
+        let tmp = dir.join(format!("{id}.json.part"));
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&pairs).unwrap_or_default()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(audit = id, error = %e, "step times not kept (the report page will not plot them)");
+        }
+    }
+
+    /// Every step time known for `id`: stored ones, then the running attempt's.
+    pub fn step_times(&self, id: &str) -> Vec<(u64, f64)> {
+        let mut all = self.dir.get().map(|d| stored(d, id)).unwrap_or_default();
+        if let Some(a) = self.with(|m| m.get(id).cloned()) {
+            all.extend(a.times);
+        }
+        all.into_iter().collect()
     }
 
     /// `{"steps_done", "steps_total", "percent", "steps_per_second", "eta_seconds"}` for a
@@ -83,10 +145,10 @@ mod tests {
         let s = live.snapshot("audit-1").unwrap();
         assert_eq!((s["steps_done"].as_u64(), s["steps_total"].as_u64()), (Some(5), Some(15)));
         assert!(s["eta_seconds"].is_null(), "no rate before the first step: {s}");
-        for _ in 0..4 {
-            live.step("audit-1");
+        for s in 6..10 {
+            live.step("audit-1", s, 0.01);
         }
-        live.step("audit-2"); // not running: ignored
+        live.step("audit-2", 1, 0.01); // not running: ignored
         let s = live.snapshot("audit-1").unwrap();
         assert_eq!(s["steps_done"].as_u64(), Some(9));
         assert_eq!(s["percent"].as_f64(), Some(60.0));
@@ -94,5 +156,30 @@ mod tests {
         assert!(live.snapshot("audit-2").is_none());
         live.end("audit-1");
         assert!(live.snapshot("audit-1").is_none());
+    }
+
+    #[test]
+    fn step_times_of_every_attempt_are_kept_on_disk() {
+        let dir = std::env::temp_dir().join(format!("tb-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let live = Live::default();
+        live.keep_times_in(dir.clone());
+        live.begin("audit-3", 4, 0);
+        live.step("audit-3", 1, 0.5);
+        live.step("audit-3", 2, 0.25);
+        assert_eq!(live.step_times("audit-3"), vec![(1, 0.5), (2, 0.25)], "the running attempt's, from memory");
+        live.end("audit-3");
+        // A second attempt (after a crash) replays step 2 again and goes on.
+        let again = Live::default();
+        again.keep_times_in(dir.clone());
+        again.begin("audit-3", 3, 1);
+        again.step("audit-3", 2, 0.125);
+        again.step("audit-3", 3, 1.0);
+        again.end("audit-3");
+        assert_eq!(again.step_times("audit-3"), vec![(1, 0.5), (2, 0.125), (3, 1.0)]);
+        assert!(again.step_times("audit-4").is_empty());
+        std::fs::write(dir.join("audit-5.json"), "not json").unwrap();
+        assert!(again.step_times("audit-5").is_empty(), "a damaged file loses only the plot");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

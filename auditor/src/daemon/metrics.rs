@@ -161,10 +161,10 @@ impl Observer for Metrics {
     fn begun(&self, id: &str, steps_total: u64, resumed: u64) {
         self.live.begin(id, steps_total, resumed);
     }
-    fn step_replayed(&self, id: &str, seconds: f64) {
+    fn step_replayed(&self, id: &str, step: u64, seconds: f64) {
         self.steps_replayed.inc();
         self.replay_step_seconds.observe(seconds);
-        self.live.step(id);
+        self.live.step(id, step, seconds);
     }
     fn ended(&self, id: &str) {
         self.live.end(id);

@@ -17,6 +17,7 @@ pub mod live;
 pub mod metrics;
 pub mod runner;
 pub mod store;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -316,6 +317,7 @@ pub async fn serve(
     let key = engine::record::load_or_create_key(&key_path)
         .map_err(|e| DaemonError::Key { path: key_path.clone(), detail: e.to_string() })?;
     let metrics = Metrics::new();
+    metrics.live.keep_times_in(config.state_dir.join(live::TIMINGS_DIR));
     let cancel = Arc::new(AtomicBool::new(false));
     let runner = HttpRunner {
         runtime: tokio::runtime::Handle::current(),

@@ -1,7 +1,6 @@
-//! `trainer-agent inspect --plot FILE.svg`: a record's per-step series as a standalone SVG
-//! (no scripts, no external fonts or styles): the trainer's loss when the record has its
-//! `losses.txt`, tie-breaks per step and compressed log bytes per step, one panel each, sharing
-//! the step axis.
+//! Per-step series as a standalone SVG (no scripts, no external fonts or styles), one panel
+//! each, sharing the step axis: `trainer-agent inspect --plot` (loss, tie-breaks and log bytes
+//! per step) and the daemon's report page (replay time per step, the diverging step marked).
 
 use std::fmt::Write;
 
@@ -35,7 +34,9 @@ fn num(v: f64) -> String {
 
 /// The SVG document: `title` on top, then one panel per series (an empty series says so in
 /// its panel instead of drawing a line). Every panel's x axis runs from `first` to `last` step.
-pub fn svg(title: &str, first: u64, last: u64, series: &[Series]) -> String {
+/// Each of `marks` is a dashed vertical line at its step across every panel, labelled with its
+/// text (so nothing is told by colour alone).
+pub fn svg(title: &str, first: u64, last: u64, series: &[Series], marks: &[(u64, String)]) -> String {
     let height = TOP + series.len() as f64 * (PANEL + GAP) + 10.0;
     let plot_w = WIDTH - LEFT - RIGHT;
     let span = (last.saturating_sub(first)).max(1) as f64;
@@ -62,7 +63,7 @@ pub fn svg(title: &str, first: u64, last: u64, series: &[Series]) -> String {
         if s.points.is_empty() {
             let _ = writeln!(
                 out,
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">no data in this record</text>\n</g>",
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">no data</text>\n</g>",
                 LEFT + plot_w / 2.0,
                 (top + bottom) / 2.0
             );
@@ -74,6 +75,17 @@ pub fn svg(title: &str, first: u64, last: u64, series: &[Series]) -> String {
         let y = |v: f64| bottom - (bottom - top) * (v - lo) / (hi - lo);
         for (v, anchor_y) in [(hi, top + 4.0), (lo, bottom)] {
             let _ = writeln!(out, "<text x=\"{}\" y=\"{anchor_y}\" text-anchor=\"end\">{}</text>", LEFT - 6.0, num(v));
+        }
+        for (step, label) in marks {
+            let mx = x((*step).clamp(first, last));
+            let _ = writeln!(
+                out,
+                "<line class=\"mark\" x1=\"{mx:.1}\" y1=\"{top}\" x2=\"{mx:.1}\" y2=\"{bottom}\" stroke=\"#b00020\" \
+                 stroke-dasharray=\"5,3\"/>\n<text x=\"{:.1}\" y=\"{}\" fill=\"#b00020\">{}</text>",
+                mx + 4.0,
+                top + 14.0,
+                esc(label)
+            );
         }
         let pts: Vec<String> = s.points.iter().map(|&(st, v)| format!("{:.1},{:.1}", x(st), y(v))).collect();
         let _ = writeln!(
@@ -110,11 +122,13 @@ mod tests {
                 Series { title: "flat".into(), points: vec![(1, 4.0), (2, 4.0), (3, 4.0)] },
                 Series { title: "none".into(), points: vec![] },
             ],
+            &[(2, "diverged at step 2".into())],
         );
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert!(s.contains("run &lt;a&amp;b&gt;") && !s.contains("<a&b>"));
         assert_eq!(s.matches("<polyline").count(), 2);
-        assert!(s.contains("no data in this record"));
+        assert!(s.contains("no data"));
+        assert_eq!(s.matches("diverged at step 2").count(), 2, "the mark is labelled in each drawn panel");
         let first = s.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
         assert_eq!(first.split(' ').count(), 3);
         assert!(!s.contains("NaN") && !s.contains("inf"), "{s}");
