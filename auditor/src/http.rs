@@ -42,6 +42,8 @@ pub struct RetryPolicy {
     pub deadline: Duration,
     /// Largest response body accepted.
     pub response_bytes_max: u64,
+    /// Extra trust anchors (DER) for `https://` trainers, besides the system's roots.
+    pub ca_certs: Vec<Vec<u8>>,
 }
 
 impl Default for RetryPolicy {
@@ -52,6 +54,7 @@ impl Default for RetryPolicy {
             backoff_max: Duration::from_secs(10),
             deadline: Duration::from_secs(120),
             response_bytes_max: 512 << 20,
+            ca_certs: Vec::new(),
         }
     }
 }
@@ -64,7 +67,7 @@ impl RetryPolicy {
     }
 }
 
-/// Checks a record server's URL: `http://host[:port]` (an optional path prefix, no query or
+/// Checks a record server's URL: `http[s]://host[:port]` (an optional path prefix, no query or
 /// fragment) and no credentials in it: a URL is published in reports (their `record` field)
 /// and shown in statuses; a token goes in `trainer_token`. The message names the problem,
 /// never the URL's password.
@@ -73,8 +76,8 @@ pub fn parse_trainer_url(url: &str) -> Result<reqwest::Url, String> {
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err("has credentials in it (user:password@); pass a bearer token as trainer_token instead".into());
     }
-    if parsed.scheme() != "http" {
-        return Err(format!("scheme {:?}: only http:// is spoken (put TLS in a reverse proxy)", parsed.scheme()));
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("scheme {:?}: only http:// and https:// are spoken", parsed.scheme()));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err("has no host".into());
@@ -83,6 +86,23 @@ pub fn parse_trainer_url(url: &str) -> Result<reqwest::Url, String> {
         return Err("has a query or fragment; give the server's base URL".into());
     }
     Ok(parsed)
+}
+
+/// The HTTP(S) client for record servers: no redirects, the policy's timeouts, the system's
+/// roots plus the policy's private CA.
+fn trainer_client(policy: &RetryPolicy) -> Result<reqwest::Client, SourceError> {
+    service::tls::install_provider();
+    let unavailable = |e: String| SourceError::Unavailable(format!("building the HTTP client: {e}"));
+    let mut builder = reqwest::Client::builder()
+        // A record server's redirect is a refusal to serve, never a hop to another host.
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(policy.request_timeout)
+        .connect_timeout(policy.request_timeout);
+    for der in &policy.ca_certs {
+        builder =
+            builder.add_root_certificate(reqwest::Certificate::from_der(der).map_err(|e| unavailable(e.to_string()))?);
+    }
+    builder.build().map_err(|e| unavailable(e.to_string()))
 }
 
 /// `host:port` of a parsed trainer URL (the port made explicit), as an allow-list names it.
@@ -151,13 +171,7 @@ impl HttpTrainer {
                 wire::RUN_ID_BYTES_MAX
             )));
         }
-        let client = reqwest::Client::builder()
-            // A record server's redirect is a refusal to serve, never a hop to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(policy.request_timeout)
-            .connect_timeout(policy.request_timeout)
-            .build()
-            .map_err(|e| SourceError::Unavailable(format!("building the HTTP client: {e}")))?;
+        let client = trainer_client(&policy)?;
         Ok(HttpTrainer {
             base,
             run: run.to_string(),
@@ -560,10 +574,10 @@ mod tests {
         let h = rt.handle().clone();
         let mk = |base: &str, run: &str| HttpTrainer::new(base, run, None, RetryPolicy::default(), h.clone());
         assert!(mk("http://127.0.0.1:1", "run-1").is_ok());
+        assert!(mk("https://records.example.org:8421", "run-1").is_ok());
         for (base, run) in [
             ("ftp://x", "r"),
             ("127.0.0.1:80", "r"),
-            ("https://x", "r"),
             ("http://x", "../etc"),
             ("http://user:hunter2@x", "r"),
             ("http://user@x", "r"),
@@ -586,6 +600,7 @@ mod tests {
             backoff_max: Duration::from_millis(40),
             deadline: Duration::from_millis(1000),
             response_bytes_max: 1 << 20,
+            ca_certs: Vec::new(),
         };
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = errors.clone();

@@ -119,6 +119,7 @@ async fn serve_and_audit(out: PathBuf, records: PathBuf) -> Result<()> {
     println!("auditor daemon on {daemon_url}, state in {}", state_dir.display());
 
     // 4. Submit both audits.
+    service::tls::install_provider();
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for run in ["honest", "faulty"] {

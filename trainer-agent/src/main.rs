@@ -123,6 +123,12 @@ enum Command {
         /// Most state recomputations at once; more are answered 503 busy.
         #[arg(long, default_value_t = trainer_agent::serve::RECOMPUTE_MAX_DEFAULT)]
         recompute_max: usize,
+        /// Serve HTTPS with this certificate chain (PEM, leaf first).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -168,6 +174,8 @@ fn run(cli: Cli) -> Result<()> {
             connections_max,
             header_read_timeout_ms,
             log_format,
+            tls_cert,
+            tls_key,
         } => {
             service::init_logs(log_format);
             let token = service::secret(token, token_file.as_deref(), "TRAINER_TOKEN").map_err(anyhow::Error::msg)?;
@@ -197,6 +205,12 @@ fn run(cli: Cli) -> Result<()> {
                 response_bytes_max: max_response_bytes,
                 recompute_max,
                 limits,
+                tls: match (&tls_cert, &tls_key) {
+                    (Some(c), Some(k)) => {
+                        Some(service::tls::ServerTls::from_pem_files(c, k).map_err(anyhow::Error::msg)?)
+                    }
+                    _ => None,
+                },
                 ..ServeOptions::new(records)
             };
             serve(&listen, opts)
@@ -215,11 +229,8 @@ fn serve(listen: &str, opts: ServeOptions) -> Result<()> {
         let addr = listener.local_addr().context("local address of the listener")?;
         eprintln!("serving records under {}", opts.records.display());
         // One line on stdout that scripts and tests wait for.
-        println!("listening on http://{addr}");
+        println!("listening on {}://{addr}", if opts.tls.is_some() { "https" } else { "http" });
         std::io::Write::flush(&mut std::io::stdout()).context("write to stdout")?;
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: records and tokens cross the network in clear; put a TLS reverse proxy in front");
-        }
         trainer_agent::serve::serve(listener, opts, service::shutdown_signal()).await?;
         eprintln!("shut down");
         Ok(())

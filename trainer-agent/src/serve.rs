@@ -86,6 +86,8 @@ pub struct ServeOptions {
     /// Connections at once, and the time a client has to send a request head (also the idle
     /// limit of a kept-alive connection).
     pub limits: service::Limits,
+    /// Serve HTTPS with this certificate and key (`--tls-cert`, `--tls-key`).
+    pub tls: Option<service::tls::ServerTls>,
 }
 
 impl ServeOptions {
@@ -102,6 +104,7 @@ impl ServeOptions {
             recompute_max: RECOMPUTE_MAX_DEFAULT,
             recompute_wait: RECOMPUTE_WAIT_DEFAULT,
             limits: service::Limits::default(),
+            tls: None,
         }
     }
 }
@@ -118,6 +121,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("recompute_max", &self.recompute_max)
             .field("recompute_wait", &self.recompute_wait)
             .field("limits", &self.limits)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -130,9 +134,12 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TrainerError> {
-    let limits = opts.limits;
+    let (limits, tls) = (opts.limits, opts.tls.clone());
+    if let Ok(addr) = listener.local_addr() {
+        service::tls::warn_if_plain_and_exposed(addr, tls.is_some(), "the record server");
+    }
     let app = router(opts)?;
-    service::serve(listener, app, limits, shutdown).await.map_err(TrainerError::Serve)
+    service::serve_tls(listener, app, limits, tls, shutdown).await.map_err(TrainerError::Serve)
 }
 
 /// The record server's routes, with authentication and size limits applied. Fails if the

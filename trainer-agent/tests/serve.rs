@@ -84,6 +84,7 @@ async fn start(opts: ServeOptions) -> Server {
         .await
         .unwrap();
     });
+    service::tls::install_provider();
     Server { addr, stop: Some(tx), task, client: reqwest::Client::new(), token }
 }
 
@@ -757,6 +758,7 @@ weight_decay = 0.0
     }
     w.finish(&state, &engine::record::SigningKey::from_bytes(&[7; 32])).unwrap();
 
+    service::tls::install_provider();
     let c = reqwest::Client::new();
     for (datasets, status) in [(vec![], 404u16), (vec![("mnist", dir.join("no-mnist")), ("text", text.clone())], 200)] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

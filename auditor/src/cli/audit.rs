@@ -48,6 +48,10 @@ pub struct AuditArgs {
     /// Bearer token for the record server.
     #[arg(long, requires = "trainer_url")]
     trainer_token: Option<String>,
+    /// A private CA (PEM) an `https://` record server's certificate may chain to, besides the
+    /// system's roots.
+    #[arg(long, value_name = "PEM", requires = "trainer_url")]
+    trainer_ca_file: Option<PathBuf>,
     /// The trainer's ed25519 public key (64 hex digits, or @FILE holding them): a record not
     /// signed by this key is `commitment-invalid`. Without it, any key that signs the record.
     #[arg(long, value_name = "HEX|@FILE")]
@@ -201,10 +205,14 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
+    let mut policy = RetryPolicy::default();
+    if let Some(ca) = &args.trainer_ca_file {
+        policy.ca_certs = service::tls::read_ca_file(ca).map_err(|e| usage(format_args!("--trainer-ca-file {e}")))?;
+    }
     let remote = match (&args.trainer_url, &args.run) {
         (Some(url), Some(run)) => Some(
             // Every error here is about the URL or the run id as given.
-            HttpTrainer::new(url, run, args.trainer_token.clone(), RetryPolicy::default(), runtime.handle().clone())
+            HttpTrainer::new(url, run, args.trainer_token.clone(), policy, runtime.handle().clone())
                 .map_err(|e| usage(format_args!("--trainer-url/--run: {e}")))?,
         ),
         _ => None,

@@ -30,6 +30,10 @@ pub struct DaemonArgs {
     /// A file holding the daemon's bearer token (default: $AUDITOR_TOKEN; no token when unset).
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// A private CA (PEM) an `https://` daemon's certificate may chain to, besides the
+    /// system's roots.
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
     /// Print the daemon's JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -162,11 +166,18 @@ impl Client {
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
             .ok_or_else(|| usage(format_args!("--daemon {url:?}: not an http:// URL")))?;
         let token = secret("--token-file", args.token_file.as_deref(), "AUDITOR_TOKEN")?;
-        let http = reqwest::Client::builder()
+        service::tls::install_provider();
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| undecided(format_args!("building the HTTP client: {e}")))?;
+            .timeout(Duration::from_secs(60));
+        if let Some(ca) = &args.ca_file {
+            for der in service::tls::read_ca_file(ca).map_err(|e| usage(format_args!("--ca-file {e}")))? {
+                let cert = reqwest::Certificate::from_der(&der).map_err(|e| usage(format_args!("--ca-file: {e}")))?;
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| undecided(format_args!("building the HTTP client: {e}")))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

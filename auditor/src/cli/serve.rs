@@ -35,6 +35,12 @@ pub struct ServeArgs {
     /// Log lines on stderr as `text` or `json` (`RUST_LOG` sets the level).
     #[arg(long, default_value = "text")]
     log_format: service::LogFormat,
+    /// Serve HTTPS with this certificate chain (PEM; overrides the config's `tls_cert`).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM; overrides the config's `tls_key`).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
@@ -69,7 +75,13 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
             _ => return Err(usage(format_args!("--data {name}=…: NAME is one of mnist, text"))),
         }
     }
+    if let (Some(c), Some(k)) = (args.tls_cert, args.tls_key) {
+        (cfg.tls_cert, cfg.tls_key) = (Some(c), Some(k));
+    }
     cfg.validate().map_err(|e| usage(format_args!("config: {e}")))?;
+    if let (Some(c), Some(k)) = (&cfg.tls_cert, &cfg.tls_key) {
+        service::tls::ServerTls::from_pem_files(c, k).map_err(usage)?;
+    }
     // Each worker holds a blocking thread for its whole audit; the handlers share the rest.
     let rt = service::runtime(cfg.workers + service::HANDLER_BLOCKING_THREADS).context("starting the runtime")?;
     rt.block_on(async move {
@@ -82,15 +94,14 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
                 _ => Failure::Undecided(e),
             }
         })?;
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: tokens and trainer tokens cross the network in clear; put a TLS reverse proxy in front");
-        }
         if cfg.trainer.allow.is_empty() {
             tracing::info!("trainer.allow is empty: audits may name any host and port");
         }
         // The address line is how supervisors and tests find the daemon. It is a courtesy: a
         // daemon that cannot print it (stdout closed or failing) keeps serving.
-        let _ = emit(&format!("auditor daemon listening on http://{addr} (state in {})\n", cfg.state_dir.display()));
+        let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
+        let _ =
+            emit(&format!("auditor daemon listening on {scheme}://{addr} (state in {})\n", cfg.state_dir.display()));
         auditor::daemon::serve(listener, cfg, shutdown).await.context("daemon")?;
         let _ = emit("auditor daemon stopped\n");
         Ok::<_, Failure>(())

@@ -95,6 +95,9 @@ pub struct Config {
     /// `time-limit` (not a verdict), unless the trainer was silent for `trainer.deadline_ms`
     /// first (`trainer-unresponsive`).
     pub audit_time_max_ms: u64,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first) and `tls_key`; both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub data: DataSection,
     pub trainer: TrainerSection,
 }
@@ -120,6 +123,9 @@ pub struct TrainerSection {
     /// A trainer that has not answered one request for this long is unresponsive.
     pub deadline_ms: u64,
     pub response_bytes_max: u64,
+    /// A private CA (PEM) that `https://` trainers' certificates may chain to, besides the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
     /// `host:port` pairs (`*` for any port) that `trainer_url`s may name; empty allows every
     /// host and port, including the daemon's own network neighbours.
     pub allow: Vec<String>,
@@ -135,6 +141,7 @@ impl Default for TrainerSection {
             attempts_max: None,
             deadline_ms: p.deadline.as_millis() as u64,
             response_bytes_max: p.response_bytes_max,
+            ca_file: None,
             allow: Vec::new(),
         }
     }
@@ -164,6 +171,8 @@ impl TrainerSection {
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             deadline: Duration::from_millis(self.deadline_ms),
             response_bytes_max: self.response_bytes_max,
+            // Read (and checked) by `Config::validate` at start.
+            ca_certs: self.ca_file.as_deref().map(service::tls::read_ca_file).and_then(Result::ok).unwrap_or_default(),
         }
     }
 }
@@ -187,6 +196,8 @@ impl Default for Config {
             progress_interval_ms: w.progress_interval_ms,
             shutdown_grace_ms: 10_000,
             audit_time_max_ms: 6 * 3600 * 1000,
+            tls_cert: None,
+            tls_key: None,
             data: DataSection::default(),
             trainer: TrainerSection::default(),
         }
@@ -232,6 +243,12 @@ impl Config {
         }
         if self.attempts_max == 0 {
             return Err("attempts_max = 0: must be at least 1".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tls_cert and tls_key: give both (HTTPS) or neither (plain HTTP)".into());
+        }
+        if let Some(ca) = &self.trainer.ca_file {
+            service::tls::read_ca_file(ca).map_err(|e| format!("trainer.ca_file = {e}"))?;
         }
         if let Some(t) = &self.token
             && t.trim().is_empty()
@@ -369,7 +386,17 @@ pub async fn serve(
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
         shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
     };
-    let served = service::serve(listener, app, limits, async move {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            service::tls::ServerTls::from_pem_files(cert, key)
+                .map_err(|detail| DaemonError::Config { origin: "tls".into(), detail })?,
+        ),
+        _ => None,
+    };
+    if let Ok(addr) = listener.local_addr() {
+        service::tls::warn_if_plain_and_exposed(addr, tls.is_some(), "the auditor daemon");
+    }
+    let served = service::serve_tls(listener, app, limits, tls, async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     })
     .await;

@@ -48,6 +48,8 @@ pub fn run(cfg: &Config, profile: Profile) -> Run {
 
 /// A fresh, empty scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
+    // reqwest is built without a rustls provider; every client in these tests needs one.
+    service::tls::install_provider();
     let dir = std::env::temp_dir().join(format!("tiebreak-auditor-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
