@@ -9,10 +9,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use auditor::daemon::Config;
-use engine::train::{Fault, FaultKind};
-use kernels::Profile;
 use serde_json::Value;
-use support::{Drill, SGD, place, scratch, start_daemon, start_trainer, write_record};
+use support::{honest_and_faulty, scratch, start_daemon, start_trainer};
 
 /// Runs the `auditor` binary with `args` and the environment `env`, off the async runtime
 /// (the servers run on it).
@@ -47,14 +45,7 @@ fn json_out(o: &Output) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_runs_the_walkthrough_and_exits_with_the_verdict() {
     let dir = scratch("client-cli");
-    let records = dir.join("records");
-    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "honest");
-    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
-    place(
-        &write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() }),
-        &records,
-        "faulty",
-    );
+    let records = honest_and_faulty(&dir);
     let trainer = start_trainer(&records, Some("trainer-secret")).await;
     let mut cfg = Config { state_dir: dir.join("state"), progress_interval_ms: 0, ..Config::default() };
     cfg.token = Some("daemon-secret".into());

@@ -8,13 +8,10 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use auditor::daemon::Config;
-use engine::train::{Fault, FaultKind};
-use kernels::Profile;
 use serde_json::Value;
-use support::{Drill, SGD, place, scratch, start_daemon, write_record};
+use support::{finished, honest_and_faulty, scratch, start_daemon};
 
 /// A CA and a server certificate for localhost and 127.0.0.1, signed by it, in `dir`.
 fn make_certs(dir: &Path) {
@@ -89,14 +86,7 @@ async fn audits_run_over_https_with_a_private_ca_and_a_missing_ca_is_never_a_ver
     let dir = scratch("tls");
     make_certs(&dir);
     let (cert, key, ca) = (dir.join("server.pem"), dir.join("server.key"), dir.join("ca.pem"));
-    let records = dir.join("records");
-    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "honest");
-    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
-    place(
-        &write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() }),
-        &records,
-        "faulty",
-    );
+    let records = honest_and_faulty(&dir);
 
     // The record server over HTTPS.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -168,16 +158,7 @@ async fn audits_run_over_https_with_a_private_ca_and_a_missing_ca_is_never_a_ver
     let resp = c.post(format!("{}/v1/audits", untrusting.url)).body(body.to_string()).send().await.unwrap();
     let id2 =
         serde_json::from_slice::<Value>(&resp.bytes().await.unwrap()).unwrap()["id"].as_str().unwrap().to_string();
-    let t0 = Instant::now();
-    let s = loop {
-        let b = c.get(format!("{}/v1/audits/{id2}", untrusting.url)).send().await.unwrap().bytes().await.unwrap();
-        let s: Value = serde_json::from_slice(&b).unwrap();
-        if s["state"] == "failed" || s["state"] == "done" {
-            break s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "{s}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let s = finished(&c, &untrusting.url, &id2, None).await;
     assert_eq!(s["state"], "failed", "{s}");
     assert!(s["verdict"].is_null() && s["reason"] == "undecided", "{s}");
 

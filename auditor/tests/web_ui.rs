@@ -5,13 +5,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use auditor::daemon::Config;
-use engine::train::{Fault, FaultKind};
-use kernels::Profile;
 use serde_json::{Value, json};
-use support::{Drill, SGD, place, scratch, start_daemon, start_trainer, write_record};
+use support::{finished, honest_and_faulty, scratch, start_daemon, start_trainer};
 
 const TOKEN: &str = "ui-secret";
 
@@ -41,32 +37,10 @@ async fn submit(c: &reqwest::Client, daemon: &str, trainer: &str, run: &str) -> 
     v["id"].as_str().unwrap().to_string()
 }
 
-async fn done(c: &reqwest::Client, daemon: &str, id: &str) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let v: Value = serde_json::from_slice(
-            &c.get(format!("{daemon}/v1/audits/{id}")).bearer_auth(TOKEN).send().await.unwrap().bytes().await.unwrap(),
-        )
-        .unwrap();
-        if v["state"] == "done" {
-            return v;
-        }
-        assert!(v["state"] != "failed" && t0.elapsed() < Duration::from_secs(120), "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_show_verdicts_steps_digests_and_plots_and_private_pages_need_the_token() {
     let dir = scratch("web-ui");
-    let records = dir.join("records");
-    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "honest");
-    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
-    place(
-        &write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() }),
-        &records,
-        "faulty",
-    );
+    let records = honest_and_faulty(&dir);
     let trainer = start_trainer(&records, None).await;
     let mut cfg = Config { state_dir: dir.join("state"), progress_interval_ms: 0, ..Config::default() };
     cfg.token = Some(TOKEN.into());
@@ -75,8 +49,9 @@ async fn pages_show_verdicts_steps_digests_and_plots_and_private_pages_need_the_
     let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let honest = submit(&c, d, &trainer.url, "honest").await;
     let faulty = submit(&c, d, &trainer.url, "faulty").await;
-    done(&c, d, &honest).await;
-    done(&c, d, &faulty).await;
+    for id in [&honest, &faulty] {
+        assert_eq!(finished(&c, d, id, Some(TOKEN)).await["state"], "done");
+    }
     let report: Value =
         serde_json::from_slice(&c.get(format!("{d}/v1/reports/{faulty}")).send().await.unwrap().bytes().await.unwrap())
             .unwrap();

@@ -10,13 +10,10 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use auditor::daemon::Config;
-use engine::train::{Fault, FaultKind};
-use kernels::Profile;
 use serde_json::{Value, json};
-use support::{Drill, SGD, place, scratch, start_daemon, start_trainer, write_record};
+use support::{finished, honest_and_faulty, scratch, start_daemon, start_trainer};
 
 fn browser() -> Option<PathBuf> {
     let candidates = [std::env::var("TIEBREAK_BROWSER").ok(), Some("/usr/bin/chromium".into())];
@@ -56,16 +53,8 @@ async fn audit(c: &reqwest::Client, daemon: &str, trainer: &str, run: &str) -> S
     let body = json!({"trainer_url": trainer, "run": run, "mode": "intervals"});
     let resp = c.post(format!("{daemon}/v1/audits")).body(body.to_string()).send().await.unwrap();
     let id = serde_json::from_slice::<Value>(&resp.bytes().await.unwrap()).unwrap()["id"].as_str().unwrap().to_string();
-    let t0 = Instant::now();
-    loop {
-        let b = c.get(format!("{daemon}/v1/audits/{id}")).send().await.unwrap().bytes().await.unwrap();
-        let v: Value = serde_json::from_slice(&b).unwrap();
-        if v["state"] == "done" {
-            return id;
-        }
-        assert!(v["state"] != "failed" && t0.elapsed() < Duration::from_secs(120), "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(finished(c, daemon, &id, None).await["state"], "done");
+    id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,14 +64,7 @@ async fn a_headless_browser_renders_the_pages_and_private_pages_ask_for_the_toke
         return;
     };
     let dir = scratch("web-ui-browser");
-    let records = dir.join("records");
-    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "honest");
-    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
-    place(
-        &write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() }),
-        &records,
-        "faulty",
-    );
+    let records = honest_and_faulty(&dir);
     let trainer = start_trainer(&records, None).await;
     // Pages open (no token) for the screenshots; a second daemon with a token for the refusal.
     let open = start_daemon(Config { state_dir: dir.join("open"), progress_interval_ms: 0, ..Config::default() }).await;

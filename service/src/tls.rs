@@ -35,13 +35,7 @@ impl ServerTls {
     /// PKCS#8, SEC1 or PKCS#1). Errors name the file and what is wrong with it.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<ServerTls, String> {
         install_provider();
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
-        if certs.is_empty() {
-            return Err(format!("--tls-cert {}: no certificate in the file", cert.display()));
-        }
+        let certs = read_certs(cert).map_err(|e| format!("--tls-cert {e}"))?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
         let config = rustls::ServerConfig::builder()
             .with_no_client_auth()
@@ -51,8 +45,8 @@ impl ServerTls {
     }
 }
 
-/// Reads the PEM certificates of a private CA (for a client's `ca_file`).
-pub fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+/// Every certificate in the PEM file `path` (at least one); errors start with the path.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .collect::<Result<_, _>>()
@@ -60,7 +54,12 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     if certs.is_empty() {
         return Err(format!("{}: no certificate in the file", path.display()));
     }
-    Ok(certs.into_iter().map(|c| c.as_ref().to_vec()).collect())
+    Ok(certs)
+}
+
+/// Reads the PEM certificates of a private CA (for a client's `ca_file`), as DER.
+pub fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    Ok(read_certs(path)?.into_iter().map(|c| c.as_ref().to_vec()).collect())
 }
 
 /// Logs a warning when a server speaks plain HTTP on an address other than loopback.
@@ -71,5 +70,27 @@ pub fn warn_if_plain_and_exposed(addr: SocketAddr, tls: bool, what: &str) {
             "{what} serves plain HTTP on a non-loopback address: tokens and reports cross the network in clear \
              (give --tls-cert and --tls-key, or put a TLS proxy in front)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_certificate_files_are_errors_naming_the_flag_and_file() {
+        let dir = std::env::temp_dir().join(format!("tb-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (empty, junk) = (dir.join("empty.pem"), dir.join("junk.pem"));
+        std::fs::write(&empty, "").unwrap();
+        std::fs::write(&junk, "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n").unwrap();
+        let missing = dir.join("missing.pem");
+        let e = ServerTls::from_pem_files(&missing, &missing).unwrap_err();
+        assert!(e.starts_with("--tls-cert ") && e.contains("missing.pem"), "{e}");
+        let e = ServerTls::from_pem_files(&empty, &empty).unwrap_err();
+        assert!(e.contains("no certificate"), "{e}");
+        assert!(read_ca_file(&junk).unwrap_err().contains("junk.pem"));
+        assert!(read_ca_file(&missing).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

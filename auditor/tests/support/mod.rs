@@ -100,6 +100,40 @@ pub fn place(record: &Path, records: &Path, run: &str) -> PathBuf {
     to
 }
 
+/// `dir/records` holding `honest` and `faulty` (perturb-weight at step 6) SGD records
+/// trained on `cpu`: what the service tests audit.
+#[allow(dead_code, reason = "not every test binary uses every helper")]
+pub fn honest_and_faulty(dir: &Path) -> PathBuf {
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "honest");
+    let fault = Fault { kind: engine::train::FaultKind::PerturbWeight, step: 6 };
+    place(
+        &write_record(&dir.join("f"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() }),
+        &records,
+        "faulty",
+    );
+    records
+}
+
+/// Polls audit `id` on the daemon at `url` (with `token`, if any) until it is done or failed,
+/// failing the test after two minutes.
+#[allow(dead_code, reason = "not every test binary uses every helper")]
+pub async fn finished(c: &reqwest::Client, url: &str, id: &str, token: Option<&str>) -> serde_json::Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut r = c.get(format!("{url}/v1/audits/{id}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&r.send().await.unwrap().bytes().await.unwrap()).unwrap();
+        if v["state"] == "done" || v["state"] == "failed" {
+            return v;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "audit {id} did not finish: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A server running in-process on 127.0.0.1:0; dropping the handle stops it.
 pub struct Running {
     pub url: String,
