@@ -369,6 +369,7 @@ fn simulate(seed: u64, dir: &Path) {
                     v => panic!("{ctx}: verdict {v}"),
                 }
                 assert_eq!(store.evidence(id).unwrap(), job.first_step.map(|s| s.to_le_bytes().to_vec()), "{ctx}");
+                assert_eq!(store.has_evidence(id).unwrap(), job.first_step.is_some(), "{ctx}");
             }
             JobState::Failed => {
                 let e = job.error.as_deref().unwrap_or("");

@@ -320,6 +320,10 @@ pub trait Store: Send + Sync {
     fn evidence(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Reports stored for a job (0 or 1; more would be a bug the simulation looks for).
     fn report_count(&self, id: &str) -> Result<u64, StoreError>;
+    /// Whether audit `id` has an evidence bundle (without reading it).
+    fn has_evidence(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.evidence(id)?.is_some())
+    }
     fn count(&self, state: JobState) -> Result<u64, StoreError>;
     /// Whether the store is sound (an integrity check; `/healthz` says why not).
     fn check(&self) -> Result<(), StoreError> {

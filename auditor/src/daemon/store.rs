@@ -500,6 +500,14 @@ impl Store for SqliteStore {
         })
     }
 
+    fn has_evidence(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT evidence IS NOT NULL FROM reports WHERE id = ?1", [id], |r| r.get::<_, bool>(0))
+                .optional()
+                .map(|e| e.unwrap_or(false))
+        })
+    }
+
     fn report_count(&self, id: &str) -> Result<u64, StoreError> {
         self.with(|conn| {
             conn.query_row("SELECT COUNT(*) FROM reports WHERE id = ?1", [id], |r| r.get::<_, i64>(0)).map(u)
@@ -598,6 +606,7 @@ mod tests {
         let job = s.get(&id).unwrap().unwrap();
         assert_eq!((job.state, job.verdict, job.first_step), (JobState::Done, Some(VerdictKind::Diverged), Some(3)));
         assert_eq!(s.evidence(&id).unwrap(), Some(vec![1, 2, 3]));
+        assert!(s.has_evidence(&id).unwrap() && !s.has_evidence("audit-999").unwrap());
         s.save_progress(&id, 0, 9, 9, 8).unwrap();
         assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into(), "no progress after done");
         assert!(s.fail(&id, FailReason::Undecided, "late", 9).is_ok());

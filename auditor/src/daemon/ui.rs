@@ -223,7 +223,7 @@ async fn job_and_report(shared: &Shared, id: String) -> ApiResult<Option<(Job, O
         let Some(job) = store.get(&id).map_err(err)? else { return Ok(None) };
         let (report, evidence) = if job.state == JobState::Done {
             let r = store.report(&id).map_err(err)?.and_then(|t| serde_json::from_str(&t).ok());
-            (r, store.evidence(&id).map_err(err)?.is_some())
+            (r, store.has_evidence(&id).map_err(err)?)
         } else {
             (None, false)
         };
