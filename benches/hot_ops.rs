@@ -88,14 +88,7 @@ fn steps(c: &mut Criterion) {
             b.iter(|| black_box(auditor.step(&init, 1, StepMode::Replay(&out.log), None).expect("replay")))
         });
         let batch = Batch::gather(&trainer.data, &trainer.batch_indices(1).0);
-        let mut fp32 = Baseline::new(
-            &trainer.spec.config.model,
-            &trainer.model,
-            &trainer.data,
-            &init,
-            &trainer.spec.config.optimizer,
-        )
-        .expect("baseline");
+        let mut fp32 = Baseline::for_run(&trainer, &init).expect("baseline");
         g.bench_function(format!("{model}/fp32-candle"), |b| b.iter(|| black_box(fp32.step(&batch).expect("fp32"))));
     }
     g.finish();

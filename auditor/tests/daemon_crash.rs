@@ -18,7 +18,7 @@ use engine::spec::Config;
 use engine::train::{FaultKind, Run, StepMode};
 use kernels::Profile;
 use serde_json::{Value, json};
-use support::{scratch, start_trainer};
+use support::{DaemonProcess as Daemon, scratch, spawn_daemon, start_trainer};
 
 const STEPS: u64 = 240;
 const FAULT_STEP: u64 = 200;
@@ -47,30 +47,9 @@ fn long_record(dir: &Path, run_id: &str, fault: bool) -> PathBuf {
     out
 }
 
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-/// Starts `auditor serve` and reads the address it prints.
+/// Starts `auditor serve` on `config` and `state`, its logs on this test's stderr.
 fn start(config: &Path, state: &Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_auditor"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .arg("--state-dir")
-        .arg(state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Daemon { child, url }
+    spawn_daemon(config, state, Stdio::inherit())
 }
 
 fn sqlite_reports(state: &Path, id: &str) -> i64 {

@@ -6,9 +6,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use engine::spec::Config;
 use engine::train::{Run, StepMode};
 use kernels::Profile;
 use serde_json::{Value, json};
-use support::{scratch, start_trainer};
+use support::{scratch, spawn_daemon, start_trainer};
 
 /// A record heavy enough that its replay takes a while (a 256-128 MLP over 4096 examples).
 fn record(dir: &Path, run: &str, steps: u64) {
@@ -68,18 +67,8 @@ async fn resident_memory_and_threads_stay_bounded_under_audits_and_50_way_report
     let trainer = start_trainer(&records, None).await;
     let config = dir.join("auditor.toml");
     std::fs::write(&config, "workers = 2\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_auditor"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let daemon = spawn_daemon(&config, &dir.join("state"), Stdio::null());
+    let (mut child, url) = (daemon.child, daemon.url);
     let pid = child.id();
     let c = reqwest::Client::new();
     let submit = |run: &str| {

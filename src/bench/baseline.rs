@@ -48,6 +48,11 @@ impl std::fmt::Debug for Baseline {
 }
 
 impl Baseline {
+    /// The baseline of `run`'s preset, from its model, data, optimizer and initial state `init`.
+    pub fn for_run(run: &engine::train::Run, init: &TrainingState) -> Result<Baseline> {
+        Baseline::new(&run.spec.config.model, &run.model, &run.data, init, &run.spec.config.optimizer)
+    }
+
     /// Builds the baseline of a preset `cfg` from the engine's model and initial state (same
     /// weights).
     pub fn new(

@@ -325,13 +325,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let replayers: Vec<(Profile, Run)> =
         Profile::CPU.into_iter().map(|p| Ok((p, setup.run(p, steps)?))).collect::<Result<_>>()?;
     let init = trainer.initial_state()?;
-    let mut fp32 = Baseline::new(
-        &trainer.spec.config.model,
-        &trainer.model,
-        &trainer.data,
-        &init,
-        &trainer.spec.config.optimizer,
-    )?;
+    let mut fp32 = Baseline::for_run(&trainer, &init)?;
     let (mut t_graph, mut t_hand, mut graph_ties, mut hand_ties) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
 
     let mut state = init.clone();
@@ -672,8 +666,7 @@ pub fn child(role: &str, model: &str, data: Option<&Path>, steps: u64, logs: &Pa
         "fp32" => {
             let run = setup.run(TRAINER_PROFILE, steps)?;
             let init = run.initial_state()?;
-            let mut b =
-                Baseline::new(&run.spec.config.model, &run.model, &run.data, &init, &run.spec.config.optimizer)?;
+            let mut b = Baseline::for_run(&run, &init)?;
             drop(init);
             for t in 1..=steps {
                 b.step(&Batch::gather(&run.data, &run.batch_indices(t).0))?;

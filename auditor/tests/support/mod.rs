@@ -134,6 +134,37 @@ pub async fn finished(c: &reqwest::Client, url: &str, id: &str, token: Option<&s
     }
 }
 
+/// The real `auditor serve` binary on 127.0.0.1:0.
+#[allow(dead_code, reason = "not every test binary uses every helper")]
+pub struct DaemonProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+/// Starts `auditor serve --config CONFIG --state-dir STATE` and reads the address it prints;
+/// its log lines go to `stderr`.
+#[allow(dead_code, reason = "not every test binary uses every helper")]
+pub fn spawn_daemon(config: &Path, state: &Path, stderr: std::process::Stdio) -> DaemonProcess {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_auditor"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    DaemonProcess { child, url }
+}
+
 /// A server running in-process on 127.0.0.1:0; dropping the handle stops it.
 pub struct Running {
     pub url: String,
