@@ -32,6 +32,7 @@ mod cuda;
 #[path = "cuda_off.rs"]
 mod cuda;
 mod embedding;
+mod gemm;
 mod layernorm;
 mod matmul;
 mod optim;
@@ -84,6 +85,11 @@ pub enum Profile {
     /// other reductions in 4 interleaved lanes; the platform's `exp`/`tanh`/`ln`.
     #[default]
     Cpu,
+    /// The fast second CPU profile, what an auditor replays a `cpu` trainer on: the same `gemm`
+    /// crate, but K split in two below the middle and the upper part summed first (bias
+    /// first of all), so each output is a different sum; other reductions in 8 interleaved
+    /// lanes; `exp(x) = 1/exp(−x)`, `tanh` from `exp_m1(2|x|)`, `ln x = log₂x·ln 2`.
+    CpuAlt,
     /// Plain sequential left-to-right reductions, no FMA; the platform's `exp`/`tanh`/`ln`.
     CpuSeq,
     /// Split-K: blocks of 16 accumulated with `f64::mul_add`, block sums combined pairwise;
@@ -99,15 +105,27 @@ impl Profile {
     /// Every CPU profile, default first. Helpers that pick a profile on their own (e.g. the
     /// auditor's "one other than the trainer's") choose among these: the GPU is only used when
     /// asked for by name.
-    pub const CPU: [Profile; 3] = [Profile::Cpu, Profile::CpuSeq, Profile::CpuSplitK];
+    pub const CPU: [Profile; 4] = [Profile::Cpu, Profile::CpuAlt, Profile::CpuSeq, Profile::CpuSplitK];
 
     /// Every profile this crate knows, whether or not this build or machine can run it.
-    pub const ALL: [Profile; 4] = [Profile::Cpu, Profile::CpuSeq, Profile::CpuSplitK, Profile::Cuda];
+    pub const ALL: [Profile; 5] = [Profile::Cpu, Profile::CpuAlt, Profile::CpuSeq, Profile::CpuSplitK, Profile::Cuda];
+
+    /// The profile an auditor replays on when none is asked for: a fast one other than the
+    /// trainer's (`trainer`, when the record says which). `cpu` trainers get `cpu-alt`, every
+    /// other trainer (and an unknown one) gets `cpu`; both are blocked-GEMM profiles, so the
+    /// replay costs about what training did.
+    pub fn auditor_default(trainer: Option<Profile>) -> Profile {
+        match trainer {
+            Some(Profile::Cpu) => Profile::CpuAlt,
+            _ => Profile::Cpu,
+        }
+    }
 
     /// The profile's name as written in run specs and on command lines.
     pub fn name(self) -> &'static str {
         match self {
             Profile::Cpu => "cpu",
+            Profile::CpuAlt => "cpu-alt",
             Profile::CpuSeq => "cpu-seq",
             Profile::CpuSplitK => "cpu-splitk",
             Profile::Cuda => "cuda",
@@ -195,7 +213,7 @@ impl Device {
     pub fn new(profile: Profile) -> Result<Device> {
         let gpu = match profile {
             Profile::Cuda => Some(cuda::GpuRef::shared()?),
-            Profile::Cpu | Profile::CpuSeq | Profile::CpuSplitK => None,
+            Profile::Cpu | Profile::CpuAlt | Profile::CpuSeq | Profile::CpuSplitK => None,
         };
         Ok(Device { profile, gpu })
     }

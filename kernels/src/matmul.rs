@@ -1,15 +1,17 @@
 //! Batched matrix multiplication (optionally transposed operands, bias, scale), its backward
 //! pass, and column sums (bias gradients).
 //!
-//! `cpu` runs the `gemm` crate's blocked FP64 GEMM; `cpu-seq` and `cpu-splitk` run one dot
-//! product per output element in their own reduction order. All three parallelise over
-//! output rows or blocks only, so results never depend on the thread count.
+//! `cpu` and `cpu-alt` run the `gemm` crate's blocked FP64 GEMM, each in its own order (see
+//! [`crate::gemm`]); `cpu-seq` and `cpu-splitk` run one dot product per output element in
+//! their own reduction order. All of them parallelise over output rows or blocks only, so
+//! results never depend on the thread count.
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, SLACK, U, gamma, lsb_exp};
+use crate::gemm::{gemm_alt, gemm_cpu, strides};
 use crate::cuda::{In, size};
 use crate::reduce::{dot_slices, sum_by};
 use crate::{Bounded, Device, ErrorBound, Profile, Result, check_len, checked_prod, shape_err};
@@ -55,11 +57,6 @@ impl MatmulSpec {
             checked_prod(op, &[self.batch, self.m, self.n])?,
         ))
     }
-}
-
-/// Strides (row stride, column stride) of `op(X)` for X stored `rows×cols` or transposed.
-fn strides(trans: bool, rows: usize, cols: usize) -> (usize, usize) {
-    if trans { (1, rows) } else { (cols, 1) }
 }
 
 impl Device {
@@ -222,6 +219,10 @@ impl Device {
         let p = self.profile();
         match p {
             Profile::Cpu => gemm_cpu(a, b, out, spec),
+            Profile::CpuAlt => {
+                // The bias is the first term of each sum here, not the last.
+                return Ok(gemm_alt(a, b, bias, out, spec));
+            }
             Profile::Cuda => self.gemm_gpu(a, b, out, spec)?,
             Profile::CpuSeq | Profile::CpuSplitK => {
                 if k == 0 {
@@ -698,51 +699,6 @@ fn finish_bounds(
         bounds[idx] = bounds[idx].min(t);
     }
     bounds
-}
-
-/// The `cpu` profile's GEMM. Blocking depends on the shape and cache sizes only; threads split
-/// output blocks, never the k loop, so the bits do not depend on the thread count.
-fn gemm_cpu(a: &[f64], b: &[f64], out: &mut [f64], spec: MatmulSpec) {
-    let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k >= 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    let (ars, acs) = strides(a_trans, m, k);
-    let (brs, bcs) = strides(b_trans, k, n);
-    for bi in 0..batch {
-        let ab = &a[bi * m * k..(bi + 1) * m * k];
-        let bb = &b[bi * k * n..(bi + 1) * k * n];
-        let ob = &mut out[bi * m * n..(bi + 1) * m * n];
-        // SAFETY: `ab` holds m·k elements addressed as i·ars + l·acs < m·k for i < m, l < k
-        // (both layouts); `bb` likewise k·n; `ob` is m×n row-major (row stride n, column
-        // stride 1) and does not alias the inputs. With read_dst = false, dst is only written.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                ob.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                ab.as_ptr(),
-                acs as isize,
-                ars as isize,
-                bb.as_ptr(),
-                bcs as isize,
-                brs as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
-    }
 }
 
 #[cfg(test)]

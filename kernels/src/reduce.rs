@@ -41,6 +41,22 @@ pub(crate) fn sum_by(p: Profile, n: usize, f: impl Fn(usize) -> f64) -> f64 {
             }
             (l[0] + l[1]) + (l[2] + l[3])
         }
+        Profile::CpuAlt => {
+            // 8 interleaved lanes, combined as ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
+            let mut l = [0.0f64; 8];
+            let full = n / 8 * 8;
+            let mut i = 0;
+            while i < full {
+                for (j, lane) in l.iter_mut().enumerate() {
+                    *lane += f(i + j);
+                }
+                i += 8;
+            }
+            for (j, i) in (full..n).enumerate() {
+                l[j] += f(i);
+            }
+            ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+        }
         Profile::CpuSplitK => pairwise(0, n, &|i| f(i)),
     }
 }
@@ -94,7 +110,7 @@ pub(crate) fn dot_slices(p: Profile, a: &[f64], b: &[f64]) -> f64 {
             }
             s
         }
-        Profile::Cpu => dot_by(p, a.len(), |i| a[i], |i| b[i]),
+        Profile::Cpu | Profile::CpuAlt => dot_by(p, a.len(), |i| a[i], |i| b[i]),
         Profile::CpuSplitK => {
             // Same tree as `pairwise_fma`, written over slices so it vectorises.
             fn rec(a: &[f64], b: &[f64]) -> f64 {
@@ -114,9 +130,20 @@ pub(crate) fn dot_slices(p: Profile, a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
+/// Largest `|x|` for which `cpu-alt` computes `eˣ` as `1/e⁻ˣ`: both `eˣ` and `e⁻ˣ` are then
+/// normal (e⁷⁰⁰ < 2¹⁰¹⁰), so neither the reciprocal nor the result touches the subnormal range.
+const ALT_EXP_MAX: f64 = 700.0;
+
+/// Smallest `|x|` for which `cpu-alt` takes `tanh x = ±1` from the platform: for `|x| ≥ 20`,
+/// `1 − tanh|x| < 2e⁻⁴⁰ < 2⁻⁵⁴`, so every ≤ 4-ulp implementation returns 1 or its neighbour.
+const ALT_TANH_MAX: f64 = 20.0;
+
 /// `eˣ`. Platform `exp` (glibc: < 1 ulp) on `cpu`/`cpu-seq`; `exp(x/2)²` on `cpu-splitk`:
 /// `x/2` is exact, `exp(x/2)` has relative error ≤ 2u, squaring adds u, so the result is
 /// within (1+2u)²(1+u)−1 ≤ 5.0001u < 8u relative (plus subnormal-range absolute error).
+/// On `cpu-alt`, `1/exp(−x)` for `|x| ≤ 700` ([`ALT_EXP_MAX`]): `exp(−x)` is within 2u
+/// relative and normal, the division adds u: ≤ (1+u)/(1−2u)−1 ≤ 3.0001u < 8u relative; the
+/// platform `exp` beyond (where `1/exp(−x)` would meet overflow or subnormals).
 #[inline]
 pub(crate) fn exp(p: Profile, x: f64) -> f64 {
     match p {
@@ -124,6 +151,7 @@ pub(crate) fn exp(p: Profile, x: f64) -> f64 {
             let h = (0.5 * x).exp();
             h * h
         }
+        Profile::CpuAlt if x.abs() <= ALT_EXP_MAX => 1.0 / (-x).exp(),
         _ => x.exp(),
     }
 }
@@ -132,6 +160,11 @@ pub(crate) fn exp(p: Profile, x: f64) -> f64 {
 /// `tanh|x| = −e/(2+e)` with `e = expm1(−2|x|) ∈ (−1, 0]`: `e` has relative error ≤ 2u
 /// (glibc expm1 ≤ 1 ulp), `2+e ≥ 1` has relative error ≤ 2u·|e|/(2+e) + u ≤ 3u, and the
 /// division adds u: ≤ 6.0001u < 8u relative.
+/// On `cpu-alt`, `tanh|x| = e/(2+e)` with `e = expm1(2|x|) ≥ 0` for `|x| < 20`
+/// ([`ALT_TANH_MAX`]; `2|x|` is exact): `e` within 2u relative, `2+e` within
+/// `2u·e/(2+e) + u ≤ 3u`, the division u: ≤ 6.0001u < 8u relative. A subnormal `x` gives
+/// `e = 2x` and `e/2` rounds by at most half a subnormal ulp (inside the absolute `ETA`). The
+/// platform `tanh` (±1) beyond.
 #[inline]
 pub(crate) fn tanh(p: Profile, x: f64) -> f64 {
     match p {
@@ -140,16 +173,25 @@ pub(crate) fn tanh(p: Profile, x: f64) -> f64 {
             let t = -e / (2.0 + e);
             if x.is_sign_negative() { -t } else { t }
         }
+        Profile::CpuAlt if x.abs() < ALT_TANH_MAX => {
+            let e = (2.0 * x.abs()).exp_m1();
+            let t = e / (2.0 + e);
+            if x.is_sign_negative() { -t } else { t }
+        }
         _ => x.tanh(),
     }
 }
 
 /// `ln x`. Platform `ln` on `cpu`/`cpu-seq`; on `cpu-splitk` `ln_1p(x−1)` for x in [0.5, 2]
 /// (`x−1` exact by Sterbenz, `ln_1p` ≤ 1 ulp: ≤ 2u relative) and the platform `ln` elsewhere.
+/// On `cpu-alt`, `log₂(x)·ln 2`: `log₂` ≤ 1 ulp (2u relative, also near 1, where glibc's
+/// `log2` is computed without cancellation), `ln 2` rounded (u), the product (u): ≤ 4.0001u
+/// < 8u relative; `ln 1 = 0` exactly, and ±∞, NaN pass through.
 #[inline]
 pub(crate) fn ln(p: Profile, x: f64) -> f64 {
     match p {
         Profile::CpuSplitK if (0.5..=2.0).contains(&x) => (x - 1.0).ln_1p(),
+        Profile::CpuAlt => x.log2() * std::f64::consts::LN_2,
         _ => x.ln(),
     }
 }
@@ -189,5 +231,51 @@ mod tests {
             }
             x += 0.37;
         }
+    }
+
+    /// `cpu-alt`'s own formulas at and around the points where they hand over to the platform
+    /// (`|x| = 700` for exp, 20 for tanh), near 0 (tiny, subnormal and signed-zero arguments),
+    /// near `ln 1 = 0` and across the exponent range; and they really are other formulas:
+    /// they give other bits than the platform's on a good share of arguments.
+    #[test]
+    fn cpu_alt_transcendentals_within_8u_at_their_edges() {
+        let p = Profile::CpuAlt;
+        let close = |got: f64, want: f64| got == want || (got - want).abs() <= 9.0 * U * want.abs() + f64::from_bits(4);
+        let mut xs = vec![0.0, -0.0, 1e-300, -1e-300, f64::from_bits(1), -f64::from_bits(3), 1e-10, -3e-5];
+        for c in [ALT_EXP_MAX, ALT_TANH_MAX, 709.7, 745.0, 1.0, 0.5] {
+            for s in [-1.0, 1.0] {
+                let c = s * c;
+                xs.extend([c, c.next_up(), c.next_down(), c * (1.0 + 1e-9), c * (1.0 - 1e-9)]);
+            }
+        }
+        let (mut differ, mut total) = (0, 0);
+        for i in 0..20_000 {
+            xs.push((i as f64 - 10_000.0) * 0.0713);
+        }
+        for &x in &xs {
+            let e = exp(p, x);
+            assert!(close(e, x.exp()), "exp {x:e}: {e:e} vs {:e}", x.exp());
+            let t = tanh(p, x);
+            assert!(close(t, x.tanh()), "tanh {x:e}: {t:e} vs {:e}", x.tanh());
+            assert_eq!(t.is_sign_negative(), x.tanh().is_sign_negative(), "tanh {x:e} sign");
+            let y = x.abs();
+            assert!(close(ln(p, y), y.ln()) || y == 0.0, "ln {y:e}: {:e} vs {:e}", ln(p, y), y.ln());
+            total += 3;
+            differ += (e.to_bits() != x.exp().to_bits()) as usize
+                + (t.to_bits() != x.tanh().to_bits()) as usize
+                + (ln(p, y).to_bits() != y.ln().to_bits()) as usize;
+        }
+        assert_eq!(ln(p, 0.0), f64::NEG_INFINITY);
+        assert_eq!(ln(p, 1.0).to_bits(), 0.0f64.to_bits());
+        assert!(ln(p, -1.0).is_nan() && exp(p, f64::NAN).is_nan() && tanh(p, f64::NAN).is_nan());
+        assert_eq!((exp(p, f64::NEG_INFINITY), exp(p, f64::INFINITY)), (0.0, f64::INFINITY));
+        // Near ln 1 = 0 the relative error is what matters.
+        for k in 1..=60 {
+            for y in [1.0 + 2f64.powi(-k), 1.0 - 2f64.powi(-k - 1), 1.0 + 3.0 * 2f64.powi(-k)] {
+                assert!(close(ln(p, y), y.ln()), "ln {y:e}: {:e} vs {:e}", ln(p, y), y.ln());
+            }
+        }
+        println!("cpu-alt: {differ} of {total} transcendental results differ from the platform's in bits");
+        assert!(differ * 10 > total, "cpu-alt's formulas agree with the platform too often ({differ} of {total})");
     }
 }
