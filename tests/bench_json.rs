@@ -22,6 +22,19 @@ fn bench_document_has_the_issue_keys() {
         let v = m[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {m}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
+    // Every timing ratio is the median of per-step pairs, with its spread.
+    for key in ["trainer_overhead_vs_fp32", "replay_vs_trainer"] {
+        let s = &m[format!("{key}_spread")];
+        let (lo, med, hi) = (s["min"].as_f64().unwrap(), s["median"].as_f64().unwrap(), s["max"].as_f64().unwrap());
+        assert!(lo <= med && med <= hi && lo > 0.0, "{key}: {s}");
+        assert_eq!(s["pairs"], 2, "{key}: one pair per step");
+        assert_eq!(m[key].as_f64().unwrap(), med, "{key}");
+    }
+    assert_eq!(m["replay_profile"], "cpu-alt");
+    for p in ["cpu", "cpu-alt", "cpu-seq", "cpu-splitk"] {
+        assert!(m["replay_by_profile"][p]["replay_vs_trainer"].as_f64().unwrap() > 0.0, "{p}");
+    }
+    assert!(doc["machine"]["simd_level"].is_string() && doc["machine"]["cpu_flags"].is_array(), "{}", doc["machine"]);
     assert!(m["logged_fraction"]["all"].as_f64().unwrap() < 0.01);
     assert!(m["bound_tightness"]["max"].as_f64().unwrap() <= 1.0);
     // The same weights and batch: the FP32 baseline's first loss is the verified one's, nearly.

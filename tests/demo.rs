@@ -16,6 +16,7 @@ fn the_main_job_finds_the_injected_fault_over_http() {
         stdout.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in\n{stdout}"))
     };
     assert!(line("of honest").contains("verdict consistent"), "{stdout}");
+    assert!(line("of honest").contains("cpu-alt"), "replayed on the fast other profile: {stdout}");
     assert!(line("of faulty").contains("verdict diverged"), "{stdout}");
     assert_eq!(line("first diverging step").trim(), "first diverging step 23");
     for f in ["honest.report.json", "faulty.report.json", "faulty.evidence"] {

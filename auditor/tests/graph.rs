@@ -1,6 +1,7 @@
 //! A user's graph end to end: trained from `configs/synthetic-graph.toml` by the trainer
-//! agent's session (what `trainer-agent train` runs), audited by the `auditor` binary on every
-//! other CPU profile and in every mode: `consistent`; with a fault, `diverged` at its step.
+//! agent's session (what `trainer-agent train` runs), audited by the `auditor` binary on the
+//! other CPU profiles (`cpu-alt`, the default, among them) and in every mode: `consistent`;
+//! with a fault, `diverged` at its step.
 
 mod support;
 
@@ -67,6 +68,11 @@ fn a_graph_record_audits_consistent_on_every_other_profile_and_mode() {
             assert_eq!(v["auditor_device"], device);
         }
     }
+    // Without --device, a `cpu` trainer's record is replayed on the fast `cpu-alt`.
+    let out = auditor(&dir, &["audit", "--record", rec, "--mode", "intervals", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!((&v["verdict"]["kind"], &v["auditor_device"]), (&"consistent".into(), &"cpu-alt".into()), "{v}");
     let faulty = train(&dir, "faulty", vec![Fault { kind: FaultKind::PerturbWeight, step: 13 }]);
     let out = auditor(&dir, &["audit", "--record", faulty.to_str().unwrap(), "--device", "cpu-seq", "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));

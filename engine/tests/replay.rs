@@ -156,26 +156,11 @@ fn steps_are_independent_of_the_thread_count() {
     assert_eq!(one, digests(3));
 }
 
-/// The `cuda` profile's code path replays CPU-trained steps of every model kind bit-identically,
-/// and a CPU replays its steps: on the host emulation of the profile (its kernels compiled for
-/// the host; needs a C compiler) and on the real GPU where one is present.
-#[cfg(feature = "cuda")]
-#[test]
-fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
+/// Every model kind the presets and graphs offer, small, with its data: MLP (SGD, ADAMW) on
+/// the synthetic task; a CNN on 8×8 images; a GPT with dropout on text; a transformer graph
+/// and a residual CNN graph with batch norm, tanh, sigmoid and an MSE loss.
+fn every_model() -> Vec<(&'static str, (Config, Option<engine::data::Dataset>))> {
     use engine::data::Dataset;
-    use engine::spec::RunSpec;
-    use kernels::Device;
-
-    let mut gpus: Vec<(&str, Device)> = Vec::new();
-    match Device::cuda_emulated() {
-        Ok(d) => gpus.push(("cuda (host emulation)", d)),
-        Err(e) => println!("skipped the emulation: {e}"),
-    }
-    match Device::new(Profile::Cuda) {
-        Ok(d) => gpus.push(("cuda", d)),
-        Err(e) => println!("no GPU: {e}"),
-    }
-    // MLP (SGD, ADAMW) on the synthetic task; a CNN on 8×8 images; a GPT with dropout on text.
     let mlp = |opt| (config(MLP, opt), None);
     let mut cnn = config("[model]\nkind = \"cnn\"\nchannels = [3, 4]", ADAMW);
     cnn.train.batch_size = 4;
@@ -209,33 +194,70 @@ fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
     let mut graph_cnn = config(MLP, ADAMW);
     graph_cnn.train.batch_size = 4;
     graph_cnn.model = resnet.into();
-    let cases = [
+    vec![
         ("mlp/sgd", mlp(SGD)),
         ("mlp/adamw", mlp(ADAMW)),
         ("cnn", (cnn, Some(images))),
         ("gpt", (gpt, Some(words.clone()))),
         ("graph/transformer", (graph_gpt, Some(words))),
         ("graph/resnet", (graph_cnn, None)),
-    ];
-    for (gpu_name, gpu) in &gpus {
-        for (model, (cfg, data)) in &cases {
-            let data = data.clone().unwrap_or_else(|| Dataset::for_config(cfg, None).unwrap());
-            let on = |device: Device| {
-                let cfg = cfg.clone().with_planned_steps(3, data.n_train() as u64);
-                let spec = RunSpec::new(cfg, data.commitment(), device.profile().name(), 3);
-                Run::new(spec, data.clone(), device).unwrap()
-            };
-            let cpu = Device::new(Profile::Cpu).unwrap();
-            for (trainer, auditor) in [(cpu.clone(), gpu.clone()), (gpu.clone(), cpu.clone())] {
-                let what = format!("{model}: {} → {} ({gpu_name})", trainer.profile(), auditor.profile());
-                replay_exactly(&on(auditor), &train(&on(trainer), 3), &what);
-            }
-            println!("{model}: cpu ↔ {gpu_name}: 3 steps each way bit-identical");
+    ]
+}
+
+/// Trains 3 steps of every model on `trainer` and replays them on `auditor`, and the other way
+/// round: every state bit-identical, no honest entry called forged.
+fn both_ways(trainer: &kernels::Device, auditor: &kernels::Device, label: &str) {
+    use engine::data::Dataset;
+    use engine::spec::RunSpec;
+    for (model, (cfg, data)) in every_model() {
+        let data = data.unwrap_or_else(|| Dataset::for_config(&cfg, None).unwrap());
+        let on = |device: kernels::Device| {
+            let cfg = cfg.clone().with_planned_steps(3, data.n_train() as u64);
+            let spec = RunSpec::new(cfg, data.commitment(), device.profile().name(), 3);
+            Run::new(spec, data.clone(), device).unwrap()
+        };
+        for (t, a) in [(trainer, auditor), (auditor, trainer)] {
+            let what = format!("{model}: {} → {} ({label})", t.profile(), a.profile());
+            replay_exactly(&on(a.clone()), &train(&on(t.clone()), 3), &what);
         }
+        println!("{model}: {} ↔ {label}: 3 steps each way bit-identical", trainer.profile());
     }
 }
 
+/// The pair a default audit uses, `cpu` and `cpu-alt` (`Profile::auditor_default`), replays
+/// each other's steps bit-identically for every model kind, presets and graphs.
+#[test]
+fn cpu_and_cpu_alt_replay_each_others_steps_for_every_model() {
+    assert_eq!(Profile::auditor_default(Some(Profile::Cpu)), Profile::CpuAlt);
+    assert_eq!(Profile::auditor_default(Some(Profile::CpuAlt)), Profile::Cpu);
+    let cpu = kernels::Device::new(Profile::Cpu).unwrap();
+    let alt = kernels::Device::new(Profile::CpuAlt).unwrap();
+    both_ways(&cpu, &alt, "cpu-alt");
+}
+
+/// The `cuda` profile's code path replays CPU-trained steps of every model kind bit-identically,
+/// and a CPU replays its steps: on the host emulation of the profile (its kernels compiled for
+/// the host; needs a C compiler) and on the real GPU where one is present.
 #[cfg(feature = "cuda")]
+#[test]
+fn cuda_profile_and_cpu_replay_each_others_steps_for_every_model() {
+    use kernels::Device;
+
+    let mut gpus: Vec<(&str, Device)> = Vec::new();
+    match Device::cuda_emulated() {
+        Ok(d) => gpus.push(("cuda (host emulation)", d)),
+        Err(e) => println!("skipped the emulation: {e}"),
+    }
+    match Device::new(Profile::Cuda) {
+        Ok(d) => gpus.push(("cuda", d)),
+        Err(e) => println!("no GPU: {e}"),
+    }
+    let cpu = Device::new(Profile::Cpu).unwrap();
+    for (gpu_name, gpu) in &gpus {
+        both_ways(&cpu, gpu, gpu_name);
+    }
+}
+
 fn node(name: &str, op: engine::graph::Op, input: &str) -> engine::graph::Node {
     engine::graph::Node { name: name.into(), inputs: vec![input.into()], op }
 }

@@ -7,6 +7,9 @@
 //! bound costs: norms, the outer product, the ambiguity check and the tight refinement);
 //! `bound_share` is `bound_ms / tiebreak_cpu_ms`, `bound_overhead` is `bound_ms / unbounded_ms`;
 //! `cs_bound_ms` times [`Device::matmul_bound`] (operand conversion and Cauchy–Schwarz bound).
+//! `cpu_alt_ms` is the same op on the `cpu-alt` profile (the auditor's default for a `cpu`
+//! trainer), timed in the same repetitions; `alt_vs_cpu` is the median of the per-repetition
+//! ratios `cpu-alt / cpu`, with their min and max.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -34,6 +37,7 @@ fn median(mut t: Vec<f64>) -> f64 {
 
 fn bench(c: &mut Criterion) {
     let dev = Device::new(Profile::Cpu).expect("cpu device");
+    let alt_dev = Device::new(Profile::CpuAlt).expect("cpu-alt device");
     let cdev = candle_core::Device::Cpu;
     for (m, k, n) in SHAPES {
         let mut rng = SplitMix64(1);
@@ -43,32 +47,33 @@ fn bench(c: &mut Criterion) {
         let ta = candle_core::Tensor::from_vec(a.clone(), (m, k), &cdev).expect("tensor");
         let tb = candle_core::Tensor::from_vec(b.clone(), (k, n), &cdev).expect("tensor");
         let ours = || drop(black_box(dev.matmul(&a, &b, None, spec).expect("matmul")));
+        let alt = || drop(black_box(alt_dev.matmul(&a, &b, None, spec).expect("matmul")));
         let unbounded = || drop(black_box(dev.matmul_unbounded(&a, &b, None, spec).expect("matmul")));
         let cs_bound = || drop(black_box(dev.matmul_bound(&a, &b, None, spec).expect("bound")));
         let candle = || drop(black_box(ta.matmul(&tb).expect("candle matmul")));
 
         let mut g = c.benchmark_group(format!("matmul_{m}x{k}x{n}"));
         g.bench_function("tiebreak_cpu_f64_bounded", |bch| bch.iter(ours));
+        g.bench_function("tiebreak_cpu_alt_f64_bounded", |bch| bch.iter(alt));
         g.bench_function("tiebreak_cpu_f64_unbounded", |bch| bch.iter(unbounded));
         g.bench_function("tiebreak_cs_bound_only", |bch| bch.iter(cs_bound));
         g.bench_function("candle_cpu_f32", |bch| bch.iter(candle));
         g.finish();
 
         let reps = 41;
-        let (ours_t, unb_t, cs_t, candle_t): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = (0..reps + 1)
-            .map(|_| (secs(ours), secs(unbounded), secs(cs_bound), secs(candle)))
+        let times: Vec<[f64; 5]> = (0..reps + 1)
+            .map(|_| [secs(ours), secs(unbounded), secs(cs_bound), secs(candle), secs(alt)])
             .skip(1)
-            .fold(Default::default(), |(mut o, mut u, mut s, mut c), (a, b, d, e)| {
-                o.push(a);
-                u.push(b);
-                s.push(d);
-                c.push(e);
-                (o, u, s, c)
-            });
+            .collect();
+        let col = |i: usize| times.iter().map(|t| t[i]).collect::<Vec<f64>>();
+        let (ours_t, unb_t, cs_t, candle_t, alt_t) = (col(0), col(1), col(2), col(3), col(4));
+        let alt_ratios: Vec<f64> = times.iter().map(|t| t[4] / t[0]).collect();
+        let (alt_min, alt_max) = alt_ratios.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let (alt_ms, alt_vs_cpu) = (median(alt_t), median(alt_ratios));
         let bound = median(ours_t.iter().zip(&unb_t).map(|(o, u)| o - u).collect());
         let (ours, unb, cs, candle) = (median(ours_t), median(unb_t), median(cs_t), median(candle_t));
         println!(
-            "{{\"bench\":\"matmul\",\"m\":{m},\"k\":{k},\"n\":{n},\"threads\":{},\"tiebreak_cpu_ms\":{:.3},\"unbounded_ms\":{:.3},\"bound_ms\":{:.3},\"cs_bound_ms\":{:.3},\"candle_f32_ms\":{:.3},\"ratio_vs_candle\":{:.3},\"bound_share\":{:.3},\"bound_overhead\":{:.3}}}",
+            "{{\"bench\":\"matmul\",\"m\":{m},\"k\":{k},\"n\":{n},\"threads\":{},\"tiebreak_cpu_ms\":{:.3},\"unbounded_ms\":{:.3},\"bound_ms\":{:.3},\"cs_bound_ms\":{:.3},\"candle_f32_ms\":{:.3},\"ratio_vs_candle\":{:.3},\"bound_share\":{:.3},\"bound_overhead\":{:.3},\"cpu_alt_ms\":{:.3},\"alt_vs_cpu\":{:.3},\"alt_vs_cpu_min\":{:.3},\"alt_vs_cpu_max\":{:.3}}}",
             rayon::current_num_threads(),
             ours * 1e3,
             unb * 1e3,
@@ -77,7 +82,11 @@ fn bench(c: &mut Criterion) {
             candle * 1e3,
             ours / candle,
             bound / ours,
-            bound / unb
+            bound / unb,
+            alt_ms * 1e3,
+            alt_vs_cpu,
+            alt_min,
+            alt_max
         );
     }
 }

@@ -27,7 +27,16 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 /// One `gemm::gemm` call over rows `l0..l1` of `op(B)` and columns `l0..l1` of `op(A)`:
 /// `out = (read_out ? out : 0) + op(A)[:, l0..l1]·op(B)[l0..l1, :]`.
 #[allow(clippy::too_many_arguments)] // reason: the operands, their range and the layout
-fn gemm_part(a: &[f64], b: &[f64], out: &mut [f64], spec: MatmulSpec, l0: usize, l1: usize, read_out: bool, par: gemm::Parallelism) {
+fn gemm_part(
+    a: &[f64],
+    b: &[f64],
+    out: &mut [f64],
+    spec: MatmulSpec,
+    l0: usize,
+    l1: usize,
+    read_out: bool,
+    par: gemm::Parallelism,
+) {
     let MatmulSpec { m, k, n, a_trans, b_trans, .. } = spec;
     assert!(l0 <= l1 && l1 <= k && a.len() == m * k && b.len() == k * n && out.len() == m * n, "gemm_part: bad range");
     let (ars, acs) = strides(a_trans, m, k);

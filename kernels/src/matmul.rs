@@ -11,8 +11,8 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, SLACK, U, gamma, lsb_exp};
-use crate::gemm::{gemm_alt, gemm_cpu, strides};
 use crate::cuda::{In, size};
+use crate::gemm::{gemm_alt, gemm_cpu, strides};
 use crate::reduce::{dot_slices, sum_by};
 use crate::{Bounded, Device, ErrorBound, Profile, Result, check_len, checked_prod, shape_err};
 
@@ -221,7 +221,8 @@ impl Device {
             Profile::Cpu => gemm_cpu(a, b, out, spec),
             Profile::CpuAlt => {
                 // The bias is the first term of each sum here, not the last.
-                return Ok(gemm_alt(a, b, bias, out, spec));
+                gemm_alt(a, b, bias, out, spec);
+                return Ok(());
             }
             Profile::Cuda => self.gemm_gpu(a, b, out, spec)?,
             Profile::CpuSeq | Profile::CpuSplitK => {

@@ -205,7 +205,8 @@ fn cpu_alt_differs_from_cpu_on_most_outputs() {
         }
     }
     let x = rng.uniform(512 * 128, 3.0);
-    let ops: [(&str, fn(&Device, &[f32]) -> Vec<f64>); 4] = [
+    type RowOp = fn(&Device, &[f32]) -> Vec<f64>;
+    let ops: [(&str, RowOp); 4] = [
         ("softmax", |d, x| d.softmax(x, RowSpec::new(512, 128)).unwrap().values),
         ("layer_norm", |d, x| d.layer_norm(x, &[1.0; 128], &[0.0; 128], 512, 128, 1e-5).unwrap().y.values),
         ("gelu", |d, x| d.gelu(x).unwrap().values),
@@ -259,7 +260,10 @@ fn profile_names_round_trip_and_bad_names_are_explained() {
     assert_eq!("cuda".parse::<Profile>().unwrap(), Profile::Cuda, "cuda parses in every build");
     let e = "gpu-fast".parse::<Profile>().unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("gpu-fast") && msg.contains("cpu-seq") && msg.contains("cpu-splitk") && msg.contains("cpu-alt"), "{msg}");
+    assert!(
+        msg.contains("gpu-fast") && msg.contains("cpu-seq") && msg.contains("cpu-splitk") && msg.contains("cpu-alt"),
+        "{msg}"
+    );
     assert!(msg.contains("cuda"), "{msg}");
 }
 

@@ -5,13 +5,13 @@
 //!
 //! # How the timings are taken
 //! For every step `t` of a model, in this process and back to back: the trainer's verified step
-//! (`Commit`, no paper log), the candle FP32 step on the same batch, and the auditor's replay of
-//! step `t` with the trainer's log on each CPU profile (each profile keeps its own chain of
-//! states, which must stay bit-identical to the trainer's). The order of the trainer and FP32
-//! steps alternates from step to step, so background load on a shared machine hits both alike.
-//! The headline ratios are ratios of the *fastest* step of each kind (the least disturbed by
-//! other processes; the same estimator for every kind); ratios of medians are reported beside
-//! them, with the load average, so a reader can see how noisy the machine was.
+//! (`Commit`, no paper log) and the candle FP32 step on the same batch, in alternating order;
+//! then, for each CPU profile, the auditor's replay of step `t` with the trainer's log (each
+//! profile keeps its own chain of states, which must stay bit-identical to the trainer's) and a
+//! rerun of the trainer's step `t` beside it, again in alternating order. Every ratio is the
+//! median of these per-step pairs, printed with its minimum and maximum (`*_spread`, see
+//! [`stats`]): background load on a shared machine hits both members of a pair alike. The
+//! JSON also names the CPU, its SIMD level and the load average at the start and the end.
 //!
 //! The paper's dense log needs the same step run again with `Commit { paper: true }` (the trits
 //! are computed inside the rounding); that run is timed separately and must give the same
@@ -24,6 +24,7 @@
 
 pub mod baseline;
 pub mod handwritten;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ use kernels::{Device, Profile};
 use serde_json::{Value, json};
 
 use baseline::Baseline;
+use stats::{Paired, load_average, machine, mean, median, min};
 
 /// The models measured, in output order.
 pub const MODELS: [&str; 3] = ["mnist-mlp", "mnist-cnn", "shakespeare-gpt"];
@@ -65,10 +67,10 @@ fn config_text(model: &str) -> Result<&'static str> {
     })
 }
 
-/// The auditor's default profile: the first CPU profile other than the trainer's (what the
-/// `auditor` CLI picks when `--device` is not given).
+/// The auditor's default profile for the trainer's (what the `auditor` CLI picks when
+/// `--device` is not given): `cpu-alt`.
 pub fn auditor_profile() -> Profile {
-    Profile::CPU.into_iter().find(|&p| p != TRAINER_PROFILE).unwrap_or_default()
+    Profile::auditor_default(Some(TRAINER_PROFILE))
 }
 
 /// A model's run, built from its config and either the real data under `data_dir` or
@@ -162,24 +164,6 @@ fn synthetic_text(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { 0.5 * (v[m - 1] + v[m]) }
-}
-
-fn min(xs: &[f64]) -> f64 {
-    xs.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn mean(xs: &[f64]) -> f64 {
-    xs.iter().sum::<f64>() / xs.len() as f64
-}
-
 fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     let t0 = Instant::now();
     let out = f();
@@ -269,6 +253,14 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<Value> {
     let t0 = Instant::now();
     let load_start = load_average();
+    let m = machine();
+    eprintln!(
+        "bench: {} ({} SIMD, {}), load average {:?}",
+        m["cpu_model"].as_str().unwrap_or("unknown CPU"),
+        m["simd_level"].as_str().unwrap_or("?"),
+        m["cpu_flags"],
+        load_start
+    );
     let (tightness, tightness_s) = timed(|| kernels::parity::tightness(1));
     let mut models = Vec::new();
     let mut data_kinds = Vec::new();
@@ -283,7 +275,7 @@ pub fn run(opts: &Options) -> Result<Value> {
     Ok(json!({
         "format": "tiebreak-bench/1",
         "software_version": SOFTWARE_VERSION,
-        "machine": machine(),
+        "machine": m,
         "load_average_start_end": [load_start, load_average()],
         "data": {
             "kind": data_kind,
@@ -297,24 +289,6 @@ pub fn run(opts: &Options) -> Result<Value> {
         "bound_tightness_seconds": tightness_s,
         "total_seconds": t0.elapsed().as_secs_f64(),
     }))
-}
-
-/// The machine the run is on.
-fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string());
-    let logical = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
-    json!({
-        "cores_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "cpus_in_cpuinfo": logical,
-        "cpu_model": model,
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-    })
 }
 
 fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) -> Result<(Value, &'static str)> {
@@ -332,6 +306,9 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let mut replay_states: Vec<TrainingState> = replayers.iter().map(|_| init.clone()).collect();
     let (mut t_train, mut t_fp32, mut t_paper) = (Vec::new(), Vec::new(), Vec::new());
     let mut t_replay: Vec<Vec<f64>> = replayers.iter().map(|_| Vec::new()).collect();
+    // Per-step ratios of steps timed side by side (see `stats`).
+    let (mut vs_fp32, mut graph_vs_hand) = (Paired::default(), Paired::default());
+    let mut replay_vs: Vec<Paired> = replayers.iter().map(|_| Paired::default()).collect();
     let (mut log_bytes, mut paper_bytes, mut batch_bytes) = (Vec::new(), Vec::new(), Vec::new());
     let (mut entries, mut values, mut paper_values) = (Vec::new(), 0u64, 0u64);
     let mut kinds = KindCounts::default();
@@ -355,10 +332,22 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
             t_train.push(dt);
             (out?, l?)
         };
+        vs_fp32.push(*t_train.last().unwrap_or(&f64::NAN), *t_fp32.last().unwrap_or(&f64::NAN));
         for (k, (profile, r)) in replayers.iter().enumerate() {
-            let (rep, dt) = timed(|| r.step(&replay_states[k], t, StepMode::Replay(&out.log), None));
+            // Each replay is paired with a run of the same trainer step beside it (the first run
+            // made the log), alternating which goes first; the rerun must give the same state.
+            let replay = || timed(|| r.step(&replay_states[k], t, StepMode::Replay(&out.log), None));
+            let ((rep, dt), (again, dt_train)) = if t % 2 == 1 {
+                let rep = replay();
+                (rep, timed(|| train(&state)))
+            } else {
+                let again = timed(|| train(&state));
+                (replay(), again)
+            };
+            ensure!(again?.state.digest() == out.state.digest(), "{name}: step {t} gave another state when rerun");
             let rep = rep.with_context(|| format!("{name}: replay of step {t} on {profile}"))?;
             t_replay[k].push(dt);
+            replay_vs[k].push(dt, dt_train);
             let (a, b) = (rep.state.digest(), out.state.digest());
             ensure!(
                 a == b && rep.forged.is_empty(),
@@ -382,6 +371,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         t_graph.push(dt);
         let ((hand_loss, h_ties), dt) = (hand.0.with_context(|| format!("{name}: hand-written pass"))?, hand.1);
         t_hand.push(dt);
+        graph_vs_hand.push(*t_graph.last().unwrap_or(&f64::NAN), dt);
         ensure!(
             (graph_loss - hand_loss).abs() <= 1e-5 * hand_loss.abs().max(1.0),
             "{name}: step {t}: the graph's loss {graph_loss} and the hand-written model's {hand_loss} differ"
@@ -421,19 +411,18 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let (fp32_min, fp32_med) = (min(&t_fp32), median(&t_fp32));
     let auditor = auditor_profile();
     let mut replay_by_profile = serde_json::Map::new();
-    let mut replay_vs_trainer = f64::NAN;
-    for ((p, _), ts) in replayers.iter().zip(&t_replay) {
-        let r = min(ts) / train_min;
+    let mut replay_vs_trainer = Paired::default();
+    for (((p, _), ts), pairs) in replayers.iter().zip(&t_replay).zip(&replay_vs) {
         if *p == auditor {
-            replay_vs_trainer = r;
+            replay_vs_trainer = pairs.clone();
         }
         replay_by_profile.insert(
             p.name().into(),
             json!({
                 "replay_step_seconds_min": min(ts),
                 "replay_step_seconds_median": median(ts),
-                "replay_vs_trainer": r,
-                "replay_vs_trainer_of_medians": median(ts) / train_med,
+                "replay_vs_trainer": pairs.median(),
+                "replay_vs_trainer_spread": pairs.spread(),
             }),
         );
     }
@@ -469,9 +458,11 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         "trainer_step_seconds_median": train_med,
         "fp32_step_seconds_min": fp32_min,
         "fp32_step_seconds_median": fp32_med,
-        "trainer_overhead_vs_fp32": train_min / fp32_min,
-        "trainer_overhead_vs_fp32_of_medians": train_med / fp32_med,
-        "replay_vs_trainer": replay_vs_trainer,
+        "trainer_overhead_vs_fp32": vs_fp32.median(),
+        "trainer_overhead_vs_fp32_spread": vs_fp32.spread(),
+        "trainer_overhead_vs_fp32_of_minima": train_min / fp32_min,
+        "replay_vs_trainer": replay_vs_trainer.median(),
+        "replay_vs_trainer_spread": replay_vs_trainer.spread(),
         "replay_profile": auditor.name(),
         "replay_by_profile": replay_by_profile,
         "paper_commit_step_seconds_min": min(&t_paper),
@@ -502,8 +493,8 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         "graph_vs_handwritten": {
             "graph_pass_seconds_min": min(&t_graph),
             "handwritten_pass_seconds_min": min(&t_hand),
-            "graph_overhead": min(&t_graph) / min(&t_hand),
-            "graph_overhead_of_medians": median(&t_graph) / median(&t_hand),
+            "graph_overhead": graph_vs_hand.median(),
+            "graph_overhead_spread": graph_vs_hand.spread(),
             "graph_tie_breaks_per_step": mean(&graph_ties),
             "handwritten_tie_breaks_per_step": mean(&hand_ties),
             "method": "forward and backward of each step from the same state and batch, rounding at every site, alternating order; the hand-written models are the engine's before it interpreted every model as a graph (src/bench/handwritten.rs)",
@@ -549,13 +540,6 @@ fn tielog_sites(stored: Option<&Vec<u8>>) -> Vec<(String, u64)> {
         Ok(log) => log.sites().map(|(n, s)| (n.to_string(), s.len())).collect(),
         Err(_) => Vec::new(),
     }
-}
-
-/// The 1-, 5- and 15-minute load averages (`/proc/loadavg`).
-fn load_average() -> Option<[f64; 3]> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    let mut it = text.split_whitespace().map(|x| x.parse::<f64>().ok());
-    Some([it.next()??, it.next()??, it.next()??])
 }
 
 /// Two trees of `leaves` leaves that differ from leaf `first_bad` on; the auditor bisects its
@@ -686,12 +670,6 @@ mod tests {
         let v = bisection(1000, 377).unwrap();
         assert_eq!(v["first_differing_leaf"], 377);
         assert!(v["queries"].as_u64().unwrap() <= 11);
-    }
-
-    #[test]
-    fn median_of_even_and_odd() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 
     #[test]

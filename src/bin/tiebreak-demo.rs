@@ -3,7 +3,8 @@
 //!    injected fault (default `perturb-weight@37`);
 //! 2. serve both records with the trainer's record server (`trainer-agent serve`'s library);
 //! 3. start the auditor daemon (`auditor serve`'s library) on its embedded SQLite store;
-//! 4. submit both audits over HTTP, replayed on another profile (`cpu-seq`);
+//! 4. submit both audits over HTTP, replayed on another profile (`cpu-alt`, the fast other
+//!    profile an audit of a `cpu` trainer picks by default);
 //! 5. fetch the signed reports from the report endpoint, check them, and print the verdicts and
 //!    the first diverging step with both full digests; write reports and evidence to `--out`.
 //!
@@ -109,7 +110,7 @@ async fn serve_and_audit(out: PathBuf, records: PathBuf) -> Result<()> {
     let cfg = auditor::daemon::Config {
         state_dir: state_dir.clone(),
         token: Some(DAEMON_TOKEN.into()),
-        device: Profile::CpuSeq.name().into(),
+        device: Profile::auditor_default(Some(Profile::Cpu)).name().into(),
         ..auditor::daemon::Config::default()
     };
     let (stop_daemon, stopped) = tokio::sync::oneshot::channel::<()>();

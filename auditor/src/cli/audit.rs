@@ -62,7 +62,7 @@ pub struct AuditArgs {
     /// Last step to check (default: the last step).
     #[arg(long)]
     to: Option<u64>,
-    /// The auditor's device profile (default: a CPU profile other than the trainer's).
+    /// The auditor's device profile (default: `cpu-alt` for a `cpu` trainer, else `cpu`).
     #[arg(long)]
     device: Option<String>,
     #[arg(long, value_enum, default_value = "full")]
@@ -120,13 +120,14 @@ pub fn device_arg(flag: &str, name: &str) -> Result<Profile, Failure> {
     Ok(profile)
 }
 
-/// A profile other than the trainer's, read from the record's spec (best effort: if the spec
-/// cannot be read, the audit itself reports why).
+/// A fast profile other than the trainer's ([`Profile::auditor_default`]), the trainer's read
+/// from the record's spec (best effort: if the spec cannot be read, the audit itself reports
+/// why).
 fn other_profile(spec_bytes: Option<Vec<u8>>) -> Profile {
     let trainer = spec_bytes
         .and_then(|b| serde_json::from_slice::<engine::spec::RunSpec>(&b).ok())
         .and_then(|s| s.device_profile.parse::<Profile>().ok());
-    Profile::CPU.into_iter().find(|p| Some(*p) != trainer).unwrap_or_default()
+    Profile::auditor_default(trainer)
 }
 
 /// The mode the flags ask for. Spot flags outside spot mode are refused rather than ignored: a
