@@ -5,7 +5,14 @@ use tiebreak::bench::{Options, run};
 
 #[test]
 fn bench_document_has_the_issue_keys() {
-    let opts = Options { data: None, steps: 2, rss_steps: 1, models: vec!["mnist-mlp".into()], skip_rss: true };
+    let opts = Options {
+        data: None,
+        steps: 2,
+        rss_steps: 1,
+        models: vec!["mnist-mlp".into()],
+        skip_rss: true,
+        interval_reps: 1,
+    };
     let doc = run(&opts).unwrap();
     assert_eq!(doc["data"]["kind"], "synthetic");
     let m = &doc["models"][0];
@@ -34,6 +41,9 @@ fn bench_document_has_the_issue_keys() {
     for p in ["cpu", "cpu-alt", "cpu-seq", "cpu-splitk"] {
         assert!(m["replay_by_profile"][p]["replay_vs_trainer"].as_f64().unwrap() > 0.0, "{p}");
     }
+    let iv = &m["interval_replay"];
+    assert!(iv["speedup_vs_one_thread"].as_f64().unwrap() > 0.0, "{iv}");
+    assert_eq!((&iv["speedup_spread"]["pairs"], &iv["intervals"]), (&1.into(), &2.into()), "{iv}");
     assert!(doc["machine"]["simd_level"].is_string() && doc["machine"]["cpu_flags"].is_array(), "{}", doc["machine"]);
     assert!(m["logged_fraction"]["all"].as_f64().unwrap() < 0.01);
     assert!(m["bound_tightness"]["max"].as_f64().unwrap() <= 1.0);

@@ -24,6 +24,7 @@
 
 pub mod baseline;
 pub mod handwritten;
+pub mod intervals;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -75,7 +76,7 @@ pub fn auditor_profile() -> Profile {
 
 /// A model's run, built from its config and either the real data under `data_dir` or
 /// synthetic data of the same shapes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Setup {
     pub config: Config,
     pub data: Dataset,
@@ -247,6 +248,8 @@ pub struct Options {
     pub models: Vec<String>,
     /// Skip the peak-memory child processes (for tests).
     pub skip_rss: bool,
+    /// Paired interval-parallel audits (one thread, every core) per model.
+    pub interval_reps: usize,
 }
 
 /// Runs every measurement and returns the JSON document.
@@ -449,6 +452,8 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let worst = tightness.iter().filter(|(op, _)| ops.contains(op)).map(|(_, r)| *r).fold(0.0f64, f64::max);
 
     let rss = if opts.skip_rss { Value::Null } else { peak_rss(name, opts, &logs)? };
+    eprintln!("bench: {name}: interval-parallel replay on one thread and on every core");
+    let interval_replay = intervals::speedup(name, &setup, steps, opts.interval_reps)?;
 
     let report = json!({
         "model": name,
@@ -493,6 +498,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         "pol_bytes_per_step": pol,
         "record_ratio_vs_pol": pol / record,
         "peak_rss_bytes": rss,
+        "interval_replay": interval_replay,
         "graph_vs_handwritten": {
             "graph_pass_seconds_min": min(&t_graph),
             "handwritten_pass_seconds_min": min(&t_hand),

@@ -32,6 +32,9 @@ struct Args {
     /// Steps each peak-memory child process runs.
     #[arg(long, default_value_t = 2)]
     rss_steps: u64,
+    /// Paired interval-parallel audits (one thread, every core) per model.
+    #[arg(long, default_value_t = 3)]
+    interval_reps: usize,
     /// Comma-separated subset of models.
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
@@ -58,7 +61,14 @@ fn main() -> Result<()> {
         bail!("pass --json: the benchmark prints one JSON document");
     }
     let models = args.models.unwrap_or_else(|| MODELS.iter().map(|m| m.to_string()).collect());
-    let opts = Options { data: args.data, steps: args.steps, rss_steps: args.rss_steps, models, skip_rss: false };
+    let opts = Options {
+        data: args.data,
+        steps: args.steps,
+        rss_steps: args.rss_steps,
+        models,
+        skip_rss: false,
+        interval_reps: args.interval_reps,
+    };
     let doc = bench::run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
