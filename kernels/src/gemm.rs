@@ -39,11 +39,15 @@ fn gemm_part(
 ) {
     let MatmulSpec { m, k, n, a_trans, b_trans, .. } = spec;
     assert!(l0 <= l1 && l1 <= k && a.len() == m * k && b.len() == k * n && out.len() == m * n, "gemm_part: bad range");
+    if m == 0 || n == 0 {
+        return; // nothing to write, and an operand may be empty (no offset into it is valid)
+    }
     let (ars, acs) = strides(a_trans, m, k);
     let (brs, bcs) = strides(b_trans, k, n);
-    // SAFETY: `a` holds m·k elements addressed as i·ars + l·acs < m·k for i < m, l < k (both
-    // layouts), and the call reads columns l0 ≤ l < l1 ≤ k of it through a pointer offset by
-    // l0·acs; `b` likewise (k·n elements, rows l0..l1, offset l0·brs); `out` is m×n row-major
+    // SAFETY: m, n > 0 and the lengths are asserted above. `a` holds m·k elements addressed as
+    // i·ars + l·acs < m·k for i < m, l < k (both layouts), and the call reads columns
+    // l0 ≤ l < l1 ≤ k of it through a pointer offset by l0·acs ≤ m·k; `b` likewise (k·n
+    // elements, rows l0..l1, offset l0·brs ≤ k·n); `out` is m×n row-major
     // (row stride n, column stride 1) and does not alias the inputs. With read_dst = false,
     // dst is only written.
     unsafe {
@@ -61,7 +65,8 @@ fn gemm_part(
             b.as_ptr().add(l0 * brs),
             bcs as isize,
             brs as isize,
-            1.0,
+            // alpha (the factor of the old `out`; gemm ignores it without read_dst), beta.
+            if read_out { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
