@@ -63,6 +63,8 @@ enum Command {
     Report(cli::client::ReportArgs),
     /// Cancel a queued or running audit on a daemon.
     Cancel(cli::client::IdArgs),
+    /// Make a new signing key (a fleet's `key_file`) and print its public key.
+    Keygen(cli::keys::KeygenArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         Command::List(args) => cli::client::list(args),
         Command::Report(args) => cli::client::report(args),
         Command::Cancel(args) => cli::client::cancel(args),
+        Command::Keygen(args) => cli::keys::keygen(args),
     };
     match result {
         Ok(exit) => exit.into(),

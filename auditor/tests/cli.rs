@@ -590,3 +590,18 @@ fn a_guilty_record_gets_the_same_verdict_from_every_mode_and_thread_count() {
     let out = auditor(&dir, &["audit", "--record", rec, "--threads", "0"]);
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// Issue 16: a fleet's key is made once with `keygen`; an existing file is never overwritten.
+#[test]
+fn keygen_makes_a_key_once_and_never_overwrites_one() {
+    let dir = scratch("keygen");
+    let out = auditor(&dir, &["keygen", "--out", "firm.key"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8(out.stdout).unwrap();
+    assert!(public.trim().len() == 64 && public.trim().bytes().all(|b| b.is_ascii_hexdigit()), "{public}");
+    let secret = std::fs::read(dir.join("firm.key")).unwrap();
+    let again = auditor(&dir, &["keygen", "--out", "firm.key"]);
+    assert_eq!(again.status.code(), Some(64), "a usage error");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("firm.key"), "the message names the file");
+    assert_eq!(std::fs::read(dir.join("firm.key")).unwrap(), secret, "the key is untouched");
+}

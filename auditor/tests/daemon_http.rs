@@ -702,3 +702,27 @@ async fn listing_pages_newest_first_and_audits_can_be_cancelled_and_retried() {
     assert_eq!((done["state"].as_str(), done["reason"].as_str()), (Some("failed"), Some("undecided")), "{done}");
     daemon.stop().await;
 }
+
+/// Issue 16: a named key file is the firm's and is never made; an unreachable shared store stops
+/// the start with an error that names it without its password.
+#[tokio::test]
+async fn a_missing_fleet_key_and_an_unreachable_store_are_clear_start_errors() {
+    let dir = scratch("daemon-fleet-start");
+    let start = |cfg: Config| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        auditor::daemon::serve(listener, cfg, async {}).await.unwrap_err().to_string()
+    };
+    let mut cfg = config(&dir.join("state"));
+    cfg.key_file = Some(dir.join("firm.key"));
+    let e = start(cfg.clone()).await;
+    assert!(e.contains("firm.key") && e.contains("never created"), "{e}");
+    assert!(!dir.join("firm.key").exists(), "no key was made");
+
+    std::fs::write(dir.join("firm.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    // A port nothing listens on (bound, then dropped).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    cfg.store.url = Some(format!("postgres://auditor:s3cret-pw@127.0.0.1:{port}/tiebreak"));
+    let e = start(cfg).await;
+    assert!(e.contains(&port.to_string()), "the error names the store: {e}");
+    assert!(!e.contains("s3cret-pw"), "never the password: {e}");
+}

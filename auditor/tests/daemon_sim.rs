@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use auditor::Progress;
 use auditor::daemon::job::{
-    AuditRequest, Clock, Decided, FailReason, Inserted, Job, JobState, NoObserver, Outcome, Runner, Store, StoreError,
+    AuditRequest, Clock, Decided, FailReason, Inserted, Item, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner,
+    Store, StoreError,
     Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::store::SqliteStore;
@@ -111,8 +112,35 @@ impl Store for FlakyStore {
     fn insert(&self, request: &AuditRequest, queued_max: u64, now_ms: u64) -> Result<Inserted, StoreError> {
         self.op(false, |s| s.insert(request, queued_max, now_ms))
     }
-    fn claim(&self, now_ms: u64) -> Result<Option<Job>, StoreError> {
-        self.op(true, |s| s.claim(now_ms))
+    fn claim(&self, node: &str, now_ms: u64, lease_ms: u64) -> Result<Option<Job>, StoreError> {
+        self.op(true, |s| s.claim(node, now_ms, lease_ms))
+    }
+    fn renew(&self, id: &str, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError> {
+        self.op(true, |s| s.renew(id, node, now_ms, lease_ms))
+    }
+    fn publish(&self, id: &str, intervals: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError> {
+        self.op(true, |s| s.publish(id, intervals, now_ms))
+    }
+    fn claim_item(
+        &self,
+        node: &str,
+        only: Option<&str>,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<(Job, Item)>, StoreError> {
+        self.op(true, |s| s.claim_item(node, only, now_ms, lease_ms))
+    }
+    fn renew_item(&self, id: &str, start: u64, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError> {
+        self.op(true, |s| s.renew_item(id, start, node, now_ms, lease_ms))
+    }
+    fn item_done(&self, id: &str, start: u64, node: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.op(true, |s| s.item_done(id, start, node, now_ms))
+    }
+    fn release_item(&self, id: &str, start: u64, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
+        self.op(true, |s| s.release_item(id, start, node, refund, now_ms))
+    }
+    fn items(&self, id: &str) -> Result<Vec<Item>, StoreError> {
+        self.op(false, |s| s.items(id))
     }
     fn save_progress(&self, id: &str, start: u64, through: u64, steps: u64, now_ms: u64) -> Result<(), StoreError> {
         self.op(true, |s| s.save_progress(id, start, through, steps, now_ms))
@@ -123,11 +151,11 @@ impl Store for FlakyStore {
     fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError> {
         self.op(true, |s| s.fail(id, reason, error, now_ms))
     }
-    fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.requeue(id, refund, now_ms))
+    fn requeue(&self, id: &str, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
+        self.op(true, |s| s.requeue(id, node, refund, now_ms))
     }
-    fn recover(&self, now_ms: u64) -> Result<u64, StoreError> {
-        self.op(false, |s| s.recover(now_ms))
+    fn recover(&self, node: &str, now_ms: u64) -> Result<u64, StoreError> {
+        self.op(false, |s| s.recover(node, now_ms))
     }
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
         self.op(false, |s| s.get(id))
@@ -239,6 +267,12 @@ impl Runner for SimRunner {
         self.record(job, log);
         outcome
     }
+
+    fn run_interval(&self, _job: &Job, interval: (u64, u64), _progress: &dyn Progress) -> ItemOutcome {
+        // This runner's audits share nothing (its progress has no `share`), so there are no
+        // work items; `tests/fleet_sim.rs` simulates a fleet.
+        panic!("the single-daemon simulation published no work item, yet {interval:?} was claimed")
+    }
 }
 
 impl SimRunner {
@@ -273,6 +307,7 @@ fn simulate(seed: u64, dir: &Path) {
             progress_interval_ms: 100,
             store_tries: 3,
             store_backoff_ms: 10,
+            ..WorkerConfig::default()
         },
         cancel: cancel.clone(),
     };
@@ -285,7 +320,7 @@ fn simulate(seed: u64, dir: &Path) {
     let restart = |store: &FlakyStore| {
         store.reopen();
         // Recovery may itself fail (injected); a real daemon retries start-up.
-        while store.recover(clock.now_ms()).is_err() {}
+        while store.recover("local", clock.now_ms()).is_err() {}
     };
     for event in 0..400 {
         let ctx = format!("seed {seed}, event {event}");
@@ -391,7 +426,8 @@ fn check(store: &FlakyStore, accepted: &BTreeMap<String, String>, world: &World,
     assert!(violations.is_empty(), "{ctx}: {violations:?}");
     let mut durable = world.durable.lock().unwrap();
     // Read the real store directly (no injected faults while checking).
-    assert!(inner.count(JobState::Queued).unwrap() <= QUEUE_MAX, "{ctx}: queue over its bound");
+    let open = inner.count(JobState::Queued).unwrap() + inner.count(JobState::Running).unwrap();
+    assert!(open <= QUEUE_MAX, "{ctx}: {open} open audits, over the bound {QUEUE_MAX}");
     for id in accepted.keys() {
         let job = inner.get(id).unwrap().unwrap_or_else(|| panic!("{ctx}: accepted {id} is gone"));
         let reports = inner.report_count(id).unwrap();

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use auditor::daemon::job::{
-    AuditRequest, Decided, Inserted, Job, JobState, NoObserver, Outcome, Runner, Store, SystemClock, Worked, Worker,
+    AuditRequest, Decided, Inserted, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner, Store, SystemClock, Worked, Worker,
     WorkerConfig,
 };
 use auditor::daemon::runner::options;
@@ -246,6 +246,10 @@ impl Runner for KillingRunner {
             Err(e) => Outcome::Failed(e.to_string()),
         }
     }
+    fn run_interval(&self, _job: &Job, interval: (u64, u64), _progress: &dyn Progress) -> ItemOutcome {
+        // One daemon, and CountThenKill does not share: nothing publishes work items.
+        panic!("no work item was published, yet {interval:?} was claimed")
+    }
 }
 
 /// Issue 14: progress saved after a resume was keyed by the resume point and never found again,
@@ -273,7 +277,7 @@ fn five_kills_of_one_audit_resume_from_ever_later_points_and_it_ends_done() {
         let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.work_one()));
         assert!(killed.is_err(), "attempt {kill} was killed");
         // The restart after a kill -9.
-        assert_eq!(store.recover(0).unwrap(), 1);
+        assert_eq!(store.recover("local", 0).unwrap(), 1);
         let job = store.get(&id).unwrap().unwrap();
         assert_eq!(job.progress, BTreeMap::from([(0, 2 * kill)]), "kill {kill}: resume point");
         points.push(job.progress[&0]);

@@ -4,12 +4,12 @@
 //! the flag.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
 
-use super::exit::{Failure, undecided, usage};
-use super::output::require_exists;
+use super::exit::{Exit, Failure, undecided, usage};
+use super::output::{emit, require_exists};
 
 /// A key file holds 64 hex digits and perhaps a newline; anything much longer is not one.
 const KEY_FILE_BYTES_MAX: u64 = 1024;
@@ -109,4 +109,24 @@ mod tests {
             .expect("some byte pattern is not a point");
         assert!(matches!(public_key_hex("--k", &not_a_point), Err(Failure::Usage(_))));
     }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the new secret key (64 hex digits, mode 0600); an existing file is never
+    /// overwritten.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+/// `auditor keygen`: a new signing key (the firm's one key of a fleet, named by every daemon's
+/// `key_file`); prints its public key.
+pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
+    if std::fs::symlink_metadata(&args.out).is_ok() {
+        return Err(usage(format_args!("--out {}: already exists; a key is never overwritten", args.out.display())));
+    }
+    let key = engine::record::load_or_create_key(&args.out)
+        .map_err(|e| undecided(format_args!("--out {}: {e}", args.out.display())))?;
+    emit(&format!("{}\n", common::codec::to_hex(key.verifying_key().as_bytes())))?;
+    Ok(Exit::Ok)
 }

@@ -32,6 +32,17 @@ pub struct ServeArgs {
     /// or `text` (text file); overrides the config's `[data]`. Repeatable.
     #[arg(long, value_name = "NAME=PATH")]
     data: Vec<String>,
+    /// The job store shared by a fleet of daemons, `postgres://user@host:port/db` (overrides
+    /// the config's `[store] url`; also read from `AUDITOR_STORE`, which keeps a password out of
+    /// process lists). Without it: the embedded SQLite database under the state directory.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// This daemon's name in the store's leases (overrides `[store] node`).
+    #[arg(long)]
+    node: Option<String>,
+    /// The signing key file, the firm's one key in a fleet (overrides `key_file`).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
     /// Log lines on stderr as `text` or `json` (`RUST_LOG` sets the level).
     #[arg(long, default_value = "text")]
     log_format: service::LogFormat,
@@ -64,6 +75,15 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
         if from_file {
             cfg.token_file = args.token_file.clone();
         }
+    }
+    if let Some(url) = args.store.or_else(|| std::env::var("AUDITOR_STORE").ok().filter(|u| !u.is_empty())) {
+        cfg.store.url = Some(url);
+    }
+    if let Some(n) = args.node {
+        cfg.store.node = Some(n);
+    }
+    if let Some(k) = args.key_file {
+        cfg.key_file = Some(k);
     }
     for d in &args.data {
         let (name, path) = d.split_once('=').ok_or_else(|| usage(format_args!("--data {d:?}: not NAME=PATH")))?;
@@ -100,8 +120,11 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
         // The address line is how supervisors and tests find the daemon. It is a courtesy: a
         // daemon that cannot print it (stdout closed or failing) keeps serving.
         let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
-        let _ =
-            emit(&format!("auditor daemon listening on {scheme}://{addr} (state in {})\n", cfg.state_dir.display()));
+        let jobs = if cfg.store.is_shared() { format!(", jobs in PostgreSQL as {}", cfg.store.node()) } else { String::new() };
+        let _ = emit(&format!(
+            "auditor daemon listening on {scheme}://{addr} (state in {}{jobs})\n",
+            cfg.state_dir.display()
+        ));
         auditor::daemon::serve(listener, cfg, shutdown).await.context("daemon")?;
         let _ = emit("auditor daemon stopped\n");
         Ok::<_, Failure>(())

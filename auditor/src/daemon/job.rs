@@ -17,8 +17,6 @@
 //! move forward; the number of `queued` jobs never exceeds the configured bound.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -244,6 +242,51 @@ pub struct Job {
     pub reason: Option<FailReason>,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// The daemon holding its lease, while `running`.
+    pub owner: Option<String>,
+}
+
+/// Where a work item is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemState {
+    Pending,
+    Claimed,
+    Done,
+}
+
+impl ItemState {
+    pub const ALL: [ItemState; 3] = [ItemState::Pending, ItemState::Claimed, ItemState::Done];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemState::Pending => "pending",
+            ItemState::Claimed => "claimed",
+            ItemState::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ItemState> {
+        ItemState::ALL.into_iter().find(|j| j.name() == s)
+    }
+}
+
+/// One interval of a running audit's plan, replayable by any daemon on the store: steps
+/// `(start, end]` from the committed checkpoint at `start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Item {
+    pub start: u64,
+    pub end: u64,
+    pub state: ItemState,
+    /// The daemon holding it (claimed), or that finished it (done).
+    pub owner: Option<String>,
+    pub lease_until_ms: u64,
+    /// Claims since its durable progress last moved.
+    pub attempts: u32,
+    /// Claims in all.
+    pub claims: u32,
+    /// Claims that took it over from a daemon whose lease had expired.
+    pub takeovers: u32,
 }
 
 /// What `insert` did.
@@ -254,7 +297,7 @@ pub enum Inserted {
     Existing(String),
     /// The idempotency key was seen before with a different request.
     Conflict(String),
-    /// `queued` jobs are at the bound.
+    /// Open (queued or running) audits are at the bound.
     QueueFull,
 }
 
@@ -280,10 +323,38 @@ pub struct StoreError(pub String);
 
 /// Durable job storage. Every method is one transaction.
 pub trait Store: Send + Sync {
-    /// Adds a queued job unless the idempotency key is known or the queue is full.
+    /// Adds a queued job unless the idempotency key is known or `queued_max` audits are open
+    /// (queued or running: requeues and recoveries move audits between the two, so the bound
+    /// holds whatever they do).
     fn insert(&self, request: &AuditRequest, queued_max: u64, now_ms: u64) -> Result<Inserted, StoreError>;
-    /// The oldest queued job, now `running` with `attempts + 1`.
-    fn claim(&self, now_ms: u64) -> Result<Option<Job>, StoreError>;
+    /// The oldest queued job, or a running one whose lease has expired (its daemon died or lost
+    /// the store), now `running` with `attempts + 1`, leased to `node` until `now + lease_ms`.
+    fn claim(&self, node: &str, now_ms: u64, lease_ms: u64) -> Result<Option<Job>, StoreError>;
+    /// Extends `node`'s lease on running job `id`; `false` when it is no longer `node`'s (taken
+    /// over after expiry, finished, failed or cancelled): its attempt must stop.
+    fn renew(&self, id: &str, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError>;
+    /// Publishes the intervals of running job `id`'s plan as work items any daemon on this store
+    /// may claim; items already there are kept as they are (a re-planned audit plans the same).
+    fn publish(&self, id: &str, intervals: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError>;
+    /// A pending item (of job `only`, or of any running job oldest first), or a claimed one whose
+    /// lease has expired, now claimed by `node` until `now + lease_ms`.
+    fn claim_item(
+        &self,
+        node: &str,
+        only: Option<&str>,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<(Job, Item)>, StoreError>;
+    /// Extends `node`'s lease on an item; `false` when it is no longer `node`'s or its job no
+    /// longer runs.
+    fn renew_item(&self, id: &str, start: u64, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError>;
+    /// `node` replayed the item as far as it goes (its durable progress says how far): `done`.
+    /// A no-op unless `node` holds it.
+    fn item_done(&self, id: &str, start: u64, node: &str, now_ms: u64) -> Result<(), StoreError>;
+    /// `node` hands the item back unfinished (shutdown: `refund` gives the claim back).
+    fn release_item(&self, id: &str, start: u64, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError>;
+    /// Job `id`'s items, by start.
+    fn items(&self, id: &str) -> Result<Vec<Item>, StoreError>;
     /// Records a verified point of a running job (ignored unless it moves forward).
     fn save_progress(
         &self,
@@ -297,11 +368,12 @@ pub trait Store: Send + Sync {
     fn finish(&self, id: &str, decided: &Decided, now_ms: u64) -> Result<(), StoreError>;
     /// `running` or `queued` → `failed`.
     fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError>;
-    /// `running` → `queued`, keeping its progress. `refund` gives the claim back (a graceful
-    /// shutdown is not the job's fault and must not use up its attempts).
-    fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError>;
-    /// At start-up: every `running` job (its worker died with the last process) → `queued`.
-    fn recover(&self, now_ms: u64) -> Result<u64, StoreError>;
+    /// `running` → `queued`, keeping its progress, if `node` holds it. `refund` gives the claim
+    /// back (a graceful shutdown is not the job's fault and must not use up its attempts).
+    fn requeue(&self, id: &str, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError>;
+    /// At start-up: every lease `node` holds (its workers died with the last process) is
+    /// released: its jobs → `queued`, its items → pending. The number of jobs.
+    fn recover(&self, node: &str, now_ms: u64) -> Result<u64, StoreError>;
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
     /// Jobs newest first, at most `limit`, optionally only in one state, and only those
     /// submitted before job `before` (the cursor of the previous page).
@@ -311,7 +383,7 @@ pub trait Store: Send + Sync {
     /// `None` for an unknown job.
     fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<JobState>, StoreError>;
     /// `failed` → `queued` with its attempts reset and its progress kept, unless `queued_max`
-    /// jobs are queued or it was quarantined. Whether it was requeued, and the state it is in
+    /// audits are open or it was quarantined. Whether it was requeued, and the state it is in
     /// afterwards; `None` for an unknown job.
     fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, JobState)>, StoreError>;
     /// Whether job `id` is still `running` (a worker asks after each progress write).
@@ -363,10 +435,23 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// How the replay of one interval for another daemon's audit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemOutcome {
+    /// Replayed as far as it goes (to its end, or to where it stopped reproducing, which the
+    /// audit's coordinator finds again); its verified points went to the progress.
+    Ended,
+    /// Stopped by [`Progress::cancelled`] (shutdown, lease lost): to be taken again.
+    Cancelled,
+}
+
 /// Runs one attempt of an audit (the trainer client and the replay behind it).
 pub trait Runner: Send + Sync {
     /// Runs `job`, resuming from `job.progress`, reporting to `progress`.
     fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome;
+    /// Replays interval `(start, end]` of `job` for the daemon coordinating it, resuming from
+    /// `job.progress`, reporting verified points to `progress`.
+    fn run_interval(&self, job: &Job, interval: (u64, u64), progress: &dyn Progress) -> ItemOutcome;
 }
 
 /// Counters the worker reports to (the daemon's metrics; nothing in tests).
@@ -387,249 +472,4 @@ pub trait Observer: Send + Sync {
 pub struct NoObserver;
 impl Observer for NoObserver {}
 
-/// Worker settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerConfig {
-    /// Claims of one job before it is failed (a job that keeps killing its worker).
-    pub attempts_max: u32,
-    /// Least time between two durable progress writes of one job.
-    pub progress_interval_ms: u64,
-    /// Tries of the final `finish`/`fail`/`requeue` write before giving up on it.
-    pub store_tries: u32,
-    /// Wait between those tries (doubling).
-    pub store_backoff_ms: u64,
-}
-
-impl Default for WorkerConfig {
-    fn default() -> Self {
-        WorkerConfig { attempts_max: 5, progress_interval_ms: 500, store_tries: 5, store_backoff_ms: 100 }
-    }
-}
-
-/// Persists progress (throttled), counts steps, and answers cancellation.
-struct JobProgress<'a> {
-    store: &'a dyn Store,
-    clock: &'a dyn Clock,
-    observer: &'a dyn Observer,
-    id: &'a str,
-    interval_ms: u64,
-    cancel: &'a AtomicBool,
-    /// Steps checked so far (resumed ones included).
-    steps: AtomicU64,
-    /// job start → (verified through, saved through, saved at ms).
-    points: Mutex<BTreeMap<u64, (u64, u64, u64)>>,
-    /// The job is no longer `running` in the store (cancelled by a client): stop.
-    stopped: AtomicBool,
-}
-
-impl JobProgress<'_> {
-    fn save(&self, job_start: u64, through: u64, force: bool) {
-        let now = self.clock.now_ms();
-        // Decide under the lock, write without it: interval-parallel replay calls this from
-        // every worker after every step, and none should wait for another job's fsync.
-        let verified = {
-            let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
-            let e = points.entry(job_start).or_insert((job_start, job_start, 0));
-            e.0 = e.0.max(through);
-            if e.0 <= e.1 || !(force || now.saturating_sub(e.2) >= self.interval_ms) {
-                return;
-            }
-            e.0
-        };
-        let steps = self.steps.load(Ordering::SeqCst);
-        match self.store.save_progress(self.id, job_start, verified, steps, now) {
-            Ok(()) => {
-                // Only this job's worker reports points for `job_start`, so nothing moved it
-                // meanwhile except forward.
-                {
-                    let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(e) = points.get_mut(&job_start) {
-                        e.1 = e.1.max(verified);
-                        e.2 = now;
-                    }
-                }
-                if self.store.still_running(self.id) == Ok(false) {
-                    self.stopped.store(true, Ordering::SeqCst);
-                }
-            }
-            // Progress is an optimisation: a failed write only means more replay after a crash.
-            Err(_) => self.observer.store_error("save_progress"),
-        }
-    }
-
-    /// Writes every point not yet durable (before a requeue).
-    fn flush(&self) {
-        let pending: Vec<(u64, u64)> = {
-            let points = self.points.lock().unwrap_or_else(|p| p.into_inner());
-            points.iter().filter(|(_, p)| p.0 > p.1).map(|(&s, p)| (s, p.0)).collect()
-        };
-        for (start, through) in pending {
-            self.save(start, through, true);
-        }
-    }
-}
-
-impl Progress for JobProgress<'_> {
-    fn begin(&self, steps_total: u64) {
-        self.observer.begun(self.id, steps_total, self.steps.load(Ordering::SeqCst));
-    }
-    fn replayed(&self, step: u64, seconds: f64) {
-        self.steps.fetch_add(1, Ordering::SeqCst);
-        self.observer.step_replayed(self.id, step, seconds);
-    }
-    fn verified(&self, job_start: u64, through: u64) {
-        self.save(job_start, through, false);
-    }
-    fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst) || self.stopped.load(Ordering::SeqCst)
-    }
-}
-
-/// Everything a worker needs; shared by all workers of a daemon.
-#[derive(Clone)]
-pub struct Worker {
-    pub store: Arc<dyn Store>,
-    pub runner: Arc<dyn Runner>,
-    pub clock: Arc<dyn Clock>,
-    pub observer: Arc<dyn Observer>,
-    pub config: WorkerConfig,
-    /// Set on shutdown: running audits stop at their next step and go back to the queue.
-    pub cancel: Arc<AtomicBool>,
-}
-
-impl std::fmt::Debug for Worker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("config", &self.config).finish_non_exhaustive()
-    }
-}
-
-/// What [`Worker::work_one`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Worked {
-    /// Nothing was queued.
-    Idle,
-    /// The claim itself failed; try again later.
-    StoreUnavailable,
-    /// The job reached this state (or stayed `running` when its final write kept failing; crash
-    /// recovery requeues it at the next start).
-    Job { id: String, state: JobState },
-}
-
-impl Worker {
-    /// A store write that must happen, retried with backoff; `false` if it never succeeded.
-    fn must(&self, op: &str, f: impl Fn() -> Result<(), StoreError>) -> bool {
-        let mut wait = self.config.store_backoff_ms;
-        for attempt in 1..=self.config.store_tries.max(1) {
-            match f() {
-                Ok(()) => return true,
-                Err(_) => {
-                    self.observer.store_error(op);
-                    if attempt < self.config.store_tries {
-                        self.clock.sleep(Duration::from_millis(wait));
-                        wait = wait.saturating_mul(2);
-                    }
-                }
-            }
-        }
-        false
-    }
-
-    /// Claims the oldest queued job and takes it as far as it goes. Blocking: call it from a
-    /// blocking thread.
-    pub fn work_one(&self) -> Worked {
-        let job = match self.store.claim(self.clock.now_ms()) {
-            Ok(Some(job)) => job,
-            Ok(None) => return Worked::Idle,
-            Err(_) => {
-                self.observer.store_error("claim");
-                return Worked::StoreUnavailable;
-            }
-        };
-        let id = job.id.clone();
-        // Every line logged while this audit runs carries its id.
-        let span = tracing::info_span!("audit", id = %id);
-        let _entered = span.enter();
-        let worked = self.work_on(job);
-        match &worked {
-            Worked::Job { state: JobState::Running, .. } => {
-                tracing::error!("its final store write kept failing; start-up recovery will requeue it")
-            }
-            Worked::Job { state, .. } => tracing::info!(state = state.name(), "attempt ended"),
-            _ => {}
-        }
-        worked
-    }
-
-    fn work_on(&self, job: Job) -> Worked {
-        let id = job.id.clone();
-        tracing::info!(attempt = job.attempts, trainer = %job.request.trainer_url, run = %job.request.run, "audit claimed");
-        if job.attempts > self.config.attempts_max {
-            let why = format!(
-                "gave up after {} attempts in a row that verified no new step (crashes or store failures)",
-                self.config.attempts_max
-            );
-            let state = if self.must("fail", || self.store.fail(&id, FailReason::GaveUp, &why, self.clock.now_ms())) {
-                self.observer.failed(FailReason::GaveUp);
-                JobState::Failed
-            } else {
-                JobState::Running
-            };
-            return Worked::Job { id, state };
-        }
-        let progress = JobProgress {
-            store: &*self.store,
-            clock: &*self.clock,
-            observer: &*self.observer,
-            id: &id,
-            interval_ms: self.config.progress_interval_ms,
-            cancel: &self.cancel,
-            // Verified steps that are durable count as checked already.
-            steps: AtomicU64::new(job.progress.iter().map(|(&s, &t)| t.saturating_sub(s)).sum()),
-            points: Mutex::new(job.progress.iter().map(|(&s, &t)| (s, (t, t, 0))).collect()),
-            stopped: AtomicBool::new(false),
-        };
-        let outcome = self.runner.run(&job, &progress);
-        self.observer.ended(&id);
-        if progress.stopped.load(Ordering::SeqCst) {
-            // Cancelled by a client while it ran: the store already says failed; nothing to write.
-            return Worked::Job { id, state: JobState::Failed };
-        }
-        let outcome = match outcome {
-            // A failure while the daemon shuts down may be the shutdown itself (a request
-            // abandoned, the runtime going away): never final, the audit runs again.
-            Outcome::Failed(_) | Outcome::TimeLimit(_) if self.cancel.load(Ordering::SeqCst) => Outcome::Cancelled,
-            o => o,
-        };
-        let now = || self.clock.now_ms();
-        let fail = |reason: FailReason, why: &str| {
-            tracing::warn!(reason = reason.as_str(), error = why, "could not decide");
-            let ok = self.must("fail", || self.store.fail(&id, reason, why, now()));
-            if ok {
-                self.observer.failed(reason);
-            }
-            (ok, JobState::Failed)
-        };
-        let (ok, target) = match &outcome {
-            Outcome::Decided(d) => {
-                tracing::info!(verdict = d.verdict.as_str(), steps = d.steps_replayed, "decided");
-                self.observer.decided(d);
-                (self.must("finish", || self.store.finish(&id, d, now())), JobState::Done)
-            }
-            Outcome::Failed(why) => fail(FailReason::Undecided, why),
-            Outcome::TimeLimit(why) => fail(FailReason::TimeLimit, why),
-            Outcome::Cancelled => {
-                progress.flush();
-                (self.must("requeue", || self.store.requeue(&id, true, now())), JobState::Queued)
-            }
-        };
-        if ok {
-            return Worked::Job { id, state: target };
-        }
-        // The final write kept failing: hand the job back so it runs again (resuming), rather
-        // than leave it running with nobody on it. If even that fails, start-up recovery will.
-        if target != JobState::Queued && self.must("requeue", || self.store.requeue(&id, false, now())) {
-            return Worked::Job { id, state: JobState::Queued };
-        }
-        Worked::Job { id, state: JobState::Running }
-    }
-}
+pub use super::worker::{Worked, Worker, WorkerConfig};

@@ -18,6 +18,10 @@ pub mod metrics;
 pub mod runner;
 pub mod store;
 pub mod ui;
+mod config;
+mod worker;
+
+pub use config::{Config, DataSection, StoreSection, TrainerSection};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,16 +30,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kernels::Profile;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use crate::http::RetryPolicy;
-use job::{Clock, Store, SystemClock, Worked, Worker, WorkerConfig};
+use job::{Clock, Store, SystemClock, Worked, Worker};
 use metrics::Metrics;
 use runner::{DataPaths, HttpRunner};
-use store::SqliteStore;
+use store::{PgStore, SqliteStore};
 
 /// The signing key's file under the state directory.
 pub const KEY_FILE: &str = "auditor.key";
@@ -56,234 +57,6 @@ pub enum DaemonError {
     Http(std::io::Error),
     #[error("state directory {path}: {detail}")]
     StateDir { path: PathBuf, detail: String },
-}
-
-/// `configs/auditor.toml`. Every field has a default; unknown fields are errors.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Address to listen on.
-    pub listen: String,
-    /// Where the database and the signing key live (relative to the working directory).
-    pub state_dir: PathBuf,
-    /// Bearer token required on `/v1/audits*`; none = open.
-    pub token: Option<String>,
-    /// The file the token came from (`--token-file`): SIGHUP reads it again.
-    #[serde(skip)]
-    pub token_file: Option<PathBuf>,
-    /// Audits replayed at once.
-    pub workers: usize,
-    /// Most audits waiting in the queue; more are refused with 429.
-    pub queue_max: u64,
-    /// Largest request body accepted.
-    pub body_bytes_max: usize,
-    /// Connections served at once; more are closed as soon as they are accepted.
-    pub connections_max: usize,
-    /// Time a client has to send a request head (also how long an idle connection is kept).
-    pub header_read_timeout_ms: u64,
-    /// Time a request has, its body included, before it is answered 408.
-    pub request_time_max_ms: u64,
-    /// Replay profile when a request names none.
-    pub device: String,
-    /// Claims of one audit (crashes, requeues) before it is failed.
-    pub attempts_max: u32,
-    /// Least time between two durable progress writes of one audit.
-    pub progress_interval_ms: u64,
-    /// How long a graceful shutdown waits for running audits to stop at a step boundary.
-    pub shutdown_grace_ms: u64,
-    /// Wall-clock limit of one audit attempt; past it the audit ends `failed` with reason
-    /// `time-limit` (not a verdict), unless the trainer was silent for `trainer.deadline_ms`
-    /// first (`trainer-unresponsive`).
-    pub audit_time_max_ms: u64,
-    /// Serve HTTPS with this certificate chain (PEM, leaf first) and `tls_key`; both or neither.
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub data: DataSection,
-    pub trainer: TrainerSection,
-}
-
-/// Local copies of datasets, for specs that are not synthetic.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataSection {
-    pub mnist: Option<PathBuf>,
-    pub text: Option<PathBuf>,
-}
-
-/// Requests to trainers.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainerSection {
-    pub request_timeout_ms: u64,
-    pub backoff_initial_ms: u64,
-    pub backoff_max_ms: u64,
-    /// Ignored (accepted so that older configs still load): failed requests are retried until
-    /// `deadline_ms`, the only way to `trainer-unresponsive`.
-    pub attempts_max: Option<u32>,
-    /// A trainer that has not answered one request for this long is unresponsive.
-    pub deadline_ms: u64,
-    pub response_bytes_max: u64,
-    /// A private CA (PEM) that `https://` trainers' certificates may chain to, besides the
-    /// system's roots.
-    pub ca_file: Option<PathBuf>,
-    /// `host:port` pairs (`*` for any port) that `trainer_url`s may name; empty allows every
-    /// host and port, including the daemon's own network neighbours.
-    pub allow: Vec<String>,
-}
-
-impl Default for TrainerSection {
-    fn default() -> Self {
-        let p = RetryPolicy::default();
-        TrainerSection {
-            request_timeout_ms: p.request_timeout.as_millis() as u64,
-            backoff_initial_ms: p.backoff_initial.as_millis() as u64,
-            backoff_max_ms: p.backoff_max.as_millis() as u64,
-            attempts_max: None,
-            deadline_ms: p.deadline.as_millis() as u64,
-            response_bytes_max: p.response_bytes_max,
-            ca_file: None,
-            allow: Vec::new(),
-        }
-    }
-}
-
-impl TrainerSection {
-    /// Whether `trainer_url` names a host and port the allow-list lets the daemon contact
-    /// (`Err` says why not, naming the host and port but nothing else of the URL).
-    pub fn check_allowed(&self, trainer_url: &str) -> Result<(), String> {
-        if self.allow.is_empty() {
-            return Ok(());
-        }
-        let url = crate::http::parse_trainer_url(trainer_url).map_err(|e| format!("trainer_url: {e}"))?;
-        let hp = crate::http::host_port(&url);
-        let host = hp.rsplit_once(':').map_or("", |(h, _)| h);
-        let allowed = self.allow.iter().any(|a| {
-            let a = a.to_ascii_lowercase();
-            a == hp || a.strip_suffix(":*").is_some_and(|h| h == host)
-        });
-        if allowed { Ok(()) } else { Err(format!("trainer_url: {hp} is not in this daemon's trainer.allow list")) }
-    }
-
-    pub fn policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            request_timeout: Duration::from_millis(self.request_timeout_ms),
-            backoff_initial: Duration::from_millis(self.backoff_initial_ms),
-            backoff_max: Duration::from_millis(self.backoff_max_ms),
-            deadline: Duration::from_millis(self.deadline_ms),
-            response_bytes_max: self.response_bytes_max,
-            // Read (and checked) by `Config::validate` at start.
-            ca_certs: self.ca_file.as_deref().map(service::tls::read_ca_file).and_then(Result::ok).unwrap_or_default(),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        let w = WorkerConfig::default();
-        Config {
-            listen: "127.0.0.1:8420".into(),
-            state_dir: PathBuf::from("auditor-state"),
-            token: None,
-            token_file: None,
-            workers: 2,
-            queue_max: 256,
-            body_bytes_max: 64 << 10,
-            connections_max: service::CONNECTIONS_MAX_DEFAULT,
-            header_read_timeout_ms: service::HEADER_READ_TIMEOUT_DEFAULT.as_millis() as u64,
-            request_time_max_ms: 30_000,
-            device: Profile::CpuSeq.name().into(),
-            attempts_max: w.attempts_max,
-            progress_interval_ms: w.progress_interval_ms,
-            shutdown_grace_ms: 10_000,
-            audit_time_max_ms: 6 * 3600 * 1000,
-            tls_cert: None,
-            tls_key: None,
-            data: DataSection::default(),
-            trainer: TrainerSection::default(),
-        }
-    }
-}
-
-impl Config {
-    /// Parses and checks a config; errors name the file and the field.
-    pub fn from_toml(text: &str, origin: &str) -> Result<Config, DaemonError> {
-        let err = |detail: String| DaemonError::Config { origin: origin.to_string(), detail };
-        let cfg: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
-        cfg.validate().map_err(err)?;
-        Ok(cfg)
-    }
-
-    /// Reads a config file.
-    pub fn load(path: &Path) -> Result<Config, DaemonError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| DaemonError::Config { origin: path.display().to_string(), detail: format!("reading: {e}") })?;
-        Config::from_toml(&text, &path.display().to_string())
-    }
-
-    /// Range checks, each naming its field.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1..=64).contains(&self.workers) {
-            return Err(format!("workers = {}: must be 1..=64", self.workers));
-        }
-        if !(1..=1_000_000).contains(&self.queue_max) {
-            return Err(format!("queue_max = {}: must be 1..=1000000", self.queue_max));
-        }
-        if !(256..=(16 << 20)).contains(&self.body_bytes_max) {
-            return Err(format!("body_bytes_max = {}: must be 256..=16777216", self.body_bytes_max));
-        }
-        self.device.parse::<Profile>().map_err(|e| format!("device = {:?}: {e}", self.device))?;
-        if !(1..=100_000).contains(&self.connections_max) {
-            return Err(format!("connections_max = {}: must be 1..=100000", self.connections_max));
-        }
-        if self.header_read_timeout_ms == 0 || self.request_time_max_ms == 0 {
-            return Err("header_read_timeout_ms and request_time_max_ms must be positive".into());
-        }
-        if self.audit_time_max_ms < 1000 {
-            return Err(format!("audit_time_max_ms = {}: must be at least 1000", self.audit_time_max_ms));
-        }
-        if self.attempts_max == 0 {
-            return Err("attempts_max = 0: must be at least 1".into());
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err("tls_cert and tls_key: give both (HTTPS) or neither (plain HTTP)".into());
-        }
-        if let Some(ca) = &self.trainer.ca_file {
-            service::tls::read_ca_file(ca).map_err(|e| format!("trainer.ca_file = {e}"))?;
-        }
-        if let Some(t) = &self.token
-            && t.trim().is_empty()
-        {
-            return Err("token: empty; leave it out for an open daemon".into());
-        }
-        let t = &self.trainer;
-        if t.request_timeout_ms == 0 || t.deadline_ms == 0 {
-            return Err("trainer.request_timeout_ms and trainer.deadline_ms must be positive".into());
-        }
-        if t.backoff_initial_ms > t.backoff_max_ms {
-            return Err(format!(
-                "trainer.backoff_initial_ms = {} is more than trainer.backoff_max_ms = {}",
-                t.backoff_initial_ms, t.backoff_max_ms
-            ));
-        }
-        for a in &t.allow {
-            let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && (p == "*" || p.parse::<u16>().is_ok()));
-            if !ok {
-                return Err(format!("trainer.allow: {a:?} is not host:port or host:*"));
-            }
-        }
-        if t.response_bytes_max < 1 << 16 {
-            return Err(format!("trainer.response_bytes_max = {}: must be at least 65536", t.response_bytes_max));
-        }
-        Ok(())
-    }
-
-    fn worker_config(&self) -> WorkerConfig {
-        WorkerConfig {
-            attempts_max: self.attempts_max,
-            progress_interval_ms: self.progress_interval_ms,
-            ..WorkerConfig::default()
-        }
-    }
 }
 
 /// Shared state of a running daemon.
@@ -318,19 +91,35 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     config.validate().map_err(|detail| DaemonError::Config { origin: "config".into(), detail })?;
     let _lock = lock_state_dir(&config.state_dir)?;
-    refuse_lost_database(&config.state_dir)?;
-    let state_dir = config.state_dir.clone();
+    if !config.store.is_shared() {
+        refuse_lost_database(&config.state_dir)?;
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let now = clock.now_ms();
-    let store = tokio::task::spawn_blocking(move || -> Result<SqliteStore, job::StoreError> {
-        let s = SqliteStore::open(&state_dir)?;
-        s.recover(now)?;
+    let (now, node) = (clock.now_ms(), config.store.node());
+    let (state_dir, url) = (config.state_dir.clone(), config.store.url.clone());
+    let store = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, job::StoreError> {
+        let s: Arc<dyn Store> = match url {
+            Some(url) => Arc::new(PgStore::connect(&url)?),
+            None => Arc::new(SqliteStore::open(&state_dir)?),
+        };
+        // Leases this node held when it last stopped: its workers are gone.
+        let released = s.recover(&node, now)?;
+        tracing::info!(node, released, "store open");
         Ok(s)
     })
     .await
     .map_err(|e| job::StoreError(format!("opening the store: {e}")))??;
-    let store: Arc<dyn Store> = Arc::new(store);
-    let key_path = config.state_dir.join(KEY_FILE);
+    let key_path = config.key_path();
+    // A named key is the firm's: used as it is, never made here (each daemon of a fleet would
+    // otherwise make its own, and their reports would verify under different keys).
+    if config.key_file.is_some() && std::fs::symlink_metadata(&key_path).is_err() {
+        return Err(DaemonError::Key {
+            path: key_path,
+            detail: "missing: a named key_file is never created; copy the firm's key there (64 hex characters \
+                     of an ed25519 secret key, e.g. the auditor.key a daemon made in its state directory)"
+                .into(),
+        });
+    }
     let key = engine::record::load_or_create_key(&key_path)
         .map_err(|e| DaemonError::Key { path: key_path.clone(), detail: e.to_string() })?;
     let metrics = Metrics::new();
@@ -340,7 +129,7 @@ pub async fn serve(
         runtime: tokio::runtime::Handle::current(),
         policy: config.trainer.policy(),
         key: key.clone(),
-        default_device: config.device.parse().expect("validated"),
+        default_device: config.default_device().expect("validated"),
         data: DataPaths { mnist: config.data.mnist.clone(), text: config.data.text.clone() },
         metrics: metrics.clone(),
         shutdown: cancel.clone(),
@@ -469,6 +258,14 @@ impl job::Runner for CatchPanics {
             }
         }
     }
+
+    fn run_interval(&self, job: &job::Job, interval: (u64, u64), progress: &dyn crate::Progress) -> job::ItemOutcome {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.run_interval(job, interval, progress))) {
+            Ok(outcome) => outcome,
+            // Left to the coordinator, whose own replay of it reports the panic.
+            Err(_) => job::ItemOutcome::Ended,
+        }
+    }
 }
 
 /// One worker: claim, run, repeat; wait for a submission (or poll) when idle.
@@ -476,7 +273,7 @@ async fn worker_loop(worker: Worker, queued: Arc<Notify>, cancel: Arc<AtomicBool
     while !cancel.load(Ordering::SeqCst) {
         let w = worker.clone();
         let worked = tokio::task::spawn_blocking(move || w.work_one()).await.unwrap_or(Worked::StoreUnavailable);
-        if !matches!(worked, Worked::Job { .. }) {
+        if matches!(worked, Worked::Idle | Worked::StoreUnavailable) {
             // Poll as well as wait: a notification sent before we started waiting is not kept.
             let _ = tokio::time::timeout(Duration::from_secs(1), queued.notified()).await;
         }
@@ -511,6 +308,11 @@ mod tests {
             ("[data]\nmnst = \"x\"", "mnst"),
             ("token = \"  \"", "token"),
             ("queue_max = \"many\"", "queue_max"),
+            ("[store]\nurl = \"mysql://db/x\"", "store.url"),
+            ("[store]\nurl = \"postgres://db/x\"", "key_file"),
+            ("key_file = \"k\"\n[store]\nnode = \"a b\"", "store.node"),
+            ("[store]\nlease_ms = 5", "store.lease_ms"),
+            ("[store]\nleas_ms = 5", "leas_ms"),
         ] {
             let e = Config::from_toml(text, "t.toml").unwrap_err().to_string();
             assert!(e.contains("t.toml") && e.contains(needle), "{text:?}: {e}");

@@ -11,10 +11,10 @@ use engine::spec::RunSpec;
 use kernels::Profile;
 use tokio::runtime::Handle;
 
-use super::job::{Decided, Job, Outcome, Runner};
+use super::job::{Decided, ItemOutcome, Job, Outcome, Runner};
 use super::metrics::Metrics;
 use crate::http::{HttpTrainer, RetryPolicy};
-use crate::replay::{AuditOptions, Mode, SeedChoice, SpotPick, audit};
+use crate::replay::{AuditOptions, Mode, SeedChoice, SpotPick, audit, replay_interval};
 use crate::report::Report;
 use crate::source::{SourceError, TrainerSource};
 use crate::{AuditError, Progress, Verdict};
@@ -33,7 +33,9 @@ pub struct HttpRunner {
     pub runtime: Handle,
     pub policy: RetryPolicy,
     pub key: SigningKey,
-    pub default_device: Profile,
+    /// The replay profile when a request names none; `None`: a fast one other than the
+    /// trainer's ([`Profile::auditor_default`]).
+    pub default_device: Option<Profile>,
     pub data: DataPaths,
     pub metrics: Metrics,
     /// Set when the daemon shuts down: requests in flight are abandoned at once (the audit is
@@ -64,6 +66,9 @@ impl Progress for TimeLimited<'_> {
     }
     fn cancelled(&self) -> bool {
         self.inner.cancelled() || Instant::now() >= self.until
+    }
+    fn share(&self) -> Option<&dyn crate::replay::Share> {
+        self.inner.share()
     }
 }
 
@@ -112,13 +117,17 @@ pub fn options(job: &Job, default_device: Profile, data: Option<PathBuf>) -> Res
 }
 
 impl HttpRunner {
-    fn data_for(&self, src: &HttpTrainer) -> Result<Option<PathBuf>, SourceError> {
+    /// The local dataset the run's spec needs, and the replay profile when the request names
+    /// none.
+    fn data_for(&self, src: &HttpTrainer) -> Result<(Option<PathBuf>, Profile), SourceError> {
         let bytes = src.spec_bytes()?;
         // A spec that does not parse is the trainer's problem; the audit itself says so.
         let Ok(spec) = serde_json::from_slice::<RunSpec>(&bytes) else {
-            return Ok(None);
+            return Ok((None, self.default_device.unwrap_or_default()));
         };
-        Ok(match spec.config.data {
+        let trainer = spec.device_profile.parse::<Profile>().ok();
+        let device = self.default_device.unwrap_or(Profile::auditor_default(trainer));
+        let data = match spec.config.data {
             engine::spec::DataConfig::Mnist(_) => self.data.mnist.clone(),
             engine::spec::DataConfig::Text(_) => self.data.text.clone(),
             engine::spec::DataConfig::Synthetic(_) => None,
@@ -127,18 +136,29 @@ impl HttpRunner {
             engine::spec::DataConfig::Tensors(_)
             | engine::spec::DataConfig::Csv(_)
             | engine::spec::DataConfig::Tokens(_) => None,
-        })
+        };
+        Ok((data, device))
     }
 }
 
-impl Runner for HttpRunner {
-    fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
+/// Why an attempt past its time stopped, if it is past it.
+fn timed_out(until: Instant, time_max: Duration) -> Option<String> {
+    (Instant::now() >= until).then(|| {
+        format!(
+            "time-limit: the audit ran past this daemon's audit_time_max_ms = {} (the trainer was answering, more \
+             slowly than that allows); not a verdict",
+            time_max.as_millis()
+        )
+    })
+}
+
+impl HttpRunner {
+    /// The trainer client and the audit options of one attempt at `job` that must end by
+    /// `until`; `Err` with the outcome when it cannot start.
+    fn prepare(&self, job: &Job, until: Instant) -> Result<(HttpTrainer, AuditOptions), Outcome> {
         let r = &job.request;
-        if let Err(e) = self.trainers.check_allowed(&r.trainer_url) {
-            return Outcome::Failed(e);
-        }
+        self.trainers.check_allowed(&r.trainer_url).map_err(Outcome::Failed)?;
         let metrics = self.metrics.clone();
-        let until = Instant::now() + self.time_max;
         let time_max = self.time_max;
         let shutdown = self.shutdown.clone();
         let abort = Arc::new(move || {
@@ -150,35 +170,30 @@ impl Runner for HttpRunner {
                 None
             }
         });
-        let progress = &TimeLimited { inner: progress, until };
-        let timed_out = || {
-            (Instant::now() >= until).then(|| {
-                format!(
-                    "time-limit: the audit ran past this daemon's audit_time_max_ms = {} (the trainer was answering, \
-                     more slowly than that allows); not a verdict",
-                    time_max.as_millis()
-                )
-            })
-        };
-        let src = match HttpTrainer::new(
-            &r.trainer_url,
-            &r.run,
-            r.trainer_token.clone(),
-            self.policy.clone(),
-            self.runtime.clone(),
-        ) {
-            Ok(s) => s.with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind))).with_abort(abort),
-            Err(e) => return Outcome::Failed(e.to_string()),
-        };
-        let data = match self.data_for(&src) {
-            Ok(d) => d,
-            Err(SourceError::Unavailable(e)) => return timed_out().map_or(Outcome::Failed(e), Outcome::TimeLimit),
+        let src = HttpTrainer::new(&r.trainer_url, &r.run, r.trainer_token.clone(), self.policy.clone(), self.runtime.clone())
+            .map_err(|e| Outcome::Failed(e.to_string()))?
+            .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
+            .with_abort(abort);
+        let (data, device) = match self.data_for(&src) {
+            Ok(found) => found,
+            Err(SourceError::Unavailable(e)) => {
+                return Err(timed_out(until, time_max).map_or(Outcome::Failed(e), Outcome::TimeLimit));
+            }
             // Unresponsive or invalid: the audit below reaches the same error as a verdict.
-            Err(_) => None,
+            Err(_) => (None, self.default_device.unwrap_or_default()),
         };
-        let opts = match options(job, self.default_device, data) {
-            Ok(o) => o,
-            Err(e) => return Outcome::Failed(e),
+        let opts = options(job, device, data).map_err(Outcome::Failed)?;
+        Ok((src, opts))
+    }
+}
+
+impl Runner for HttpRunner {
+    fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
+        let until = Instant::now() + self.time_max;
+        let progress = &TimeLimited { inner: progress, until };
+        let (src, opts) = match self.prepare(job, until) {
+            Ok(prepared) => prepared,
+            Err(outcome) => return outcome,
         };
         match audit(&src, &opts, progress) {
             Ok(a) => {
@@ -198,11 +213,29 @@ impl Runner for HttpRunner {
                 })
             }
             // Whatever ended it, an attempt past its time is a time limit, not a failure of its own.
-            Err(e) => match timed_out() {
+            Err(e) => match timed_out(until, self.time_max) {
                 Some(why) => Outcome::TimeLimit(why),
                 None if matches!(e, AuditError::Cancelled) => Outcome::Cancelled,
                 None => Outcome::Failed(e.to_string()),
             },
+        }
+    }
+
+    fn run_interval(&self, job: &Job, interval: (u64, u64), progress: &dyn Progress) -> ItemOutcome {
+        let until = Instant::now() + self.time_max;
+        let progress = &TimeLimited { inner: progress, until };
+        // Whatever stops a helper early (an unreachable trainer, a record that does not check
+        // out) is the coordinator's to find again and decide: the interval ends here.
+        let (src, opts) = match self.prepare(job, until) {
+            Ok(prepared) => prepared,
+            Err(outcome) => {
+                tracing::info!(?outcome, "interval not replayed here; the audit's coordinator replays it");
+                return ItemOutcome::Ended;
+            }
+        };
+        match replay_interval(&src, &opts, interval, progress) {
+            Err(AuditError::Cancelled) if Instant::now() < until => ItemOutcome::Cancelled,
+            Ok(()) | Err(_) => ItemOutcome::Ended,
         }
     }
 }

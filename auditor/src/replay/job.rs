@@ -160,14 +160,38 @@ impl<'a> Replayer<'a> {
 
     /// Runs every job (in parallel when there are several) and merges their outcomes.
     pub fn replay_all(&self, jobs: &[Job]) -> Result<Merged, Stop> {
+        self.replay_jobs(jobs, true)
+    }
+
+    /// Tells the progress how many steps `jobs` have left to replay.
+    pub fn announce(&self, jobs: &[Job]) {
         let resumed: u64 = jobs.iter().map(|j| j.resume_point(self.resume).map_or(0, |t| t - j.start)).sum();
         self.progress.begin(jobs.iter().map(|j| j.end - j.start).sum::<u64>() - resumed);
+    }
+
+    /// [`Replayer::replay_all`], announcing the steps to replay first or not (the last pass of
+    /// a shared audit, which announced them before).
+    pub fn replay_jobs(&self, jobs: &[Job], announce: bool) -> Result<Merged, Stop> {
+        if announce {
+            self.announce(jobs);
+        }
         let outcomes: Vec<JobOutcome> = if jobs.len() == 1 {
             vec![self.replay(jobs[0])]
         } else {
             jobs.par_iter().map(|&j| self.replay(j)).collect()
         };
         merge(outcomes)
+    }
+
+    /// Replays one job of a shared audit (see `Share`): what it finds is left for the last
+    /// pass, except a cancellation.
+    pub fn replay_item(&self, job: Job) -> Result<(), AuditError> {
+        match self.replay(job).finding {
+            Some(Finding { found: Found::Stop(Stop::Undecided(AuditError::Cancelled)), .. }) => {
+                Err(AuditError::Cancelled)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn note(&self, out: &mut JobOutcome, step: u64, order: Order, found: Found) {

@@ -157,6 +157,41 @@ pub trait Progress: Sync {
     fn cancelled(&self) -> bool {
         false
     }
+    /// A fleet to share the replay with: `None` (the default) replays every interval here.
+    fn share(&self) -> Option<&dyn Share> {
+        None
+    }
+}
+
+/// An interval `(start, end)` taken from a shared audit, and its durable point (the last step
+/// verified, if any).
+pub type Taken = ((u64, u64), Option<u64>);
+
+/// The replay of one audit shared by a fleet of daemons on one store ([`Progress::share`]).
+///
+/// The daemon running the audit publishes its plan's intervals as work items, replays those it
+/// can take, and waits for those other daemons took; every replayer reports verified points
+/// through [`Progress::verified`], which the store keeps. It then replays the plan once more
+/// with every durable point as [`AuditOptions::resume`]: an interval reproduced to its end is
+/// skipped, and one that stopped at a finding (or at another replayer's own failure) is
+/// replayed from its last verified point, so the verdict, bisection, evidence and report come
+/// from this one daemon exactly as a single-process audit's would.
+///
+/// A store failure here is reported as [`AuditError::Cancelled`]: the audit is handed back and
+/// resumed, never decided without what the store holds.
+pub trait Share: Sync {
+    /// Publishes the plan's intervals `(start, end)` (idempotent).
+    fn publish(&self, intervals: &[(u64, u64)]) -> Result<(), AuditError>;
+    /// An interval of this audit that nobody is replaying (or whose replayer's lease expired),
+    /// now this replayer's, with its durable progress (the last step verified, if any); `None`
+    /// when none is left to take.
+    fn take(&self) -> Result<Option<Taken>, AuditError>;
+    /// The interval taken was replayed as far as it goes.
+    fn done(&self, start: u64) -> Result<(), AuditError>;
+    /// Whether every interval is done; when not, waits a moment first (others are replaying).
+    fn all_done(&self) -> Result<bool, AuditError>;
+    /// Every interval's durable progress: start → last verified step.
+    fn progress(&self) -> Result<BTreeMap<u64, u64>, AuditError>;
 }
 
 /// Ignores progress.
@@ -412,9 +447,31 @@ fn phases(
 
     let t_replay = Instant::now();
     let replayer = job::Replayer::new(src, &run, &committed, progress, &opts.resume);
-    let merged = replayer.replay_all(&plan.jobs)?;
+    let (merged, resumed) = match progress.share() {
+        Some(share) if plan.jobs.len() > 1 => {
+            let before: u64 = plan.jobs.iter().map(|j| j.resume_point(&opts.resume).map_or(0, |t| t - j.start)).sum();
+            replayer.announce(&plan.jobs);
+            let intervals: Vec<(u64, u64)> = plan.jobs.iter().map(|j| (j.start, j.end)).collect();
+            share_intervals(share, &intervals, progress, |(start, end), through| {
+                let job = plan.jobs.iter().copied().find(|j| (j.start, j.end) == (start, end));
+                // From the interval's own durable point: other replayers may have moved it on
+                // since this audit was claimed.
+                let resume: BTreeMap<u64, u64> = through.map(|t| (start, t)).into_iter().collect();
+                job::Replayer::new(src, &run, &committed, progress, &resume)
+                    .replay_item(job.expect("share_intervals checks the plan"))
+            })?;
+            let durable = share.progress()?;
+            let merged = job::Replayer::new(src, &run, &committed, progress, &durable).replay_jobs(&plan.jobs, false)?;
+            (merged, before)
+        }
+        _ => {
+            let merged = replayer.replay_all(&plan.jobs)?;
+            let resumed = merged.resumed;
+            (merged, resumed)
+        }
+    };
     audit.steps_replayed = merged.steps + merged.resumed;
-    audit.steps_resumed = merged.resumed;
+    audit.steps_resumed = resumed;
     audit.timings.replay_ms = ms(t_replay);
     let merged = conclude::stop_early(merged)?;
 
@@ -423,6 +480,76 @@ fn phases(
     audit.bisection = Some(bisection);
     audit.timings.bisection_ms = ms(t_bisect);
     conclude::conclude(src, &committed, merged, opts, init_weights, audit)
+}
+
+/// The coordinator's part of a shared replay ([`Share`]): publishes `intervals`, replays with
+/// `replay` each one it can take, from its durable point (others are taken by other daemons),
+/// then waits until every
+/// interval is done. The caller then replays the plan once more from `share.progress()`.
+pub fn share_intervals(
+    share: &dyn Share,
+    intervals: &[(u64, u64)],
+    progress: &dyn Progress,
+    replay: impl Fn((u64, u64), Option<u64>) -> Result<(), AuditError>,
+) -> Result<(), AuditError> {
+    share.publish(intervals)?;
+    loop {
+        if progress.cancelled() {
+            return Err(AuditError::Cancelled);
+        }
+        match share.take()? {
+            Some((interval, through)) => {
+                if !intervals.contains(&interval) {
+                    return Err(AuditError::Internal(format!("work item {interval:?} is not in this plan")));
+                }
+                replay(interval, through)?;
+                share.done(interval.0)?;
+            }
+            None if share.all_done()? => return Ok(()),
+            None => {}
+        }
+    }
+}
+
+/// Replays one interval `(start, end]` of a shared audit as far as it goes, for the daemon that
+/// coordinates it ([`Share`]): only the points reported through [`Progress::verified`] count.
+/// A finding, or a failure of this replayer's own, ends the interval early and is left for the
+/// coordinator to find again; `Err` only for [`AuditError::Cancelled`] and for an interval that
+/// is not in the plan.
+pub fn replay_interval(
+    src: &dyn TrainerSource,
+    opts: &AuditOptions,
+    (start, end): (u64, u64),
+    progress: &dyn Progress,
+) -> Result<(), AuditError> {
+    let undecided = |what: String| {
+        tracing::info!(start, end, what, "work item ended early; the audit's coordinator replays it again");
+        Ok(())
+    };
+    let committed = match commit::check(src, opts) {
+        Ok(c) => c,
+        Err(Stop::Undecided(AuditError::Cancelled)) => return Err(AuditError::Cancelled),
+        Err(Stop::Undecided(e)) => return undecided(e.to_string()),
+        Err(Stop::Verdict(v)) => return undecided(format!("{v:?}")),
+    };
+    let mut run = match build_run(&committed.spec, opts.data.as_deref(), opts.device) {
+        Ok(r) => r,
+        Err(e) => return undecided(format!("{e:?}")),
+    };
+    let plan = match plan::plan(src, &committed, &run, opts) {
+        Ok(p) => p,
+        Err(e) => return undecided(format!("{e:?}")),
+    };
+    let Some(job) = plan.jobs.iter().copied().find(|j| (j.start, j.end) == (start, end)) else {
+        return Err(AuditError::Internal(format!("work item ({start}, {end}] is not in this audit's plan")));
+    };
+    if committed.spec.init_weights.is_some() && job.start == 0 {
+        let loaded = src.init_weights().map_err(|e| e.to_string()).and_then(|b| run.load_init_weights(&b).map_err(|p| p.detail()));
+        if let Err(e) = loaded {
+            return undecided(e);
+        }
+    }
+    job::Replayer::new(src, &run, &committed, progress, &opts.resume).replay_item(job)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of the helpers")]
 
+pub mod pg;
 pub mod tamper;
 
 use std::path::{Path, PathBuf};

@@ -15,14 +15,17 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::job::{AuditRequest, Decided, FailReason, Inserted, Job, JobState, Store, StoreError, job_id};
+use super::{QUARANTINE_PER_CLAIM_MAX, QUARANTINED_REQUEST, create_private_dir, i, u};
+use crate::daemon::job::{
+    AuditRequest, Decided, FailReason, Inserted, Item, ItemState, Job, JobState, Store, StoreError, job_id,
+};
 use crate::VerdictKind;
 
 /// The database file under the state directory.
 pub const DB_FILE: &str = "auditor.sqlite3";
 /// Bumped when the schema changes; a database with another version is refused, not migrated
 /// silently.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -40,13 +43,27 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     reason TEXT,
     created_ms INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL
+    updated_ms INTEGER NOT NULL,
+    owner TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS progress (
     id TEXT NOT NULL REFERENCES jobs (id),
     job_start INTEGER NOT NULL,
     through INTEGER NOT NULL,
+    PRIMARY KEY (id, job_start)
+);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT NOT NULL REFERENCES jobs (id),
+    job_start INTEGER NOT NULL,
+    job_end INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'claimed', 'done')),
+    owner TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    claims INTEGER NOT NULL DEFAULT 0,
+    takeovers INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (id, job_start)
 );
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -75,41 +92,6 @@ pub struct SqliteStore {
 /// How long an integrity check's answer is reused.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Queued rows set aside in one claim at most (each is logged); the claim then answers
-/// "nothing to do" and the next one goes on.
-const QUARANTINE_PER_CLAIM_MAX: usize = 64;
-
-/// The request that replaces one that no longer parses (the original is kept in table
-/// `quarantine`).
-const QUARANTINED_REQUEST: &str = r#"{"trainer_url": "", "run": ""}"#;
-
-/// Creates `dir` (and its parents) if it is missing, readable by its owner only (it holds
-/// trainer tokens and the signing key). An existing directory is left exactly as it is: its
-/// mode is the operator's (a shared 1777 directory must stay one).
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
-    let mut b = std::fs::DirBuilder::new();
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    match b.create(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        r => r,
-    }
-}
-
-fn i(x: u64) -> i64 {
-    i64::try_from(x).unwrap_or(i64::MAX)
-}
-
-fn u(x: i64) -> u64 {
-    u64::try_from(x).unwrap_or(0)
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the database under `state_dir`.
     pub fn open(state_dir: &Path) -> Result<SqliteStore, StoreError> {
@@ -129,27 +111,46 @@ impl SqliteStore {
             .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
             .optional()
             .map_err(ctx)?;
-        match version {
+        let mut version = match version {
             None => {
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
                     .map_err(ctx)?;
+                SCHEMA_VERSION
             }
-            Some(SCHEMA_VERSION) => {}
-            // Version 1 had no `reason` column (why a job failed); adding it loses nothing.
-            Some(1) => {
-                conn.execute_batch(
-                    "BEGIN IMMEDIATE; ALTER TABLE jobs ADD COLUMN reason TEXT;
-                     UPDATE jobs SET reason = 'undecided' WHERE state = 'failed';
-                     UPDATE meta SET value = 2 WHERE key = 'schema_version'; COMMIT;",
-                )
-                .map_err(ctx)?;
-            }
-            Some(v) => {
-                return Err(StoreError(format!(
-                    "{}: schema version {v}, this auditor knows {SCHEMA_VERSION}; refusing to touch it",
-                    path.display()
-                )));
-            }
+            Some(v) => v,
+        };
+        // Each step moves one version up in one transaction, losing nothing.
+        while version < SCHEMA_VERSION {
+            let step = match version {
+                // Version 1 had no `reason` column (why a job failed).
+                1 => {
+                    "ALTER TABLE jobs ADD COLUMN reason TEXT;
+                     UPDATE jobs SET reason = 'undecided' WHERE state = 'failed';"
+                }
+                // Version 2 had no leases (the `items` table is created by the schema above).
+                2 => {
+                    "ALTER TABLE jobs ADD COLUMN owner TEXT;
+                     ALTER TABLE jobs ADD COLUMN lease_until_ms INTEGER NOT NULL DEFAULT 0;"
+                }
+                v => {
+                    return Err(StoreError(format!(
+                        "{}: schema version {v}, which no auditor ever wrote; refusing to touch it",
+                        path.display()
+                    )));
+                }
+            };
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {step} UPDATE meta SET value = {} WHERE key = 'schema_version'; COMMIT;",
+                version + 1
+            ))
+            .map_err(ctx)?;
+            version += 1;
+        }
+        if version > SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "{}: schema version {version}, this auditor knows {SCHEMA_VERSION}; refusing to touch it",
+                path.display()
+            )));
         }
         Ok(SqliteStore { path, conn: Mutex::new(conn), checked: Mutex::new(None) })
     }
@@ -165,7 +166,7 @@ impl SqliteStore {
 }
 
 const JOB_COLUMNS: &str = "id, request, state, attempts, steps_replayed, steps_resumed, verdict, first_step, error, \
-                           created_ms, updated_ms, reason";
+                           created_ms, updated_ms, reason, owner";
 
 fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let id: String = r.get(0)?;
@@ -199,6 +200,7 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         reason,
         created_ms: u(r.get(9)?),
         updated_ms: u(r.get(10)?),
+        owner: r.get(12)?,
     })
 }
 
@@ -227,6 +229,31 @@ fn quarantine(tx: &Connection, id: &str, why: &str, now_ms: u64) -> rusqlite::Re
     Ok(())
 }
 
+/// Open (queued or running) jobs: what the queue bound counts.
+fn open_jobs(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')", [], |r| r.get(0)).map(u)
+}
+
+const ITEM_COLUMNS: &str = "job_start, job_end, state, owner, lease_until_ms, attempts, claims, takeovers";
+
+fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+    let state: String = r.get(2)?;
+    let state = ItemState::parse(&state).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, format!("item state {state:?}").into())
+    })?;
+    let count = |k: usize| r.get::<_, i64>(k).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    Ok(Item {
+        start: u(r.get(0)?),
+        end: u(r.get(1)?),
+        state,
+        owner: r.get(3)?,
+        lease_until_ms: u(r.get(4)?),
+        attempts: count(5)?,
+        claims: count(6)?,
+        takeovers: count(7)?,
+    })
+}
+
 fn get_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
     conn.query_row(&sql, [id], |r| job_row(conn, r)).optional()
@@ -250,8 +277,7 @@ impl Store for SqliteStore {
                     return Ok(if same { Inserted::Existing(id) } else { Inserted::Conflict(id) });
                 }
             }
-            let queued: i64 = tx.query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued'", [], |r| r.get(0))?;
-            if u(queued) >= queued_max {
+            if open_jobs(&tx)? >= queued_max {
                 return Ok(Inserted::QueueFull);
             }
             // The id comes from the row's sequence number: unique, and stable across restarts.
@@ -268,20 +294,26 @@ impl Store for SqliteStore {
         })
     }
 
-    fn claim(&self, now_ms: u64) -> Result<Option<Job>, StoreError> {
+    fn claim(&self, node: &str, now_ms: u64, lease_ms: u64) -> Result<Option<Job>, StoreError> {
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for _ in 0..QUARANTINE_PER_CLAIM_MAX {
                 let id: Option<String> = tx
-                    .query_row("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1", [], |r| r.get(0))
+                    .query_row(
+                        "SELECT id FROM jobs WHERE state = 'queued' OR (state = 'running' AND lease_until_ms < ?1)
+                         ORDER BY seq LIMIT 1",
+                        [i(now_ms)],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 let Some(id) = id else {
                     tx.commit()?;
                     return Ok(None);
                 };
                 tx.execute(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
-                    params![id, i(now_ms)],
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, owner = ?2, lease_until_ms = ?3,
+                     updated_ms = ?4 WHERE id = ?1",
+                    params![id, node, i(now_ms.saturating_add(lease_ms)), i(now_ms)],
                 )?;
                 match get_job(&tx, &id) {
                     Ok(job) => {
@@ -298,6 +330,108 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(None)
+        })
+    }
+
+    fn renew(&self, id: &str, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE jobs SET lease_until_ms = ?3 WHERE id = ?1 AND state = 'running' AND owner = ?2",
+                params![id, node, i(now_ms.saturating_add(lease_ms))],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn publish(&self, id: &str, intervals: &[(u64, u64)], _now_ms: u64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for &(start, end) in intervals {
+                tx.execute(
+                    "INSERT INTO items (id, job_start, job_end, state) VALUES (?1, ?2, ?3, 'pending')
+                     ON CONFLICT (id, job_start) DO NOTHING",
+                    params![id, i(start), i(end)],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn claim_item(
+        &self,
+        node: &str,
+        only: Option<&str>,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<(Job, Item)>, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let found: Option<(String, i64, bool)> = tx
+                .query_row(
+                    "SELECT items.id, items.job_start, items.state = 'claimed' FROM items JOIN jobs ON jobs.id = items.id
+                     WHERE jobs.state = 'running' AND (?1 IS NULL OR items.id = ?1)
+                     AND (items.state = 'pending' OR (items.state = 'claimed' AND items.lease_until_ms < ?2))
+                     ORDER BY jobs.seq, items.job_start LIMIT 1",
+                    params![only, i(now_ms)],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((id, start, takeover)) = found else { return Ok(None) };
+            tx.execute(
+                "UPDATE items SET state = 'claimed', owner = ?3, lease_until_ms = ?4, attempts = attempts + 1,
+                 claims = claims + 1, takeovers = takeovers + ?5 WHERE id = ?1 AND job_start = ?2",
+                params![id, start, node, i(now_ms.saturating_add(lease_ms)), i64::from(takeover)],
+            )?;
+            let item = tx.query_row(
+                &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1 AND job_start = ?2"),
+                params![id, start],
+                item_row,
+            )?;
+            // A job row that no longer parses cannot be replayed here; its own claim quarantines it.
+            let Some(job) = get_job(&tx, &id)? else { return Ok(None) };
+            tx.commit()?;
+            Ok(Some((job, item)))
+        })
+    }
+
+    fn renew_item(&self, id: &str, start: u64, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE items SET lease_until_ms = ?4 WHERE id = ?1 AND job_start = ?2 AND owner = ?3
+                 AND state = 'claimed' AND (SELECT state FROM jobs WHERE jobs.id = ?1) = 'running'",
+                params![id, i(start), node, i(now_ms.saturating_add(lease_ms))],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn item_done(&self, id: &str, start: u64, node: &str, _now_ms: u64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE items SET state = 'done', lease_until_ms = 0
+                 WHERE id = ?1 AND job_start = ?2 AND owner = ?3 AND state = 'claimed'",
+                params![id, i(start), node],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn release_item(&self, id: &str, start: u64, node: &str, refund: bool, _now_ms: u64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE items SET state = 'pending', owner = NULL, lease_until_ms = 0, attempts = MAX(attempts - ?4, 0)
+                 WHERE id = ?1 AND job_start = ?2 AND owner = ?3 AND state = 'claimed'",
+                params![id, i(start), node, i64::from(refund)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn items(&self, id: &str) -> Result<Vec<Item>, StoreError> {
+        self.with(|conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1 ORDER BY job_start"))?;
+            stmt.query_map([id], item_row)?.collect()
         })
     }
 
@@ -339,6 +473,10 @@ impl Store for SqliteStore {
                 "UPDATE jobs SET steps_replayed = MAX(steps_replayed, ?2), attempts = MIN(attempts, 1), updated_ms = ?3
                  WHERE id = ?1",
                 params![id, i(steps_replayed), i(now_ms)],
+            )?;
+            tx.execute(
+                "UPDATE items SET attempts = MIN(attempts, 1) WHERE id = ?1 AND job_start = ?2",
+                params![id, i(job_start)],
             )?;
             tx.commit()
         })
@@ -390,21 +528,31 @@ impl Store for SqliteStore {
         })
     }
 
-    fn requeue(&self, id: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
+    fn requeue(&self, id: &str, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
         self.with(|conn| {
             conn.execute(
-                "UPDATE jobs SET state = 'queued', updated_ms = ?2, attempts = MAX(attempts - ?3, 0)
-                 WHERE id = ?1 AND state = 'running'",
-                params![id, i(now_ms), i64::from(refund)],
+                "UPDATE jobs SET state = 'queued', owner = NULL, lease_until_ms = 0, updated_ms = ?3,
+                 attempts = MAX(attempts - ?4, 0) WHERE id = ?1 AND state = 'running' AND owner = ?2",
+                params![id, node, i(now_ms), i64::from(refund)],
             )
             .map(|_| ())
         })
     }
 
-    fn recover(&self, now_ms: u64) -> Result<u64, StoreError> {
+    fn recover(&self, node: &str, now_ms: u64) -> Result<u64, StoreError> {
         self.with(|conn| {
-            conn.execute("UPDATE jobs SET state = 'queued', updated_ms = ?1 WHERE state = 'running'", [i(now_ms)])
-                .map(|n| n as u64)
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "UPDATE jobs SET state = 'queued', owner = NULL, lease_until_ms = 0, updated_ms = ?2
+                 WHERE state = 'running' AND owner IS ?1",
+                params![node, i(now_ms)],
+            )?;
+            tx.execute(
+                "UPDATE items SET state = 'pending', owner = NULL, lease_until_ms = 0 WHERE state = 'claimed' AND owner = ?1",
+                [node],
+            )?;
+            tx.commit()?;
+            Ok(n as u64)
         })
     }
 
@@ -467,8 +615,7 @@ impl Store for SqliteStore {
             if state != JobState::Failed || quarantined {
                 return Ok(Some((false, state)));
             }
-            let queued: i64 = tx.query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued'", [], |r| r.get(0))?;
-            if u(queued) >= queued_max {
+            if open_jobs(&tx)? >= queued_max {
                 return Ok(Some((false, JobState::Failed)));
             }
             tx.execute(
@@ -582,22 +729,22 @@ mod tests {
         let s = SqliteStore::open(&dir).unwrap();
         let Inserted::New(id) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
         assert_eq!(s.get(&id).unwrap().unwrap().state, JobState::Queued);
-        let job = s.claim(2).unwrap().unwrap();
+        let job = s.claim("n", 2, 1000).unwrap().unwrap();
         assert_eq!((job.id.as_str(), job.state, job.attempts), (id.as_str(), JobState::Running, 1));
-        assert!(s.claim(2).unwrap().is_none(), "one queued job, claimed once");
+        assert!(s.claim("n", 2, 1000).unwrap().is_none(), "one queued job, claimed once");
         s.save_progress(&id, 0, 5, 5, 3).unwrap();
         s.save_progress(&id, 0, 4, 4, 3).unwrap();
         drop(s);
         // A restart: the running job is requeued with its progress.
         let s = SqliteStore::open(&dir).unwrap();
-        assert_eq!(s.recover(4).unwrap(), 1);
-        let job = s.claim(5).unwrap().unwrap();
+        assert_eq!(s.recover("n", 4).unwrap(), 1);
+        let job = s.claim("n", 5, 1000).unwrap().unwrap();
         assert_eq!(job.attempts, 2);
         // A graceful shutdown gives its claim back; a failed final write does not.
-        s.requeue(&id, true, 5).unwrap();
-        assert_eq!(s.claim(5).unwrap().unwrap().attempts, 2);
-        s.requeue(&id, false, 5).unwrap();
-        assert_eq!(s.claim(5).unwrap().unwrap().attempts, 3);
+        s.requeue(&id, "n", true, 5).unwrap();
+        assert_eq!(s.claim("n", 5, 1000).unwrap().unwrap().attempts, 2);
+        s.requeue(&id, "n", false, 5).unwrap();
+        assert_eq!(s.claim("n", 5, 1000).unwrap().unwrap().attempts, 3);
         assert_eq!(job.progress, [(0, 5)].into(), "progress only moves forward");
         assert_eq!(job.steps_replayed, 5);
         s.finish(&id, &decided(), 6).unwrap();
@@ -664,7 +811,7 @@ mod tests {
         let Inserted::New(bad) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
         let Inserted::New(good) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
         s.with(|c| c.execute("UPDATE jobs SET request = '{torn' WHERE id = ?1", [&bad])).unwrap();
-        let job = s.claim(2).unwrap().expect("the good job is claimed past the bad one");
+        let job = s.claim("n", 2, 1000).unwrap().expect("the good job is claimed past the bad one");
         assert_eq!(job.id, good);
         let q = s.get(&bad).unwrap().unwrap();
         assert_eq!((q.state, q.reason), (JobState::Failed, Some(FailReason::Quarantined)), "{q:?}");
@@ -673,7 +820,7 @@ mod tests {
             s.with(|c| c.query_row("SELECT request FROM quarantine WHERE id = ?1", [&bad], |r| r.get(0))).unwrap();
         assert_eq!(kept, "{torn", "the original row is kept");
         assert_eq!(s.list(None, 10, None).unwrap().len(), 2, "listing still works");
-        assert!(s.claim(3).unwrap().is_none());
+        assert!(s.claim("n", 3, 1000).unwrap().is_none());
     }
 
     /// Issue 14: `--state-dir` made a shared 1777 directory 0700.
@@ -712,20 +859,39 @@ mod tests {
         assert!(e.0.contains(DB_FILE), "{e}");
     }
 
+    /// A version 1 database (no failure reasons, no leases) is migrated step by step to the
+    /// current version, losing nothing; a running job of the old daemon (no lease) is claimable.
     #[test]
-    fn a_version_1_database_gains_the_reason_column() {
+    fn a_version_1_database_is_migrated_to_the_current_version() {
         let dir = scratch("v1");
         let s = SqliteStore::open(&dir).unwrap();
         let Inserted::New(id) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
+        let Inserted::New(running) = s.insert(&request(None), 10, 1).unwrap() else { panic!() };
         s.fail(&id, FailReason::Undecided, "x", 2).unwrap();
         s.with(|c| {
+            c.execute("UPDATE jobs SET state = 'running' WHERE id = ?1", [&running])?;
             c.execute_batch(
-                "ALTER TABLE jobs DROP COLUMN reason; UPDATE meta SET value = 1 WHERE key = 'schema_version';",
+                "DROP TABLE items; ALTER TABLE jobs DROP COLUMN reason; ALTER TABLE jobs DROP COLUMN owner;
+                 ALTER TABLE jobs DROP COLUMN lease_until_ms; UPDATE meta SET value = 1 WHERE key = 'schema_version';",
             )
         })
         .unwrap();
         drop(s);
         let s = SqliteStore::open(&dir).unwrap();
         assert_eq!(s.get(&id).unwrap().unwrap().reason, Some(FailReason::Undecided));
+        let version: i64 =
+            s.with(|c| c.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let job = s.claim("n", 3, 1000).unwrap().expect("the old daemon's running job has no lease: claimable");
+        assert_eq!((job.id, job.owner.as_deref()), (running, Some("n")));
+        s.publish(&job_id(2), &[(0, 4)], 3).unwrap();
+        assert_eq!(s.items(&job_id(2)).unwrap().len(), 1, "the items table exists");
+        drop(s);
+        // A newer version than this auditor knows is refused, not touched.
+        let s = SqliteStore::open(&dir).unwrap();
+        s.with(|c| c.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", [])).unwrap();
+        drop(s);
+        let e = SqliteStore::open(&dir).unwrap_err();
+        assert!(e.0.contains("schema version 99"), "{e}");
     }
 }
