@@ -23,8 +23,7 @@ use std::time::Duration;
 use auditor::Progress;
 use auditor::daemon::job::{
     AuditRequest, Clock, Decided, FailReason, Inserted, Item, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner,
-    Store, StoreError,
-    Worked, Worker, WorkerConfig,
+    Store, StoreError, Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::store::SqliteStore;
 use common::prng::Stream;

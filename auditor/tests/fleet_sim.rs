@@ -288,7 +288,13 @@ struct SimRunner {
 
 impl SimRunner {
     /// Replays `(start, end]` from `from` (its durable point); the diverging step if it is in it.
-    fn replay(&self, job: &Job, (start, end): (u64, u64), from: u64, progress: &dyn Progress) -> Result<Option<u64>, AuditError> {
+    fn replay(
+        &self,
+        job: &Job,
+        (start, end): (u64, u64),
+        from: u64,
+        progress: &dyn Progress,
+    ) -> Result<Option<u64>, AuditError> {
         let (_, diverge) = record_of(&job.request.run).expect("only records are replayed");
         // Nothing verified durably is replayed again (the store read here is the truth, read
         // without faults and without yielding: no other node ran since this attempt began).
@@ -411,6 +417,7 @@ impl Fleet {
                 node: name.clone(),
                 lease_ms: LEASE_MS,
                 poll_ms: 50,
+                share: true,
             },
             cancel: cancel.clone(),
         };
@@ -495,8 +502,11 @@ fn simulate(seed: u64, truth: Arc<dyn Store>, stores: Vec<Arc<dyn Store>>) -> St
         match world.below(20) {
             0..=2 => {
                 let run = runs[world.below(runs.len() as u64) as usize].to_string();
-                let request =
-                    AuditRequest { trainer_url: "http://trainer.sim".into(), run: run.clone(), ..AuditRequest::default() };
+                let request = AuditRequest {
+                    trainer_url: "http://trainer.sim".into(),
+                    run: run.clone(),
+                    ..AuditRequest::default()
+                };
                 if let Ok(Inserted::New(id)) = truth.insert(&request, QUEUE_MAX, now()) {
                     assert!(accepted.insert(id, run).is_none(), "{ctx}: an id handed out twice");
                 }
@@ -546,7 +556,9 @@ fn simulate(seed: u64, truth: Arc<dyn Store>, stores: Vec<Arc<dyn Store>>) -> St
     let mut turns = 0;
     let settled = |accepted: &BTreeMap<String, String>| {
         world.sched.quiet();
-        accepted.keys().all(|id| truth.get(id).unwrap().is_some_and(|j| matches!(j.state, JobState::Done | JobState::Failed)))
+        accepted
+            .keys()
+            .all(|id| truth.get(id).unwrap().is_some_and(|j| matches!(j.state, JobState::Done | JobState::Failed)))
     };
     while !settled(&accepted) {
         turns += 1;
@@ -626,7 +638,12 @@ fn check(world: &World, accepted: &BTreeMap<String, String>, durable: &mut BTree
     for id in accepted.keys() {
         let job = store.get(id).unwrap().unwrap_or_else(|| panic!("{ctx}: accepted {id} is gone"));
         let reports = store.report_count(id).unwrap();
-        assert_eq!(reports, u64::from(job.state == JobState::Done), "{ctx}: {id} {:?} with {reports} reports", job.state);
+        assert_eq!(
+            reports,
+            u64::from(job.state == JobState::Done),
+            "{ctx}: {id} {:?} with {reports} reports",
+            job.state
+        );
         for (&start, &through) in &job.progress {
             let seen = durable.entry((id.clone(), start)).or_insert(start);
             assert!(through >= *seen, "{ctx}: {id} interval {start}: progress went back from {seen} to {through}");

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use auditor::daemon::job::{
-    AuditRequest, Decided, Inserted, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner, Store, SystemClock, Worked, Worker,
-    WorkerConfig,
+    AuditRequest, Decided, Inserted, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner, Store, SystemClock,
+    Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::runner::options;
 use auditor::daemon::store::SqliteStore;

@@ -120,7 +120,8 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
         // The address line is how supervisors and tests find the daemon. It is a courtesy: a
         // daemon that cannot print it (stdout closed or failing) keeps serving.
         let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
-        let jobs = if cfg.store.is_shared() { format!(", jobs in PostgreSQL as {}", cfg.store.node()) } else { String::new() };
+        let jobs =
+            if cfg.store.is_shared() { format!(", jobs in PostgreSQL as {}", cfg.store.node()) } else { String::new() };
         let _ = emit(&format!(
             "auditor daemon listening on {scheme}://{addr} (state in {}{jobs})\n",
             cfg.state_dir.display()

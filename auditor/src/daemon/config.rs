@@ -309,6 +309,7 @@ impl Config {
             node: self.store.node(),
             lease_ms: self.store.lease_ms,
             poll_ms: (self.store.lease_ms / 10).clamp(20, 1000),
+            share: self.store.is_shared(),
             ..WorkerConfig::default()
         }
     }
@@ -316,7 +317,11 @@ impl Config {
     /// The replay profile when a request names none; `None` for `auto` (a fast profile other
     /// than the trainer's, [`Profile::auditor_default`]).
     pub fn default_device(&self) -> Result<Option<Profile>, String> {
-        if self.device == "auto" { Ok(None) } else { self.device.parse::<Profile>().map(Some).map_err(|e| e.to_string()) }
+        if self.device == "auto" {
+            Ok(None)
+        } else {
+            self.device.parse::<Profile>().map(Some).map_err(|e| e.to_string())
+        }
     }
 
     /// The signing key's file.
@@ -324,4 +329,3 @@ impl Config {
         self.key_file.clone().unwrap_or_else(|| self.state_dir.join(super::KEY_FILE))
     }
 }
-

@@ -12,13 +12,13 @@
 //! daemon in-process on `127.0.0.1:0`.
 
 pub mod api;
+mod config;
 pub mod job;
 pub mod live;
 pub mod metrics;
 pub mod runner;
 pub mod store;
 pub mod ui;
-mod config;
 mod worker;
 
 pub use config::{Config, DataSection, StoreSection, TrainerSection};

@@ -170,10 +170,16 @@ impl HttpRunner {
                 None
             }
         });
-        let src = HttpTrainer::new(&r.trainer_url, &r.run, r.trainer_token.clone(), self.policy.clone(), self.runtime.clone())
-            .map_err(|e| Outcome::Failed(e.to_string()))?
-            .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
-            .with_abort(abort);
+        let src = HttpTrainer::new(
+            &r.trainer_url,
+            &r.run,
+            r.trainer_token.clone(),
+            self.policy.clone(),
+            self.runtime.clone(),
+        )
+        .map_err(|e| Outcome::Failed(e.to_string()))?
+        .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
+        .with_abort(abort);
         let (data, device) = match self.data_for(&src) {
             Ok(found) => found,
             Err(SourceError::Unavailable(e)) => {

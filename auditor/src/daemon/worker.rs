@@ -39,6 +39,10 @@ pub struct WorkerConfig {
     pub lease_ms: u64,
     /// How often a daemon waiting for other daemons' intervals looks again.
     pub poll_ms: u64,
+    /// Whether audits are shared out as work items: on a store other daemons use. Alone, a
+    /// daemon replays an audit's intervals in parallel itself, which is faster than handing them
+    /// to its own other workers one at a time.
+    pub share: bool,
 }
 
 impl Default for WorkerConfig {
@@ -51,6 +55,7 @@ impl Default for WorkerConfig {
             node: "local".into(),
             lease_ms: 30_000,
             poll_ms: 200,
+            share: false,
         }
     }
 }
@@ -202,7 +207,9 @@ impl Share for JobProgress<'_> {
     fn done(&self, start: u64) -> Result<(), AuditError> {
         self.flush(Some(start));
         *self.taken.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.store.item_done(self.id, start, &self.config.node, self.clock.now_ms()).map_err(|e| self.store_err("item_done", e))
+        self.store
+            .item_done(self.id, start, &self.config.node, self.clock.now_ms())
+            .map_err(|e| self.store_err("item_done", e))
     }
 
     fn all_done(&self) -> Result<bool, AuditError> {
@@ -241,7 +248,7 @@ impl Progress for JobProgress<'_> {
         self.cancel.load(Ordering::SeqCst) || self.stopped.load(Ordering::SeqCst)
     }
     fn share(&self) -> Option<&dyn Share> {
-        (self.held == Held::Job).then_some(self as &dyn Share)
+        (self.config.share && self.held == Held::Job).then_some(self as &dyn Share)
     }
 }
 

@@ -461,7 +461,8 @@ fn phases(
                     .replay_item(job.expect("share_intervals checks the plan"))
             })?;
             let durable = share.progress()?;
-            let merged = job::Replayer::new(src, &run, &committed, progress, &durable).replay_jobs(&plan.jobs, false)?;
+            let merged =
+                job::Replayer::new(src, &run, &committed, progress, &durable).replay_jobs(&plan.jobs, false)?;
             (merged, before)
         }
         _ => {
@@ -544,7 +545,10 @@ pub fn replay_interval(
         return Err(AuditError::Internal(format!("work item ({start}, {end}] is not in this audit's plan")));
     };
     if committed.spec.init_weights.is_some() && job.start == 0 {
-        let loaded = src.init_weights().map_err(|e| e.to_string()).and_then(|b| run.load_init_weights(&b).map_err(|p| p.detail()));
+        let loaded = src
+            .init_weights()
+            .map_err(|e| e.to_string())
+            .and_then(|b| run.load_init_weights(&b).map_err(|p| p.detail()));
         if let Err(e) = loaded {
             return undecided(e);
         }

@@ -16,10 +16,10 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{QUARANTINE_PER_CLAIM_MAX, QUARANTINED_REQUEST, create_private_dir, i, u};
+use crate::VerdictKind;
 use crate::daemon::job::{
     AuditRequest, Decided, FailReason, Inserted, Item, ItemState, Job, JobState, Store, StoreError, job_id,
 };
-use crate::VerdictKind;
 
 /// The database file under the state directory.
 pub const DB_FILE: &str = "auditor.sqlite3";
@@ -239,7 +239,11 @@ const ITEM_COLUMNS: &str = "job_start, job_end, state, owner, lease_until_ms, at
 fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
     let state: String = r.get(2)?;
     let state = ItemState::parse(&state).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, format!("item state {state:?}").into())
+        rusqlite::Error::FromSqlConversionFailure(
+            2,
+            rusqlite::types::Type::Text,
+            format!("item state {state:?}").into(),
+        )
     })?;
     let count = |k: usize| r.get::<_, i64>(k).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
     Ok(Item {
