@@ -14,7 +14,7 @@
 //! A failed audit is never a verdict: its [`FailReason`] says why the auditor stopped.
 //! Invariants the store keeps: a job is `done` exactly when its report is stored; a report is
 //! written once (a second `finish` of a done job is a no-op); progress points of a job only
-//! move forward; the number of `queued` jobs never exceeds the configured bound.
+//! move forward; the number of open (queued or running) jobs never exceeds the configured bound.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
