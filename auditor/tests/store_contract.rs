@@ -10,6 +10,8 @@
 //! a connection the server closes, a database that goes away, schema versions, and a store
 //! dropped in async code.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Barrier;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use auditor::VerdictKind;
 use auditor::daemon::job::{AuditRequest, Decided, FailReason, Inserted, Item, ItemState, JobState, Store, StoreError};
 use auditor::daemon::store::{DB_FILE, PgStore, SqliteStore};
+use support::pg::PgDb;
 
 const LEASE: u64 = 100;
 
@@ -83,7 +86,7 @@ impl Fixture {
 
     /// `None` (after a skip line) when no database is configured and none is required.
     fn pg() -> Option<Fixture> {
-        let db = PgDb::create()?;
+        let db = PgDb::create("contract")?;
         let store = PgStore::connect(&db.url).unwrap_or_else(|e| panic!("connecting to {}: {e}", db.name));
         Some(Fixture { store: Box::new(store), back: Back::Pg(db) })
     }
@@ -123,71 +126,6 @@ impl Drop for Fixture {
         if let Back::Sqlite(dir) = &self.back {
             let _ = std::fs::remove_dir_all(dir);
         }
-    }
-}
-
-/// A fresh database on the server `TIEBREAK_PG_URL` names, dropped with the value.
-struct PgDb {
-    base: String,
-    name: String,
-    /// `base` with the database replaced by this one.
-    url: String,
-}
-
-impl PgDb {
-    fn create() -> Option<PgDb> {
-        let required = std::env::var("TIEBREAK_PG_REQUIRED").is_ok_and(|v| v == "1");
-        let unavailable = |why: String| {
-            assert!(!required, "TIEBREAK_PG_REQUIRED=1 but {why}: the PostgreSQL contract tests cannot run");
-            eprintln!("skipped: {why} (set TIEBREAK_PG_URL, e.g. with scripts/pg-throwaway.sh, to run it)");
-        };
-        let Ok(base) = std::env::var("TIEBREAK_PG_URL") else {
-            unavailable("TIEBREAK_PG_URL is not set".into());
-            return None;
-        };
-        let mut admin = match postgres::Client::connect(&base, postgres::NoTls) {
-            Ok(c) => c,
-            Err(e) => {
-                let cause = std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default();
-                unavailable(format!("the database of TIEBREAK_PG_URL is unreachable ({e}{cause})"));
-                return None;
-            }
-        };
-        let name = format!("tb_contract_{}_{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed));
-        // Two statements: CREATE DATABASE cannot run in the implicit transaction of a batch.
-        for sql in [format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), format!("CREATE DATABASE {name}")] {
-            admin.batch_execute(&sql).unwrap_or_else(|e| panic!("creating database {name}: {e:?}"));
-        }
-        let url = with_dbname(&base, &name);
-        Some(PgDb { base, name, url })
-    }
-
-    /// A plain client on this database (not a store).
-    fn client(&self) -> postgres::Client {
-        postgres::Client::connect(&self.url, postgres::NoTls).unwrap()
-    }
-
-    /// A client on the server's base database (to alter or drop this one).
-    fn admin(&self) -> postgres::Client {
-        postgres::Client::connect(&self.base, postgres::NoTls).unwrap()
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = postgres::Client::connect(&self.base, postgres::NoTls) {
-            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
-        }
-    }
-}
-
-/// `url` naming database `db` instead (a later `dbname` parameter wins in both URL forms).
-fn with_dbname(url: &str, db: &str) -> String {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}dbname={db}")
-    } else {
-        format!("{url} dbname={db}")
     }
 }
 
@@ -795,7 +733,7 @@ fn pg_schema_migrations_run_once_and_a_newer_schema_is_refused() {
     let Some(f) = Fixture::pg() else { return };
     let Back::Pg(db) = &f.back else { unreachable!() };
     // Daemons starting together on a migrated database, and one more on a fresh one.
-    let fresh = PgDb::create().unwrap();
+    let fresh = PgDb::create("contract").unwrap();
     let urls = [db.url.clone(), db.url.clone(), fresh.url.clone(), fresh.url.clone()];
     let threads: Vec<_> =
         urls.into_iter().map(|u| std::thread::spawn(move || PgStore::connect(&u).map(drop))).collect();

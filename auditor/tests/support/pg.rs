@@ -9,7 +9,7 @@ static SERIAL: AtomicU64 = AtomicU64::new(0);
 /// A fresh database, dropped with the value.
 pub struct PgDb {
     base: String,
-    name: String,
+    pub name: String,
     /// `TIEBREAK_PG_URL` with the database replaced by this one.
     pub url: String,
 }
