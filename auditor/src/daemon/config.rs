@@ -308,7 +308,7 @@ impl Config {
             progress_interval_ms: self.progress_interval_ms,
             node: self.store.node(),
             lease_ms: self.store.lease_ms,
-            poll_ms: (self.store.lease_ms / 10).clamp(20, 1000),
+            poll_ms: (self.store.lease_ms / 10).clamp(20, 250),
             share: self.store.is_shared(),
             ..WorkerConfig::default()
         }

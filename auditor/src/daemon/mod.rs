@@ -275,7 +275,10 @@ async fn worker_loop(worker: Worker, queued: Arc<Notify>, cancel: Arc<AtomicBool
         let worked = tokio::task::spawn_blocking(move || w.work_one()).await.unwrap_or(Worked::StoreUnavailable);
         if matches!(worked, Worked::Idle | Worked::StoreUnavailable) {
             // Poll as well as wait: a notification sent before we started waiting is not kept.
-            let _ = tokio::time::timeout(Duration::from_secs(1), queued.notified()).await;
+            // On a shared store, other daemons publish work nobody here is told about: look
+            // again every `poll_ms`.
+            let idle = if worker.config.share { worker.config.poll_ms } else { 1000 };
+            let _ = tokio::time::timeout(Duration::from_millis(idle), queued.notified()).await;
         }
     }
 }
