@@ -13,6 +13,8 @@
 //! record's (or `trainer-unresponsive`); idempotency keys map to one audit; every job ends
 //! `done` or `failed` once the faults stop.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -22,8 +24,8 @@ use std::time::Duration;
 
 use auditor::Progress;
 use auditor::daemon::job::{
-    AuditRequest, Clock, Decided, FailReason, Inserted, Item, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner,
-    Store, StoreError, Worked, Worker, WorkerConfig,
+    AuditRequest, Clock, Decided, Inserted, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner, Store, StoreError,
+    Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::store::SqliteStore;
 use common::prng::Stream;
@@ -107,83 +109,7 @@ impl FlakyStore {
     }
 }
 
-impl Store for FlakyStore {
-    fn insert(&self, request: &AuditRequest, queued_max: u64, now_ms: u64) -> Result<Inserted, StoreError> {
-        self.op(false, |s| s.insert(request, queued_max, now_ms))
-    }
-    fn claim(&self, node: &str, now_ms: u64, lease_ms: u64) -> Result<Option<Job>, StoreError> {
-        self.op(true, |s| s.claim(node, now_ms, lease_ms))
-    }
-    fn renew(&self, id: &str, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError> {
-        self.op(true, |s| s.renew(id, node, now_ms, lease_ms))
-    }
-    fn publish(&self, id: &str, intervals: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.publish(id, intervals, now_ms))
-    }
-    fn claim_item(
-        &self,
-        node: &str,
-        only: Option<&str>,
-        now_ms: u64,
-        lease_ms: u64,
-    ) -> Result<Option<(Job, Item)>, StoreError> {
-        self.op(true, |s| s.claim_item(node, only, now_ms, lease_ms))
-    }
-    fn renew_item(&self, id: &str, start: u64, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, StoreError> {
-        self.op(true, |s| s.renew_item(id, start, node, now_ms, lease_ms))
-    }
-    fn item_done(&self, id: &str, start: u64, node: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.item_done(id, start, node, now_ms))
-    }
-    fn release_item(&self, id: &str, start: u64, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.release_item(id, start, node, refund, now_ms))
-    }
-    fn items(&self, id: &str) -> Result<Vec<Item>, StoreError> {
-        self.op(false, |s| s.items(id))
-    }
-    fn save_progress(&self, id: &str, start: u64, through: u64, steps: u64, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.save_progress(id, start, through, steps, now_ms))
-    }
-    fn finish(&self, id: &str, decided: &Decided, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.finish(id, decided, now_ms))
-    }
-    fn fail(&self, id: &str, reason: FailReason, error: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.fail(id, reason, error, now_ms))
-    }
-    fn requeue(&self, id: &str, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError> {
-        self.op(true, |s| s.requeue(id, node, refund, now_ms))
-    }
-    fn recover(&self, node: &str, now_ms: u64) -> Result<u64, StoreError> {
-        self.op(false, |s| s.recover(node, now_ms))
-    }
-    fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        self.op(false, |s| s.get(id))
-    }
-    fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<JobState>, StoreError> {
-        self.op(true, |s| s.cancel(id, now_ms))
-    }
-    fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, JobState)>, StoreError> {
-        self.op(true, |s| s.retry(id, queued_max, now_ms))
-    }
-    fn still_running(&self, id: &str) -> Result<bool, StoreError> {
-        self.op(false, |s| s.still_running(id))
-    }
-    fn list(&self, state: Option<JobState>, limit: u64, before: Option<&str>) -> Result<Vec<Job>, StoreError> {
-        self.op(false, |s| s.list(state, limit, before))
-    }
-    fn report(&self, id: &str) -> Result<Option<String>, StoreError> {
-        self.op(false, |s| s.report(id))
-    }
-    fn evidence(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.op(false, |s| s.evidence(id))
-    }
-    fn report_count(&self, id: &str) -> Result<u64, StoreError> {
-        self.op(false, |s| s.report_count(id))
-    }
-    fn count(&self, state: JobState) -> Result<u64, StoreError> {
-        self.op(false, |s| s.count(state))
-    }
-}
+support::delegate_store!(FlakyStore);
 
 /// A simulated record, named by its run id: `s<steps>-d<first diverging step, 0 = none>`, or
 /// `missing` (the auditor lacks its dataset: the audit cannot decide).

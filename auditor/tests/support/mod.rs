@@ -228,3 +228,92 @@ pub async fn start_daemon(config: auditor::daemon::Config) -> Running {
     });
     Running { url, stop: Some(tx), task: Some(task) }
 }
+
+/// `impl Store for $ty` where every call goes through `self.op(write, |s| s.<call>)`, `write`
+/// saying whether the call may be followed by an injected crash (a simulation's faulty store:
+/// `tests/daemon_sim.rs`, `tests/fleet_sim.rs`). `insert` and `recover` are not: the drivers
+/// call them outside a crash boundary.
+#[allow(unused_macros, reason = "two of the test binaries use it")]
+macro_rules! delegate_store {
+    ($ty:ty) => {
+        impl auditor::daemon::job::Store for $ty {
+            fn insert(&self, request: &auditor::daemon::job::AuditRequest, queued_max: u64, now_ms: u64) -> Result<auditor::daemon::job::Inserted, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.insert(request, queued_max, now_ms))
+            }
+            fn claim(&self, node: &str, now_ms: u64, lease_ms: u64) -> Result<Option<auditor::daemon::job::Job>, auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.claim(node, now_ms, lease_ms))
+            }
+            fn renew(&self, id: &str, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.renew(id, node, now_ms, lease_ms))
+            }
+            fn publish(&self, id: &str, intervals: &[(u64, u64)], now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.publish(id, intervals, now_ms))
+            }
+            fn claim_item(
+                &self,
+                node: &str,
+                only: Option<&str>,
+                now_ms: u64,
+                lease_ms: u64,
+            ) -> Result<Option<(auditor::daemon::job::Job, auditor::daemon::job::Item)>, auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.claim_item(node, only, now_ms, lease_ms))
+            }
+            fn renew_item(&self, id: &str, start: u64, node: &str, now_ms: u64, lease_ms: u64) -> Result<bool, auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.renew_item(id, start, node, now_ms, lease_ms))
+            }
+            fn item_done(&self, id: &str, start: u64, node: &str, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.item_done(id, start, node, now_ms))
+            }
+            fn release_item(&self, id: &str, start: u64, node: &str, refund: bool, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.release_item(id, start, node, refund, now_ms))
+            }
+            fn items(&self, id: &str) -> Result<Vec<auditor::daemon::job::Item>, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.items(id))
+            }
+            fn save_progress(&self, id: &str, start: u64, through: u64, steps: u64, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.save_progress(id, start, through, steps, now_ms))
+            }
+            fn finish(&self, id: &str, decided: &auditor::daemon::job::Decided, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.finish(id, decided, now_ms))
+            }
+            fn fail(&self, id: &str, reason: auditor::daemon::job::FailReason, error: &str, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.fail(id, reason, error, now_ms))
+            }
+            fn requeue(&self, id: &str, node: &str, refund: bool, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.requeue(id, node, refund, now_ms))
+            }
+            fn recover(&self, node: &str, now_ms: u64) -> Result<u64, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.recover(node, now_ms))
+            }
+            fn get(&self, id: &str) -> Result<Option<auditor::daemon::job::Job>, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.get(id))
+            }
+            fn cancel(&self, id: &str, now_ms: u64) -> Result<Option<auditor::daemon::job::JobState>, auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.cancel(id, now_ms))
+            }
+            fn retry(&self, id: &str, queued_max: u64, now_ms: u64) -> Result<Option<(bool, auditor::daemon::job::JobState)>, auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.retry(id, queued_max, now_ms))
+            }
+            fn still_running(&self, id: &str) -> Result<bool, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.still_running(id))
+            }
+            fn list(&self, state: Option<auditor::daemon::job::JobState>, limit: u64, before: Option<&str>) -> Result<Vec<auditor::daemon::job::Job>, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.list(state, limit, before))
+            }
+            fn report(&self, id: &str) -> Result<Option<String>, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.report(id))
+            }
+            fn evidence(&self, id: &str) -> Result<Option<Vec<u8>>, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.evidence(id))
+            }
+            fn report_count(&self, id: &str) -> Result<u64, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.report_count(id))
+            }
+            fn count(&self, state: auditor::daemon::job::JobState) -> Result<u64, auditor::daemon::job::StoreError> {
+                self.op(false, |s| s.count(state))
+            }
+        }
+    };
+}
+#[allow(unused_imports, reason = "two of the test binaries use it")]
+pub(crate) use delegate_store;
