@@ -22,12 +22,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use auditor::Progress;
 use auditor::daemon::job::{
     AuditRequest, Clock, Decided, Inserted, ItemOutcome, Job, JobState, NoObserver, Outcome, Runner, Store, StoreError,
     Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::store::SqliteStore;
+use auditor::replay::{RecordView, Resume};
+use auditor::{AuditError, Progress};
+use common::merkle::MerkleTree;
 use common::prng::Stream;
 
 const CRASH: &str = "simulated crash";
@@ -140,7 +142,13 @@ impl Runner for SimRunner {
         let Some((steps, diverge)) = record_of(&job.request.run) else {
             return Outcome::Failed(format!("no dataset for run {}", job.request.run));
         };
-        let resume = job.progress.get(&0).copied().unwrap_or(0);
+        let leaves = MerkleTree::from_leaf_hashes((0..=steps).map(|t| [t as u8; 32]));
+        let resume = match progress.opened(&RecordView::new([1; 32], &leaves)) {
+            Ok(Resume::Keep) => job.progress.get(&0).copied().unwrap_or(0),
+            Ok(Resume::Discard) => 0,
+            Err(AuditError::Cancelled) => return Outcome::Cancelled,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
         let durable = self.world.durable.lock().unwrap().get(&job.id).copied().unwrap_or(0);
         if resume != durable {
             self.world

@@ -34,8 +34,9 @@ use auditor::daemon::job::{
     StoreError, Worked, Worker, WorkerConfig,
 };
 use auditor::daemon::store::{PgStore, SqliteStore};
-use auditor::replay::share_intervals;
+use auditor::replay::{RecordView, Resume, share_intervals};
 use auditor::{AuditError, Progress};
+use common::merkle::MerkleTree;
 use common::prng::Stream;
 
 const CRASH: &str = "simulated crash";
@@ -272,14 +273,25 @@ fn decided(job: &Job, verdict: &str, step: Option<u64>, steps: u64) -> Outcome {
     })
 }
 
+/// The simulated record's leaves (one per step and the initial one).
+fn leaves(steps: u64) -> MerkleTree {
+    MerkleTree::from_leaf_hashes((0..=steps).map(|t| [t as u8; 32]))
+}
+
 impl Runner for SimRunner {
     fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
         let Some((steps, _)) = record_of(&job.request.run) else {
             return Outcome::Failed(format!("no dataset for run {}", job.request.run));
         };
+        let resume = match progress.opened(&RecordView::new([1; 32], &leaves(steps))) {
+            Ok(Resume::Keep) => job.progress.clone(),
+            Ok(Resume::Discard) => BTreeMap::new(),
+            Err(AuditError::Cancelled) => return Outcome::Cancelled,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
         let plan = intervals(steps);
         let Some(share) = progress.share().filter(|_| plan.len() > 1) else {
-            return self.decide(job, &job.progress, steps, progress);
+            return self.decide(job, &resume, steps, progress);
         };
         let shared = share_intervals(share, &plan, progress, |(start, end), through| {
             self.replay(job, (start, end), through.unwrap_or(start), progress).map(|_| ())
@@ -293,6 +305,15 @@ impl Runner for SimRunner {
     }
 
     fn run_interval(&self, job: &Job, (start, end): (u64, u64), progress: &dyn Progress) -> ItemOutcome {
+        let steps = record_of(&job.request.run).map_or(0, |(steps, _)| steps);
+        match progress.opened(&RecordView::new([1; 32], &leaves(steps))) {
+            Ok(_) => {}
+            Err(AuditError::Cancelled) => return ItemOutcome::Cancelled,
+            Err(_) => {
+                self.world.violation(format!("{} interval {start}: a helper saw another record", job.id));
+                return ItemOutcome::Ended;
+            }
+        }
         let from = job.progress.get(&start).copied().unwrap_or(start);
         match self.replay(job, (start, end), from, progress) {
             Err(AuditError::Cancelled) => ItemOutcome::Cancelled,

@@ -14,6 +14,7 @@ use auditor::daemon::job::{
 };
 use auditor::daemon::runner::options;
 use auditor::daemon::store::SqliteStore;
+use auditor::replay::{RecordView, Resume};
 use auditor::source::SourceError;
 use auditor::{AuditError, AuditOptions, LocalRecord, Mode, Progress, TrainerSource, audit};
 use common::codec::Hash;
@@ -202,7 +203,8 @@ fn interval_jobs_verified_to_their_end_are_skipped() {
 /// Kills (a panic out of the worker, leaving the job `running` as a kill -9 does) after `every`
 /// replayed steps, on the first `kills` attempts; lets the next attempt finish.
 struct KillingRunner {
-    src: WithStates,
+    /// The record attempt `n` is served: `sources[n]`, the last one from then on.
+    sources: Vec<WithStates>,
     every: u64,
     kills: u64,
     attempts: AtomicU64,
@@ -224,6 +226,9 @@ impl Progress for CountThenKill<'_> {
     fn cancelled(&self) -> bool {
         self.left.load(Ordering::SeqCst) == 0
     }
+    fn opened(&self, record: &RecordView<'_>) -> Result<Resume, AuditError> {
+        self.inner.opened(record)
+    }
 }
 
 impl Runner for KillingRunner {
@@ -232,7 +237,8 @@ impl Runner for KillingRunner {
         let budget = if attempt < self.kills { self.every } else { u64::MAX };
         let opts = options(job, Profile::CpuSeq, None).unwrap();
         let p = CountThenKill { inner: progress, left: AtomicU64::new(budget) };
-        match audit(&self.src, &opts, &p) {
+        let src = &self.sources[(attempt as usize).min(self.sources.len() - 1)];
+        match audit(src, &opts, &p) {
             Ok(a) => Outcome::Decided(Decided {
                 verdict: a.verdict.kind(),
                 first_step: a.verdict.step(),
@@ -261,8 +267,12 @@ fn five_kills_of_one_audit_resume_from_ever_later_points_and_it_ends_done() {
     let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
     let request = AuditRequest { trainer_url: "http://127.0.0.1:1".into(), run: "r".into(), ..Default::default() };
     let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
-    let runner =
-        Arc::new(KillingRunner { src: source(&record, false), every: 2, kills: 5, attempts: AtomicU64::new(0) });
+    let runner = Arc::new(KillingRunner {
+        sources: vec![source(&record, false)],
+        every: 2,
+        kills: 5,
+        attempts: AtomicU64::new(0),
+    });
     let config = WorkerConfig { attempts_max: 5, progress_interval_ms: 0, ..WorkerConfig::default() };
     let worker = Worker {
         store: store.clone(),
@@ -287,4 +297,44 @@ fn five_kills_of_one_audit_resume_from_ever_later_points_and_it_ends_done() {
     let job = store.get(&id).unwrap().unwrap();
     assert_eq!(job.verdict, Some(auditor::VerdictKind::Consistent), "{job:?}");
     assert_eq!((job.steps_replayed, job.steps_resumed), (STEPS, 10));
+}
+
+/// A hostile record server serves an honest record until the audit has verified steps, then,
+/// to the next attempt, another record (the same spec, its own signed manifest) that was
+/// tampered with at step 3 and goes on honestly from there, with states that match its own
+/// leaves. Progress verified against the first record must not count for the second: the
+/// second attempt replays it all and finds step 3.
+#[test]
+fn progress_verified_against_one_record_does_not_count_for_another_served_later() {
+    let dir = scratch("resume-swap");
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let fault = Fault { kind: FaultKind::PerturbWeight, step: 3 };
+    let tampered =
+        write_record(&dir.join("tampered"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() });
+    let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
+    let request = AuditRequest { trainer_url: "http://127.0.0.1:1".into(), run: "r".into(), ..Default::default() };
+    let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
+    let sources = vec![source(&honest, false), source(&tampered, false)];
+    let runner = Arc::new(KillingRunner { sources, every: 10, kills: 1, attempts: AtomicU64::new(0) });
+    let config = WorkerConfig { attempts_max: 5, progress_interval_ms: 0, ..WorkerConfig::default() };
+    let worker = Worker {
+        store: store.clone(),
+        runner,
+        clock: Arc::new(SystemClock),
+        observer: Arc::new(NoObserver),
+        config,
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.work_one()));
+    assert!(killed.is_err(), "the first attempt was killed");
+    assert_eq!(store.recover("local", 0).unwrap(), 1);
+    let job = store.get(&id).unwrap().unwrap();
+    assert_eq!(job.progress, BTreeMap::from([(0, 10)]), "ten steps verified against the honest record");
+    let bound = job.commitment.clone().expect("bound to the honest record");
+
+    assert_eq!(worker.work_one(), Worked::Job { id: id.clone(), state: JobState::Done });
+    let job = store.get(&id).unwrap().unwrap();
+    assert_eq!((job.verdict, job.first_step), (Some(auditor::VerdictKind::Diverged), Some(3)), "{job:?}");
+    assert_eq!(job.steps_resumed, 0, "nothing verified against the honest record was skipped");
+    assert_ne!(job.commitment, Some(bound), "bound to the record it decided on");
 }

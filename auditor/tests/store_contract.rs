@@ -154,6 +154,7 @@ contract!(
     items_are_leased_one_daemon_at_a_time,
     recover_releases_only_its_own_leases,
     progress_moves_forward_and_resets_attempts,
+    progress_counts_only_for_the_record_it_was_verified_against,
     cancel_stops_a_job_wherever_it_is,
     a_queued_row_that_no_longer_parses_is_quarantined,
 );
@@ -425,13 +426,14 @@ fn recover_releases_only_its_own_leases(f: &Fixture) {
 fn progress_moves_forward_and_resets_attempts(f: &Fixture) {
     let s = f.s();
     let id = insert(s, 10, 1);
-    s.save_progress(&id, 0, 5, 5, 2).unwrap();
+    s.save_progress(&id, 0, 5, 5, "r", 2).unwrap();
     assert!(s.get(&id).unwrap().unwrap().progress.is_empty(), "a queued job makes no progress");
     s.claim("a", 2, LEASE).unwrap().unwrap();
     s.requeue(&id, "a", false, 3).unwrap();
     s.claim("a", 4, LEASE).unwrap().unwrap();
     s.requeue(&id, "a", false, 5).unwrap();
     assert_eq!(s.claim("a", 6, LEASE).unwrap().unwrap().attempts, 3);
+    assert!(s.bind(&id, "a", "r", false, 6).unwrap());
     s.publish(&id, &[(0, 10), (10, 20)], 7).unwrap();
     for (node, t) in [("b", 8), ("c", 9)] {
         let (_, it) = s.claim_item(node, Some(&id), t, LEASE).unwrap().unwrap();
@@ -444,7 +446,7 @@ fn progress_moves_forward_and_resets_attempts(f: &Fixture) {
     s.claim_item("d", Some(&id), 10, LEASE).unwrap().unwrap();
     assert_eq!((item(s, &id, 0).attempts, item(s, &id, 10).attempts), (3, 2));
 
-    s.save_progress(&id, 0, 5, 5, 11).unwrap();
+    s.save_progress(&id, 0, 5, 5, "r", 11).unwrap();
     let job = s.get(&id).unwrap().unwrap();
     assert_eq!((job.progress.clone(), job.steps_replayed, job.attempts, job.updated_ms), ([(0, 5)].into(), 5, 1, 11));
     assert_eq!((item(s, &id, 0).attempts, item(s, &id, 10).attempts), (1, 2), "only the item that moved");
@@ -452,20 +454,61 @@ fn progress_moves_forward_and_resets_attempts(f: &Fixture) {
     // Backwards or in place: nothing changes.
     s.requeue(&id, "a", false, 12).unwrap();
     assert_eq!(s.claim("a", 13, LEASE).unwrap().unwrap().attempts, 2);
-    s.save_progress(&id, 0, 4, 4, 14).unwrap();
-    s.save_progress(&id, 0, 5, 9, 14).unwrap();
+    s.save_progress(&id, 0, 4, 4, "r", 14).unwrap();
+    s.save_progress(&id, 0, 5, 9, "r", 14).unwrap();
     let job = s.get(&id).unwrap().unwrap();
     assert_eq!((job.progress.clone(), job.steps_replayed, job.attempts), ([(0, 5)].into(), 5, 2));
-    s.save_progress(&id, 10, 12, 7, 15).unwrap();
-    s.save_progress(&id, 0, 8, 6, 15).unwrap();
+    s.save_progress(&id, 10, 12, 7, "r", 15).unwrap();
+    s.save_progress(&id, 0, 8, 6, "r", 15).unwrap();
     let job = s.get(&id).unwrap().unwrap();
     assert_eq!((job.progress.clone(), job.steps_replayed, job.attempts), ([(0, 8), (10, 12)].into(), 7, 1));
     assert_eq!((item(s, &id, 0).attempts, item(s, &id, 10).attempts), (1, 1));
 
     // After the job ends, late writes are dropped.
     s.finish(&id, &decided(), 16).unwrap();
-    s.save_progress(&id, 0, 9, 9, 17).unwrap();
+    s.save_progress(&id, 0, 9, 9, "r", 17).unwrap();
     assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 8), (10, 12)].into(), "no progress after done");
+}
+
+/// Progress is bound to the record the coordinator opened: a write against another record is
+/// dropped, and a coordinator that opens another record drops the job's items and, unless the
+/// record extends the bound one, its progress. Only the lease's holder binds.
+fn progress_counts_only_for_the_record_it_was_verified_against(f: &Fixture) {
+    let s = f.s();
+    let id = insert(s, 10, 1);
+    assert_eq!(s.get(&id).unwrap().unwrap().commitment, None, "unbound until opened");
+    assert!(!s.bind(&id, "a", "r1", false, 1).unwrap(), "a queued job is nobody's to bind");
+    s.claim("a", 2, LEASE).unwrap().unwrap();
+    assert!(!s.bind(&id, "b", "r1", false, 2).unwrap(), "only the lease's holder binds");
+    assert!(s.bind(&id, "a", "r1", false, 2).unwrap());
+    assert_eq!(s.get(&id).unwrap().unwrap().commitment.as_deref(), Some("r1"));
+    s.save_progress(&id, 0, 5, 5, "r1", 3).unwrap();
+    s.save_progress(&id, 10, 15, 10, "other", 3).unwrap();
+    assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into(), "a write against another record is dropped");
+
+    s.publish(&id, &[(0, 10), (10, 20)], 4).unwrap();
+    s.claim_item("b", Some(&id), 4, LEASE).unwrap().unwrap();
+    assert!(s.bind(&id, "a", "r1", false, 5).unwrap());
+    assert_eq!(s.items(&id).unwrap().len(), 2, "the same record again changes nothing");
+    assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into());
+
+    // The run went on: the progress holds, the plan may not.
+    assert!(s.bind(&id, "a", "r2", true, 6).unwrap());
+    let job = s.get(&id).unwrap().unwrap();
+    assert_eq!((job.commitment.as_deref(), job.progress.clone()), (Some("r2"), [(0, 5)].into()));
+    assert!(s.items(&id).unwrap().is_empty(), "items of the old plan are dropped");
+    assert!(!s.renew_item(&id, 0, "b", 7, LEASE).unwrap(), "their holders learn it");
+    s.save_progress(&id, 0, 8, 8, "r1", 7).unwrap();
+    assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into(), "a helper of the old binding is ignored");
+
+    // Another record: everything goes.
+    assert!(s.bind(&id, "a", "r3", false, 8).unwrap());
+    let job = s.get(&id).unwrap().unwrap();
+    assert_eq!((job.commitment.as_deref(), job.progress.is_empty()), (Some("r3"), true));
+    s.save_progress(&id, 0, 2, 2, "r3", 9).unwrap();
+    s.requeue(&id, "a", true, 10).unwrap();
+    let job = s.claim("c", 11, LEASE).unwrap().unwrap();
+    assert_eq!((job.commitment.as_deref(), job.progress), (Some("r3"), [(0, 2)].into()), "kept across attempts");
 }
 
 fn cancel_stops_a_job_wherever_it_is(f: &Fixture) {
@@ -473,6 +516,7 @@ fn cancel_stops_a_job_wherever_it_is(f: &Fixture) {
     let running = insert(s, 10, 1);
     let queued = insert(s, 10, 1);
     assert_eq!(s.claim("a", 3, LEASE).unwrap().unwrap().id, running);
+    assert!(s.bind(&running, "a", "r", false, 3).unwrap());
     s.publish(&running, &[(0, 4)], 3).unwrap();
     s.claim_item("b", None, 4, LEASE).unwrap().unwrap();
 
@@ -486,7 +530,7 @@ fn cancel_stops_a_job_wherever_it_is(f: &Fixture) {
     assert!(!s.renew(&running, "a", 6, LEASE).unwrap(), "the worker learns it must stop");
     assert!(!s.renew_item(&running, 0, "b", 6, LEASE).unwrap());
     assert!(s.claim_item("c", None, 10_000, LEASE).unwrap().is_none());
-    s.save_progress(&running, 0, 3, 3, 6).unwrap();
+    s.save_progress(&running, 0, 3, 3, "r", 6).unwrap();
     assert!(s.get(&running).unwrap().unwrap().progress.is_empty(), "a cancelled audit stores nothing");
     assert!(s.finish(&running, &decided(), 7).is_err());
     assert_eq!(s.report_count(&running).unwrap(), 0);
@@ -748,7 +792,7 @@ fn pg_schema_migrations_run_once_and_a_newer_schema_is_refused() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert_eq!(versions, [1], "{}", d.name);
+        assert_eq!(versions, [1, 2], "{}", d.name);
     }
     db.client().execute("INSERT INTO schema_migrations (version, applied_ms) VALUES (99, 0)", &[]).unwrap();
     let e = PgStore::connect(&db.url).unwrap_err();

@@ -244,6 +244,9 @@ pub struct Job {
     pub updated_ms: u64,
     /// The daemon holding its lease, while `running`.
     pub owner: Option<String>,
+    /// The record its durable progress was verified against
+    /// ([`crate::replay::RecordView::binding`]); `None` until its first attempt opens it.
+    pub commitment: Option<String>,
 }
 
 /// Where a work item is.
@@ -355,13 +358,21 @@ pub trait Store: Send + Sync {
     fn release_item(&self, id: &str, start: u64, node: &str, refund: bool, now_ms: u64) -> Result<(), StoreError>;
     /// Job `id`'s items, by start.
     fn items(&self, id: &str) -> Result<Vec<Item>, StoreError>;
-    /// Records a verified point of a running job (ignored unless it moves forward).
+    /// Binds running job `id`'s durable progress to `commitment`, the record its coordinator
+    /// `node` opened ([`crate::replay::RecordView::binding`]), while `node` holds the job. A
+    /// commitment other than the bound one drops the job's work items (its plan may differ) and,
+    /// unless `keep` (the record extends the bound one: a run that went on), its progress.
+    /// `false`, changing nothing, when `node` does not hold the job.
+    fn bind(&self, id: &str, node: &str, commitment: &str, keep: bool, now_ms: u64) -> Result<bool, StoreError>;
+    /// Records a verified point of a running job bound to `commitment` (ignored unless it moves
+    /// forward, or when the job is bound to another record).
     fn save_progress(
         &self,
         id: &str,
         job_start: u64,
         through: u64,
         steps_replayed: u64,
+        commitment: &str,
         now_ms: u64,
     ) -> Result<(), StoreError>;
     /// `running` → `done` with its report, atomically; a no-op for a job already done.

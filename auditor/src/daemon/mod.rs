@@ -135,6 +135,7 @@ pub async fn serve(
         shutdown: cancel.clone(),
         time_max: Duration::from_millis(config.audit_time_max_ms),
         trainers: config.trainer.clone(),
+        helped: Default::default(),
     };
     let worker = Worker {
         store: store.clone(),

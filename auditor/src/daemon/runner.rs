@@ -2,8 +2,8 @@
 //! with the daemon's key.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::record::SigningKey;
@@ -14,7 +14,9 @@ use tokio::runtime::Handle;
 use super::job::{Decided, ItemOutcome, Job, Outcome, Runner};
 use super::metrics::Metrics;
 use crate::http::{HttpTrainer, RetryPolicy};
-use crate::replay::{AuditOptions, Mode, SeedChoice, SpotPick, audit, replay_interval};
+use crate::replay::{
+    AuditOptions, Mode, Opened, RecordView, Resume, SeedChoice, SpotPick, Stop, audit, replay_interval,
+};
 use crate::report::Report;
 use crate::source::{SourceError, TrainerSource};
 use crate::{AuditError, Progress, Verdict};
@@ -46,6 +48,22 @@ pub struct HttpRunner {
     /// The allow-list, checked again at every attempt (the config may have changed since the
     /// audit was submitted).
     pub trainers: super::TrainerSection,
+    /// The record this daemon last opened to help with another daemon's audit.
+    pub helped: HelpedCache,
+}
+
+/// The record a helper opened for one audit, reused for every interval of it it takes:
+/// checking the commitments and loading the dataset again for each would cost about as much
+/// as replaying a short interval. Keyed by everything the opening depends on.
+#[derive(Debug, Default)]
+pub struct HelpedCache(Mutex<Option<(HelpedKey, Arc<Opened>)>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HelpedKey {
+    id: String,
+    commitment: Option<String>,
+    device: Profile,
+    data: Option<PathBuf>,
 }
 
 /// The worker's progress, also cancelled when the attempt's time is up.
@@ -69,6 +87,9 @@ impl Progress for TimeLimited<'_> {
     }
     fn share(&self) -> Option<&dyn crate::replay::Share> {
         self.inner.share()
+    }
+    fn opened(&self, record: &RecordView<'_>) -> Result<Resume, AuditError> {
+        self.inner.opened(record)
     }
 }
 
@@ -239,7 +260,32 @@ impl Runner for HttpRunner {
                 return ItemOutcome::Ended;
             }
         };
-        match replay_interval(&src, &opts, interval, progress) {
+        let key = HelpedKey {
+            id: job.id.clone(),
+            commitment: job.commitment.clone(),
+            device: opts.device,
+            data: opts.data.clone(),
+        };
+        let cached = {
+            let helped = self.helped.0.lock().unwrap_or_else(|p| p.into_inner());
+            helped.as_ref().filter(|(k, _)| *k == key).map(|(_, o)| o.clone())
+        };
+        let opened = match cached {
+            Some(opened) => opened,
+            None => match Opened::open(&src, &opts) {
+                Ok(opened) => {
+                    let opened = Arc::new(opened);
+                    *self.helped.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, opened.clone()));
+                    opened
+                }
+                Err(Stop::Undecided(AuditError::Cancelled)) if Instant::now() < until => return ItemOutcome::Cancelled,
+                Err(e) => {
+                    tracing::info!(error = ?e, "interval not replayed here; the audit's coordinator replays it");
+                    return ItemOutcome::Ended;
+                }
+            },
+        };
+        match replay_interval(&src, &opened, interval, &opts.resume, progress) {
             Err(AuditError::Cancelled) if Instant::now() < until => ItemOutcome::Cancelled,
             Ok(()) | Err(_) => ItemOutcome::Ended,
         }

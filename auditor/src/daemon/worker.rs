@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::job::{
     Clock, FailReason, ItemOutcome, ItemState, Job, JobState, Observer, Outcome, Runner, Store, StoreError,
 };
-use crate::replay::{Share, Taken};
+use crate::replay::{RecordView, Resume, Share, Taken};
 use crate::{AuditError, Progress};
 
 /// Worker settings.
@@ -88,6 +88,9 @@ struct JobProgress<'a> {
     points: Mutex<BTreeMap<u64, (u64, u64, u64)>>,
     /// The job is no longer `running` in the store (cancelled by a client): stop.
     stopped: AtomicBool,
+    /// The record the job's progress is bound to ([`Job::commitment`]); progress is saved only
+    /// against it. A coordinator binds the record it opened ([`Progress::opened`]).
+    bound: Mutex<Option<String>>,
 }
 
 impl JobProgress<'_> {
@@ -104,8 +107,12 @@ impl JobProgress<'_> {
             }
             e.0
         };
+        let Some(bound) = self.bound.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            // Nothing opened yet, so nothing verified against a record this job is bound to.
+            return;
+        };
         let steps = self.steps.load(Ordering::SeqCst);
-        match self.store.save_progress(self.id, job_start, verified, steps, now) {
+        match self.store.save_progress(self.id, job_start, verified, steps, &bound, now) {
             Ok(()) => {
                 // Only this job's worker reports points for `job_start`, so nothing moved it
                 // meanwhile except forward.
@@ -250,6 +257,45 @@ impl Progress for JobProgress<'_> {
     fn share(&self) -> Option<&dyn Share> {
         (self.config.share && self.held == Held::Job).then_some(self as &dyn Share)
     }
+    fn opened(&self, record: &RecordView<'_>) -> Result<Resume, AuditError> {
+        let bound = self.bound.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let keep = bound.as_deref().is_some_and(|b| record.extends(b));
+        let binding = record.binding();
+        if self.held != Held::Job {
+            // A helper replays only the record its coordinator bound, and saves against it.
+            return match keep {
+                true => Ok(Resume::Keep),
+                false => Err(AuditError::Source(format!(
+                    "the trainer served this daemon record {binding}, not the one the audit's coordinator opened ({})",
+                    bound.as_deref().unwrap_or("none yet")
+                ))),
+            };
+        }
+        let c = self.config;
+        match self.store.bind(self.id, &c.node, &binding, keep, self.clock.now_ms()) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.stopped.store(true, Ordering::SeqCst);
+                return Err(AuditError::Cancelled);
+            }
+            Err(e) => return Err(self.store_err("bind", e)),
+        }
+        *self.bound.lock().unwrap_or_else(|p| p.into_inner()) = Some(binding.clone());
+        if keep {
+            return Ok(Resume::Keep);
+        }
+        let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
+        if !points.is_empty() {
+            tracing::warn!(
+                was = bound.as_deref().unwrap_or("unbound"),
+                now = %binding,
+                "the trainer's record is not the one this audit's progress was verified against: replaying it all"
+            );
+        }
+        points.clear();
+        self.steps.store(0, Ordering::SeqCst);
+        Ok(Resume::Discard)
+    }
 }
 
 /// Everything a worker needs; shared by all workers of a daemon.
@@ -324,6 +370,7 @@ impl Worker {
             steps: AtomicU64::new(job.progress.iter().map(|(&s, &t)| t.saturating_sub(s)).sum()),
             points: Mutex::new(job.progress.iter().map(|(&s, &t)| (s, (t, t, 0))).collect()),
             stopped: AtomicBool::new(false),
+            bound: Mutex::new(job.commitment.clone()),
         }
     }
 

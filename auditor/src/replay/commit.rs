@@ -23,6 +23,8 @@ pub(super) struct Committed {
     /// last step, and the last step of a finished run.
     pub checkpoints: BTreeSet<u64>,
     pub n_steps: u64,
+    /// The Merkle tree over the leaves.
+    pub tree: MerkleTree,
 }
 
 /// Checks the spec, manifest, leaves and checkpoint list the trainer side hands out.
@@ -86,7 +88,7 @@ pub(super) fn check(src: &dyn TrainerSource, opts: &AuditOptions) -> Result<Comm
         n_leaves: tree.len(),
         manifest,
     };
-    Ok(Committed { commitment, spec, leaves, checkpoints, n_steps })
+    Ok(Committed { commitment, spec, leaves, checkpoints, n_steps, tree })
 }
 
 /// The spec's bytes as a run spec: JSON in canonical form, every field in range (the engine's

@@ -26,7 +26,9 @@
 mod commit;
 mod conclude;
 mod job;
+mod open;
 mod plan;
+mod shared;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,7 +40,10 @@ use common::merkle::ProvenLeaf;
 use engine::record::Manifest;
 use kernels::Profile;
 
-use crate::setup::build_run;
+pub use open::{Opened, RecordView, Resume};
+use shared::replay_taken;
+pub use shared::{Share, Taken, replay_interval, share_intervals};
+
 use crate::source::{LocalRecord, SourceError, TrainerSource};
 use crate::{AuditError, Verdict};
 
@@ -161,38 +166,13 @@ pub trait Progress: Sync {
     fn share(&self) -> Option<&dyn Share> {
         None
     }
-}
-
-/// An interval `(start, end)` taken from a shared audit, and its durable point (the last step
-/// verified, if any).
-pub type Taken = ((u64, u64), Option<u64>);
-
-/// The replay of one audit shared by a fleet of daemons on one store ([`Progress::share`]).
-///
-/// The daemon running the audit publishes its plan's intervals as work items, replays those it
-/// can take, and waits for those other daemons took; every replayer reports verified points
-/// through [`Progress::verified`], which the store keeps. It then replays the plan once more
-/// with every durable point as [`AuditOptions::resume`]: an interval reproduced to its end is
-/// skipped, and one that stopped at a finding (or at another replayer's own failure) is
-/// replayed from its last verified point, so the verdict, bisection, evidence and report come
-/// from this one daemon as a single-process audit's would (only `steps_replayed` may be larger:
-/// helpers replay their whole intervals before the coordinator learns of a finding).
-///
-/// A store failure here is reported as [`AuditError::Cancelled`]: the audit is handed back and
-/// resumed, never decided without what the store holds.
-pub trait Share: Sync {
-    /// Publishes the plan's intervals `(start, end)` (idempotent).
-    fn publish(&self, intervals: &[(u64, u64)]) -> Result<(), AuditError>;
-    /// An interval of this audit that nobody is replaying (or whose replayer's lease expired),
-    /// now this replayer's, with its durable progress (the last step verified, if any); `None`
-    /// when none is left to take.
-    fn take(&self) -> Result<Option<Taken>, AuditError>;
-    /// The interval taken was replayed as far as it goes.
-    fn done(&self, start: u64) -> Result<(), AuditError>;
-    /// Whether every interval is done; when not, waits a moment first (others are replaying).
-    fn all_done(&self) -> Result<bool, AuditError>;
-    /// Every interval's durable progress: start → last verified step.
-    fn progress(&self) -> Result<BTreeMap<u64, u64>, AuditError>;
+    /// The record this attempt opened, before anything is replayed: whether the progress it
+    /// resumes from ([`AuditOptions::resume`], and a fleet's durable points) was verified
+    /// against this record ([`Resume::Keep`], the default) or another one ([`Resume::Discard`]:
+    /// everything is replayed). `Err` stops the attempt. A wrapper must pass this on.
+    fn opened(&self, _record: &RecordView<'_>) -> Result<Resume, AuditError> {
+        Ok(Resume::Keep)
+    }
 }
 
 /// Ignores progress.
@@ -432,38 +412,27 @@ fn phases(
 ) -> Result<Verdict, Stop> {
     let committed = commit::check(src, opts)?;
     audit.commitment = Some(committed.commitment.clone());
-    let mut init_weights = None;
-    let mut run = build_run(&committed.spec, opts.data.as_deref(), opts.device)?;
-    let plan = plan::plan(src, &committed, &run, opts)?;
-    if committed.spec.init_weights.is_some() && plan.jobs.iter().any(|j| j.start == 0) {
-        // A fine-tune: the initial state comes from the committed starting weights.
-        let bytes = src.init_weights().map_err(|e| source_stop(e, Phase::Committed))?;
-        run.load_init_weights(&bytes)
-            .map_err(|p| Verdict::invalid(engine::init::INIT_WEIGHTS_FILE, None, p.detail()))?;
-        init_weights = Some(bytes);
-    }
+    let opened = Opened::from_committed(src, opts, committed)?;
+    let resume = match progress.opened(&opened.view())? {
+        Resume::Keep => opts.resume.clone(),
+        Resume::Discard => BTreeMap::new(),
+    };
+    let Opened { committed, run, plan, init_weights } = &opened;
     audit.segment = Some(plan.segment);
-    audit.intervals = plan.jobs.iter().map(|j| (j.start, j.end)).collect();
+    audit.intervals = opened.intervals();
     audit.timings.open_ms = ms(t0);
 
     let t_replay = Instant::now();
-    let replayer = job::Replayer::new(src, &run, &committed, progress, &opts.resume);
+    let replayer = job::Replayer::new(src, run, committed, progress, &resume);
     let (merged, resumed) = match progress.share() {
         Some(share) if plan.jobs.len() > 1 => {
-            let before: u64 = plan.jobs.iter().map(|j| j.resume_point(&opts.resume).map_or(0, |t| t - j.start)).sum();
+            let before: u64 = plan.jobs.iter().map(|j| j.resume_point(&resume).map_or(0, |t| t - j.start)).sum();
             replayer.announce(&plan.jobs);
-            let intervals: Vec<(u64, u64)> = plan.jobs.iter().map(|j| (j.start, j.end)).collect();
-            share_intervals(share, &intervals, progress, |(start, end), through| {
-                let job = plan.jobs.iter().copied().find(|j| (j.start, j.end) == (start, end));
-                // From the interval's own durable point: other replayers may have moved it on
-                // since this audit was claimed.
-                let resume: BTreeMap<u64, u64> = through.map(|t| (start, t)).into_iter().collect();
-                job::Replayer::new(src, &run, &committed, progress, &resume)
-                    .replay_item(job.expect("share_intervals checks the plan"))
+            share_intervals(share, &audit.intervals, progress, |interval, through| {
+                replay_taken(src, &opened, interval, through, progress)
             })?;
             let durable = share.progress()?;
-            let merged =
-                job::Replayer::new(src, &run, &committed, progress, &durable).replay_jobs(&plan.jobs, false)?;
+            let merged = job::Replayer::new(src, run, committed, progress, &durable).replay_jobs(&plan.jobs, false)?;
             (merged, before)
         }
         _ => {
@@ -478,83 +447,10 @@ fn phases(
     let merged = conclude::stop_early(merged)?;
 
     let t_bisect = Instant::now();
-    let bisection = conclude::bisect(src, &committed, &merged)?;
+    let bisection = conclude::bisect(src, committed, &merged)?;
     audit.bisection = Some(bisection);
     audit.timings.bisection_ms = ms(t_bisect);
-    conclude::conclude(src, &committed, merged, opts, init_weights, audit)
-}
-
-/// The coordinator's part of a shared replay ([`Share`]): publishes `intervals`, replays with
-/// `replay` each one it can take, from its durable point (others are taken by other daemons),
-/// then waits until every
-/// interval is done. The caller then replays the plan once more from `share.progress()`.
-pub fn share_intervals(
-    share: &dyn Share,
-    intervals: &[(u64, u64)],
-    progress: &dyn Progress,
-    replay: impl Fn((u64, u64), Option<u64>) -> Result<(), AuditError>,
-) -> Result<(), AuditError> {
-    share.publish(intervals)?;
-    loop {
-        if progress.cancelled() {
-            return Err(AuditError::Cancelled);
-        }
-        match share.take()? {
-            Some((interval, through)) => {
-                if !intervals.contains(&interval) {
-                    return Err(AuditError::Internal(format!("work item {interval:?} is not in this plan")));
-                }
-                replay(interval, through)?;
-                share.done(interval.0)?;
-            }
-            None if share.all_done()? => return Ok(()),
-            None => {}
-        }
-    }
-}
-
-/// Replays one interval `(start, end]` of a shared audit as far as it goes, for the daemon that
-/// coordinates it ([`Share`]): only the points reported through [`Progress::verified`] count.
-/// A finding, or a failure of this replayer's own, ends the interval early and is left for the
-/// coordinator to find again; `Err` only for [`AuditError::Cancelled`] and for an interval that
-/// is not in the plan.
-pub fn replay_interval(
-    src: &dyn TrainerSource,
-    opts: &AuditOptions,
-    (start, end): (u64, u64),
-    progress: &dyn Progress,
-) -> Result<(), AuditError> {
-    let undecided = |what: String| {
-        tracing::info!(start, end, what, "work item ended early; the audit's coordinator replays it again");
-        Ok(())
-    };
-    let committed = match commit::check(src, opts) {
-        Ok(c) => c,
-        Err(Stop::Undecided(AuditError::Cancelled)) => return Err(AuditError::Cancelled),
-        Err(Stop::Undecided(e)) => return undecided(e.to_string()),
-        Err(Stop::Verdict(v)) => return undecided(format!("{v:?}")),
-    };
-    let mut run = match build_run(&committed.spec, opts.data.as_deref(), opts.device) {
-        Ok(r) => r,
-        Err(e) => return undecided(format!("{e:?}")),
-    };
-    let plan = match plan::plan(src, &committed, &run, opts) {
-        Ok(p) => p,
-        Err(e) => return undecided(format!("{e:?}")),
-    };
-    let Some(job) = plan.jobs.iter().copied().find(|j| (j.start, j.end) == (start, end)) else {
-        return Err(AuditError::Internal(format!("work item ({start}, {end}] is not in this audit's plan")));
-    };
-    if committed.spec.init_weights.is_some() && job.start == 0 {
-        let loaded = src
-            .init_weights()
-            .map_err(|e| e.to_string())
-            .and_then(|b| run.load_init_weights(&b).map_err(|p| p.detail()));
-        if let Err(e) = loaded {
-            return undecided(e);
-        }
-    }
-    job::Replayer::new(src, &run, &committed, progress, &opts.resume).replay_item(job)
+    conclude::conclude(src, committed, merged, opts, init_weights.clone(), audit)
 }
 
 #[cfg(test)]

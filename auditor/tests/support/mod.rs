@@ -270,8 +270,11 @@ macro_rules! delegate_store {
             fn items(&self, id: &str) -> Result<Vec<auditor::daemon::job::Item>, auditor::daemon::job::StoreError> {
                 self.op(false, |s| s.items(id))
             }
-            fn save_progress(&self, id: &str, start: u64, through: u64, steps: u64, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
-                self.op(true, |s| s.save_progress(id, start, through, steps, now_ms))
+            fn bind(&self, id: &str, node: &str, commitment: &str, keep: bool, now_ms: u64) -> Result<bool, auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.bind(id, node, commitment, keep, now_ms))
+            }
+            fn save_progress(&self, id: &str, start: u64, through: u64, steps: u64, commitment: &str, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
+                self.op(true, |s| s.save_progress(id, start, through, steps, commitment, now_ms))
             }
             fn finish(&self, id: &str, decided: &auditor::daemon::job::Decided, now_ms: u64) -> Result<(), auditor::daemon::job::StoreError> {
                 self.op(true, |s| s.finish(id, decided, now_ms))

@@ -102,6 +102,29 @@ impl Store for PgStore {
         })
     }
 
+    fn bind(&self, id: &str, node: &str, commitment: &str, keep: bool, now_ms: u64) -> Result<bool, StoreError> {
+        self.with(|tx| {
+            let Some(row) = tx.query_opt(
+                "SELECT commitment FROM jobs WHERE id = $1 AND state = 'running' AND owner = $2 FOR NO KEY UPDATE",
+                &[&id, &node],
+            )?
+            else {
+                return Ok(false);
+            };
+            if row.try_get::<_, Option<String>>(0)?.as_deref() != Some(commitment) {
+                tx.execute("DELETE FROM items WHERE id = $1", &[&id])?;
+                if !keep {
+                    tx.execute("DELETE FROM progress WHERE id = $1", &[&id])?;
+                }
+                tx.execute(
+                    "UPDATE jobs SET commitment = $2, updated_ms = $3 WHERE id = $1",
+                    &[&id, &commitment, &i(now_ms)],
+                )?;
+            }
+            Ok(true)
+        })
+    }
+
     fn publish(&self, id: &str, intervals: &[(u64, u64)], _now_ms: u64) -> Result<(), StoreError> {
         let starts: Vec<i64> = intervals.iter().map(|&(s, _)| i(s)).collect();
         let ends: Vec<i64> = intervals.iter().map(|&(_, e)| i(e)).collect();
@@ -196,12 +219,21 @@ impl Store for PgStore {
         job_start: u64,
         through: u64,
         steps_replayed: u64,
+        commitment: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.with(|tx| {
-            // Only a running job makes progress; a late write after a requeue or a finish is
-            // dropped. The row lock orders this against a concurrent finish or cancel.
-            if job_state(tx, id, true)? != Some(JobState::Running) {
+            // Only a running job makes progress, and only against the record it is bound to; a
+            // late write after a requeue, a finish or a rebinding is dropped. The row lock
+            // orders this against a concurrent finish, cancel or bind.
+            let Some(row) = tx.query_opt(
+                "SELECT state = 'running' AND commitment IS NOT DISTINCT FROM $2 FROM jobs WHERE id = $1 FOR NO KEY UPDATE",
+                &[&id, &commitment],
+            )?
+            else {
+                return Ok(());
+            };
+            if !row.try_get::<_, bool>(0)? {
                 return Ok(());
             }
             let before =

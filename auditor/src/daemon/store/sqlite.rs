@@ -25,7 +25,7 @@ use crate::daemon::job::{
 pub const DB_FILE: &str = "auditor.sqlite3";
 /// Bumped when the schema changes; a database with another version is refused, not migrated
 /// silently.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
     owner TEXT,
-    lease_until_ms INTEGER NOT NULL DEFAULT 0
+    lease_until_ms INTEGER NOT NULL DEFAULT 0,
+    commitment TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS progress (
@@ -132,6 +133,9 @@ impl SqliteStore {
                     "ALTER TABLE jobs ADD COLUMN owner TEXT;
                      ALTER TABLE jobs ADD COLUMN lease_until_ms INTEGER NOT NULL DEFAULT 0;"
                 }
+                // Version 3 did not bind progress to the record it was verified against: its
+                // progress is kept but unbound, so the next attempt replays from scratch.
+                3 => "ALTER TABLE jobs ADD COLUMN commitment TEXT;",
                 v => {
                     return Err(StoreError(format!(
                         "{}: schema version {v}, which no auditor ever wrote; refusing to touch it",
@@ -166,7 +170,7 @@ impl SqliteStore {
 }
 
 const JOB_COLUMNS: &str = "id, request, state, attempts, steps_replayed, steps_resumed, verdict, first_step, error, \
-                           created_ms, updated_ms, reason, owner";
+                           created_ms, updated_ms, reason, owner, commitment";
 
 fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let id: String = r.get(0)?;
@@ -201,6 +205,7 @@ fn job_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         created_ms: u(r.get(9)?),
         updated_ms: u(r.get(10)?),
         owner: r.get(12)?,
+        commitment: r.get(13)?,
     })
 }
 
@@ -347,6 +352,32 @@ impl Store for SqliteStore {
         })
     }
 
+    fn bind(&self, id: &str, node: &str, commitment: &str, keep: bool, now_ms: u64) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let bound: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT commitment FROM jobs WHERE id = ?1 AND state = 'running' AND owner = ?2",
+                    [id, node],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(bound) = bound else { return Ok(false) };
+            if bound.as_deref() != Some(commitment) {
+                tx.execute("DELETE FROM items WHERE id = ?1", [id])?;
+                if !keep {
+                    tx.execute("DELETE FROM progress WHERE id = ?1", [id])?;
+                }
+                tx.execute(
+                    "UPDATE jobs SET commitment = ?2, updated_ms = ?3 WHERE id = ?1",
+                    params![id, commitment, i(now_ms)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     fn publish(&self, id: &str, intervals: &[(u64, u64)], _now_ms: u64) -> Result<(), StoreError> {
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -445,14 +476,17 @@ impl Store for SqliteStore {
         job_start: u64,
         through: u64,
         steps_replayed: u64,
+        commitment: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let state: Option<String> =
-                tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-            // Only a running job makes progress; a late write after a requeue or a finish is dropped.
-            if state.as_deref() != Some("running") {
+            let found: Option<(String, Option<String>)> = tx
+                .query_row("SELECT state, commitment FROM jobs WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            // Only a running job makes progress, and only against the record it is bound to; a
+            // late write after a requeue, a finish or a rebinding is dropped.
+            if found.as_ref().is_none_or(|(state, bound)| state != "running" || bound.as_deref() != Some(commitment)) {
                 return Ok(());
             }
             let before: Option<i64> = tx
@@ -736,8 +770,9 @@ mod tests {
         let job = s.claim("n", 2, 1000).unwrap().unwrap();
         assert_eq!((job.id.as_str(), job.state, job.attempts), (id.as_str(), JobState::Running, 1));
         assert!(s.claim("n", 2, 1000).unwrap().is_none(), "one queued job, claimed once");
-        s.save_progress(&id, 0, 5, 5, 3).unwrap();
-        s.save_progress(&id, 0, 4, 4, 3).unwrap();
+        assert!(s.bind(&id, "n", "r", false, 3).unwrap());
+        s.save_progress(&id, 0, 5, 5, "r", 3).unwrap();
+        s.save_progress(&id, 0, 4, 4, "r", 3).unwrap();
         drop(s);
         // A restart: the running job is requeued with its progress.
         let s = SqliteStore::open(&dir).unwrap();
@@ -758,7 +793,7 @@ mod tests {
         assert_eq!((job.state, job.verdict, job.first_step), (JobState::Done, Some(VerdictKind::Diverged), Some(3)));
         assert_eq!(s.evidence(&id).unwrap(), Some(vec![1, 2, 3]));
         assert!(s.has_evidence(&id).unwrap() && !s.has_evidence("audit-999").unwrap());
-        s.save_progress(&id, 0, 9, 9, 8).unwrap();
+        s.save_progress(&id, 0, 9, 9, "r", 8).unwrap();
         assert_eq!(s.get(&id).unwrap().unwrap().progress, [(0, 5)].into(), "no progress after done");
         assert!(s.fail(&id, FailReason::Undecided, "late", 9).is_ok());
         assert_eq!(s.get(&id).unwrap().unwrap().state, JobState::Done, "a done job cannot fail");
@@ -876,7 +911,7 @@ mod tests {
             c.execute("UPDATE jobs SET state = 'running' WHERE id = ?1", [&running])?;
             c.execute_batch(
                 "DROP TABLE items; ALTER TABLE jobs DROP COLUMN reason; ALTER TABLE jobs DROP COLUMN owner;
-                 ALTER TABLE jobs DROP COLUMN lease_until_ms; UPDATE meta SET value = 1 WHERE key = 'schema_version';",
+                 ALTER TABLE jobs DROP COLUMN lease_until_ms; ALTER TABLE jobs DROP COLUMN commitment; UPDATE meta SET value = 1 WHERE key = 'schema_version';",
             )
         })
         .unwrap();

@@ -10,7 +10,7 @@ use crate::daemon::job::{AuditRequest, FailReason, Item, ItemState, Job, JobStat
 use crate::daemon::store::{QUARANTINED_REQUEST, i, u};
 
 pub(super) const JOB_COLUMNS: &str = "id, request, state, attempts, steps_replayed, steps_resumed, verdict, \
-                                      first_step, error, created_ms, updated_ms, reason, owner";
+                                      first_step, error, created_ms, updated_ms, reason, owner, commitment";
 
 type ProgressById = BTreeMap<String, BTreeMap<u64, u64>>;
 
@@ -62,6 +62,7 @@ fn job_row(r: &Row, progress: &mut ProgressById) -> Result<Job, Fail> {
         created_ms: u(r.try_get(9)?),
         updated_ms: u(r.try_get(10)?),
         owner: r.try_get(12)?,
+        commitment: r.try_get(13)?,
     })
 }
 

@@ -67,6 +67,9 @@ const MIGRATIONS: &[&str] = &[
         evidence BYTEA
     );
     ",
+    // 2: progress is bound to the record it was verified against (spec and committed leaves);
+    // progress from before stays unbound, so its audit's next attempt replays from scratch.
+    "ALTER TABLE jobs ADD COLUMN commitment TEXT;",
 ];
 
 /// The newest schema version this binary knows.
