@@ -1,9 +1,10 @@
 //! Issue 16's acceptance test: a fleet of three `auditor serve` processes on one PostgreSQL
-//! database shares the interval replays of two audits submitted to one of them; one daemon is
-//! killed with SIGKILL while it holds an interval's lease, another takes the interval over once
-//! the lease expires, and each audit still ends exactly once, with the verdict (and the first
-//! diverging step) of a single-process audit of the same record, in a report signed with the
-//! firm's one key.
+//! database shares the interval replays of two audits (one in full mode, one in intervals mode)
+//! submitted to one of them. One daemon is killed with SIGKILL while it holds an interval's
+//! lease, then the coordinator of an audit still running; the survivor takes the intervals and
+//! the audit over once their leases expire, and each audit still ends exactly once, with the
+//! verdict (and the first diverging step) of a single-process audit of the same record, in a
+//! report signed with the firm's one key.
 //!
 //! The records are real MNIST (an MLP, 480 steps, a checkpoint every 40: 12 intervals of a few
 //! hundred milliseconds each), so that intervals are in flight long enough to kill a daemon
@@ -39,6 +40,9 @@ const FAULT_STEP: u64 = 290;
 /// Short, so that the killed daemon's interval is taken over within seconds.
 const LEASE_MS: u64 = 2_000;
 const NODES: [&str; 3] = ["fleet-a", "fleet-b", "fleet-c"];
+/// Each record and the mode it is audited in: a full audit is shared out by checkpoint
+/// intervals too.
+const MODES: [(&str, Mode); 2] = [("faulty", Mode::Full), ("honest", Mode::Intervals)];
 /// The firm's signing key, shared by every daemon of the fleet.
 const FIRM_KEY: [u8; 32] = [0x42; 32];
 
@@ -263,6 +267,15 @@ impl Snapshot {
         self.items.iter().filter(|(_, i)| i.state != ItemState::Pending).filter_map(|(_, i)| i.owner.clone()).collect()
     }
 
+    /// The items `node` holds: (audit id, start, node).
+    fn held_by(&self, node: &str) -> Vec<(String, u64, String)> {
+        self.items
+            .iter()
+            .filter(|(_, i)| i.state == ItemState::Claimed && i.owner.as_deref() == Some(node))
+            .map(|(id, i)| (id.clone(), i.start, node.to_string()))
+            .collect()
+    }
+
     /// Nodes holding an item's lease now.
     fn holders(&self) -> Vec<String> {
         self.items.iter().filter(|(_, i)| i.state == ItemState::Claimed).filter_map(|(_, i)| i.owner.clone()).collect()
@@ -332,8 +345,8 @@ async fn a_fleet_shares_intervals_survives_a_kill_9_and_reports_each_audit_once_
     let c = reqwest::Client::new();
     let t_fleet = Instant::now();
     let mut ids = Vec::new();
-    for run in ["faulty", "honest"] {
-        let body = json!({"trainer_url": trainer.url, "run": run, "mode": "intervals"});
+    for (run, mode) in MODES {
+        let body = json!({"trainer_url": trainer.url, "run": run, "mode": mode.name()});
         let resp = c.post(format!("{}/v1/audits", fleet.url(NODES[0]))).body(body.to_string()).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 202);
         let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
@@ -367,20 +380,44 @@ async fn a_fleet_shares_intervals_survives_a_kill_9_and_reports_each_audit_once_
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let node = NODES.iter().copied().find(|n| *n == victim).unwrap_or_else(|| panic!("unknown node {victim}"));
+    let at_kill = snapshot().await;
     fleet.kill(node);
     let t_kill = t_fleet.elapsed();
-    let at_kill = snapshot().await;
-    let held: Vec<(String, u64)> = at_kill
-        .items
-        .iter()
-        .filter(|(_, i)| i.state == ItemState::Claimed && i.owner.as_deref() == Some(node))
-        .map(|(id, i)| (id.clone(), i.start))
-        .collect();
+    let mut held = at_kill.held_by(node);
     eprintln!(
         "fleet: killed {node} (coordinating an audit: {coordinated}) at {:.1} s, holding {held:?}\n{}",
         t_kill.as_secs_f64(),
         at_kill.table()
     );
+    // Then, once the two left have each finished an interval, the coordinator of an audit
+    // still running: once its lease expires, the survivor takes the audit over and resumes it
+    // from every interval's durable progress.
+    let at_second = loop {
+        let s = snapshot().await;
+        let finished: BTreeSet<&String> =
+            s.items.iter().filter(|(_, i)| i.state == ItemState::Done).filter_map(|(_, i)| i.owner.as_ref()).collect();
+        if finished.len() >= 2 || s.all_ended() || t_fleet.elapsed() > Duration::from_secs(60) {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let coordinator = at_second.jobs.iter().find_map(|(id, (state, owner))| {
+        let owner = owner.as_deref().filter(|o| *state == JobState::Running && *o != node)?;
+        Some((id.clone(), NODES.iter().copied().find(|n| *n == owner)?))
+    });
+    match &coordinator {
+        Some((id, second)) => {
+            let second = *second;
+            fleet.kill(second);
+            held.extend(at_second.held_by(second));
+            eprintln!(
+                "fleet: killed {second}, coordinating {id}, at {:.1} s\n{}",
+                t_fleet.elapsed().as_secs_f64(),
+                at_second.table()
+            );
+        }
+        None => eprintln!("fleet: NOTE no audit had a live coordinator left to kill:\n{}", at_second.table()),
+    }
 
     // Both audits end, on the survivors, exactly once.
     let poll = fleet.survivor();
@@ -404,18 +441,22 @@ async fn a_fleet_shares_intervals_survives_a_kill_9_and_reports_each_audit_once_
     assert!(end.items.len() as u64 == 2 * STEPS / CHECKPOINT_INTERVAL, "12 items per audit:\n{}", end.table());
     let finishers: BTreeSet<String> = end.items.iter().filter_map(|(_, i)| i.owner.clone()).collect();
     assert!(finishers.len() >= 2, "items done by {finishers:?} only:\n{}", end.table());
-    for (id, start) in &held {
+    for (id, start, holder) in &held {
         let (_, item) = end.items.iter().find(|(i, it)| i == id && it.start == *start).unwrap();
         assert!(
             item.takeovers >= 1,
-            "{id} interval {start} held by the killed {node} was not taken over:\n{}",
+            "{id} interval {start} held by the killed {holder} was not taken over:\n{}",
             end.table()
         );
-        assert_ne!(item.owner.as_deref(), Some(node), "{id} interval {start}");
+        assert_ne!(item.owner.as_ref(), Some(holder), "{id} interval {start}");
+    }
+    if let Some((id, second)) = coordinator {
+        let finisher = end.jobs[&id].1.clone();
+        assert!(finisher.is_some() && finisher.as_deref() != Some(second), "{id} finished by {finisher:?}");
     }
     if held.is_empty() {
-        // It finished its interval between the look and the kill (a few microseconds).
-        eprintln!("fleet: NOTE {node} held no interval when it died; no takeover to check");
+        // Each finished its interval between the look and the kill (a few microseconds).
+        eprintln!("fleet: NOTE no killed daemon held an interval when it died; no takeover to check");
     }
     for (id, item) in &end.items {
         assert_eq!(
@@ -430,7 +471,7 @@ async fn a_fleet_shares_intervals_survives_a_kill_9_and_reports_each_audit_once_
     // The verdicts, the first diverging step and the reports are those of one process.
     for (run, id) in &ids {
         let mut opts = AuditOptions::new(Profile::CpuSeq);
-        opts.mode = Mode::Intervals;
+        opts.mode = MODES.iter().find(|(r, _)| r == run).unwrap().1;
         opts.data = Some(mnist.clone());
         let local = audit_dir(&records.join(run), &opts, &NoProgress).unwrap();
         let status = &statuses[run];

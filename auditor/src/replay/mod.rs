@@ -425,14 +425,15 @@ fn phases(
     let t_replay = Instant::now();
     let replayer = job::Replayer::new(src, run, committed, progress, &resume);
     let (merged, resumed) = match progress.share() {
-        Some(share) if plan.jobs.len() > 1 => {
-            let before: u64 = plan.jobs.iter().map(|j| j.resume_point(&resume).map_or(0, |t| t - j.start)).sum();
-            replayer.announce(&plan.jobs);
-            share_intervals(share, &audit.intervals, progress, |interval, through| {
+        Some(share) if plan.shared.len() > 1 => {
+            let jobs = &plan.shared;
+            let before: u64 = jobs.iter().map(|j| j.resume_point(&resume).map_or(0, |t| t - j.start)).sum();
+            replayer.announce(jobs);
+            share_intervals(share, &opened.shared_intervals(), progress, |interval, through| {
                 replay_taken(src, &opened, interval, through, progress)
             })?;
             let durable = share.progress()?;
-            let merged = job::Replayer::new(src, run, committed, progress, &durable).replay_jobs(&plan.jobs, false)?;
+            let merged = job::Replayer::new(src, run, committed, progress, &durable).replay_jobs(jobs, false)?;
             (merged, before)
         }
         _ => {

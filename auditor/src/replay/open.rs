@@ -57,9 +57,15 @@ impl Opened {
         RecordView::new(self.committed.commitment.spec_hash, &self.committed.tree)
     }
 
-    /// The plan's intervals `(start, end]`.
+    /// The plan's jobs `(start, end]`.
     pub fn intervals(&self) -> Vec<(u64, u64)> {
         self.plan.jobs.iter().map(|j| (j.start, j.end)).collect()
+    }
+
+    /// The intervals `(start, end]` a fleet shares out as work items (in full mode, the
+    /// checkpoint intervals of its one job).
+    pub fn shared_intervals(&self) -> Vec<(u64, u64)> {
+        self.plan.shared.iter().map(|j| (j.start, j.end)).collect()
     }
 }
 

@@ -31,6 +31,11 @@ impl Job {
 pub(super) struct Plan {
     pub segment: (u64, u64),
     pub jobs: Vec<Job>,
+    /// The jobs a fleet shares out as work items: the checkpoint intervals that cover `jobs`.
+    /// The same as `jobs` except in full mode, whose one job they split: by the order in which
+    /// a step's checks run ([`super::job::Order`]), the earliest finding, and so the verdict,
+    /// is the same whichever jobs cover a step.
+    pub shared: Vec<Job>,
 }
 
 pub(super) fn plan(src: &dyn TrainerSource, c: &Committed, run: &Run, opts: &AuditOptions) -> Result<Plan, Stop> {
@@ -45,7 +50,10 @@ pub(super) fn plan(src: &dyn TrainerSource, c: &Committed, run: &Run, opts: &Aud
     }
     let all = intervals(&c.checkpoints, from, to);
     let jobs = match opts.mode {
-        Mode::Full => vec![Job { start: all[0].start, end: to }],
+        Mode::Full => {
+            let jobs = vec![Job { start: all[0].start, end: to }];
+            return Ok(Plan { segment: (from, to), jobs, shared: all });
+        }
         Mode::Intervals => all,
         Mode::Spot { count, pick } => {
             if count == 0 {
@@ -61,7 +69,7 @@ pub(super) fn plan(src: &dyn TrainerSource, c: &Committed, run: &Run, opts: &Aud
             picked
         }
     };
-    Ok(Plan { segment: (from, to), jobs })
+    Ok(Plan { segment: (from, to), shared: jobs.clone(), jobs })
 }
 
 /// The jobs of a segment: `(c_i, min(c_{i+1}, to)]` for the checkpoints `c_i` from the one at

@@ -103,7 +103,7 @@ pub(super) fn replay_taken(
     through: Option<u64>,
     progress: &dyn Progress,
 ) -> Result<(), AuditError> {
-    let Some(job) = opened.plan.jobs.iter().copied().find(|j| (j.start, j.end) == (start, end)) else {
+    let Some(job) = opened.plan.shared.iter().copied().find(|j| (j.start, j.end) == (start, end)) else {
         return Err(AuditError::Internal(format!("work item ({start}, {end}] is not in this audit's plan")));
     };
     // From the interval's own durable point: other replayers may have moved it on since this
