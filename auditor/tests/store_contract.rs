@@ -562,8 +562,18 @@ fn a_queued_row_that_no_longer_parses_is_quarantined(f: &Fixture) {
     assert_eq!(s.retry(&bad, 10, 3).unwrap(), Some((false, JobState::Failed)), "a quarantined row stays put");
     assert!(s.claim("a", 3, LEASE).unwrap().is_none());
 
-    // A running row whose lease expired is quarantined when it is taken over.
+    // A running row that no longer parses: other daemons skip its items and help other audits.
+    let other = insert(s, 10, 2);
+    assert_eq!(s.claim("c", 2, LEASE).unwrap().unwrap().id, other);
+    s.publish(&good, &[(0, 4)], 2).unwrap();
+    s.publish(&other, &[(0, 4)], 2).unwrap();
     f.raw("UPDATE jobs SET request = 'null' WHERE id = $1", &good);
+    let (job, it) = s.claim_item("d", None, 3, LEASE).unwrap().expect("the other audit's item");
+    assert_eq!((job.id.as_str(), it.start), (other.as_str(), 0));
+    assert!(s.claim_item("d", None, 3, LEASE).unwrap().is_none());
+    s.cancel(&other, 3).unwrap();
+
+    // A running row whose lease expired is quarantined when it is taken over.
     assert!(s.claim("b", 2 + LEASE + 1, LEASE).unwrap().is_none());
     assert_eq!(s.get(&good).unwrap().unwrap().reason, Some(FailReason::Quarantined));
     assert_eq!(f.quarantined_request(&good), "null");

@@ -401,17 +401,32 @@ impl Store for SqliteStore {
     ) -> Result<Option<(Job, Item)>, StoreError> {
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let found: Option<(String, i64, bool)> = tx
-                .query_row(
-                    "SELECT items.id, items.job_start, items.state = 'claimed' FROM items JOIN jobs ON jobs.id = items.id
-                     WHERE jobs.state = 'running' AND (?1 IS NULL OR items.id = ?1)
-                     AND (items.state = 'pending' OR (items.state = 'claimed' AND items.lease_until_ms < ?2))
-                     ORDER BY jobs.seq, items.job_start LIMIT 1",
-                    params![only, i(now_ms)],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            let Some((id, start, takeover)) = found else { return Ok(None) };
+            // Audits whose job row no longer parses: skipped here (their coordinator holds a
+            // parsed copy; a claim of the job itself quarantines the row once its lease lapses).
+            let mut skip: Vec<String> = Vec::new();
+            let (id, start, takeover, job) = loop {
+                let found: Option<(String, i64, bool)> = tx
+                    .query_row(
+                        "SELECT items.id, items.job_start, items.state = 'claimed' FROM items JOIN jobs ON jobs.id = items.id
+                         WHERE jobs.state = 'running' AND (?1 IS NULL OR items.id = ?1)
+                         AND items.id NOT IN (SELECT value FROM json_each(?3))
+                         AND (items.state = 'pending' OR (items.state = 'claimed' AND items.lease_until_ms < ?2))
+                         ORDER BY jobs.seq, items.job_start LIMIT 1",
+                        params![only, i(now_ms), serde_json::Value::from(skip.clone()).to_string()],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let Some((id, start, takeover)) = found else { return Ok(None) };
+                match get_job(&tx, &id) {
+                    Ok(Some(job)) => break (id, start, takeover, job),
+                    Ok(None) => return Ok(None),
+                    Err(e @ (rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..))) => {
+                        tracing::warn!(audit = %id, why = %e, "its items are skipped: its job row no longer parses");
+                        skip.push(id);
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             tx.execute(
                 "UPDATE items SET state = 'claimed', owner = ?3, lease_until_ms = ?4, attempts = attempts + 1,
                  claims = claims + 1, takeovers = takeovers + ?5 WHERE id = ?1 AND job_start = ?2",
@@ -422,8 +437,6 @@ impl Store for SqliteStore {
                 params![id, start],
                 item_row,
             )?;
-            // A job row that no longer parses cannot be replayed here; its own claim quarantines it.
-            let Some(job) = get_job(&tx, &id)? else { return Ok(None) };
             tx.commit()?;
             Ok(Some((job, item)))
         })
