@@ -95,7 +95,8 @@ async fn kill_9_then_restart_resumes_and_reports_once_and_sigterm_requeues_with_
     let c = reqwest::Client::new();
 
     // 1. kill -9 in the middle of replay.
-    let mut d = start(&config, &state);
+    let log = dir.join("first.log");
+    let mut d = spawn_daemon(&config, &state, Stdio::from(std::fs::File::create(&log).unwrap()));
     let body = json!({"trainer_url": trainer.url, "run": "faulty"});
     let resp = c.post(format!("{}/v1/audits", d.url)).body(body.to_string()).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 202);
@@ -112,6 +113,11 @@ async fn kill_9_then_restart_resumes_and_reports_once_and_sigterm_requeues_with_
     d.child.kill().unwrap(); // SIGKILL
     d.child.wait().unwrap();
     assert_eq!(sqlite_reports(&state, &id), 0);
+    // Its logs went to a file: plain text, no terminal colour codes.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    eprint!("{logged}");
+    assert!(logged.contains("audit claimed"), "{logged}");
+    assert!(!logged.contains('\u{1b}'), "colour codes in a log file");
 
     let d = start(&config, &state);
     let s = until(&c, &d, &id, "the resumed audit", |s| s["state"] == "done").await;

@@ -211,7 +211,7 @@ impl Drop for Fleet {
                 let _ = p.child.wait();
             }
             if std::thread::panicking() {
-                let text = strip_ansi(&std::fs::read_to_string(&m.log).unwrap_or_default());
+                let text = std::fs::read_to_string(&m.log).unwrap_or_default();
                 // The test's status polls would drown everything else.
                 let lines: Vec<&str> = text.lines().filter(|l| !l.contains("request method=GET")).collect();
                 eprintln!("----- {} ({}), last lines -----", m.node, m.log.display());
@@ -221,25 +221,6 @@ impl Drop for Fleet {
             }
         }
     }
-}
-
-/// `text` without terminal colour codes (the daemon colours its text logs even in a file).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ parameters final-byte
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The store as the test reads it: each audit's coordinator and items.

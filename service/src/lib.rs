@@ -325,11 +325,16 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Installs the process's `tracing` subscriber: stderr, `info` and up unless `RUST_LOG` says
-/// otherwise. A second call (tests start several services in one process) changes nothing.
+/// otherwise; text logs are coloured only when stderr is a terminal (not in a log file). A
+/// second call (tests start several services in one process) changes nothing.
 pub fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
