@@ -258,30 +258,32 @@ impl Runner for KillingRunner {
     }
 }
 
+/// A store under `dir` with one audit queued, and a worker that audits it with `runner`.
+fn killing_worker(dir: &std::path::Path, runner: KillingRunner) -> (Arc<SqliteStore>, Worker, String) {
+    let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
+    let request = AuditRequest { trainer_url: "http://127.0.0.1:1".into(), run: "r".into(), ..Default::default() };
+    let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
+    let config = WorkerConfig { attempts_max: 5, progress_interval_ms: 0, ..WorkerConfig::default() };
+    let worker = Worker {
+        store: store.clone(),
+        runner: Arc::new(runner),
+        clock: Arc::new(SystemClock),
+        observer: Arc::new(NoObserver),
+        config,
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    (store, worker, id)
+}
+
 /// Issue 14: progress saved after a resume was keyed by the resume point and never found again,
 /// so every kill went back to the first resume point, and six kills ended "gave up".
 #[test]
 fn five_kills_of_one_audit_resume_from_ever_later_points_and_it_ends_done() {
     let dir = scratch("resume-kills");
     let record = write_record(&dir, Profile::Cpu, SGD, Drill::default());
-    let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
-    let request = AuditRequest { trainer_url: "http://127.0.0.1:1".into(), run: "r".into(), ..Default::default() };
-    let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
-    let runner = Arc::new(KillingRunner {
-        sources: vec![source(&record, false)],
-        every: 2,
-        kills: 5,
-        attempts: AtomicU64::new(0),
-    });
-    let config = WorkerConfig { attempts_max: 5, progress_interval_ms: 0, ..WorkerConfig::default() };
-    let worker = Worker {
-        store: store.clone(),
-        runner,
-        clock: Arc::new(SystemClock),
-        observer: Arc::new(NoObserver),
-        config,
-        cancel: Arc::new(AtomicBool::new(false)),
-    };
+    let runner =
+        KillingRunner { sources: vec![source(&record, false)], every: 2, kills: 5, attempts: AtomicU64::new(0) };
+    let (store, worker, id) = killing_worker(&dir, runner);
     let mut points = Vec::new();
     for kill in 1..=5u64 {
         let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.work_one()));
@@ -311,20 +313,9 @@ fn progress_verified_against_one_record_does_not_count_for_another_served_later(
     let fault = Fault { kind: FaultKind::PerturbWeight, step: 3 };
     let tampered =
         write_record(&dir.join("tampered"), Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() });
-    let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
-    let request = AuditRequest { trainer_url: "http://127.0.0.1:1".into(), run: "r".into(), ..Default::default() };
-    let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
     let sources = vec![source(&honest, false), source(&tampered, false)];
-    let runner = Arc::new(KillingRunner { sources, every: 10, kills: 1, attempts: AtomicU64::new(0) });
-    let config = WorkerConfig { attempts_max: 5, progress_interval_ms: 0, ..WorkerConfig::default() };
-    let worker = Worker {
-        store: store.clone(),
-        runner,
-        clock: Arc::new(SystemClock),
-        observer: Arc::new(NoObserver),
-        config,
-        cancel: Arc::new(AtomicBool::new(false)),
-    };
+    let runner = KillingRunner { sources, every: 10, kills: 1, attempts: AtomicU64::new(0) };
+    let (store, worker, id) = killing_worker(&dir, runner);
     let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.work_one()));
     assert!(killed.is_err(), "the first attempt was killed");
     assert_eq!(store.recover("local", 0).unwrap(), 1);
