@@ -447,3 +447,19 @@ fn adjudication_sides_with_an_honest_trainer_against_a_false_accusation() {
     bad.prev_state = rec.checkpoint(4).unwrap().encode();
     assert!(adjudicate(&bad, Profile::Cpu, None).is_err());
 }
+
+/// Steps checked stop at the first finding whatever the thread count: intervals past it that
+/// ran in parallel before they learnt of it do not count, so the figure in the report is the
+/// same on one thread, on many, and in a fleet.
+#[test]
+fn steps_checked_stop_at_the_finding_whatever_the_thread_count() {
+    let dir = scratch("steps-threads");
+    let fault = Fault { kind: FaultKind::PerturbWeight, step: 7 };
+    let record = write_record(&dir, Profile::Cpu, SGD, Drill { fault: Some(fault), ..Drill::default() });
+    for threads in [1, 4] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let a = pool.install(|| run_audit(&record, Profile::CpuSeq, Mode::Intervals));
+        assert!(matches!(a.verdict, Verdict::Diverged { step: 7, .. }), "{threads} threads: {:?}", a.verdict);
+        assert_eq!(a.steps_replayed, 7, "{threads} threads: every step up to the finding, none past it");
+    }
+}

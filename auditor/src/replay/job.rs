@@ -77,6 +77,9 @@ struct JobOutcome {
     steps: u64,
     /// Steps verified by an earlier attempt and skipped.
     resumed: u64,
+    /// The job's start and the last step it checked (resumed or replayed): it checked the
+    /// steps in between.
+    span: (u64, u64),
 }
 
 /// Every job's outcome, merged.
@@ -88,6 +91,18 @@ pub(super) struct Merged {
     pub finding: Option<Finding>,
     pub steps: u64,
     pub resumed: u64,
+    /// Every job's [`JobOutcome::span`].
+    spans: Vec<(u64, u64)>,
+}
+
+impl Merged {
+    /// Steps checked up to the earliest finding (every step without one): whatever parallel
+    /// jobs, or a fleet's helpers, replayed past it before they learnt of it is not counted, so
+    /// the figure does not depend on the thread count, the timing or the fleet.
+    pub fn checked(&self) -> u64 {
+        let limit = self.finding.as_ref().map_or(u64::MAX, |f| f.step);
+        self.spans.iter().map(|&(start, last)| last.min(limit).saturating_sub(start)).sum()
+    }
 }
 
 pub(super) struct Replayer<'a> {
@@ -236,7 +251,7 @@ impl<'a> Replayer<'a> {
     }
 
     fn replay(&self, job: Job) -> JobOutcome {
-        let mut out = JobOutcome::default();
+        let mut out = JobOutcome { span: (job.start, job.start), ..JobOutcome::default() };
         if self.earliest.load(Ordering::Relaxed) < job.start {
             return out;
         }
@@ -247,6 +262,7 @@ impl<'a> Replayer<'a> {
             if let Some(state) = resumed {
                 out.own.extend_from_slice(&self.leaves[job.start as usize..=through as usize]);
                 out.resumed = through - job.start;
+                out.span.1 = through;
                 return match state {
                     None => out,
                     // Progress stays keyed by the job's own start: that is where the next attempt
@@ -352,6 +368,7 @@ impl<'a> Replayer<'a> {
                 }
             };
             out.steps += 1;
+            out.span.1 = t;
             self.progress.replayed(t, t_step.elapsed().as_secs_f64());
             let own = Leaf { step: t, state: step.state.digest(), log: log.digest(), batch: step.batch.digest() };
             out.own.push(own);
@@ -381,11 +398,12 @@ impl<'a> Replayer<'a> {
 /// Merges every job's outcome: the earliest finding by `(step, order)` wins, whether it is a
 /// verdict or the auditor's own failure; a cancelled audit is cancelled whatever else was found.
 fn merge(outcomes: Vec<JobOutcome>) -> Result<Merged, Stop> {
-    let mut merged = Merged { own: BTreeMap::new(), finding: None, steps: 0, resumed: 0 };
+    let mut merged = Merged { own: BTreeMap::new(), finding: None, steps: 0, resumed: 0, spans: Vec::new() };
     let mut cancelled = false;
     for o in outcomes {
         merged.steps += o.steps;
         merged.resumed += o.resumed;
+        merged.spans.push(o.span);
         merged.own.extend(o.own.into_iter().map(|l| (l.step, l)));
         if let Some(f) = o.finding {
             cancelled |= matches!(f.found, Found::Stop(Stop::Undecided(AuditError::Cancelled)));

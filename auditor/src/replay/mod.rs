@@ -322,7 +322,9 @@ pub struct Audit {
     pub segment: Option<(u64, u64)>,
     /// The jobs replayed, as `(start checkpoint, end)`.
     pub intervals: Vec<(u64, u64)>,
-    /// Steps checked: replayed in this attempt, plus those resumed from an earlier one.
+    /// Steps checked up to the first finding (all of them without one): replayed in this
+    /// attempt, plus those resumed from an earlier one. The same whatever the thread count, the
+    /// timing, or the fleet that replayed them.
     pub steps_replayed: u64,
     /// Of `steps_replayed`, the steps verified by an earlier attempt and not replayed again.
     pub steps_resumed: u64,
@@ -442,8 +444,8 @@ fn phases(
             (merged, resumed)
         }
     };
-    audit.steps_replayed = merged.steps + merged.resumed;
-    audit.steps_resumed = resumed;
+    audit.steps_replayed = merged.checked();
+    audit.steps_resumed = resumed.min(audit.steps_replayed);
     audit.timings.replay_ms = ms(t_replay);
     let merged = conclude::stop_early(merged)?;
 

@@ -20,8 +20,9 @@ pub type Taken = ((u64, u64), Option<u64>);
 /// with every durable point as [`AuditOptions::resume`]: an interval reproduced to its end is
 /// skipped, and one that stopped at a finding (or at another replayer's own failure) is
 /// replayed from its last verified point, so the verdict, bisection, evidence and report come
-/// from this one daemon as a single-process audit's would (only `steps_replayed` may be larger:
-/// helpers replay their whole intervals before the coordinator learns of a finding).
+/// from this one daemon as a single-process audit's would (`steps_replayed` too: it counts the
+/// steps checked up to the first finding, not what helpers replayed past it before they learnt
+/// of it).
 ///
 /// A store failure here is reported as [`AuditError::Cancelled`]: the audit is handed back and
 /// resumed, never decided without what the store holds.
