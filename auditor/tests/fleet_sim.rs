@@ -293,8 +293,9 @@ impl Runner for SimRunner {
         let Some(share) = progress.share().filter(|_| plan.len() > 1) else {
             return self.decide(job, &resume, steps, progress);
         };
-        let shared = share_intervals(share, &plan, progress, |(start, end), through| {
-            self.replay(job, (start, end), through.unwrap_or(start), progress).map(|_| ())
+        // Fewer intervals than `ITEMS_MAX`: one work item each.
+        let shared = share_intervals(share, &plan, progress, |(start, end), durable| {
+            self.replay(job, (start, end), durable.get(&start).copied().unwrap_or(start), progress).map(|_| ())
         });
         let durable = match shared.and_then(|()| share.progress()) {
             Ok(d) => d,
@@ -363,6 +364,7 @@ impl Fleet {
                 lease_ms: LEASE_MS,
                 poll_ms: 50,
                 share: true,
+                ..WorkerConfig::default()
             },
             cancel: cancel.clone(),
         };

@@ -229,6 +229,9 @@ impl Progress for CountThenKill<'_> {
     fn opened(&self, record: &RecordView<'_>) -> Result<Resume, AuditError> {
         self.inner.opened(record)
     }
+    fn share(&self) -> Option<&dyn auditor::replay::Share> {
+        self.inner.share()
+    }
 }
 
 impl Runner for KillingRunner {
@@ -260,10 +263,25 @@ impl Runner for KillingRunner {
 
 /// A store under `dir` with one audit queued, and a worker that audits it with `runner`.
 fn killing_worker(dir: &std::path::Path, runner: KillingRunner) -> (Arc<SqliteStore>, Worker, String) {
-    let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
-    let request = AuditRequest { trainer_url: "http://127.0.0.1:1".into(), run: "r".into(), ..Default::default() };
-    let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
     let config = WorkerConfig { attempts_max: 5, progress_interval_ms: 0, ..WorkerConfig::default() };
+    worker_on(dir, runner, None, config)
+}
+
+/// [`killing_worker`] with the audit in `mode` and the worker's `config`.
+fn worker_on(
+    dir: &std::path::Path,
+    runner: KillingRunner,
+    mode: Option<&str>,
+    config: WorkerConfig,
+) -> (Arc<SqliteStore>, Worker, String) {
+    let store = Arc::new(SqliteStore::open(&dir.join("state")).unwrap());
+    let request = AuditRequest {
+        trainer_url: "http://127.0.0.1:1".into(),
+        run: "r".into(),
+        mode: mode.map(String::from),
+        ..Default::default()
+    };
+    let Inserted::New(id) = store.insert(&request, 10, 0).unwrap() else { panic!() };
     let worker = Worker {
         store: store.clone(),
         runner: Arc::new(runner),
@@ -328,4 +346,30 @@ fn progress_verified_against_one_record_does_not_count_for_another_served_later(
     assert_eq!((job.verdict, job.first_step), (Some(auditor::VerdictKind::Diverged), Some(3)), "{job:?}");
     assert_eq!(job.steps_resumed, 0, "nothing verified against the honest record was skipped");
     assert_ne!(job.commitment, Some(bound), "bound to the record it decided on");
+}
+
+/// A shared audit (as on a fleet's store) whose plan has more intervals than the work-item bound:
+/// items are runs of consecutive intervals, each replayed job by job, and the verdict, the first
+/// step and the steps checked are those of one process.
+#[test]
+fn a_shared_audit_with_more_intervals_than_items_is_decided_like_one_process() {
+    for (name, fault) in [("honest", None), ("faulty", Some(Fault { kind: FaultKind::PerturbWeight, step: 7 }))] {
+        let dir = scratch(&format!("shared-items-{name}"));
+        let record = write_record(&dir, Profile::Cpu, SGD, Drill { fault, ..Drill::default() });
+        let runner =
+            KillingRunner { sources: vec![source(&record, false)], every: 0, kills: 0, attempts: AtomicU64::new(0) };
+        let config = WorkerConfig { progress_interval_ms: 0, share: true, items_max: 2, ..WorkerConfig::default() };
+        let (store, worker, id) = worker_on(&dir, runner, Some("intervals"), config);
+        assert_eq!(worker.work_one(), Worked::Job { id: id.clone(), state: JobState::Done });
+        let items: Vec<(u64, u64)> = store.items(&id).unwrap().iter().map(|i| (i.start, i.end)).collect();
+        assert_eq!(items, [(0, 8), (8, STEPS)], "{name}: four intervals in two items");
+
+        let mut opts = options(&store.get(&id).unwrap().unwrap(), Profile::CpuSeq, None).unwrap();
+        opts.resume.clear();
+        let local = audit(&LocalRecord::open(&record).unwrap(), &opts, &auditor::NoProgress).unwrap();
+        let job = store.get(&id).unwrap().unwrap();
+        assert_eq!((job.verdict, job.first_step), (Some(local.verdict.kind()), local.verdict.step()), "{name}");
+        assert_eq!(job.steps_replayed, local.steps_replayed, "{name}");
+        assert_eq!(local.steps_replayed, if fault.is_some() { 7 } else { STEPS }, "{name}");
+    }
 }

@@ -43,6 +43,8 @@ pub struct WorkerConfig {
     /// daemon replays an audit's intervals in parallel itself, which is faster than handing them
     /// to its own other workers one at a time.
     pub share: bool,
+    /// Work items a shared audit is split into at most ([`crate::replay::work_items`]).
+    pub items_max: usize,
 }
 
 impl Default for WorkerConfig {
@@ -56,6 +58,7 @@ impl Default for WorkerConfig {
             lease_ms: 30_000,
             poll_ms: 200,
             share: false,
+            items_max: crate::replay::ITEMS_MAX,
         }
     }
 }
@@ -208,7 +211,7 @@ impl Share for JobProgress<'_> {
             .claim_item(&c.node, Some(self.id), self.clock.now_ms(), c.lease_ms)
             .map_err(|e| self.store_err("claim_item", e))?;
         *self.taken.lock().unwrap_or_else(|p| p.into_inner()) = claimed.as_ref().map(|(_, item)| item.start);
-        Ok(claimed.map(|(job, item)| ((item.start, item.end), job.progress.get(&item.start).copied())))
+        Ok(claimed.map(|(job, item)| ((item.start, item.end), job.progress)))
     }
 
     fn done(&self, start: u64) -> Result<(), AuditError> {
@@ -227,6 +230,10 @@ impl Share for JobProgress<'_> {
         self.clock.sleep(Duration::from_millis(self.config.poll_ms));
         self.renew();
         Ok(false)
+    }
+
+    fn items_max(&self) -> usize {
+        self.config.items_max
     }
 
     fn progress(&self) -> Result<BTreeMap<u64, u64>, AuditError> {

@@ -42,7 +42,7 @@ use kernels::Profile;
 
 pub use open::{Opened, RecordView, Resume};
 use shared::replay_taken;
-pub use shared::{Share, Taken, replay_interval, share_intervals};
+pub use shared::{ITEMS_MAX, Share, Taken, replay_interval, share_intervals, work_items};
 
 use crate::source::{LocalRecord, SourceError, TrainerSource};
 use crate::{AuditError, Verdict};
@@ -431,8 +431,8 @@ fn phases(
             let jobs = &plan.shared;
             let before: u64 = jobs.iter().map(|j| j.resume_point(&resume).map_or(0, |t| t - j.start)).sum();
             replayer.announce(jobs);
-            share_intervals(share, &opened.shared_intervals(), progress, |interval, through| {
-                replay_taken(src, &opened, interval, through, progress)
+            share_intervals(share, &opened.shared_intervals(), progress, |item, durable| {
+                replay_taken(src, &opened, item, durable, progress)
             })?;
             let durable = share.progress()?;
             let merged = job::Replayer::new(src, run, committed, progress, &durable).replay_jobs(jobs, false)?;

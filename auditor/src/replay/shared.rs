@@ -8,9 +8,21 @@ use super::{Progress, job};
 use crate::AuditError;
 use crate::source::TrainerSource;
 
-/// An interval `(start, end)` taken from a shared audit, and its durable point (the last step
-/// verified, if any).
-pub type Taken = ((u64, u64), Option<u64>);
+/// A work item `(start, end)` taken from a shared audit, and the audit's durable progress
+/// (job start → last step verified) when it was taken.
+pub type Taken = ((u64, u64), BTreeMap<u64, u64>);
+
+/// Work items a shared audit is split into at most: a record with a checkpoint at every step
+/// would otherwise put a row per step in the store, and every waiting coordinator reads them all
+/// at each poll.
+pub const ITEMS_MAX: usize = 256;
+
+/// The work items of a plan's `jobs` (sorted, disjoint): runs of consecutive jobs, at most
+/// `items_max` of them, each `(first start, last end)`; a job belongs to the item that covers it.
+pub fn work_items(jobs: &[(u64, u64)], items_max: usize) -> Vec<(u64, u64)> {
+    let per_item = jobs.len().div_ceil(items_max.max(1)).max(1);
+    jobs.chunks(per_item).map(|c| (c[0].0, c[c.len() - 1].1)).collect()
+}
 
 /// The replay of one audit shared by a fleet of daemons on one store ([`Progress::share`]).
 ///
@@ -27,42 +39,46 @@ pub type Taken = ((u64, u64), Option<u64>);
 /// A store failure here is reported as [`AuditError::Cancelled`]: the audit is handed back and
 /// resumed, never decided without what the store holds.
 pub trait Share: Sync {
-    /// Publishes the plan's intervals `(start, end)` (idempotent).
+    /// Publishes the work items `(start, end)` (idempotent).
     fn publish(&self, intervals: &[(u64, u64)]) -> Result<(), AuditError>;
-    /// An interval of this audit that nobody is replaying (or whose replayer's lease expired),
-    /// now this replayer's, with its durable progress (the last step verified, if any); `None`
-    /// when none is left to take.
+    /// A work item of this audit that nobody is replaying (or whose replayer's lease expired),
+    /// now this replayer's, with the audit's durable progress; `None` when none is left to take.
     fn take(&self) -> Result<Option<Taken>, AuditError>;
     /// The interval taken was replayed as far as it goes.
     fn done(&self, start: u64) -> Result<(), AuditError>;
     /// Whether every interval is done; when not, waits a moment first (others are replaying).
     fn all_done(&self) -> Result<bool, AuditError>;
-    /// Every interval's durable progress: start → last verified step.
+    /// Every job's durable progress: start → last verified step.
     fn progress(&self) -> Result<BTreeMap<u64, u64>, AuditError>;
+    /// Work items the audit is split into at most ([`work_items`]).
+    fn items_max(&self) -> usize {
+        ITEMS_MAX
+    }
 }
 
-/// The coordinator's part of a shared replay ([`Share`]): publishes `intervals`, replays with
-/// `replay` each one it can take, from its durable point (others are taken by other daemons),
-/// then waits until every
-/// interval is done. The caller then replays the plan once more from `share.progress()`.
+/// The coordinator's part of a shared replay ([`Share`]): publishes the work items of the
+/// plan's `jobs` ([`work_items`]), replays with `replay` each one it can take, from the durable
+/// progress (others are taken by other daemons), then waits until every item is done. The
+/// caller then replays the plan once more from `share.progress()`.
 pub fn share_intervals(
     share: &dyn Share,
-    intervals: &[(u64, u64)],
+    jobs: &[(u64, u64)],
     progress: &dyn Progress,
-    replay: impl Fn((u64, u64), Option<u64>) -> Result<(), AuditError>,
+    replay: impl Fn((u64, u64), &BTreeMap<u64, u64>) -> Result<(), AuditError>,
 ) -> Result<(), AuditError> {
-    share.publish(intervals)?;
+    let items = work_items(jobs, share.items_max());
+    share.publish(&items)?;
     loop {
         if progress.cancelled() {
             return Err(AuditError::Cancelled);
         }
         match share.take()? {
-            Some((interval, through)) => {
-                if !intervals.contains(&interval) {
-                    return Err(AuditError::Internal(format!("work item {interval:?} is not in this plan")));
+            Some((item, durable)) => {
+                if !items.contains(&item) {
+                    return Err(AuditError::Internal(format!("work item {item:?} is not in this plan")));
                 }
-                replay(interval, through)?;
-                share.done(interval.0)?;
+                replay(item, &durable)?;
+                share.done(item.0)?;
             }
             None if share.all_done()? => return Ok(()),
             None => {}
@@ -70,13 +86,13 @@ pub fn share_intervals(
     }
 }
 
-/// Replays one interval `(start, end]` of a shared audit as far as it goes, for the daemon that
+/// Replays one work item `(start, end]` of a shared audit as far as it goes, for the daemon that
 /// coordinates it ([`Share`]), from the record `opened` (see [`Opened::open`]; a helper keeps
-/// one per audit) and the interval's durable point in `resume`: only the points reported through
+/// one per audit) and the audit's durable progress `resume`: only the points reported through
 /// [`Progress::verified`] count. A finding, a failure of this replayer's own, or a record that is
-/// not the one the coordinator opened ([`Progress::opened`]) ends the interval early, left for
-/// the coordinator to replay again; `Err` only for [`AuditError::Cancelled`] and for an interval
-/// that is not in the plan.
+/// not the one the coordinator opened ([`Progress::opened`]) ends the item early, left for the
+/// coordinator to replay again; `Err` only for [`AuditError::Cancelled`] and for an item that
+/// is not in the plan.
 pub fn replay_interval(
     src: &dyn TrainerSource,
     opened: &Opened,
@@ -84,31 +100,54 @@ pub fn replay_interval(
     resume: &BTreeMap<u64, u64>,
     progress: &dyn Progress,
 ) -> Result<(), AuditError> {
-    let through = match progress.opened(&opened.view()) {
-        Ok(Resume::Keep) => resume.get(&start).copied(),
-        Ok(Resume::Discard) => None,
+    let empty = BTreeMap::new();
+    let resume = match progress.opened(&opened.view()) {
+        Ok(Resume::Keep) => resume,
+        Ok(Resume::Discard) => &empty,
         Err(AuditError::Cancelled) => return Err(AuditError::Cancelled),
         Err(e) => {
             tracing::info!(start, end, error = %e, "work item not replayed; the audit's coordinator replays it");
             return Ok(());
         }
     };
-    replay_taken(src, opened, (start, end), through, progress)
+    replay_taken(src, opened, (start, end), resume, progress)
 }
 
-/// Replays interval `(start, end]` of `opened`'s plan from its durable point `through`.
+/// Replays the jobs of `opened`'s plan that work item `(start, end]` covers, each from its
+/// durable point in `resume`.
 pub(super) fn replay_taken(
     src: &dyn TrainerSource,
     opened: &Opened,
     (start, end): (u64, u64),
-    through: Option<u64>,
+    resume: &BTreeMap<u64, u64>,
     progress: &dyn Progress,
 ) -> Result<(), AuditError> {
-    let Some(job) = opened.plan.shared.iter().copied().find(|j| (j.start, j.end) == (start, end)) else {
+    let jobs: Vec<super::plan::Job> =
+        opened.plan.shared.iter().copied().filter(|j| j.start >= start && j.end <= end).collect();
+    if jobs.first().is_none_or(|j| j.start != start) || jobs.last().is_none_or(|j| j.end != end) {
         return Err(AuditError::Internal(format!("work item ({start}, {end}] is not in this audit's plan")));
-    };
-    // From the interval's own durable point: other replayers may have moved it on since this
-    // audit was claimed.
-    let resume: BTreeMap<u64, u64> = through.map(|t| (start, t)).into_iter().collect();
-    job::Replayer::new(src, &opened.run, &opened.committed, progress, &resume).replay_item(job)
+    }
+    let replayer = job::Replayer::new(src, &opened.run, &opened.committed, progress, resume);
+    jobs.into_iter().try_for_each(|job| replayer.replay_item(job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_items_are_runs_of_consecutive_jobs_and_at_most_the_bound() {
+        let jobs: Vec<(u64, u64)> = (0..1000).map(|i| (i * 2, i * 2 + 2)).collect();
+        assert_eq!(work_items(&jobs[..3], 256), jobs[..3], "few jobs: one item each");
+        for max in [1, 7, 256, 999, 1000, 5000] {
+            let items = work_items(&jobs, max);
+            assert!(items.len() <= max && !items.is_empty(), "{max}: {}", items.len());
+            assert_eq!((items[0].0, items[items.len() - 1].1), (0, 2000), "{max}: they cover the plan");
+            assert!(items.windows(2).all(|w| w[0].1 == w[1].0), "{max}: in order, without gaps");
+            assert!(items.iter().all(|i| jobs.iter().any(|j| j.0 == i.0)), "{max}: they start at jobs");
+        }
+        // Spot mode's jobs need not be adjacent: an item covers whole jobs only.
+        let spot = [(0, 4), (8, 12), (20, 24)];
+        assert_eq!(work_items(&spot, 2), [(0, 12), (20, 24)]);
+    }
 }
