@@ -19,12 +19,12 @@ const TOP: f64 = 46.0;
 const GAP: f64 = 42.0;
 
 /// Escapes text for SVG.
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// A compact number for an axis label.
-fn num(v: f64) -> String {
+pub fn num(v: f64) -> String {
     if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-2) {
         format!("{v:.2e}")
     } else {

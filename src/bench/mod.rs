@@ -25,8 +25,10 @@
 pub mod baseline;
 pub mod handwritten;
 pub mod intervals;
+pub mod scaling;
 pub mod stats;
 pub mod steps;
+pub mod svg;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -255,6 +257,8 @@ pub struct Options {
     pub skip_rss: bool,
     /// Paired interval-parallel audits (one thread, every core) per model.
     pub interval_reps: usize,
+    /// The GPT scaling sweep (`"scaling"` in the JSON), when asked for: it takes minutes.
+    pub scaling: Option<scaling::Options>,
 }
 
 /// Runs every measurement and returns the JSON document.
@@ -280,7 +284,8 @@ pub fn run(opts: &Options) -> Result<Value> {
     }
     let bisection = bisection(BISECTION_LEAVES, 61_803)?;
     let data_kind = if data_kinds.iter().all(|k| *k == "real") { "real" } else { "synthetic" };
-    Ok(json!({
+    let sweep = opts.scaling.as_ref().map(scaling::run).transpose()?;
+    let mut doc = json!({
         "format": "tiebreak-bench/1",
         "software_version": SOFTWARE_VERSION,
         "machine": m,
@@ -296,7 +301,11 @@ pub fn run(opts: &Options) -> Result<Value> {
         "bisection": bisection,
         "bound_tightness_seconds": tightness_s,
         "total_seconds": t0.elapsed().as_secs_f64(),
-    }))
+    });
+    if let Some(sweep) = sweep {
+        doc["scaling"] = sweep;
+    }
+    Ok(doc)
 }
 
 fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) -> Result<(Value, &'static str)> {
