@@ -18,9 +18,9 @@ use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use engine::spec::ModelConfig;
-use engine::train::Run;
+use engine::train::{Run, StepMode};
 use kernels::Profile;
 use serde_json::{Value, json};
 
@@ -37,9 +37,9 @@ pub const WIDTHS: [usize; 4] = [64, 128, 256, 512];
 /// Default batch sizes, smallest first.
 pub const BATCH_SIZES: [usize; 3] = [4, 8, 16];
 
-/// Default timed steps per point: the first step's pairs are as valid as the later ones (each
-/// pair is timed side by side), and the widest points take seconds per step on two cores.
-pub const STEPS: u64 = 3;
+/// Default timed steps per point: even, so that each order of a pair (trainer first, FP32 first)
+/// is timed equally often; few, because the widest points take seconds per step on two cores.
+pub const STEPS: u64 = 4;
 
 /// The FP64/FP32 floor the trainer's ratio is read against (the same products in twice the
 /// width), drawn as a reference line.
@@ -131,12 +131,21 @@ fn measure_point(base: &Setup, p: Point, auditor: Profile, steps: u64, name: &st
     let setup = setup_at(base, p)?;
     let trainer = setup.run(TRAINER_PROFILE, steps)?;
     let replayers = [(auditor, setup.run(auditor, steps)?)];
-    let mut rounded = Vec::new();
-    let m = steps::paired_steps(name, &trainer, &replayers, steps, |_, _, _, out| {
+    let (mut rounded, mut paper_bytes) = (Vec::new(), None);
+    let m = steps::paired_steps(name, &trainer, &replayers, steps, |t, state, _, out| {
         rounded.push(out.rounded.values().sum::<u64>() as f64);
+        if t == 1 {
+            // The paper's dense log of the first step, as the per-preset report measures it
+            // (untimed here: its cost is the per-preset report's business).
+            let paper = trainer.step(state, t, StepMode::Commit { paper: true }, None)?;
+            ensure!(paper.state.digest() == out.state.digest(), "{name}: the paper-log run changed the state");
+            let dense = paper.paper.context("commit with paper: true gave no dense log")?;
+            paper_bytes = Some((dense.compressed_bytes() as f64, out.log.compress().len() as f64));
+        }
         Ok(())
     })?;
     let log_bytes: Vec<f64> = m.logs.iter().map(|l| l.len() as f64).collect();
+    let (paper_first, log_first) = paper_bytes.unwrap_or((f64::NAN, f64::NAN));
     let params = parameters(&trainer);
     Ok(json!({
         "d_model": p.d_model,
@@ -153,6 +162,10 @@ fn measure_point(base: &Setup, p: Point, auditor: Profile, steps: u64, name: &st
         "replay_vs_trainer_spread": m.replay_vs[0].spread(),
         "tie_breaks_per_step": mean(&m.entries),
         "log_bytes_per_step": mean(&log_bytes),
+        "logged_fraction": mean(&m.entries) / mean(&rounded),
+        "log_bytes_per_tie_break": mean(&log_bytes) / mean(&m.entries),
+        "paper_log_bytes_first_step": paper_first,
+        "log_ratio_vs_paper_first_step": paper_first / log_first,
         "loss_first_last": [m.losses.first(), m.losses.last()],
     }))
 }
@@ -213,6 +226,12 @@ pub fn plot(scaling: &Value) -> String {
         panel("trainer step seconds (median)", "trainer_step_seconds_median", true, None),
         panel("tie-breaks per step", "tie_breaks_per_step", true, None),
         panel("log bytes per step (compressed)", "log_bytes_per_step", true, None),
+        panel(
+            "the paper's dense log / ours (first step)",
+            "log_ratio_vs_paper_first_step",
+            true,
+            Some((1000.0, "target")),
+        ),
     ];
     let title = format!(
         "{} scaling: {} steps per point, trainer {} vs replay {}",
@@ -227,8 +246,8 @@ pub fn plot(scaling: &Value) -> String {
 /// The sweep as a Markdown table (one row per point), for the README.
 pub fn table(scaling: &Value) -> String {
     let mut s = String::from(
-        "| d_model | heads | batch | params | trainer s | FP32 s | trainer / FP32 [min–max] | replay / trainer [min–max] | tie-breaks / step | log bytes / step |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| d_model | heads | batch | params | trainer s | FP32 s | trainer / FP32 [min–max] | replay / trainer [min–max] | tie-breaks / step | log bytes / step | paper log / ours (step 1) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let spread = |v: &Value| {
         format!(
@@ -243,7 +262,7 @@ pub fn table(scaling: &Value) -> String {
             let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {:.0} | {:.0} |",
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {:.0} | {:.0} | {:.0} |",
                 p["d_model"],
                 p["heads"],
                 p["batch_size"],
@@ -254,6 +273,7 @@ pub fn table(scaling: &Value) -> String {
                 spread(&p["replay_vs_trainer_spread"]),
                 f("tie_breaks_per_step"),
                 f("log_bytes_per_step"),
+                f("log_ratio_vs_paper_first_step"),
             );
         }
     }
@@ -322,8 +342,9 @@ mod tests {
     #[test]
     fn the_plot_has_one_line_per_batch_size_in_every_panel() {
         let s = plot(&fake_sweep());
-        assert_eq!(s.matches("<polyline").count(), 5 * 2, "five panels, two batch sizes");
+        assert_eq!(s.matches("<polyline").count(), 5 * 2, "five panels with data, two batch sizes");
         assert_eq!(s.matches(">batch 4<").count(), 5);
+        assert!(s.contains("no data"), "the fake sweep has no paper log");
         assert!(s.contains("FP64/FP32 floor"));
         assert_eq!(s, plot(&fake_sweep()), "the same sweep gives the same bytes");
     }
