@@ -8,7 +8,7 @@
 
 use std::fmt::Write;
 
-use service::svg::{esc, num};
+use service::svg::{Frame, LEFT, TOP, WIDTH, esc, num, open_doc};
 
 /// One line: its legend label and `(x, y)` points (any order; drawn in increasing x).
 #[derive(Debug, Clone)]
@@ -27,11 +27,10 @@ pub struct Panel {
     pub reference: Option<(f64, String)>,
 }
 
-const WIDTH: f64 = 760.0;
+/// Taller panels than `service::svg`'s, with room for the x axis's name below and the legend
+/// on the right.
 const PANEL: f64 = 190.0;
-const LEFT: f64 = 78.0;
 const RIGHT: f64 = 130.0;
-const TOP: f64 = 46.0;
 const GAP: f64 = 52.0;
 /// Colour and dash pattern of the i-th line (cycled).
 const STYLES: [(&str, &str); 5] =
@@ -67,25 +66,11 @@ pub fn chart(title: &str, x_label: &str, panels: &[Panel]) -> String {
     let (x_lo, x_hi) = (x_lo - 0.04 * (x_hi - x_lo), x_hi + 0.04 * (x_hi - x_lo));
     let x = |v: f64| LEFT + plot_w * (v.log2() - x_lo) / (x_hi - x_lo);
     let mut out = String::new();
-    let _ = write!(
-        out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\" \
-         font-family=\"sans-serif\" font-size=\"12\" role=\"img\" aria-label=\"{t}\">\n<title>{t}</title>\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{LEFT}\" y=\"24\" font-size=\"15\" font-weight=\"bold\">{t}</text>\n",
-        t = esc(title)
-    );
+    open_doc(&mut out, title, WIDTH, height, LEFT);
     for (i, panel) in panels.iter().enumerate() {
-        let top = TOP + i as f64 * (PANEL + GAP) + 18.0;
-        let bottom = top + PANEL - 30.0;
-        let _ = writeln!(out, "<g class=\"panel\" data-panel=\"{}\">", esc(&panel.title));
-        let _ =
-            writeln!(out, "<text x=\"{LEFT}\" y=\"{}\" font-weight=\"bold\">{}</text>", top - 6.0, esc(&panel.title));
-        let _ = writeln!(
-            out,
-            "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{plot_w}\" height=\"{}\" fill=\"none\" stroke=\"#888\"/>",
-            bottom - top
-        );
+        let frame = Frame::stacked(i, plot_w, PANEL, GAP, 30.0);
+        let (top, bottom) = (frame.top, frame.bottom);
+        frame.open(&mut out, &panel.title);
         for &v in &xs {
             let _ = writeln!(
                 out,
@@ -107,12 +92,7 @@ pub fn chart(title: &str, x_label: &str, panels: &[Panel]) -> String {
         let lines: Vec<Vec<(f64, f64)>> = panel.lines.iter().map(|l| drawable(l, panel.log_y)).collect();
         let mut ys: Vec<f64> = lines.iter().flatten().map(|p| p.1).collect();
         if ys.is_empty() {
-            let _ = writeln!(
-                out,
-                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">no data</text>\n</g>",
-                LEFT + plot_w / 2.0,
-                (top + bottom) / 2.0
-            );
+            frame.no_data(&mut out);
             continue;
         }
         let reference = panel.reference.as_ref().filter(|(v, _)| v.is_finite() && (!panel.log_y || *v > 0.0));
