@@ -12,6 +12,7 @@ fn bench_document_has_the_issue_keys() {
         models: vec!["mnist-mlp".into()],
         skip_rss: true,
         interval_reps: 1,
+        scaling: None,
     };
     let doc = run(&opts).unwrap();
     assert_eq!(doc["data"]["kind"], "synthetic");
@@ -52,4 +53,5 @@ fn bench_document_has_the_issue_keys() {
     assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     assert_eq!(doc["bisection"]["leaves"], 100_000);
     assert!(doc["bisection"]["queries"].as_u64().unwrap() <= 18);
+    assert!(doc.get("scaling").is_none(), "the sweep is opt-in");
 }

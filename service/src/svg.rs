@@ -11,24 +11,80 @@ pub struct Series {
     pub points: Vec<(u64, f64)>,
 }
 
-const WIDTH: f64 = 760.0;
+/// The document's width, the left margin (the y axis labels) and the height of the heading
+/// above the first panel; shared with the bench's charts so all plots look alike.
+pub const WIDTH: f64 = 760.0;
+pub const LEFT: f64 = 78.0;
+pub const TOP: f64 = 46.0;
 const PANEL: f64 = 170.0;
-const LEFT: f64 = 78.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 46.0;
 const GAP: f64 = 42.0;
 
 /// Escapes text for SVG.
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// A compact number for an axis label.
-fn num(v: f64) -> String {
+pub fn num(v: f64) -> String {
     if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-2) {
         format!("{v:.2e}")
     } else {
         format!("{}", (v * 1000.0).round() / 1000.0)
+    }
+}
+
+/// Opens a standalone SVG document `width` × `height` with `title` as its accessible name and
+/// its heading (at x = `left`); the caller closes it with `</svg>`.
+pub fn open_doc(out: &mut String, title: &str, width: f64, height: f64, left: f64) {
+    let _ = write!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" \
+         font-family=\"sans-serif\" font-size=\"12\" role=\"img\" aria-label=\"{t}\">\n<title>{t}</title>\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"24\" font-size=\"15\" font-weight=\"bold\">{t}</text>\n",
+        t = esc(title)
+    );
+}
+
+/// A panel's plotting area.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame {
+    pub left: f64,
+    pub width: f64,
+    pub top: f64,
+    pub bottom: f64,
+}
+
+impl Frame {
+    /// The frame of the `i`-th of panels stacked `panel + gap` apart below the heading, `plot_w`
+    /// wide, its title above it and `below` left under it for the x axis's labels.
+    pub fn stacked(i: usize, plot_w: f64, panel: f64, gap: f64, below: f64) -> Frame {
+        let top = TOP + i as f64 * (panel + gap) + 18.0;
+        Frame { left: LEFT, width: plot_w, top, bottom: top + panel - below }
+    }
+
+    /// Opens the panel's group (`<g class="panel" data-series=…>`): its title above the frame,
+    /// and the frame. The caller closes it with `</g>`.
+    pub fn open(&self, out: &mut String, title: &str) {
+        let Frame { left, width, top, bottom } = *self;
+        let _ = writeln!(out, "<g class=\"panel\" data-series=\"{}\">", esc(title));
+        let _ = writeln!(out, "<text x=\"{left}\" y=\"{}\" font-weight=\"bold\">{}</text>", top - 6.0, esc(title));
+        let _ = writeln!(
+            out,
+            "<rect x=\"{left}\" y=\"{top}\" width=\"{width}\" height=\"{}\" fill=\"none\" stroke=\"#888\"/>",
+            bottom - top
+        );
+    }
+
+    /// Says "no data" in the middle of the frame and closes the panel's group.
+    pub fn no_data(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">no data</text>\n</g>",
+            self.left + self.width / 2.0,
+            (self.top + self.bottom) / 2.0
+        );
     }
 }
 
@@ -42,31 +98,13 @@ pub fn svg(title: &str, first: u64, last: u64, series: &[Series], marks: &[(u64,
     let span = (last.saturating_sub(first)).max(1) as f64;
     let x = |step: u64| LEFT + plot_w * (step.saturating_sub(first)) as f64 / span;
     let mut out = String::new();
-    let _ = write!(
-        out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\" \
-         font-family=\"sans-serif\" font-size=\"12\" role=\"img\" aria-label=\"{t}\">\n<title>{t}</title>\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{LEFT}\" y=\"24\" font-size=\"15\" font-weight=\"bold\">{t}</text>\n",
-        t = esc(title)
-    );
+    open_doc(&mut out, title, WIDTH, height, LEFT);
     for (i, s) in series.iter().enumerate() {
-        let top = TOP + i as f64 * (PANEL + GAP) + 18.0;
-        let bottom = top + PANEL - 18.0;
-        let _ = writeln!(out, "<g class=\"panel\" data-series=\"{}\">", esc(&s.title));
-        let _ = writeln!(out, "<text x=\"{LEFT}\" y=\"{}\" font-weight=\"bold\">{}</text>", top - 6.0, esc(&s.title));
-        let _ = writeln!(
-            out,
-            "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{plot_w}\" height=\"{}\" fill=\"none\" stroke=\"#888\"/>",
-            bottom - top
-        );
+        let frame = Frame::stacked(i, plot_w, PANEL, GAP, 18.0);
+        let (top, bottom) = (frame.top, frame.bottom);
+        frame.open(&mut out, &s.title);
         if s.points.is_empty() {
-            let _ = writeln!(
-                out,
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">no data</text>\n</g>",
-                LEFT + plot_w / 2.0,
-                (top + bottom) / 2.0
-            );
+            frame.no_data(&mut out);
             continue;
         }
         let lo = s.points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);

@@ -25,7 +25,10 @@
 pub mod baseline;
 pub mod handwritten;
 pub mod intervals;
+pub mod scaling;
 pub mod stats;
+pub mod steps;
+pub mod svg;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -132,7 +135,12 @@ impl Setup {
 
     /// The run on `profile`, with a spec for `n_steps`.
     pub fn run(&self, profile: Profile, n_steps: u64) -> Result<Run> {
-        let spec = RunSpec {
+        Ok(Run::new(self.spec(n_steps), self.data.clone(), Device::new(profile)?)?)
+    }
+
+    /// The trainer's run spec for `n_steps` of this setup.
+    pub fn spec(&self, n_steps: u64) -> RunSpec {
+        RunSpec {
             format_version: FORMAT_VERSION,
             software_version: SOFTWARE_VERSION.to_string(),
             // A spec's config plans exactly its steps (RunSpec::validate checks).
@@ -141,8 +149,7 @@ impl Setup {
             device_profile: TRAINER_PROFILE.name().to_string(),
             n_steps,
             init_weights: None,
-        };
-        Ok(Run::new(spec, self.data.clone(), Device::new(profile)?)?)
+        }
     }
 }
 
@@ -250,6 +257,8 @@ pub struct Options {
     pub skip_rss: bool,
     /// Paired interval-parallel audits (one thread, every core) per model.
     pub interval_reps: usize,
+    /// The GPT scaling sweep (`"scaling"` in the JSON), when asked for: it takes minutes.
+    pub scaling: Option<scaling::Options>,
 }
 
 /// Runs every measurement and returns the JSON document.
@@ -275,7 +284,8 @@ pub fn run(opts: &Options) -> Result<Value> {
     }
     let bisection = bisection(BISECTION_LEAVES, 61_803)?;
     let data_kind = if data_kinds.iter().all(|k| *k == "real") { "real" } else { "synthetic" };
-    Ok(json!({
+    let sweep = opts.scaling.as_ref().map(scaling::run).transpose()?;
+    let mut doc = json!({
         "format": "tiebreak-bench/1",
         "software_version": SOFTWARE_VERSION,
         "machine": m,
@@ -291,7 +301,11 @@ pub fn run(opts: &Options) -> Result<Value> {
         "bisection": bisection,
         "bound_tightness_seconds": tightness_s,
         "total_seconds": t0.elapsed().as_secs_f64(),
-    }))
+    });
+    if let Some(sweep) = sweep {
+        doc["scaling"] = sweep;
+    }
+    Ok(doc)
 }
 
 fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) -> Result<(Value, &'static str)> {
@@ -301,77 +315,21 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let trainer = setup.run(TRAINER_PROFILE, steps)?;
     let replayers: Vec<(Profile, Run)> =
         Profile::CPU.into_iter().map(|p| Ok((p, setup.run(p, steps)?))).collect::<Result<_>>()?;
-    let init = trainer.initial_state()?;
-    let mut fp32 = Baseline::for_run(&trainer, &init)?;
     let (mut t_graph, mut t_hand, mut graph_ties, mut hand_ties) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-
-    let mut state = init.clone();
-    let mut replay_states: Vec<TrainingState> = replayers.iter().map(|_| init.clone()).collect();
-    let (mut t_train, mut t_fp32, mut t_paper) = (Vec::new(), Vec::new(), Vec::new());
-    let mut t_replay: Vec<Vec<f64>> = replayers.iter().map(|_| Vec::new()).collect();
-    // Per-step ratios of steps timed side by side (see `stats`).
-    let (mut vs_fp32, mut graph_vs_hand) = (Paired::default(), Paired::default());
-    let mut replay_vs: Vec<Paired> = replayers.iter().map(|_| Paired::default()).collect();
-    let (mut log_bytes, mut paper_bytes, mut batch_bytes) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut entries, mut values, mut paper_values) = (Vec::new(), 0u64, 0u64);
+    let (mut t_paper, mut graph_vs_hand) = (Vec::new(), Paired::default());
+    let (mut paper_bytes, mut batch_bytes) = (Vec::new(), Vec::new());
+    let (mut values, mut paper_values) = (0u64, 0u64);
     let mut kinds = KindCounts::default();
-    let (mut losses, mut fp32_losses) = (Vec::new(), Vec::new());
-    let mut logs = Vec::new();
 
-    for t in 1..=steps {
-        let batch_idx = trainer.batch_indices(t);
-        let batch = Batch::gather(&trainer.data, &batch_idx.0);
-        let train = |s: &TrainingState| trainer.step(s, t, StepMode::Commit { paper: false }, None);
-        let (out, fp32_loss) = if t % 2 == 1 {
-            let (out, dt) = timed(|| train(&state));
-            t_train.push(dt);
-            let (l, dt) = timed(|| fp32.step(&batch));
-            t_fp32.push(dt);
-            (out?, l?)
-        } else {
-            let (l, dt) = timed(|| fp32.step(&batch));
-            t_fp32.push(dt);
-            let (out, dt) = timed(|| train(&state));
-            t_train.push(dt);
-            (out?, l?)
-        };
-        vs_fp32.push(*t_train.last().unwrap_or(&f64::NAN), *t_fp32.last().unwrap_or(&f64::NAN));
-        for (k, (profile, r)) in replayers.iter().enumerate() {
-            // Each replay is paired with a run of the same trainer step beside it (the first run
-            // made the log), alternating which goes first; the rerun must give the same state.
-            // Both start from the replayer's copy of the state (bit-identical to the trainer's,
-            // checked every step), so neither finds its inputs warmer in the caches.
-            let from = &replay_states[k];
-            let replay = || timed(|| r.step(from, t, StepMode::Replay(&out.log), None));
-            let ((rep, dt), (again, dt_train)) = if t % 2 == 1 {
-                let rep = replay();
-                (rep, timed(|| train(from)))
-            } else {
-                let again = timed(|| train(from));
-                (replay(), again)
-            };
-            ensure!(again?.state.digest() == out.state.digest(), "{name}: step {t} gave another state when rerun");
-            let rep = rep.with_context(|| format!("{name}: replay of step {t} on {profile}"))?;
-            t_replay[k].push(dt);
-            replay_vs[k].push(dt, dt_train);
-            let (a, b) = (rep.state.digest(), out.state.digest());
-            ensure!(
-                a == b && rep.forged.is_empty(),
-                "{name}: replay of step {t} on {profile} differs from the trainer: state {} vs {}, {} forged entries",
-                to_hex(&a),
-                to_hex(&b),
-                rep.forged.len()
-            );
-            replay_states[k] = rep.state;
-        }
+    let timings = steps::paired_steps(name, &trainer, &replayers, steps, |t, state, batch, out| {
         // The graph interpreter against the hand-written model: forward and backward of this
         // step from the same state and batch, alternating which goes first.
         let (graph, hand) = if t % 2 == 1 {
-            let g = timed(|| graph_pass(&trainer, &state, &batch));
-            (g, timed(|| hand_pass(&trainer, &state, &batch)))
+            let g = timed(|| graph_pass(&trainer, state, batch));
+            (g, timed(|| hand_pass(&trainer, state, batch)))
         } else {
-            let h = timed(|| hand_pass(&trainer, &state, &batch));
-            (timed(|| graph_pass(&trainer, &state, &batch)), h)
+            let h = timed(|| hand_pass(&trainer, state, batch));
+            (timed(|| graph_pass(&trainer, state, batch)), h)
         };
         let ((graph_loss, g_ties), dt) = (graph.0.with_context(|| format!("{name}: graph pass"))?, graph.1);
         t_graph.push(dt);
@@ -384,7 +342,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         );
         graph_ties.push(g_ties as f64);
         hand_ties.push(h_ties as f64);
-        let (paper, dt) = timed(|| trainer.step(&state, t, StepMode::Commit { paper: true }, None));
+        let (paper, dt) = timed(|| trainer.step(state, t, StepMode::Commit { paper: true }, None));
         let paper = paper?;
         t_paper.push(dt);
         ensure!(paper.state.digest() == out.state.digest(), "{name}: the paper-log run of step {t} changed the state");
@@ -392,27 +350,24 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         paper_bytes.push(dense.compressed_bytes() as f64);
         paper_values = dense.n_values();
 
-        let compressed = out.log.compress();
-        log_bytes.push(compressed.len() as f64);
         batch_bytes.push(out.batch.encode().len() as f64);
-        entries.push(out.log.n_entries() as f64);
         values = out.rounded.values().sum();
         kinds.add(&out.log, &out.rounded);
-        losses.push(out.loss);
-        fp32_losses.push(fp32_loss);
-        logs.push(compressed);
-        state = out.state;
-        eprintln!(
-            "bench: {name}: step {t}/{steps}: trainer {:.3}s fp32 {:.3}s replay {} loss {:.4} (fp32 {:.4}), {} tie-breaks",
-            t_train.last().unwrap_or(&0.0),
-            t_fp32.last().unwrap_or(&0.0),
-            t_replay.iter().map(|v| format!("{:.3}s", v.last().unwrap_or(&0.0))).collect::<Vec<_>>().join("/"),
-            out.loss,
-            fp32_loss,
-            out.log.n_entries()
-        );
-    }
-
+        Ok(())
+    })?;
+    let steps::StepTimings {
+        train_s: t_train,
+        fp32_s: t_fp32,
+        vs_fp32,
+        replay_s: t_replay,
+        replay_vs,
+        logs,
+        entries,
+        losses,
+        fp32_losses,
+        state,
+    } = timings;
+    let log_bytes: Vec<f64> = logs.iter().map(|l| l.len() as f64).collect();
     let (train_min, train_med) = (min(&t_train), median(&t_train));
     let (fp32_min, fp32_med) = (min(&t_fp32), median(&t_fp32));
     let auditor = auditor_profile();

@@ -2,16 +2,20 @@
 //! against training, log sizes against the paper and proof-of-learning, peak memory, bisection.
 //!
 //! ```text
-//! cargo run --release --bin bench -- --json [--data <dir>] [--steps N] [--models a,b]
+//! cargo run --release --bin bench -- --json [--data <dir>] [--steps N] [--models a,b|none]
+//!     [--scaling [--scaling-steps N] [--scaling-widths 64,128,256,512] [--scaling-batches 4,8,16]
+//!      [--scaling-svg docs/scaling.svg]]
 //! ```
 //! `<dir>` holds `mnist/` (IDX files) and `shakespeare.txt`; without it, synthetic data of the
 //! same shapes is used and the output says so. Progress goes to stderr, the JSON to stdout.
+//! `--scaling` adds the GPT's scaling sweep (`"scaling"`; minutes), and prints its table to
+//! stderr; `--models none` leaves out the per-preset reports.
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tiebreak::bench::{self, MODELS, Options};
+use tiebreak::bench::{self, MODELS, Options, scaling};
 
 /// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
 #[global_allocator]
@@ -35,9 +39,24 @@ struct Args {
     /// Paired interval-parallel audits (one thread, every core) per model.
     #[arg(long, default_value_t = 3)]
     interval_reps: usize,
-    /// Comma-separated subset of models.
+    /// Comma-separated subset of models (`none`: only the bisection and, with --scaling, the sweep).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
+    /// Sweep the GPT preset over widths and batch sizes (the JSON's `"scaling"`).
+    #[arg(long)]
+    scaling: bool,
+    /// Timed steps per point of the sweep.
+    #[arg(long, default_value_t = scaling::STEPS, requires = "scaling")]
+    scaling_steps: u64,
+    /// Widths (d_model) of the sweep.
+    #[arg(long, value_delimiter = ',', default_values_t = scaling::WIDTHS, requires = "scaling")]
+    scaling_widths: Vec<usize>,
+    /// Batch sizes of the sweep.
+    #[arg(long, value_delimiter = ',', default_values_t = scaling::BATCH_SIZES, requires = "scaling")]
+    scaling_batches: Vec<usize>,
+    /// Write the sweep's curves as an SVG to this path.
+    #[arg(long, requires = "scaling")]
+    scaling_svg: Option<PathBuf>,
     /// Internal: run as a peak-memory child process in this role (trainer, auditor, fp32).
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -60,7 +79,14 @@ fn main() -> Result<()> {
     if !args.json {
         bail!("pass --json: the benchmark prints one JSON document");
     }
-    let models = args.models.unwrap_or_else(|| MODELS.iter().map(|m| m.to_string()).collect());
+    let mut models = args.models.unwrap_or_else(|| MODELS.iter().map(|m| m.to_string()).collect());
+    models.retain(|m| m != "none");
+    let sweep = args.scaling.then(|| scaling::Options {
+        data: args.data.clone(),
+        widths: args.scaling_widths,
+        batch_sizes: args.scaling_batches,
+        steps: args.scaling_steps,
+    });
     let opts = Options {
         data: args.data,
         steps: args.steps,
@@ -68,8 +94,16 @@ fn main() -> Result<()> {
         models,
         skip_rss: false,
         interval_reps: args.interval_reps,
+        scaling: sweep,
     };
     let doc = bench::run(&opts)?;
+    if let Some(sweep) = doc.get("scaling") {
+        eprint!("{}", scaling::table(sweep));
+        if let Some(path) = &args.scaling_svg {
+            std::fs::write(path, scaling::plot(sweep)).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("bench: wrote {}", path.display());
+        }
+    }
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
 }

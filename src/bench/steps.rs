@@ -1,0 +1,135 @@
+//! The paired step loop every timing of the benchmark comes from: for each step `t`, the
+//! trainer's verified step beside the plain FP32 candle step on the same batch, then each
+//! replayer's replay of step `t` with the trainer's log beside a rerun of the trainer's step,
+//! alternating which member of a pair goes first (see [`super::stats`]).
+//!
+//! The per-preset report (`measure_model`) and the scaling sweep ([`super::scaling`]) both run
+//! this loop; the preset report adds its own per-step work (graph against hand-written passes,
+//! the paper's dense log) through the `each` hook, after the pairs of the step are timed.
+
+use anyhow::{Context, Result, ensure};
+use common::codec::to_hex;
+use common::state::TrainingState;
+use engine::model::Batch;
+use engine::train::{Run, StepMode, StepOutput};
+use kernels::Profile;
+
+use super::baseline::Baseline;
+use super::stats::Paired;
+use super::timed;
+
+/// What the loop measured, one entry per step unless said otherwise.
+#[derive(Debug)]
+pub struct StepTimings {
+    /// Seconds of the trainer's step (`Commit`, no paper log) and of the FP32 step beside it.
+    pub train_s: Vec<f64>,
+    pub fp32_s: Vec<f64>,
+    /// Per-step ratios trainer / FP32.
+    pub vs_fp32: Paired,
+    /// Per replayer (in the order given): seconds of each replay, and the ratios replay /
+    /// rerun of the trainer's step beside it.
+    pub replay_s: Vec<Vec<f64>>,
+    pub replay_vs: Vec<Paired>,
+    /// The trainer's compressed tie-break log of each step.
+    pub logs: Vec<Vec<u8>>,
+    /// Tie-breaks logged per step.
+    pub entries: Vec<f64>,
+    pub losses: Vec<f32>,
+    pub fp32_losses: Vec<f32>,
+    /// The trainer's state after the last step.
+    pub state: TrainingState,
+}
+
+/// Runs `steps` steps of `trainer` from its initial state, timing them in pairs as the module
+/// docs say; every replay in `replayers` must give the trainer's state bits. After each step's
+/// pairs, `each(t, state before the step, batch, trainer's output)` runs untimed by the loop.
+pub fn paired_steps(
+    name: &str,
+    trainer: &Run,
+    replayers: &[(Profile, Run)],
+    steps: u64,
+    mut each: impl FnMut(u64, &TrainingState, &Batch, &StepOutput) -> Result<()>,
+) -> Result<StepTimings> {
+    ensure!(steps >= 1, "--steps must be at least 1");
+    let init = trainer.initial_state()?;
+    let mut fp32 = Baseline::for_run(trainer, &init)?;
+    let mut replay_states: Vec<TrainingState> = replayers.iter().map(|_| init.clone()).collect();
+    let mut m = StepTimings {
+        train_s: Vec::new(),
+        fp32_s: Vec::new(),
+        vs_fp32: Paired::default(),
+        replay_s: replayers.iter().map(|_| Vec::new()).collect(),
+        replay_vs: replayers.iter().map(|_| Paired::default()).collect(),
+        logs: Vec::new(),
+        entries: Vec::new(),
+        losses: Vec::new(),
+        fp32_losses: Vec::new(),
+        state: init,
+    };
+
+    for t in 1..=steps {
+        let batch_idx = trainer.batch_indices(t);
+        let batch = Batch::gather(&trainer.data, &batch_idx.0);
+        let train = |s: &TrainingState| trainer.step(s, t, StepMode::Commit { paper: false }, None);
+        let state = &m.state;
+        let (out, fp32_loss) = if t % 2 == 1 {
+            let (out, dt) = timed(|| train(state));
+            m.train_s.push(dt);
+            let (l, dt) = timed(|| fp32.step(&batch));
+            m.fp32_s.push(dt);
+            (out?, l?)
+        } else {
+            let (l, dt) = timed(|| fp32.step(&batch));
+            m.fp32_s.push(dt);
+            let (out, dt) = timed(|| train(state));
+            m.train_s.push(dt);
+            (out?, l?)
+        };
+        m.vs_fp32.push(*m.train_s.last().unwrap_or(&f64::NAN), *m.fp32_s.last().unwrap_or(&f64::NAN));
+        for (k, (profile, r)) in replayers.iter().enumerate() {
+            // Each replay is paired with a run of the same trainer step beside it (the first run
+            // made the log), alternating which goes first; the rerun must give the same state.
+            // Both start from the replayer's copy of the state (bit-identical to the trainer's,
+            // checked every step), so neither finds its inputs warmer in the caches.
+            let from = &replay_states[k];
+            let replay = || timed(|| r.step(from, t, StepMode::Replay(&out.log), None));
+            let ((rep, dt), (again, dt_train)) = if t % 2 == 1 {
+                let rep = replay();
+                (rep, timed(|| train(from)))
+            } else {
+                let again = timed(|| train(from));
+                (replay(), again)
+            };
+            ensure!(again?.state.digest() == out.state.digest(), "{name}: step {t} gave another state when rerun");
+            let rep = rep.with_context(|| format!("{name}: replay of step {t} on {profile}"))?;
+            m.replay_s[k].push(dt);
+            m.replay_vs[k].push(dt, dt_train);
+            let (a, b) = (rep.state.digest(), out.state.digest());
+            ensure!(
+                a == b && rep.forged.is_empty(),
+                "{name}: replay of step {t} on {profile} differs from the trainer: state {} vs {}, {} forged entries",
+                to_hex(&a),
+                to_hex(&b),
+                rep.forged.len()
+            );
+            replay_states[k] = rep.state;
+        }
+        each(t, state, &batch, &out)?;
+
+        m.logs.push(out.log.compress());
+        m.entries.push(out.log.n_entries() as f64);
+        m.losses.push(out.loss);
+        m.fp32_losses.push(fp32_loss);
+        eprintln!(
+            "bench: {name}: step {t}/{steps}: trainer {:.3}s fp32 {:.3}s replay {} loss {:.4} (fp32 {:.4}), {} tie-breaks",
+            m.train_s.last().unwrap_or(&0.0),
+            m.fp32_s.last().unwrap_or(&0.0),
+            m.replay_s.iter().map(|v| format!("{:.3}s", v.last().unwrap_or(&0.0))).collect::<Vec<_>>().join("/"),
+            out.loss,
+            fp32_loss,
+            out.log.n_entries()
+        );
+        m.state = out.state;
+    }
+    Ok(m)
+}
