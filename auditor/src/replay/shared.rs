@@ -74,10 +74,14 @@ pub fn share_intervals(
         }
         match share.take()? {
             Some((item, durable)) => {
-                if !items.contains(&item) {
-                    return Err(AuditError::Internal(format!("work item {item:?} is not in this plan")));
+                if items.contains(&item) {
+                    replay(item, &durable)?;
+                } else {
+                    // Published by an earlier coordinator whose plan was split differently (an
+                    // older daemon, a spot seed drawn again): nothing to replay for this plan,
+                    // whose last pass replays every job anyway.
+                    tracing::warn!(?item, "work item of another plan of this audit: set aside");
                 }
-                replay(item, &durable)?;
                 share.done(item.0)?;
             }
             None if share.all_done()? => return Ok(()),
@@ -133,7 +137,61 @@ pub(super) fn replay_taken(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::NoProgress;
+
+    /// A store's items as a queue: what is published, taken and done.
+    #[derive(Default)]
+    struct Queue {
+        pending: Mutex<Vec<(u64, u64)>>,
+        done: Mutex<Vec<u64>>,
+    }
+
+    impl Share for Queue {
+        fn publish(&self, intervals: &[(u64, u64)]) -> Result<(), AuditError> {
+            let mut pending = self.pending.lock().unwrap();
+            let new: Vec<(u64, u64)> =
+                intervals.iter().copied().filter(|i| !pending.iter().any(|p| p.0 == i.0)).collect();
+            pending.extend(new);
+            Ok(())
+        }
+        fn take(&self) -> Result<Option<Taken>, AuditError> {
+            let mut pending = self.pending.lock().unwrap();
+            Ok((!pending.is_empty()).then(|| (pending.remove(0), BTreeMap::new())))
+        }
+        fn done(&self, start: u64) -> Result<(), AuditError> {
+            self.done.lock().unwrap().push(start);
+            Ok(())
+        }
+        fn all_done(&self) -> Result<bool, AuditError> {
+            Ok(self.pending.lock().unwrap().is_empty())
+        }
+        fn progress(&self) -> Result<BTreeMap<u64, u64>, AuditError> {
+            Ok(BTreeMap::new())
+        }
+        fn items_max(&self) -> usize {
+            2
+        }
+    }
+
+    /// Items an earlier coordinator published for another split of the plan are set aside, not
+    /// an error; this plan's items are replayed, each once.
+    #[test]
+    fn items_of_another_plan_are_set_aside_and_this_plans_are_replayed() {
+        let queue = Queue::default();
+        queue.pending.lock().unwrap().extend([(0, 4), (4, 8)]);
+        let replayed = Mutex::new(Vec::new());
+        let jobs = [(0, 4), (4, 8), (8, 12), (12, 13)];
+        share_intervals(&queue, &jobs, &NoProgress, |item, _| {
+            replayed.lock().unwrap().push(item);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(*replayed.lock().unwrap(), [(8, 13)], "(0, 8] could not be published over the stale (0, 4]");
+        assert_eq!(*queue.done.lock().unwrap(), [0, 4, 8]);
+    }
 
     #[test]
     fn work_items_are_runs_of_consecutive_jobs_and_at_most_the_bound() {
