@@ -74,7 +74,6 @@ pub(super) struct StepFinding {
 struct JobOutcome {
     own: Vec<Leaf>,
     finding: Option<Finding>,
-    steps: u64,
     /// Steps verified by an earlier attempt and skipped.
     resumed: u64,
     /// The job's start and the last step it checked (resumed or replayed): it checked the
@@ -89,7 +88,6 @@ pub(super) struct Merged {
     pub own: BTreeMap<u64, Leaf>,
     /// The earliest finding by `(step, order)`.
     pub finding: Option<Finding>,
-    pub steps: u64,
     pub resumed: u64,
     /// Every job's [`JobOutcome::span`].
     spans: Vec<(u64, u64)>,
@@ -367,7 +365,6 @@ impl<'a> Replayer<'a> {
                     return out;
                 }
             };
-            out.steps += 1;
             out.span.1 = t;
             self.progress.replayed(t, t_step.elapsed().as_secs_f64());
             let own = Leaf { step: t, state: step.state.digest(), log: log.digest(), batch: step.batch.digest() };
@@ -398,10 +395,9 @@ impl<'a> Replayer<'a> {
 /// Merges every job's outcome: the earliest finding by `(step, order)` wins, whether it is a
 /// verdict or the auditor's own failure; a cancelled audit is cancelled whatever else was found.
 fn merge(outcomes: Vec<JobOutcome>) -> Result<Merged, Stop> {
-    let mut merged = Merged { own: BTreeMap::new(), finding: None, steps: 0, resumed: 0, spans: Vec::new() };
+    let mut merged = Merged { own: BTreeMap::new(), finding: None, resumed: 0, spans: Vec::new() };
     let mut cancelled = false;
     for o in outcomes {
-        merged.steps += o.steps;
         merged.resumed += o.resumed;
         merged.spans.push(o.span);
         merged.own.extend(o.own.into_iter().map(|l| (l.step, l)));
