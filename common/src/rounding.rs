@@ -450,22 +450,49 @@ fn follow_exact(site: &str, index: u64, w: f64, d: f64, bits: u32) -> Result<f32
 
 /// Rounds every site of one training step, either recording tie-breaks (trainer) or following
 /// them (replayer). The engine calls [`Rounder::round`] at each named site in its fixed order,
-/// so the trainer and the auditor run the same code path.
+/// so the trainer and the auditor run the same code path, and the `k`-th call on either side is
+/// the site the log calls `k` (see [`crate::tielog`]).
 #[derive(Debug)]
 pub enum Rounder<'a> {
     /// Trainer side: builds the step's log (and, optionally, the paper's dense log). Sites
     /// without entries are not stored: the replayer treats an absent site as empty, and most
-    /// sites of most steps are empty, so storing their names every step would dominate the log.
-    Commit { log: TieBreakLog, paper: Option<paper::DenseLog>, visited: BTreeMap<String, u64> },
+    /// sites of most steps are empty.
+    Commit { log: TieBreakLog, paper: Option<paper::DenseLog>, visits: Visits },
     /// Replay side: follows `log`, and checks at the end that every logged site was visited.
     /// Entries that do not hold up are collected in `forged` (see [`round_replay_lenient`]).
-    Replay { log: &'a TieBreakLog, visited: BTreeMap<String, u64>, forged: Vec<RoundingError> },
+    Replay { log: &'a TieBreakLog, visits: Visits, forged: Vec<RoundingError> },
+}
+
+/// The sites a step has rounded so far: in order (a site's ordinal is its position) and by name.
+#[derive(Debug, Default)]
+pub struct Visits {
+    order: Vec<String>,
+    by_name: BTreeMap<String, u64>,
+}
+
+impl Visits {
+    /// Records a visit of `site` (`len` values) and returns its ordinal. A site visited twice,
+    /// an invalid name, or more sites than an ordinal can count, is a programming error of the
+    /// step, reported as [`RoundingError::DuplicateSite`].
+    fn visit(&mut self, site: &str, len: usize) -> Result<u32, RoundingError> {
+        let ordinal = u32::try_from(self.order.len()).ok();
+        match ordinal {
+            Some(ordinal)
+                if crate::tielog::is_valid_site_name(site)
+                    && self.by_name.insert(site.to_string(), len as u64).is_none() =>
+            {
+                self.order.push(site.to_string());
+                Ok(ordinal)
+            }
+            _ => Err(RoundingError::DuplicateSite { site: site.to_string() }),
+        }
+    }
 }
 
 impl<'a> Rounder<'a> {
     /// A trainer-side rounder for one step.
     pub fn commit() -> Self {
-        Rounder::Commit { log: TieBreakLog::default(), paper: None, visited: BTreeMap::new() }
+        Rounder::Commit { log: TieBreakLog::default(), paper: None, visits: Visits::default() }
     }
 
     /// A trainer-side rounder that also accumulates the paper's dense fixed-τ log.
@@ -473,46 +500,38 @@ impl<'a> Rounder<'a> {
         Rounder::Commit {
             log: TieBreakLog::default(),
             paper: Some(paper::DenseLog::default()),
-            visited: BTreeMap::new(),
+            visits: Visits::default(),
         }
     }
 
     /// A replay-side rounder following the trainer's log for one step.
     pub fn replay(log: &'a TieBreakLog) -> Self {
-        Rounder::Replay { log, visited: BTreeMap::new(), forged: Vec::new() }
+        Rounder::Replay { log, visits: Visits::default(), forged: Vec::new() }
     }
 
     /// Rounds one named site. Non-finite FP32 results are errors naming the site and element.
     pub fn round(&mut self, site: &str, values: &[f64], bound: &ErrorBound) -> Result<Vec<f32>, RoundingError> {
         let out = match self {
-            Rounder::Commit { log, paper, visited } => {
-                if !crate::tielog::is_valid_site_name(site)
-                    || visited.insert(site.to_string(), values.len() as u64).is_some()
-                {
-                    return Err(RoundingError::DuplicateSite { site: site.to_string() });
-                }
+            Rounder::Commit { log, paper, visits } => {
+                let ordinal = visits.visit(site, values.len())?;
                 let (out, site_log) = round_commit(site, values, bound)?;
                 if let Some(paper) = paper {
                     paper.push(values);
                 }
                 if !site_log.is_empty() {
-                    log.insert(site, site_log).map_err(|_| RoundingError::DuplicateSite { site: site.to_string() })?;
+                    log.insert(ordinal, site_log)
+                        .map_err(|_| RoundingError::DuplicateSite { site: site.to_string() })?;
                 }
                 out
             }
-            Rounder::Replay { log, visited, forged } => {
-                if visited.insert(site.to_string(), values.len() as u64).is_some() {
-                    return Err(RoundingError::DuplicateSite { site: site.to_string() });
+            Rounder::Replay { log, visits, forged } => match log.site(visits.visit(site, values.len())?) {
+                Some(site_log) => {
+                    let (out, found) = round_replay_lenient(site, values, bound, site_log)?;
+                    forged.extend(found);
+                    out
                 }
-                match log.site(site) {
-                    Some(site_log) => {
-                        let (out, found) = round_replay_lenient(site, values, bound, site_log)?;
-                        forged.extend(found);
-                        out
-                    }
-                    None => round_replay(site, values, bound, &SiteLog::new(values.len() as u64))?,
-                }
-            }
+                None => round_replay(site, values, bound, &SiteLog::new(values.len() as u64))?,
+            },
         };
         if let Some(i) = out.iter().position(|x| !x.is_finite()) {
             return Err(RoundingError::NonFinite { site: site.to_string(), index: i as u64, value: values[i] });
@@ -525,12 +544,15 @@ impl<'a> Rounder<'a> {
     /// trainer logged but this step never rounded.
     pub fn finish(self) -> Finished {
         match self {
-            Rounder::Commit { log, paper, visited } => Finished { log, paper, forged: Vec::new(), rounded: visited },
-            Rounder::Replay { log, visited, mut forged } => {
-                for site in log.site_names().filter(|s| !visited.contains_key(*s)) {
-                    forged.push(RoundingError::UnusedSite { site: site.to_string() });
+            Rounder::Commit { log, paper, visits } => {
+                Finished { log, paper, forged: Vec::new(), rounded: visits.by_name, order: visits.order }
+            }
+            Rounder::Replay { log, visits, mut forged } => {
+                let n = visits.order.len();
+                for ordinal in log.ordinals().filter(|&k| k as usize >= n) {
+                    forged.push(RoundingError::UnusedSite { site: format!("#{ordinal} (the step rounds {n} sites)") });
                 }
-                Finished { log: log.clone(), paper: None, forged, rounded: visited }
+                Finished { log: log.clone(), paper: None, forged, rounded: visits.by_name, order: visits.order }
             }
         }
     }
@@ -548,6 +570,8 @@ pub struct Finished {
     /// Every site the step rounded, with its number of values (the log stores only sites with
     /// entries).
     pub rounded: BTreeMap<String, u64>,
+    /// Every site the step rounded, in order: the log's site `k` is `order[k]`.
+    pub order: Vec<String>,
 }
 
 /// The paper's fixed-τ rule and dense 5-trits-per-byte encoding (Srivastava et al., 2024).
@@ -882,10 +906,26 @@ mod tests {
         let mid = (1.0 + (1.0f32.next_up() as f64)) / 2.0;
         c.round("a", &[mid], &ErrorBound::Uniform(1e-12)).unwrap();
         c.round("b", &[1.0], &ErrorBound::Exact).unwrap();
-        let log = c.finish().log;
+        let done = c.finish();
+        assert_eq!(done.order, ["a", "b"]);
+        assert_eq!(done.log.ordinals().collect::<Vec<_>>(), [0]);
+        let log = done.log;
+        // A step that rounds fewer sites than the log names.
+        let r = Rounder::replay(&log);
+        assert_eq!(r.finish().forged, vec![RoundingError::UnusedSite { site: "#0 (the step rounds 0 sites)".into() }]);
+        // A step whose first site is another one: the entry is held to that site's own bound.
         let mut r = Rounder::replay(&log);
         r.round("b", &[1.0], &ErrorBound::Exact).unwrap();
-        assert_eq!(r.finish().forged, vec![RoundingError::UnusedSite { site: "a".into() }]);
+        let forged = r.finish().forged;
+        assert!(
+            matches!(&forged[..], [RoundingError::ForgedEntry { site, index: 0, .. }] if site == "b"),
+            "{forged:?}"
+        );
+        // The same sites in the same order follow it.
+        let mut r = Rounder::replay(&log);
+        assert_eq!(r.round("a", &[mid], &ErrorBound::Uniform(1e-12)).unwrap(), [mid as f32]);
+        r.round("b", &[1.0], &ErrorBound::Exact).unwrap();
+        assert!(r.finish().forged.is_empty());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! ```text
 //! spec.json                     the run spec (canonical JSON; its SHA-256 is the spec hash)
 //! leaves.bin                    109-byte leaf entries, leaf t = step t, append-only
-//! steps/<t:010>.log.zst         tie-break log of step t (zstd of the canonical encoding)
+//! steps/<t:010>.log.zst         tie-break log of step t (stored form: zstd of the canonical
+//!                                encoding, or the encoding itself when zstd does not shrink it)
 //! steps/<t:010>.batch           batch indices of step t (canonical, checksummed)
 //! checkpoints/<t:010>.state.zst full FP32 state after step t (every k steps, and step 0)
 //! manifest.json                 signed manifest; written last, so its absence marks a run
@@ -307,7 +308,7 @@ impl RecordWriter {
                 self.tree.len()
             )));
         }
-        // Encode once: the stored form is zstd of the canonical bytes the leaf hashes.
+        // Encode once: the stored form holds the canonical bytes the leaf hashes.
         let log_raw = log.encode();
         write_atomic(&log_path(&self.dir, step), &tielog::compress_canonical(&log_raw))?;
         let batch_raw = batch.encode();

@@ -116,6 +116,8 @@ pub struct StepOutput {
     /// Every site the step rounded and its number of values (the log keeps only sites with
     /// entries).
     pub rounded: std::collections::BTreeMap<String, u64>,
+    /// Every site the step rounded, in order: the log's site `k` is `order[k]`.
+    pub order: Vec<String>,
 }
 
 /// A run ready to execute steps: spec, data, model and device.
@@ -343,7 +345,7 @@ impl Run {
             let lr_scale = self.spec.config.schedule.factor(step, self.spec.n_steps) * fault_scale;
             self.optimize(&mut ctx, prev, &grads, lr_scale, &mut state)?;
         }
-        let common::rounding::Finished { mut log, paper, forged, rounded } = rounder.finish();
+        let common::rounding::Finished { mut log, paper, forged, rounded, order } = rounder.finish();
         if fault == Some(FaultKind::PerturbWeight) {
             let first = param_key(&self.model.params()[0].name);
             if let Some(t) = state.get_mut(&first) {
@@ -353,9 +355,12 @@ impl Run {
         if fault == Some(FaultKind::ForgeLog) {
             let first = &self.model.params()[0];
             let len = first.shape.iter().product::<usize>() as u64;
-            forge_entry(&mut log, &format!("opt/{}/param", first.name), len);
+            let site = format!("opt/{}/param", first.name);
+            if let Some(ordinal) = order.iter().position(|s| *s == site) {
+                forge_entry(&mut log, ordinal as u32, len);
+            }
         }
-        Ok(StepOutput { state, log, batch: batch_idx, loss, paper, forged, rounded })
+        Ok(StepOutput { state, log, batch: batch_idx, loss, paper, forged, rounded, order })
     }
 
     /// The step's loss and gradients. With `train.accumulate = k > 1` the batch is split into
@@ -534,16 +539,16 @@ pub struct Evaluation {
     pub accuracy: Option<f64>,
 }
 
-/// Adds a direction entry at the first unlogged element of `site` (which rounds `len` values)
-/// — the `forge-log` drill.
-fn forge_entry(log: &mut TieBreakLog, site: &str, len: u64) {
-    let mut forged = log.site(site).cloned().unwrap_or_else(|| SiteLog::new(len));
+/// Adds a direction entry at the first unlogged element of site `ordinal` (which rounds `len`
+/// values) — the `forge-log` drill.
+fn forge_entry(log: &mut TieBreakLog, ordinal: u32, len: u64) {
+    let mut forged = log.site(ordinal).cloned().unwrap_or_else(|| SiteLog::new(len));
     let taken: std::collections::BTreeSet<u64> =
         forged.directions().map(|(i, _)| i).chain(forged.exacts().map(|(i, _)| i)).collect();
     let Some(index) = (0..len).find(|i| !taken.contains(i)) else { return };
     forged.insert_direction(index, Direction::Up);
-    if log.replace(site, forged.clone()).is_none() {
-        // The site had no entries, so it was not stored; a valid name cannot fail to insert.
-        let _ = log.insert(site, forged);
+    if log.replace(ordinal, forged.clone()).is_none() {
+        // The site had no entries, so it was not stored; inserting it cannot fail.
+        let _ = log.insert(ordinal, forged);
     }
 }

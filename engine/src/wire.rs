@@ -12,14 +12,17 @@
 //! | `/runs/{run}/leaves?start=S&count=C` | `C` × 109-byte leaves from `S`, `C ≤` [`LEAVES_PAGE_MAX`] (fewer at the end) |
 //! | `/runs/{run}/nodes?lo=L&hi=H&size=N` | [`NodePair`]: the children of node `[L, H)` of the tree over `N` leaves |
 //! | `/runs/{run}/proofs/{index}?size=N` | [`LeafProof`]: leaf `index` and its audit path in the tree over `N` leaves |
-//! | `/runs/{run}/logs/{step}` | zstd frame of step `step`'s canonical tie-break log |
+//! | `/runs/{run}/logs/{step}` | step `step`'s canonical tie-break log in its stored form (below) |
 //! | `/runs/{run}/batches/{step}` | step `step`'s canonical batch indices |
 //! | `/runs/{run}/checkpoints` | [`CheckpointList`] |
 //! | `/runs/{run}/checkpoints/{step}` | zstd frame of the canonical state after `step` (a checkpoint step) |
 //! | `/runs/{run}/states/{step}` | zstd frame of the canonical state after `step`, any committed step: stored, or recomputed from the nearest checkpoint |
 //!
 //! Compressed bodies are zstd frames of the canonical bytes; clients decompress with a bound
-//! and hash the *raw* bytes (different zstd APIs produce different frames).
+//! and hash the *raw* bytes (different zstd APIs produce different frames). A log is served as
+//! stored: a zstd frame, or, when zstd would not have made it smaller, the canonical bytes
+//! themselves ([`common::tielog::compress_canonical`]); [`common::tielog::decompress_bounded`]
+//! reads both, telling them apart by zstd's magic number.
 //!
 //! Every error is JSON [`ErrorBody`] with a status from [`code`]'s table. A run id is a
 //! directory name made of `[A-Za-z0-9._-]`, not starting with a dot ([`is_valid_run_id`]);

@@ -168,7 +168,7 @@ fn manifest_fields_must_agree_with_the_spec() {
     let cases: [(&str, Edit); 4] = [
         ("checkpoint_interval", |m| m.checkpoint_interval = 3),
         ("device_profile", |m| m.device_profile = "cpu-seq".into()),
-        ("format_version", |m| m.format_version = 3),
+        ("format_version", |m| m.format_version = engine::spec::FORMAT_VERSION + 1),
         ("n_steps", |m| m.n_steps = 6),
     ];
     for (field, edit) in cases {

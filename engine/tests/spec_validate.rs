@@ -93,7 +93,7 @@ fn each_bad_field_is_refused_by_name() {
     let (mlp, adamw, gpt, cnn) = (mlp_spec(), adamw_spec(), gpt_spec(), mnist_cnn_spec());
     let big = json!(1u64 << 40);
     let cases: Vec<(&RunSpec, &str, Value, &str)> = vec![
-        (&mlp, "/format_version", json!(3), "format_version"),
+        (&mlp, "/format_version", json!(FORMAT_VERSION + 1), "format_version"),
         (&mlp, "/device_profile", json!("tpu"), "device_profile"),
         (&mlp, "/n_steps", json!(0), "n_steps"),
         (&mlp, "/n_steps", json!(19), "n_steps"),
@@ -149,10 +149,13 @@ fn each_bad_field_is_refused_by_name() {
         assert!(err.field.starts_with(field), "{at} = {value}: {err} does not name {field}");
         assert!(err.to_string().starts_with(&format!("{}: ", err.field)), "{err}");
     }
-    // A record of the first format (hand-written models, before every model was a graph).
-    let err = edited(&mlp, "/format_version", json!(1)).unwrap_err();
-    assert_eq!(err.what, format!("made by format 1; this build reads format {FORMAT_VERSION}"));
-    assert_eq!(FORMAT_VERSION, 2);
+    // Records of earlier formats: 1 (hand-written models, before every model was a graph) and
+    // 2 (tie-break logs naming their sites).
+    for old in [1, 2] {
+        let err = edited(&mlp, "/format_version", json!(old)).unwrap_err();
+        assert_eq!(err.what, format!("made by format {old}; this build reads format {FORMAT_VERSION}"));
+    }
+    assert_eq!(FORMAT_VERSION, 3);
 }
 
 #[test]

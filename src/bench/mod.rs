@@ -185,12 +185,12 @@ struct KindCounts(BTreeMap<String, (u64, u64)>);
 impl KindCounts {
     /// Counts the step's logged entries against every value it rounded (the log itself keeps
     /// only the sites that have entries).
-    fn add(&mut self, log: &TieBreakLog, rounded: &BTreeMap<String, u64>) {
-        for (name, &len) in rounded {
+    fn add(&mut self, log: &TieBreakLog, rounded: &BTreeMap<String, u64>, order: &[String]) {
+        for (ordinal, name) in order.iter().enumerate() {
             let kind = name.split('/').next().unwrap_or(name).to_string();
             let e = self.0.entry(kind).or_default();
-            e.0 += log.site(name).map_or(0, |s| s.n_entries() as u64);
-            e.1 += len;
+            e.0 += log.site(ordinal as u32).map_or(0, |s| s.n_entries() as u64);
+            e.1 += rounded.get(name).copied().unwrap_or(0);
         }
     }
 
@@ -352,7 +352,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
 
         batch_bytes.push(out.batch.encode().len() as f64);
         values = out.rounded.values().sum();
-        kinds.add(&out.log, &out.rounded);
+        kinds.add(&out.log, &out.rounded, &out.order);
         Ok(())
     })?;
     let steps::StepTimings {
@@ -387,10 +387,10 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
             }),
         );
     }
-    // The log's fixed part: the same sites with no entries (names and lengths only).
+    // The log's fixed part: the same sites with no entries (ordinals and lengths only).
     let mut skeleton = TieBreakLog::default();
-    for (site, log) in tielog_sites(logs.last()) {
-        skeleton.insert(&site, SiteLog::new(log))?;
+    for (ordinal, len) in tielog_sites(logs.last()) {
+        skeleton.insert(ordinal, SiteLog::new(len))?;
     }
     let skeleton_bytes = skeleton.compress().len();
 
@@ -497,11 +497,11 @@ fn hand_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, us
     Ok((loss, rounder.finish().log.n_entries()))
 }
 
-/// Site names and lengths of a stored (compressed) log.
-fn tielog_sites(stored: Option<&Vec<u8>>) -> Vec<(String, u64)> {
+/// Site ordinals and lengths of a stored log.
+fn tielog_sites(stored: Option<&Vec<u8>>) -> Vec<(u32, u64)> {
     let Some(stored) = stored else { return Vec::new() };
     match TieBreakLog::decompress(stored, engine::record::LOG_RAW_BYTES_MAX) {
-        Ok(log) => log.sites().map(|(n, s)| (n.to_string(), s.len())).collect(),
+        Ok(log) => log.sites().map(|(k, s)| (k, s.len())).collect(),
         Err(_) => Vec::new(),
     }
 }

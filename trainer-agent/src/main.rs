@@ -65,7 +65,8 @@ enum Command {
         record: PathBuf,
         #[arg(long)]
         json: bool,
-        /// Also list one step's tie-break log, site by site.
+        /// Also list one step's tie-break log, site by site (a site is named by its ordinal: its
+        /// place in the order the step rounds its sites).
         #[arg(long)]
         step: Option<u64>,
         /// Draw loss (from the trainer's uncommitted losses.txt), tie-breaks per step and log
@@ -346,9 +347,9 @@ fn inspect(dir: &std::path::Path, json: bool, step: Option<u64>) -> Result<()> {
             let log = record.log(s)?;
             let rows: Vec<serde_json::Value> = log
                 .sites()
-                .map(|(name, l)| {
+                .map(|(ordinal, l)| {
                     serde_json::json!({
-                        "site": name,
+                        "ordinal": ordinal,
                         "values": l.len(),
                         "directions": l.directions().count(),
                         "exact": l.exacts().count(),
@@ -392,11 +393,8 @@ fn inspect(dir: &std::path::Path, json: bool, step: Option<u64>) -> Result<()> {
         println!("logs      {total} bytes ({:.1} per step)", total as f64 / n.max(1) as f64);
         for row in sites.iter().flatten() {
             println!(
-                "  {:<36} {:>9} values {:>6} directions {:>6} exact",
-                row["site"].as_str().unwrap_or(""),
-                row["values"],
-                row["directions"],
-                row["exact"]
+                "  site #{:<6} {:>9} values {:>6} directions {:>6} exact",
+                row["ordinal"], row["values"], row["directions"], row["exact"]
             );
         }
     }

@@ -563,7 +563,7 @@ async fn a_state_is_served_only_if_replay_reproduces_its_leaf() {
     let mut site = SiteLog::new(64);
     site.push_direction(3, Direction::Up);
     let mut forged = TieBreakLog::default();
-    forged.insert("fwd/fc1/out", site).unwrap();
+    forged.insert(0, site).unwrap();
     std::fs::write(dir.join("steps/0000000001.log.zst"), forged.compress()).unwrap();
     let e = srv.get(&path::state("run1", 3)).await.error(wire::code::CORRUPT);
     assert_eq!(e.file.as_deref(), Some("steps/0000000001.log.zst"), "{e:?}");

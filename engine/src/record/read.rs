@@ -56,15 +56,15 @@ pub fn read_leaves_max(path: &Path, allow_torn: bool, leaves_max: u64) -> Result
     Ok(out)
 }
 
-/// A stored zstd file checked against its commitment: the frame as stored, and its
-/// decompressed (canonical) bytes, whose SHA-256 is the committed hash.
+/// A stored file checked against its commitment: the bytes as stored (a zstd frame, or a log's
+/// canonical bytes themselves), and its canonical bytes, whose SHA-256 is the committed hash.
 #[derive(Debug, Clone)]
 pub struct CommittedFrame {
     pub stored: Vec<u8>,
     pub raw: Vec<u8>,
 }
 
-/// Reads the zstd file at `path` (decompressing at most `raw_bytes_max` bytes) and checks its
+/// Reads the stored file at `path` (decompressing at most `raw_bytes_max` bytes) and checks its
 /// raw bytes against `expected`; `what` names the hash in a mismatch.
 fn read_committed_frame(
     path: PathBuf,
