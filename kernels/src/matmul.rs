@@ -89,29 +89,51 @@ impl Device {
         scale: f64,
         spec: MatmulSpec,
     ) -> Result<(Bounded, Bounded)> {
+        match self.matmul_scaled_backward_wanted(a, b, gc, scale, spec, [true, true])? {
+            (Some(ga), Some(gb)) => Ok((ga, gb)),
+            _ => unreachable!("both gradients were asked for"),
+        }
+    }
+
+    /// [`Device::matmul_scaled_backward`] computing only the gradients `want` asks for (`[gA,
+    /// gB]`): a model's first layer has no use for the gradient of its input, which costs as
+    /// much as the weight gradient. Each gradient it computes is the same, bit for bit.
+    pub fn matmul_scaled_backward_wanted(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        gc: &[f32],
+        scale: f64,
+        spec: MatmulSpec,
+        want: [bool; 2],
+    ) -> Result<(Option<Bounded>, Option<Bounded>)> {
         const OP: &str = "matmul_backward";
         let (la, lb, lc) = spec.sizes(OP)?;
         check_len(OP, "a", a.len(), la)?;
         check_len(OP, "b", b.len(), lb)?;
         check_len(OP, "grad_out", gc.len(), lc)?;
         let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
-        let ga = if a_trans {
+        let ga = if !want[0] {
+            None
+        } else if a_trans {
             // gA_stored (k×m) = op(B) · gCᵀ
             let s = MatmulSpec { batch, m: k, k: n, n: m, a_trans: b_trans, b_trans: true };
-            self.matmul_impl(OP, b, gc, None, scale, s)?
+            Some(self.matmul_impl(OP, b, gc, None, scale, s)?)
         } else {
             // gA (m×k) = gC · op(B)ᵀ
             let s = MatmulSpec { batch, m, k: n, n: k, a_trans: false, b_trans: !b_trans };
-            self.matmul_impl(OP, gc, b, None, scale, s)?
+            Some(self.matmul_impl(OP, gc, b, None, scale, s)?)
         };
-        let gb = if b_trans {
+        let gb = if !want[1] {
+            None
+        } else if b_trans {
             // gB_stored (n×k) = gCᵀ · op(A)
             let s = MatmulSpec { batch, m: n, k: m, n: k, a_trans: true, b_trans: a_trans };
-            self.matmul_impl(OP, gc, a, None, scale, s)?
+            Some(self.matmul_impl(OP, gc, a, None, scale, s)?)
         } else {
             // gB (k×n) = op(A)ᵀ · gC
             let s = MatmulSpec { batch, m: k, k: m, n, a_trans: !a_trans, b_trans: false };
-            self.matmul_impl(OP, a, gc, None, scale, s)?
+            Some(self.matmul_impl(OP, a, gc, None, scale, s)?)
         };
         Ok((ga, gb))
     }
@@ -561,12 +583,6 @@ fn surely_plain(v: f64, d: f64) -> bool {
     (1023 - 126..=1023 + 127).contains(&ex) & (dist as f64 > d * scale * MARGIN)
 }
 
-/// Whether [`surely_plain`] holds for every element of a row (`values`, `bounds` alike long).
-#[inline(always)]
-fn row_surely_plain(values: &[f64], bounds: &[f64]) -> bool {
-    values.iter().zip(bounds).fold(true, |all, (&v, &d)| all & surely_plain(v, d))
-}
-
 avx2_dispatch! {
     /// One output row's part of [`finish_bounds`]: writes the row's Cauchy–Schwarz bounds into
     /// `dr` (scaling `vr` and the bounds by `scale`) and pushes the flat indices (`base + j`) of
@@ -589,31 +605,72 @@ avx2_dispatch! {
                 *d = scaled_bound(scale, *d, *v);
             }
         }
-        if row_surely_plain(vr, dr) {
-            return;
-        }
-        // Most of such a row is still plain: check it in blocks, element by element only where a
-        // block is not.
+        // One pass: a mask of the elements `surely_plain` cannot clear (branch-free, so it
+        // vectorises), then `is_ambiguous` on those alone.
         let blocks = vr.chunks(CHECK_BLOCK).zip(dr.chunks(CHECK_BLOCK));
         for (b0, (vb, db)) in (base..).step_by(CHECK_BLOCK).zip(blocks) {
-            if row_surely_plain(vb, db) {
-                continue;
-            }
-            for (j, (&v, &d)) in (b0..).zip(vb.iter().zip(db)) {
-                if !surely_plain(v, d) && common::rounding::is_ambiguous(v, d) {
-                    amb.push(j);
+            let mut unclear = vb.iter().zip(db).enumerate().fold(0u64, |mask, (j, (&v, &d))| {
+                mask | (u64::from(!surely_plain(v, d)) << j)
+            });
+            while unclear != 0 {
+                let j = unclear.trailing_zeros() as usize;
+                unclear &= unclear - 1;
+                if common::rounding::is_ambiguous(vb[j], db[j]) {
+                    amb.push(b0 + j);
                 }
             }
         }
     }
 }
 
-/// Block length of the second, finer ambiguity check of a row that is not plain throughout.
-const CHECK_BLOCK: usize = 16;
+/// Elements per mask of [`finish_row`]'s ambiguity check (the bits of a `u64`).
+const CHECK_BLOCK: usize = 64;
 
 /// Ambiguous elements refined together: one sweep over `l` updates all of them, so the
 /// operands are read row by row instead of one strided column per element.
 const REFINE_CHUNK: usize = 64;
+
+/// Which products of each output element can be non-zero: bit `l` of op(A) row `i`'s mask is
+/// set when `op(A)[i][l] ≠ 0`, and likewise for op(B) column `j`, per batch entry. An element
+/// whose two masks share no bit is a sum of products that all have a zero factor.
+struct Support {
+    spec: MatmulSpec,
+    words: usize,
+    rows: Vec<u64>,
+    cols: Vec<u64>,
+}
+
+impl Support {
+    fn new(a: &[f32], b: &[f32], spec: MatmulSpec) -> Support {
+        let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
+        let words = k.div_ceil(64).max(1);
+        let (ars, acs) = strides(a_trans, m, k);
+        let (brs, bcs) = strides(b_trans, k, n);
+        let masks = |count: usize, at: &(dyn Fn(usize, usize) -> f32 + Sync)| {
+            let mut out = vec![0u64; count * words];
+            out.par_chunks_mut(words).enumerate().for_each(|(r, w)| {
+                for l in 0..k {
+                    if at(r, l) != 0.0 {
+                        w[l / 64] |= 1 << (l % 64);
+                    }
+                }
+            });
+            out
+        };
+        let rows = masks(batch * m, &|r, l| a[r / m * m * k + r % m * ars + l * acs]);
+        let cols = masks(batch * n, &|c, l| b[c / n * k * n + c % n * bcs + l * brs]);
+        Support { spec, words, rows, cols }
+    }
+
+    /// Whether every product of output element `idx` (flat, `batch×m×n`) has a zero factor.
+    fn disjoint(&self, idx: usize) -> bool {
+        let MatmulSpec { m, n, .. } = self.spec;
+        let (bi, i, j) = (idx / (m * n), idx / n % m, idx % n);
+        let row = &self.rows[(bi * m + i) * self.words..][..self.words];
+        let col = &self.cols[(bi * n + j) * self.words..][..self.words];
+        row.iter().zip(col).all(|(r, c)| r & c == 0)
+    }
+}
 
 /// The bound of every element of `values` (`batch×m×n`, the unscaled product), scaling
 /// `values` by `scale` on the way; `na`, `nb` are the operand norms from [`convert_operands`].
@@ -658,6 +715,25 @@ fn finish_bounds(
     let (ars, acs) = strides(a_trans, m, k);
     let (brs, bcs) = strides(b_trans, k, n);
     let values = &*values;
+    let terms = k + bias.is_some() as usize;
+    // Elements all of whose products have a zero factor (a zero value the loose bound cannot
+    // tell from cancellation: many in the first layer's weight gradient, as the input's pixels
+    // and the ReLU's gradient are both sparse) are found from the operands' non-zero patterns
+    // when there are more of them than the patterns cost to build. Their tight bound is that of
+    // the bias alone: what the sweep below computes, with every product adding +0.
+    let zeros = ambiguous.iter().filter(|&&idx| values[idx] == 0.0).count();
+    let (ambiguous, sparse): (Vec<usize>, Vec<usize>) = if zeros > spec.batch * (m + n) {
+        let support = Support::new(a, b, spec);
+        ambiguous.into_iter().partition(|&idx| !support.disjoint(idx))
+    } else {
+        (ambiguous, Vec::new())
+    };
+    for idx in sparse {
+        let j = idx % n;
+        let (sum, lsb) = bias.map_or((0.0, None), |bias| ((bias[j] as f64).abs(), lsb_exp(bias[j])));
+        let t = ExactTerms::bound_given_sum(terms, sum, lsb.into_iter());
+        bounds[idx] = bounds[idx].min(scaled_bound(scale, t, values[idx]));
+    }
     let tight: Vec<f64> = ambiguous
         .par_chunks(REFINE_CHUNK)
         .flat_map_iter(|chunk| {
@@ -680,7 +756,6 @@ fn finish_bounds(
                     *s += if x != 0.0 && y != 0.0 { p } else { 0.0 };
                 }
             }
-            let terms = k + bias.is_some() as usize;
             let bounds: Vec<f64> = sums
                 .into_iter()
                 .zip(&at)
@@ -782,22 +857,38 @@ mod tests {
     /// ambiguous, and there the smaller of it and the tight bound from `ExactTerms` fed every
     /// term in order: checked element by element against a direct computation, on shapes where
     /// both kinds of element occur, with transposes, bias and scale, and with an element whose
-    /// sum is exact (tight bound 0) sitting on a rounding boundary.
+    /// sum is exact (tight bound 0) sitting on a rounding boundary. The sparse cases (most
+    /// operand entries zero, like a ReLU's gradient times an image's pixels) have many more
+    /// zero sums of zero products than rows and columns, so they take `Support`'s path.
     #[test]
     fn refined_bounds_equal_a_direct_computation() {
         let mut rng = SplitMix64(5);
         let dev = Device::new(Profile::Cpu).unwrap();
-        let mut refined = 0;
-        for (spec, with_bias, scale) in [
-            (MatmulSpec::new(96, 300, 80), false, 1.0),
-            (MatmulSpec::batched(2, 40, 257, 33).trans_a(), true, 1.0),
-            (MatmulSpec::new(50, 129, 70).trans_b(), true, 0.125),
-            (MatmulSpec::batched(3, 17, 64, 45).trans_a().trans_b(), false, -0.3),
+        let (mut refined, mut by_support) = (0, 0);
+        for (spec, with_bias, scale, sparse) in [
+            (MatmulSpec::new(96, 300, 80), false, 1.0, false),
+            (MatmulSpec::batched(2, 40, 257, 33).trans_a(), true, 1.0, false),
+            (MatmulSpec::new(50, 129, 70).trans_b(), true, 0.125, false),
+            (MatmulSpec::batched(3, 17, 64, 45).trans_a().trans_b(), false, -0.3, false),
+            (MatmulSpec::new(128, 64, 200).trans_a(), false, 1.0, true),
+            (MatmulSpec::batched(2, 30, 130, 90).trans_b(), true, 1.0, true),
+            (MatmulSpec::new(60, 70, 50).trans_a().trans_b(), true, -0.5, true),
         ] {
             let MatmulSpec { batch, m, k, n, a_trans, b_trans } = spec;
             let mut a = rng.uniform(batch * m * k, 1.0);
             let mut b = rng.uniform(batch * k * n, 1.0);
-            let bias = with_bias.then(|| rng.uniform(n, 1.0));
+            if sparse {
+                // Exponents spread wide, so that sums of the few non-zero products are not exact.
+                for x in a.iter_mut().chain(b.iter_mut()) {
+                    *x = if rng.next_u64() % 10 < 9 { 0.0 } else { *x * 2f32.powi((rng.next_u64() % 41) as i32 - 20) };
+                }
+            }
+            let mut bias = with_bias.then(|| rng.uniform(n, 1.0));
+            if sparse && let Some(bias) = &mut bias {
+                // Zero where the products are: a bias of 0 leaves the sum at 0.
+                bias.iter_mut().step_by(3).for_each(|x| *x = 0.5);
+                bias.iter_mut().filter(|x| **x != 0.5).for_each(|x| *x = 0.0);
+            }
             // Element (0, 0, 0) is 2^24 + 1 exactly (a rounding boundary) when there is no bias.
             let (ars, acs) = strides(a_trans, m, k);
             let (brs, bcs) = strides(b_trans, k, n);
@@ -823,14 +914,40 @@ mod tests {
                         t.value(bias[j]);
                     }
                     refined += 1;
+                    by_support += usize::from(sparse && v == 0.0);
                     cs.min(scaled_bound(scale, t.bound(), v))
                 } else {
                     cs
                 };
                 assert_eq!(out.bound.at(idx).to_bits(), expected.to_bits(), "{spec:?} element {idx}");
             }
+            if sparse {
+                let zeros = out.values.iter().zip(&cs).filter(|&(&v, &d)| v == 0.0 && d > 0.0).count();
+                assert!(zeros > batch * (m + n), "{spec:?}: {zeros} zero sums do not take the support path");
+            }
         }
         assert!(refined >= 4, "only {refined} elements were refined");
+        assert!(by_support > 1000, "only {by_support} zero sums were refined in the sparse cases");
+    }
+
+    /// Asking for one gradient gives it bit for bit as asking for both does, and nothing else.
+    #[test]
+    fn a_backward_pass_computes_only_the_gradients_asked_for() {
+        let mut rng = SplitMix64(23);
+        let dev = Device::new(Profile::Cpu).unwrap();
+        let spec = MatmulSpec::batched(2, 12, 40, 9).trans_b();
+        let a = rng.uniform(2 * 12 * 40, 1.0);
+        let b = rng.uniform(2 * 40 * 9, 1.0);
+        let gc = rng.uniform(2 * 12 * 9, 1.0);
+        let (ga, gb) = dev.matmul_scaled_backward(&a, &b, &gc, 0.5, spec).unwrap();
+        let bits = |x: &Bounded| (x.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), format!("{:?}", x.bound));
+        for want in [[true, false], [false, true], [false, false]] {
+            let (a_only, b_only) = dev.matmul_scaled_backward_wanted(&a, &b, &gc, 0.5, spec, want).unwrap();
+            assert_eq!(a_only.as_ref().map(bits), want[0].then(|| bits(&ga)), "{want:?}");
+            assert_eq!(b_only.as_ref().map(bits), want[1].then(|| bits(&gb)), "{want:?}");
+        }
+        // Shapes are checked whatever is asked for.
+        assert!(dev.matmul_scaled_backward_wanted(&a, &b, &gc[1..], 0.5, spec, [false, false]).is_err());
     }
 
     /// The AVX2 and baseline builds of the bound passes and the operand conversion give the

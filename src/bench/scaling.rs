@@ -225,7 +225,7 @@ pub fn plot(scaling: &Value) -> String {
         ),
         panel("trainer step seconds (median)", "trainer_step_seconds_median", true, None),
         panel("tie-breaks per step", "tie_breaks_per_step", true, None),
-        panel("log bytes per step (compressed)", "log_bytes_per_step", true, None),
+        panel("log bytes per step (stored)", "log_bytes_per_step", true, None),
         panel(
             "the paper's dense log / ours (first step)",
             "log_ratio_vs_paper_first_step",

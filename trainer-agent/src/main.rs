@@ -299,7 +299,7 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
         if let Some(a) = eval.accuracy {
             println!("accuracy  {:.2}% on {} held-out examples", 100.0 * a, eval.examples);
         }
-        println!("logs      {log_bytes} bytes compressed in total");
+        println!("logs      {log_bytes} bytes stored in total");
     }
     Ok(())
 }
@@ -328,7 +328,7 @@ fn plot_record(dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
         &[
             Series { title: "loss (reported by the trainer, not committed)".into(), points: losses },
             Series { title: "tie-breaks per step".into(), points: ties },
-            Series { title: "tie-break log bytes per step (compressed)".into(), points: bytes },
+            Series { title: "tie-break log bytes per step (stored)".into(), points: bytes },
         ],
         &[],
     );

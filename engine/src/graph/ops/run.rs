@@ -133,12 +133,14 @@ impl Op {
                 let (rows, i) = linear_dims(a);
                 let out = out_width(a);
                 let spec = MatmulSpec::new(rows, i, out).trans_b();
-                let (gx, gw) = dev.matmul_backward(a.ins[0], a.params[0], gy, spec).map_err(k)?;
-                let mut params = vec![gw];
+                let (gx, gw) = dev
+                    .matmul_scaled_backward_wanted(a.ins[0], a.params[0], gy, 1.0, spec, [need[0], true])
+                    .map_err(k)?;
+                let mut params = vec![gw.ok_or_else(|| EngineError::Usage("linear: no weight gradient".into()))?];
                 if *bias {
                     params.push(dev.sum_rows(gy, rows, out).map_err(k)?);
                 }
-                Bwd { inputs: vec![need[0].then_some(Grad::Rounded(gx))], params }
+                Bwd { inputs: vec![gx.map(Grad::Rounded)], params }
             }
             Op::Conv2d { bias, .. } => {
                 let g = dev.conv2d_backward(a.ins[0], a.params[0], gy, self.conv_spec(a)).map_err(k)?;
@@ -171,11 +173,10 @@ impl Op {
             }
             Op::Matmul { scale, .. } => {
                 let spec = self.matmul_spec(a);
-                let (ga, gb) = dev.matmul_scaled_backward(a.ins[0], a.ins[1], gy, *scale, spec).map_err(k)?;
-                Bwd {
-                    inputs: vec![need[0].then_some(Grad::Rounded(ga)), need[1].then_some(Grad::Rounded(gb))],
-                    params: vec![],
-                }
+                let (ga, gb) = dev
+                    .matmul_scaled_backward_wanted(a.ins[0], a.ins[1], gy, *scale, spec, [need[0], need[1]])
+                    .map_err(k)?;
+                Bwd { inputs: vec![ga.map(Grad::Rounded), gb.map(Grad::Rounded)], params: vec![] }
             }
             Op::Transpose {} => {
                 // The output gradient has the swapped shape [.., n, m].
