@@ -505,36 +505,54 @@ fn cs_factor(k: usize, with_bias: bool) -> f64 {
 /// (Cauchy–Schwarz), so `d_ij = 2·γ·(‖a_i‖₂‖b_j‖₂ + |bias_j|)·SLACK` (`c = 2·γ·SLACK`). The
 /// norms cost O(mk + kn) and the outer product O(mn); the norms' own rounding (relative
 /// `γ_k`, any order) is absorbed by SLACK like the rest of the bound's arithmetic.
+///
+/// `out` (as long as `nb`) may be uninitialised: every element is written, and the returned
+/// slice is `out` initialised.
 #[inline(always)]
-fn cs_bounds_row(c: f64, na_i: f64, nb: &[f64], bias: Option<&[f32]>, out: &mut [f64]) {
+fn cs_bounds_row<'o>(
+    c: f64,
+    na_i: f64,
+    nb: &[f64],
+    bias: Option<&[f32]>,
+    out: &'o mut [MaybeUninit<f64>],
+) -> &'o mut [f64] {
+    assert!(out.len() == nb.len() && bias.is_none_or(|b| b.len() == nb.len()), "one bound per column");
     let ca = c * na_i;
     match bias {
         Some(bias) => {
             for ((d, nbj), bj) in out.iter_mut().zip(nb).zip(bias) {
-                *d = ca * nbj + c * bj.abs() as f64;
+                d.write(ca * nbj + c * bj.abs() as f64);
             }
         }
         None => {
             for (d, nbj) in out.iter_mut().zip(nb) {
-                *d = ca * nbj;
+                d.write(ca * nbj);
             }
         }
     }
+    // SAFETY: the loops wrote every element of `out` (as long as `nb` and `bias`, asserted
+    // above), and `MaybeUninit<f64>` has the layout of `f64`.
+    unsafe { &mut *(out as *mut [MaybeUninit<f64>] as *mut [f64]) }
 }
 
 /// The Cauchy–Schwarz bound of every element (`batch×m×n`), without the tight refinement.
 fn norm_bounds(a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: MatmulSpec) -> Vec<f64> {
     let MatmulSpec { batch, m, k, n, .. } = spec;
-    let mut out = vec![0.0f64; batch * m * n];
-    if out.is_empty() {
-        return out;
+    if batch * m * n == 0 {
+        return Vec::new();
     }
     let (na, nb) = with_scratch(|a64, b64| convert_operands(a, b, spec, a64, b64));
     let c = cs_factor(k, bias.is_some());
-    out.par_chunks_mut(n).with_min_len((PAR_MIN_ELEMS / n).max(1)).enumerate().for_each(|(row, dr)| {
-        let bi = row / m;
-        cs_bounds_row(c, na[row], &nb[bi * n..(bi + 1) * n], bias, dr);
-    });
+    let len = batch * m * n;
+    let mut out: Vec<f64> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(n).with_min_len((PAR_MIN_ELEMS / n).max(1)).enumerate().for_each(
+        |(row, dr)| {
+            let bi = row / m;
+            cs_bounds_row(c, na[row], &nb[bi * n..(bi + 1) * n], bias, dr);
+        },
+    );
+    // SAFETY: the rows of `n` cover the first `len` slots, and `cs_bounds_row` wrote each row.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -594,11 +612,11 @@ avx2_dispatch! {
         bias: Option<&[f32]>,
         scale: f64,
         vr: &mut [f64],
-        dr: &mut [f64],
+        dr: &mut [MaybeUninit<f64>],
         base: usize,
         amb: &mut Vec<usize>,
     ) {
-        cs_bounds_row(c, na_i, nb, bias, dr);
+        let dr = cs_bounds_row(c, na_i, nb, bias, dr);
         if scale != 1.0 {
             for (v, d) in vr.iter_mut().zip(dr.iter_mut()) {
                 *v *= scale;
@@ -692,14 +710,16 @@ fn finish_bounds(
     spec: MatmulSpec,
 ) -> Vec<f64> {
     let MatmulSpec { m, k, n, a_trans, b_trans, .. } = spec;
-    let mut bounds = vec![0.0f64; values.len()];
     if values.is_empty() {
-        return bounds;
+        return Vec::new();
     }
     let c = cs_factor(k, bias.is_some());
+    // The bounds are written once, by `finish_row`: not zeroed first (2 MB at 512×512).
+    let len = values.len();
+    let mut bounds: Vec<f64> = Vec::with_capacity(len);
     let ambiguous: Vec<usize> = values
         .par_chunks_mut(n)
-        .zip(bounds.par_chunks_mut(n))
+        .zip(bounds.spare_capacity_mut()[..len].par_chunks_mut(n))
         .with_min_len((PAR_MIN_ELEMS / n).max(1))
         .enumerate()
         .flat_map_iter(|(row, (vr, dr))| {
@@ -709,6 +729,9 @@ fn finish_bounds(
             amb
         })
         .collect();
+    // SAFETY: the rows of `n` cover the first `len` slots, and `finish_row` wrote each row
+    // (through `cs_bounds_row`).
+    unsafe { bounds.set_len(len) };
     if ambiguous.is_empty() {
         return bounds;
     }
