@@ -15,7 +15,7 @@ use common::merkle::ProvenLeaf;
 use engine::record::{Record, SigningKey};
 use engine::train::{Fault, FaultKind};
 use kernels::Profile;
-use support::{ADAMW, Drill, INTERVAL, SGD, STEPS, scratch, write_record};
+use support::{ADAMW, Drill, INTERVAL, SGD, STEPS, copy_dir, scratch, write_record};
 
 fn opts(device: Profile, mode: Mode) -> AuditOptions {
     AuditOptions { mode, ..AuditOptions::new(device) }
@@ -273,19 +273,6 @@ fn a_flipped_byte_anywhere_in_a_record_is_never_consistent_and_never_a_panic() {
                 f.display(),
                 a.verdict
             );
-        }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    for sub in ["", "steps", "checkpoints"] {
-        std::fs::create_dir_all(to.join(sub)).unwrap();
-        for e in std::fs::read_dir(from.join(sub)).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_file() {
-                std::fs::copy(&p, to.join(sub).join(p.file_name().unwrap())).unwrap();
-            }
         }
     }
 }

@@ -13,11 +13,11 @@ use auditor::{
 use common::codec::{Hash, to_hex};
 use common::leaf::{BatchIndices, Leaf};
 use common::state::{Tensor, TrainingState};
-use common::tielog::TieBreakLog;
+use common::tielog::{Direction, SiteLog, TieBreakLog};
 use engine::record::{self, Manifest, SigningKey};
 use engine::train::{Fault, FaultKind};
 use kernels::Profile;
-use support::tamper::{key, rebuilt, recommit, tamper_checkpoint, tamper_spec};
+use support::tamper::{key, rebuilt, recommit, tamper_checkpoint, tamper_log, tamper_spec};
 use support::{Drill, INTERVAL, SGD, STEPS, scratch, write_record};
 
 fn fresh_record(dir: &Path, drill: Drill) -> PathBuf {
@@ -213,6 +213,61 @@ impl TrainerSource for Refusing {
             return Err(Self::refused("checkpoints/state"));
         }
         self.inner.checkpoint(step)
+    }
+}
+
+/// A committed log names a site by its ordinal in the step. An entry under an ordinal past the
+/// step's last site, or under a site of another length, is a forged log at that step; a log in
+/// the version that named sites (format 2) is a malformed file. Each is the same finding in
+/// every mode, and the honest part of the log is not what is blamed.
+#[test]
+fn log_entries_under_the_wrong_site_ordinal_are_forged_in_every_mode() {
+    let dir = scratch("wrong-ordinal");
+    let honest = fresh_record(&dir.join("honest"), Drill::default());
+    let step = 5;
+    let rounded = {
+        let rec = engine::record::Record::open(&honest).unwrap();
+        rec.log(step).unwrap()
+    };
+    let with = |ordinal: u32, len: u64| {
+        let mut log = rounded.clone();
+        let mut site = log.site(ordinal).cloned().unwrap_or_else(|| SiteLog::new(len));
+        if site.n_entries() == 0 {
+            site.push_direction(len - 1, Direction::Up);
+        }
+        if log.replace(ordinal, site.clone()).is_none() {
+            log.insert(ordinal, site).unwrap();
+        }
+        log.encode()
+    };
+    let mut v1 = TieBreakLog::default().encode();
+    v1.truncate(v1.len() - 4);
+    v1[4] = 1;
+    common::codec::put_crc(&mut v1);
+    for (name, raw) in [
+        ("an ordinal past the last site", with(100_000, 3)),
+        ("the first site with another length", with(0, 7)),
+        ("a version-1 log", v1),
+    ] {
+        let copy = dir.join(name.replace(' ', "-"));
+        support::copy_dir(&honest, &copy);
+        tamper_log(&copy, step, &raw);
+        let src = LocalRecord::open(&copy).unwrap();
+        let v = same_adverse_verdict(&src, 1, name);
+        match (name, &v) {
+            ("a version-1 log", _) => assert_invalid(&v, "0000000005.log.zst", "version 1", name),
+            ("an ordinal past the last site", Verdict::ForgedLog { step: s, site, detail, .. }) => {
+                assert_eq!(*s, step, "{name}");
+                assert!(site.starts_with("#100000 (the step rounds "), "{name}: {site}");
+                assert!(detail.contains("never rounds"), "{name}: {detail}");
+            }
+            ("the first site with another length", Verdict::ForgedLog { step: s, site, detail, .. }) => {
+                assert_eq!(*s, step, "{name}");
+                assert!(!site.is_empty() && !site.starts_with('#'), "{name}: the replayer's own site name: {site}");
+                assert!(detail.contains("covers 7 values"), "{name}: {detail}");
+            }
+            _ => panic!("{name}: {v:?}"),
+        }
     }
 }
 

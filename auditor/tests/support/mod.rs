@@ -320,3 +320,17 @@ macro_rules! delegate_store {
 }
 #[allow(unused_imports, reason = "two of the test binaries use it")]
 pub(crate) use delegate_store;
+
+/// Copies a record directory (its files, `steps/` and `checkpoints/`) to `to`, replacing it.
+pub fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    for sub in ["", "steps", "checkpoints"] {
+        std::fs::create_dir_all(to.join(sub)).unwrap();
+        for e in std::fs::read_dir(from.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, to.join(sub).join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+}

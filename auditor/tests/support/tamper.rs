@@ -37,6 +37,17 @@ pub fn recommit(dir: &Path, state_digest: Option<(u64, Hash)>, edit_manifest: im
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 
+/// Replaces step `step`'s log by the canonical bytes `raw` (stored as the trainer would), under
+/// a correct leaf, root and signature.
+pub fn tamper_log(dir: &Path, step: u64, raw: &[u8]) {
+    std::fs::write(record::log_path(dir, step), tielog::compress_canonical(raw)).unwrap();
+    let leaves_path = dir.join(record::LEAVES_FILE);
+    let mut leaves = record::read_leaves(&leaves_path, false).unwrap();
+    leaves[step as usize].log = common::codec::sha256(raw);
+    std::fs::write(&leaves_path, leaves.iter().flat_map(|l| l.encode()).collect::<Vec<u8>>()).unwrap();
+    recommit(dir, None, |_| {});
+}
+
 /// Replaces checkpoint `step` by `edit` of it, under a correct hash, leaf, root and signature.
 pub fn tamper_checkpoint(dir: &Path, step: u64, edit: impl FnOnce(&TrainingState) -> TrainingState) {
     let state = Record::open(dir).unwrap().checkpoint(step).unwrap();
