@@ -309,7 +309,22 @@ impl Run {
     }
 
     /// Executes step `step` from `prev` (the state after step `step − 1`).
+    ///
+    /// The step runs on a thread of rayon's pool (the caller's, when it is one already): its
+    /// many small parallel loops then start where they run, instead of each being handed to the
+    /// pool from outside it and waited for (a wake-up and a sleep per loop). Every loop's result
+    /// is independent of where and on how many threads it runs, so this changes no bits.
     pub fn step(
+        &self,
+        prev: &TrainingState,
+        step: u64,
+        mode: StepMode<'_>,
+        fault: Option<FaultKind>,
+    ) -> Result<StepOutput, EngineError> {
+        rayon::scope(|_| self.step_here(prev, step, mode, fault))
+    }
+
+    fn step_here(
         &self,
         prev: &TrainingState,
         step: u64,
