@@ -192,6 +192,33 @@ impl Device {
 
     /// Convolution backward: gradients of input, weight and bias from the output gradient.
     pub fn conv2d_backward(&self, x: &[f32], w: &[f32], gy: &[f32], spec: Conv2dSpec) -> Result<Conv2dGrads> {
+        let (gx, gw, gb) = self.conv2d_grads(x, w, gy, spec, true)?;
+        let gx = gx.ok_or_else(|| crate::arg_err("conv2d_backward", "internal: no input gradient"))?;
+        Ok(Conv2dGrads { gx, gw, gb })
+    }
+
+    /// [`Device::conv2d_backward`] computing the input gradient only when `want_gx` (a model's
+    /// first convolution has no use for the gradient of its images): `(gx, gw, gb)`, each the
+    /// same, bit for bit, as `conv2d_backward`'s.
+    pub fn conv2d_backward_wanted(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        gy: &[f32],
+        spec: Conv2dSpec,
+        want_gx: bool,
+    ) -> Result<(Option<Bounded>, Bounded, Bounded)> {
+        self.conv2d_grads(x, w, gy, spec, want_gx)
+    }
+
+    fn conv2d_grads(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        gy: &[f32],
+        spec: Conv2dSpec,
+        want_gx: bool,
+    ) -> Result<(Option<Bounded>, Bounded, Bounded)> {
         const OP: &str = "conv2d_backward";
         let (oh, ow) = spec.dims(OP)?;
         check_len(OP, "x", x.len(), checked_prod(OP, &[spec.n, spec.c_in, spec.h, spec.w])?)?;
@@ -248,6 +275,14 @@ impl Device {
             })
             .unzip();
 
+        let (gw, gb) = (
+            Bounded { values: gw, bound: ErrorBound::PerElement(gwb) },
+            Bounded { values: gb, bound: ErrorBound::PerElement(gbb) },
+        );
+        if !want_gx {
+            return Ok((None, gw, gb));
+        }
+
         // gx = col2im(Wᵀ·GY): each gx element is a sum of ≤ c_out·kh·kw exact products
         // w·gy, whatever the staging; per side γ_{T−1}·Σ|w·gy| ≤ γ_{T−1}·col2im(‖W_{:,k}‖·
         // ‖GY_{:,q}‖) (Cauchy–Schwarz per (k, q) pair).
@@ -286,11 +321,7 @@ impl Device {
         );
         let cx = 2.0 * gamma((spec.c_out * spec.kh * spec.kw).saturating_sub(1)) * SLACK;
         gxa.iter_mut().for_each(|a| *a *= cx);
-        Ok(Conv2dGrads {
-            gx: Bounded { values: gx, bound: ErrorBound::PerElement(gxa) },
-            gw: Bounded { values: gw, bound: ErrorBound::PerElement(gwb) },
-            gb: Bounded { values: gb, bound: ErrorBound::PerElement(gbb) },
-        })
+        Ok((Some(Bounded { values: gx, bound: ErrorBound::PerElement(gxa) }), gw, gb))
     }
 
     /// Max pooling. Returns the output (exact) and, per output element, the flat index into
@@ -443,5 +474,37 @@ impl Device {
             },
         );
         Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Profile;
+    use crate::parity::SplitMix64;
+
+    /// Without the input gradient, the weight and bias gradients are those of the full backward
+    /// pass, bit for bit; with it, all three are.
+    #[test]
+    fn a_backward_pass_computes_the_input_gradient_only_when_asked() {
+        let mut rng = SplitMix64(31);
+        let spec = Conv2dSpec { n: 2, c_in: 3, h: 9, w: 8, c_out: 4, kh: 3, kw: 3, stride: 2, pad: 1 };
+        let (oh, ow) = spec.dims("test").unwrap();
+        let x = rng.uniform(2 * 3 * 9 * 8, 1.0);
+        let w = rng.uniform(4 * 3 * 3 * 3, 1.0);
+        let gy = rng.uniform(2 * 4 * oh * ow, 1.0);
+        for profile in Profile::CPU {
+            let dev = Device::new(profile).unwrap();
+            let full = dev.conv2d_backward(&x, &w, &gy, spec).unwrap();
+            let bits =
+                |b: &Bounded| (b.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), format!("{:?}", b.bound));
+            let (none, gw, gb) = dev.conv2d_backward_wanted(&x, &w, &gy, spec, false).unwrap();
+            assert!(none.is_none(), "{profile}");
+            assert_eq!((bits(&gw), bits(&gb)), (bits(&full.gw), bits(&full.gb)), "{profile}");
+            let (gx, _, _) = dev.conv2d_backward_wanted(&x, &w, &gy, spec, true).unwrap();
+            assert_eq!(gx.as_ref().map(bits), Some(bits(&full.gx)), "{profile}");
+            // Shapes are checked whatever is asked for.
+            assert!(dev.conv2d_backward_wanted(&x, &w, &gy[1..], spec, false).is_err());
+        }
     }
 }

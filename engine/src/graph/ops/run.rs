@@ -143,12 +143,13 @@ impl Op {
                 Bwd { inputs: vec![gx.map(Grad::Rounded)], params }
             }
             Op::Conv2d { bias, .. } => {
-                let g = dev.conv2d_backward(a.ins[0], a.params[0], gy, self.conv_spec(a)).map_err(k)?;
-                let mut params = vec![g.gw];
+                let (gx, gw, gb) =
+                    dev.conv2d_backward_wanted(a.ins[0], a.params[0], gy, self.conv_spec(a), need[0]).map_err(k)?;
+                let mut params = vec![gw];
                 if *bias {
-                    params.push(g.gb);
+                    params.push(gb);
                 }
-                Bwd { inputs: vec![need[0].then_some(Grad::Rounded(g.gx))], params }
+                Bwd { inputs: vec![gx.map(Grad::Rounded)], params }
             }
             Op::MaxPool2d { .. } => {
                 // The forward pass's argmax (exact: the same on every machine).
