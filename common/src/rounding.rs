@@ -54,6 +54,8 @@ use rayon::prelude::*;
 
 use crate::tielog::{Direction, SiteLog, TieBreakLog};
 
+mod screen;
+
 /// How far, in multiples of its own bound, the replayer's value may be from the boundary a
 /// logged entry refers to. See the module documentation for why 4 is sound.
 pub const REPLAY_SLACK: f64 = 4.0;
@@ -266,34 +268,26 @@ pub fn is_ambiguous(v: f64, d: f64) -> bool {
 /// not produce non-finite states use [`Rounder`], which rejects them).
 pub fn round_commit(site: &str, values: &[f64], bound: &ErrorBound) -> Result<(Vec<f32>, SiteLog), RoundingError> {
     bound.validate(site, values.len())?;
+    if *bound == ErrorBound::Exact {
+        // Every machine computes these very values: nothing can be logged.
+        return Ok((round_plain(site, values)?, SiteLog::new(values.len() as u64)));
+    }
     // Elements are independent: chunks are decided in parallel and their entries merged in
     // index order, so the log does not depend on the chunking or the thread count.
     let parts: Vec<Result<RoundedChunk, RoundingError>> = values
         .par_chunks(ROUND_CHUNK)
         .enumerate()
-        .map(|(c, chunk)| {
-            let base = c * ROUND_CHUNK;
-            let mut out = Vec::with_capacity(chunk.len());
-            let mut entries = Vec::new();
-            for (k, &v) in chunk.iter().enumerate() {
-                let i = base + k;
-                if v.is_nan() {
-                    return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
-                }
-                let (r, decision) = decide(v, bound.at(i));
-                if decision != Decision::Plain {
-                    entries.push((i as u64, decision, r.to_bits()));
-                }
-                out.push(r);
-            }
-            Ok((out, entries))
-        })
+        .map(|(c, chunk)| screen::commit_chunk(site, c * ROUND_CHUNK, chunk, bound))
         .collect();
-    let mut out = Vec::with_capacity(values.len());
+    let mut out = Vec::new();
     let mut log = SiteLog::new(values.len() as u64);
     for part in parts {
         let (chunk, entries) = part?;
-        out.extend_from_slice(&chunk);
+        if out.is_empty() {
+            out = chunk; // one chunk: no copy
+        } else {
+            out.extend_from_slice(&chunk);
+        }
         for (i, decision, bits) in entries {
             match decision {
                 Decision::Plain => {}

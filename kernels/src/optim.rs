@@ -19,6 +19,8 @@
 //! contraction really could round those either way, so they had to be logged. Fixing the
 //! evaluation removes that freedom instead of paying for it.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::cuda::{In, Param, size};
@@ -70,10 +72,35 @@ pub fn pow_step(beta: f64, t: u64) -> f64 {
     r
 }
 
-/// Splits per-element `[a, b, c]` results into three exact tensors.
-fn unzip3(v: Vec<[f64; 3]>) -> [Bounded; 3] {
-    // One exact-size pass per output (no per-element capacity checks, so it vectorises).
-    [0, 1, 2].map(|k| Bounded { values: v.iter().map(|e| e[k]).collect(), bound: ErrorBound::Exact })
+/// Runs `f` on every index of `0..n` in parallel and returns its `N` results per index as `N`
+/// exact tensors, each element written once in place (no per-element arrays to split, no
+/// zeroed buffers). Elements are independent, so the result does not depend on the threads.
+fn par_map<const N: usize>(n: usize, f: impl Fn(usize) -> [f64; N] + Sync) -> [Bounded; N] {
+    const CHUNK: usize = 4096;
+    let mut outs: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(n));
+    let mut rest: [&mut [MaybeUninit<f64>]; N] = outs.each_mut().map(|v| &mut v.spare_capacity_mut()[..n]);
+    let mut jobs = Vec::with_capacity(n.div_ceil(CHUNK));
+    for start in (0..n).step_by(CHUNK) {
+        let len = CHUNK.min(n - start);
+        let parts = rest.each_mut().map(|s| {
+            let (head, tail) = std::mem::take(s).split_at_mut(len);
+            *s = tail;
+            head
+        });
+        jobs.push((start, len, parts));
+    }
+    jobs.into_par_iter().for_each(|(start, len, mut parts)| {
+        for k in 0..len {
+            for (part, x) in parts.iter_mut().zip(f(start + k)) {
+                part[k].write(x);
+            }
+        }
+    });
+    outs.map(|mut values| {
+        // SAFETY: the jobs cover `0..n`, and each wrote all `len` elements of its part of every output.
+        unsafe { values.set_len(n) };
+        Bounded { values, bound: ErrorBound::Exact }
+    })
 }
 
 fn finite(op: &'static str, name: &str, v: f64) -> Result<()> {
@@ -96,19 +123,14 @@ impl Device {
             let [w, v] = gpu.run(OP, "sgd", n, &[In::F32(w), In::F32(g), In::F32(v)], [n, n], &scalars)?;
             return Ok(SgdOut { w: Bounded::exact(w), v: Bounded::exact(v) });
         }
-        let r: Vec<[f64; 3]> = (0..w.len())
-            .into_par_iter()
-            .with_min_len(4096)
-            .map(|i| {
-                let (wi, gi, vi) = (w[i] as f64, g[i] as f64, v[i] as f64);
-                // The op, exactly: each operation correctly rounded, in this order, unfused.
-                let gd = gi + wd * wi;
-                let vn = mu * vi + gd;
-                let wn = wi - lr * vn;
-                [wn, vn, 0.0]
-            })
-            .collect();
-        let [w, v, _] = unzip3(r);
+        let [w, v] = par_map(w.len(), |i| {
+            let (wi, gi, vi) = (w[i] as f64, g[i] as f64, v[i] as f64);
+            // The op, exactly: each operation correctly rounded, in this order, unfused.
+            let gd = gi + wd * wi;
+            let vn = mu * vi + gd;
+            let wn = wi - lr * vn;
+            [wn, vn]
+        });
         Ok(SgdOut { w, v })
     }
 
@@ -147,24 +169,36 @@ impl Device {
             let [w, m, v] = gpu.run(OP, "adamw", n, &ins, [n, n, n], &scalars)?;
             return Ok(AdamWOut { w: Bounded::exact(w), m: Bounded::exact(m), v: Bounded::exact(v) });
         }
-        let r: Vec<[f64; 3]> = (0..w.len())
-            .into_par_iter()
-            .with_min_len(4096)
-            .map(|i| {
-                let (wi, gi, mi, vi) = (w[i] as f64, g[i] as f64, m[i] as f64, v[i] as f64);
-                // The op, exactly: each operation correctly rounded, in this order, unfused.
-                let mn = beta1 * mi + omb1 * gi;
-                let vn = beta2 * vi + omb2 * (gi * gi);
-                let mh = mn / c1;
-                let vh = vn / c2;
-                let den = vh.sqrt() + eps;
-                let q = mh / den;
-                let w1 = wi - lrwd * wi;
-                let wn = w1 - lr * q;
-                [wn, mn, vn]
-            })
-            .collect();
-        let [w, m, v] = unzip3(r);
+        let [w, m, v] = par_map(w.len(), |i| {
+            let (wi, gi, mi, vi) = (w[i] as f64, g[i] as f64, m[i] as f64, v[i] as f64);
+            // The op, exactly: each operation correctly rounded, in this order, unfused.
+            let mn = beta1 * mi + omb1 * gi;
+            let vn = beta2 * vi + omb2 * (gi * gi);
+            let mh = mn / c1;
+            let vh = vn / c2;
+            let den = vh.sqrt() + eps;
+            let q = mh / den;
+            let w1 = wi - lrwd * wi;
+            let wn = w1 - lr * q;
+            [wn, mn, vn]
+        });
         Ok(AdamWOut { w, m, v })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_map_writes_every_output_of_every_index_in_place() {
+        for n in [0, 1, 4095, 4096, 4097, 3 * 4096 + 5] {
+            let [a, b, c] = par_map(n, |i| [i as f64, -(i as f64), (i * i) as f64]);
+            for (t, f) in [(a, 1.0), (b, -1.0)] {
+                assert_eq!(t.bound, ErrorBound::Exact);
+                assert_eq!(t.values, (0..n).map(|i| f * i as f64).collect::<Vec<_>>(), "n = {n}");
+            }
+            assert_eq!(c.values, (0..n).map(|i| (i * i) as f64).collect::<Vec<_>>(), "n = {n}");
+        }
     }
 }
