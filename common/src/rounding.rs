@@ -279,12 +279,13 @@ pub fn round_commit(site: &str, values: &[f64], bound: &ErrorBound) -> Result<(V
         .enumerate()
         .map(|(c, chunk)| screen::commit_chunk(site, c * ROUND_CHUNK, chunk, bound))
         .collect();
-    let mut out = Vec::new();
+    let single = parts.len() == 1;
+    let mut out = Vec::with_capacity(if single { 0 } else { values.len() });
     let mut log = SiteLog::new(values.len() as u64);
     for part in parts {
         let (chunk, entries) = part?;
-        if out.is_empty() {
-            out = chunk; // one chunk: no copy
+        if single {
+            out = chunk; // no copy
         } else {
             out.extend_from_slice(&chunk);
         }
@@ -314,14 +315,11 @@ fn round_plain(site: &str, values: &[f64]) -> Result<Vec<f32>, RoundingError> {
         .par_chunks(ROUND_CHUNK)
         .enumerate()
         .map(|(c, chunk)| {
-            let mut out = Vec::with_capacity(chunk.len());
-            for (k, &v) in chunk.iter().enumerate() {
-                if v.is_nan() {
-                    return Err(c * ROUND_CHUNK + k);
-                }
-                out.push(v as f32);
+            // Branch-free passes (they vectorise); the NaN is looked for only when there is one.
+            if chunk.iter().fold(false, |nan, v| nan | v.is_nan()) {
+                return Err(c * ROUND_CHUNK + chunk.iter().position(|v| v.is_nan()).expect("a NaN"));
             }
-            Ok(out)
+            Ok(chunk.iter().map(|&v| v as f32).collect())
         })
         .collect();
     if parts.len() == 1 {
@@ -531,7 +529,8 @@ impl<'a> Rounder<'a> {
                 None => round_replay(site, values, bound, &SiteLog::new(values.len() as u64))?,
             },
         };
-        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+        if !out.iter().fold(true, |finite, x| finite & x.is_finite()) {
+            let i = out.iter().position(|x| !x.is_finite()).expect("a non-finite value");
             return Err(RoundingError::NonFinite { site: site.to_string(), index: i as u64, value: values[i] });
         }
         Ok(out)

@@ -664,19 +664,8 @@ impl Support {
         let words = k.div_ceil(64).max(1);
         let (ars, acs) = strides(a_trans, m, k);
         let (brs, bcs) = strides(b_trans, k, n);
-        let masks = |count: usize, at: &(dyn Fn(usize, usize) -> f32 + Sync)| {
-            let mut out = vec![0u64; count * words];
-            out.par_chunks_mut(words).enumerate().for_each(|(r, w)| {
-                for l in 0..k {
-                    if at(r, l) != 0.0 {
-                        w[l / 64] |= 1 << (l % 64);
-                    }
-                }
-            });
-            out
-        };
-        let rows = masks(batch * m, &|r, l| a[r / m * m * k + r % m * ars + l * acs]);
-        let cols = masks(batch * n, &|c, l| b[c / n * k * n + c % n * bcs + l * brs]);
+        let rows = line_masks(a, batch, m, k, (ars, acs), words);
+        let cols = line_masks(b, batch, n, k, (bcs, brs), words);
         Support { spec, words, rows, cols }
     }
 
@@ -688,6 +677,59 @@ impl Support {
         let col = &self.cols[(bi * n + j) * self.words..][..self.words];
         row.iter().zip(col).all(|(r, c)| r & c == 0)
     }
+}
+
+/// Lines per task of [`line_masks`].
+const MASK_LINES: usize = 64;
+
+/// The non-zero bitmasks (`words` words each) of the `lines` lines of each of `batch` matrices
+/// of `k` elements per line: element `l` of line `r` of matrix `bi` is
+/// `x[bi·lines·k + r·line_stride + l·elem_stride]`. Memory is read in storage order whichever
+/// way the operand is transposed, and each bit is set without a branch.
+fn line_masks(
+    x: &[f32],
+    batch: usize,
+    lines: usize,
+    k: usize,
+    (line_stride, elem_stride): (usize, usize),
+    words: usize,
+) -> Vec<u64> {
+    let mut out = vec![0u64; batch * lines * words];
+    let blocks = lines.div_ceil(MASK_LINES);
+    // Tasks: one block of MASK_LINES lines of one matrix (the last block of a matrix may be short).
+    let mut tasks: Vec<(usize, usize, &mut [u64])> = Vec::with_capacity(batch * blocks);
+    let mut rest = &mut out[..];
+    for bi in 0..batch {
+        for blk in 0..blocks {
+            let r0 = blk * MASK_LINES;
+            let len = MASK_LINES.min(lines - r0);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len * words);
+            rest = tail;
+            tasks.push((bi, r0, head));
+        }
+    }
+    tasks.into_par_iter().for_each(|(bi, r0, masks)| {
+        let base = bi * lines * k;
+        let count = masks.len() / words;
+        if elem_stride == 1 {
+            for (r, w) in masks.chunks_mut(words).enumerate() {
+                let line = &x[base + (r0 + r) * line_stride..][..k];
+                for (word, part) in w.iter_mut().zip(line.chunks(64)) {
+                    *word = part.iter().enumerate().fold(0, |acc, (l, &v)| acc | ((v != 0.0) as u64) << l);
+                }
+            }
+        } else {
+            // Lines are contiguous across each element index: read x one element index at a time.
+            for l in 0..k {
+                let across = &x[base + l * elem_stride + r0 * line_stride..];
+                let (word, bit) = (l / 64, l % 64);
+                for r in 0..count {
+                    masks[r * words + word] |= ((across[r * line_stride] != 0.0) as u64) << bit;
+                }
+            }
+        }
+    });
+    out
 }
 
 /// The bound of every element of `values` (`batch×m×n`, the unscaled product), scaling
