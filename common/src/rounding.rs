@@ -100,6 +100,24 @@ impl ErrorBound {
     /// Checks that the bound covers exactly `len` elements and that every bound is finite and
     /// non-negative.
     pub fn validate(&self, site: &str, len: usize) -> Result<(), RoundingError> {
+        self.validate_shape(site, len)?;
+        if let ErrorBound::PerElement(bounds) = self {
+            // A branch-free pass first (it vectorises); the element is found only on failure.
+            if !bounds.iter().fold(true, |ok, &d| ok & (0.0..f64::INFINITY).contains(&d)) {
+                let (i, &bound) = bounds
+                    .iter()
+                    .enumerate()
+                    .find(|(_, d)| !(0.0..f64::INFINITY).contains(*d))
+                    .expect("an invalid bound");
+                return Err(RoundingError::InvalidBound { site: site.to_string(), index: i as u64, bound });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate) but for the values of per-element bounds, which the
+    /// trainer's rounding pass checks as it reads them.
+    fn validate_shape(&self, site: &str, len: usize) -> Result<(), RoundingError> {
         let check = |index: usize, bound: f64| {
             if bound.is_finite() && bound >= 0.0 {
                 Ok(())
@@ -128,11 +146,7 @@ impl ErrorBound {
                         detail: format!("{} per-element bounds", bounds.len()),
                     });
                 }
-                // A branch-free pass first (it vectorises); the element is found only on failure.
-                if bounds.iter().fold(true, |ok, &d| ok & (0.0..f64::INFINITY).contains(&d)) {
-                    return Ok(());
-                }
-                bounds.iter().enumerate().try_for_each(|(i, &d)| check(i, d))
+                Ok(())
             }
         }
     }
@@ -267,7 +281,7 @@ pub fn is_ambiguous(v: f64, d: f64) -> bool {
 /// IEEE rules apply throughout: values beyond the FP32 range round to ±∞ (callers that must
 /// not produce non-finite states use [`Rounder`], which rejects them).
 pub fn round_commit(site: &str, values: &[f64], bound: &ErrorBound) -> Result<(Vec<f32>, SiteLog), RoundingError> {
-    bound.validate(site, values.len())?;
+    bound.validate_shape(site, values.len())?;
     if *bound == ErrorBound::Exact {
         // Every machine computes these very values: nothing can be logged.
         return Ok((round_plain(site, values)?, SiteLog::new(values.len() as u64)));
@@ -282,6 +296,11 @@ pub fn round_commit(site: &str, values: &[f64], bound: &ErrorBound) -> Result<(V
     let single = parts.len() == 1;
     let mut out = Vec::with_capacity(if single { 0 } else { values.len() });
     let mut log = SiteLog::new(values.len() as u64);
+    if let Some(Err(e)) = parts.iter().find(|p| p.is_err()) {
+        // An invalid bound anywhere is reported first (as `validate` finds it), then the first NaN.
+        bound.validate(site, values.len())?;
+        return Err(e.clone());
+    }
     for part in parts {
         let (chunk, entries) = part?;
         if single {

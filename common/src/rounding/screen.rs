@@ -9,7 +9,7 @@ use super::{COMPARE_SLACK, Decision, ErrorBound, RoundedChunk, RoundingError, SM
 const BLOCK: usize = 64;
 
 /// Whether [`decide`] could log element `v` (rounded to `r = v as f32`) under bound `d`: `false`
-/// only where `decide(v, d)` is `Plain`. It computes `decide`'s own comparisons with the same
+/// only where `decide(v, d)` is `Plain` and `d` is valid. It computes `decide`'s own comparisons with the same
 /// operations on `|v|` and `|r|`, which are exact negations of the negative case's, so a value
 /// it clears is one `decide` clears; zeros use the cell `decide` gives them, and the largest
 /// finite value, infinities and NaN are always left to `decide`.
@@ -28,7 +28,13 @@ fn may_log(v: f64, r: f32, d: f64) -> bool {
     let d_slack = d * COMPARE_SLACK;
     let near = (va - lo <= d_slack) | (hi - va <= d_slack);
     let special = bits >= f32::MAX.to_bits(); // f32::MAX, ±∞, NaN
-    special | ((d != 0.0) & near)
+    special | !valid(d) | ((d != 0.0) & near)
+}
+
+/// Whether `d` is a valid bound: finite and non-negative ([`ErrorBound::validate`]'s rule).
+#[inline(always)]
+fn valid(d: f64) -> bool {
+    (d >= 0.0) & (d < f64::INFINITY)
 }
 
 /// Whether any element of a block may be logged (or is NaN).
@@ -60,8 +66,9 @@ fn block_bounds<'a>(bound: &'a ErrorBound, start: usize, len: usize, scratch: &'
 }
 
 /// Rounds one chunk of a site (its first element is the site's element `base`): the FP32 values
-/// and the chunk's logged `(index, decision, FP32 bits)` entries in index order, or the first
-/// NaN. `bound` has been validated for the whole site.
+/// and the chunk's logged `(index, decision, FP32 bits)` entries in index order, or the chunk's
+/// first NaN or invalid bound. The bound's shape has been validated for the whole site; its
+/// per-element values are checked here, in the same pass.
 pub(super) fn commit_chunk(
     site: &str,
     base: usize,
@@ -81,6 +88,9 @@ pub(super) fn commit_chunk(
         }
         for (k, (&v, &d)) in block.iter().zip(ds).enumerate() {
             let i = start + k;
+            if !valid(d) {
+                return Err(RoundingError::InvalidBound { site: site.to_string(), index: i as u64, bound: d });
+            }
             if v.is_nan() {
                 return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
             }
@@ -189,13 +199,30 @@ mod tests {
     fn same(values: &[f64], bound: &ErrorBound) {
         let screened = round_commit("s", values, bound);
         let plain = unscreened("s", values, bound);
+        // The whole site as one chunk.
+        if let (Ok((values_b, entries)), Ok((out, log))) = (commit_chunk("s", 0, values, bound), &plain) {
+            assert_eq!(
+                values_b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let mut baseline_log = SiteLog::new(values.len() as u64);
+            for (i, decision, bits) in entries {
+                match decision {
+                    Decision::Plain => {}
+                    Decision::Direction(dir) => baseline_log.push_direction(i, dir),
+                    Decision::Exact => baseline_log.push_exact(i, bits),
+                }
+            }
+            assert_eq!(&baseline_log, log);
+        }
         match (screened, plain) {
             (Ok((a, la)), Ok((b, lb))) => {
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&b));
                 assert_eq!(la, lb);
             }
-            (a, b) => assert_eq!(a.map(|_| ()), b.map(|_| ())),
+            // Compared as text: an invalid bound may be NaN, which no error equals.
+            (a, b) => assert_eq!(format!("{:?}", a.map(|_| ())), format!("{:?}", b.map(|_| ()))),
         }
     }
 
@@ -216,7 +243,7 @@ mod tests {
         let mut padded = values.clone();
         padded.resize(rows * row_len, 0.5);
         let per_row: Vec<f64> = (0..rows).map(|r| 2f64.powi(-(r as i32 % 40) - 10)).collect();
-        same(&values, &ErrorBound::PerElement(per_element));
+        same(&values, &ErrorBound::PerElement(per_element.clone()));
         same(&values, &ErrorBound::Uniform(1e-7));
         same(&values, &ErrorBound::Uniform(0.0));
         same(&values, &ErrorBound::Exact);
@@ -226,6 +253,19 @@ mod tests {
         with_nan[2 * (1 << 15) + 5] = f64::NAN;
         with_nan[(1 << 15) + 3] = f64::NAN;
         same(&with_nan, &ErrorBound::Uniform(1e-7));
+        // An invalid per-element bound (checked in the rounding pass) is reported before any NaN,
+        // wherever it is, as `validate` reports it.
+        for (invalid, at) in [(-1.0, n - 3), (f64::NAN, 40_001), (f64::INFINITY, 5), (-f64::MIN_POSITIVE, 70_000)] {
+            // Bounds too small to flag the blocks around the invalid one for any other reason.
+            let mut bounds: Vec<f64> = values.iter().map(|&v| (v.abs() * 1e-15).min(1.0)).collect();
+            bounds[at] = invalid;
+            same(&values, &ErrorBound::PerElement(bounds.clone()));
+            same(&with_nan, &ErrorBound::PerElement(bounds.clone()));
+            assert!(matches!(
+                round_commit("s", &values, &ErrorBound::PerElement(bounds)),
+                Err(RoundingError::InvalidBound { index, .. }) if index == at as u64
+            ));
+        }
         assert_eq!(
             round_commit("s", &with_nan, &ErrorBound::Exact).unwrap_err(),
             RoundingError::NotANumber { site: "s".into(), index: (1 << 15) + 3 }
