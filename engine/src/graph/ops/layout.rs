@@ -18,20 +18,36 @@ fn strides(shape: &[usize]) -> Vec<usize> {
 
 /// `v` (`n` examples of `shape`) with its per-example axes permuted: output axis `i` is input
 /// axis `perm[i]`. Works on any element type (FP32 values, FP64 results and their bounds).
-pub(crate) fn permute<T: Copy + Default>(v: &[T], n: usize, shape: &[usize], perm: &[usize]) -> Vec<T> {
+/// Trailing axes that stay in place move together, one contiguous run at a time (the heads of
+/// an attention keep their last axis, a batch norm's channels their spatial ones).
+pub(crate) fn permute<T: Copy>(v: &[T], n: usize, shape: &[usize], perm: &[usize]) -> Vec<T> {
     let full = batched(n, shape);
     let perm: Vec<usize> = std::iter::once(0).chain(perm.iter().map(|&p| p + 1)).collect();
     let in_strides = strides(&full);
-    let out_shape: Vec<usize> = perm.iter().map(|&p| full[p]).collect();
-    // The input stride of each output axis: walk the output in order.
-    let step: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-    let mut out = vec![T::default(); v.len()];
-    let mut index = vec![0usize; out_shape.len()];
+    let mut keep = perm.len();
+    while keep > 0 && perm[keep - 1] == keep - 1 {
+        keep -= 1;
+    }
+    let run: usize = full[keep..].iter().product();
+    let mut out = Vec::with_capacity(v.len());
+    if v.is_empty() || keep == 0 {
+        out.extend_from_slice(v);
+        return out;
+    }
+    let out_shape: Vec<usize> = perm[..keep].iter().map(|&p| full[p]).collect();
+    // The input stride of each moved output axis: walk the output in order.
+    let step: Vec<usize> = perm[..keep].iter().map(|&p| in_strides[p]).collect();
+    let mut index = vec![0usize; keep];
     let mut src = 0usize;
-    for o in out.iter_mut() {
-        *o = v[src];
-        // Advance the output index like an odometer, keeping `src` in step.
-        for axis in (0..out_shape.len()).rev() {
+    loop {
+        out.extend_from_slice(&v[src..src + run]);
+        // Advance the moved axes' index like an odometer, keeping `src` in step.
+        let mut axis = keep;
+        loop {
+            if axis == 0 {
+                return out;
+            }
+            axis -= 1;
             index[axis] += 1;
             src += step[axis];
             if index[axis] < out_shape[axis] {
@@ -41,7 +57,6 @@ pub(crate) fn permute<T: Copy + Default>(v: &[T], n: usize, shape: &[usize], per
             index[axis] = 0;
         }
     }
-    out
 }
 
 /// The inverse of a permutation.
@@ -145,6 +160,50 @@ mod tests {
         // Output [0, 0, 1] is input [0, 1, 0] (axis 2 → 0, 0 → 1, 1 → 2): flat index 4.
         assert_eq!(r[1], v[4]);
         assert_eq!(permute(&r, 1, &[4, 2, 3], &inverse(&[2, 0, 1])), v);
+    }
+
+    /// Output element by output element, from its multi-index.
+    fn permute_naive(v: &[u32], n: usize, shape: &[usize], perm: &[usize]) -> Vec<u32> {
+        let full = batched(n, shape);
+        let perm: Vec<usize> = std::iter::once(0).chain(perm.iter().map(|&p| p + 1)).collect();
+        let out_shape: Vec<usize> = perm.iter().map(|&p| full[p]).collect();
+        let (in_strides, out_strides) = (strides(&full), strides(&out_shape));
+        (0..v.len())
+            .map(|o| {
+                let src: usize =
+                    (0..perm.len()).map(|i| (o / out_strides[i]) % out_shape[i] * in_strides[perm[i]]).sum();
+                v[src]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn permute_equals_the_index_formula_for_every_permutation() {
+        let shapes: [&[usize]; 5] = [&[3], &[2, 3], &[3, 1, 4], &[2, 3, 4, 5], &[4, 0, 2]];
+        for shape in shapes {
+            let k = shape.len();
+            // Every permutation of the k axes.
+            let mut perms = vec![vec![]];
+            for _ in 0..k {
+                let mut longer = Vec::new();
+                for p in &perms {
+                    for a in (0..k).filter(|a| !p.contains(a)) {
+                        longer.push([p.clone(), vec![a]].concat());
+                    }
+                }
+                perms = longer;
+            }
+            for n in [1, 3] {
+                let v: Vec<u32> = (0..n * shape.iter().product::<usize>()).map(|i| i as u32).collect();
+                for perm in &perms {
+                    assert_eq!(
+                        permute(&v, n, shape, perm),
+                        permute_naive(&v, n, shape, perm),
+                        "{shape:?} {perm:?} n = {n}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -82,9 +82,11 @@ impl Op {
             Op::Embedding { dim } => {
                 let ids = token_ids(a.ins[0], a.classes)?;
                 let table = a.params[0];
-                Fwd::View(
-                    ids.iter().flat_map(|&id| &table[id as usize * dim..(id as usize + 1) * dim]).copied().collect(),
-                )
+                let mut rows = Vec::with_capacity(ids.len() * dim);
+                for &id in &ids {
+                    rows.extend_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
+                }
+                Fwd::View(rows)
             }
             Op::PositionalEmbedding {} => {
                 let w = a.params[0];
