@@ -284,7 +284,7 @@ pub fn round_commit(site: &str, values: &[f64], bound: &ErrorBound) -> Result<(V
     bound.validate_shape(site, values.len())?;
     if *bound == ErrorBound::Exact {
         // Every machine computes these very values: nothing can be logged.
-        return Ok((round_plain(site, values)?, SiteLog::new(values.len() as u64)));
+        return Ok((round_plain(site, values, bound)?, SiteLog::new(values.len() as u64)));
     }
     // Elements are independent: chunks are decided in parallel and their entries merged in
     // index order, so the log does not depend on the chunking or the thread count.
@@ -325,47 +325,67 @@ type RoundedChunk = (Vec<f32>, Vec<(u64, Decision, u32)>);
 /// Elements per parallel rounding task.
 const ROUND_CHUNK: usize = 1 << 15;
 
-/// Plain round-to-nearest of every element, refusing NaN (the first one, by index). One pass in
-/// chunks of [`ROUND_CHUNK`] like [`round_commit`]'s, so a small site is one task: splitting it
-/// across threads cost more in wake-ups than the rounding itself, most of all on a loaded
-/// machine, and made replay slower than commit.
-fn round_plain(site: &str, values: &[f64]) -> Result<Vec<f32>, RoundingError> {
-    let parts: Vec<Result<Vec<f32>, usize>> = values
+/// Plain round-to-nearest of every element, refusing NaN (the first one, by index). The
+/// values of per-element bounds are checked in the same pass (the shape of `bound` has been
+/// checked): an invalid one is reported as [`ErrorBound::validate`] reports it, before any NaN.
+/// One pass in chunks of [`ROUND_CHUNK`] like [`round_commit`]'s, so a small site is one task:
+/// splitting it across threads cost more in wake-ups than the rounding itself, most of all on
+/// a loaded machine, and made replay slower than commit.
+fn round_plain(site: &str, values: &[f64], bound: &ErrorBound) -> Result<Vec<f32>, RoundingError> {
+    let per_element = match bound {
+        ErrorBound::PerElement(bounds) => Some(bounds.as_slice()),
+        _ => None,
+    };
+    let parts: Vec<Option<Vec<f32>>> = values
         .par_chunks(ROUND_CHUNK)
         .enumerate()
         .map(|(c, chunk)| {
-            // Branch-free passes (they vectorise); the NaN is looked for only when there is one.
-            if chunk.iter().fold(false, |nan, v| nan | v.is_nan()) {
-                return Err(c * ROUND_CHUNK + chunk.iter().position(|v| v.is_nan()).expect("a NaN"));
-            }
-            Ok(chunk.iter().map(|&v| v as f32).collect())
+            // Branch-free passes (they vectorise); what is wrong is looked for only when
+            // something is.
+            let bad = match per_element {
+                Some(bounds) => chunk
+                    .iter()
+                    .zip(&bounds[c * ROUND_CHUNK..])
+                    .fold(false, |bad, (v, &d)| bad | v.is_nan() | !valid(d)),
+                None => chunk.iter().fold(false, |bad, v| bad | v.is_nan()),
+            };
+            (!bad).then(|| chunk.iter().map(|&v| v as f32).collect())
         })
         .collect();
-    if parts.len() == 1 {
-        let part = parts.into_iter().next().expect("one part");
-        return part.map_err(|i| RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
+    if parts.iter().any(Option::is_none) {
+        bound.validate(site, values.len())?;
+        let i = values.iter().position(|v| v.is_nan()).expect("a NaN");
+        return Err(RoundingError::NotANumber { site: site.to_string(), index: i as u64 });
+    }
+    let mut parts = parts.into_iter().flatten();
+    if values.len() <= ROUND_CHUNK {
+        return Ok(parts.next().unwrap_or_default());
     }
     let mut out = Vec::with_capacity(values.len());
-    for part in parts {
-        let chunk = part.map_err(|i| RoundingError::NotANumber { site: site.to_string(), index: i as u64 })?;
-        out.extend_from_slice(&chunk);
-    }
+    parts.for_each(|chunk| out.extend_from_slice(&chunk));
     Ok(out)
+}
+
+/// Whether `d` is a valid bound: finite and non-negative ([`ErrorBound::validate`]'s rule).
+#[inline(always)]
+fn valid(d: f64) -> bool {
+    (d >= 0.0) & (d < f64::INFINITY)
 }
 
 /// Replay side: rounds the replayer's own `values` (with its own bounds), following the
 /// trainer's tie-breaks in `log` for the elements it names, after checking that each one is
 /// genuinely ambiguous from the replayer's side.
 pub fn round_replay(site: &str, values: &[f64], bound: &ErrorBound, log: &SiteLog) -> Result<Vec<f32>, RoundingError> {
-    bound.validate(site, values.len())?;
+    bound.validate_shape(site, values.len())?;
     if log.len() != values.len() as u64 {
+        bound.validate(site, values.len())?; // the replayer's own bound is checked first
         return Err(RoundingError::LengthMismatch {
             site: site.to_string(),
             logged: log.len(),
             actual: values.len() as u64,
         });
     }
-    let mut out = round_plain(site, values)?;
+    let mut out = round_plain(site, values, bound)?;
     for (index, dir) in log.directions() {
         let i = index as usize; // < len, checked by SiteLog's invariants
         out[i] = follow_direction(site, index, values[i], bound.at(i), dir)?;
@@ -387,8 +407,8 @@ pub fn round_replay_lenient(
     bound: &ErrorBound,
     log: &SiteLog,
 ) -> Result<(Vec<f32>, Vec<RoundingError>), RoundingError> {
-    bound.validate(site, values.len())?;
-    let mut out = round_plain(site, values)?;
+    bound.validate_shape(site, values.len())?;
+    let mut out = round_plain(site, values, bound)?;
     let mut forged = Vec::new();
     if log.len() != values.len() as u64 {
         forged.push(RoundingError::LengthMismatch {
@@ -965,6 +985,45 @@ mod tests {
         assert!(matches!(
             round_commit("s", &[1.0, 2.0, 3.0], &ErrorBound::PerRow { row_len: 2, bounds: vec![0.0] }),
             Err(RoundingError::BoundShape { .. })
+        ));
+    }
+
+    #[test]
+    fn an_invalid_per_element_bound_is_found_on_every_path_before_a_nan() {
+        let n = 3 * ROUND_CHUNK + 11;
+        let values: Vec<f64> = (0..n).map(|i| 1.0 + i as f64 * 1e-3).collect();
+        let mut with_nan = values.clone();
+        with_nan[7] = f64::NAN;
+        for (invalid, at) in [(f64::NAN, n - 1), (-1e-300, ROUND_CHUNK + 3), (f64::INFINITY, 0)] {
+            let mut bounds = vec![0.0; n];
+            bounds[at] = invalid;
+            let bound = ErrorBound::PerElement(bounds);
+            let found = |r: Result<Vec<f32>, RoundingError>| match r {
+                Err(RoundingError::InvalidBound { index, .. }) => index == at as u64,
+                _ => false,
+            };
+            let empty = SiteLog::new(n as u64);
+            let wrong_length = SiteLog::new(n as u64 + 1);
+            for v in [&values, &with_nan] {
+                assert!(found(round_commit("s", v, &bound).map(|r| r.0)));
+                assert!(found(round_replay("s", v, &bound, &empty)));
+                assert!(
+                    found(round_replay("s", v, &bound, &wrong_length)),
+                    "the replayer's own bound before the log's length"
+                );
+                assert!(found(round_replay_lenient("s", v, &bound, &empty).map(|r| r.0)));
+                assert!(found(round_replay_lenient("s", v, &bound, &wrong_length).map(|r| r.0)));
+            }
+        }
+        // With valid bounds, the NaN (first by index) and then the log's length.
+        let bound = ErrorBound::PerElement(vec![0.0; n]);
+        with_nan[ROUND_CHUNK * 2] = f64::NAN;
+        let nan = Err(RoundingError::NotANumber { site: "s".into(), index: 7 });
+        assert_eq!(round_replay("s", &with_nan, &bound, &SiteLog::new(n as u64)), nan);
+        assert_eq!(round_replay_lenient("s", &with_nan, &bound, &SiteLog::new(n as u64)).map(|r| r.0), nan);
+        assert!(matches!(
+            round_replay("s", &values, &bound, &SiteLog::new(n as u64 - 1)),
+            Err(RoundingError::LengthMismatch { .. })
         ));
     }
 

@@ -3,7 +3,7 @@
 //! [`decide`](super::decide) on each. Only a block the test cannot clear is decided element by
 //! element, so the log is the one the plain per-element loop would write, to the bit.
 
-use super::{COMPARE_SLACK, Decision, ErrorBound, RoundedChunk, RoundingError, SMALLEST_MIDPOINT, decide};
+use super::{COMPARE_SLACK, Decision, ErrorBound, RoundedChunk, RoundingError, SMALLEST_MIDPOINT, decide, valid};
 
 /// Elements per screened block.
 const BLOCK: usize = 64;
@@ -29,12 +29,6 @@ fn may_log(v: f64, r: f32, d: f64) -> bool {
     let near = (va - lo <= d_slack) | (hi - va <= d_slack);
     let special = bits >= f32::MAX.to_bits(); // f32::MAX, ±∞, NaN
     special | !valid(d) | ((d != 0.0) & near)
-}
-
-/// Whether `d` is a valid bound: finite and non-negative ([`ErrorBound::validate`]'s rule).
-#[inline(always)]
-fn valid(d: f64) -> bool {
-    (d >= 0.0) & (d < f64::INFINITY)
 }
 
 /// Whether any element of a block may be logged (or is NaN).
