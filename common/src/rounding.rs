@@ -369,7 +369,7 @@ fn round_plain(site: &str, values: &[f64], bound: &ErrorBound) -> Result<Vec<f32
 /// Whether `d` is a valid bound: finite and non-negative ([`ErrorBound::validate`]'s rule).
 #[inline(always)]
 fn valid(d: f64) -> bool {
-    (d >= 0.0) & (d < f64::INFINITY)
+    (0.0..f64::INFINITY).contains(&d)
 }
 
 /// Replay side: rounds the replayer's own `values` (with its own bounds), following the
