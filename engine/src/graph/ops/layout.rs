@@ -87,15 +87,55 @@ pub(crate) fn slice(v: &[f32], n: usize, shape: &[usize], axis: usize, start: us
 }
 
 /// The gradient of [`slice`]: `g` in place `start..end` of `axis`, zeros elsewhere.
+#[cfg(test)]
 pub(crate) fn unslice(g: &[f32], n: usize, shape: &[usize], axis: usize, start: usize, end: usize) -> Vec<f32> {
-    let (outer, size, inner) = around(n, shape, axis);
-    let width = (end - start) * inner;
-    let mut out = vec![0.0; outer * size * inner];
-    for o in 0..outer {
-        let base = o * size * inner + start * inner;
-        out[base..base + width].copy_from_slice(&g[o * width..(o + 1) * width]);
+    Padded::new(g.to_vec(), n, shape, axis, start, end).dense()
+}
+
+/// [`unslice`]'s result before it is padded: `values` (`outer` blocks of `width`) stand at
+/// offset `at` of each row of `row` elements, and the rest is +0. The interpreter sums such
+/// gradients row by row without building the zeros (three of them meet at an attention's
+/// `split`).
+#[derive(Debug)]
+pub(crate) struct Padded {
+    values: Vec<f32>,
+    outer: usize,
+    row: usize,
+    at: usize,
+    width: usize,
+}
+
+impl Padded {
+    /// `g` in place `start..end` of `axis` of `n` examples of `shape`.
+    pub(crate) fn new(g: Vec<f32>, n: usize, shape: &[usize], axis: usize, start: usize, end: usize) -> Padded {
+        let (outer, size, inner) = around(n, shape, axis);
+        Padded { values: g, outer, row: size * inner, at: start * inner, width: (end - start) * inner }
     }
-    out
+
+    /// Elements of the padded tensor.
+    pub(crate) fn len(&self) -> usize {
+        self.outer * self.row
+    }
+
+    /// Elements per row.
+    pub(crate) fn row(&self) -> usize {
+        self.row
+    }
+
+    /// Row `o`'s values and where in the row they start.
+    pub(crate) fn row_values(&self, o: usize) -> (usize, &[f32]) {
+        (self.at, &self.values[o * self.width..(o + 1) * self.width])
+    }
+
+    /// The padded tensor.
+    pub(crate) fn dense(self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        for o in 0..self.outer {
+            let (at, values) = self.row_values(o);
+            out[o * self.row + at..][..values.len()].copy_from_slice(values);
+        }
+        out
+    }
 }
 
 /// Tensors of per-example shapes `shapes` (equal but on `axis`) joined along `axis`.

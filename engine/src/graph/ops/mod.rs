@@ -16,6 +16,9 @@ mod layout;
 mod run;
 mod shape;
 
+pub(crate) use layout::Padded;
+#[cfg(test)]
+pub(crate) use layout::unslice;
 pub(crate) use shape::DataInfo;
 
 /// What a forward pass produced.
@@ -41,6 +44,8 @@ pub(crate) enum Grad {
     Rounded(Bounded),
     /// The output gradient itself, or a view of it (no site).
     View(Vec<f32>),
+    /// A slice's gradient: a view padded with zeros, padded only if it has to be (no site).
+    Padded(Padded),
 }
 
 /// A node's backward pass: one gradient per input that needs one, then one per parameter.

@@ -2,7 +2,7 @@
 
 use kernels::{Bounded, Conv2dSpec, ErrorBound, MatmulSpec, Pool2dSpec, RowSpec};
 
-use super::layout::{concat, inverse, permute, slice, swap_last2, unconcat, unslice};
+use super::layout::{Padded, concat, inverse, permute, slice, swap_last2, unconcat};
 use super::shape::numel;
 use super::{Args, Bwd, Fwd, Grad, Labels, Op, mask};
 use crate::EngineError;
@@ -202,7 +202,7 @@ impl Op {
             Op::Permute { perm } => one(Some(Grad::View(permute(gy, a.n, a.out_shape, &inverse(perm))))),
             Op::Slice { .. } | Op::Split { .. } => {
                 let (axis, start, end) = self.bounds(a)?;
-                one(Some(Grad::View(unslice(gy, a.n, &a.in_shapes[0], axis, start, end))))
+                one(Some(Grad::Padded(Padded::new(gy.to_vec(), a.n, &a.in_shapes[0], axis, start, end))))
             }
             Op::Concat { axis } => {
                 let parts = unconcat(gy, a.n, a.in_shapes, *axis);
