@@ -267,8 +267,11 @@ mod tests {
     use super::super::ops::{Padded, unslice};
     use super::*;
 
+    /// Where a slice's gradient goes: `(axis, start, end)`, or `None` for a dense part.
+    type Cut = Option<(usize, usize, usize)>;
+
     /// The sum as the interpreter computed it before padded parts: pad, then add.
-    fn padded_then_summed(parts: &[(Vec<f32>, Option<(usize, usize, usize)>)], n: usize, shape: &[usize]) -> Vec<f64> {
+    fn padded_then_summed(parts: &[(Vec<f32>, Cut)], n: usize, shape: &[usize]) -> Vec<f64> {
         let dense: Vec<Vec<f32>> = parts
             .iter()
             .map(|(v, cut)| match cut {
@@ -290,7 +293,7 @@ mod tests {
         let (n, shape) = (3usize, [6usize, 4, 70]);
         let len = n * shape.iter().product::<usize>();
         let slice_len = |axis: usize, start: usize, end: usize| len / shape[axis] * (end - start);
-        let cases: Vec<Vec<Option<(usize, usize, usize)>>> = vec![
+        let cases: Vec<Vec<Cut>> = vec![
             vec![Some((0, 4, 6)), Some((0, 2, 4)), Some((0, 0, 2))], // an attention's q, k, v, in arrival order
             vec![None, Some((0, 0, 3)), None],
             vec![Some((1, 1, 3)), None, Some((1, 0, 4))],
@@ -298,7 +301,7 @@ mod tests {
             vec![Some((2, 0, 1)), Some((2, 69, 70)), Some((2, 5, 6)), None],
         ];
         for cuts in cases {
-            let parts: Vec<(Vec<f32>, Option<(usize, usize, usize)>)> = cuts
+            let parts: Vec<(Vec<f32>, Cut)> = cuts
                 .iter()
                 .enumerate()
                 .map(|(k, &cut)| {
