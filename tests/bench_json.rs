@@ -7,7 +7,7 @@ use tiebreak::bench::{Options, run};
 fn bench_document_has_the_issue_keys() {
     let opts = Options {
         data: None,
-        steps: 2,
+        steps: 3,
         rss_steps: 1,
         models: vec!["mnist-mlp".into()],
         skip_rss: true,
@@ -35,9 +35,11 @@ fn bench_document_has_the_issue_keys() {
         let s = &m[format!("{key}_spread")];
         let (lo, med, hi) = (s["min"].as_f64().unwrap(), s["median"].as_f64().unwrap(), s["max"].as_f64().unwrap());
         assert!(lo <= med && med <= hi && lo > 0.0, "{key}: {s}");
-        assert_eq!(s["pairs"], 2, "{key}: one pair per step");
+        assert_eq!(s["pairs"], 2, "{key}: one pair per step after the warm-up step");
         assert_eq!(m[key].as_f64().unwrap(), med, "{key}");
     }
+    assert_eq!(doc["timed_steps_per_model"], 2);
+    assert_eq!(m["graph_vs_handwritten"]["graph_overhead_spread"]["pairs"], 2, "the graph pairs skip the warm-up too");
     assert_eq!(m["replay_profile"], "cpu-alt");
     for p in ["cpu", "cpu-alt", "cpu-seq", "cpu-splitk"] {
         assert!(m["replay_by_profile"][p]["replay_vs_trainer"].as_f64().unwrap() > 0.0, "{p}");

@@ -297,6 +297,7 @@ pub fn run(opts: &Options) -> Result<Value> {
         "trainer_profile": TRAINER_PROFILE.name(),
         "auditor_profile": auditor_profile().name(),
         "steps_per_model": opts.steps,
+        "timed_steps_per_model": opts.steps.saturating_sub(1).max(1),
         "models": models,
         "bisection": bisection,
         "bound_tightness_seconds": tightness_s,
@@ -331,11 +332,14 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
             let h = timed(|| hand_pass(&trainer, state, batch));
             (timed(|| graph_pass(&trainer, state, batch)), h)
         };
-        let ((graph_loss, g_ties), dt) = (graph.0.with_context(|| format!("{name}: graph pass"))?, graph.1);
-        t_graph.push(dt);
-        let ((hand_loss, h_ties), dt) = (hand.0.with_context(|| format!("{name}: hand-written pass"))?, hand.1);
-        t_hand.push(dt);
-        graph_vs_hand.push(*t_graph.last().unwrap_or(&f64::NAN), dt);
+        let ((graph_loss, g_ties), dt_graph) = (graph.0.with_context(|| format!("{name}: graph pass"))?, graph.1);
+        let ((hand_loss, h_ties), dt_hand) = (hand.0.with_context(|| format!("{name}: hand-written pass"))?, hand.1);
+        if t > 1 || steps == 1 {
+            // Step 1 is the loop's warm-up (see `steps::StepTimings`).
+            t_graph.push(dt_graph);
+            t_hand.push(dt_hand);
+            graph_vs_hand.push(dt_graph, dt_hand);
+        }
         ensure!(
             (graph_loss - hand_loss).abs() <= 1e-5 * hand_loss.abs().max(1.0),
             "{name}: step {t}: the graph's loss {graph_loss} and the hand-written model's {hand_loss} differ"
@@ -344,7 +348,9 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         hand_ties.push(h_ties as f64);
         let (paper, dt) = timed(|| trainer.step(state, t, StepMode::Commit { paper: true }, None));
         let paper = paper?;
-        t_paper.push(dt);
+        if t > 1 || steps == 1 {
+            t_paper.push(dt);
+        }
         ensure!(paper.state.digest() == out.state.digest(), "{name}: the paper-log run of step {t} changed the state");
         let dense = paper.paper.context("commit with paper: true gave no dense log")?;
         paper_bytes.push(dense.compressed_bytes() as f64);

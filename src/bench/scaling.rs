@@ -37,9 +37,10 @@ pub const WIDTHS: [usize; 4] = [64, 128, 256, 512];
 /// Default batch sizes, smallest first.
 pub const BATCH_SIZES: [usize; 3] = [4, 8, 16];
 
-/// Default timed steps per point: even, so that each order of a pair (trainer first, FP32 first)
-/// is timed equally often; few, because the widest points take seconds per step on two cores.
-pub const STEPS: u64 = 4;
+/// Default steps per point: a warm-up (step 1, run but not timed; see `steps::StepTimings`) and
+/// an even number of timed ones, so that each order of a pair (trainer first, FP32 first) is
+/// timed equally often; few, because the widest points take seconds per step on two cores.
+pub const STEPS: u64 = 5;
 
 /// The FP64/FP32 floor the trainer's ratio is read against (the same products in twice the
 /// width), drawn as a reference line.
@@ -123,7 +124,7 @@ pub fn run(opts: &Options) -> Result<Value> {
         "points": out,
         "load_average_start_end": [load_start, load_average()],
         "total_seconds": t0.elapsed().as_secs_f64(),
-        "method": "per point, the per-preset paired step loop (bench::steps): trainer step beside the candle FP32 step, replay on the auditor's default profile beside a rerun of the trainer's step, alternating order; ratios are medians of the per-step pairs with min/max; heads keep the preset's head width (32)",
+        "method": "per point, the per-preset paired step loop (bench::steps; step 1 a warm-up, run but not timed): trainer step beside the candle FP32 step, replay on the auditor's default profile beside a rerun of the trainer's step, alternating order; ratios are medians of the per-step pairs with min/max; heads keep the preset's head width (32)",
     }))
 }
 

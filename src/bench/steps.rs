@@ -18,7 +18,10 @@ use super::baseline::Baseline;
 use super::stats::Paired;
 use super::timed;
 
-/// What the loop measured, one entry per step unless said otherwise.
+/// What the loop measured, one entry per step unless said otherwise. Timings and ratios have
+/// one entry per *timed* step: with more than one step, step 1 is a warm-up, run and checked
+/// like the others but not timed (every side's first step paid one-off costs, about 3× a
+/// later step's at the sweep's small points, which biased the first pairs).
 #[derive(Debug)]
 pub struct StepTimings {
     /// Seconds of the trainer's step (`Commit`, no paper log) and of the FP32 step beside it.
@@ -68,24 +71,25 @@ pub fn paired_steps(
     };
 
     for t in 1..=steps {
+        let timing = t > 1 || steps == 1;
         let batch_idx = trainer.batch_indices(t);
         let batch = Batch::gather(&trainer.data, &batch_idx.0);
         let train = |s: &TrainingState| trainer.step(s, t, StepMode::Commit { paper: false }, None);
         let state = &m.state;
-        let (out, fp32_loss) = if t % 2 == 1 {
-            let (out, dt) = timed(|| train(state));
-            m.train_s.push(dt);
-            let (l, dt) = timed(|| fp32.step(&batch));
-            m.fp32_s.push(dt);
-            (out?, l?)
+        let ((out, dt_train), (fp32_loss, dt_fp32)) = if t % 2 == 1 {
+            let out = timed(|| train(state));
+            (out, timed(|| fp32.step(&batch)))
         } else {
-            let (l, dt) = timed(|| fp32.step(&batch));
-            m.fp32_s.push(dt);
-            let (out, dt) = timed(|| train(state));
-            m.train_s.push(dt);
-            (out?, l?)
+            let l = timed(|| fp32.step(&batch));
+            (timed(|| train(state)), l)
         };
-        m.vs_fp32.push(*m.train_s.last().unwrap_or(&f64::NAN), *m.fp32_s.last().unwrap_or(&f64::NAN));
+        let (out, fp32_loss) = (out?, fp32_loss?);
+        if timing {
+            m.train_s.push(dt_train);
+            m.fp32_s.push(dt_fp32);
+            m.vs_fp32.push(dt_train, dt_fp32);
+        }
+        let mut replay_dt = Vec::with_capacity(replayers.len());
         for (k, (profile, r)) in replayers.iter().enumerate() {
             // Each replay is paired with a run of the same trainer step beside it (the first run
             // made the log), alternating which goes first; the rerun must give the same state.
@@ -102,8 +106,11 @@ pub fn paired_steps(
             };
             ensure!(again?.state.digest() == out.state.digest(), "{name}: step {t} gave another state when rerun");
             let rep = rep.with_context(|| format!("{name}: replay of step {t} on {profile}"))?;
-            m.replay_s[k].push(dt);
-            m.replay_vs[k].push(dt, dt_train);
+            replay_dt.push(dt);
+            if timing {
+                m.replay_s[k].push(dt);
+                m.replay_vs[k].push(dt, dt_train);
+            }
             let (a, b) = (rep.state.digest(), out.state.digest());
             ensure!(
                 a == b && rep.forged.is_empty(),
@@ -121,10 +128,11 @@ pub fn paired_steps(
         m.losses.push(out.loss);
         m.fp32_losses.push(fp32_loss);
         eprintln!(
-            "bench: {name}: step {t}/{steps}: trainer {:.3}s fp32 {:.3}s replay {} loss {:.4} (fp32 {:.4}), {} tie-breaks",
-            m.train_s.last().unwrap_or(&0.0),
-            m.fp32_s.last().unwrap_or(&0.0),
-            m.replay_s.iter().map(|v| format!("{:.3}s", v.last().unwrap_or(&0.0))).collect::<Vec<_>>().join("/"),
+            "bench: {name}: step {t}/{steps}{}: trainer {:.3}s fp32 {:.3}s replay {} loss {:.4} (fp32 {:.4}), {} tie-breaks",
+            if timing { "" } else { " (warm-up, not timed)" },
+            dt_train,
+            dt_fp32,
+            replay_dt.iter().map(|dt| format!("{dt:.3}s")).collect::<Vec<_>>().join("/"),
             out.loss,
             fp32_loss,
             out.log.n_entries()

@@ -30,8 +30,8 @@ struct Args {
     /// Directory with `mnist/` and `shakespeare.txt`; synthetic data of the same shapes if absent.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Timed steps per model.
-    #[arg(long, default_value_t = 8)]
+    /// Steps per model; with more than one, the first is a warm-up, run and checked but not timed.
+    #[arg(long, default_value_t = 9)]
     steps: u64,
     /// Steps each peak-memory child process runs.
     #[arg(long, default_value_t = 2)]
@@ -45,7 +45,7 @@ struct Args {
     /// Sweep the GPT preset over widths and batch sizes (the JSON's `"scaling"`).
     #[arg(long)]
     scaling: bool,
-    /// Timed steps per point of the sweep.
+    /// Steps per point of the sweep (the first a warm-up, not timed).
     #[arg(long, default_value_t = scaling::STEPS, requires = "scaling")]
     scaling_steps: u64,
     /// Widths (d_model) of the sweep.
