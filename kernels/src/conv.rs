@@ -192,7 +192,7 @@ impl Device {
 
     /// Convolution backward: gradients of input, weight and bias from the output gradient.
     pub fn conv2d_backward(&self, x: &[f32], w: &[f32], gy: &[f32], spec: Conv2dSpec) -> Result<Conv2dGrads> {
-        let (gx, gw, gb) = self.conv2d_grads(x, w, gy, spec, true)?;
+        let (gx, gw, gb) = self.conv2d_backward_wanted(x, w, gy, spec, true)?;
         let gx = gx.ok_or_else(|| crate::arg_err("conv2d_backward", "internal: no input gradient"))?;
         Ok(Conv2dGrads { gx, gw, gb })
     }
@@ -201,17 +201,6 @@ impl Device {
     /// first convolution has no use for the gradient of its images): `(gx, gw, gb)`, each the
     /// same, bit for bit, as `conv2d_backward`'s.
     pub fn conv2d_backward_wanted(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        gy: &[f32],
-        spec: Conv2dSpec,
-        want_gx: bool,
-    ) -> Result<(Option<Bounded>, Bounded, Bounded)> {
-        self.conv2d_grads(x, w, gy, spec, want_gx)
-    }
-
-    fn conv2d_grads(
         &self,
         x: &[f32],
         w: &[f32],
