@@ -695,20 +695,14 @@ fn line_masks(
     words: usize,
 ) -> Vec<u64> {
     let mut out = vec![0u64; batch * lines * words];
-    let blocks = lines.div_ceil(MASK_LINES);
-    // Tasks: one block of MASK_LINES lines of one matrix (the last block of a matrix may be short).
-    let mut tasks: Vec<(usize, usize, &mut [u64])> = Vec::with_capacity(batch * blocks);
-    let mut rest = &mut out[..];
-    for bi in 0..batch {
-        for blk in 0..blocks {
-            let r0 = blk * MASK_LINES;
-            let len = MASK_LINES.min(lines - r0);
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len * words);
-            rest = tail;
-            tasks.push((bi, r0, head));
-        }
+    if out.is_empty() {
+        return out;
     }
-    tasks.into_par_iter().for_each(|(bi, r0, masks)| {
+    // Tasks: one block of MASK_LINES lines of one matrix (the last block of a matrix may be short).
+    let blocks = out.par_chunks_mut(lines * words).enumerate().flat_map(|(bi, matrix)| {
+        matrix.par_chunks_mut(MASK_LINES * words).enumerate().map(move |(blk, masks)| (bi, blk * MASK_LINES, masks))
+    });
+    blocks.for_each(|(bi, r0, masks)| {
         let base = bi * lines * k;
         let count = masks.len() / words;
         if elem_stride == 1 {
