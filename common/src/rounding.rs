@@ -103,12 +103,8 @@ impl ErrorBound {
         self.validate_shape(site, len)?;
         if let ErrorBound::PerElement(bounds) = self {
             // A branch-free pass first (it vectorises); the element is found only on failure.
-            if !bounds.iter().fold(true, |ok, &d| ok & (0.0..f64::INFINITY).contains(&d)) {
-                let (i, &bound) = bounds
-                    .iter()
-                    .enumerate()
-                    .find(|(_, d)| !(0.0..f64::INFINITY).contains(*d))
-                    .expect("an invalid bound");
+            if !bounds.iter().fold(true, |ok, &d| ok & valid(d)) {
+                let (i, &bound) = bounds.iter().enumerate().find(|(_, d)| !valid(**d)).expect("an invalid bound");
                 return Err(RoundingError::InvalidBound { site: site.to_string(), index: i as u64, bound });
             }
         }
@@ -119,7 +115,7 @@ impl ErrorBound {
     /// trainer's rounding pass checks as it reads them.
     fn validate_shape(&self, site: &str, len: usize) -> Result<(), RoundingError> {
         let check = |index: usize, bound: f64| {
-            if bound.is_finite() && bound >= 0.0 {
+            if valid(bound) {
                 Ok(())
             } else {
                 Err(RoundingError::InvalidBound { site: site.to_string(), index: index as u64, bound })

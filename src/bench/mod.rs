@@ -334,7 +334,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         };
         let ((graph_loss, g_ties), dt_graph) = (graph.0.with_context(|| format!("{name}: graph pass"))?, graph.1);
         let ((hand_loss, h_ties), dt_hand) = (hand.0.with_context(|| format!("{name}: hand-written pass"))?, hand.1);
-        if t > 1 || steps == 1 {
+        if steps::is_timed(t, steps) {
             // Step 1 is the loop's warm-up (see `steps::StepTimings`).
             t_graph.push(dt_graph);
             t_hand.push(dt_hand);
@@ -348,7 +348,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         hand_ties.push(h_ties as f64);
         let (paper, dt) = timed(|| trainer.step(state, t, StepMode::Commit { paper: true }, None));
         let paper = paper?;
-        if t > 1 || steps == 1 {
+        if steps::is_timed(t, steps) {
             t_paper.push(dt);
         }
         ensure!(paper.state.digest() == out.state.digest(), "{name}: the paper-log run of step {t} changed the state");

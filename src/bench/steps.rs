@@ -43,6 +43,12 @@ pub struct StepTimings {
     pub state: TrainingState,
 }
 
+/// Whether step `t` of `steps` is timed: every step but the first (the warm-up), unless it is
+/// the only one.
+pub fn is_timed(t: u64, steps: u64) -> bool {
+    t > 1 || steps == 1
+}
+
 /// Runs `steps` steps of `trainer` from its initial state, timing them in pairs as the module
 /// docs say; every replay in `replayers` must give the trainer's state bits. After each step's
 /// pairs, `each(t, state before the step, batch, trainer's output)` runs untimed by the loop.
@@ -71,7 +77,7 @@ pub fn paired_steps(
     };
 
     for t in 1..=steps {
-        let timing = t > 1 || steps == 1;
+        let timing = is_timed(t, steps);
         let batch_idx = trainer.batch_indices(t);
         let batch = Batch::gather(&trainer.data, &batch_idx.0);
         let train = |s: &TrainingState| trainer.step(s, t, StepMode::Commit { paper: false }, None);
