@@ -195,17 +195,36 @@ fn cell(r: f32) -> (f64, f64) {
 #[inline]
 fn cell_nonnegative(r: f32) -> (f64, f64) {
     debug_assert!(r.is_sign_positive());
-    if r == f32::INFINITY {
-        return (OVERFLOW_MIDPOINT, f64::INFINITY);
-    }
-    if r == 0.0 {
-        return (0.0, SMALLEST_MIDPOINT);
-    }
-    let rf = r as f64;
+    cell_of_bits(r.to_bits())
+}
+
+/// The cell of the non-negative, non-NaN FP32 value with bits `bits`, without branches (the
+/// trainer's screened pass evaluates it for every element in vectorised loops).
+#[inline(always)]
+fn cell_of_bits(bits: u32) -> (f64, f64) {
+    let rf = f32::from_bits(bits) as f64;
     // Neighbour differences and halves are exact in FP64: FP32 values have 24-bit significands.
-    let below = r.next_down() as f64; // +0 for the smallest subnormal
-    let lo = rf - (rf - below) * 0.5;
-    let hi = if r == f32::MAX { OVERFLOW_MIDPOINT } else { rf + (r.next_up() as f64 - rf) * 0.5 };
+    // The neighbours as `next_down`/`next_up` give them (+0 below the smallest subnormal); the
+    // wrapped value below +0 and the NaN above +∞ are never selected.
+    let below = f32::from_bits(bits.wrapping_sub(1)) as f64;
+    let above = f32::from_bits(bits.wrapping_add(1)) as f64;
+    let (max, inf) = (f32::MAX.to_bits(), f32::INFINITY.to_bits());
+    let lo = if bits == 0 {
+        0.0
+    } else if bits == inf {
+        OVERFLOW_MIDPOINT
+    } else {
+        rf - (rf - below) * 0.5
+    };
+    let hi = if bits == 0 {
+        SMALLEST_MIDPOINT
+    } else if bits == inf {
+        f64::INFINITY
+    } else if bits == max {
+        OVERFLOW_MIDPOINT
+    } else {
+        rf + (above - rf) * 0.5
+    };
     (lo, hi)
 }
 

@@ -3,27 +3,20 @@
 //! [`decide`](super::decide) on each. Only a block the test cannot clear is decided element by
 //! element, so the log is the one the plain per-element loop would write, to the bit.
 
-use super::{COMPARE_SLACK, Decision, ErrorBound, RoundedChunk, RoundingError, SMALLEST_MIDPOINT, decide, valid};
+use super::{COMPARE_SLACK, Decision, ErrorBound, RoundedChunk, RoundingError, cell_of_bits, decide, valid};
 
 /// Elements per screened block.
 const BLOCK: usize = 64;
 
 /// Whether [`decide`] could log element `v` (rounded to `r = v as f32`) under bound `d`: `false`
-/// only where `decide(v, d)` is `Plain` and `d` is valid. It computes `decide`'s own comparisons with the same
-/// operations on `|v|` and `|r|`, which are exact negations of the negative case's, so a value
-/// it clears is one `decide` clears; zeros use the cell `decide` gives them, and the largest
-/// finite value, infinities and NaN are always left to `decide`.
+/// only where `decide(v, d)` is `Plain` and `d` is valid. It computes `decide`'s own cell
+/// ([`cell_of_bits`], the same function) and comparisons on `|v|` and `|r|`, which are exact
+/// negations of the negative case's, so a value it clears is one `decide` clears. The largest
+/// finite value, infinities and NaN (whose "cell" is meaningless) are always left to `decide`.
 #[inline(always)]
 fn may_log(v: f64, r: f32, d: f64) -> bool {
     let bits = r.to_bits() & 0x7fff_ffff;
-    let a = f32::from_bits(bits) as f64;
-    // The FP32 neighbours of |r| (for the smallest subnormal, +0 below), as `next_down` and
-    // `next_up` give them; the wrapped value below +0 is never used.
-    let below = f32::from_bits(bits.wrapping_sub(1)) as f64;
-    let above = f32::from_bits(bits.wrapping_add(1)) as f64;
-    let zero = bits == 0;
-    let lo = if zero { 0.0 } else { a - (a - below) * 0.5 };
-    let hi = if zero { SMALLEST_MIDPOINT } else { a + (above - a) * 0.5 };
+    let (lo, hi) = cell_of_bits(bits);
     let va = v.abs();
     let d_slack = d * COMPARE_SLACK;
     let near = (va - lo <= d_slack) | (hi - va <= d_slack);
