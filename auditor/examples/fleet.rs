@@ -68,11 +68,13 @@ struct Args {
     keep: bool,
 }
 
-/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
+/// `main` tells mimalloc to keep freed pages too ([`kernels::keep_freed_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
+    kernels::keep_freed_pages();
     let args = Args::parse();
     let pg_url = match args.pg_url.clone().or_else(|| std::env::var("TIEBREAK_PG_URL").ok()) {
         Some(u) if !u.trim().is_empty() => u,

@@ -15,7 +15,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use cli::exit::{EXIT_CODES, Exit};
 
-/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
+/// `main` tells mimalloc to keep freed pages too ([`kernels::keep_freed_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -68,6 +69,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    kernels::keep_freed_pages();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -36,6 +36,7 @@ fn median(mut t: Vec<f64>) -> f64 {
 }
 
 fn bench(c: &mut Criterion) {
+    kernels::keep_freed_pages();
     let dev = Device::new(Profile::Cpu).expect("cpu device");
     let alt_dev = Device::new(Profile::CpuAlt).expect("cpu-alt device");
     let cdev = candle_core::Device::Cpu;

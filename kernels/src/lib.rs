@@ -23,6 +23,7 @@
 //! quantities) that the derivations drop; it is valid for reductions shorter than 2³².
 
 mod activation;
+mod alloc;
 mod bound;
 mod clip;
 mod conv;
@@ -45,6 +46,7 @@ mod softmax;
 use std::fmt;
 use std::str::FromStr;
 
+pub use alloc::keep_freed_pages;
 pub use common::rounding::ErrorBound;
 pub use conv::{Conv2dGrads, Conv2dSpec, Pool2dSpec};
 #[cfg(feature = "cuda")]

@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tiebreak::bench::{self, MODELS, Options, scaling};
 
-/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
+/// `main` tells mimalloc to keep freed pages too ([`kernels::keep_freed_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -69,6 +70,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    kernels::keep_freed_pages();
     let args = Args::parse();
     if let Some(role) = &args.child {
         let (Some(model), Some(logs)) = (&args.model, &args.logs) else { bail!("--child needs --model and --logs") };

@@ -26,7 +26,8 @@ use kernels::Profile;
 use serde_json::{Value, json};
 use trainer_agent::{Session, SessionOptions};
 
-/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
+/// `main` tells mimalloc to keep freed pages too ([`kernels::keep_freed_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -34,6 +35,7 @@ const TRAINER_TOKEN: &str = "demo-trainer-token";
 const DAEMON_TOKEN: &str = "demo-auditor-token";
 
 fn main() -> Result<()> {
+    kernels::keep_freed_pages();
     let mut out = std::env::temp_dir().join("tiebreak-demo");
     let mut fault: Fault = "perturb-weight@37".parse()?;
     let mut args = std::env::args().skip(1);

@@ -14,7 +14,8 @@ use kernels::Profile;
 use trainer_agent::serve::ServeOptions;
 use trainer_agent::{Session, SessionOptions};
 
-/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op.
+/// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
+/// `main` tells mimalloc to keep freed pages too ([`kernels::keep_freed_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -134,6 +135,7 @@ enum Command {
 }
 
 fn main() {
+    kernels::keep_freed_pages();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
