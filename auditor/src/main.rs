@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use cli::exit::{EXIT_CODES, Exit};
 
 /// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
-/// `main` tells mimalloc to keep freed pages too ([`kernels::keep_freed_pages`]).
+/// `main` tells mimalloc to keep freed pages too, except for `serve` ([`kernels::keep_freed_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -69,7 +69,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    kernels::keep_freed_pages();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -79,6 +78,10 @@ fn main() -> ExitCode {
             return if e.use_stderr() { Exit::Usage } else { Exit::Ok }.into();
         }
     };
+    // The daemon keeps mimalloc's default, so what an audit used goes back to the OS when idle.
+    if !matches!(cli.command, Command::Serve(_)) {
+        kernels::keep_freed_pages();
+    }
     let result = match cli.command {
         Command::Audit(args) => cli::audit::run(args),
         Command::VerifyReport(args) => cli::verify::run(args),

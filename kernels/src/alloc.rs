@@ -9,7 +9,7 @@
 //! the trainer's step (whose new state was still held) against 0.44–0.53 s when it ran first,
 //! and a replay run second took up to 45 % longer than one run first. With the pages kept, both
 //! orders take the same time. A process then holds its peak memory until it exits, which for
-//! a training run or an audit is the memory it needed anyway.
+//! a training run or an audit is the memory it needed anyway; the services keep the default.
 
 /// mimalloc's `mi_option_purge_delay` (the same position in the v2 and v3 option enums of the
 /// bundled sources: `libmimalloc-sys` exports no constant for it). Its default is 1000 (ms) in
@@ -17,9 +17,11 @@
 /// defaults of this option and of its neighbours.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Tells mimalloc never to return freed pages to the OS. Call it first in `main`; it only
-/// changes the allocator's policy, never a result, and it does nothing harmful where mimalloc is
-/// linked but is not the global allocator.
+/// Tells mimalloc never to return freed pages to the OS. Call it first in a one-shot command's
+/// `main` (training, an audit, the bench); it only changes the allocator's policy, never a
+/// result, and it does nothing harmful where mimalloc is linked but is not the global
+/// allocator. The long-running services (`auditor serve`, `trainer-agent serve`) do not call
+/// it, so memory an audit or a download used goes back to the OS when they are idle.
 pub fn keep_freed_pages() {
     // SAFETY: `mi_option_set` only stores the option's value (an atomic write in mimalloc's
     // option table) and is documented as callable at any time, from any thread.

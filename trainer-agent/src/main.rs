@@ -15,7 +15,7 @@ use trainer_agent::serve::ServeOptions;
 use trainer_agent::{Session, SessionOptions};
 
 /// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
-/// `main` tells mimalloc to keep freed pages too ([`kernels::keep_freed_pages`]).
+/// `main` tells mimalloc to keep freed pages too, except for `serve` ([`kernels::keep_freed_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -135,8 +135,11 @@ enum Command {
 }
 
 fn main() {
-    kernels::keep_freed_pages();
     let cli = Cli::parse();
+    // The record server keeps mimalloc's default, so memory goes back to the OS when idle.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        kernels::keep_freed_pages();
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
