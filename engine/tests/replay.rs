@@ -72,6 +72,26 @@ fn every_profile_replays_every_other_profiles_steps_bit_identically() {
     }
 }
 
+/// A batch of one: every weight gradient is a sum of one product, `−0` on some machines when
+/// an input is negative and the unit's gradient is zero (an inactive ReLU), unless the sum
+/// starts from `+0`; with plain SGD (no momentum, no weight decay) a `−0` reaches the state.
+/// Every profile must give `+0` there: an honest `cpu-seq` run was accused at step 5 on `cpu`
+/// before the fast profiles' products mapped `−0` to `+0`.
+#[test]
+fn a_batch_of_one_replays_on_every_profile() {
+    let plain_sgd = "[optimizer]\nkind = \"sgd\"\nlr = 0.01\nmomentum = 0.0\nweight_decay = 0.0";
+    for opt in [plain_sgd, ADAMW] {
+        let mut cfg = config(MLP, opt);
+        cfg.train.batch_size = 1;
+        for trainer in Profile::CPU {
+            let steps = train(&run(&cfg, trainer), 6);
+            for auditor in Profile::CPU {
+                replay_exactly(&run(&cfg, auditor), &steps, &format!("batch 1: trainer {trainer} auditor {auditor}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn only_a_tiny_fraction_of_rounded_values_is_logged() {
     // The log is what makes replay exact: count how many entries the trainer needed against

@@ -128,11 +128,21 @@ fn family_data(rng: &mut SplitMix64, family: &str, n: usize) -> Vec<f32> {
         "sparse" => rng.uniform(n, 1.0).into_iter().map(|x| if x < 0.0 { 0.0 } else { x }).collect(),
         // Small multiples of 1/8: most sums are exact in every order, many land on midpoints.
         "dyadic" => rng.uniform(n, 1.0).into_iter().map(|x| (x * 64.0).round() / 8.0).collect(),
+        // Mostly zeros of both signs: products and sums whose exact value is zero, where the
+        // sign of the result depends on whether a sum starts from +0 (the rule: it must give +0).
+        "zeros" => (0..n)
+            .map(|_| match rng.next_u64() % 8 {
+                0..=2 => 0.0,
+                3..=5 => -0.0,
+                6 => 0.5,
+                _ => -0.25,
+            })
+            .collect(),
         _ => rng.uniform(n, 1.0),
     }
 }
 
-const FAMILIES: [&str; 6] = ["random", "cancel", "wide", "subnormal", "sparse", "dyadic"];
+const FAMILIES: [&str; 7] = ["random", "cancel", "wide", "subnormal", "sparse", "dyadic", "zeros"];
 
 /// Every op on every input family, from `seed`.
 pub fn cases(seed: u64) -> Vec<Case> {
@@ -161,7 +171,59 @@ pub fn cases(seed: u64) -> Vec<Case> {
     }
     let x = rng.uniform(2 * 4096, 4.0);
     out.push(Case::new("softmax", "long-4096", move |d| Ok(vec![d.softmax(&x, RowSpec::new(2, 4096))?])));
+    add_short_sums(&mut out, &mut rng);
     out
+}
+
+/// Sums of one or two terms (a batch of one, a 1×1 convolution output, an embedding row hit
+/// once) on the "zeros" family: there a sum of `−0` terms is `−0` if it starts from its first
+/// term and `+0` if it starts from `+0`, and every profile must give `+0` (a zero-bound result
+/// is compared bit for bit).
+fn add_short_sums(out: &mut Vec<Case>, r: &mut SplitMix64) {
+    const FAM: &str = "zeros-short";
+    for (m, k, n) in [(3, 1, 4), (1, 2, 5), (4, 2, 1), (1, 1, 1), (2, 3, 2)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut s = MatmulSpec::batched(2, m, k, n);
+            s.a_trans = ta;
+            s.b_trans = tb;
+            let a = family_data(r, "zeros", 2 * m * k);
+            let b = family_data(r, "zeros", 2 * k * n);
+            let bias = family_data(r, "zeros", n);
+            let gc = family_data(r, "zeros", 2 * m * n);
+            out.push(Case::new("matmul", FAM, move |d| {
+                let (ga, gb) = d.matmul_backward(&a, &b, &gc, s)?;
+                Ok(vec![d.matmul(&a, &b, Some(&bias), s)?, d.matmul(&a, &b, None, s)?, ga, gb])
+            }));
+        }
+    }
+    for rows in [1, 2] {
+        let x = family_data(r, "zeros", rows * 9);
+        out.push(Case::new("sum_rows", FAM, move |d| Ok(vec![d.sum_rows(&x, rows, 9)?])));
+    }
+    // One image, one output position: the weight and bias gradients are sums of one term.
+    let cs = Conv2dSpec { n: 1, c_in: 1, h: 3, w: 3, c_out: 2, kh: 3, kw: 3, stride: 1, pad: 0 };
+    let (x, w, bias, gy) = (
+        family_data(r, "zeros", 9),
+        family_data(r, "zeros", 18),
+        family_data(r, "zeros", 2),
+        family_data(r, "zeros", 2),
+    );
+    out.push(Case::new("conv2d", FAM, move |d| {
+        let g = d.conv2d_backward(&x, &w, &gy, cs)?;
+        Ok(vec![d.conv2d(&x, &w, Some(&bias), cs)?, d.conv2d(&x, &w, None, cs)?, g.gx, g.gw, g.gb])
+    }));
+    let (vocab, dim) = (5, 4);
+    let ids = vec![1u32, 3, 3];
+    let gy = family_data(r, "zeros", 3 * dim);
+    out.push(Case::new("embedding_backward", FAM, move |d| Ok(vec![d.embedding_backward(&gy, &ids, vocab, dim)?])));
+    let (x, gamma, beta) = (family_data(r, "zeros", 3), family_data(r, "zeros", 3), family_data(r, "zeros", 3));
+    let gy = family_data(r, "zeros", 3);
+    out.push(Case::new("layer_norm", FAM, move |d| {
+        let o = d.layer_norm(&x, &gamma, &beta, 1, 3, 1e-5)?;
+        let (mean, rstd) = (round32(&o.mean), round32(&o.rstd));
+        let g = d.layer_norm_backward(&x, &gamma, &mean, &rstd, &gy, 1, 3)?;
+        Ok(vec![o.y, o.mean, o.rstd, g.gx, g.ggamma, g.gbeta])
+    }));
 }
 
 fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
