@@ -162,6 +162,52 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 120, max_global_rejects: 1_000_000, ..ProptestConfig::default() })]
+    /// The honest-run property on random valid graphs, batch sizes from 1 and every ordered
+    /// pair of CPU profiles: three steps committed on one replay bit for bit on the other, with
+    /// no honest entry called forged. Plain SGD (no momentum, no weight decay) keeps a gradient's
+    /// zero sign visible in the state (a batch of one once exposed the `gemm` profiles' `−0`).
+    #[test]
+    fn a_valid_graph_replays_on_every_other_profile(
+        g in graph(),
+        text in any::<bool>(),
+        batch in 1usize..5,
+        pair in (0usize..4, 1usize..4),
+    ) {
+        let mut cfg = Config::from_toml(REST, "t").unwrap();
+        let mut g = g;
+        let data = if text {
+            g.context = Some(4);
+            cfg.data = engine::spec::DataConfig::Text(engine::spec::TextConfig { holdout_fraction: 0.1 });
+            Some(text_file())
+        } else {
+            None
+        };
+        cfg.model = g.into();
+        cfg.train.batch_size = batch;
+        prop_assume!(cfg.validate().is_ok());
+        let (trainer, auditor) = (Profile::CPU[pair.0], Profile::CPU[(pair.0 + pair.1) % 4]);
+        let on = |p| Run::from_config(&cfg, data.as_deref(), p, 3).expect("a valid graph builds a run");
+        let (t, a) = (on(trainer), on(auditor));
+        let (mut st, mut sa) = (t.initial_state().unwrap(), a.initial_state().unwrap());
+        prop_assert_eq!(st.digest(), sa.digest());
+        for step in 1..=3 {
+            let o = match t.step(&st, step, StepMode::Commit { paper: false }, None) {
+                Ok(o) => o,
+                Err(e) => {
+                    prop_assert!(e.is_overflow(), "a valid graph failed to step: {}", e);
+                    return Ok(());
+                }
+            };
+            let r = a.step(&sa, step, StepMode::Replay(&o.log), None).expect("the replay of an honest step");
+            prop_assert!(r.forged.is_empty(), "{} → {}: step {}: honest entries called forged", trainer, auditor, step);
+            prop_assert_eq!(r.state.digest(), o.state.digest(), "{} → {}: step {} diverged", trainer, auditor, step);
+            (st, sa) = (o.state, r.state);
+        }
+    }
+}
+
 /// The generator is not vacuous: a fair share of its graphs validate and step.
 #[test]
 fn some_random_graphs_are_valid() {
