@@ -137,20 +137,26 @@ fn text_file() -> std::path::PathBuf {
     path
 }
 
+/// The config of graph `g` on [`REST`]'s synthetic data, or with `text` on a text file
+/// (`context = 4`), and the data path the run needs.
+fn config_for(mut g: GraphConfig, text: bool) -> (Config, Option<std::path::PathBuf>) {
+    let mut cfg = Config::from_toml(REST, "t").unwrap();
+    let data = if text {
+        g.context = Some(4);
+        cfg.data = engine::spec::DataConfig::Text(engine::spec::TextConfig { holdout_fraction: 0.1 });
+        Some(text_file())
+    } else {
+        None
+    };
+    cfg.model = g.into();
+    (cfg, data)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(1000))]
     #[test]
     fn validation_never_panics_and_a_valid_graph_steps(g in graph(), text in any::<bool>()) {
-        let mut cfg = Config::from_toml(REST, "t").unwrap();
-        let mut g = g;
-        let data = if text {
-            g.context = Some(4);
-            cfg.data = engine::spec::DataConfig::Text(engine::spec::TextConfig { holdout_fraction: 0.1 });
-            Some(text_file())
-        } else {
-            None
-        };
-        cfg.model = g.into();
+        let (cfg, data) = config_for(g, text);
         if cfg.validate().is_ok() {
             let run = Run::from_config(&cfg, data.as_deref(), Profile::Cpu, 1).expect("a valid graph builds a run");
             let state = run.initial_state().unwrap();
@@ -175,16 +181,7 @@ proptest! {
         batch in 1usize..5,
         pair in (0usize..4, 1usize..4),
     ) {
-        let mut cfg = Config::from_toml(REST, "t").unwrap();
-        let mut g = g;
-        let data = if text {
-            g.context = Some(4);
-            cfg.data = engine::spec::DataConfig::Text(engine::spec::TextConfig { holdout_fraction: 0.1 });
-            Some(text_file())
-        } else {
-            None
-        };
-        cfg.model = g.into();
+        let (mut cfg, data) = config_for(g, text);
         cfg.train.batch_size = batch;
         prop_assume!(cfg.validate().is_ok());
         let (trainer, auditor) = (Profile::CPU[pair.0], Profile::CPU[(pair.0 + pair.1) % 4]);
