@@ -2,8 +2,9 @@
 //!
 //! Every binary and benchmark of the workspace uses mimalloc as its global allocator (see the
 //! workspace manifest). By default mimalloc (v3, which `libmimalloc-sys` builds) hands pages
-//! that stayed free for 1 s back to the OS (its arenas' after 10 s), and a training step frees and reallocates its largest buffers (FP64 activations, gradients, their
-//! bounds, the next state) on every step, so each step page-faults them in again. In the bench
+//! that stayed free for 1 s back to the OS (its arenas' after 10 s), and a training step frees
+//! and reallocates its largest buffers (FP64 activations, gradients, their bounds, the next
+//! state) on every step, so each step page-faults them in again. In the bench
 //! that made a timing depend on what the other member of its pair had left allocated: at the
 //! GPT's `d_model` 512 × batch 8, candle's FP32 step took 0.64–0.72 s when it ran right after
 //! the trainer's step (whose new state was still held) against 0.44–0.53 s when it ran first,
@@ -13,8 +14,8 @@
 
 /// mimalloc's `mi_option_purge_delay` (the same position in the v2 and v3 option enums of the
 /// bundled sources: `libmimalloc-sys` exports no constant for it). Its default is 1000 (ms) in
-/// v3 and 10 in v2; -1 means "never purge". `purge_delay_is_option_15` checks the position against the
-/// defaults of this option and of its neighbours.
+/// v3 and 10 in v2; -1 means "never purge". `purge_delay_is_option_15` checks the position
+/// against the defaults of this option and of its neighbours.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Tells mimalloc never to return freed pages to the OS. Call it first in a one-shot command's
