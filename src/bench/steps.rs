@@ -24,7 +24,8 @@ use super::timed;
 /// later step's at the sweep's small points, which biased the first pairs).
 #[derive(Debug)]
 pub struct StepTimings {
-    /// Seconds of the trainer's step (`Commit`, no paper log) and of the FP32 step beside it.
+    /// Seconds of the trainer's step (`Commit`, no paper log, its new state hashed for the leaf)
+    /// and of the FP32 step beside it. A replay's seconds include hashing its state too.
     pub train_s: Vec<f64>,
     pub fp32_s: Vec<f64>,
     /// Per-step ratios trainer / FP32.
@@ -80,7 +81,14 @@ pub fn paired_steps(
         let timing = is_timed(t, steps);
         let batch_idx = trainer.batch_indices(t);
         let batch = Batch::gather(&trainer.data, &batch_idx.0);
-        let train = |s: &TrainingState| trainer.step(s, t, StepMode::Commit { paper: false }, None);
+        // A trainer's step includes hashing its new state for the leaf, and a replay hashes its
+        // state to compare with the leaf: both are timed with their hash.
+        let train = |s: &TrainingState| {
+            trainer.step(s, t, StepMode::Commit { paper: false }, None).map(|o| {
+                let h = o.state.digest();
+                (o, h)
+            })
+        };
         let state = &m.state;
         let ((out, dt_train), (fp32_loss, dt_fp32)) = if t % 2 == 1 {
             let out = timed(|| train(state));
@@ -89,7 +97,7 @@ pub fn paired_steps(
             let l = timed(|| fp32.step(&batch));
             (timed(|| train(state)), l)
         };
-        let (out, fp32_loss) = (out?, fp32_loss?);
+        let ((out, out_hash), fp32_loss) = (out?, fp32_loss?);
         if timing {
             m.train_s.push(dt_train);
             m.fp32_s.push(dt_fp32);
@@ -108,13 +116,15 @@ pub fn paired_steps(
             // against 0.67–0.72 s run first.
             let from = &replay_states[k];
             let replay = || {
-                let (rep, dt) = timed(|| r.step(from, t, StepMode::Replay(&out.log), None));
+                let (rep, dt) = timed(|| {
+                    r.step(from, t, StepMode::Replay(&out.log), None).map(|o| (o.state.digest(), o.forged.len()))
+                });
                 let rep = rep.with_context(|| format!("{name}: replay of step {t} on {profile}"))?;
-                anyhow::Ok(((rep.state.digest(), rep.forged.len()), dt))
+                anyhow::Ok((rep, dt))
             };
             let rerun = || {
                 let (again, dt) = timed(|| train(from));
-                anyhow::Ok((again?.state.digest(), dt))
+                anyhow::Ok((again?.1, dt))
             };
             let (((rep, forged), dt), (again, dt_train)) = if t % 2 == 1 {
                 (replay()?, rerun()?)
@@ -122,13 +132,13 @@ pub fn paired_steps(
                 let again = rerun()?;
                 (replay()?, again)
             };
-            ensure!(again == out.state.digest(), "{name}: step {t} gave another state when rerun");
+            ensure!(again == out_hash, "{name}: step {t} gave another state when rerun");
             replay_dt.push(dt);
             if timing {
                 m.replay_s[k].push(dt);
                 m.replay_vs[k].push(dt, dt_train);
             }
-            let b = out.state.digest();
+            let b = out_hash;
             ensure!(
                 rep == b && forged == 0,
                 "{name}: replay of step {t} on {profile} differs from the trainer: state {} vs {}, {forged} forged entries",
