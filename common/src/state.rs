@@ -11,23 +11,15 @@
 //! per tensor, by name: name_len: u16 LE | name (printable ASCII) | rank: u8 |
 //!                      dims: rank × u64 LE | data: Π dims × f32 LE (raw IEEE bits)
 //! ```
-//! The state hash ([`state_hash`]) is BLAKE3 of this encoding, computed in a streaming pass
-//! (record format 4; formats up to 3 used SHA-256). A state is hashed after every step, and
-//! BLAKE3 runs at several GB/s on one core with or without the CPU's SHA extensions, where
-//! SHA-256 ran at about 2 GB/s with them and a fraction of that without (13 % of a MNIST MLP
-//! training run was SHA-256 of states, on a CPU with SHA-NI). The Merkle tree, the logs, the
-//! batches and the spec keep SHA-256. Values are hashed as their FP32 bits, with no further
-//! conversion; NaN and infinities never reach a state (the rounding step refuses them).
+//! The state hash is SHA-256 of this encoding, computed in a streaming pass. Values are hashed
+//! as their FP32 bits, with no further conversion; NaN and infinities never reach a state (the
+//! rounding step refuses them).
 
 use std::collections::BTreeMap;
 
-use crate::codec::{DecodeError, Hash, Reader};
+use sha2::{Digest as _, Sha256};
 
-/// The state hash of a canonical encoding (BLAKE3): equal to [`TrainingState::digest`] of the
-/// state it encodes. What a checkpoint file's raw bytes are checked against.
-pub fn state_hash(canonical: &[u8]) -> Hash {
-    *blake3::hash(canonical).as_bytes()
-}
+use crate::codec::{DecodeError, Hash, Reader};
 
 const MAGIC: &[u8; 4] = b"TBST";
 const VERSION: u8 = 1;
@@ -160,13 +152,11 @@ impl TrainingState {
         out
     }
 
-    /// The state hash of the canonical encoding ([`state_hash`]): what a leaf commits to.
+    /// SHA-256 of the canonical encoding: what a leaf commits to.
     pub fn digest(&self) -> Hash {
-        let mut h = blake3::Hasher::new();
-        self.write_canonical(&mut |b| {
-            h.update(b);
-        });
-        *h.finalize().as_bytes()
+        let mut h = Sha256::new();
+        self.write_canonical(&mut |b| h.update(b));
+        h.finalize().into()
     }
 
     /// Decodes a canonical encoding. Never panics; rejects non-canonical input (unsorted or
@@ -251,7 +241,7 @@ mod tests {
         }
         assert_eq!(a.digest(), b.digest());
         assert_eq!(a.encode(), b.encode());
-        assert_eq!(a.digest(), state_hash(&a.encode()));
+        assert_eq!(a.digest(), crate::codec::sha256(&a.encode()));
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub use validate::{
 };
 
 /// Version of the record format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 3;
 /// This software's version, recorded in every spec and report.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -149,13 +149,13 @@ fn each_bad_field_is_refused_by_name() {
         assert!(err.field.starts_with(field), "{at} = {value}: {err} does not name {field}");
         assert!(err.to_string().starts_with(&format!("{}: ", err.field)), "{err}");
     }
-    // Records of earlier formats: 1 (hand-written models, before every model was a graph), 2
-    // (tie-break logs naming their sites) and 3 (SHA-256 state hashes).
-    for old in [1, 2, 3] {
+    // Records of earlier formats: 1 (hand-written models, before every model was a graph) and
+    // 2 (tie-break logs naming their sites).
+    for old in [1, 2] {
         let err = edited(&mlp, "/format_version", json!(old)).unwrap_err();
         assert_eq!(err.what, format!("made by format {old}; this build reads format {FORMAT_VERSION}"));
     }
-    assert_eq!(FORMAT_VERSION, 4);
+    assert_eq!(FORMAT_VERSION, 3);
 }
 
 #[test]

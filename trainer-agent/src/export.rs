@@ -101,7 +101,7 @@ pub fn export(opts: &ExportOptions<'_>) -> Result<Exported, TrainerError> {
     put("root", manifest.root.clone());
     put("spec_sha256", manifest.spec_hash.clone());
     put("step", step.to_string());
-    put("state_hash", to_hex(&state.digest()));
+    put("state_sha256", to_hex(&state.digest()));
     let json = |e: serde_json::Error| TrainerError::Usage(format!("export metadata: {e}"));
     put(
         "model",

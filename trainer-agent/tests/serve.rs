@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::codec::{from_hex, hash_from_hex, to_hex};
+use common::codec::{self, from_hex, hash_from_hex, to_hex};
 use common::leaf::{BatchIndices, LEAF_BYTES};
 use common::merkle::{self, verify_inclusion};
 use common::state::TrainingState;
@@ -167,7 +167,7 @@ impl Server {
 
 fn raw_state_digest(raw: &[u8]) -> [u8; 32] {
     let state = TrainingState::decode(raw).unwrap();
-    assert_eq!(state.digest(), common::state::state_hash(raw));
+    assert_eq!(state.digest(), codec::sha256(raw));
     state.digest()
 }
 

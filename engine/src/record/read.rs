@@ -57,20 +57,19 @@ pub fn read_leaves_max(path: &Path, allow_torn: bool, leaves_max: u64) -> Result
 }
 
 /// A stored file checked against its commitment: the bytes as stored (a zstd frame, or a log's
-/// canonical bytes themselves), and its canonical bytes, whose hash is the committed one (the
-/// state hash for a checkpoint, SHA-256 for a log).
+/// canonical bytes themselves), and its canonical bytes, whose SHA-256 is the committed hash.
 #[derive(Debug, Clone)]
 pub struct CommittedFrame {
     pub stored: Vec<u8>,
     pub raw: Vec<u8>,
 }
 
-/// Reads the stored file at `path` (decompressing at most `raw_bytes_max` bytes) and checks the
-/// `hash` of its raw bytes against `expected`; `what` names the hash in a mismatch.
+/// Reads the stored file at `path` (decompressing at most `raw_bytes_max` bytes) and checks its
+/// raw bytes against `expected`; `what` names the hash in a mismatch.
 fn read_committed_frame(
     path: PathBuf,
     raw_bytes_max: usize,
-    (hash, expected): (fn(&[u8]) -> Hash, &Hash),
+    expected: &Hash,
     what: String,
 ) -> Result<CommittedFrame, RecordError> {
     // Incompressible data grows a little in zstd: allow its worst case for `raw_bytes_max`.
@@ -80,7 +79,7 @@ fn read_committed_frame(
         offset: None,
         what: e.to_string(),
     })?;
-    let actual = hash(&raw);
+    let actual = codec::sha256(&raw);
     if actual != *expected {
         return Err(RecordError::Mismatch { path, what, expected: to_hex(expected), actual: to_hex(&actual) });
     }
@@ -95,12 +94,7 @@ pub fn read_checkpoint_frame(
     leaf: &Leaf,
     raw_bytes_max: usize,
 ) -> Result<CommittedFrame, RecordError> {
-    read_committed_frame(
-        checkpoint_path(dir, step),
-        raw_bytes_max,
-        (common::state::state_hash, &leaf.state),
-        format!("state hash of step {step}"),
-    )
+    read_committed_frame(checkpoint_path(dir, step), raw_bytes_max, &leaf.state, format!("state hash of step {step}"))
 }
 
 /// Reads a checkpoint (of at most `raw_bytes_max` bytes decompressed) and checks it against its
@@ -283,7 +277,7 @@ impl Record {
         read_committed_frame(
             log_path(&self.dir, step),
             LOG_RAW_BYTES_MAX,
-            (codec::sha256, &leaf.log),
+            &leaf.log,
             format!("log hash of step {step}"),
         )
     }
