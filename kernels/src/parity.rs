@@ -175,10 +175,12 @@ pub fn cases(seed: u64) -> Vec<Case> {
     out
 }
 
-/// Sums of one or two terms (a batch of one, a 1×1 convolution output, an embedding row hit
-/// once) on the "zeros" family: there a sum of `−0` terms is `−0` if it starts from its first
-/// term and `+0` if it starts from `+0`, and every profile must give `+0` (a zero-bound result
-/// is compared bit for bit).
+/// Sums of one to three terms in every op that sums (matmul and its backward, `sum_rows`, conv
+/// and its gradients, an embedding row hit once, layer and batch norm over rows of one to three
+/// values, the softmax backward passes, cross-entropy and MSE over one to three rows, average
+/// pooling over windows of one and two) on the "zeros" family: there a sum of `−0` terms is
+/// `−0` if it starts from its first term and `+0` if it starts from `+0`, and every profile must
+/// give `+0` (a zero-bound result is compared bit for bit).
 fn add_short_sums(out: &mut Vec<Case>, r: &mut SplitMix64) {
     const FAM: &str = "zeros-short";
     for (m, k, n) in [(3, 1, 4), (1, 2, 5), (4, 2, 1), (1, 1, 1), (2, 3, 2)] {
@@ -216,14 +218,49 @@ fn add_short_sums(out: &mut Vec<Case>, r: &mut SplitMix64) {
     let ids = vec![1u32, 3, 3];
     let gy = family_data(r, "zeros", 3 * dim);
     out.push(Case::new("embedding_backward", FAM, move |d| Ok(vec![d.embedding_backward(&gy, &ids, vocab, dim)?])));
-    let (x, gamma, beta) = (family_data(r, "zeros", 3), family_data(r, "zeros", 3), family_data(r, "zeros", 3));
-    let gy = family_data(r, "zeros", 3);
-    out.push(Case::new("layer_norm", FAM, move |d| {
-        let o = d.layer_norm(&x, &gamma, &beta, 1, 3, 1e-5)?;
-        let (mean, rstd) = (round32(&o.mean), round32(&o.rstd));
-        let g = d.layer_norm_backward(&x, &gamma, &mean, &rstd, &gy, 1, 3)?;
-        Ok(vec![o.y, o.mean, o.rstd, g.gx, g.ggamma, g.gbeta])
-    }));
+    for (rows, cols) in [(3, 1), (1, 2), (2, 2), (1, 3)] {
+        let x = family_data(r, "zeros", rows * cols);
+        let (gamma, beta) = (family_data(r, "zeros", cols), family_data(r, "zeros", cols));
+        let gy = family_data(r, "zeros", rows * cols);
+        let (gb, bb) = (family_data(r, "zeros", rows), family_data(r, "zeros", rows));
+        out.push(Case::new("layer_norm", FAM, move |d| {
+            let o = d.layer_norm(&x, &gamma, &beta, rows, cols, 1e-5)?;
+            let (mean, rstd) = (round32(&o.mean), round32(&o.rstd));
+            let g = d.layer_norm_backward(&x, &gamma, &mean, &rstd, &gy, rows, cols)?;
+            let b = d.batch_norm(&x, &gb, &bb, rows, cols, 1e-5)?;
+            let (bmean, brstd) = (round32(&b.mean), round32(&b.rstd));
+            let bg = d.batch_norm_backward(&x, &gb, &bmean, &brstd, &gy, rows, cols)?;
+            Ok(vec![o.y, o.mean, o.rstd, g.gx, g.ggamma, g.gbeta, b.y, b.mean, b.rstd, bg.gx, bg.ggamma, bg.gbeta])
+        }));
+        // Row sums of one to three terms in the softmax backward passes.
+        let spec = RowSpec::new(rows, cols);
+        let seq = Device::new(Profile::CpuSeq).expect("cpu-seq device");
+        let z = family_data(r, "zeros", rows * cols);
+        let y = round32(&seq.softmax(&z, spec).expect("softmax"));
+        let ly = round32(&seq.log_softmax(&z, spec).expect("log_softmax"));
+        let gy = family_data(r, "zeros", rows * cols);
+        out.push(Case::new("softmax_backward", FAM, move |d| {
+            Ok(vec![d.softmax_backward(&y, &gy, spec)?, d.log_softmax_backward(&ly, &gy, spec)?])
+        }));
+        // A loss over one to three rows and elements.
+        let logits = family_data(r, "zeros", rows * (cols + 1));
+        let targets = r.ids(rows, cols + 1);
+        let (pred, target) = (family_data(r, "zeros", rows * cols), family_data(r, "zeros", rows * cols));
+        out.push(Case::new("losses", FAM, move |d| {
+            let (l, g) = d.cross_entropy(&logits, &targets, rows, cols + 1)?;
+            let (ml, mg) = d.mse(&pred, &target)?;
+            Ok(vec![l, g, ml, mg])
+        }));
+    }
+    // Average pooling over windows of one and two values, forward and backward.
+    for (kh, kw) in [(1, 1), (2, 1), (1, 2)] {
+        let ps = Pool2dSpec { n: 1, c: 2, h: 2, w: 2, kh, kw, stride: 1, pad: 0 };
+        let x = family_data(r, "zeros", 8);
+        let gy = family_data(r, "zeros", 2 * (3 - kh) * (3 - kw));
+        out.push(Case::new("avg_pool2d", FAM, move |d| {
+            Ok(vec![d.avg_pool2d(&x, ps)?, d.avg_pool2d_backward(&gy, ps)?])
+        }));
+    }
 }
 
 fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
