@@ -8,7 +8,10 @@
 //! the bias when there is one, then adds the lower part: every output is another sum of the
 //! same terms, which the matmul bound (any order, with or without FMA) already covers.
 //! Threads split output blocks, never the k loop, so neither result depends on the thread
-//! count.
+//! count. Both end by turning `−0` into `+0` ([`positive_zeros`]), as every other profile's
+//! sums, which start from `+0`, give it.
+
+use rayon::prelude::*;
 
 use crate::MatmulSpec;
 
@@ -84,6 +87,7 @@ pub(crate) fn gemm_cpu(a: &[f64], b: &[f64], out: &mut [f64], spec: MatmulSpec) 
         let (ab, bb) = (&a[bi * m * k..(bi + 1) * m * k], &b[bi * k * n..(bi + 1) * k * n]);
         gemm_part(ab, bb, &mut out[bi * m * n..(bi + 1) * m * n], spec, 0, k, false, par);
     }
+    positive_zeros(out);
 }
 
 /// Where `cpu-alt` splits K: `⌊k/2⌋ − 1` (1 for k < 4). Each part has fewer than `kc` terms
@@ -115,4 +119,17 @@ pub(crate) fn gemm_alt(a: &[f64], b: &[f64], bias: Option<&[f64]>, out: &mut [f6
             gemm_part(ab, bb, ob, spec, 0, s, true, par);
         }
     }
+    positive_zeros(out);
+}
+
+/// Adds `+0.0` to every value: turns `−0` into `+0` and leaves every other value alone. A sum
+/// whose exact value is zero must give `+0`, as a sum that starts from `+0` does (the tie-break
+/// rule puts `−0` and `+0` in different cells, and such a sum's bound is 0). The `gemm` crate's
+/// kernels do not start from `+0` everywhere: a sum of one product (a batch of one in a weight
+/// gradient) comes out as that product, `−0` when a factor is zero and the other negative, and
+/// `cpu-alt`'s two partial sums can both be `−0`. Both profiles' GEMMs end with it, so a bias
+/// added afterwards (`cpu`) meets `+0`. (The compiler cannot drop `x + 0.0`: it is not `x` for
+/// `x = −0`.)
+fn positive_zeros(out: &mut [f64]) {
+    out.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v += 0.0));
 }

@@ -240,24 +240,10 @@ impl Device {
         }
         let p = self.profile();
         match p {
-            Profile::Cpu => {
-                gemm_cpu(a, b, out, spec);
-                if let Some(bias) = bias {
-                    for row in out.chunks_mut(n) {
-                        for (o, b) in row.iter_mut().zip(bias) {
-                            // `+ 0.0`: see `positive_zeros`.
-                            *o = *o + b + 0.0;
-                        }
-                    }
-                } else {
-                    positive_zeros(out);
-                }
-                return Ok(());
-            }
+            Profile::Cpu => gemm_cpu(a, b, out, spec),
             Profile::CpuAlt => {
                 // The bias is the first term of each sum here, not the last.
                 gemm_alt(a, b, bias, out, spec);
-                positive_zeros(out);
                 return Ok(());
             }
             Profile::Cuda => self.gemm_gpu(a, b, out, spec)?,
@@ -290,17 +276,6 @@ impl Device {
         }
         Ok(())
     }
-}
-
-/// Adds `+0.0` to every value: turns `−0` into `+0` and leaves every other value alone. A sum
-/// whose exact value is zero must give `+0`, as a sum that starts from `+0` does (the tie-break
-/// rule puts `−0` and `+0` in different cells, and such a sum's bound is 0). The `gemm` crate's
-/// kernels do not start from `+0` everywhere: a sum of one product (a batch of one in a weight
-/// gradient) comes out as that product, `−0` when a factor is zero and the other negative, and
-/// `cpu-alt`'s two partial sums can both be `−0`. (The compiler cannot drop `x + 0.0`: it is not
-/// `x` for `x = −0`.)
-fn positive_zeros(out: &mut [f64]) {
-    out.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v += 0.0));
 }
 
 /// `op(X)` (stored `r×c` when `!trans`, else `c×r`) as an `r×c` row-major copy.
