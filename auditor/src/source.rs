@@ -136,7 +136,11 @@ pub fn map_record_error(dir: &Path, e: RecordError) -> SourceError {
         RecordError::Io { op, path, source } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
             SourceError::Invalid { file: relative(dir, &path), offset: None, what: format!("{op}: {source}") }
         }
-        e @ (RecordError::Io { .. } | RecordError::Refused(_)) => SourceError::Unavailable(e.to_string()),
+        // An earlier format is this build's limit: the audit cannot decide (see
+        // `RunSpec::earlier_format`).
+        e @ (RecordError::Io { .. } | RecordError::Refused(_) | RecordError::EarlierFormat { .. }) => {
+            SourceError::Unavailable(e.to_string())
+        }
     }
 }
 

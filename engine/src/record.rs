@@ -42,7 +42,9 @@ mod read;
 
 use files::read_regular;
 pub use manifest::{Manifest, load_or_create_key};
-pub use read::{CommittedFrame, Record, read_checkpoint, read_checkpoint_frame, read_leaves, read_leaves_max};
+pub use read::{
+    CommittedFrame, Record, earlier_format_spec, read_checkpoint, read_checkpoint_frame, read_leaves, read_leaves_max,
+};
 
 pub const SPEC_FILE: &str = "spec.json";
 pub const LEAVES_FILE: &str = "leaves.bin";
@@ -70,15 +72,23 @@ pub enum RecordError {
     Mismatch { path: PathBuf, what: String, expected: String, actual: String },
     #[error("{0}")]
     Refused(String),
+    /// `spec.json` says the record was made by an earlier format ([`RunSpec::earlier_format`]).
+    #[error(
+        "{}: the record was made by format {version} (an earlier build); this build reads format \
+         {FORMAT_VERSION}: audit it with a build that reads format {version}",
+        path.display()
+    )]
+    EarlierFormat { path: PathBuf, version: u32 },
 }
 
 impl RecordError {
     /// The file the error is about.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            RecordError::Io { path, .. } | RecordError::Corrupt { path, .. } | RecordError::Mismatch { path, .. } => {
-                Some(path)
-            }
+            RecordError::Io { path, .. }
+            | RecordError::Corrupt { path, .. }
+            | RecordError::Mismatch { path, .. }
+            | RecordError::EarlierFormat { path, .. } => Some(path),
             RecordError::Refused(_) => None,
         }
     }

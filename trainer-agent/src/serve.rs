@@ -321,6 +321,11 @@ fn record_error(dir: &Path, e: RecordError) -> ApiError {
             )
         }
         RecordError::Refused(what) => ApiError::new(code::NOT_FOUND, what),
+        // This server cannot read the record's format: its own limit, said as such.
+        RecordError::EarlierFormat { path, version } => {
+            let path = relative(dir, &path).into();
+            ApiError::new(code::INTERNAL, RecordError::EarlierFormat { path, version }.to_string())
+        }
     }
 }
 
@@ -646,7 +651,16 @@ async fn run_info(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<R
 
 async fn spec(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<Response, ApiError> {
     no_query(&uri)?;
-    blocking(&s, move |s| Ok(bytes_body("application/json", s.record(&p.run)?.spec_bytes().to_vec()))).await
+    blocking(&s, move |s| match s.record(&p.run) {
+        Ok(r) => Ok(bytes_body("application/json", r.spec_bytes().to_vec())),
+        // A record of an earlier format, which this server cannot open: its spec as it is, so
+        // the auditor reads the format from the committed bytes (and does not retry an error).
+        Err(e) => match s.resolve(&p.run).ok().and_then(|dir| record::earlier_format_spec(&dir)) {
+            Some(bytes) => Ok(bytes_body("application/json", bytes)),
+            None => Err(e),
+        },
+    })
+    .await
 }
 
 async fn manifest(State(s): State<Arc<Shared>>, p: Params, uri: Uri) -> Result<Response, ApiError> {

@@ -93,13 +93,26 @@ pub(super) fn check(src: &dyn TrainerSource, opts: &AuditOptions) -> Result<Comm
 
 /// The spec's bytes as a run spec: JSON in canonical form, every field in range (the engine's
 /// own validation, the one the trainer ran), so nothing later panics, overflows or hangs on it.
-pub(crate) fn committed_spec(bytes: &[u8]) -> Result<RunSpec, Verdict> {
+pub(crate) fn committed_spec(bytes: &[u8]) -> Result<RunSpec, Stop> {
+    check_format(bytes)?;
     let spec =
         RunSpec::from_committed_json(bytes).map_err(|e| Verdict::invalid(record::SPEC_FILE, None, e.to_string()))?;
     if spec.canonical_json() != bytes {
-        return Err(Verdict::invalid(record::SPEC_FILE, None, "not in canonical form"));
+        return Err(Verdict::invalid(record::SPEC_FILE, None, "not in canonical form").into());
     }
     Ok(spec)
+}
+
+/// A spec of an earlier record format ([`RunSpec::earlier_format`]) is a record this build
+/// cannot read, not a wrong one: the audit cannot decide, and says which format to audit it
+/// with, as a local record's [`engine::record::RecordError::EarlierFormat`] does.
+fn check_format(bytes: &[u8]) -> Result<(), Stop> {
+    match RunSpec::earlier_format(bytes) {
+        Some(version) => Err(Stop::Undecided(AuditError::Source(
+            engine::record::RecordError::EarlierFormat { path: record::SPEC_FILE.into(), version }.to_string(),
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The signed manifest against the spec and the leaves.

@@ -56,6 +56,14 @@ pub fn read_leaves_max(path: &Path, allow_torn: bool, leaves_max: u64) -> Result
     Ok(out)
 }
 
+/// The `spec.json` of a record made by an earlier format ([`RunSpec::earlier_format`]), which
+/// [`Record::open`] refuses: what a record server hands out for it, so that an auditor sees the
+/// format in the committed bytes themselves rather than a server error.
+pub fn earlier_format_spec(dir: &Path) -> Option<Vec<u8>> {
+    let bytes = read_regular(&dir.join(SPEC_FILE), JSON_FILE_BYTES_MAX).ok()?;
+    RunSpec::earlier_format(&bytes).map(|_| bytes)
+}
+
 /// A stored file checked against its commitment: the bytes as stored (a zstd frame, or a log's
 /// canonical bytes themselves), and its canonical bytes, whose SHA-256 is the committed hash.
 #[derive(Debug, Clone)]
@@ -148,6 +156,9 @@ impl Record {
         let spec_path = dir.join(SPEC_FILE);
         let spec_bytes = read_regular(&spec_path, JSON_FILE_BYTES_MAX)?;
         let spec_corrupt = |what: String| RecordError::Corrupt { path: spec_path.clone(), offset: None, what };
+        if let Some(version) = RunSpec::earlier_format(&spec_bytes) {
+            return Err(RecordError::EarlierFormat { path: spec_path, version });
+        }
         let spec =
             RunSpec::from_committed_json(&spec_bytes).map_err(|e| spec_corrupt(format!("invalid run spec: {e}")))?;
         if spec.canonical_json() != spec_bytes {

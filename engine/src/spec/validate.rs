@@ -524,6 +524,16 @@ impl Config {
 }
 
 impl RunSpec {
+    /// The format of a `spec.json` made by an earlier build (formats 1 to [`FORMAT_VERSION`] − 1),
+    /// which this build no longer reads: such a record is not wrong, and an auditor must not
+    /// judge it, only say which build can. `None` for this build's format and for any version no
+    /// build has written (0, or one from the future: judged like any other invalid field, so a
+    /// trainer cannot make an auditor undecided by naming one), or a spec that does not parse.
+    pub fn earlier_format(bytes: &[u8]) -> Option<u32> {
+        let v = serde_json::from_slice::<serde_json::Value>(bytes).ok()?.get("format_version")?.as_u64()?;
+        (1..u64::from(FORMAT_VERSION)).contains(&v).then_some(v as u32)
+    }
+
     /// Parses a committed `spec.json` and validates it: what an auditor does with a trainer's
     /// spec before anything else. A parse error names the line, column and (from serde) field.
     pub fn from_committed_json(bytes: &[u8]) -> Result<RunSpec, SpecInvalid> {
