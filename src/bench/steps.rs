@@ -63,7 +63,6 @@ pub fn paired_steps(
     ensure!(steps >= 1, "--steps must be at least 1");
     let init = trainer.initial_state()?;
     let mut fp32 = Baseline::for_run(trainer, &init)?;
-    let mut replay_states: Vec<TrainingState> = replayers.iter().map(|_| init.clone()).collect();
     let mut m = StepTimings {
         train_s: Vec::new(),
         fp32_s: Vec::new(),
@@ -107,14 +106,14 @@ pub fn paired_steps(
         for (k, (profile, r)) in replayers.iter().enumerate() {
             // Each replay is paired with a run of the same trainer step beside it (the first run
             // made the log), alternating which goes first; the rerun must give the same state.
-            // Both start from the replayer's copy of the state (bit-identical to the trainer's,
-            // checked every step), so neither finds its inputs warmer in the caches.
+            // Both start from the state before the step (every replay so far gave the trainer's
+            // bits, checked below), so neither finds other inputs in the caches.
             // Whichever runs first is reduced to its digest and dropped before the second
             // starts, so neither runs while the other's output (hundreds of MB at the sweep's
             // largest point) is still held. Before this and `kernels::keep_freed_pages`, a
             // replay run second (after the rerun) took 0.89–1.03 s at d_model 512 × batch 8
             // against 0.67–0.72 s run first.
-            let from = &replay_states[k];
+            let from = state;
             let replay = || {
                 let (rep, dt) = timed(|| {
                     r.step(from, t, StepMode::Replay(&out.log), None).map(|o| (o.state.digest(), o.forged.len()))
@@ -138,15 +137,12 @@ pub fn paired_steps(
                 m.replay_s[k].push(dt);
                 m.replay_vs[k].push(dt, dt_train);
             }
-            let b = out_hash;
             ensure!(
-                rep == b && forged == 0,
+                rep == out_hash && forged == 0,
                 "{name}: replay of step {t} on {profile} differs from the trainer: state {} vs {}, {forged} forged entries",
                 to_hex(&rep),
-                to_hex(&b)
+                to_hex(&out_hash)
             );
-            // Bit-identical to the replay's state (checked just above).
-            replay_states[k] = out.state.clone();
         }
         each(t, state, &batch, &out)?;
 
