@@ -326,16 +326,21 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
             (None, false) => return Err(bad("step 0 of a run from the seed has no previous state")),
             (None, true) => {}
         }
-        (Leaf::initial(run.initial_state()?.digest()), Vec::new())
+        (Leaf::initial(run.state_digest(&run.initial_state()?)), Vec::new())
     } else {
         let prev = ev.previous.as_ref().ok_or_else(|| bad("no previous leaf"))?;
         check(prev, s - 1, "previous leaf")?;
         let state = TrainingState::decode(&ev.prev_state).map_err(|e| bad(format!("previous state: {e}")))?;
-        if state.digest() != prev.leaf.state || state.step != s - 1 {
+        if run.state_digest(&state) != prev.leaf.state || state.step != s - 1 {
             return Err(bad("previous state does not match leaf s − 1"));
         }
         let out = run.step(&state, s, StepMode::Replay(&ev.trainer_log), None)?;
-        let leaf = Leaf { step: s, state: out.state.digest(), log: ev.trainer_log.digest(), batch: out.batch.digest() };
+        let leaf = Leaf {
+            step: s,
+            state: run.state_digest(&out.state),
+            log: ev.trainer_log.digest(),
+            batch: out.batch.digest(),
+        };
         (leaf, out.forged.iter().map(|e| e.to_string()).collect::<Vec<_>>())
     };
     let reproduces = match ev.verdict_kind {

@@ -5,6 +5,7 @@
 
 mod support;
 
+use common::state::StateHash;
 use std::path::{Path, PathBuf};
 
 use auditor::evidence::{Side, adjudicate};
@@ -58,7 +59,7 @@ fn an_honest_fine_tune_audits_consistent_on_every_profile_and_mode() {
     assert_eq!(std::fs::read(record.join(INIT_WEIGHTS_FILE)).unwrap(), std::fs::read(&weights).unwrap());
     // Not the seed's initialisation: the initial state is the exported weights.
     let seeded = Run::from_config(&spec.config, None, Profile::Cpu, spec.n_steps).unwrap().initial_state().unwrap();
-    assert_ne!(Leaf::initial(seeded.digest()), Record::open(&record).unwrap().leaves()[0]);
+    assert_ne!(Leaf::initial(seeded.digest(StateHash::Blake3)), Record::open(&record).unwrap().leaves()[0]);
 
     for device in [Profile::CpuSeq, Profile::CpuSplitK] {
         for mode in [Mode::Full, Mode::Intervals, Mode::Spot { count: 2, pick: SpotPick::LargestUpdates }] {

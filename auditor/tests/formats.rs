@@ -1,17 +1,91 @@
-//! A record of an earlier format is not a wrong record: this build cannot read it, so the audit
-//! cannot decide (exit 2) and says which format to audit it with, from a local directory and
-//! from a record server alike. A format no build has written (0, or one from the future) stays a
-//! `commitment-invalid` verdict, so a trainer cannot make an auditor undecided by naming one.
+//! Record formats. This build writes format 4 (BLAKE3 state hashes) and reads format 3 (SHA-256)
+//! too: records made by the 0.3.0 build (`tests/fixtures/format3`) audit, bisect, adjudicate,
+//! serve and export as they did. A record of an earlier format is not a wrong record: this
+//! build cannot read it, so the audit cannot decide (exit 2) and says which format to audit it
+//! with, from a local directory and from a record server alike. A format no build has written
+//! (0, or one from the future) stays a `commitment-invalid` verdict, so a trainer cannot make an
+//! auditor undecided by naming one.
 
 mod support;
 
 use std::process::Command;
 
-use auditor::{AuditError, AuditOptions, NoProgress, Verdict, audit_dir};
-use engine::spec::FORMAT_VERSION;
+use std::path::{Path, PathBuf};
+
+use auditor::evidence::{Evidence, Side, adjudicate};
+use auditor::http::{HttpTrainer, RetryPolicy};
+use auditor::{AuditError, AuditOptions, NoProgress, TrainerSource, Verdict, audit_dir};
+use common::state::StateHash;
+use engine::record::Record;
+use engine::spec::{FORMAT_OLDEST_READ, FORMAT_VERSION};
 use kernels::Profile;
-use support::tamper::tamper_spec;
-use support::{Drill, SGD, scratch, write_record};
+use support::tamper::{tamper_checkpoint, tamper_spec};
+use support::{Drill, SGD, copy_dir, scratch, write_record};
+
+/// A copy of a record made by the 0.3.0 build (format 3, SHA-256 state hashes): `honest`, or
+/// `guilty` (one weight's last bit flipped after step 7). See `fixtures/format3/README.md`.
+fn format3(dir: &Path, which: &str) -> PathBuf {
+    format3_as(dir, which, which)
+}
+
+fn format3_as(dir: &Path, which: &str, name: &str) -> PathBuf {
+    let to = dir.join(name);
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format3").join(which), &to);
+    to
+}
+
+#[test]
+fn a_format_3_record_is_read_with_sha256_and_this_build_writes_blake3() {
+    let dir = scratch("formats-hash");
+    let old = Record::open(&format3(&dir, "honest")).unwrap();
+    assert_eq!((old.spec().format_version, old.spec().state_hash()), (3, StateHash::Sha256));
+    let state = old.checkpoint(12).unwrap();
+    assert_eq!(state.digest(StateHash::Sha256), old.leaf(12).unwrap().state);
+    let new = Record::open(&write_record(&dir.join("new"), Profile::Cpu, SGD, Drill::default())).unwrap();
+    assert_eq!((new.spec().format_version, new.spec().state_hash()), (FORMAT_VERSION, StateHash::Blake3));
+    assert_eq!(new.manifest().unwrap().format_version, FORMAT_VERSION);
+    let last = new.n_steps();
+    assert_eq!(new.checkpoint(last).unwrap().digest(StateHash::Blake3), new.leaf(last).unwrap().state);
+}
+
+#[test]
+fn records_made_by_the_format_3_build_audit_as_they_did() {
+    let dir = scratch("formats-3");
+    let honest = format3(&dir, "honest");
+    let guilty = format3(&dir, "guilty");
+    for auditor in [Profile::CpuAlt, Profile::CpuSeq, Profile::CpuSplitK] {
+        let a = audit_dir(&honest, &AuditOptions::new(auditor), &NoProgress).unwrap();
+        assert!(matches!(a.verdict, Verdict::Consistent), "{auditor}: {:?}", a.verdict);
+        let a = audit_dir(&guilty, &AuditOptions::new(auditor), &NoProgress).unwrap();
+        assert!(matches!(a.verdict, Verdict::Diverged { step: 7, .. }), "{auditor}: {:?}", a.verdict);
+        // The disputed step re-executes with the record's own hash, on any profile.
+        let ev = a.evidence.unwrap();
+        assert_eq!(adjudicate(&ev, Profile::Cpu, None).unwrap().reproduces, Side::Auditor, "{auditor}");
+    }
+    // The 0.3.0 auditor's signed report still verifies, and its evidence bundle re-executes
+    // with SHA-256 on every profile.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format3");
+    let report = std::fs::read_to_string(fixtures.join("guilty.report.json")).unwrap();
+    let verified = auditor::report::verify(&report).unwrap();
+    assert_eq!((verified.verdict_kind, verified.proofs_checked), (auditor::VerdictKind::Diverged, 2));
+    let old = Evidence::read(&fixtures.join("guilty.evidence")).unwrap();
+    for p in Profile::CPU {
+        assert_eq!(adjudicate(&old, p, None).unwrap().reproduces, Side::Auditor, "{p}");
+    }
+    // A format-3 checkpoint whose leaf is BLAKE3 of it (a trainer mixing the formats) is a
+    // mismatch against SHA-256, a verdict.
+    let mixed = format3_as(&dir, "honest", "mixed");
+    tamper_checkpoint(&mixed, 8, |s| s.clone());
+    let leaf = Record::open(&mixed).unwrap().leaf(8).unwrap().state;
+    let (sha, b3) = {
+        let s = Record::open(&honest).unwrap().checkpoint(8).unwrap();
+        (s.digest(StateHash::Sha256), s.digest(StateHash::Blake3))
+    };
+    assert_eq!(leaf, sha, "tamper_checkpoint recommits with the record's own hash");
+    support::tamper::recommit(&mixed, Some((8, b3)), |_| {});
+    let a = audit_dir(&mixed, &AuditOptions::new(Profile::CpuAlt), &NoProgress).unwrap();
+    assert!(matches!(&a.verdict, Verdict::CommitmentInvalid { .. }), "{:?}", a.verdict);
+}
 
 /// A signed record whose spec says `format`.
 fn record_of_format(dir: &std::path::Path, format: u32) -> std::path::PathBuf {
@@ -21,7 +95,7 @@ fn record_of_format(dir: &std::path::Path, format: u32) -> std::path::PathBuf {
 }
 
 fn earlier_and_unknown() -> (Vec<u32>, Vec<u32>) {
-    ((1..FORMAT_VERSION).collect(), vec![0, FORMAT_VERSION + 1, 99])
+    ((1..FORMAT_OLDEST_READ).collect(), vec![0, FORMAT_VERSION + 1, 99])
 }
 
 #[test]
@@ -62,8 +136,52 @@ async fn a_served_record_of_an_earlier_format_is_undecided_and_an_unknown_one_in
         support::place(&rec, &records, &format!("f{format}"));
         runs.push((format, earlier.contains(&format)));
     }
+    // Records of the format-3 build, served by this one: consistent, and diverged at step 7.
+    for which in ["honest", "guilty"] {
+        support::place(&format3(&dir, which), &records, &format!("f3-{which}"));
+    }
     let trainer = support::start_trainer(&records, None).await;
     let url = trainer.url.clone();
+    // The server recomputes a state between checkpoints by replay and checks every step on the
+    // way against its leaf: with SHA-256 for these records.
+    let (u, honest) = (url.clone(), records.join("f3-honest"));
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let src = HttpTrainer::new(&u, "f3-honest", None, RetryPolicy::default(), rt.handle().clone()).unwrap();
+        let rec = Record::open(&honest).unwrap();
+        for step in [5, 6, 7, 11] {
+            let state = src.state(step).unwrap_or_else(|e| panic!("state {step}: {e}"));
+            assert_eq!(state.digest(StateHash::Sha256), rec.leaf(step).unwrap().state, "state {step}");
+        }
+    })
+    .await
+    .unwrap();
+    let d = dir.clone();
+    let u = url.clone();
+    let served3 = tokio::task::spawn_blocking(move || {
+        ["honest", "guilty"].map(|which| {
+            let run = format!("f3-{which}");
+            let out = Command::new(env!("CARGO_BIN_EXE_auditor"))
+                .current_dir(&d)
+                .args(["audit", "--trainer-url", &u, "--run", &run, "--device", "cpu-alt", "--json"])
+                .output()
+                .unwrap();
+            (which, out)
+        })
+    })
+    .await
+    .unwrap();
+    for (which, out) in served3 {
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{which}: {e}: {stderr}"));
+        match which {
+            "honest" => assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}"),
+            _ => {
+                assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+                assert_eq!((v["verdict"]["kind"].as_str(), v["verdict"]["step"].as_u64()), (Some("diverged"), Some(7)));
+            }
+        }
+    }
     let d = dir.clone();
     let outputs = tokio::task::spawn_blocking(move || {
         runs.into_iter()

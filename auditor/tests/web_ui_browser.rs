@@ -44,7 +44,21 @@ async fn chromium(bin: &Path, profile: &Path, url: &str, args: &[String]) -> Str
     .arg(format!("--user-data-dir={}", profile.display()))
     .args(args)
     .arg(url);
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    // Chromium itself failing to start (seen once in CI: "Zygote could not fork" for its GPU
+    // process, on a run whose pages were fine) is retried twice; what it renders is not.
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = cmd.output().unwrap();
+        for _ in 0..2 {
+            if out.status.success() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            out = cmd.output().unwrap();
+        }
+        out
+    })
+    .await
+    .unwrap();
     assert!(out.status.success(), "chromium {url}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -38,8 +38,9 @@ pub enum EngineError {
     Usage(String),
     #[error(transparent)]
     Record(#[from] record::RecordError),
-    #[error("step {step}: {source}")]
-    Rounding { step: u64, source: common::rounding::RoundingError },
+    /// (Not a `source`: the message already says it, and error chains would repeat it.)
+    #[error("step {step}: {error}")]
+    Rounding { step: u64, error: common::rounding::RoundingError },
     #[error(transparent)]
     Kernel(kernels::KernelError),
     #[error(transparent)]
@@ -69,7 +70,7 @@ impl EngineError {
         use common::rounding::RoundingError;
         matches!(
             self,
-            EngineError::Rounding { source: RoundingError::NonFinite { .. } | RoundingError::NotANumber { .. }, .. }
+            EngineError::Rounding { error: RoundingError::NonFinite { .. } | RoundingError::NotANumber { .. }, .. }
         )
     }
 }

@@ -46,9 +46,7 @@ impl<'a, 'r> Ctx<'a, 'r> {
             prefixed = format!("{}{site}", self.site_prefix);
             &prefixed
         };
-        self.rounder
-            .round(site, &b.values, &b.bound)
-            .map_err(|source| EngineError::Rounding { step: self.step, source })
+        self.rounder.round(site, &b.values, &b.bound).map_err(|error| EngineError::Rounding { step: self.step, error })
     }
 }
 

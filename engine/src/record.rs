@@ -34,7 +34,7 @@ use ed25519_dalek::Signer as _;
 /// The trainer's signing key type (ed25519).
 pub use ed25519_dalek::SigningKey;
 
-use crate::spec::{FORMAT_VERSION, RunSpec};
+use crate::spec::{FORMAT_OLDEST_READ, FORMAT_VERSION, RunSpec};
 
 mod files;
 mod manifest;
@@ -74,8 +74,8 @@ pub enum RecordError {
     Refused(String),
     /// `spec.json` says the record was made by an earlier format ([`RunSpec::earlier_format`]).
     #[error(
-        "{}: the record was made by format {version} (an earlier build); this build reads format \
-         {FORMAT_VERSION}: audit it with a build that reads format {version}",
+        "{}: the record was made by format {version} (an earlier build); this build reads formats \
+         {FORMAT_OLDEST_READ} to {FORMAT_VERSION}: audit it with a build that reads format {version}",
         path.display()
     )]
     EarlierFormat { path: PathBuf, version: u32 },
@@ -196,6 +196,23 @@ impl RecordWriter {
         let spec_path = dir.join(SPEC_FILE);
         let existing = read_regular(&spec_path, JSON_FILE_BYTES_MAX)?;
         if existing != spec.canonical_json() {
+            // The same run started by another build: say so, not "a different run".
+            if let Ok(mut other) = serde_json::from_slice::<RunSpec>(&existing)
+                && (other.format_version, &other.software_version) != (spec.format_version, &spec.software_version)
+            {
+                let (format, software) = (other.format_version, other.software_version.clone());
+                (other.format_version, other.software_version) = (spec.format_version, spec.software_version.clone());
+                if other == *spec {
+                    return Err(RecordError::Refused(format!(
+                        "{} was started by tiebreak {software} (record format {format}); this build is {} and \
+                         writes format {}: finish the run with the build that started it, or train it again \
+                         into a new directory",
+                        dir.display(),
+                        spec.software_version,
+                        spec.format_version
+                    )));
+                }
+            }
             return Err(RecordError::Refused(format!(
                 "{} holds a different run (spec hash {}, this run's is {}); refusing to resume",
                 dir.display(),
@@ -216,7 +233,7 @@ impl RecordWriter {
         let mut c = committed.saturating_sub(1) / k * k;
         loop {
             if c < committed
-                && let Ok(state) = read_checkpoint(dir, c, &leaves[c as usize], state_bytes_max)
+                && let Ok(state) = read_checkpoint(dir, c, (spec.state_hash(), &leaves[c as usize]), state_bytes_max)
             {
                 start = Some(state);
                 break;
@@ -287,10 +304,12 @@ impl RecordWriter {
         Ok(())
     }
 
-    fn write_checkpoint(&self, state: &TrainingState) -> Result<(), RecordError> {
+    /// Writes the checkpoint of `state` and returns its canonical bytes (which a leaf hashes).
+    fn write_checkpoint(&self, state: &TrainingState) -> Result<Vec<u8>, RecordError> {
         let raw = state.encode();
         let stored = tielog::compress_canonical(&raw);
-        write_atomic(&checkpoint_path(&self.dir, state.step), &stored)
+        write_atomic(&checkpoint_path(&self.dir, state.step), &stored)?;
+        Ok(raw)
     }
 
     /// Commits the initial state as leaf 0 (with a checkpoint).
@@ -298,8 +317,7 @@ impl RecordWriter {
         if !self.tree.is_empty() || state.step != 0 {
             return Err(RecordError::Refused("the initial state must be the first leaf, at step 0".into()));
         }
-        self.write_checkpoint(state)?;
-        let leaf = Leaf::initial(state.digest());
+        let leaf = Leaf::initial(self.spec.state_hash().of(&self.write_checkpoint(state)?));
         self.append_leaf(&leaf)?;
         Ok(leaf)
     }
@@ -323,10 +341,14 @@ impl RecordWriter {
         write_atomic(&log_path(&self.dir, step), &tielog::compress_canonical(&log_raw))?;
         let batch_raw = batch.encode();
         write_atomic(&batch_path(&self.dir, step), &batch_raw)?;
-        if step.is_multiple_of(self.spec.config.train.checkpoint_interval) {
-            self.write_checkpoint(state)?;
-        }
-        let leaf = Leaf { step, state: state.digest(), log: codec::sha256(&log_raw), batch: codec::sha256(&batch_raw) };
+        // A checkpoint's state is hashed from the bytes it writes; any other state in a
+        // streaming pass.
+        let state_hash = if step.is_multiple_of(self.spec.config.train.checkpoint_interval) {
+            self.spec.state_hash().of(&self.write_checkpoint(state)?)
+        } else {
+            state.digest(self.spec.state_hash())
+        };
+        let leaf = Leaf { step, state: state_hash, log: codec::sha256(&log_raw), batch: codec::sha256(&batch_raw) };
         self.append_leaf(&leaf)?;
         Ok(leaf)
     }
@@ -353,7 +375,7 @@ impl RecordWriter {
             self.write_checkpoint(final_state)?;
         }
         let mut m = Manifest {
-            format_version: FORMAT_VERSION,
+            format_version: self.spec.format_version,
             software_version: self.spec.software_version.clone(),
             spec_hash: to_hex(&self.spec.digest()),
             device_profile: self.spec.device_profile.clone(),

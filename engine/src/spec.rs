@@ -14,8 +14,11 @@ pub use validate::{
     SpecInvalid, TEXT_VOCAB_MAX,
 };
 
-/// Version of the record format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version of the record format this build writes.
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest record format this build reads: formats 3 and 4 differ only in the state hash
+/// ([`RunSpec::state_hash`]), so this build audits both.
+pub const FORMAT_OLDEST_READ: u32 = 3;
 /// This software's version, recorded in every spec and report.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -363,6 +366,19 @@ impl RunSpec {
     pub fn digest(&self) -> common::codec::Hash {
         common::codec::sha256(&self.canonical_json())
     }
+
+    /// The hash its record's leaves commit states with: SHA-256 in format 3, BLAKE3 from
+    /// format 4. Every comparison of a state with a leaf goes through this, so a record is
+    /// read with its own format's hash.
+    pub fn state_hash(&self) -> common::state::StateHash {
+        state_hash_of_format(self.format_version)
+    }
+}
+
+/// The state hash of a record format this build reads ([`FORMAT_OLDEST_READ`] to
+/// [`FORMAT_VERSION`]; a validated spec has one of these).
+pub fn state_hash_of_format(format_version: u32) -> common::state::StateHash {
+    if format_version <= 3 { common::state::StateHash::Sha256 } else { common::state::StateHash::Blake3 }
 }
 
 #[cfg(test)]

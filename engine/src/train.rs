@@ -239,6 +239,12 @@ impl Run {
         slots_of(&self.spec.config.optimizer)
     }
 
+    /// The hash a leaf of this run's record commits `state` with (the spec's format decides:
+    /// [`RunSpec::state_hash`]).
+    pub fn state_digest(&self, state: &TrainingState) -> common::codec::Hash {
+        state.digest(self.spec.state_hash())
+    }
+
     /// Checks that `state` has exactly the tensors the model and optimizer define (every
     /// parameter and every optimizer slot, nothing else), each of the model's shape with as many
     /// values as its shape holds, all finite. The first problem in tensor-name order is

@@ -3,6 +3,7 @@
 
 use common::leaf::Leaf;
 use common::merkle::MerkleTree;
+use common::state::StateHash;
 use engine::graph::{GraphBuilder, GraphConfig, Op, Width};
 use engine::spec::{Config, ModelConfig, RunSpec};
 use engine::train::{Run, StepMode};
@@ -121,11 +122,12 @@ type Steps = Vec<(common::state::TrainingState, common::tielog::TieBreakLog)>;
 fn train(r: &Run, steps: u64) -> (Steps, common::codec::Hash) {
     let mut state = r.initial_state().unwrap();
     let mut tree = MerkleTree::new();
-    tree.push_entry(&Leaf::initial(state.digest()).encode());
+    tree.push_entry(&Leaf::initial(state.digest(StateHash::Blake3)).encode());
     let mut out = Vec::new();
     for t in 1..=steps {
         let o = r.step(&state, t, StepMode::Commit { paper: false }, None).unwrap();
-        let leaf = Leaf { step: t, state: o.state.digest(), log: o.log.digest(), batch: o.batch.digest() };
+        let leaf =
+            Leaf { step: t, state: o.state.digest(StateHash::Blake3), log: o.log.digest(), batch: o.batch.digest() };
         tree.push_entry(&leaf.encode());
         state = o.state.clone();
         out.push((o.state, o.log));
@@ -184,7 +186,12 @@ fn every_profile_replays_a_graph_bit_identically_and_the_sites_are_named_from_no
             for (t, (expected, log)) in steps.iter().enumerate() {
                 let o = r.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
                 assert!(o.forged.is_empty(), "{trainer}→{auditor}: honest log flagged: {:?}", o.forged);
-                assert_eq!(o.state.digest(), expected.digest(), "{trainer}→{auditor}: step {} diverged", t + 1);
+                assert_eq!(
+                    o.state.digest(StateHash::Blake3),
+                    expected.digest(StateHash::Blake3),
+                    "{trainer}→{auditor}: step {} diverged",
+                    t + 1
+                );
                 state = o.state;
             }
         }
@@ -280,7 +287,7 @@ fn mse_graphs_train_and_replay() {
         let mut state = r.initial_state().unwrap();
         for (t, (expected, log)) in steps.iter().enumerate() {
             let o = r.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
-            assert_eq!(o.state.digest(), expected.digest(), "step {}", t + 1);
+            assert_eq!(o.state.digest(StateHash::Blake3), expected.digest(StateHash::Blake3), "step {}", t + 1);
             assert!(o.loss.is_finite());
             state = o.state;
         }
@@ -329,7 +336,12 @@ fn a_residual_cnn_with_norm_dropout_and_softmax_replays_on_every_profile() {
             for (t, (expected, log)) in steps.iter().enumerate() {
                 let o = r.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
                 assert!(o.forged.is_empty(), "{trainer}→{auditor}: {:?}", o.forged);
-                assert_eq!(o.state.digest(), expected.digest(), "{trainer}→{auditor}: step {} diverged", t + 1);
+                assert_eq!(
+                    o.state.digest(StateHash::Blake3),
+                    expected.digest(StateHash::Blake3),
+                    "{trainer}→{auditor}: step {} diverged",
+                    t + 1
+                );
                 assert!(o.rounded.contains_key("fwd/ln/mean") && o.rounded.contains_key("fwd/ln/rstd"));
                 state = o.state;
             }
@@ -370,7 +382,12 @@ fn an_attention_composite_replays_on_every_profile() {
             for (t, (expected, log)) in steps.iter().enumerate() {
                 let o = r.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
                 assert!(o.forged.is_empty(), "{trainer}→{auditor}: {:?}", o.forged);
-                assert_eq!(o.state.digest(), expected.digest(), "{trainer}→{auditor}: step {} diverged", t + 1);
+                assert_eq!(
+                    o.state.digest(StateHash::Blake3),
+                    expected.digest(StateHash::Blake3),
+                    "{trainer}→{auditor}: step {} diverged",
+                    t + 1
+                );
                 state = o.state;
             }
         }

@@ -3,6 +3,7 @@
 //! norm replay bit-identically on every CPU profile, and text-specific mistakes name their
 //! node and field.
 
+use common::state::StateHash;
 use common::state::TrainingState;
 use common::tielog::TieBreakLog;
 use engine::graph::{GraphConfig, Node, Op, presets};
@@ -92,7 +93,12 @@ fn replays_everywhere(cfg: &Config, data: Option<&std::path::Path>, what: &str) 
             for (t, (expected, log)) in steps.iter().enumerate() {
                 let o = r.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
                 assert!(o.forged.is_empty(), "{what} {trainer}→{auditor}: {:?}", o.forged);
-                assert_eq!(o.state.digest(), expected.digest(), "{what} {trainer}→{auditor}: step {} diverged", t + 1);
+                assert_eq!(
+                    o.state.digest(StateHash::Blake3),
+                    expected.digest(StateHash::Blake3),
+                    "{what} {trainer}→{auditor}: step {} diverged",
+                    t + 1
+                );
                 if sites.is_empty() {
                     sites = o.rounded.keys().cloned().collect();
                 }

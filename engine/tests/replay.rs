@@ -1,6 +1,7 @@
 //! The property the product rests on: a step committed on one device profile replays
 //! bit-identically on every other profile when the replayer follows the trainer's tie-break log.
 
+use common::state::StateHash;
 use common::state::TrainingState;
 use engine::spec::Config;
 use engine::train::{FaultKind, Run, StepMode};
@@ -43,7 +44,12 @@ fn replay_exactly(auditor: &Run, steps: &[(TrainingState, common::tielog::TieBre
     for (t, (expected, log)) in steps.iter().enumerate() {
         let o = auditor.step(&state, t as u64 + 1, StepMode::Replay(log), None).unwrap();
         assert!(o.forged.is_empty(), "{what}: honest log flagged: {:?}", o.forged);
-        assert_eq!(o.state.digest(), expected.digest(), "{what}: step {} diverged", t + 1);
+        assert_eq!(
+            o.state.digest(StateHash::Blake3),
+            expected.digest(StateHash::Blake3),
+            "{what}: step {} diverged",
+            t + 1
+        );
         state = o.state;
     }
 }
@@ -125,17 +131,25 @@ fn forged_log_is_caught_on_replay_and_other_faults_change_the_state() {
                 let replay = replay.unwrap();
                 assert_eq!(replay.forged.len(), 1, "{:?}", replay.forged);
                 assert!(replay.forged[0].to_string().contains("forged tie-break"), "{}", replay.forged[0]);
-                assert_eq!(bad.state.digest(), honest.state.digest());
-                assert_eq!(replay.state.digest(), honest.state.digest());
+                assert_eq!(bad.state.digest(StateHash::Blake3), honest.state.digest(StateHash::Blake3));
+                assert_eq!(replay.state.digest(StateHash::Blake3), honest.state.digest(StateHash::Blake3));
             }
             FaultKind::SwapBatch => {
                 assert_ne!(bad.batch, honest.batch);
-                assert_ne!(bad.state.digest(), honest.state.digest());
+                assert_ne!(bad.state.digest(StateHash::Blake3), honest.state.digest(StateHash::Blake3));
             }
             _ => {
-                assert_ne!(bad.state.digest(), honest.state.digest(), "{kind:?} left the state unchanged");
+                assert_ne!(
+                    bad.state.digest(StateHash::Blake3),
+                    honest.state.digest(StateHash::Blake3),
+                    "{kind:?} left the state unchanged"
+                );
                 // The honest replay does not reproduce the faulty state.
-                assert_eq!(replay.unwrap().state.digest(), honest.state.digest(), "{kind:?}");
+                assert_eq!(
+                    replay.unwrap().state.digest(StateHash::Blake3),
+                    honest.state.digest(StateHash::Blake3),
+                    "{kind:?}"
+                );
             }
         }
     }
@@ -168,7 +182,10 @@ fn steps_are_independent_of_the_thread_count() {
     let digests = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
-            train(&run(&cfg, Profile::Cpu), 3).iter().map(|(s, l)| (s.digest(), l.digest())).collect::<Vec<_>>()
+            train(&run(&cfg, Profile::Cpu), 3)
+                .iter()
+                .map(|(s, l)| (s.digest(StateHash::Blake3), l.digest()))
+                .collect::<Vec<_>>()
         })
     };
     let one = digests(1);
@@ -296,7 +313,11 @@ fn a_scheduled_learning_rate_replays_on_every_profile() {
     let scheduled = Config::from_toml(&text, "cosine").unwrap();
     let trained = train(&run(&scheduled, Profile::Cpu), 6);
     let constant = train(&run(&plain, Profile::Cpu), 6);
-    assert_ne!(trained[0].0.digest(), constant[0].0.digest(), "warm-up starts at a smaller rate");
+    assert_ne!(
+        trained[0].0.digest(StateHash::Blake3),
+        constant[0].0.digest(StateHash::Blake3),
+        "warm-up starts at a smaller rate"
+    );
     for p in [Profile::CpuSeq, Profile::CpuSplitK] {
         replay_exactly(&run(&scheduled, p), &trained, &format!("cosine on {p:?}"));
     }

@@ -1,6 +1,7 @@
 //! `RunSpec::validate` and `Config::validate`: every out-of-range or inconsistent field of a
 //! spec a trainer could sign is refused, naming the field (table-driven over the fields).
 
+use common::state::StateHash;
 use engine::data::Dataset;
 use engine::spec::{
     AdamwConfig, CnnConfig, Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, LAYERS_MAX, MnistConfig,
@@ -153,9 +154,13 @@ fn each_bad_field_is_refused_by_name() {
     // 2 (tie-break logs naming their sites).
     for old in [1, 2] {
         let err = edited(&mlp, "/format_version", json!(old)).unwrap_err();
-        assert_eq!(err.what, format!("made by format {old}; this build reads format {FORMAT_VERSION}"));
+        assert_eq!(err.what, format!("made by format {old}; this build reads formats 3 to {FORMAT_VERSION}"));
     }
-    assert_eq!(FORMAT_VERSION, 3);
+    assert_eq!(FORMAT_VERSION, 4);
+    // Format 3 (SHA-256 state hashes) is read as well as this build's format 4 (BLAKE3).
+    for (format, hash) in [(3, StateHash::Sha256), (4, StateHash::Blake3)] {
+        assert_eq!(edited(&mlp, "/format_version", json!(format)).unwrap().state_hash(), hash);
+    }
 }
 
 #[test]

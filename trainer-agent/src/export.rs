@@ -101,7 +101,9 @@ pub fn export(opts: &ExportOptions<'_>) -> Result<Exported, TrainerError> {
     put("root", manifest.root.clone());
     put("spec_sha256", manifest.spec_hash.clone());
     put("step", step.to_string());
-    put("state_sha256", to_hex(&state.digest()));
+    // Named by the hash the record's format uses: `state_sha256` (format 3), `state_blake3`.
+    let hash = spec.state_hash();
+    put(&format!("state_{}", hash.name()), to_hex(&state.digest(hash)));
     let json = |e: serde_json::Error| TrainerError::Usage(format!("export metadata: {e}"));
     put(
         "model",

@@ -445,10 +445,11 @@ impl Shared {
         let dir = record.dir();
         let replayer = self.replayer(run_id, record)?;
         let leaf_state = |t: u64| record.leaf(t).map(|l| l.state).map_err(|e| record_error(dir, e));
+        let hash = record.spec().state_hash();
         let checkpoint = record.checkpoint_at_or_before(step).unwrap_or(0);
         let cached = lock(&replayer.last).take().filter(|s| {
             // Verified when it was computed; checked again in case the record was replaced.
-            s.step >= checkpoint && s.step <= step && leaf_state(s.step).is_ok_and(|h| h == s.digest())
+            s.step >= checkpoint && s.step <= step && leaf_state(s.step).is_ok_and(|h| h == s.digest(hash))
         });
         let mut state = match cached {
             Some(s) => s,
@@ -465,7 +466,7 @@ impl Shared {
                 e => ApiError::new(code::INTERNAL, format!("replaying step {t}: {e}")),
             })?;
             let expected = leaf_state(t)?;
-            let actual = out.state.digest();
+            let actual = out.state.digest(hash);
             if actual != expected {
                 return Err(ApiError::corrupt(
                     record::LEAVES_FILE.to_string(),

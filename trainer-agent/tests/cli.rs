@@ -225,6 +225,19 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
     check(run(&corrupt), "t10k-images-idx3-ubyte.gz");
     assert!(!base.join("m").exists(), "nothing written for a failed data load");
 
+    // A run that overflows FP32 stops at that step, naming the site once (the message used to be
+    // repeated by the error chain).
+    let hot = base.join("hot.toml");
+    std::fs::write(&hot, std::fs::read_to_string(config()).unwrap().replace("lr = 0.05", "lr = 1e6")).unwrap();
+    let o = Command::new(BIN)
+        .args(["train", "--steps", "5", "--config"])
+        .arg(&hot)
+        .arg("--out")
+        .arg(base.join("h"))
+        .output();
+    let err = String::from_utf8_lossy(&o.unwrap().stderr).to_string();
+    assert!(err.contains("is not finite in FP32") && err.matches("rounding site").count() == 1, "{err}");
+
     assert_eq!(snapshot(&good), before, "refused commands must leave the existing record untouched");
     let _ = std::fs::remove_dir_all(&base);
 }
@@ -263,6 +276,64 @@ fn export_writes_safetensors_with_candle_names() {
     assert_eq!(header["fc1.weight"]["shape"], serde_json::json!([64, 32]));
     assert_eq!(header["fc2.bias"]["dtype"], "F32");
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The export's metadata names the state hash of the record's format: BLAKE3 for this build's
+/// records, SHA-256 for a record of the format-3 build (`auditor/tests/fixtures/format3`), each
+/// equal to the committed leaf.
+#[test]
+fn export_names_the_state_hash_of_the_records_format() {
+    let base = tmp("export-formats");
+    json(&train(&base.join("r"), &["--steps", "3", "--json"]));
+    copy_dir(&repo().join("auditor/tests/fixtures/format3/honest"), &base.join("f3"));
+    for (rec, key) in [("r", "tiebreak.state_blake3"), ("f3", "tiebreak.state_sha256")] {
+        let file = base.join(format!("{rec}.safetensors"));
+        let o = Command::new(BIN).arg("export").arg(base.join(rec)).arg("--out").arg(&file).output().unwrap();
+        assert!(o.status.success(), "{rec}: {}", String::from_utf8_lossy(&o.stderr));
+        let bytes = std::fs::read(&file).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let r = Record::open(&base.join(rec)).unwrap();
+        let leaf = common::codec::to_hex(&r.leaf(r.n_steps()).unwrap().state);
+        assert_eq!(header["__metadata__"][key].as_str(), Some(leaf.as_str()), "{rec}: {}", header["__metadata__"]);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// An interrupted record started by the format-3 build is not resumed by this one (its leaves
+/// hash states with SHA-256): the refusal names the build and format that started it, and
+/// changes no file.
+#[test]
+fn resuming_a_record_of_the_format_3_build_is_refused_by_name() {
+    let base = tmp("resume-format3");
+    let out = base.join("f3");
+    copy_dir(&repo().join("auditor/tests/fixtures/format3/honest"), &out);
+    std::fs::remove_file(out.join("manifest.json")).unwrap();
+    let before = snapshot(&out);
+    let o = Command::new(BIN)
+        .args(["train", "--resume", "--config"])
+        .arg(repo().join("auditor/tests/fixtures/format3/config.toml"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("was started by tiebreak 0.3.0 (record format 3)"), "{stderr}");
+    assert_eq!(snapshot(&out), before);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
 }
 
 /// A raw HTTP GET; the status line and body.

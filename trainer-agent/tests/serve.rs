@@ -3,12 +3,13 @@
 //! parameters, corrupt files, size limits, the recomputation limit, and the real binary's
 //! startup line and SIGTERM shutdown.
 
+use common::state::StateHash;
 use std::io::{BufRead, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::codec::{self, from_hex, hash_from_hex, to_hex};
+use common::codec::{from_hex, hash_from_hex, to_hex};
 use common::leaf::{BatchIndices, LEAF_BYTES};
 use common::merkle::{self, verify_inclusion};
 use common::state::TrainingState;
@@ -167,8 +168,8 @@ impl Server {
 
 fn raw_state_digest(raw: &[u8]) -> [u8; 32] {
     let state = TrainingState::decode(raw).unwrap();
-    assert_eq!(state.digest(), codec::sha256(raw));
-    state.digest()
+    assert_eq!(state.digest(StateHash::Blake3), StateHash::Blake3.of(raw));
+    state.digest(StateHash::Blake3)
 }
 
 #[tokio::test]
@@ -332,7 +333,7 @@ async fn an_unfinished_run_serves_its_committed_prefix_and_follows_training() {
     assert_eq!((info.n_steps, info.complete), (7, false));
     assert_eq!(srv.get(&path::leaves("live", 0, 100)).await.ok().len(), 8 * LEAF_BYTES);
     let raw = srv.get(&path::state("live", 7)).await.zstd();
-    assert_eq!(raw_state_digest(&raw), training.state().digest());
+    assert_eq!(raw_state_digest(&raw), training.state().digest(StateHash::Blake3));
     srv.get(&path::state("live", 8)).await.error(wire::code::NOT_FOUND);
     // A run caught between writing its spec and its first leaf is not a record yet (not corrupt).
     let starting = base.join("records/starting");

@@ -166,7 +166,7 @@ fn diverged_verdict(step: u64, sf: &StepFinding, trainer: &Leaf) -> Verdict {
 /// against the auditor's, tensor by tensor.
 fn compare_state(src: &dyn TrainerSource, c: &Committed, step: u64, own: &TrainingState) -> StateComparison {
     match src.state(step) {
-        Ok(t) if t.step == step && t.digest() == c.leaves[step as usize].state => {
+        Ok(t) if t.step == step && t.digest(c.spec.state_hash()) == c.leaves[step as usize].state => {
             StateComparison::Compared(diff_states(&t, own))
         }
         Ok(_) => StateComparison::Unavailable(format!(

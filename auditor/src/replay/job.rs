@@ -128,16 +128,16 @@ fn mismatch(file: fn(&Path, u64) -> PathBuf, what: &str, step: u64, committed: &
 }
 
 /// The trainer's checkpoint at `step`, checked against leaf `step` (hash and step counter)
-/// and, with `run`, against the model (tensors, shapes, slots, finiteness). Repeated here so that
-/// no source implementation has to be trusted.
+/// (with the record's state hash) and against the model (tensors, shapes, slots, finiteness).
+/// Repeated here so that no source implementation has to be trusted.
 pub(super) fn checked_checkpoint(
     src: &dyn TrainerSource,
     leaves: &[Leaf],
     step: u64,
-    run: Option<&Run>,
+    run: &Run,
 ) -> Result<TrainingState, Stop> {
     let state = src.checkpoint(step).map_err(|e| source_stop(e, Phase::Committed))?;
-    let (committed, found) = (&leaves[step as usize].state, state.digest());
+    let (committed, found) = (&leaves[step as usize].state, run.state_digest(&state));
     if found != *committed {
         return Err(mismatch(record::checkpoint_path, "state", step, committed, &found));
     }
@@ -145,10 +145,7 @@ pub(super) fn checked_checkpoint(
     if state.step != step {
         return Err(Verdict::invalid(file(), None, format!("the state claims step {}", state.step)).into());
     }
-    if let Some(run) = run {
-        run.check_state(&state)
-            .map_err(|p| Verdict::invalid(file(), None, format!("malformed committed state: {p}")))?;
-    }
+    run.check_state(&state).map_err(|p| Verdict::invalid(file(), None, format!("malformed committed state: {p}")))?;
     Ok(state)
 }
 
@@ -217,7 +214,7 @@ impl<'a> Replayer<'a> {
     }
 
     fn checkpoint(&self, step: u64) -> Result<TrainingState, Stop> {
-        checked_checkpoint(self.src, self.leaves, step, Some(self.run))
+        checked_checkpoint(self.src, self.leaves, step, self.run)
     }
 
     /// The trainer's state after `step`, if the source hands it out and it matches the leaf
@@ -225,7 +222,7 @@ impl<'a> Replayer<'a> {
     fn resumed_state(&self, step: u64) -> Option<TrainingState> {
         let state = self.src.state(step).ok()?;
         (state.step == step
-            && state.digest() == self.leaves[step as usize].state
+            && self.run.state_digest(&state) == self.leaves[step as usize].state
             && self.run.check_state(&state).is_ok())
         .then_some(state)
     }
@@ -285,7 +282,7 @@ impl<'a> Replayer<'a> {
                     return out;
                 }
             };
-            let own = Leaf::initial(init.digest());
+            let own = Leaf::initial(self.run.state_digest(&init));
             out.own.push(own);
             if own != self.leaves[0] {
                 let finding = StepFinding {
@@ -341,7 +338,7 @@ impl<'a> Replayer<'a> {
                     // trainer committed a state that the step it claims cannot lead to.
                     let site = match &e {
                         EngineError::Rounding {
-                            source: RoundingError::NonFinite { site, .. } | RoundingError::NotANumber { site, .. },
+                            error: RoundingError::NonFinite { site, .. } | RoundingError::NotANumber { site, .. },
                             ..
                         } => site.clone(),
                         _ => String::new(),
@@ -367,7 +364,12 @@ impl<'a> Replayer<'a> {
             };
             out.span.1 = t;
             self.progress.replayed(t, t_step.elapsed().as_secs_f64());
-            let own = Leaf { step: t, state: step.state.digest(), log: log.digest(), batch: step.batch.digest() };
+            let own = Leaf {
+                step: t,
+                state: self.run.state_digest(&step.state),
+                log: log.digest(),
+                batch: step.batch.digest(),
+            };
             out.own.push(own);
             let diverged = own != self.leaves[t as usize];
             if diverged || !step.forged.is_empty() {

@@ -135,7 +135,7 @@ fn checkpoint_or_flag(
     run: &Run,
     step: u64,
 ) -> Result<Option<TrainingState>, Stop> {
-    match checked_checkpoint(src, &c.leaves, step, Some(run)) {
+    match checked_checkpoint(src, &c.leaves, step, run) {
         Ok(s) => Ok(Some(s)),
         Err(Stop::Verdict(_)) => Ok(None),
         Err(e @ Stop::Undecided(_)) => Err(e),

@@ -32,6 +32,8 @@ pub fn recommit(dir: &Path, state_digest: Option<(u64, Hash)>, edit_manifest: im
     let mut m: Manifest = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     m.root = to_hex(&tree.root());
     m.spec_hash = to_hex(&common::codec::sha256(&std::fs::read(dir.join(record::SPEC_FILE)).unwrap()));
+    // Signed by the test key (records from fixtures carry another).
+    m.public_key = to_hex(key().verifying_key().as_bytes());
     edit_manifest(&mut m);
     m.signature = to_hex(&key().sign(&m.signing_payload()).to_bytes());
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
@@ -50,10 +52,10 @@ pub fn tamper_log(dir: &Path, step: u64, raw: &[u8]) {
 
 /// Replaces checkpoint `step` by `edit` of it, under a correct hash, leaf, root and signature.
 pub fn tamper_checkpoint(dir: &Path, step: u64, edit: impl FnOnce(&TrainingState) -> TrainingState) {
-    let state = Record::open(dir).unwrap().checkpoint(step).unwrap();
-    let bad = edit(&state);
+    let rec = Record::open(dir).unwrap();
+    let bad = edit(&rec.checkpoint(step).unwrap());
     std::fs::write(record::checkpoint_path(dir, step), tielog::compress_canonical(&bad.encode())).unwrap();
-    recommit(dir, Some((step, bad.digest())), |_| {});
+    recommit(dir, Some((step, bad.digest(rec.spec().state_hash()))), |_| {});
 }
 
 /// Replaces the spec by `edit` of its JSON, and signs a manifest that commits to it.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use common::codec::{self, Hash, to_hex};
 use common::leaf::{BatchIndices, LEAF_BYTES, Leaf};
 use common::merkle::MerkleTree;
-use common::state::TrainingState;
+use common::state::{StateHash, TrainingState};
 use common::tielog::{self, TieBreakLog};
 
 use super::files::{is_present, is_regular, read_regular, regular_len};
@@ -65,7 +65,8 @@ pub fn earlier_format_spec(dir: &Path) -> Option<Vec<u8>> {
 }
 
 /// A stored file checked against its commitment: the bytes as stored (a zstd frame, or a log's
-/// canonical bytes themselves), and its canonical bytes, whose SHA-256 is the committed hash.
+/// canonical bytes themselves), and its canonical bytes, whose hash is the committed one (the
+/// record's state hash for a checkpoint, SHA-256 for a log).
 #[derive(Debug, Clone)]
 pub struct CommittedFrame {
     pub stored: Vec<u8>,
@@ -77,7 +78,7 @@ pub struct CommittedFrame {
 fn read_committed_frame(
     path: PathBuf,
     raw_bytes_max: usize,
-    expected: &Hash,
+    (hash, expected): (impl Fn(&[u8]) -> Hash, &Hash),
     what: String,
 ) -> Result<CommittedFrame, RecordError> {
     // Incompressible data grows a little in zstd: allow its worst case for `raw_bytes_max`.
@@ -87,27 +88,38 @@ fn read_committed_frame(
         offset: None,
         what: e.to_string(),
     })?;
-    let actual = codec::sha256(&raw);
+    let actual = hash(&raw);
     if actual != *expected {
         return Err(RecordError::Mismatch { path, what, expected: to_hex(expected), actual: to_hex(&actual) });
     }
     Ok(CommittedFrame { stored, raw })
 }
 
-/// The checkpoint file after step `step`, checked against its committed leaf (not decoded);
-/// it may decompress to at most `raw_bytes_max` bytes (a spec's [`RunSpec::state_bytes_max`]).
+/// The checkpoint file after step `step`, checked against its committed leaf with the record's
+/// state hash (not decoded); it may decompress to at most `raw_bytes_max` bytes (a spec's
+/// [`RunSpec::state_bytes_max`]).
 pub fn read_checkpoint_frame(
     dir: &Path,
     step: u64,
-    leaf: &Leaf,
+    (hash, leaf): (StateHash, &Leaf),
     raw_bytes_max: usize,
 ) -> Result<CommittedFrame, RecordError> {
-    read_committed_frame(checkpoint_path(dir, step), raw_bytes_max, &leaf.state, format!("state hash of step {step}"))
+    read_committed_frame(
+        checkpoint_path(dir, step),
+        raw_bytes_max,
+        (|raw: &[u8]| hash.of(raw), &leaf.state),
+        format!("state hash ({}) of step {step}", hash.name()),
+    )
 }
 
 /// Reads a checkpoint (of at most `raw_bytes_max` bytes decompressed) and checks it against its
-/// committed leaf.
-pub fn read_checkpoint(dir: &Path, step: u64, leaf: &Leaf, raw_bytes_max: usize) -> Result<TrainingState, RecordError> {
+/// committed leaf with the record's state hash.
+pub fn read_checkpoint(
+    dir: &Path,
+    step: u64,
+    leaf: (StateHash, &Leaf),
+    raw_bytes_max: usize,
+) -> Result<TrainingState, RecordError> {
     let path = checkpoint_path(dir, step);
     let raw = read_checkpoint_frame(dir, step, leaf, raw_bytes_max)?.raw;
     let state = TrainingState::decode(&raw).map_err(|e| RecordError::Corrupt {
@@ -288,7 +300,7 @@ impl Record {
         read_committed_frame(
             log_path(&self.dir, step),
             LOG_RAW_BYTES_MAX,
-            &leaf.log,
+            (codec::sha256, &leaf.log),
             format!("log hash of step {step}"),
         )
     }
@@ -370,12 +382,12 @@ impl Record {
 
     /// The checkpoint file after step `step`, checked against its leaf (not decoded).
     pub fn checkpoint_frame(&self, step: u64) -> Result<CommittedFrame, RecordError> {
-        read_checkpoint_frame(&self.dir, step, self.leaf(step)?, self.state_bytes_max)
+        read_checkpoint_frame(&self.dir, step, (self.spec.state_hash(), self.leaf(step)?), self.state_bytes_max)
     }
 
     /// The checkpoint after step `step`, verified against its leaf.
     pub fn checkpoint(&self, step: u64) -> Result<TrainingState, RecordError> {
-        read_checkpoint(&self.dir, step, self.leaf(step)?, self.state_bytes_max)
+        read_checkpoint(&self.dir, step, (self.spec.state_hash(), self.leaf(step)?), self.state_bytes_max)
     }
 
     /// The newest checkpoint at or before `step`.

@@ -13,8 +13,8 @@
 use std::str::FromStr;
 
 use super::{
-    Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, LabelColumn, ModelConfig, OptimizerConfig,
-    RunSpec, TensorsConfig,
+    Config, DataConfig, DatasetCommitment, FORMAT_OLDEST_READ, FORMAT_VERSION, GptConfig, LabelColumn, ModelConfig,
+    OptimizerConfig, RunSpec, TensorsConfig,
 };
 use crate::data::{
     DATA_FILE_BYTES_MAX, Dataset, MNIST_SIDE, TEXT_CHUNK_BYTES, USER_EXAMPLES_MAX, square_side, text_split,
@@ -524,14 +524,14 @@ impl Config {
 }
 
 impl RunSpec {
-    /// The format of a `spec.json` made by an earlier build (formats 1 to [`FORMAT_VERSION`] − 1),
+    /// The format of a `spec.json` made by an earlier build (formats 1 to [`FORMAT_OLDEST_READ`] − 1),
     /// which this build no longer reads: such a record is not wrong, and an auditor must not
-    /// judge it, only say which build can. `None` for this build's format and for any version no
+    /// judge it, only say which build can. `None` for the formats this build reads and for any version no
     /// build has written (0, or one from the future: judged like any other invalid field, so a
     /// trainer cannot make an auditor undecided by naming one), or a spec that does not parse.
     pub fn earlier_format(bytes: &[u8]) -> Option<u32> {
         let v = serde_json::from_slice::<serde_json::Value>(bytes).ok()?.get("format_version")?.as_u64()?;
-        (1..u64::from(FORMAT_VERSION)).contains(&v).then_some(v as u32)
+        (1..u64::from(FORMAT_OLDEST_READ)).contains(&v).then_some(v as u32)
     }
 
     /// Parses a committed `spec.json` and validates it: what an auditor does with a trainer's
@@ -549,10 +549,13 @@ impl RunSpec {
     /// (recomputed for synthetic data, counts for files), and the planned steps. Fields are
     /// named from the spec's root (`config.train.batch_size`, `dataset.root`).
     pub fn validate(&self) -> Result<(), SpecInvalid> {
-        if self.format_version != FORMAT_VERSION {
+        if !(FORMAT_OLDEST_READ..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(invalid(
                 "format_version",
-                format!("made by format {}; this build reads format {FORMAT_VERSION}", self.format_version),
+                format!(
+                    "made by format {}; this build reads formats {FORMAT_OLDEST_READ} to {FORMAT_VERSION}",
+                    self.format_version
+                ),
             ));
         }
         kernels::Profile::from_str(&self.device_profile).map_err(|e| invalid("device_profile", e.to_string()))?;
