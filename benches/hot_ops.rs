@@ -10,7 +10,7 @@
 use std::hint::black_box;
 
 use common::rounding::{ErrorBound, round_commit};
-use common::state::{Tensor, TrainingState};
+use common::state::{StateHash, Tensor, TrainingState};
 use criterion::{Criterion, criterion_group, criterion_main};
 use engine::model::Batch;
 use engine::train::StepMode;
@@ -68,7 +68,8 @@ fn ops(c: &mut Criterion) {
     });
     let mut state = TrainingState::new(1);
     state.insert("param/w", Tensor::new(vec![1 << 20], rng.uniform(1 << 20, 1.0)).expect("tensor")).expect("insert");
-    g.bench_function("state_digest_1M_values", |b| b.iter(|| black_box(state.digest())));
+    g.bench_function("state_digest_1M_values_sha256", |b| b.iter(|| black_box(state.digest(StateHash::Sha256))));
+    g.bench_function("state_digest_1M_values_blake3", |b| b.iter(|| black_box(state.digest(StateHash::Blake3))));
     g.finish();
 }
 

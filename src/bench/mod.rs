@@ -288,6 +288,9 @@ pub fn run(opts: &Options) -> Result<Value> {
     let mut doc = json!({
         "format": "tiebreak-bench/1",
         "software_version": SOFTWARE_VERSION,
+        // What the timed steps hash their states with (the record format's state hash).
+        "record_format": FORMAT_VERSION,
+        "state_hash": engine::spec::state_hash_of_format(FORMAT_VERSION).name(),
         "machine": m,
         "load_average_start_end": [load_start, load_average()],
         "data": {
@@ -351,7 +354,10 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         if steps::is_timed(t, steps) {
             t_paper.push(dt);
         }
-        ensure!(paper.state.digest() == out.state.digest(), "{name}: the paper-log run of step {t} changed the state");
+        ensure!(
+            trainer.state_digest(&paper.state) == trainer.state_digest(&out.state),
+            "{name}: the paper-log run of step {t} changed the state"
+        );
         let dense = paper.paper.context("commit with paper: true gave no dense log")?;
         paper_bytes.push(dense.compressed_bytes() as f64);
         paper_values = dense.n_values();
@@ -602,7 +608,7 @@ pub fn child(role: &str, model: &str, data: Option<&Path>, steps: u64, logs: &Pa
             for t in 1..=steps {
                 state = run.step(&state, t, StepMode::Commit { paper: false }, None)?.state;
             }
-            digest = Some(to_hex(&state.digest()));
+            digest = Some(to_hex(&run.state_digest(&state)));
         }
         "auditor" => {
             let run = setup.run(auditor_profile(), steps)?;
@@ -615,7 +621,7 @@ pub fn child(role: &str, model: &str, data: Option<&Path>, steps: u64, logs: &Pa
                 ensure!(out.forged.is_empty(), "replay of step {t} rejected trainer log entries");
                 state = out.state;
             }
-            digest = Some(to_hex(&state.digest()));
+            digest = Some(to_hex(&run.state_digest(&state)));
         }
         "fp32" => {
             let run = setup.run(TRAINER_PROFILE, steps)?;

@@ -139,7 +139,10 @@ fn measure_point(base: &Setup, p: Point, auditor: Profile, steps: u64, name: &st
             // The paper's dense log of the first step, as the per-preset report measures it
             // (untimed here: its cost is the per-preset report's business).
             let paper = trainer.step(state, t, StepMode::Commit { paper: true }, None)?;
-            ensure!(paper.state.digest() == out.state.digest(), "{name}: the paper-log run changed the state");
+            ensure!(
+                trainer.state_digest(&paper.state) == trainer.state_digest(&out.state),
+                "{name}: the paper-log run changed the state"
+            );
             let dense = paper.paper.context("commit with paper: true gave no dense log")?;
             paper_bytes = Some((dense.compressed_bytes() as f64, out.log.compress().len() as f64));
         }

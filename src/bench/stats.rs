@@ -60,8 +60,8 @@ pub fn load_average() -> Option<[f64; 3]> {
 }
 
 /// The CPU extensions that tell this project's machine kinds apart, as `/proc/cpuinfo` spells
-/// them: AVX2, FMA and AVX-512 (the GEMM kernels' width), AMX, SHA-NI (SHA-256 of the state
-/// hashing runs several times faster with it).
+/// them: AVX2, FMA and AVX-512 (the GEMM kernels' width), AMX, SHA-NI (SHA-256, the state hash
+/// of format-3 records, runs about 4× faster with it; format 4's BLAKE3 does not use it).
 pub const CPU_FLAGS: [&str; 5] = ["avx2", "fma", "avx512f", "amx_tile", "sha_ni"];
 
 /// The widest vector extension among `flags`: `avx512`, `avx2` or `baseline`.

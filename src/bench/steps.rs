@@ -84,7 +84,7 @@ pub fn paired_steps(
         // state to compare with the leaf: both are timed with their hash.
         let train = |s: &TrainingState| {
             trainer.step(s, t, StepMode::Commit { paper: false }, None).map(|o| {
-                let h = o.state.digest();
+                let h = trainer.state_digest(&o.state);
                 (o, h)
             })
         };
@@ -116,7 +116,8 @@ pub fn paired_steps(
             let from = state;
             let replay = || {
                 let (rep, dt) = timed(|| {
-                    r.step(from, t, StepMode::Replay(&out.log), None).map(|o| (o.state.digest(), o.forged.len()))
+                    r.step(from, t, StepMode::Replay(&out.log), None)
+                        .map(|o| (r.state_digest(&o.state), o.forged.len()))
                 });
                 let rep = rep.with_context(|| format!("{name}: replay of step {t} on {profile}"))?;
                 anyhow::Ok((rep, dt))
