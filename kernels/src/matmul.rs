@@ -293,14 +293,15 @@ fn to_rows(x: &[f64], trans: bool, r: usize, c: usize) -> Vec<f64> {
     }
 }
 
-/// Defines `fn $name(args) -> R { body }` so that the body runs compiled with AVX2 enabled
-/// where the CPU has it (chosen at run time), and as baseline code elsewhere. The bound passes
-/// below are integer operations, conversions and single multiplications over long rows, which
-/// baseline x86-64 (SSE2, no packed 64-bit integer compares) runs two lanes or one element at a
-/// time. No FMA is enabled and Rust never contracts or reassociates floating-point operations,
-/// so every result is the same bits with or without AVX2. Helpers the body calls must be
+/// Defines `fn $name(args) -> R { body }` so that the body runs compiled with AVX-512 or AVX2
+/// enabled where the CPU has it (chosen at run time), and as baseline code elsewhere. The bound
+/// passes below are integer operations, conversions and single multiplications over long rows,
+/// which baseline x86-64 (SSE2, no packed 64-bit integer compares) runs two lanes or one element
+/// at a time, AVX2 four and AVX-512 eight. Rust never contracts (fuses into FMA) or reassociates
+/// floating-point operations, whatever the enabled features, so every result is the same bits
+/// in every build (`simd_builds_agree_bit_for_bit`). Helpers the body calls must be
 /// `#[inline(always)]` to be compiled with it.
-macro_rules! avx2_dispatch {
+macro_rules! simd_dispatch {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
@@ -310,14 +311,22 @@ macro_rules! avx2_dispatch {
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if use_avx2() {
-                    // SAFETY: `use_avx2` detected AVX2 at run time.
-                    return unsafe { avx2($($arg),*) };
+                match simd_level() {
+                    // SAFETY: `simd_level` detected these features at run time.
+                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    SimdLevel::Baseline => {}
                 }
             }
             body($($arg),*)
@@ -325,22 +334,44 @@ macro_rules! avx2_dispatch {
     };
 }
 
-/// Whether [`avx2_dispatch!`] functions take their AVX2 build: the CPU has AVX2 (and, in tests,
-/// [`BASELINE_ONLY`] is off).
+/// The widest build of the [`simd_dispatch!`] functions this CPU runs.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn use_avx2() -> bool {
-    #[cfg(test)]
-    if BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
-    std::arch::is_x86_feature_detected!("avx2")
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SimdLevel {
+    Baseline,
+    Avx2,
+    Avx512,
 }
 
-/// Tests: forces the baseline build of every [`avx2_dispatch!`] function, to check it gives the
-/// same bits as the AVX2 one. (Process-wide: any test running meanwhile computes the same bits.)
-#[cfg(test)]
-static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The CPU's [`SimdLevel`] (in tests, capped by [`SIMD_CAP`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn simd_level() -> SimdLevel {
+    let level = if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        SimdLevel::Avx512
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Baseline
+    };
+    #[cfg(test)]
+    let level = level.min(match SIMD_CAP.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => SimdLevel::Baseline,
+        1 => SimdLevel::Avx2,
+        _ => SimdLevel::Avx512,
+    });
+    level
+}
+
+/// Tests: caps the build every [`simd_dispatch!`] function takes (0 baseline, 1 AVX2, 2 or
+/// more none), to check that they all give the same bits. (Process-wide: any test running
+/// meanwhile computes the same bits.)
+#[cfg(all(test, target_arch = "x86_64"))]
+static SIMD_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
 
 /// Fewest elements per rayon task in the element-wise passes below: small ops run as one task,
 /// where spawning would cost more than the work. Every pass computes each output element (or
@@ -372,7 +403,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>, &mut Vec<f64>) -> R) -> R {
     r
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `Σ x²` in FP64 over 8 interleaved lanes (so the loop vectorises), lanes added in order;
     /// writes `x` converted to FP64 into `out` on the way.
     fn convert_row(x: &[f32], out: &mut [MaybeUninit<f64>]) -> f64 {
@@ -395,7 +426,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// Converts rows of `cols` FP32 values (`x`) to FP64 into `out`, adding each column's
     /// squares to `sums` (`cols` values) in row order.
     fn convert_cols(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) {
@@ -601,7 +632,7 @@ fn surely_plain(v: f64, d: f64) -> bool {
     (1023 - 126..=1023 + 127).contains(&ex) & (dist as f64 > d * scale * MARGIN)
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// One output row's part of [`finish_bounds`]: writes the row's Cauchy–Schwarz bounds into
     /// `dr` (scaling `vr` and the bounds by `scale`) and pushes the flat indices (`base + j`) of
     /// the elements the bound makes ambiguous onto `amb`.
@@ -1014,9 +1045,10 @@ mod tests {
     /// elements (`matmul` and `matmul_bound`, which converts with norms).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_and_baseline_builds_agree_bit_for_bit() {
+    fn simd_builds_agree_bit_for_bit() {
         use std::sync::atomic::Ordering;
-        if !std::arch::is_x86_feature_detected!("avx2") {
+        let widest = simd_level();
+        if widest == SimdLevel::Baseline {
             eprintln!("skipped: this CPU has no AVX2, so only the baseline build runs");
             return;
         }
@@ -1039,10 +1071,16 @@ mod tests {
                 (bits(&out.values), bits(d), bits(&cs))
             };
             let wide = run();
-            BASELINE_ONLY.store(true, Ordering::Relaxed);
-            let baseline = run();
-            BASELINE_ONLY.store(false, Ordering::Relaxed);
-            assert!(wide == baseline, "{spec:?}: the AVX2 and baseline builds differ");
+            // Every narrower build this CPU can run, down to the baseline.
+            for (cap, level) in [(1, SimdLevel::Avx2), (0, SimdLevel::Baseline)] {
+                if level >= widest {
+                    continue;
+                }
+                SIMD_CAP.store(cap, Ordering::Relaxed);
+                let narrow = run();
+                SIMD_CAP.store(2, Ordering::Relaxed);
+                assert!(wide == narrow, "{spec:?}: the {widest:?} and {level:?} builds differ");
+            }
         }
     }
 }
