@@ -10,6 +10,9 @@
 //! `cpu_alt_ms` is the same op on the `cpu-alt` profile (the auditor's default for a `cpu`
 //! trainer), timed in the same repetitions; `alt_vs_cpu` is the median of the per-repetition
 //! ratios `cpu-alt / cpu`, with their min and max.
+//! `cpu_model`, `fp64_kernels` and `fp32_kernels` name the CPU and the `gemm` crate's build
+//! each side ran: the FP64 side runs AVX-512 kernels where the CPU has them, candle's FP32
+//! side the crate's default AVX2 ones, or AVX-512 too with `--features fp32-avx512`.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -23,6 +26,34 @@ use kernels::{Device, MatmulSpec, Profile};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SHAPES: [(usize, usize, usize); 2] = [(512, 512, 512), (64, 784, 256)];
+
+/// `"cpu_model":…,"fp64_kernels":…,"fp32_kernels":…`: the CPU (`/proc/cpuinfo`, empty where
+/// there is none) and which build of the `gemm` crate's kernels each side runs on it. The FP64
+/// side has the crate's AVX-512 kernels (see the workspace manifest); the FP32 side (candle's)
+/// has them only with this crate's `fp32-avx512` feature.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).and_then(|l| l.split(':').nth(1));
+    #[cfg(target_arch = "x86_64")]
+    let (avx512, fma) = (std::arch::is_x86_feature_detected!("avx512f"), std::arch::is_x86_feature_detected!("fma"));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (avx512, fma) = (false, false);
+    let build = |wide: bool| {
+        if wide {
+            "avx512"
+        } else if fma {
+            "avx2+fma"
+        } else {
+            "other"
+        }
+    };
+    format!(
+        "\"cpu_model\":{:?},\"fp64_kernels\":\"{}\",\"fp32_kernels\":\"{}\"",
+        model.map_or("", str::trim),
+        build(avx512),
+        build(avx512 && cfg!(feature = "fp32-avx512"))
+    )
+}
 
 fn secs(f: impl FnOnce()) -> f64 {
     let s = Instant::now();
@@ -74,7 +105,8 @@ fn bench(c: &mut Criterion) {
         let bound = median(ours_t.iter().zip(&unb_t).map(|(o, u)| o - u).collect());
         let (ours, unb, cs, candle) = (median(ours_t), median(unb_t), median(cs_t), median(candle_t));
         println!(
-            "{{\"bench\":\"matmul\",\"m\":{m},\"k\":{k},\"n\":{n},\"threads\":{},\"tiebreak_cpu_ms\":{:.3},\"unbounded_ms\":{:.3},\"bound_ms\":{:.3},\"cs_bound_ms\":{:.3},\"candle_f32_ms\":{:.3},\"ratio_vs_candle\":{:.3},\"bound_share\":{:.3},\"bound_overhead\":{:.3},\"cpu_alt_ms\":{:.3},\"alt_vs_cpu\":{:.3},\"alt_vs_cpu_min\":{:.3},\"alt_vs_cpu_max\":{:.3}}}",
+            "{{\"bench\":\"matmul\",{},\"m\":{m},\"k\":{k},\"n\":{n},\"threads\":{},\"tiebreak_cpu_ms\":{:.3},\"unbounded_ms\":{:.3},\"bound_ms\":{:.3},\"cs_bound_ms\":{:.3},\"candle_f32_ms\":{:.3},\"ratio_vs_candle\":{:.3},\"bound_share\":{:.3},\"bound_overhead\":{:.3},\"cpu_alt_ms\":{:.3},\"alt_vs_cpu\":{:.3},\"alt_vs_cpu_min\":{:.3},\"alt_vs_cpu_max\":{:.3}}}",
+            machine(),
             rayon::current_num_threads(),
             ours * 1e3,
             unb * 1e3,

@@ -1,10 +1,13 @@
 //! The blocked GEMMs of the two fast CPU profiles, both on the `gemm` crate.
 //!
 //! The crate's kernels give each output element one accumulator and add the products of a
-//! K block to it in order with FMA (where the CPU has it), blocks of `kc` (≥ 512, from the
-//! shape and cache sizes) one after another; small outputs take a horizontal dot-product
-//! kernel instead. `cpu` calls it once. `cpu-alt` splits K at [`alt_split`], just below the
-//! middle and so not at a block boundary of either call, and sums the upper part first, into
+//! K block to it in order with FMA (where the CPU has it), balanced blocks (`⌈k/kc⌉` of them,
+//! `kc` ≥ 512 before balancing, from the shape, the kernel and the cache sizes) one after
+//! another; small outputs take a horizontal dot-product kernel instead. The workspace turns on
+//! the crate's AVX-512 FP64 kernels (`gemm-f64/x86-v4`), which it picks at run time where the
+//! CPU has AVX-512F, and AVX2+FMA ones elsewhere: the FP32 kernels candle uses keep the crate's
+//! default build (AVX2+FMA). `cpu` calls it once. `cpu-alt` splits K at [`alt_split`], a third of the
+//! way in and so not at a block boundary of either call, and sums the upper part first, into
 //! the bias when there is one, then adds the lower part: every output is another sum of the
 //! same terms, which the matmul bound (any order, with or without FMA) already covers.
 //! Threads split output blocks, never the k loop, so neither result depends on the thread
@@ -90,12 +93,16 @@ pub(crate) fn gemm_cpu(a: &[f64], b: &[f64], out: &mut [f64], spec: MatmulSpec) 
     positive_zeros(out);
 }
 
-/// Where `cpu-alt` splits K: `⌊k/2⌋ − 1` (1 for k < 4). Each part has fewer than `kc` terms
-/// whenever `k` is below twice the crate's smallest block (so it is one chain, not the
-/// `cpu` blocks), and the split is never the middle, where with two blocks of `k/2` the
-/// two orders would only swap two operands of one addition.
+/// Where `cpu-alt` splits K: `⌊k/3⌋ − 1`, at least 1 (and at most `k`). The crate cuts K into
+/// `⌈k/kc⌉` balanced blocks (`kc` at least 512 before balancing, from the shape, the kernel and
+/// the cache sizes; its AVX2 kernels take all of K ≤ 784 at once, its AVX-512 ones cut 784
+/// into two blocks of 392) and adds each block's chain to the output in order. A split at
+/// the middle would give `cpu-alt` the same two chains as `cpu`, summed the other way round
+/// (the same value: 51 % of the MNIST layer's outputs agreed with a split one term off the
+/// middle); a third of the way in, no chain of either call starts where a chain of `cpu`'s
+/// does, and with several blocks the block sums are associated differently.
 pub(crate) fn alt_split(k: usize) -> usize {
-    if k < 4 { 1.min(k) } else { k / 2 - 1 }
+    (k / 3).saturating_sub(1).max(1).min(k)
 }
 
 /// The `cpu-alt` profile's GEMM: per batch element, `out = (bias) + op(A)[:, s..k]·op(B)[s..k, :]`
