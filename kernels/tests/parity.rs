@@ -4,7 +4,7 @@
 //! differ, that `cpu` ignores the thread count and that `cuda` ignores the launch configuration.
 
 use kernels::parity::{SplitMix64, cases, compare, tightness, tightness_on};
-use kernels::{Device, KernelError, MatmulSpec, Profile, RowSpec};
+use kernels::{Device, ErrorBound, KernelError, MatmulSpec, Profile, RowSpec};
 
 fn devices() -> Vec<Device> {
     Profile::CPU.iter().map(|&p| Device::new(p).unwrap()).collect()
@@ -237,9 +237,15 @@ fn thread_count_independent(dev: &Device) {
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+            // Values and bounds: the bound's refinement splits its elements by thread count.
             let mut out: Vec<Vec<u64>> = inputs
                 .iter()
-                .map(|(a, b, s)| dev.matmul(a, b, None, *s).unwrap().values.iter().map(|v| v.to_bits()).collect())
+                .flat_map(|(a, b, s)| {
+                    let r = dev.matmul(a, b, None, *s).unwrap();
+                    let ErrorBound::PerElement(d) = &r.bound else { panic!("matmul bound {:?}", r.bound) };
+                    [bits(&r.values), bits(d)]
+                })
                 .collect();
             out.push(dev.softmax(&x, RowSpec::new(128, 100)).unwrap().values.iter().map(|v| v.to_bits()).collect());
             out.push(dev.sum_rows(&x, 128, 100).unwrap().values.iter().map(|v| v.to_bits()).collect());
