@@ -429,16 +429,39 @@ simd_dispatch! {
 simd_dispatch! {
     /// Converts rows of `cols` FP32 values (`x`) to FP64 into `out`, adding each column's
     /// squares to `sums` (`cols` values) in row order.
+    ///
+    /// Strips of [`NORM_STRIP`] columns, each strip's sums in registers over all the rows:
+    /// summing a whole row into `sums` in memory made every row's additions wait on the stores
+    /// of the row before. Each column's additions are the same in either order of the loops.
     fn convert_cols(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) {
-        for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-            for ((s, &v), d) in sums.iter_mut().zip(xr).zip(or) {
-                let v = v as f64;
-                d.write(v);
-                *s += v * v;
+        let full = cols - cols % NORM_STRIP;
+        for c0 in (0..full).step_by(NORM_STRIP) {
+            let strip: &mut [f64; NORM_STRIP] = (&mut sums[c0..c0 + NORM_STRIP]).try_into().expect("a full strip");
+            let mut acc = *strip;
+            for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+                let (or, xr) = (&mut or[c0..c0 + NORM_STRIP], &xr[c0..c0 + NORM_STRIP]);
+                for ((s, &v), d) in acc.iter_mut().zip(xr).zip(or) {
+                    let v = v as f64;
+                    d.write(v);
+                    *s += v * v;
+                }
+            }
+            *strip = acc;
+        }
+        if full < cols {
+            for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+                for ((s, &v), d) in sums[full..].iter_mut().zip(&xr[full..]).zip(&mut or[full..]) {
+                    let v = v as f64;
+                    d.write(v);
+                    *s += v * v;
+                }
             }
         }
     }
 }
+
+/// Columns per strip of [`convert_cols`]: four AVX-512 registers of sums.
+const NORM_STRIP: usize = 32;
 
 /// Converts `batch` FP32 matrices stored `rows×cols` row-major (`x`) to FP64 into `out`, and
 /// returns the Euclidean norms of each matrix's rows (`batch·rows` values) when `of_rows`, else
@@ -675,9 +698,41 @@ simd_dispatch! {
 /// Elements per mask of [`finish_row`]'s ambiguity check (the bits of a `u64`).
 const CHECK_BLOCK: usize = 64;
 
-/// Ambiguous elements refined together: one sweep over `l` updates all of them, so the
-/// operands are read row by row instead of one strided column per element.
+/// Ambiguous elements per rayon task of the tight refinement.
 const REFINE_CHUNK: usize = 64;
+
+/// Ambiguous elements one sweep of [`abs_dot_sums`] refines together.
+const REFINE_GROUP: usize = 8;
+
+/// `Σ_l |a[ao + l·acs] · b[bo + l·brs]|` for each of `G` elements (`offsets` = `(ao, bo)`),
+/// terms in the order `l = 0..k`, a product with a zero factor adding +0.
+///
+/// One sweep over `l` for the `G` elements: `G` independent sums, kept in registers, hide the
+/// additions' latency (one sweep over a whole chunk kept its sums in memory). Each sum's
+/// operations are those of one element alone, so the grouping never changes a bit.
+#[inline(always)]
+fn abs_dot_sums<const G: usize>(
+    a: &[f32],
+    b: &[f32],
+    offsets: [(usize, usize); G],
+    k: usize,
+    (acs, brs): (usize, usize),
+) -> [f64; G] {
+    let mut sums = [0.0f64; G];
+    if k == 0 {
+        return sums;
+    }
+    // Each element's lines, cut to the `k` terms the sweep reads (one bounds check here).
+    let lines = offsets.map(|(ao, bo)| (&a[ao..=ao + (k - 1) * acs], &b[bo..=bo + (k - 1) * brs]));
+    for l in 0..k {
+        for g in 0..G {
+            let (x, y) = (lines[g].0[l * acs], lines[g].1[l * brs]);
+            let p = (x as f64 * y as f64).abs();
+            sums[g] += if x != 0.0 && y != 0.0 { p } else { 0.0 };
+        }
+    }
+    sums
+}
 
 /// Which products of each output element can be non-zero: bit `l` of op(A) row `i`'s mask is
 /// set when `op(A)[i][l] ≠ 0`, and likewise for op(B) column `j`, per batch entry. An element
@@ -835,16 +890,16 @@ fn finish_bounds(
                     (bi * m * k + i * ars, bi * k * n + j * bcs, j)
                 })
                 .collect();
-            // Σ|a·b| of every element at once, products with a zero factor adding +0 (what
+            // Σ|a·b| of each element, products with a zero factor adding +0 (what
             // `ExactTerms::product` skips), so the sums equal `ExactTerms`' bit for bit.
-            let mut sums = vec![0.0f64; chunk.len()];
-            for l in 0..k {
-                let (la, lb) = (l * acs, l * brs);
-                for (s, &(ao, bo, _)) in sums.iter_mut().zip(&at) {
-                    let (x, y) = (a[ao + la], b[bo + lb]);
-                    let p = (x as f64 * y as f64).abs();
-                    *s += if x != 0.0 && y != 0.0 { p } else { 0.0 };
-                }
+            let mut groups = at.chunks_exact(REFINE_GROUP);
+            let mut sums: Vec<f64> = Vec::with_capacity(at.len());
+            for g in &mut groups {
+                let offsets = std::array::from_fn(|e| (g[e].0, g[e].1));
+                sums.extend(abs_dot_sums::<REFINE_GROUP>(a, b, offsets, k, (acs, brs)));
+            }
+            for &(ao, bo, _) in groups.remainder() {
+                sums.extend(abs_dot_sums::<1>(a, b, [(ao, bo)], k, (acs, brs)));
             }
             let bounds: Vec<f64> = sums
                 .into_iter()
