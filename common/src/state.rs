@@ -40,11 +40,21 @@ impl StateHash {
     /// [`TrainingState::digest`] of the state it encodes. What a checkpoint's bytes are checked
     /// against.
     pub fn of(self, canonical: &[u8]) -> Hash {
+        self.streamed(|feed| feed(canonical))
+    }
+
+    /// The hash of every piece `write` feeds it, in order (pieces of [`PARALLEL_HASH_BYTES`] or
+    /// more hashed on all threads where the hash allows it, the same value at any thread count).
+    fn streamed(self, write: impl FnOnce(&mut dyn FnMut(&[u8]))) -> Hash {
         match self {
-            StateHash::Sha256 => Sha256::digest(canonical).into(),
+            StateHash::Sha256 => {
+                let mut h = Sha256::new();
+                write(&mut |b| h.update(b));
+                h.finalize().into()
+            }
             StateHash::Blake3 => {
                 let mut h = blake3::Hasher::new();
-                blake3_update(&mut h, canonical);
+                write(&mut |b| blake3_update(&mut h, b));
                 *h.finalize().as_bytes()
             }
         }
@@ -62,12 +72,12 @@ impl StateHash {
 /// Feeds FP32 values to `sink` as their little-endian IEEE bits: on a little-endian CPU the
 /// values as they lie in memory, in one piece (no copy); elsewhere converted in 64 KiB pieces.
 #[cfg(target_endian = "little")]
-fn write_values(values: &[f32], sink: &mut impl FnMut(&[u8])) {
+fn write_values(values: &[f32], sink: &mut (impl FnMut(&[u8]) + ?Sized)) {
     sink(bytemuck::cast_slice(values));
 }
 
 #[cfg(not(target_endian = "little"))]
-fn write_values(values: &[f32], sink: &mut impl FnMut(&[u8])) {
+fn write_values(values: &[f32], sink: &mut (impl FnMut(&[u8]) + ?Sized)) {
     let mut buf = Vec::with_capacity(64 * 1024);
     for chunk in values.chunks(16 * 1024) {
         buf.clear();
@@ -191,7 +201,7 @@ impl TrainingState {
     }
 
     /// Feeds the canonical encoding to `sink` in pieces (no full copy of the state).
-    fn write_canonical(&self, sink: &mut impl FnMut(&[u8])) {
+    fn write_canonical(&self, sink: &mut (impl FnMut(&[u8]) + ?Sized)) {
         sink(MAGIC);
         sink(&[VERSION]);
         sink(&self.step.to_le_bytes());
@@ -217,18 +227,7 @@ impl TrainingState {
     /// The state hash of the canonical encoding, computed in a streaming pass: what a leaf of a
     /// record whose format uses `hash` commits to.
     pub fn digest(&self, hash: StateHash) -> Hash {
-        match hash {
-            StateHash::Sha256 => {
-                let mut h = Sha256::new();
-                self.write_canonical(&mut |b| h.update(b));
-                h.finalize().into()
-            }
-            StateHash::Blake3 => {
-                let mut h = blake3::Hasher::new();
-                self.write_canonical(&mut |b| blake3_update(&mut h, b));
-                *h.finalize().as_bytes()
-            }
-        }
+        hash.streamed(|feed| self.write_canonical(feed))
     }
 
     /// Decodes a canonical encoding. Never panics; rejects non-canonical input (unsorted or
