@@ -32,8 +32,7 @@ const SHAPES: [(usize, usize, usize); 2] = [(512, 512, 512), (64, 784, 256)];
 /// side has the crate's AVX-512 kernels (see the workspace manifest); the FP32 side (candle's)
 /// has them only with this crate's `fp32-avx512` feature.
 fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).and_then(|l| l.split(':').nth(1));
+    let model = kernels::host::cpuinfo_field("model name");
     #[cfg(target_arch = "x86_64")]
     let (avx512, fma) = (std::arch::is_x86_feature_detected!("avx512f"), std::arch::is_x86_feature_detected!("fma"));
     #[cfg(not(target_arch = "x86_64"))]
@@ -49,7 +48,7 @@ fn machine() -> String {
     };
     format!(
         "\"cpu_model\":{:?},\"fp64_kernels\":\"{}\",\"fp32_kernels\":\"{}\"",
-        model.map_or("", str::trim),
+        model.unwrap_or_default(),
         build(avx512),
         build(avx512 && cfg!(feature = "fp32-avx512"))
     )

@@ -34,6 +34,7 @@ mod cuda;
 mod cuda;
 mod embedding;
 mod gemm;
+pub mod host;
 mod layernorm;
 mod matmul;
 mod optim;

@@ -77,21 +77,12 @@ pub fn simd_level(flags: &[&str]) -> &'static str {
 
 /// The machine the run is on: CPU model, which of [`CPU_FLAGS`] it has, its SIMD level, cores.
 pub fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let all_flags = field("flags").unwrap_or_default();
+    let all_flags = kernels::host::cpuinfo_field("flags").unwrap_or_default();
     let flags: Vec<&str> = CPU_FLAGS.into_iter().filter(|f| all_flags.split_whitespace().any(|x| x == *f)).collect();
-    let logical = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
     json!({
         "cores_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "cpus_in_cpuinfo": logical,
-        "cpu_model": field("model name"),
+        "cpus_in_cpuinfo": kernels::host::cpuinfo_processors(),
+        "cpu_model": kernels::host::cpuinfo_field("model name"),
         "cpu_flags": flags,
         "simd_level": simd_level(&flags),
         "os": std::env::consts::OS,
