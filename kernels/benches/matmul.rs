@@ -29,8 +29,8 @@ const SHAPES: [(usize, usize, usize); 2] = [(512, 512, 512), (64, 784, 256)];
 
 /// `"cpu_model":…,"fp64_kernels":…,"fp32_kernels":…`: the CPU (`/proc/cpuinfo`, empty where
 /// there is none) and which build of the `gemm` crate's kernels each side runs on it. The FP64
-/// side has the crate's AVX-512 kernels (see the workspace manifest); the FP32 side (candle's)
-/// has them only with this crate's `fp32-avx512` feature.
+/// side has the crate's AVX-512 kernels with this crate's default `fp64-avx512` feature; the
+/// FP32 side (candle's) has them only with its `fp32-avx512` feature.
 fn machine() -> String {
     let model = kernels::host::cpuinfo_field("model name");
     #[cfg(target_arch = "x86_64")]
@@ -49,7 +49,7 @@ fn machine() -> String {
     format!(
         "\"cpu_model\":{:?},\"fp64_kernels\":\"{}\",\"fp32_kernels\":\"{}\"",
         model.unwrap_or_default(),
-        build(avx512),
+        build(avx512 && cfg!(feature = "fp64-avx512")),
         build(avx512 && cfg!(feature = "fp32-avx512"))
     )
 }

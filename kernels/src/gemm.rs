@@ -3,10 +3,11 @@
 //! The crate's kernels give each output element one accumulator and add the products of a
 //! K block to it in order with FMA (where the CPU has it), balanced blocks (`⌈k/kc⌉` of them,
 //! `kc` ≥ 512 before balancing, from the shape, the kernel and the cache sizes) one after
-//! another; small outputs take a horizontal dot-product kernel instead. The workspace turns on
-//! the crate's AVX-512 FP64 kernels (`gemm-f64/x86-v4`), which it picks at run time where the
-//! CPU has AVX-512F, and AVX2+FMA ones elsewhere: the FP32 kernels candle uses keep the crate's
-//! default build (AVX2+FMA). `cpu` calls it once. `cpu-alt` splits K at [`alt_split`], a third of the
+//! another; small outputs take a horizontal dot-product kernel instead. This crate's default
+//! `fp64-avx512` feature turns on the crate's AVX-512 FP64 kernels (`gemm-f64/x86-v4`), which
+//! it picks at run time where the CPU has AVX-512F, and AVX2+FMA ones elsewhere (everywhere
+//! without the feature): the FP32 kernels candle uses keep the crate's default build
+//! (AVX2+FMA). `cpu` calls it once. `cpu-alt` splits K at [`alt_split`], a third of the
 //! way in and so not at a block boundary of either call, and sums the upper part first, into
 //! the bias when there is one, then adds the lower part: every output is another sum of the
 //! same terms, which the matmul bound (any order, with or without FMA) already covers.
