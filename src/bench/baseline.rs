@@ -1,5 +1,7 @@
-//! The plain FP32 baseline: the same three models in candle (CPU, FP32, autograd), started from
-//! the engine's initial weights and trained on the engine's batches with the same optimizer.
+//! The plain FP32 baseline: the same models in candle (CPU, FP32, autograd), started from the
+//! engine's initial weights and trained on the engine's batches with the same optimizer: the
+//! three presets written out, and graphs of image classifiers (the residual CNN) interpreted
+//! node by node with candle's ops.
 //!
 //! Nothing here is verified or rounded; it is what a trainer would run without tiebreak, so its
 //! step time is the denominator of `trainer_overhead_vs_fp32`. Two deliberate departures from
@@ -7,20 +9,36 @@
 //! `softmax_last_dim` and the fused `layer_norm` op have none, so the GPT builds softmax from
 //! `exp / sum / div` and layer norm from mean/variance arithmetic (both differentiable).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use common::state::TrainingState;
 use engine::data::Dataset;
+use engine::graph::{GraphConfig, INPUT, LABELS, Op};
 use engine::model::{Batch, Model, param_key};
 use engine::spec::{GptConfig, ModelConfig, OptimizerConfig};
 
 /// The architecture of the baseline: one of the presets, with the data's dimensions.
 #[derive(Debug, Clone)]
 enum Arch {
-    Mlp { dims: Vec<usize> },
-    Cnn { h: usize, w: usize },
-    Gpt { cfg: GptConfig, vocab: usize },
+    Mlp {
+        dims: Vec<usize>,
+    },
+    Cnn {
+        h: usize,
+        w: usize,
+    },
+    Gpt {
+        cfg: GptConfig,
+        vocab: usize,
+    },
+    /// A graph of the ops [`graph_op_supported`] accepts, on images of `input_shape`;
+    /// `names` are the parameters' names in [`Model::params`] order.
+    Graph {
+        graph: GraphConfig,
+        input_shape: Vec<usize>,
+        names: Vec<String>,
+    },
 }
 
 /// The optimizer of the baseline: the same update rule and hyper-parameters as the engine's.
@@ -74,6 +92,13 @@ impl Baseline {
                 Arch::Cnn { h: input_shape[1], w: input_shape[2] }
             }
             (ModelConfig::Gpt(g), Dataset::Text { .. }) => Arch::Gpt { cfg: g.clone(), vocab: model.classes() },
+            (ModelConfig::Graph(g), Dataset::Classification { input_shape, .. }) => {
+                if let Some(node) = g.nodes.iter().find(|node| !graph_op_supported(&node.op)) {
+                    bail!("no FP32 baseline for the graph's node {:?}: op {:?}", node.name, node.op);
+                }
+                let names = model.params().iter().map(|p| p.name.clone()).collect();
+                Arch::Graph { graph: g.clone(), input_shape: input_shape.clone(), names }
+            }
             _ => bail!("no FP32 baseline for this model and data"),
         };
         let mut vars = Vec::new();
@@ -146,6 +171,11 @@ impl Baseline {
                 let logits = self.gpt_logits(cfg, *vocab, ids, *b, *t)?;
                 ce(&logits, targets, &self.dev)
             }
+            (Arch::Graph { graph, input_shape, names }, Batch::Classes { x, y, n }) => {
+                let shape: Vec<usize> = std::iter::once(*n).chain(input_shape.iter().copied()).collect();
+                let x = Tensor::from_slice(x, shape, &self.dev)?;
+                self.graph_loss(graph, names, x, y)
+            }
             _ => bail!("batch kind does not match the model"),
         }
     }
@@ -186,6 +216,92 @@ impl Baseline {
         debug_assert_eq!(logits.dims2()?, (rows, vocab));
         Ok(logits)
     }
+}
+
+/// The graph ops the FP32 baseline interprets: those of image classifiers such as the residual
+/// CNN (`configs/mnist-resnet.toml`). Other graphs have no baseline (the bench says which node).
+fn graph_op_supported(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Linear { .. }
+            | Op::Conv2d { .. }
+            | Op::BatchNorm { .. }
+            | Op::Relu {}
+            | Op::Add {}
+            | Op::GlobalAvgPool {}
+            | Op::Flatten {}
+            | Op::Reshape { .. }
+            | Op::CrossEntropy {}
+    )
+}
+
+impl Baseline {
+    /// The loss of a graph of [`graph_op_supported`] ops: each node's value from its inputs',
+    /// in the graph's order, ending at its `cross_entropy` node.
+    fn graph_loss(&self, graph: &GraphConfig, names: &[String], x: Tensor, labels: &[u32]) -> Result<Tensor> {
+        let param = |node: &str, what: &str| -> Result<&Tensor> {
+            let name = format!("{node}.{what}");
+            let i = names.iter().position(|n| *n == name).with_context(|| format!("no parameter {name}"))?;
+            Ok(self.vars[i].as_tensor())
+        };
+        let mut values: Vec<(&str, Tensor)> = vec![(INPUT, x)];
+        for node in &graph.nodes {
+            let input = |k: usize| -> Result<&Tensor> {
+                let name = node.inputs.get(k).with_context(|| format!("{}: input {k} missing", node.name))?;
+                values.iter().rev().find(|(n, _)| n == name).map(|(_, t)| t).with_context(|| format!("no value {name}"))
+            };
+            let a = input(0)?;
+            let out = match &node.op {
+                Op::Linear { bias, .. } => {
+                    let w = param(&node.name, "weight")?;
+                    let y = a.broadcast_matmul(&w.t()?)?;
+                    if *bias { y.broadcast_add(param(&node.name, "bias")?)? } else { y }
+                }
+                Op::Conv2d { stride, padding, bias, .. } => {
+                    let y = a.conv2d(param(&node.name, "weight")?, *padding, *stride, 1, 1)?;
+                    if *bias {
+                        let b = param(&node.name, "bias")?;
+                        y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?)?
+                    } else {
+                        y
+                    }
+                }
+                Op::BatchNorm { eps } => batch_norm(a, param(&node.name, "weight")?, param(&node.name, "bias")?, *eps)?,
+                Op::Relu {} => a.relu()?,
+                Op::Add {} => (a + input(1)?)?,
+                Op::GlobalAvgPool {} => a.flatten_from(2)?.mean(2)?,
+                Op::Flatten {} => a.flatten_from(1)?,
+                Op::Reshape { shape } => {
+                    a.reshape(std::iter::once(a.dims()[0]).chain(shape.iter().copied()).collect::<Vec<_>>())?
+                }
+                Op::CrossEntropy {} => {
+                    ensure!(
+                        node.inputs.get(1).map(String::as_str) == Some(LABELS),
+                        "{}: not against the labels",
+                        node.name
+                    );
+                    return ce(a, labels, &self.dev);
+                }
+                other => bail!("no FP32 baseline for op {other:?}"),
+            };
+            values.push((&node.name, out));
+        }
+        bail!("the graph has no cross_entropy node")
+    }
+}
+
+/// Batch normalisation with the batch's statistics, per channel (axis 1) over the batch and
+/// every other axis, biased variance, then `·weight + bias`.
+fn batch_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    let x3 = x.reshape((n, c, x.elem_count() / (n * c)))?;
+    let mean = x3.mean_keepdim(2)?.mean_keepdim(0)?;
+    let centred = x3.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    let y = centred.broadcast_mul(&rstd)?.broadcast_mul(&weight.reshape((1, c, 1))?)?;
+    Ok(y.broadcast_add(&bias.reshape((1, c, 1))?)?.reshape(dims)?)
 }
 
 /// `x·Wᵀ + b` for `x: [n, i]`, `W: [o, i]`.

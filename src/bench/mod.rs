@@ -44,8 +44,11 @@ use common::rounding::Rounder;
 use common::state::TrainingState;
 use common::tielog::{SiteLog, TieBreakLog, compress_canonical};
 use engine::data::Dataset;
+use engine::graph::{GraphConfig, INPUT, Node, Op};
 use engine::model::{Batch, Ctx};
-use engine::spec::{Config, DataConfig, FORMAT_VERSION, ModelConfig, RunSpec, SOFTWARE_VERSION, SyntheticConfig};
+use engine::spec::{
+    Config, DataConfig, FORMAT_VERSION, ModelConfig, OptimizerConfig, RunSpec, SOFTWARE_VERSION, SyntheticConfig,
+};
 use engine::train::{Run, StepMode};
 use kernels::{Device, Profile};
 use serde_json::{Value, json};
@@ -54,7 +57,7 @@ use baseline::Baseline;
 use stats::{Paired, load_average, machine, mean, median, min};
 
 /// The models measured, in output order.
-pub const MODELS: [&str; 3] = ["mnist-mlp", "mnist-cnn", "shakespeare-gpt"];
+pub const MODELS: [&str; 4] = ["mnist-mlp", "mnist-cnn", "shakespeare-gpt", "mnist-resnet"];
 
 /// Leaves of the bisection benchmark's trees.
 pub const BISECTION_LEAVES: u64 = 100_000;
@@ -67,6 +70,7 @@ fn config_text(model: &str) -> Result<&'static str> {
         "mnist-mlp" => include_str!("../../configs/mnist-mlp.toml"),
         "mnist-cnn" => include_str!("../../configs/mnist-cnn.toml"),
         "shakespeare-gpt" => include_str!("../../configs/shakespeare-gpt.toml"),
+        "mnist-resnet" => include_str!("../../configs/mnist-resnet.toml"),
         other => bail!("unknown model {other:?} (known: {})", MODELS.join(", ")),
     })
 }
@@ -117,6 +121,11 @@ impl Setup {
                     features: 784,
                     classes: 10,
                 });
+                // A synthetic run's spec has 784 features, not images: a graph reads them as
+                // the 1×28×28 images it was written for through a reshape node of its own.
+                if let ModelConfig::Graph(g) = &mut config.model {
+                    read_features_as(g, &[1, 28, 28]);
+                }
                 (data, format!("synthetic: {} examples of 1×28×28, 10 classes (engine's generator)", train + holdout))
             }
             DataConfig::Text(t) => {
@@ -151,6 +160,20 @@ impl Setup {
             init_weights: None,
         }
     }
+}
+
+/// Makes `graph` read the batch's input through a new first node `x.image` that reshapes it to
+/// `shape` per example.
+fn read_features_as(graph: &mut GraphConfig, shape: &[usize]) {
+    const IMAGE: &str = "x.image";
+    for input in graph.nodes.iter_mut().flat_map(|node| node.inputs.iter_mut()) {
+        if input == INPUT {
+            *input = IMAGE.to_string();
+        }
+    }
+    let reshape =
+        Node { name: IMAGE.to_string(), inputs: vec![INPUT.to_string()], op: Op::Reshape { shape: shape.to_vec() } };
+    graph.nodes.insert(0, reshape);
 }
 
 /// Text of roughly Shakespeare's size and alphabet size, from the seeded PRNG.
@@ -208,8 +231,8 @@ impl KindCounts {
 }
 
 /// Ops each model's step uses, by their names in `kernels::parity::tightness`.
-fn ops_of(model: &ModelConfig) -> &'static [&'static str] {
-    match model {
+fn ops_of(model: &ModelConfig, optimizer: &OptimizerConfig) -> Vec<&'static str> {
+    let step: &[&str] = match model {
         ModelConfig::Mlp(_) => &["matmul", "matmul_backward", "sum_rows", "relu", "cross_entropy", "sgd"],
         ModelConfig::Cnn(_) => &[
             "conv2d",
@@ -223,8 +246,16 @@ fn ops_of(model: &ModelConfig) -> &'static [&'static str] {
             "cross_entropy",
             "adamw",
         ],
-        // Graphs are not benchmarked yet.
-        ModelConfig::Graph(_) => &[],
+        ModelConfig::Graph(g) => {
+            let mut ops: Vec<&'static str> = g.nodes.iter().flat_map(|node| graph_ops(&node.op)).copied().collect();
+            ops.push(match optimizer {
+                OptimizerConfig::Sgd(_) => "sgd",
+                OptimizerConfig::Adamw(_) => "adamw",
+            });
+            ops.sort_unstable();
+            ops.dedup();
+            return ops;
+        }
         ModelConfig::Gpt(_) => &[
             "embedding",
             "embedding_backward",
@@ -241,6 +272,21 @@ fn ops_of(model: &ModelConfig) -> &'static [&'static str] {
             "cross_entropy",
             "adamw",
         ],
+    };
+    step.to_vec()
+}
+
+/// The kernels (by their names in `kernels::parity::tightness`) a graph node's forward and
+/// backward run, for the ops the FP32 baseline interprets (the others have no bench).
+fn graph_ops(op: &Op) -> &'static [&'static str] {
+    match op {
+        Op::Linear { .. } => &["matmul", "matmul_backward", "sum_rows"],
+        Op::Conv2d { .. } => &["conv2d", "conv2d_backward"],
+        Op::BatchNorm { .. } => &["batch_norm", "batch_norm_backward"],
+        Op::Relu {} => &["relu"],
+        Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => &["avg_pool2d", "avg_pool2d_backward"],
+        Op::CrossEntropy {} => &["cross_entropy"],
+        _ => &[],
     }
 }
 
@@ -325,30 +371,36 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let (mut values, mut paper_values) = (0u64, 0u64);
     let mut kinds = KindCounts::default();
 
+    // The presets have a hand-written model to compare the graph interpreter with; a model
+    // that only exists as a graph (the residual CNN) has none.
+    let handwritten = !matches!(setup.config.model, ModelConfig::Graph(_));
     let timings = steps::paired_steps(name, &trainer, &replayers, steps, |t, state, batch, out| {
-        // The graph interpreter against the hand-written model: forward and backward of this
-        // step from the same state and batch, alternating which goes first.
-        let (graph, hand) = if t % 2 == 1 {
-            let g = timed(|| graph_pass(&trainer, state, batch));
-            (g, timed(|| hand_pass(&trainer, state, batch)))
-        } else {
-            let h = timed(|| hand_pass(&trainer, state, batch));
-            (timed(|| graph_pass(&trainer, state, batch)), h)
-        };
-        let ((graph_loss, g_ties), dt_graph) = (graph.0.with_context(|| format!("{name}: graph pass"))?, graph.1);
-        let ((hand_loss, h_ties), dt_hand) = (hand.0.with_context(|| format!("{name}: hand-written pass"))?, hand.1);
-        if steps::is_timed(t, steps) {
-            // Step 1 is the loop's warm-up (see `steps::StepTimings`).
-            t_graph.push(dt_graph);
-            t_hand.push(dt_hand);
-            graph_vs_hand.push(dt_graph, dt_hand);
+        if handwritten {
+            // The graph interpreter against the hand-written model: forward and backward of
+            // this step from the same state and batch, alternating which goes first.
+            let (graph, hand) = if t % 2 == 1 {
+                let g = timed(|| graph_pass(&trainer, state, batch));
+                (g, timed(|| hand_pass(&trainer, state, batch)))
+            } else {
+                let h = timed(|| hand_pass(&trainer, state, batch));
+                (timed(|| graph_pass(&trainer, state, batch)), h)
+            };
+            let ((graph_loss, g_ties), dt_graph) = (graph.0.with_context(|| format!("{name}: graph pass"))?, graph.1);
+            let ((hand_loss, h_ties), dt_hand) =
+                (hand.0.with_context(|| format!("{name}: hand-written pass"))?, hand.1);
+            if steps::is_timed(t, steps) {
+                // Step 1 is the loop's warm-up (see `steps::StepTimings`).
+                t_graph.push(dt_graph);
+                t_hand.push(dt_hand);
+                graph_vs_hand.push(dt_graph, dt_hand);
+            }
+            ensure!(
+                (graph_loss - hand_loss).abs() <= 1e-5 * hand_loss.abs().max(1.0),
+                "{name}: step {t}: the graph's loss {graph_loss} and the hand-written model's {hand_loss} differ"
+            );
+            graph_ties.push(g_ties as f64);
+            hand_ties.push(h_ties as f64);
         }
-        ensure!(
-            (graph_loss - hand_loss).abs() <= 1e-5 * hand_loss.abs().max(1.0),
-            "{name}: step {t}: the graph's loss {graph_loss} and the hand-written model's {hand_loss} differ"
-        );
-        graph_ties.push(g_ties as f64);
-        hand_ties.push(h_ties as f64);
         let (paper, dt) = timed(|| trainer.step(state, t, StepMode::Commit { paper: true }, None));
         let paper = paper?;
         if steps::is_timed(t, steps) {
@@ -413,7 +465,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     let record = log_mean + LEAF_BYTES as f64 + mean(&batch_bytes) + checkpoint_bytes / interval;
     let pol = state.n_values() as f64 * 4.0;
 
-    let ops = ops_of(&setup.config.model);
+    let ops = ops_of(&setup.config.model, &setup.config.optimizer);
     let per_op: serde_json::Map<String, Value> =
         tightness.iter().filter(|(op, _)| ops.contains(op)).map(|(op, r)| ((*op).to_string(), json!(r))).collect();
     let worst = tightness.iter().filter(|(op, _)| ops.contains(op)).map(|(_, r)| *r).fold(0.0f64, f64::max);
@@ -422,6 +474,20 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
     eprintln!("bench: {name}: interval-parallel replay on one thread and on every core");
     let interval_replay = intervals::speedup(name, &setup, steps, opts.interval_reps)?;
 
+    // A graph-only model has no hand-written twin to compare with (see above).
+    let graph_vs_handwritten = if !handwritten {
+        Value::Null
+    } else {
+        json!({
+            "graph_pass_seconds_min": min(&t_graph),
+            "handwritten_pass_seconds_min": min(&t_hand),
+            "graph_overhead": graph_vs_hand.median(),
+            "graph_overhead_spread": graph_vs_hand.spread(),
+            "graph_tie_breaks_per_step": mean(&graph_ties),
+            "handwritten_tie_breaks_per_step": mean(&hand_ties),
+            "method": "forward and backward of each step from the same state and batch, rounding at every site, alternating order; the hand-written models are the engine's before it interpreted every model as a graph (src/bench/handwritten.rs)",
+        })
+    };
     let report = json!({
         "model": name,
         "data": {"kind": setup.data_kind, "source": setup.data_source},
@@ -466,15 +532,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
         "record_ratio_vs_pol": pol / record,
         "peak_rss_bytes": rss,
         "interval_replay": interval_replay,
-        "graph_vs_handwritten": {
-            "graph_pass_seconds_min": min(&t_graph),
-            "handwritten_pass_seconds_min": min(&t_hand),
-            "graph_overhead": graph_vs_hand.median(),
-            "graph_overhead_spread": graph_vs_hand.spread(),
-            "graph_tie_breaks_per_step": mean(&graph_ties),
-            "handwritten_tie_breaks_per_step": mean(&hand_ties),
-            "method": "forward and backward of each step from the same state and batch, rounding at every site, alternating order; the hand-written models are the engine's before it interpreted every model as a graph (src/bench/handwritten.rs)",
-        },
+        "graph_vs_handwritten": graph_vs_handwritten,
         "loss_first_last": [losses.first(), losses.last()],
         "fp32_loss_first_last": [fp32_losses.first(), fp32_losses.last()],
     });
