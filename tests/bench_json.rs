@@ -1,20 +1,26 @@
 //! The `bench` measurements on synthetic data: the document has every key the issue asks for,
 //! with sane values, and the replays stayed bit-identical (the run errors otherwise).
 
+use serde_json::Value;
 use tiebreak::bench::{Options, run};
 
-#[test]
-fn bench_document_has_the_issue_keys() {
+/// The bench of one model on synthetic data, `steps` steps, without the peak-memory children.
+fn run_on_synthetic_data(model: &str, steps: u64) -> Value {
     let opts = Options {
         data: None,
-        steps: 3,
+        steps,
         rss_steps: 1,
-        models: vec!["mnist-mlp".into()],
+        models: vec![model.into()],
         skip_rss: true,
         interval_reps: 1,
         scaling: None,
     };
-    let doc = run(&opts).unwrap();
+    run(&opts).unwrap()
+}
+
+#[test]
+fn bench_document_has_the_issue_keys() {
+    let doc = run_on_synthetic_data("mnist-mlp", 3);
     assert_eq!(doc["data"]["kind"], "synthetic");
     let m = &doc["models"][0];
     assert_eq!(m["model"], "mnist-mlp");
@@ -64,16 +70,7 @@ fn bench_document_has_the_issue_keys() {
 /// the hand-written comparison it has no twin for.
 #[test]
 fn bench_measures_the_residual_cnn_graph() {
-    let opts = Options {
-        data: None,
-        steps: 2,
-        rss_steps: 1,
-        models: vec!["mnist-resnet".into()],
-        skip_rss: true,
-        interval_reps: 1,
-        scaling: None,
-    };
-    let doc = run(&opts).unwrap();
+    let doc = run_on_synthetic_data("mnist-resnet", 2);
     let m = &doc["models"][0];
     assert_eq!(m["model"], "mnist-resnet");
     for key in ["trainer_overhead_vs_fp32", "replay_vs_trainer", "log_ratio_vs_paper"] {
