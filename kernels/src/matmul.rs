@@ -430,34 +430,34 @@ simd_dispatch! {
     /// Converts rows of `cols` FP32 values (`x`) to FP64 into `out`, adding each column's
     /// squares to `sums` (`cols` values) in row order.
     ///
-    /// Strips of [`NORM_STRIP`] columns, each strip's sums in registers over all the rows:
+    /// Strips of [`NORM_STRIP`] columns (the columns after the last full strip one at a time),
+    /// each strip's sums in registers over all the rows:
     /// summing a whole row into `sums` in memory made every row's additions wait on the stores
     /// of the row before. Each column's additions are the same in either order of the loops.
     fn convert_cols(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize) {
         let full = cols - cols % NORM_STRIP;
         for c0 in (0..full).step_by(NORM_STRIP) {
-            let strip: &mut [f64; NORM_STRIP] = (&mut sums[c0..c0 + NORM_STRIP]).try_into().expect("a full strip");
-            let mut acc = *strip;
-            for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-                let (or, xr) = (&mut or[c0..c0 + NORM_STRIP], &xr[c0..c0 + NORM_STRIP]);
-                for ((s, &v), d) in acc.iter_mut().zip(xr).zip(or) {
-                    let v = v as f64;
-                    d.write(v);
-                    *s += v * v;
-                }
-            }
-            *strip = acc;
+            convert_strip::<NORM_STRIP>(x, out, sums, cols, c0);
         }
-        if full < cols {
-            for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-                for ((s, &v), d) in sums[full..].iter_mut().zip(&xr[full..]).zip(&mut or[full..]) {
-                    let v = v as f64;
-                    d.write(v);
-                    *s += v * v;
-                }
-            }
+        for c0 in full..cols {
+            convert_strip::<1>(x, out, sums, cols, c0);
         }
     }
+}
+
+/// [`convert_cols`] for the `W` columns from `c0`: their sums in registers over all the rows.
+#[inline(always)]
+fn convert_strip<const W: usize>(x: &[f32], out: &mut [MaybeUninit<f64>], sums: &mut [f64], cols: usize, c0: usize) {
+    let strip: &mut [f64; W] = (&mut sums[c0..c0 + W]).try_into().expect("a strip of W columns");
+    let mut acc = *strip;
+    for (or, xr) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+        for ((s, &v), d) in acc.iter_mut().zip(&xr[c0..c0 + W]).zip(&mut or[c0..c0 + W]) {
+            let v = v as f64;
+            d.write(v);
+            *s += v * v;
+        }
+    }
+    *strip = acc;
 }
 
 /// Columns per strip of [`convert_cols`]: four AVX-512 registers of sums.

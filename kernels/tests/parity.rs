@@ -238,7 +238,7 @@ fn thread_count_independent(dev: &Device) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
-            // Values and bounds: the bound's refinement splits its elements by thread count.
+            // Values and bounds: the bound's refinement runs its chunks on every thread there is.
             let mut out: Vec<Vec<u64>> = inputs
                 .iter()
                 .flat_map(|(a, b, s)| {

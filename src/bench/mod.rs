@@ -277,7 +277,8 @@ fn ops_of(model: &ModelConfig, optimizer: &OptimizerConfig) -> Vec<&'static str>
 }
 
 /// The kernels (by their names in `kernels::parity::tightness`) a graph node's forward and
-/// backward run, for the ops the FP32 baseline interprets (the others have no bench).
+/// backward run, for the ops of image classifiers (the graphs the FP32 baseline interprets);
+/// shape ops and additions run none that round.
 fn graph_ops(op: &Op) -> &'static [&'static str] {
     match op {
         Op::Linear { .. } => &["matmul", "matmul_backward", "sum_rows"],
