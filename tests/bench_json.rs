@@ -54,7 +54,7 @@ fn bench_document_has_the_issue_keys() {
     assert!(iv["speedup_vs_one_thread"].as_f64().unwrap() > 0.0, "{iv}");
     assert_eq!((&iv["speedup_spread"]["pairs"], &iv["intervals"]), (&1.into(), &2.into()), "{iv}");
     assert!(doc["machine"]["simd_level"].is_string() && doc["machine"]["cpu_flags"].is_array(), "{}", doc["machine"]);
-    assert_eq!((doc["record_format"].as_u64(), doc["state_hash"].as_str()), (Some(4), Some("blake3")));
+    assert_eq!((doc["record_format"].as_u64(), doc["state_hash"].as_str()), (Some(5), Some("blake3")));
     assert!(m["logged_fraction"]["all"].as_f64().unwrap() < 0.01);
     assert!(m["bound_tightness"]["max"].as_f64().unwrap() <= 1.0);
     // The same weights and batch: the FP32 baseline's first loss is the verified one's, nearly.

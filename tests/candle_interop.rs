@@ -68,7 +68,7 @@ fn engine_logits(t: &Trained, n: usize) -> (Batch, Vec<f32>) {
     let batch = Batch::gather(&t.run.data, &idx);
     let device = kernels::Device::new(Profile::CpuSeq).unwrap();
     let mut rounder = common::rounding::Rounder::commit();
-    let mut ctx = Ctx::new(&device, &mut rounder, 0, 0);
+    let mut ctx = Ctx::new(&device, &mut rounder, 0, &t.run.spec);
     let (_, logits) = t.run.model.forward_logits(&mut ctx, &t.state, &batch).unwrap();
     (batch, logits.unwrap())
 }

@@ -1,6 +1,8 @@
-//! Record formats. This build writes format 4 (BLAKE3 state hashes) and reads format 3 (SHA-256)
-//! too: records made by the 0.3.0 build (`tests/fixtures/format3`) audit, bisect, adjudicate,
-//! serve and export as they did. A record of an earlier format is not a wrong record: this
+//! Record formats. This build writes format 5 (BLAKE3 state hashes, batch norm's channel sums
+//! correctly rounded) and reads formats 3 (SHA-256) and 4 (batch norm summed in each profile's
+//! order) too: records made by the 0.3.0 build (`tests/fixtures/format3`) audit, bisect,
+//! adjudicate, serve and export as they did, and one made by the 0.4.0 build
+//! (`tests/fixtures/format4`) replays with its own batch-norm definition. A record of an earlier format is not a wrong record: this
 //! build cannot read it, so the audit cannot decide (exit 2) and says which format to audit it
 //! with, from a local directory and from a record server alike. A format no build has written
 //! (0, or one from the future) stays a `commitment-invalid` verdict, so a trainer cannot make an
@@ -18,7 +20,8 @@ use auditor::{AuditError, AuditOptions, NoProgress, TrainerSource, Verdict, audi
 use common::state::StateHash;
 use engine::record::Record;
 use engine::spec::{FORMAT_OLDEST_READ, FORMAT_VERSION};
-use kernels::Profile;
+use engine::train::{Run, StepMode};
+use kernels::{Profile, Sums};
 use support::tamper::{tamper_checkpoint, tamper_spec};
 use support::{Drill, SGD, copy_dir, scratch, write_record};
 
@@ -85,6 +88,46 @@ fn records_made_by_the_format_3_build_audit_as_they_did() {
     support::tamper::recommit(&mixed, Some((8, b3)), |_| {});
     let a = audit_dir(&mixed, &AuditOptions::new(Profile::CpuAlt), &NoProgress).unwrap();
     assert!(matches!(&a.verdict, Verdict::CommitmentInvalid { .. }), "{:?}", a.verdict);
+}
+
+/// The record made by the format-4 build (`tests/fixtures/format4`): a CNN with a batch norm,
+/// whose backward pass format 5 redefined (correctly rounded channel sums). It replays with
+/// format 4's definition and audits `consistent` on every other CPU profile; the same run made
+/// by this build has other states, so the format really decides what a step computes.
+#[test]
+fn a_format_4_batch_norm_record_replays_with_its_own_definition() {
+    let dir = scratch("formats-4");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format4");
+    let honest = dir.join("honest");
+    copy_dir(&fixtures.join("honest"), &honest);
+    let old = Record::open(&honest).unwrap();
+    assert_eq!((old.spec().format_version, old.spec().sums()), (4, Sums::ProfileOrder));
+    for auditor in [Profile::CpuAlt, Profile::CpuSeq, Profile::CpuSplitK] {
+        let a = audit_dir(&honest, &AuditOptions::new(auditor), &NoProgress).unwrap();
+        assert!(matches!(a.verdict, Verdict::Consistent), "{auditor}: {:?}", a.verdict);
+    }
+    // The same run on this build: format 5, the fixture's spec otherwise.
+    let text = std::fs::read_to_string(fixtures.join("config.toml")).unwrap();
+    let cfg = engine::spec::Config::from_toml(&text, "format4/config.toml").unwrap();
+    let new = engine::train::Run::from_config(&cfg, None, Profile::CpuAlt, old.n_steps()).unwrap();
+    assert_eq!((new.spec.format_version, new.spec.sums()), (FORMAT_VERSION, Sums::CorrectlyRounded));
+    let mut spec4 = new.spec.clone();
+    (spec4.format_version, spec4.software_version, spec4.device_profile) = (4, "0.4.0".into(), "cpu".into());
+    assert_eq!(&spec4, old.spec(), "the fixture is its config's run");
+    // Its commits log fewer tie-breaks, and the fixture's log replayed with format 5's definition
+    // does not hold up: entries where no format-5 machine could round two ways.
+    let run4 = Run::new(old.spec().clone(), new.data.clone(), kernels::Device::new(Profile::CpuAlt).unwrap()).unwrap();
+    let (mut logged4, mut logged5, mut forged) = (0, 0, 0);
+    let mut state = old.checkpoint(0).unwrap();
+    for step in 1..=old.n_steps() {
+        let log = old.log(step).unwrap();
+        logged4 += log.n_entries();
+        logged5 += new.step(&state, step, StepMode::Commit { paper: false }, None).unwrap().log.n_entries();
+        forged += new.step(&state, step, StepMode::Replay(&log), None).unwrap().forged.len();
+        state = run4.step(&state, step, StepMode::Replay(&log), None).unwrap().state;
+        assert_eq!(run4.state_digest(&state), old.leaf(step).unwrap().state, "step {step}");
+    }
+    assert!(logged5 < logged4 && forged > 0, "format 4 logged {logged4}, format 5 {logged5}, {forged} forged");
 }
 
 /// A signed record whose spec says `format`.

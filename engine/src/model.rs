@@ -29,12 +29,16 @@ pub struct Ctx<'a, 'r> {
     /// Put before every site name (`micro/<j>/` while a step accumulates micro-batch `j`, so the
     /// model's sites stay unique within the step); empty otherwise.
     pub site_prefix: String,
+    /// How batch norm and average pooling sum (the record format's definition,
+    /// [`crate::spec::RunSpec::sums`]).
+    pub sums: kernels::Sums,
 }
 
 impl<'a, 'r> Ctx<'a, 'r> {
-    /// A context for step `step` of a run seeded with `seed`, with no site prefix.
-    pub fn new(dev: &'a Device, rounder: &'a mut Rounder<'r>, step: u64, seed: u64) -> Self {
-        Ctx { dev, rounder, step, seed, site_prefix: String::new() }
+    /// A context for step `step` of a run of `spec` (its seed and its format's definitions),
+    /// with no site prefix.
+    pub fn new(dev: &'a Device, rounder: &'a mut Rounder<'r>, step: u64, spec: &crate::spec::RunSpec) -> Self {
+        Ctx { dev, rounder, step, seed: spec.config.train.seed, site_prefix: String::new(), sums: spec.sums() }
     }
 
     /// Rounds one op's FP64 result at a named site.

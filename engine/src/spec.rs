@@ -15,9 +15,10 @@ pub use validate::{
 };
 
 /// Version of the record format this build writes.
-pub const FORMAT_VERSION: u32 = 4;
-/// The oldest record format this build reads: formats 3 and 4 differ only in the state hash
-/// ([`RunSpec::state_hash`]), so this build audits both.
+pub const FORMAT_VERSION: u32 = 5;
+/// The oldest record format this build reads: formats 3 to 5 differ only in the state hash
+/// ([`RunSpec::state_hash`]) and in how batch norm and average pooling sum ([`RunSpec::sums`]),
+/// so this build audits each with its own definitions.
 pub const FORMAT_OLDEST_READ: u32 = 3;
 /// This software's version, recorded in every spec and report.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -373,6 +374,20 @@ impl RunSpec {
     pub fn state_hash(&self) -> common::state::StateHash {
         state_hash_of_format(self.format_version)
     }
+
+    /// How its steps' batch norms and average pools sum ([`sums_of_format`]). Every step,
+    /// replay and adjudication runs its ops through a [`crate::model::Ctx`] made with this, so a
+    /// record is re-executed with its own format's definition.
+    pub fn sums(&self) -> kernels::Sums {
+        sums_of_format(self.format_version)
+    }
+}
+
+/// How batch norm (its channel statistics, both directions) and average pooling (its windows)
+/// sum in a record format this build reads: correctly rounded from format 5, in each profile's
+/// order (within the any-order bound) before ([`kernels::Sums`]).
+pub fn sums_of_format(format_version: u32) -> kernels::Sums {
+    if format_version <= 4 { kernels::Sums::ProfileOrder } else { kernels::Sums::CorrectlyRounded }
 }
 
 /// The state hash of a record format this build reads ([`FORMAT_OLDEST_READ`] to

@@ -352,8 +352,7 @@ impl Run {
             StepMode::Commit { paper: true } => Rounder::commit_with_paper(),
             StepMode::Replay(log) => Rounder::replay(log),
         };
-        let seed = self.spec.config.train.seed;
-        let mut ctx = Ctx::new(&self.device, &mut rounder, step, seed);
+        let mut ctx = Ctx::new(&self.device, &mut rounder, step, &self.spec);
         let (loss, grads) = self.accumulated_grads(&mut ctx, prev, &batch_idx, fault)?;
         let grads = self.clip(&mut ctx, grads)?;
         let mut state = TrainingState::new(step);
@@ -522,7 +521,7 @@ impl Run {
             let idx: Vec<u64> = (start..end).map(|k| self.data.holdout_index(k) as u64).collect();
             let batch = Batch::gather(&self.data, &idx);
             let mut rounder = Rounder::commit();
-            let mut ctx = Ctx::new(&self.device, &mut rounder, state.step, self.spec.config.train.seed);
+            let mut ctx = Ctx::new(&self.device, &mut rounder, state.step, &self.spec);
             let (loss, logits) = self.model.forward_logits(&mut ctx, state, &batch)?;
             loss_sum += loss as f64 * (end - start) as f64;
             if let (Some(logits), Batch::Classes { y, .. }) = (logits, &batch) {

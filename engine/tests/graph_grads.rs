@@ -259,7 +259,7 @@ fn compare(run: &Run) -> f64 {
     let state = run.initial_state().unwrap();
     let batch = Batch::gather(&run.data, &run.batch_indices(1).0);
     let mut rounder = Rounder::commit();
-    let mut ctx = Ctx::new(&run.device, &mut rounder, 1, 3);
+    let mut ctx = Ctx::new(&run.device, &mut rounder, 1, &run.spec);
     let (loss, grads) = run.model.loss_and_grads(&mut ctx, &state, &batch).unwrap();
 
     let dev = CDevice::Cpu;

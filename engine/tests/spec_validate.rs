@@ -7,6 +7,7 @@ use engine::spec::{
     AdamwConfig, CnnConfig, Config, DataConfig, DatasetCommitment, FORMAT_VERSION, GptConfig, LAYERS_MAX, MnistConfig,
     ModelConfig, OptimizerConfig, RunSpec, STEPS_MAX, SpecInvalid, TextConfig,
 };
+use kernels::Sums;
 use serde_json::{Value, json};
 
 const MLP: &str = r#"
@@ -156,10 +157,15 @@ fn each_bad_field_is_refused_by_name() {
         let err = edited(&mlp, "/format_version", json!(old)).unwrap_err();
         assert_eq!(err.what, format!("made by format {old}; this build reads formats 3 to {FORMAT_VERSION}"));
     }
-    assert_eq!(FORMAT_VERSION, 4);
-    // Format 3 (SHA-256 state hashes) is read as well as this build's format 4 (BLAKE3).
-    for (format, hash) in [(3, StateHash::Sha256), (4, StateHash::Blake3)] {
-        assert_eq!(edited(&mlp, "/format_version", json!(format)).unwrap().state_hash(), hash);
+    assert_eq!(FORMAT_VERSION, 5);
+    // Formats 3 (SHA-256 state hashes) and 4 (BLAKE3, batch norm summed in each profile's
+    // order) are read as well as this build's format 5 (batch norm's sums correctly rounded).
+    let (any, exact) = (Sums::ProfileOrder, Sums::CorrectlyRounded);
+    for (format, hash, sums) in
+        [(3, StateHash::Sha256, any), (4, StateHash::Blake3, any), (5, StateHash::Blake3, exact)]
+    {
+        let spec = edited(&mlp, "/format_version", json!(format)).unwrap();
+        assert_eq!((spec.state_hash(), spec.sums()), (hash, sums), "format {format}");
     }
 }
 

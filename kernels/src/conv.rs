@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, SLACK, gamma, two_sided};
 use crate::cuda::{In, Param, size};
+use crate::exact::{ExactSum, Sums};
 use crate::reduce::sum_by;
 use crate::scatter::{Groups, group_bound};
 use crate::{Bounded, Device, ErrorBound, MatmulSpec, Result, arg_err, check_len, checked_prod, shape_err};
@@ -383,8 +384,9 @@ impl Device {
         Ok(Bounded { values, bound: ErrorBound::PerElement(bounds) })
     }
 
-    /// Average pooling: window sum divided by `kh·kw` (padding counts as zeros).
-    pub fn avg_pool2d(&self, x: &[f32], spec: Pool2dSpec) -> Result<Bounded> {
+    /// Average pooling: window sum divided by `kh·kw` (padding counts as zeros), the sum as
+    /// `sums` defines ([`Sums`]).
+    pub fn avg_pool2d(&self, x: &[f32], spec: Pool2dSpec, sums: Sums) -> Result<Bounded> {
         const OP: &str = "avg_pool2d";
         let (oh, ow) = spec.dims(OP)?;
         check_len(OP, "x", x.len(), checked_prod(OP, &[spec.n, spec.c, spec.h, spec.w])?)?;
@@ -392,6 +394,21 @@ impl Device {
         let plane = spec.h * spec.w;
         let cnt = (spec.kh * spec.kw) as f64;
         let n_out = spec.n * spec.c * oh * ow;
+        if sums == Sums::CorrectlyRounded {
+            // On the host for every profile: each window's exact sum, rounded once, ÷ cnt.
+            let mut values = vec![0.0; n_out];
+            values.par_chunks_mut((oh * ow).max(1)).enumerate().for_each(|(nc, out)| {
+                let xp = &x[nc * plane..(nc + 1) * plane];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = ExactSum::new();
+                        spec.window(oy, ox).for_each(|i| s.add(xp[i] as f64));
+                        out[oy * ow + ox] = s.round() / cnt;
+                    }
+                }
+            });
+            return Ok(Bounded::exact(values));
+        }
         let gpu = self.gpu().map(|g| g.run(OP, "avg_pool_fwd", n_out, &[In::F32(x)], [n_out], &spec.gpu_sizes(oh, ow)));
         let (mut values, on_gpu) = match gpu.transpose()? {
             Some([y]) => (y, true),
@@ -494,6 +511,33 @@ mod tests {
             assert_eq!(gx.as_ref().map(bits), Some(bits(&full.gx)), "{profile}");
             // Shapes are checked whatever is asked for.
             assert!(dev.conv2d_backward_wanted(&x, &w, &gy[1..], spec, false).is_err());
+        }
+    }
+
+    /// An average whose window sums exactly can land exactly on an FP32 midpoint: 49 integers
+    /// summing to 49·(2²⁴+1), whose mean 2²⁴+1 lies halfway between two FP32 values. Summed
+    /// in the profile's order it is logged (its bound allows a reciprocal multiplication and any
+    /// order); correctly rounded it is exact on every profile. On random planes the two
+    /// definitions agree within the profile-order bound.
+    #[test]
+    fn correctly_rounded_averages_need_no_tie_breaks() {
+        let mut x = vec![16_777_216.0f32; 49];
+        (x[47], x[48]) = (16_777_266.0, 16_777_215.0);
+        let global = Pool2dSpec { n: 1, c: 1, h: 7, w: 7, kh: 7, kw: 7, stride: 1, pad: 0 };
+        let mut rng = SplitMix64(32);
+        let planes = rng.uniform(3 * 4 * 9 * 9, 1.0);
+        let windows = Pool2dSpec { n: 3, c: 4, h: 9, w: 9, kh: 3, kw: 3, stride: 2, pad: 1 };
+        for profile in Profile::CPU {
+            let dev = Device::new(profile).unwrap();
+            let any = dev.avg_pool2d(&x, global, Sums::ProfileOrder).unwrap();
+            let exact = dev.avg_pool2d(&x, global, Sums::CorrectlyRounded).unwrap();
+            assert_eq!((exact.values[0], &exact.bound), (16_777_217.0, &ErrorBound::Exact), "{profile}");
+            assert!(common::rounding::is_ambiguous(any.values[0], any.bound.at(0)), "{profile}");
+            let any = dev.avg_pool2d(&planes, windows, Sums::ProfileOrder).unwrap();
+            let exact = dev.avg_pool2d(&planes, windows, Sums::CorrectlyRounded).unwrap();
+            for (i, (a, e)) in any.values.iter().zip(&exact.values).enumerate() {
+                assert!((a - e).abs() <= any.bound.at(i), "{profile} element {i}: {a:e} vs {e:e}");
+            }
         }
     }
 }

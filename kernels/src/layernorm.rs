@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use crate::bound::{ETA, ExactTerms, U, gamma, two_sided};
 use crate::cuda::{In, Param, size};
+use crate::exact::{ExactSum, Sums};
 use crate::reduce::{dot_by, sum_by};
 use crate::{Bounded, Device, ErrorBound, Result, arg_err, check_len, checked_prod};
 
@@ -123,14 +124,18 @@ impl Device {
         cols: usize,
         eps: f64,
     ) -> Result<LayerNormOut> {
-        self.norm("layer_norm", x, Affine::PerCol(gamma_w, beta), rows, cols, eps)
+        self.norm("layer_norm", x, Affine::PerCol(gamma_w, beta), rows, cols, eps, Sums::ProfileOrder)
     }
 
     /// Batch normalisation with batch statistics, laid out as `rows` channels of `cols` values
     /// each (every example's and position's value of that channel, in the caller's fixed
     /// order), with one affine `gamma`, `beta` per channel. The same definition as
     /// [`Device::layer_norm`] with the affine per row; computed on the host on every profile
-    /// (the cuda profile in its sequential order).
+    /// (the cuda profile in its sequential order). With [`Sums::CorrectlyRounded`] the two
+    /// statistics are too: `μ = (Σx)/n` and `V = (Σc²)/n` from the exact sums of `x` and of
+    /// the squares of `c = x − μ`, each rounded once, so `μ` and `rstd` are the same bits on
+    /// every machine.
+    #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs and its definition
     pub fn batch_norm(
         &self,
         x: &[f32],
@@ -139,10 +144,12 @@ impl Device {
         rows: usize,
         cols: usize,
         eps: f64,
+        sums: Sums,
     ) -> Result<LayerNormOut> {
-        self.norm("batch_norm", x, Affine::PerRow(gamma_w, beta), rows, cols, eps)
+        self.norm("batch_norm", x, Affine::PerRow(gamma_w, beta), rows, cols, eps, sums)
     }
 
+    #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs and its definition
     fn norm(
         &self,
         op: &'static str,
@@ -151,6 +158,7 @@ impl Device {
         rows: usize,
         cols: usize,
         eps: f64,
+        sums: Sums,
     ) -> Result<LayerNormOut> {
         const OP: &str = "layer_norm";
         check_len(op, "x", x.len(), checked_prod(op, &[rows, cols])?)?;
@@ -195,14 +203,29 @@ impl Device {
                         (mu, rstd, e_mu, e_r)
                     }
                     None => {
-                        let mu = sum_by(p, n, |i| xr[i] as f64) / nf;
-                        let e_mu = mean_err(xr, mu);
+                        let exact = sums == Sums::CorrectlyRounded;
+                        let mu = if exact {
+                            let mut s = ExactSum::new();
+                            xr.iter().for_each(|&v| s.add(v as f64));
+                            s.round() / nf
+                        } else {
+                            sum_by(p, n, |i| xr[i] as f64) / nf
+                        };
+                        let e_mu = if exact { 0.0 } else { mean_err(xr, mu) };
                         for (c, &xv) in yr.iter_mut().zip(xr) {
                             *c = xv as f64 - mu;
                         }
-                        let ss = dot_by(p, n, |i| yr[i], |i| yr[i]);
+                        let ss = if exact {
+                            let mut s = ExactSum::new();
+                            yr.iter().for_each(|&c| s.add_square(c));
+                            s.round()
+                        } else {
+                            dot_by(p, n, |i| yr[i], |i| yr[i])
+                        };
+                        // Correctly rounded: ÷, +, √ and ÷, each rounded once (the same bits
+                        // everywhere when ss is).
                         let rstd = 1.0 / (ss / nf + eps).sqrt();
-                        let e_r = rstd_err(n, e_mu, ss, rstd, eps);
+                        let e_r = if exact { 0.0 } else { rstd_err(n, e_mu, ss, rstd, eps) };
                         for (i, (c, d)) in yr.iter_mut().zip(br.iter_mut()).enumerate() {
                             let g = affine.gamma(r, i);
                             let out = *c * rstd * g + affine.beta(r, i);
@@ -243,12 +266,13 @@ impl Device {
         rows: usize,
         cols: usize,
     ) -> Result<LayerNormGrads> {
-        self.norm_backward("layer_norm_backward", x, Affine::PerCol(gamma_w, &[]), mean, rstd, gy, rows, cols)
+        let (affine, sums) = (Affine::PerCol(gamma_w, &[]), Sums::ProfileOrder);
+        self.norm_backward("layer_norm_backward", x, affine, mean, rstd, gy, rows, cols, sums)
     }
 
     /// Batch norm backward ([`Device::batch_norm`]'s layout): as
     /// [`Device::layer_norm_backward`] with `γ` per row, so `gγ` and `gβ` are sums over each
-    /// row (`gγ_r = Σ gy·x̂`, `gβ_r = Σ gy`).
+    /// row (`gγ_r = Σ gy·x̂`, `gβ_r = Σ gy`), summed as `sums` defines.
     #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs, all same-typed slices
     pub fn batch_norm_backward(
         &self,
@@ -259,8 +283,10 @@ impl Device {
         gy: &[f32],
         rows: usize,
         cols: usize,
+        sums: Sums,
     ) -> Result<LayerNormGrads> {
-        self.norm_backward("batch_norm_backward", x, Affine::PerRow(gamma_w, &[]), mean, rstd, gy, rows, cols)
+        let affine = Affine::PerRow(gamma_w, &[]);
+        self.norm_backward("batch_norm_backward", x, affine, mean, rstd, gy, rows, cols, sums)
     }
 
     #[allow(clippy::too_many_arguments)] // reason: the op's natural inputs, all same-typed slices
@@ -274,6 +300,7 @@ impl Device {
         gy: &[f32],
         rows: usize,
         cols: usize,
+        sums: Sums,
     ) -> Result<LayerNormGrads> {
         const OP: &str = "layer_norm_backward";
         let total = checked_prod(op, &[rows, cols])?;
@@ -295,6 +322,9 @@ impl Device {
         // the host computes it for every profile, the GPU receives it.
         let xhat: Vec<f64> =
             x.iter().enumerate().map(|(i, &v)| (v as f64 - mean[i / n] as f64) * rstd[i / n] as f64).collect();
+        if let (Affine::PerRow(gamma_w, _), Sums::CorrectlyRounded) = (affine, sums) {
+            return Ok(channels_correctly_rounded(gamma_w, rstd, gy, &xhat, n));
+        }
         let gpu = match affine {
             Affine::PerCol(gamma_w, _) => self.gpu().map(|g| {
                 let ins = [In::F32(gy), In::F32(gamma_w), In::F64(&xhat), In::F32(rstd)];
@@ -380,5 +410,100 @@ impl Device {
             }
         };
         Ok(LayerNormGrads { gx: Bounded { values: gx, bound: ErrorBound::PerElement(gxb) }, ggamma, gbeta })
+    }
+}
+
+/// Batch norm backward with [`Sums::CorrectlyRounded`] channel sums, from `x̂` (rows of
+/// `n`), on the host for every profile.
+///
+/// `a = (γ·S₁)/n` and `b = (γ·S₂)/n` are the same bits on every machine, so the input
+/// gradient's bound has no term for them: `t = g − a − x̂b` (`g = gy·γ`, exact) in any
+/// association or FMA is within γ_5(|g|+|a|+|x̂b|) per side, and `gx = rstd·t` adds γ_2|gx|.
+fn channels_correctly_rounded(gamma_w: &[f32], rstd: &[f32], gy: &[f32], xhat: &[f64], n: usize) -> LayerNormGrads {
+    let nf = n as f64;
+    let mut gx = vec![0.0; gy.len()];
+    let mut gxb = vec![0.0; gy.len()];
+    let sums: Vec<(f64, f64)> = gx
+        .par_chunks_mut(n)
+        .zip(gxb.par_chunks_mut(n))
+        .enumerate()
+        .map(|(r, (out, bnd))| {
+            let (gr, xh) = (&gy[r * n..(r + 1) * n], &xhat[r * n..(r + 1) * n]);
+            let (mut s1, mut s2) = (ExactSum::new(), ExactSum::new());
+            for (&g, &xv) in gr.iter().zip(xh) {
+                s1.add(g as f64);
+                s2.add_product(g, xv);
+            }
+            let (s1, s2) = (s1.round(), s2.round());
+            let (gw, rs) = (gamma_w[r] as f64, rstd[r] as f64);
+            let (a, b) = (gw * s1 / nf, gw * s2 / nf);
+            for ((o, d), (&g, &xv)) in out.iter_mut().zip(bnd.iter_mut()).zip(gr.iter().zip(xh)) {
+                let g = g as f64 * gw;
+                *o = rs * (g - a - xv * b);
+                let e_t = gamma(5) * (g.abs() + a.abs() + (xv * b).abs());
+                *d = two_sided(rs * e_t + gamma(2) * o.abs() + ETA);
+            }
+            (s2, s1)
+        })
+        .collect();
+    let (ggamma, gbeta) = sums.into_iter().unzip();
+    LayerNormGrads {
+        gx: Bounded { values: gx, bound: ErrorBound::PerElement(gxb) },
+        ggamma: Bounded::exact(ggamma),
+        gbeta: Bounded::exact(gbeta),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use common::rounding::is_ambiguous;
+
+    use super::*;
+    use crate::parity::SplitMix64;
+    use crate::{Device, Profile};
+
+    /// A stage-0 batch norm of the residual CNN preset (16 channels of 32 examples × 14 × 14)
+    /// where a ReLU zeroed half the output gradients: correctly rounded channel sums leave
+    /// almost no input gradient ambiguous, where the profile's order leaves hundreds; both
+    /// definitions compute the same outputs and gradients within the profile-order bound; and
+    /// the correctly rounded statistics are the same bits on every profile.
+    #[test]
+    fn correctly_rounded_channel_sums_make_few_gradients_ambiguous() {
+        let (rows, cols) = (16, 6272);
+        let mut rng = SplitMix64(21);
+        let x = rng.uniform(rows * cols, 2.0);
+        let gw: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 16.0).collect();
+        let mut gy = rng.uniform(rows * cols, 1e-4);
+        gy.iter_mut().for_each(|g| *g = if rng.next_u64().is_multiple_of(2) { 0.0 } else { *g });
+        let mut stats = Vec::new();
+        for p in [Profile::Cpu, Profile::CpuAlt] {
+            let d = Device::new(p).unwrap();
+            let forward = |sums| d.batch_norm(&x, &gw, &vec![0.0; rows], rows, cols, 1e-5, sums).unwrap();
+            let (out, exact) = (forward(Sums::ProfileOrder), forward(Sums::CorrectlyRounded));
+            for (a, e) in [(&out.y, &exact.y), (&out.mean, &exact.mean), (&out.rstd, &exact.rstd)] {
+                for i in 0..a.len() {
+                    let diff = (a.values[i] - e.values[i]).abs();
+                    assert!(diff <= a.bound.at(i), "{p} forward element {i}: {diff:e} > {:e}", a.bound.at(i));
+                }
+            }
+            assert!((0..rows).all(|r| exact.mean.bound.at(r) == 0.0 && exact.rstd.bound.at(r) == 0.0));
+            let bits = |b: &Bounded| b.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            stats.push((bits(&exact.mean), bits(&exact.rstd)));
+            let round = |b: &Bounded| b.values.iter().map(|&v| v as f32).collect::<Vec<_>>();
+            let (mean, rstd) = (round(&out.mean), round(&out.rstd));
+            let grads = |sums| d.batch_norm_backward(&x, &gw, &mean, &rstd, &gy, rows, cols, sums).unwrap();
+            let (any, exact) = (grads(Sums::ProfileOrder), grads(Sums::CorrectlyRounded));
+            let ambiguous = |b: &Bounded| (0..b.len()).filter(|&i| is_ambiguous(b.values[i], b.bound.at(i))).count();
+            let (n_any, n_exact) = (ambiguous(&any.gx), ambiguous(&exact.gx));
+            assert!(n_any > 100 && n_exact * 20 < n_any, "{p}: {n_any} ambiguous in profile order, {n_exact} exact");
+            assert!(matches!((&exact.ggamma.bound, &exact.gbeta.bound), (ErrorBound::Exact, ErrorBound::Exact)));
+            for (a, e) in [(&any.gx, &exact.gx), (&any.ggamma, &exact.ggamma), (&any.gbeta, &exact.gbeta)] {
+                for i in 0..a.len() {
+                    let diff = (a.values[i] - e.values[i]).abs();
+                    assert!(diff <= a.bound.at(i), "{p} element {i}: {diff:e} > {:e}", a.bound.at(i));
+                }
+            }
+        }
+        assert_eq!(stats[0], stats[1], "correctly rounded statistics differ between profiles");
     }
 }

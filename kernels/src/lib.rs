@@ -33,6 +33,7 @@ mod cuda;
 #[path = "cuda_off.rs"]
 mod cuda;
 mod embedding;
+mod exact;
 mod gemm;
 pub mod host;
 mod layernorm;
@@ -52,6 +53,7 @@ pub use common::rounding::ErrorBound;
 pub use conv::{Conv2dGrads, Conv2dSpec, Pool2dSpec};
 #[cfg(feature = "cuda")]
 pub use cuda::GemmPrecision;
+pub use exact::Sums;
 pub use layernorm::{LayerNormGrads, LayerNormOut};
 pub use matmul::MatmulSpec;
 pub use optim::{AdamWConfig, AdamWOut, SgdConfig, SgdOut, pow_step};

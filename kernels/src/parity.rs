@@ -14,6 +14,7 @@
 
 use crate::{
     AdamWConfig, Bounded, Conv2dSpec, Device, ErrorBound, MatmulSpec, Pool2dSpec, Profile, Result, RowSpec, SgdConfig,
+    Sums,
 };
 
 /// splitmix64: a tiny, seedable generator for test data.
@@ -227,10 +228,14 @@ fn add_short_sums(out: &mut Vec<Case>, r: &mut SplitMix64) {
             let o = d.layer_norm(&x, &gamma, &beta, rows, cols, 1e-5)?;
             let (mean, rstd) = (round32(&o.mean), round32(&o.rstd));
             let g = d.layer_norm_backward(&x, &gamma, &mean, &rstd, &gy, rows, cols)?;
-            let b = d.batch_norm(&x, &gb, &bb, rows, cols, 1e-5)?;
-            let (bmean, brstd) = (round32(&b.mean), round32(&b.rstd));
-            let bg = d.batch_norm_backward(&x, &gb, &bmean, &brstd, &gy, rows, cols)?;
-            Ok(vec![o.y, o.mean, o.rstd, g.gx, g.ggamma, g.gbeta, b.y, b.mean, b.rstd, bg.gx, bg.ggamma, bg.gbeta])
+            let mut outs = vec![o.y, o.mean, o.rstd, g.gx, g.ggamma, g.gbeta];
+            for sums in [Sums::ProfileOrder, Sums::CorrectlyRounded] {
+                let b = d.batch_norm(&x, &gb, &bb, rows, cols, 1e-5, sums)?;
+                let (bmean, brstd) = (round32(&b.mean), round32(&b.rstd));
+                let bg = d.batch_norm_backward(&x, &gb, &bmean, &brstd, &gy, rows, cols, sums)?;
+                outs.extend([b.y, b.mean, b.rstd, bg.gx, bg.ggamma, bg.gbeta]);
+            }
+            Ok(outs)
         }));
         // Row sums of one to three terms in the softmax backward passes.
         let spec = RowSpec::new(rows, cols);
@@ -258,7 +263,9 @@ fn add_short_sums(out: &mut Vec<Case>, r: &mut SplitMix64) {
         let x = family_data(r, "zeros", 8);
         let gy = family_data(r, "zeros", 2 * (3 - kh) * (3 - kw));
         out.push(Case::new("avg_pool2d", FAM, move |d| {
-            Ok(vec![d.avg_pool2d(&x, ps)?, d.avg_pool2d_backward(&gy, ps)?])
+            let (any, exact) =
+                (d.avg_pool2d(&x, ps, Sums::ProfileOrder)?, d.avg_pool2d(&x, ps, Sums::CorrectlyRounded)?);
+            Ok(vec![any, exact, d.avg_pool2d_backward(&gy, ps)?])
         }));
     }
 }
@@ -317,7 +324,9 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
         let x2 = x.clone();
         out.push(Case::new("max_pool2d", fam, move |d| Ok(vec![d.max_pool2d(&x, ps)?.0])));
         out.push(Case::new("max_pool2d_backward", fam, move |d| Ok(vec![d.max_pool2d_backward(&gy, &idx, ps)?])));
-        out.push(Case::new("avg_pool2d", fam, move |d| Ok(vec![d.avg_pool2d(&x2, ps)?])));
+        out.push(Case::new("avg_pool2d", fam, move |d| {
+            Ok(vec![d.avg_pool2d(&x2, ps, Sums::ProfileOrder)?, d.avg_pool2d(&x2, ps, Sums::CorrectlyRounded)?])
+        }));
         out.push(Case::new("avg_pool2d_backward", fam, move |d| Ok(vec![d.avg_pool2d_backward(&gy2, ps)?])));
     }
 
@@ -389,18 +398,21 @@ fn add_family(out: &mut Vec<Case>, r: &mut SplitMix64, fam: &'static str) {
     }
     let gw = family_data(r, fam, rows);
     let bw = family_data(r, fam, rows);
-    let bn = seq.batch_norm(&x, &gw, &bw, rows, cols, 1e-5).expect("batch_norm");
+    let bn = seq.batch_norm(&x, &gw, &bw, rows, cols, 1e-5, Sums::ProfileOrder).expect("batch_norm");
     let (mean, rstd) = (round32(&bn.mean), round32(&bn.rstd));
     let gy = family_data(r, fam, rows * cols);
-    let (x2, gw2) = (x.clone(), gw.clone());
-    out.push(Case::new("batch_norm", fam, move |d| {
-        let o = d.batch_norm(&x, &gw, &bw, rows, cols, 1e-5)?;
-        Ok(vec![o.y, o.mean, o.rstd])
-    }));
-    out.push(Case::new("batch_norm_backward", fam, move |d| {
-        let g = d.batch_norm_backward(&x2, &gw2, &mean, &rstd, &gy, rows, cols)?;
-        Ok(vec![g.gx, g.ggamma, g.gbeta])
-    }));
+    for sums in [Sums::ProfileOrder, Sums::CorrectlyRounded] {
+        let (x, gw, bw, mean, rstd, gy) = (x.clone(), gw.clone(), bw.clone(), mean.clone(), rstd.clone(), gy.clone());
+        let (x2, gw2) = (x.clone(), gw.clone());
+        out.push(Case::new("batch_norm", fam, move |d| {
+            let o = d.batch_norm(&x2, &gw2, &bw, rows, cols, 1e-5, sums)?;
+            Ok(vec![o.y, o.mean, o.rstd])
+        }));
+        out.push(Case::new("batch_norm_backward", fam, move |d| {
+            let g = d.batch_norm_backward(&x, &gw, &mean, &rstd, &gy, rows, cols, sums)?;
+            Ok(vec![g.gx, g.ggamma, g.gbeta])
+        }));
+    }
 
     // tanh, sigmoid (and their backward passes from the rounded outputs), mean squared error.
     let x = family_data(r, fam, 300);

@@ -544,7 +544,7 @@ fn measure_model(name: &str, opts: &Options, tightness: &[(&'static str, f64)]) 
 /// and the number of tie-breaks logged.
 fn graph_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, usize)> {
     let mut rounder = Rounder::commit();
-    let mut ctx = Ctx::new(&run.device, &mut rounder, state.step + 1, run.spec.config.train.seed);
+    let mut ctx = Ctx::new(&run.device, &mut rounder, state.step + 1, &run.spec);
     let (loss, _) = run.model.loss_and_grads(&mut ctx, state, batch)?;
     Ok((loss, rounder.finish().log.n_entries()))
 }
@@ -562,7 +562,7 @@ fn hand_pass(run: &Run, state: &TrainingState, batch: &Batch) -> Result<(f32, us
         Dataset::Text { .. } => Vec::new(),
     };
     let mut rounder = Rounder::commit();
-    let mut ctx = Ctx::new(&run.device, &mut rounder, state.step + 1, run.spec.config.train.seed);
+    let mut ctx = Ctx::new(&run.device, &mut rounder, state.step + 1, &run.spec);
     let (loss, _) =
         handwritten::loss_and_grads(&mut ctx, &run.spec.config.model, &shape, run.model.classes(), &get, batch)?;
     Ok((loss, rounder.finish().log.n_entries()))

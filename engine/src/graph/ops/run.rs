@@ -40,7 +40,7 @@ impl Op {
                 Fwd::Indexed(y, argmax)
             }
             Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => {
-                Fwd::Rounded(dev.avg_pool2d(a.ins[0], self.pool_spec(a)).map_err(k)?)
+                Fwd::Rounded(dev.avg_pool2d(a.ins[0], self.pool_spec(a), ctx.sums).map_err(k)?)
             }
             Op::LayerNorm { eps } => {
                 let (rows, d) = last_axis(a);
@@ -75,7 +75,7 @@ impl Op {
             Op::BatchNorm { eps } => {
                 let (c, rest) = channels(a);
                 let xt = permute(a.ins[0], 1, &[a.n, c, rest], &[1, 0, 2]);
-                let out = dev.batch_norm(&xt, a.params[0], a.params[1], c, a.n * rest, *eps).map_err(k)?;
+                let out = dev.batch_norm(&xt, a.params[0], a.params[1], c, a.n * rest, *eps, ctx.sums).map_err(k)?;
                 let y = permute_bounded(out.y, &[c, a.n, rest], &[1, 0, 2]);
                 Fwd::Saving(y, vec![("mean", out.mean), ("rstd", out.rstd)])
             }
@@ -216,7 +216,8 @@ impl Op {
                 let to_rows = |v: &[f32]| permute(v, 1, &[a.n, c, rest], &[1, 0, 2]);
                 let (mean, rstd) = (&a.saved[0], &a.saved[1]);
                 let (xt, gyt) = (to_rows(a.ins[0]), to_rows(gy));
-                let g = dev.batch_norm_backward(&xt, a.params[0], mean, rstd, &gyt, c, a.n * rest).map_err(k)?;
+                let sums = ctx.sums;
+                let g = dev.batch_norm_backward(&xt, a.params[0], mean, rstd, &gyt, c, a.n * rest, sums).map_err(k)?;
                 let gx = permute_bounded(g.gx, &[c, a.n, rest], &[1, 0, 2]);
                 Bwd { inputs: vec![need[0].then_some(Grad::Rounded(gx))], params: vec![g.ggamma, g.gbeta] }
             }
