@@ -69,19 +69,23 @@ fn bench_document_has_the_issue_keys() {
 /// is measured like the presets against candle's FP32 interpretation of the same graph, without
 /// the hand-written comparison it has no twin for.
 #[test]
-fn bench_measures_the_residual_cnn_graph() {
-    let doc = run_on_synthetic_data("mnist-resnet", 2);
-    let m = &doc["models"][0];
-    assert_eq!(m["model"], "mnist-resnet");
-    for key in ["trainer_overhead_vs_fp32", "replay_vs_trainer", "log_ratio_vs_paper"] {
-        let v = m[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {m}"));
-        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+fn bench_measures_the_graph_models() {
+    let conv = ["conv2d_backward", "batch_norm_backward", "avg_pool2d", "adamw"];
+    let text = ["embedding_backward", "layer_norm_backward", "softmax_backward", "gelu", "adamw"];
+    for (model, ops) in [("mnist-resnet", &conv[..]), ("shakespeare-graph", &text[..])] {
+        let doc = run_on_synthetic_data(model, 2);
+        let m = &doc["models"][0];
+        assert_eq!(m["model"], model);
+        for key in ["trainer_overhead_vs_fp32", "replay_vs_trainer", "log_ratio_vs_paper"] {
+            let v = m[key].as_f64().unwrap_or_else(|| panic!("{model}: {key} missing: {m}"));
+            assert!(v.is_finite() && v > 0.0, "{model}: {key} = {v}");
+        }
+        assert!(m["graph_vs_handwritten"].is_null(), "{model}: {}", m["graph_vs_handwritten"]);
+        for &op in ops {
+            assert!(m["bound_tightness"]["per_op"][op].is_number(), "{model}: {op}: {}", m["bound_tightness"]);
+        }
+        // Candle's FP32 graph starts from the same weights and batch as the verified one.
+        let (a, b) = (m["loss_first_last"][0].as_f64().unwrap(), m["fp32_loss_first_last"][0].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-4, "{model}: {a} vs {b}");
     }
-    assert!(m["graph_vs_handwritten"].is_null(), "{}", m["graph_vs_handwritten"]);
-    for op in ["conv2d_backward", "batch_norm_backward", "avg_pool2d", "adamw"] {
-        assert!(m["bound_tightness"]["per_op"][op].is_number(), "{op}: {}", m["bound_tightness"]);
-    }
-    // Candle's FP32 graph starts from the same weights and batch as the verified one.
-    let (a, b) = (m["loss_first_last"][0].as_f64().unwrap(), m["fp32_loss_first_last"][0].as_f64().unwrap());
-    assert!((a - b).abs() < 1e-4, "{a} vs {b}");
 }

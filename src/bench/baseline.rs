@@ -1,7 +1,7 @@
 //! The plain FP32 baseline: the same models in candle (CPU, FP32, autograd), started from the
 //! engine's initial weights and trained on the engine's batches with the same optimizer: the
-//! three presets written out, and graphs of image classifiers (the residual CNN) interpreted
-//! node by node with candle's ops.
+//! three presets written out, and graphs (the residual CNN, the transformer written as a graph)
+//! interpreted node by node with candle's ops.
 //!
 //! Nothing here is verified or rounded; it is what a trainer would run without tiebreak, so its
 //! step time is the denominator of `trainer_overhead_vs_fp32`. Two deliberate departures from
@@ -32,8 +32,9 @@ enum Arch {
         cfg: GptConfig,
         vocab: usize,
     },
-    /// A graph of the ops [`graph_op_supported`] accepts, on images of `input_shape`;
-    /// `names` are the parameters' names in [`Model::params`] order.
+    /// A graph of the ops [`graph_op_supported`] accepts, on examples of `input_shape` (images,
+    /// or `[]` for text, whose batches carry their shape); `names` are the parameters' names in
+    /// [`Model::params`] order.
     Graph {
         graph: GraphConfig,
         input_shape: Vec<usize>,
@@ -92,12 +93,16 @@ impl Baseline {
                 Arch::Cnn { h: input_shape[1], w: input_shape[2] }
             }
             (ModelConfig::Gpt(g), Dataset::Text { .. }) => Arch::Gpt { cfg: g.clone(), vocab: model.classes() },
-            (ModelConfig::Graph(g), Dataset::Classification { input_shape, .. }) => {
+            (ModelConfig::Graph(g), Dataset::Classification { .. } | Dataset::Text { .. }) => {
                 if let Some(node) = g.nodes.iter().find(|node| !graph_op_supported(&node.op)) {
                     bail!("no FP32 baseline for the graph's node {:?}: op {:?}", node.name, node.op);
                 }
+                let input_shape = match data {
+                    Dataset::Classification { input_shape, .. } => input_shape.clone(),
+                    _ => Vec::new(),
+                };
                 let names = model.params().iter().map(|p| p.name.clone()).collect();
-                Arch::Graph { graph: g.clone(), input_shape: input_shape.clone(), names }
+                Arch::Graph { graph: g.clone(), input_shape, names }
             }
             _ => bail!("no FP32 baseline for this model and data"),
         };
@@ -176,6 +181,10 @@ impl Baseline {
                 let x = Tensor::from_slice(x, shape, &self.dev)?;
                 self.graph_loss(graph, names, x, y)
             }
+            (Arch::Graph { graph, names, .. }, Batch::Tokens { ids, targets, b, t }) => {
+                let x = Tensor::from_slice(ids, (*b, *t), &self.dev)?;
+                self.graph_loss(graph, names, x, targets)
+            }
             _ => bail!("batch kind does not match the model"),
         }
     }
@@ -183,35 +192,23 @@ impl Baseline {
     /// The GPT's logits `[b·t, vocab]`; parameters are indexed in [`Model::params`] order.
     fn gpt_logits(&self, cfg: &GptConfig, vocab: usize, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
         let v = |i: usize| self.vars[i].as_tensor();
-        let (d, h) = (cfg.d_model, cfg.heads);
-        let dh = d / h;
+        let h = cfg.heads;
         let rows = b * t;
         let ids = Tensor::from_slice(ids, rows, &self.dev)?;
         let pos: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
         let pos = Tensor::from_vec(pos, rows, &self.dev)?;
         let mut x = (v(0).index_select(&ids, 0)? + v(1).index_select(&pos, 0)?)?;
-        // Additive causal mask: 0 on and below the diagonal, a large negative number above.
-        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { -1e30 } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.dev)?;
-        let scale = 1.0 / (dh as f64).sqrt();
-        let heads = |m: Tensor| -> Result<Tensor> { Ok(m.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()?) };
         for l in 0..cfg.layers {
             let p = 2 + 12 * l;
-            let ln1 = layer_norm(&x, v(p), v(p + 1))?;
-            let qkv = linear(&ln1, v(p + 2), v(p + 3))?;
-            let q = heads(qkv.narrow(1, 0, d)?)?;
-            let k = heads(qkv.narrow(1, d, d)?)?;
-            let vv = heads(qkv.narrow(1, 2 * d, d)?)?;
-            let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = softmax_last(&scores)?;
-            let att = probs.matmul(&vv)?.transpose(1, 2)?.contiguous()?.reshape((rows, d))?;
-            x = (&x + linear(&att, v(p + 4), v(p + 5))?)?;
-            let ln2 = layer_norm(&x, v(p + 6), v(p + 7))?;
+            let ln1 = layer_norm(&x, v(p), v(p + 1), 1e-5)?;
+            let att = attention(&ln1, (b, t, h), true, [v(p + 2), v(p + 3), v(p + 4), v(p + 5)])?;
+            x = (&x + att)?;
+            let ln2 = layer_norm(&x, v(p + 6), v(p + 7), 1e-5)?;
             let fc = linear(&ln2, v(p + 8), v(p + 9))?.gelu()?;
             x = (&x + linear(&fc, v(p + 10), v(p + 11))?)?;
         }
         let f = 2 + 12 * cfg.layers;
-        let lnf = layer_norm(&x, v(f), v(f + 1))?;
+        let lnf = layer_norm(&x, v(f), v(f + 1), 1e-5)?;
         let logits = linear(&lnf, v(f + 2), v(f + 3))?;
         debug_assert_eq!(logits.dims2()?, (rows, vocab));
         Ok(logits)
@@ -219,20 +216,29 @@ impl Baseline {
 }
 
 /// The graph ops the FP32 baseline interprets: those of image classifiers such as the residual
-/// CNN (`configs/mnist-resnet.toml`). Other graphs have no baseline (the bench says which node).
+/// CNN (`configs/mnist-resnet.toml`) and of decoders such as the transformer graph
+/// (`configs/shakespeare-graph.toml`; attention without dropout). Other graphs have no
+/// baseline (the bench says which node).
 fn graph_op_supported(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Linear { .. }
-            | Op::Conv2d { .. }
-            | Op::BatchNorm { .. }
-            | Op::Relu {}
-            | Op::Add {}
-            | Op::GlobalAvgPool {}
-            | Op::Flatten {}
-            | Op::Reshape { .. }
-            | Op::CrossEntropy {}
-    )
+    match op {
+        Op::Attention { dropout, .. } => *dropout == 0.0,
+        _ => matches!(
+            op,
+            Op::Linear { .. }
+                | Op::Conv2d { .. }
+                | Op::BatchNorm { .. }
+                | Op::Relu {}
+                | Op::Add {}
+                | Op::GlobalAvgPool {}
+                | Op::Flatten {}
+                | Op::Reshape { .. }
+                | Op::Embedding { .. }
+                | Op::PositionalEmbedding {}
+                | Op::LayerNorm { .. }
+                | Op::Gelu {}
+                | Op::CrossEntropy {}
+        ),
+    }
 }
 
 impl Baseline {
@@ -267,6 +273,19 @@ impl Baseline {
                     }
                 }
                 Op::BatchNorm { eps } => batch_norm(a, param(&node.name, "weight")?, param(&node.name, "bias")?, *eps)?,
+                Op::LayerNorm { eps } => layer_norm(a, param(&node.name, "weight")?, param(&node.name, "bias")?, *eps)?,
+                Op::Embedding { dim } => {
+                    let (b, t) = a.dims2()?;
+                    param(&node.name, "weight")?.index_select(&a.flatten_all()?, 0)?.reshape((b, t, *dim))?
+                }
+                Op::PositionalEmbedding {} => a.broadcast_add(param(&node.name, "weight")?)?,
+                Op::Attention { heads, causal, .. } => {
+                    let (b, t, d) = a.dims3()?;
+                    let p = |what: &str| param(&node.name, what);
+                    let qkv_proj = [p("qkv.weight")?, p("qkv.bias")?, p("proj.weight")?, p("proj.bias")?];
+                    attention(&a.reshape((b * t, d))?, (b, t, *heads), *causal, qkv_proj)?.reshape((b, t, d))?
+                }
+                Op::Gelu {} => a.gelu()?,
                 Op::Relu {} => a.relu()?,
                 Op::Add {} => (a + input(1)?)?,
                 Op::GlobalAvgPool {} => a.flatten_from(2)?.mean(2)?,
@@ -280,7 +299,9 @@ impl Baseline {
                         "{}: not against the labels",
                         node.name
                     );
-                    return ce(a, labels, &self.dev);
+                    // Text logits `[b, t, vocab]` are one row per position.
+                    let classes = *a.dims().last().context("logits without axes")?;
+                    return ce(&a.reshape((a.elem_count() / classes, classes))?, labels, &self.dev);
                 }
                 other => bail!("no FP32 baseline for op {other:?}"),
             };
@@ -323,11 +344,32 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// Layer norm over the last dimension of `[rows, d]`, from differentiable primitives.
-fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+/// Layer norm over the last dimension, from differentiable primitives.
+fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let rstd = (var + 1e-5)?.sqrt()?.recip()?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
     Ok(xc.broadcast_mul(&rstd)?.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}
+
+/// Multi-head self-attention of `x` (`[b·t, d]`, `heads` heads) with the fused projection
+/// `[qkv.weight, qkv.bias, proj.weight, proj.bias]` (the columns of `qkv` are q, k, v, each by
+/// head), causal or not: `[b·t, d]`. The engine's `attention` composite, and the GPT preset's.
+fn attention(x: &Tensor, (b, t, heads): (usize, usize, usize), causal: bool, p: [&Tensor; 4]) -> Result<Tensor> {
+    let d = x.dims2()?.1;
+    let dh = d / heads;
+    let qkv = linear(x, p[0], p[1])?;
+    let split = |i: usize| -> Result<Tensor> {
+        Ok(qkv.narrow(1, i * d, d)?.reshape((b, t, heads, dh))?.transpose(1, 2)?.contiguous()?)
+    };
+    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+    let mut scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
+    if causal {
+        // Additive mask: 0 on and below the diagonal, a large negative number above.
+        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { -1e30 } else { 0.0 }).collect();
+        scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, t), x.device())?)?;
+    }
+    let att = softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, d))?;
+    linear(&att, p[2], p[3])
 }

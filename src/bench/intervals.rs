@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use auditor::{AuditOptions, Mode, NoProgress, audit_dir};
+use engine::data::Dataset;
 use engine::record::{RecordWriter, SigningKey};
 use engine::train::StepMode;
 use serde_json::{Value, json};
@@ -40,11 +41,17 @@ pub fn speedup(name: &str, setup: &Setup, steps: u64, reps: usize) -> Result<Val
         state = o.state;
     }
     w.finish(&state, &SigningKey::from_bytes(&[7; 32]))?;
-    let opts = AuditOptions {
-        mode: Mode::Intervals,
-        data: (setup.data_kind == "real").then(|| PathBuf::from(&setup.data_source)),
-        ..AuditOptions::new(auditor_profile())
+    let text = dir.with_extension("txt");
+    let data = match &setup.data {
+        _ if setup.data_kind == "real" => Some(PathBuf::from(&setup.data_source)),
+        // Synthetic text lives only in memory; the auditor reads the same bytes from a file.
+        Dataset::Text { raw, .. } => {
+            std::fs::write(&text, raw).with_context(|| format!("writing {}", text.display()))?;
+            Some(text.clone())
+        }
+        _ => None,
     };
+    let opts = AuditOptions { mode: Mode::Intervals, data, ..AuditOptions::new(auditor_profile()) };
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("a one-thread pool")?;
     let audit = || -> Result<f64> {
         let t0 = Instant::now();
@@ -65,6 +72,7 @@ pub fn speedup(name: &str, setup: &Setup, steps: u64, reps: usize) -> Result<Val
         pairs.push(single, all);
     }
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&text);
     Ok(json!({
         "speedup_vs_one_thread": pairs.median(),
         "speedup_spread": pairs.spread(),

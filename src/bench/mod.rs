@@ -57,7 +57,7 @@ use baseline::Baseline;
 use stats::{Paired, load_average, machine, mean, median, min};
 
 /// The models measured, in output order.
-pub const MODELS: [&str; 4] = ["mnist-mlp", "mnist-cnn", "shakespeare-gpt", "mnist-resnet"];
+pub const MODELS: [&str; 5] = ["mnist-mlp", "mnist-cnn", "shakespeare-gpt", "mnist-resnet", "shakespeare-graph"];
 
 /// Leaves of the bisection benchmark's trees.
 pub const BISECTION_LEAVES: u64 = 100_000;
@@ -71,6 +71,7 @@ fn config_text(model: &str) -> Result<&'static str> {
         "mnist-cnn" => include_str!("../../configs/mnist-cnn.toml"),
         "shakespeare-gpt" => include_str!("../../configs/shakespeare-gpt.toml"),
         "mnist-resnet" => include_str!("../../configs/mnist-resnet.toml"),
+        "shakespeare-graph" => include_str!("../../configs/shakespeare-graph.toml"),
         other => bail!("unknown model {other:?} (known: {})", MODELS.join(", ")),
     })
 }
@@ -99,6 +100,7 @@ impl Setup {
         let seed = config.train.seed;
         let context = match &config.model {
             ModelConfig::Gpt(g) => g.context,
+            ModelConfig::Graph(g) => g.context.unwrap_or(0),
             _ => 0,
         };
         if let Some(dir) = data_dir {
@@ -277,11 +279,18 @@ fn ops_of(model: &ModelConfig, optimizer: &OptimizerConfig) -> Vec<&'static str>
 }
 
 /// The kernels (by their names in `kernels::parity::tightness`) a graph node's forward and
-/// backward run, for the ops of image classifiers (the graphs the FP32 baseline interprets);
-/// shape ops and additions run none that round.
+/// backward run, for the ops of the graphs the FP32 baseline interprets (image classifiers,
+/// decoders); shape ops and additions run none that round.
 fn graph_ops(op: &Op) -> &'static [&'static str] {
     match op {
         Op::Linear { .. } => &["matmul", "matmul_backward", "sum_rows"],
+        Op::Embedding { .. } => &["embedding", "embedding_backward"],
+        Op::PositionalEmbedding {} => &["sum_rows"],
+        Op::LayerNorm { .. } => &["layer_norm", "layer_norm_backward"],
+        Op::Attention { .. } => {
+            &["matmul", "matmul_scaled", "matmul_backward", "softmax", "softmax_backward", "sum_rows"]
+        }
+        Op::Gelu {} => &["gelu", "gelu_backward"],
         Op::Conv2d { .. } => &["conv2d", "conv2d_backward"],
         Op::BatchNorm { .. } => &["batch_norm", "batch_norm_backward"],
         Op::Relu {} => &["relu"],
