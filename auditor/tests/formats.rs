@@ -1,9 +1,9 @@
-//! Record formats. This build writes format 5 (BLAKE3 state hashes, batch norm's channel sums
-//! correctly rounded) and reads formats 3 (SHA-256) and 4 (batch norm summed in each profile's
-//! order) too: records made by the 0.3.0 build (`tests/fixtures/format3`) audit, bisect,
-//! adjudicate, serve and export as they did, and one made by the 0.4.0 build
-//! (`tests/fixtures/format4`) replays with its own batch-norm definition. A record of an earlier format is not a wrong record: this
-//! build cannot read it, so the audit cannot decide (exit 2) and says which format to audit it
+//! Record formats. This build writes format 5 (BLAKE3 state hashes; batch norm's and average
+//! pooling's sums correctly rounded) and reads formats 3 (SHA-256) and 4 (those sums in each
+//! profile's order) too: records made by the 0.3.0 build (`tests/fixtures/format3`) audit,
+//! bisect, adjudicate, serve and export as they did, and one made by the 0.4.0 build
+//! (`tests/fixtures/format4`) replays with its own sums. A record of an earlier format is not a
+//! wrong record: this build cannot read it, so the audit cannot decide (exit 2) and says which format to audit it
 //! with, from a local directory and from a record server alike. A format no build has written
 //! (0, or one from the future) stays a `commitment-invalid` verdict, so a trainer cannot make an
 //! auditor undecided by naming one.
@@ -91,9 +91,10 @@ fn records_made_by_the_format_3_build_audit_as_they_did() {
 }
 
 /// The record made by the format-4 build (`tests/fixtures/format4`): a CNN with a batch norm,
-/// whose backward pass format 5 redefined (correctly rounded channel sums). It replays with
-/// format 4's definition and audits `consistent` on every other CPU profile; the same run made
-/// by this build has other states, so the format really decides what a step computes.
+/// whose sums format 5 redefined (correctly rounded). It replays with format 4's definition and
+/// audits `consistent` on every other CPU profile. The same run on this build logs fewer
+/// tie-breaks, and the old log replayed with format 5's definition has entries that do not hold
+/// up, so the record's format, not the build, must decide how its steps are checked.
 #[test]
 fn a_format_4_batch_norm_record_replays_with_its_own_definition() {
     let dir = scratch("formats-4");
@@ -109,7 +110,7 @@ fn a_format_4_batch_norm_record_replays_with_its_own_definition() {
     // The same run on this build: format 5, the fixture's spec otherwise.
     let text = std::fs::read_to_string(fixtures.join("config.toml")).unwrap();
     let cfg = engine::spec::Config::from_toml(&text, "format4/config.toml").unwrap();
-    let new = engine::train::Run::from_config(&cfg, None, Profile::CpuAlt, old.n_steps()).unwrap();
+    let new = Run::from_config(&cfg, None, Profile::CpuAlt, old.n_steps()).unwrap();
     assert_eq!((new.spec.format_version, new.spec.sums()), (FORMAT_VERSION, Sums::CorrectlyRounded));
     let mut spec4 = new.spec.clone();
     (spec4.format_version, spec4.software_version, spec4.device_profile) = (4, "0.4.0".into(), "cpu".into());

@@ -74,9 +74,10 @@ impl ExactSum {
         self.partials.push(x);
     }
 
-    /// Adds `a·b` exactly, for an FP32 `a` (exact in FP64) and any finite FP64 `b`: `b` is split
+    /// Adds `a·b` exactly, for an FP32 `a` (exact in FP64) and a finite FP64 `b`: `b` is split
     /// into its high 26 and low 27 significand bits, and each half's product with `a`'s 24 bits
-    /// fits FP64's 53, so both products are exact.
+    /// fits FP64's 53, so both products are exact unless one underflows (below 2⁻¹⁰²²: for
+    /// batch norm's `x̂`, whose nonzero values exceed 2⁻³⁰⁰, it cannot).
     #[inline]
     pub(crate) fn add_product(&mut self, a: f32, b: f64) {
         let hi = f64::from_bits(b.to_bits() & !((1u64 << 27) - 1));
