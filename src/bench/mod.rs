@@ -232,70 +232,47 @@ impl KindCounts {
     }
 }
 
-/// Ops each model's step uses, by their names in `kernels::parity::tightness`.
+/// Ops each model's step uses, by their names in `kernels::parity::tightness`: those of its
+/// graph's nodes (the presets' graphs too) and its optimizer's update.
 fn ops_of(model: &ModelConfig, optimizer: &OptimizerConfig) -> Vec<&'static str> {
-    let step: &[&str] = match model {
-        ModelConfig::Mlp(_) => &["matmul", "matmul_backward", "sum_rows", "relu", "cross_entropy", "sgd"],
-        ModelConfig::Cnn(_) => &[
-            "conv2d",
-            "conv2d_backward",
-            "max_pool2d",
-            "max_pool2d_backward",
-            "relu",
-            "matmul",
-            "matmul_backward",
-            "sum_rows",
-            "cross_entropy",
-            "adamw",
-        ],
-        ModelConfig::Graph(g) => {
-            let mut ops: Vec<&'static str> = g.nodes.iter().flat_map(|node| graph_ops(&node.op)).copied().collect();
-            ops.push(match optimizer {
-                OptimizerConfig::Sgd(_) => "sgd",
-                OptimizerConfig::Adamw(_) => "adamw",
-            });
-            ops.sort_unstable();
-            ops.dedup();
-            return ops;
-        }
-        ModelConfig::Gpt(_) => &[
-            "embedding",
-            "embedding_backward",
-            "layer_norm",
-            "layer_norm_backward",
-            "matmul",
-            "matmul_scaled",
-            "matmul_backward",
-            "softmax",
-            "softmax_backward",
-            "gelu",
-            "gelu_backward",
-            "sum_rows",
-            "cross_entropy",
-            "adamw",
-        ],
-    };
-    step.to_vec()
+    let mut ops: Vec<&'static str> = model.graph().nodes.iter().flat_map(|node| graph_ops(&node.op)).copied().collect();
+    ops.push(match optimizer {
+        OptimizerConfig::Sgd(_) => "sgd",
+        OptimizerConfig::Adamw(_) => "adamw",
+    });
+    ops.sort_unstable();
+    ops.dedup();
+    ops
 }
 
 /// The kernels (by their names in `kernels::parity::tightness`) a graph node's forward and
-/// backward run, for the ops of the graphs the FP32 baseline interprets (image classifiers,
-/// decoders); shape ops and additions run none that round.
+/// backward run; shape ops, additions and products run none that round.
 fn graph_ops(op: &Op) -> &'static [&'static str] {
     match op {
         Op::Linear { .. } => &["matmul", "matmul_backward", "sum_rows"],
+        Op::Matmul { .. } => &["matmul_scaled", "matmul_backward"],
+        Op::Conv2d { .. } => &["conv2d", "conv2d_backward"],
+        Op::MaxPool2d { .. } => &["max_pool2d", "max_pool2d_backward"],
+        Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => &["avg_pool2d", "avg_pool2d_backward"],
+        Op::BatchNorm { .. } => &["batch_norm", "batch_norm_backward"],
+        Op::LayerNorm { .. } => &["layer_norm", "layer_norm_backward"],
         Op::Embedding { .. } => &["embedding", "embedding_backward"],
         Op::PositionalEmbedding {} => &["sum_rows"],
-        Op::LayerNorm { .. } => &["layer_norm", "layer_norm_backward"],
+        Op::Attention { dropout, .. } if *dropout > 0.0 => {
+            &["matmul", "matmul_scaled", "matmul_backward", "softmax", "softmax_backward", "dropout", "sum_rows"]
+        }
         Op::Attention { .. } => {
             &["matmul", "matmul_scaled", "matmul_backward", "softmax", "softmax_backward", "sum_rows"]
         }
-        Op::Gelu {} => &["gelu", "gelu_backward"],
-        Op::Conv2d { .. } => &["conv2d", "conv2d_backward"],
-        Op::BatchNorm { .. } => &["batch_norm", "batch_norm_backward"],
+        Op::Softmax { .. } => &["softmax", "softmax_backward"],
+        Op::LogSoftmax {} => &["log_softmax", "log_softmax_backward"],
+        Op::Dropout { .. } => &["dropout"],
         Op::Relu {} => &["relu"],
-        Op::AvgPool2d { .. } | Op::GlobalAvgPool {} => &["avg_pool2d", "avg_pool2d_backward"],
+        Op::Gelu {} => &["gelu", "gelu_backward"],
+        Op::Tanh {} => &["tanh", "tanh_backward"],
+        Op::Sigmoid {} => &["sigmoid", "sigmoid_backward"],
         Op::CrossEntropy {} => &["cross_entropy"],
+        Op::Mse {} => &["mse"],
         _ => &[],
     }
 }
@@ -723,5 +700,46 @@ mod tests {
         assert_eq!(input_shape, &vec![1, 28, 28]);
         assert_eq!(s.data_kind, "synthetic");
         s.run(TRAINER_PROFILE, 1).unwrap();
+    }
+
+    /// Each model's ops come from its graph (presets included) and optimizer; every name is one
+    /// the parity suite measures, so each has a tightness entry.
+    #[test]
+    fn each_models_ops_are_its_graphs_kernels() {
+        let conv = ["conv2d", "conv2d_backward", "relu", "matmul", "matmul_backward", "sum_rows", "cross_entropy"];
+        let text = [
+            "embedding",
+            "embedding_backward",
+            "layer_norm",
+            "layer_norm_backward",
+            "matmul",
+            "matmul_scaled",
+            "matmul_backward",
+            "softmax",
+            "softmax_backward",
+            "gelu",
+            "gelu_backward",
+            "sum_rows",
+            "cross_entropy",
+            "adamw",
+        ];
+        let mut want: Vec<(&str, Vec<&str>)> = vec![
+            ("mnist-mlp", vec!["matmul", "matmul_backward", "sum_rows", "relu", "cross_entropy", "sgd"]),
+            ("mnist-cnn", [&conv[..], &["max_pool2d", "max_pool2d_backward", "adamw"]].concat()),
+            ("shakespeare-gpt", text.to_vec()),
+            (
+                "mnist-resnet",
+                [&conv[..], &["batch_norm", "batch_norm_backward", "avg_pool2d", "avg_pool2d_backward", "adamw"]]
+                    .concat(),
+            ),
+            ("shakespeare-graph", text.to_vec()),
+        ];
+        let measured: Vec<&str> = kernels::parity::tightness(1).iter().map(|(op, _)| *op).collect();
+        for (model, ops) in &mut want {
+            let config = Config::from_toml(config_text(model).unwrap(), model).unwrap();
+            ops.sort_unstable();
+            assert_eq!(&ops_of(&config.model, &config.optimizer), ops, "{model}");
+            assert!(ops.iter().all(|op| measured.contains(op)), "{model}: {ops:?}");
+        }
     }
 }
