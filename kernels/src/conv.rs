@@ -399,9 +399,10 @@ impl Device {
             let mut values = vec![0.0; n_out];
             values.par_chunks_mut((oh * ow).max(1)).enumerate().for_each(|(nc, out)| {
                 let xp = &x[nc * plane..(nc + 1) * plane];
+                let mut s = ExactSum::new();
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        let mut s = ExactSum::new();
+                        s.clear();
                         spec.window(oy, ox).for_each(|i| s.add(xp[i] as f64));
                         out[oy * ow + ox] = s.round() / cnt;
                     }

@@ -47,6 +47,12 @@ impl ExactSum {
         ExactSum::default()
     }
 
+    /// Empties the sum, keeping its storage for the next.
+    pub(crate) fn clear(&mut self) {
+        self.partials.clear();
+        self.special = None;
+    }
+
     /// Adds one term, exactly.
     #[inline]
     pub(crate) fn add(&mut self, term: f64) {
@@ -186,6 +192,11 @@ mod tests {
         assert_eq!(s.round(), f64::INFINITY);
         s.add(f64::NEG_INFINITY);
         assert!(s.round().is_nan());
+        // Cleared, it forgets the special terms and the partials alike.
+        s.clear();
+        [1e16, 1.0].iter().for_each(|&t| s.add(t));
+        s.add(-1e16);
+        assert_eq!(s.round(), 1.0);
     }
 
     #[test]

@@ -351,9 +351,7 @@ impl Device {
                 None => (sum_by(p, n, g) / nf, dot_by(p, n, g, |i| xh[i]) / nf),
             };
             // a: n exact terms (FP32·FP32) γ_{n−1}Σ|g|, /n γ_2|a|. b: n rounded products
-            // γ_nΣ|g·x̂|, /n γ_2|b|. t = g − a − x̂b in any association/FMA: E_a + |x̂|E_b +
-            // γ_5(|g|+|a|+|x̂b|) (also covers the (rstd/n)(n·g − Σg − x̂Σgx̂) form);
-            // gx = rstd·t: + γ_2|gx| + ETA.
+            // γ_nΣ|g·x̂|, /n γ_2|b|. The rest: `gx_bound`.
             let (abs_g, abs_gx) = (0..n).fold((0.0, 0.0), |(s1, s2), i| {
                 let gi = g(i).abs();
                 (s1 + gi, s2 + gi * xh[i].abs())
@@ -365,8 +363,7 @@ impl Device {
                 if from_gpu.is_none() {
                     out[i] = rs * (gi - a - xh[i] * b);
                 }
-                let e_t = e_a + xh[i].abs() * e_b + gamma(5) * (gi.abs() + a.abs() + (xh[i] * b).abs());
-                bnd[i] = two_sided(rs * e_t + gamma(2) * out[i].abs() + ETA);
+                bnd[i] = gx_bound(rs, gi, (a, e_a), xh[i], (b, e_b), out[i]);
             }
         });
         let (ggamma, gbeta) = match affine {
@@ -413,12 +410,21 @@ impl Device {
     }
 }
 
+/// The bound of one input gradient `gx = rstd·t`, `t = g − a − x̂b` (`g = gy·γ`, exact), from
+/// the per-side errors `e_a`, `e_b` of the row's `a = mean(g)` and `b = mean(g·x̂)` and the
+/// computed `gx`: `t` in any association or FMA is within `e_a + |x̂|·e_b + γ_5(|g|+|a|+|x̂b|)`
+/// (which also covers the `(rstd/n)(n·g − Σg − x̂Σgx̂)` form), and `rstd·t` adds γ_2|gx| + ETA.
+#[inline]
+fn gx_bound(rs: f64, g: f64, (a, e_a): (f64, f64), xh: f64, (b, e_b): (f64, f64), gx: f64) -> f64 {
+    let e_t = e_a + xh.abs() * e_b + gamma(5) * (g.abs() + a.abs() + (xh * b).abs());
+    two_sided(rs * e_t + gamma(2) * gx.abs() + ETA)
+}
+
 /// Batch norm backward with [`Sums::CorrectlyRounded`] channel sums, from `x̂` (rows of
 /// `n`), on the host for every profile.
 ///
 /// `a = (γ·S₁)/n` and `b = (γ·S₂)/n` are the same bits on every machine, so the input
-/// gradient's bound has no term for them: `t = g − a − x̂b` (`g = gy·γ`, exact) in any
-/// association or FMA is within γ_5(|g|+|a|+|x̂b|) per side, and `gx = rstd·t` adds γ_2|gx|.
+/// gradient's bound ([`gx_bound`]) has no error terms for them.
 fn channels_correctly_rounded(gamma_w: &[f32], rstd: &[f32], gy: &[f32], xhat: &[f64], n: usize) -> LayerNormGrads {
     let nf = n as f64;
     let mut gx = vec![0.0; gy.len()];
@@ -440,8 +446,7 @@ fn channels_correctly_rounded(gamma_w: &[f32], rstd: &[f32], gy: &[f32], xhat: &
             for ((o, d), (&g, &xv)) in out.iter_mut().zip(bnd.iter_mut()).zip(gr.iter().zip(xh)) {
                 let g = g as f64 * gw;
                 *o = rs * (g - a - xv * b);
-                let e_t = gamma(5) * (g.abs() + a.abs() + (xv * b).abs());
-                *d = two_sided(rs * e_t + gamma(2) * o.abs() + ETA);
+                *d = gx_bound(rs, g, (a, 0.0), xv, (b, 0.0), *o);
             }
             (s2, s1)
         })
