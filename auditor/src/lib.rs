@@ -46,7 +46,7 @@ pub mod report;
 pub mod setup;
 pub mod source;
 
-pub use replay::{Audit, AuditOptions, Mode, NoProgress, Progress, SpotPick, audit, audit_dir};
+pub use replay::{Audit, AuditOptions, ChooseData, Mode, NoProgress, Progress, SpotPick, audit, audit_dir};
 pub use source::{LocalRecord, SourceError, TrainerSource};
 
 /// This auditor's version, written into every report.

@@ -216,6 +216,8 @@ fn usage_and_configuration_errors_exit_64_and_help_exits_0() {
         (owned(&["frobnicate"]), "frobnicate"),
         (owned(&["serve", "--config", "no-such.toml"]), "--config no-such.toml"),
         (owned(&["serve", "--listen", "not an address", "--state-dir", "st"]), "not an address"),
+        (owned(&["serve", "--state-dir", "st", "--data", "a b=short.key"]), "--data a b="),
+        (owned(&["serve", "--state-dir", "st", "--data", "clinic=no-such.csv"]), "no-such.csv"),
         (owned(&["verify-report", "no-such.json"]), "no-such.json"),
         (owned(&["verify-report", "--auditor-key", "zz", "r.json"]), "--auditor-key"),
         (owned(&["verify-report", "--auditor-key-file", "no-such.key", "r.json"]), "no-such.key"),

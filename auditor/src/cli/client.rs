@@ -75,6 +75,10 @@ pub struct SubmitArgs {
     /// Resubmitting with the same key returns the same audit.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// The daemon's dataset to replay with (a name it was given with --data NAME=PATH or
+    /// [data]); default: the one whose contents are the run's committed data.
+    #[arg(long, value_name = "NAME")]
+    data: Option<String>,
     /// Then wait for the verdict, as `auditor wait` does (and exit with its code).
     #[arg(long)]
     wait: bool,
@@ -303,6 +307,7 @@ pub fn submit(args: SubmitArgs) -> Result<Exit, Failure> {
         spot_seed_fresh: None,
         trainer_pubkey: args.trainer_pubkey,
         idempotency_key: args.idempotency_key,
+        data: args.data,
     };
     let body = serde_json::to_value(&request).expect("a request serialises");
     let bytes = client.send(reqwest::Method::POST, "/v1/audits", Some(&body))?;

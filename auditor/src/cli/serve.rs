@@ -28,8 +28,10 @@ pub struct ServeArgs {
     /// Reads the token from this file (a trailing newline is dropped).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// A local dataset for specs that need one, as NAME=PATH with NAME `mnist` (IDX directory)
-    /// or `text` (text file); overrides the config's `[data]`. Repeatable.
+    /// A local dataset for specs that need one, as NAME=PATH: `mnist` (IDX directory) and `text`
+    /// (text file) serve every spec of their kind; any other name is a user's dataset (CSV,
+    /// safetensors, token file, ...), used for the runs whose committed data it is or whose
+    /// audit request names it. Overrides the config's `[data]`. Repeatable.
     #[arg(long, value_name = "NAME=PATH")]
     data: Vec<String>,
     /// The job store shared by a fleet of daemons, `postgres://user@host:port/db` (overrides
@@ -92,7 +94,15 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
         match name {
             "mnist" => cfg.data.mnist = Some(path),
             "text" => cfg.data.text = Some(path),
-            _ => return Err(usage(format_args!("--data {name}=…: NAME is one of mnist, text"))),
+            _ if auditor::daemon::datasets::is_valid_name(name) => {
+                cfg.data.files.insert(name.to_string(), path);
+            }
+            _ => {
+                return Err(usage(format_args!(
+                    "--data {name}=…: NAME is mnist, text, or a name of the user's dataset (1 to 64 of [A-Za-z0-9._-], \
+                     not starting with '.')"
+                )));
+            }
         }
     }
     if let (Some(c), Some(k)) = (args.tls_cert, args.tls_key) {

@@ -183,6 +183,11 @@ async fn submit(
         ApiError::bad_request(format!("body is not an audit request (line {}, column {}): {e}", e.line(), e.column()))
     })?;
     request.validate().map_err(ApiError::bad_request)?;
+    if let Some(name) = &request.data
+        && shared.config.data.path_of(name).is_none()
+    {
+        return Err(ApiError::bad_request(shared.config.data.unknown(name)));
+    }
     shared
         .config
         .trainer
@@ -238,6 +243,7 @@ pub fn status_json(job: &Job, live: &Live) -> Value {
         "run": r.run,
         "device": r.device,
         "mode": r.mode.as_deref().unwrap_or("full"),
+        "data": r.data,
         "from": r.from,
         "to": r.to,
         "attempts": job.attempts,

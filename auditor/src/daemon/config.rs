@@ -121,12 +121,35 @@ impl StoreSection {
     }
 }
 
-/// Local copies of datasets, for specs that are not synthetic.
+/// Local copies of datasets, for specs that are not synthetic ([`super::datasets`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
+    /// The MNIST IDX directory for every `mnist` spec.
     pub mnist: Option<PathBuf>,
+    /// The text file for every `text` spec.
     pub text: Option<PathBuf>,
+    /// The users' own datasets (CSV, safetensors, token files; more MNIST directories or texts)
+    /// by name: a request may name one, and otherwise gets the one that is its run's.
+    pub files: std::collections::BTreeMap<String, PathBuf>,
+}
+
+impl DataSection {
+    /// Names and paths, each naming the entry.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, path) in &self.files {
+            if !super::datasets::is_valid_name(name) || super::datasets::KIND_NAMES.contains(&name.as_str()) {
+                return Err(format!(
+                    "data.files.{name:?}: a name is 1 to 64 of [A-Za-z0-9._-], not starting with '.', and not mnist or \
+                     text (those are data.mnist and data.text)"
+                ));
+            }
+            if path.as_os_str().is_empty() {
+                return Err(format!("data.files.{name}: empty path"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Requests to trainers.
@@ -269,6 +292,7 @@ impl Config {
             return Err("tls_cert and tls_key: give both (HTTPS) or neither (plain HTTP)".into());
         }
         self.store.validate()?;
+        self.data.validate()?;
         if self.store.is_shared() && self.key_file.is_none() {
             return Err("key_file: a fleet on a shared store signs with the firm's one key; name its file".into());
         }

@@ -64,6 +64,10 @@ pub struct AuditRequest {
     /// Resubmitting with the same key returns the same audit instead of a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The daemon's dataset to replay with (a name of its `[data]`); absent: the one whose
+    /// contents are the run's committed data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 /// The id of the job stored with sequence number `seq` (ids are stable across restarts).
@@ -136,6 +140,13 @@ impl AuditRequest {
         }
         if self.spot_seed_fresh.is_some() {
             return Err("spot_seed_fresh: set by the daemon, not by a request".into());
+        }
+        if let Some(d) = &self.data
+            && !super::datasets::is_valid_name(d)
+        {
+            return Err(format!(
+                "data: {d:?} is not a dataset name (1 to 64 of [A-Za-z0-9._-], not starting with '.')"
+            ));
         }
         if let Some(k) = &self.trainer_pubkey
             && (k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()))

@@ -5,6 +5,7 @@
 //!   clock) so a seeded simulation can crash it and inject failures.
 //! - [`store`]: the embedded SQLite store under `--state-dir` (jobs, progress, reports).
 //! - [`runner`]: one attempt of an audit over HTTP ([`crate::http::HttpTrainer`]).
+//! - [`datasets`]: the daemon's copies of datasets, and which one a run needs.
 //! - [`api`]: the axum routes.
 //! - [`metrics`]: Prometheus metrics, all named `tiebreak_auditor_*`.
 //!
@@ -13,6 +14,7 @@
 
 pub mod api;
 mod config;
+pub mod datasets;
 pub mod job;
 pub mod live;
 pub mod metrics;
@@ -33,9 +35,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use datasets::Datasets;
 use job::{Clock, Store, SystemClock, Worked, Worker};
 use metrics::Metrics;
-use runner::{DataPaths, HttpRunner};
+use runner::HttpRunner;
 use store::{PgStore, SqliteStore};
 
 /// The signing key's file under the state directory.
@@ -130,7 +133,7 @@ pub async fn serve(
         policy: config.trainer.policy(),
         key: key.clone(),
         default_device: config.default_device().expect("validated"),
-        data: DataPaths { mnist: config.data.mnist.clone(), text: config.data.text.clone() },
+        data: Arc::new(Datasets::new(config.data.clone())),
         metrics: metrics.clone(),
         shutdown: cancel.clone(),
         time_max: Duration::from_millis(config.audit_time_max_ms),

@@ -11,24 +11,16 @@ use engine::spec::RunSpec;
 use kernels::Profile;
 use tokio::runtime::Handle;
 
+use super::datasets::Datasets;
 use super::job::{Decided, ItemOutcome, Job, Outcome, Runner};
 use super::metrics::Metrics;
 use crate::http::{HttpTrainer, RetryPolicy};
 use crate::replay::{
-    AuditOptions, Mode, Opened, RecordView, Resume, SeedChoice, SpotPick, Stop, audit, replay_interval,
+    AuditOptions, ChooseData, Mode, Opened, RecordView, Resume, SeedChoice, SpotPick, Stop, audit, replay_interval,
 };
 use crate::report::Report;
 use crate::source::{SourceError, TrainerSource};
 use crate::{AuditError, Progress, Verdict};
-
-/// Datasets the daemon has locally, by the kind a spec names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DataPaths {
-    /// MNIST IDX directory.
-    pub mnist: Option<PathBuf>,
-    /// Text file for character-level specs.
-    pub text: Option<PathBuf>,
-}
 
 /// Audits over HTTP.
 pub struct HttpRunner {
@@ -38,7 +30,7 @@ pub struct HttpRunner {
     /// The replay profile when a request names none; `None`: a fast one other than the
     /// trainer's ([`Profile::auditor_default`]).
     pub default_device: Option<Profile>,
-    pub data: DataPaths,
+    pub data: Arc<Datasets>,
     pub metrics: Metrics,
     /// Set when the daemon shuts down: requests in flight are abandoned at once (the audit is
     /// requeued with its progress), not left to the runtime going away under them.
@@ -63,7 +55,6 @@ struct HelpedKey {
     id: String,
     commitment: Option<String>,
     device: Profile,
-    data: Option<PathBuf>,
 }
 
 /// The worker's progress, also cancelled when the attempt's time is up.
@@ -132,33 +123,26 @@ pub fn options(job: &Job, default_device: Profile, data: Option<PathBuf>) -> Res
         to: r.to,
         mode,
         data,
+        choose_data: None,
         resume: job.progress.clone(),
         trainer_key: r.trainer_pubkey.as_ref().map(|k| k.to_ascii_lowercase()),
     })
 }
 
 impl HttpRunner {
-    /// The local dataset the run's spec needs, and the replay profile when the request names
-    /// none.
-    fn data_for(&self, src: &HttpTrainer) -> Result<(Option<PathBuf>, Profile), SourceError> {
+    /// The replay profile when the request names none: a fast one other than the trainer's.
+    fn device_for(&self, src: &HttpTrainer) -> Result<Profile, SourceError> {
         let bytes = src.spec_bytes()?;
         // A spec that does not parse is the trainer's problem; the audit itself says so.
-        let Ok(spec) = serde_json::from_slice::<RunSpec>(&bytes) else {
-            return Ok((None, self.default_device.unwrap_or_default()));
-        };
-        let trainer = spec.device_profile.parse::<Profile>().ok();
-        let device = self.default_device.unwrap_or(Profile::auditor_default(trainer));
-        let data = match spec.config.data {
-            engine::spec::DataConfig::Mnist(_) => self.data.mnist.clone(),
-            engine::spec::DataConfig::Text(_) => self.data.text.clone(),
-            engine::spec::DataConfig::Synthetic(_) => None,
-            // A user's file is one run's data, not a corpus a daemon keeps for every run: these
-            // specs are audited with `auditor audit --data FILE` (here: could not decide).
-            engine::spec::DataConfig::Tensors(_)
-            | engine::spec::DataConfig::Csv(_)
-            | engine::spec::DataConfig::Tokens(_) => None,
-        };
-        Ok((data, device))
+        let trainer = serde_json::from_slice::<RunSpec>(&bytes).ok().and_then(|s| s.device_profile.parse().ok());
+        Ok(self.default_device.unwrap_or(Profile::auditor_default(trainer)))
+    }
+
+    /// Chooses the dataset from the spec once it has checked out (so a record that does not is
+    /// a verdict, whatever its spec says of its data), by the request's name or by contents.
+    fn choose_data(&self, job: &Job) -> ChooseData {
+        let (datasets, named) = (self.data.clone(), job.request.data.clone());
+        ChooseData(Arc::new(move |spec: &RunSpec| datasets.for_spec(spec, named.as_deref())))
     }
 }
 
@@ -201,15 +185,16 @@ impl HttpRunner {
         .map_err(|e| Outcome::Failed(e.to_string()))?
         .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
         .with_abort(abort);
-        let (data, device) = match self.data_for(&src) {
-            Ok(found) => found,
+        let device = match self.device_for(&src) {
+            Ok(device) => device,
             Err(SourceError::Unavailable(e)) => {
                 return Err(timed_out(until, time_max).map_or(Outcome::Failed(e), Outcome::TimeLimit));
             }
             // Unresponsive or invalid: the audit below reaches the same error as a verdict.
-            Err(_) => (None, self.default_device.unwrap_or_default()),
+            Err(_) => self.default_device.unwrap_or_default(),
         };
-        let opts = options(job, device, data).map_err(Outcome::Failed)?;
+        let mut opts = options(job, device, None).map_err(Outcome::Failed)?;
+        opts.choose_data = Some(self.choose_data(job));
         Ok((src, opts))
     }
 }
@@ -260,12 +245,7 @@ impl Runner for HttpRunner {
                 return ItemOutcome::Ended;
             }
         };
-        let key = HelpedKey {
-            id: job.id.clone(),
-            commitment: job.commitment.clone(),
-            device: opts.device,
-            data: opts.data.clone(),
-        };
+        let key = HelpedKey { id: job.id.clone(), commitment: job.commitment.clone(), device: opts.device };
         let cached = {
             let helped = self.helped.0.lock().unwrap_or_else(|p| p.into_inner());
             helped.as_ref().filter(|(k, _)| *k == key).map(|(_, o)| o.clone())

@@ -32,12 +32,14 @@ mod shared;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use common::codec::Hash;
 use common::leaf::{BatchIndices, Leaf};
 use common::merkle::ProvenLeaf;
 use engine::record::Manifest;
+use engine::spec::RunSpec;
 use kernels::Profile;
 
 pub use open::{Opened, RecordView, Resume};
@@ -107,6 +109,20 @@ impl SeedChoice {
     }
 }
 
+/// Chooses the dataset of a verified spec: `Ok(None)` when it needs none, `Err` saying why the
+/// auditor has none that is the run's (the audit then cannot decide).
+#[derive(Clone)]
+pub struct ChooseData(pub Arc<DataChooser>);
+
+/// The function inside [`ChooseData`].
+pub type DataChooser = dyn Fn(&RunSpec) -> Result<Option<PathBuf>, String> + Send + Sync;
+
+impl std::fmt::Debug for ChooseData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChooseData(..)")
+    }
+}
+
 /// What to audit and how.
 #[derive(Debug, Clone)]
 pub struct AuditOptions {
@@ -119,6 +135,9 @@ pub struct AuditOptions {
     pub mode: Mode,
     /// `--data`: the dataset files, for specs that are not synthetic.
     pub data: Option<PathBuf>,
+    /// Without `data`: chooses the dataset once the spec has checked out (the daemon: whichever
+    /// of its datasets is the run's).
+    pub choose_data: Option<ChooseData>,
     /// Progress durable from an earlier attempt of this same audit: job start → the last step
     /// of that job already replayed and reproduced (as reported through
     /// [`Progress::verified`]). Those steps are not replayed again: the job continues from the
@@ -138,6 +157,7 @@ impl AuditOptions {
             to: None,
             mode: Mode::Full,
             data: None,
+            choose_data: None,
             resume: BTreeMap::new(),
             trainer_key: None,
         }

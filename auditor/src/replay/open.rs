@@ -9,9 +9,9 @@ use engine::train::Run;
 use super::commit::{self, Committed};
 use super::plan::{self, Plan};
 use super::{AuditOptions, Phase, Stop, source_stop};
-use crate::Verdict;
 use crate::setup::build_run;
 use crate::source::TrainerSource;
+use crate::{AuditError, Verdict};
 
 /// A record opened for replay. Nothing in it depends on the attempt: a fleet helper keeps one
 /// per audit and replays every interval it takes from it.
@@ -39,7 +39,11 @@ impl Opened {
         opts: &AuditOptions,
         committed: Committed,
     ) -> Result<Opened, Stop> {
-        let mut run = build_run(&committed.spec, opts.data.as_deref(), opts.device)?;
+        let chosen = match (&opts.data, &opts.choose_data) {
+            (None, Some(choose)) => (choose.0)(&committed.spec).map_err(AuditError::Data)?,
+            (data, _) => data.clone(),
+        };
+        let mut run = build_run(&committed.spec, chosen.as_deref(), opts.device)?;
         let plan = plan::plan(src, &committed, &run, opts)?;
         let mut init_weights = None;
         if committed.spec.init_weights.is_some() && plan.jobs.iter().any(|j| j.start == 0) {

@@ -201,9 +201,14 @@ async fn bound() -> (tokio::net::TcpListener, String) {
 
 /// The trainer's record server over `records`.
 pub async fn start_trainer(records: &Path, token: Option<&str>) -> Running {
-    let (listener, url) = bound().await;
     let mut opts = trainer_agent::serve::ServeOptions::new(records);
     opts.token = token.map(String::from);
+    start_trainer_with(opts).await
+}
+
+/// The trainer's record server with `opts`.
+pub async fn start_trainer_with(opts: trainer_agent::serve::ServeOptions) -> Running {
+    let (listener, url) = bound().await;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         trainer_agent::serve::serve(listener, opts, async {
