@@ -135,9 +135,24 @@ async fn the_daemon_finds_the_runs_dataset_among_its_own() {
     let root = serde_json::from_str::<Value>(&spec).unwrap()["dataset"]["root"].as_str().unwrap().to_string();
     std::fs::write(&spec_path, spec.replace(&root, &"0".repeat(64))).unwrap();
 
-    let mut opts = trainer_agent::serve::ServeOptions::new(&records);
-    opts.data = Some(data.clone());
-    let trainer = start_trainer_with(opts).await;
+    // The record server too keeps several files of a kind and recomputes a run's states with
+    // the one that is its data; with none that is, such a state is 404 naming the files (an
+    // auditor resumes from a checkpoint instead).
+    let csv = engine::spec::DataKind::Csv;
+    let server_with = |files: &[&PathBuf]| {
+        let mut opts = trainer_agent::serve::ServeOptions::new(&records);
+        opts.datasets = files.iter().map(|p| (csv, p.to_path_buf())).collect();
+        start_trainer_with(opts)
+    };
+    let c = reqwest::Client::new();
+    let wrong = server_with(&[&other]).await;
+    let r = c.get(format!("{}/v1/runs/csv-run/states/2", wrong.url)).send().await.unwrap();
+    let (code, body) = (r.status().as_u16(), r.text().await.unwrap());
+    assert!(code == 404 && body.contains("other.csv") && body.contains("does not match"), "{code} {body}");
+    wrong.stop().await;
+    let trainer = server_with(&[&other, &third, &data]).await;
+    let r = c.get(format!("{}/v1/runs/csv-run/states/2", trainer.url)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
     let daemon_with = |files: &[(&str, &PathBuf)]| {
         let mut c = auditor::daemon::Config {
             state_dir: dir.join(format!("state-{}", files.len())),
@@ -147,7 +162,6 @@ async fn the_daemon_finds_the_runs_dataset_among_its_own() {
         c.data.files = files.iter().map(|(n, p)| (n.to_string(), p.to_path_buf())).collect();
         c
     };
-    let c = reqwest::Client::new();
     let submit = |url: String, body: Value| {
         let c = c.clone();
         async move {

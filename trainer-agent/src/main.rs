@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use common::codec::to_hex;
 use engine::record::Record;
-use engine::spec::Config;
+use engine::spec::{Config, DataKind};
 use engine::train::Fault;
 use kernels::Profile;
 use trainer_agent::serve::ServeOptions;
@@ -114,9 +114,10 @@ enum Command {
         /// Log lines on stderr as `text` or `json` (`RUST_LOG` sets the level).
         #[arg(long, default_value = "text")]
         log_format: service::LogFormat,
-        /// Datasets for recomputing states of runs that need one: `mnist=PATH` (IDX directory),
-        /// `text=PATH` (text file), or a bare PATH for every kind. Repeatable, so one server
-        /// serves MNIST and text runs.
+        /// Datasets for recomputing states of runs that need one: KIND=PATH with KIND one of
+        /// mnist (IDX directory), text, tensors, csv, tokens, or one bare PATH for every kind.
+        /// Repeatable, several of a kind too: a run uses the one whose contents are its
+        /// committed dataset.
         #[arg(long, value_name = "[NAME=]PATH")]
         data: Vec<String>,
         /// Refuse (413) responses larger than this.
@@ -193,16 +194,7 @@ fn run(cli: Cli) -> Result<()> {
                 header_read_timeout: std::time::Duration::from_millis(header_read_timeout_ms),
                 ..service::Limits::default()
             };
-            let mut fallback = None;
-            let mut datasets = std::collections::BTreeMap::new();
-            for d in data {
-                match d.split_once('=') {
-                    Some((kind @ ("mnist" | "text" | "tensors" | "csv" | "tokens"), path)) => {
-                        datasets.insert(kind.to_string(), PathBuf::from(path));
-                    }
-                    _ => fallback = Some(PathBuf::from(d)),
-                }
-            }
+            let (fallback, datasets) = serve_datasets(&data)?;
             let opts = ServeOptions {
                 token_file: token_file.filter(|_| token.is_some()),
                 token,
@@ -404,4 +396,32 @@ fn inspect(dir: &std::path::Path, json: bool, step: Option<u64>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `serve --data` arguments: the bare path (at most one) and the datasets by kind, each path
+/// required to exist.
+fn serve_datasets(args: &[String]) -> Result<(Option<PathBuf>, Vec<(DataKind, PathBuf)>)> {
+    const KINDS: [DataKind; 5] = [DataKind::Mnist, DataKind::Text, DataKind::Tensors, DataKind::Csv, DataKind::Tokens];
+    let (mut fallback, mut datasets) = (None, Vec::new());
+    for d in args {
+        let kind = d.split_once('=').and_then(|(k, p)| KINDS.iter().find(|x| x.as_str() == k).map(|&x| (x, p)));
+        let path = PathBuf::from(kind.map_or(d.as_str(), |(_, p)| p));
+        if std::fs::metadata(&path).is_err() {
+            let hint = match d.split_once('=') {
+                Some((k, _)) if kind.is_none() => {
+                    format!(" ({k:?} is not a kind of data: mnist, text, tensors, csv, tokens)")
+                }
+                _ => String::new(),
+            };
+            bail!("--data {d}: {} does not exist{hint}", path.display());
+        }
+        match kind {
+            Some((k, _)) => datasets.push((k, path)),
+            None if fallback.is_some() => {
+                bail!("--data {d}: a second bare PATH; name each dataset's kind (KIND=PATH) when there are several")
+            }
+            None => fallback = Some(path),
+        }
+    }
+    Ok((fallback, datasets))
 }

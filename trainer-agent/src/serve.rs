@@ -37,8 +37,9 @@ use common::leaf::LEAF_BYTES;
 use common::state::TrainingState;
 use common::tielog;
 use engine::EngineError;
-use engine::data::Dataset;
+use engine::data::{Dataset, DatasetFinder};
 use engine::record::{self, Record, RecordError};
+use engine::spec::DataKind;
 use engine::train::{Run, StepMode};
 use engine::wire::{self, ErrorBody, code};
 use kernels::{Device, Profile};
@@ -70,12 +71,13 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// The file the token came from: SIGHUP reads it again (token rotation without a restart).
     pub token_file: Option<PathBuf>,
-    /// MNIST IDX directory or text file for recomputing states of runs that need one, when
-    /// [`Self::datasets`] names none for the run's kind of data.
+    /// A dataset for recomputing states of runs of any kind of data (a bare `--data PATH`), tried
+    /// after [`Self::datasets`] of the run's kind.
     pub data: Option<PathBuf>,
-    /// Datasets by the kind of data a spec names (`mnist`, `text`), so one server recomputes
-    /// states of MNIST and text runs alike.
-    pub datasets: BTreeMap<String, PathBuf>,
+    /// Datasets by the kind of data they hold, several of a kind allowed, so one server
+    /// recomputes states of runs on different data: a run uses the only one of its kind, or
+    /// the one whose contents are its committed dataset ([`engine::data::DatasetFinder`]).
+    pub datasets: Vec<(DataKind, PathBuf)>,
     /// A response body larger than this is refused with 413 `too-large` instead of being sent.
     pub response_bytes_max: u64,
     /// Most state recomputations at once. 0 turns recomputation off: a state that is not a
@@ -99,7 +101,7 @@ impl ServeOptions {
             token: None,
             token_file: None,
             data: None,
-            datasets: BTreeMap::new(),
+            datasets: Vec::new(),
             response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
             recompute_max: RECOMPUTE_MAX_DEFAULT,
             recompute_wait: RECOMPUTE_WAIT_DEFAULT,
@@ -164,6 +166,7 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
         },
         data: opts.data,
         datasets: opts.datasets,
+        finder: DatasetFinder::default(),
         requests: RequestCounts::default(),
         response_bytes_max: opts.response_bytes_max,
         reads: Arc::new(Semaphore::new(READS_MAX)),
@@ -208,7 +211,8 @@ struct Shared {
     /// The token (SIGHUP may replace it); compared through SHA-256 digests in constant time.
     token: service::Token,
     data: Option<PathBuf>,
-    datasets: BTreeMap<String, PathBuf>,
+    datasets: Vec<(DataKind, PathBuf)>,
+    finder: DatasetFinder,
     requests: RequestCounts,
     response_bytes_max: u64,
     reads: Arc<Semaphore>,
@@ -406,24 +410,34 @@ impl Shared {
             |what: String| ApiError::new(code::INTERNAL, format!("cannot recompute states of {run_id:?}: {what}"));
         let profile: Profile =
             spec.device_profile.parse().map_err(|e: kernels::KernelError| internal(e.to_string()))?;
-        // The dataset for this run's kind of data; without one, the state cannot be recomputed
-        // here: 404, which an auditor does not retry (it resumes from a checkpoint instead).
-        let kind = match spec.config.data.kind() {
-            engine::spec::DataKind::Synthetic => None,
-            k => Some(k.as_str()),
-        };
-        let path = kind.and_then(|k| self.datasets.get(k)).or(self.data.as_ref());
-        if let (Some(k), None) = (kind, path) {
-            return Err(ApiError::new(
+        // The dataset for this run; without one, the state cannot be recomputed here: 404, which
+        // an auditor does not retry (it resumes from a checkpoint instead).
+        let kind = spec.config.data.kind();
+        let unavailable = |why: String| {
+            ApiError::new(
                 code::NOT_FOUND,
-                format!(
-                    "states of {run_id:?} between checkpoints cannot be recomputed here: the server has no {k} \
-                     dataset (start it with --data {k}=PATH)"
-                ),
-            ));
-        }
-        let data =
-            Dataset::for_config(&spec.config, path.map(PathBuf::as_path)).map_err(|e| internal(e.to_string()))?;
+                format!("states of {run_id:?} between checkpoints cannot be recomputed here: {why}"),
+            )
+        };
+        let path = if kind == DataKind::Synthetic {
+            None
+        } else {
+            let names: Vec<String> =
+                self.datasets.iter().map(|(k, p)| format!("{}={}", k.as_str(), p.display())).collect();
+            let mut candidates: Vec<(&str, &Path)> = (self.datasets.iter().zip(&names))
+                .filter(|((k, _), _)| *k == kind)
+                .map(|((_, p), n)| (n.as_str(), p.as_path()))
+                .collect();
+            candidates.extend(self.data.as_deref().map(|p| ("--data", p)));
+            if candidates.is_empty() {
+                return Err(unavailable(format!(
+                    "the server has no {k} dataset (start it with --data {k}=PATH)",
+                    k = kind.as_str()
+                )));
+            }
+            Some(self.finder.find(spec, &candidates).map_err(unavailable)?)
+        };
+        let data = Dataset::for_config(&spec.config, path.as_deref()).map_err(|e| unavailable(e.to_string()))?;
         // A GPU-trained record on a server without that GPU (or this build's CUDA support) is
         // recomputed on the CPU: replay follows the trainer's logs, so any profile reproduces the
         // committed leaves, and `recompute` checks every one.
@@ -432,7 +446,12 @@ impl Shared {
             other => other,
         }
         .map_err(|e| internal(e.to_string()))?;
-        let run = Run::new(spec.clone(), data, device).map_err(|e| internal(e.to_string()))?;
+        let run = Run::new(spec.clone(), data, device).map_err(|e| match e {
+            e @ engine::EngineError::DatasetMismatch { .. } => {
+                unavailable(format!("{}: {e}", path.as_deref().map_or_else(String::new, |p| p.display().to_string())))
+            }
+            e => internal(e.to_string()),
+        })?;
         let r = Arc::new(Replayer { spec_digest, run, last: Mutex::new(None) });
         lock(&self.replayers).insert(run_id.to_string(), r.clone());
         Ok(r)

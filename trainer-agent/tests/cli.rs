@@ -372,6 +372,25 @@ fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and
         assert!(!o.status.success(), "{args:?} {env:?}: started");
         assert!(String::from_utf8_lossy(&o.stderr).contains("empty"), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    // A --data that cannot be a dataset is refused at start, naming it: a kind that is not one, a
+    // path that does not exist, a second bare path (which of the two would be silently lost).
+    let file = dir.join("table.csv");
+    std::fs::write(&file, "1,0\n").unwrap();
+    let f = file.to_str().unwrap();
+    for (data, names) in [
+        (vec![format!("csvv={f}")], "\"csvv\" is not a kind of data"),
+        (vec!["csv=no-such.csv".to_string()], "no-such.csv does not exist"),
+        (vec![f.to_string(), f.to_string()], "a second bare PATH"),
+    ] {
+        let mut c = base();
+        c.env("TRAINER_TOKEN", "t");
+        for d in &data {
+            c.args(["--data", d]);
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(names), "{data:?}: {err}");
+    }
 
     let file = dir.join("token");
     std::fs::write(&file, "from-a-file\n").unwrap();

@@ -761,12 +761,15 @@ weight_decay = 0.0
 
     service::tls::install_provider();
     let c = reqwest::Client::new();
-    for (datasets, status) in [(vec![], 404u16), (vec![("mnist", dir.join("no-mnist")), ("text", text.clone())], 200)] {
+    use engine::spec::DataKind;
+    for (datasets, status) in
+        [(vec![], 404u16), (vec![(DataKind::Mnist, dir.join("no-mnist")), (DataKind::Text, text.clone())], 200)]
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let mut opts = trainer_agent::serve::ServeOptions::new(&records);
         opts.token = Some("tok".into());
-        opts.datasets = datasets.into_iter().map(|(k, p)| (k.to_string(), p)).collect();
+        opts.datasets = datasets;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(trainer_agent::serve::serve(listener, opts, async {
             let _ = rx.await;

@@ -20,9 +20,11 @@ use crate::EngineError;
 use crate::spec::{DataConfig, DataKind, DatasetCommitment};
 
 mod csv;
+mod find;
 mod tensors;
 mod tokens;
 pub use csv::parse_csv;
+pub use find::DatasetFinder;
 pub use tensors::parse_tensors;
 pub use tokens::parse_tokens;
 
