@@ -207,15 +207,12 @@ impl HttpTrainer {
         }
     }
 
-    /// GET `path` with retries; the body, or `Ok(None)` for a 404 with code `unfinished`.
-    fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        self.get_bounded(path, None)
-    }
-
-    /// GET `path`, where no honest answer is larger than `honest_max` bytes when that is known
-    /// (from the request or the run's spec). The body may be as large as that or
-    /// `response_bytes_max`, whichever is more: past the honest size it is the trainer's
-    /// answer that is wrong; past only the auditor's own limit, the auditor cannot decide.
+    /// GET `path` with retries (the body, or `Ok(None)` for a 404 with code `unfinished`), where
+    /// no honest answer is larger than `honest_max` bytes when that is known (from the record
+    /// format's limits, the request or the run's spec). A larger body is the trainer's answer
+    /// being wrong, and is not read further; an honest size over `response_bytes_max` is read
+    /// all the same. Without a known honest size, past `response_bytes_max` the auditor cannot
+    /// decide.
     fn get_bounded(&self, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, SourceError> {
         self.runtime.block_on(self.get_async(path, honest_max))
     }
@@ -324,7 +321,7 @@ impl HttpTrainer {
         honest_max: Option<u64>,
     ) -> Result<Vec<u8>, Attempt> {
         let ours = self.policy.response_bytes_max;
-        let max = honest_max.map_or(ours, |h| h.max(ours));
+        let max = honest_max.unwrap_or(ours);
         let too_large = |n: u64| {
             Attempt::Fail(match honest_max {
                 Some(h) => SourceError::Invalid {
@@ -358,10 +355,6 @@ impl HttpTrainer {
         }
     }
 
-    fn get_required(&self, path: &str) -> Result<Vec<u8>, SourceError> {
-        self.get_required_bounded(path, None)
-    }
-
     fn get_required_bounded(&self, path: &str, honest_max: Option<u64>) -> Result<Vec<u8>, SourceError> {
         self.get_bounded(path, honest_max)?.ok_or_else(|| SourceError::Invalid {
             file: path.to_string(),
@@ -370,8 +363,10 @@ impl HttpTrainer {
         })
     }
 
-    fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, SourceError> {
-        let body = self.get_required(path)?;
+    /// A JSON answer; none is honestly larger than [`record::JSON_FILE_BYTES_MAX`] unless
+    /// `honest_max` says more.
+    fn get_json<T: DeserializeOwned>(&self, path: &str, honest_max: Option<u64>) -> Result<T, SourceError> {
+        let body = self.get_required_bounded(path, Some(honest_max.unwrap_or(record::JSON_FILE_BYTES_MAX)))?;
         serde_json::from_slice(&body).map_err(|e| SourceError::Invalid {
             file: path.to_string(),
             offset: Some(e.column() as u64),
@@ -397,7 +392,12 @@ impl HttpTrainer {
 
     /// Information about the run.
     pub fn info(&self) -> Result<wire::RunInfo, SourceError> {
-        self.get_json(&path::run(&self.run))
+        self.get_json(&path::run(&self.run), None)
+    }
+
+    /// The run's spec, when it is one (the audit checks it before anything that depends on it).
+    fn parsed_spec(&self) -> Option<engine::spec::RunSpec> {
+        self.spec_bytes().ok().and_then(|b| serde_json::from_slice(&b).ok())
     }
 }
 
@@ -426,12 +426,13 @@ impl TrainerSource for HttpTrainer {
     }
 
     fn spec_bytes(&self) -> Result<Vec<u8>, SourceError> {
-        self.spec.get_or_init(|| self.get_required(&path::spec(&self.run))).clone()
+        let p = path::spec(&self.run);
+        self.spec.get_or_init(|| self.get_required_bounded(&p, Some(record::JSON_FILE_BYTES_MAX))).clone()
     }
 
     fn manifest(&self) -> Result<Option<Manifest>, SourceError> {
         let p = path::manifest(&self.run);
-        match self.get(&p)? {
+        match self.get_bounded(&p, Some(record::JSON_FILE_BYTES_MAX))? {
             None => Ok(None),
             Some(body) => serde_json::from_slice(&body).map(Some).map_err(|e| SourceError::Invalid {
                 file: record::MANIFEST_FILE.into(),
@@ -442,8 +443,22 @@ impl TrainerSource for HttpTrainer {
     }
 
     fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
-        let n = self.info()?.n_steps + 1;
-        let mut leaves = Vec::with_capacity(n as usize);
+        let claimed = self.info()?.n_steps;
+        // Checked before anything is fetched or kept for them: the spec (checked before the
+        // leaves are asked for) bounds the steps.
+        let planned = self.parsed_spec().map_or(engine::spec::STEPS_MAX, |s| s.n_steps);
+        if claimed > planned {
+            return Err(SourceError::Invalid {
+                file: record::LEAVES_FILE.into(),
+                offset: None,
+                what: format!(
+                    "the run's info claims {claimed} committed steps, more than the {planned} its spec plans (GET {})",
+                    path::run(&self.run)
+                ),
+            });
+        }
+        let n = claimed + 1;
+        let mut leaves = Vec::with_capacity(n.min(wire::LEAVES_PAGE_MAX) as usize);
         while (leaves.len() as u64) < n {
             let start = leaves.len() as u64;
             let count = (n - start).min(wire::LEAVES_PAGE_MAX);
@@ -470,26 +485,28 @@ impl TrainerSource for HttpTrainer {
 
     fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError> {
         let p = path::nodes(&self.run, lo, hi, size);
-        let pair: wire::NodePair = self.get_json(&p)?;
+        let pair: wire::NodePair = self.get_json(&p, None)?;
         Ok((hash(&pair.left, "left child", &p)?, hash(&pair.right, "right child", &p)?))
     }
 
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, SourceError> {
         let p = path::proof(&self.run, index, size);
-        let proof: wire::LeafProof = self.get_json(&p)?;
+        let proof: wire::LeafProof = self.get_json(&p, None)?;
         proof.proof.iter().map(|h| hash(h, "proof hash", &p)).collect()
     }
 
     fn log(&self, step: u64) -> Result<TieBreakLog, SourceError> {
         let file = record_file(record::log_path, step);
-        let raw = self.get_zstd(&path::log(&self.run, step), &file, record::LOG_RAW_BYTES_MAX, None)?;
+        let honest = Some(zstd_bound(record::LOG_RAW_BYTES_MAX as u64));
+        let raw = self.get_zstd(&path::log(&self.run, step), &file, record::LOG_RAW_BYTES_MAX, honest)?;
         TieBreakLog::decode(&raw).map_err(|e| SourceError::Invalid { file, offset: None, what: e.to_string() })
     }
 
     fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
         let file = record_file(record::batch_path, step);
         let p = path::batch(&self.run, step);
-        let bytes = self.get_required(&p).map_err(|e| named(e, &file, &p))?;
+        let bytes =
+            self.get_required_bounded(&p, Some(record::BATCH_FILE_BYTES_MAX)).map_err(|e| named(e, &file, &p))?;
         BatchIndices::decode(&bytes).map_err(|e| SourceError::Invalid {
             file,
             offset: Some(e.offset as u64),
@@ -498,7 +515,13 @@ impl TrainerSource for HttpTrainer {
     }
 
     fn checkpoint_steps(&self) -> Result<Vec<u64>, SourceError> {
-        Ok(self.get_json::<wire::CheckpointList>(&path::checkpoints(&self.run))?.steps)
+        // At most one checkpoint per interval, the initial and the last state: up to 21 bytes
+        // each (20 digits and a comma).
+        let honest = self.parsed_spec().map(|s| {
+            let n = s.n_steps / s.config.train.checkpoint_interval.max(1) + 2;
+            n.saturating_mul(21).saturating_add(64).max(record::JSON_FILE_BYTES_MAX)
+        });
+        Ok(self.get_json::<wire::CheckpointList>(&path::checkpoints(&self.run), honest)?.steps)
     }
 
     fn checkpoint(&self, step: u64) -> Result<TrainingState, SourceError> {
@@ -512,12 +535,7 @@ impl TrainerSource for HttpTrainer {
         let p = path::init_weights(&self.run);
         // The spec commits to the file's size: an honest file always fits, whatever
         // response_bytes_max says.
-        let honest = self
-            .spec_bytes()
-            .ok()
-            .and_then(|b| serde_json::from_slice::<engine::spec::RunSpec>(&b).ok())
-            .and_then(|s| s.init_weights)
-            .map(|w| w.bytes);
+        let honest = self.parsed_spec().and_then(|s| s.init_weights).map(|w| w.bytes);
         self.get_required_bounded(&p, honest).map_err(|e| named(e, engine::init::INIT_WEIGHTS_FILE, &p))
     }
 
@@ -535,11 +553,7 @@ impl HttpTrainer {
     /// format's limit when its config is out of range); served, zstd's worst case for that
     /// size. An honest state always fits both, whatever `response_bytes_max` says.
     fn state_bounds(&self) -> (usize, Option<u64>) {
-        let from_spec = self
-            .spec_bytes()
-            .ok()
-            .and_then(|b| serde_json::from_slice::<engine::spec::RunSpec>(&b).ok())
-            .and_then(|s| s.state_bytes_max().ok());
+        let from_spec = self.parsed_spec().and_then(|s| s.state_bytes_max().ok());
         match from_spec {
             None => (record::STATE_RAW_BYTES_MAX, None),
             Some(n) => (n.min(record::STATE_RAW_BYTES_MAX), Some(zstd_bound(n as u64))),

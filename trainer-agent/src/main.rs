@@ -14,6 +14,24 @@ use kernels::Profile;
 use trainer_agent::serve::ServeOptions;
 use trainer_agent::{Session, SessionOptions};
 
+/// `println!` through [`emit`].
+macro_rules! out {
+    ($($t:tt)*) => { emit(&format!($($t)*)) };
+}
+
+/// Writes `line` and a newline to stdout and flushes. A reader that has gone
+/// (`trainer-agent inspect … | head -1`) ends the output quietly: Rust ignores `SIGPIPE`, so
+/// the write fails with `BrokenPipe`, and what was done (a record written, a server started)
+/// stands, with its exit code. Any other write error is an error.
+fn emit(line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match writeln!(o, "{line}").and_then(|()| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow::Error::new(e).context("writing to stdout")),
+        _ => Ok(()),
+    }
+}
+
 /// See the workspace manifest: glibc's malloc returns large op buffers to the OS after every op;
 /// `main` tells mimalloc to keep freed pages too, except for `serve` ([`kernels::keep_freed_pages`]).
 #[global_allocator]
@@ -227,8 +245,7 @@ fn serve(listen: &str, opts: ServeOptions) -> Result<()> {
         let addr = listener.local_addr().context("local address of the listener")?;
         eprintln!("serving records under {}", opts.records.display());
         // One line on stdout that scripts and tests wait for.
-        println!("listening on {}://{addr}", if opts.tls.is_some() { "https" } else { "http" });
-        std::io::Write::flush(&mut std::io::stdout()).context("write to stdout")?;
+        out!("listening on {}://{addr}", if opts.tls.is_some() { "https" } else { "http" })?;
         trainer_agent::serve::serve(listener, opts, service::shutdown_signal()).await?;
         eprintln!("shut down");
         Ok(())
@@ -286,17 +303,17 @@ fn train(opts: SessionOptions, json: bool) -> Result<()> {
         "seconds": started.elapsed().as_secs_f64(),
     });
     if json {
-        println!("{summary}");
+        out!("{summary}")?;
     } else {
-        println!("trained {} steps on {} -> {}", manifest.n_steps, manifest.device_profile, opts.out.display());
-        println!("root      {}", manifest.root);
+        out!("trained {} steps on {} -> {}", manifest.n_steps, manifest.device_profile, opts.out.display())?;
+        out!("root      {}", manifest.root)?;
         if let Some(l) = final_loss {
-            println!("loss      {l:.5}");
+            out!("loss      {l:.5}")?;
         }
         if let Some(a) = eval.accuracy {
-            println!("accuracy  {:.2}% on {} held-out examples", 100.0 * a, eval.examples);
+            out!("accuracy  {:.2}% on {} held-out examples", 100.0 * a, eval.examples)?;
         }
-        println!("logs      {log_bytes} bytes stored in total");
+        out!("logs      {log_bytes} bytes stored in total")?;
     }
     Ok(())
 }
@@ -379,28 +396,34 @@ fn inspect(dir: &std::path::Path, json: bool, step: Option<u64>) -> Result<()> {
             "checkpoints": record.checkpoint_steps(),
             "sites": sites,
         });
-        println!("{v}");
+        out!("{v}")?;
     } else {
-        println!("record    {}", dir.display());
-        println!("complete  {}", record.is_complete());
-        println!("root      {root}");
-        println!("steps     {n}");
-        println!("device    {}", record.spec().device_profile);
+        out!("record    {}", dir.display())?;
+        out!("complete  {}", record.is_complete())?;
+        out!("root      {root}")?;
+        out!("steps     {n}")?;
+        out!("device    {}", record.spec().device_profile)?;
         let total: u64 = log_bytes.iter().sum();
-        println!("logs      {total} bytes ({:.1} per step)", total as f64 / n.max(1) as f64);
+        out!("logs      {total} bytes ({:.1} per step)", total as f64 / n.max(1) as f64)?;
         for row in sites.iter().flatten() {
-            println!(
+            out!(
                 "  site #{:<6} {:>9} values {:>6} directions {:>6} exact",
-                row["ordinal"], row["values"], row["directions"], row["exact"]
-            );
+                row["ordinal"],
+                row["values"],
+                row["directions"],
+                row["exact"]
+            )?;
         }
     }
     Ok(())
 }
 
+/// Datasets by the kind of data they hold (`ServeOptions::datasets`).
+type Datasets = Vec<(DataKind, PathBuf)>;
+
 /// `serve --data` arguments: the bare path (at most one) and the datasets by kind, each path
 /// required to exist.
-fn serve_datasets(args: &[String]) -> Result<(Option<PathBuf>, Vec<(DataKind, PathBuf)>)> {
+fn serve_datasets(args: &[String]) -> Result<(Option<PathBuf>, Datasets)> {
     const KINDS: [DataKind; 5] = [DataKind::Mnist, DataKind::Text, DataKind::Tensors, DataKind::Csv, DataKind::Tokens];
     let (mut fallback, mut datasets) = (None, Vec::new());
     for d in args {

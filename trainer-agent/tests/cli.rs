@@ -60,6 +60,20 @@ fn train_then_inspect_agree_and_runs_are_deterministic() {
     assert_eq!(a["n_steps"], 12);
     assert!(a["final_loss"].as_f64().unwrap() > 0.0);
     assert!(a["eval_accuracy"].as_f64().is_some());
+    // A reader that has gone (`inspect … | head -1`) ends the output quietly, exit code kept.
+    for args in [&["inspect"][..], &["inspect", "--json"]] {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg(base.join("a"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && !err.contains("panicked"), "{args:?}: {:?} {err}", o.status);
+    }
     let insp = Command::new(BIN).arg("inspect").arg(base.join("a")).arg("--json").output().unwrap();
     let insp = json(&insp);
     assert_eq!(insp["root"], a["root"]);

@@ -1,0 +1,150 @@
+//! A hostile record server in front of an honest one: whatever it does to escape a verdict on a
+//! run that diverged — an endless answer to a request whose honest answer is small, a run info
+//! claiming more steps than there are, a withheld manifest when the auditor pins the key — the
+//! audit ends in an adverse verdict, in bounded time and memory, and never panics.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use auditor::http::{HttpTrainer, RetryPolicy};
+use auditor::{AuditOptions, NoProgress, Verdict, audit};
+use engine::train::{Fault, FaultKind};
+use kernels::Profile;
+use support::{Drill, SGD, place, scratch, start_trainer, write_record};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What the hostile server does to requests whose path contains its needle.
+#[derive(Debug, Clone, Copy)]
+enum Trick {
+    /// 200 with a chunked body that never ends.
+    Endless(&'static str),
+    /// The run info claims 2⁶² committed steps.
+    ClaimSteps,
+    /// The manifest answered `404 unfinished`.
+    WithholdManifest,
+}
+
+/// Serves `upstream`'s answers, one request per connection, except where `trick` applies.
+async fn hostile(upstream: String, trick: Trick) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = Arc::new(upstream);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let path = target.split('?').next().unwrap_or("").to_string();
+                match trick {
+                    Trick::Endless(needle) if path.contains(needle) => {
+                        let header = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                        if sock.write_all(header.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let chunk = [b"10000\r\n".as_slice(), &[b'7'; 0x10000], b"\r\n"].concat();
+                        while sock.write_all(&chunk).await.is_ok() {}
+                        return;
+                    }
+                    Trick::WithholdManifest if path.ends_with("/manifest") => {
+                        let body = r#"{"code":"unfinished","error":"the run is unfinished"}"#;
+                        let resp = format!(
+                            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: \
+                             close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = sock.write_all(resp.as_bytes()).await;
+                        return;
+                    }
+                    _ => {}
+                }
+                let resp = reqwest::get(format!("{upstream}{target}")).await.unwrap();
+                let status = resp.status();
+                let mut headers = String::new();
+                for (k, v) in resp.headers() {
+                    if !["content-length", "transfer-encoding", "connection"].contains(&k.as_str()) {
+                        headers += &format!("{k}: {}\r\n", v.to_str().unwrap());
+                    }
+                }
+                let mut body = resp.bytes().await.unwrap().to_vec();
+                if matches!(trick, Trick::ClaimSteps) && path.split('/').count() == 4 && status.is_success() {
+                    let mut info: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    info["n_steps"] = (1u64 << 62).into();
+                    body = serde_json::to_vec(&info).unwrap();
+                }
+                let head = format!(
+                    "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(&[head.as_bytes(), &body].concat()).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_record_server_cannot_turn_a_divergence_into_could_not_decide() {
+    let dir = scratch("hostile-server");
+    let fault = Fault { kind: FaultKind::PerturbWeight, step: 6 };
+    let drill = Drill { fault: Some(fault), ..Drill::default() };
+    let record = place(&write_record(&dir.join("f"), Profile::Cpu, SGD, drill), &dir.join("records"), "f");
+    let key = serde_json::from_slice::<serde_json::Value>(&std::fs::read(record.join("manifest.json")).unwrap())
+        .unwrap()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let trainer = start_trainer(&dir.join("records"), None).await;
+    let policy = RetryPolicy {
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        deadline: Duration::from_secs(5),
+        ..RetryPolicy::default()
+    };
+    for trick in [
+        Trick::Endless("/nodes"),
+        Trick::Endless("/proofs/"),
+        Trick::Endless("/checkpoints"),
+        Trick::Endless("/manifest"),
+        Trick::Endless("/spec"),
+        Trick::Endless("/batches/"),
+        Trick::ClaimSteps,
+        Trick::WithholdManifest,
+    ] {
+        let url = hostile(trainer.url.clone(), trick).await;
+        let (policy, key) = (policy.clone(), key.clone());
+        let t0 = std::time::Instant::now();
+        let verdict = tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let src = HttpTrainer::new(&url, "f", None, policy, rt.handle().clone()).unwrap();
+            // The auditor pins the trainer's key: a withheld manifest must not make that a way out.
+            let opts = AuditOptions { trainer_key: Some(key), ..AuditOptions::new(Profile::CpuSeq) };
+            audit(&src, &opts, &NoProgress).map(|a| a.verdict)
+        })
+        .await
+        .unwrap();
+        match (trick, &verdict) {
+            (Trick::WithholdManifest, Ok(Verdict::Diverged { step: 6, .. })) => {}
+            (Trick::Endless(_), Ok(Verdict::CommitmentInvalid { what, .. })) => {
+                assert!(what.contains("more than the"), "{trick:?}: {what}");
+            }
+            (Trick::ClaimSteps, Ok(Verdict::CommitmentInvalid { what, .. })) => {
+                assert!(what.contains("more than the 13 its spec plans"), "{trick:?}: {what}");
+            }
+            _ => panic!("{trick:?}: {verdict:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{trick:?}: {:?}", t0.elapsed());
+    }
+    trainer.stop().await;
+}
