@@ -98,6 +98,34 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Re
     move |source| RecordError::Io { op, path: path.to_path_buf(), source }
 }
 
+/// Where a record's spec and `spec` differ, as `; they differ in a.b, c`: the paths of the
+/// first few fields whose values differ (so a resume with another flag names the flag's field).
+fn spec_differences(existing: &[u8], spec: &RunSpec) -> String {
+    fn walk(a: &serde_json::Value, b: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        use serde_json::Value::Object;
+        match (a, b) {
+            _ if a == b => {}
+            (Object(x), Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                    walk(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), path, out);
+                }
+            }
+            _ => out.push(at),
+        }
+    }
+    let (Ok(a), Ok(b)) = (serde_json::from_slice(existing), serde_json::to_value(spec)) else { return String::new() };
+    let mut paths = Vec::new();
+    walk(&a, &b, String::new(), &mut paths);
+    match paths.len() {
+        0 => String::new(),
+        n if n > 5 => format!("; they differ in {} and {} more", paths[..5].join(", "), n - 5),
+        _ => format!("; they differ in {}", paths.join(", ")),
+    }
+}
+
 fn step_name(step: u64) -> String {
     format!("{step:010}")
 }
@@ -154,9 +182,28 @@ pub struct ResumePoint {
 }
 
 impl RecordWriter {
-    /// Starts a new record in `dir`, which must not exist or be empty.
+    /// Whether `dir` holds nothing of a run: a start killed before it wrote its spec leaves
+    /// only the empty `steps/` and `checkpoints/` and perhaps a partial `spec.tmp`, which a new
+    /// start (or a `--resume`, which then starts afresh) may take over.
+    pub fn unstarted(dir: &Path) -> bool {
+        let Ok(entries) = fs::read_dir(dir) else { return false };
+        entries.into_iter().all(|e| {
+            let Ok(e) = e else { return false };
+            let name = e.file_name();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            let empty_dir = || fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none());
+            match name.to_str() {
+                Some(STEPS_DIR | CHECKPOINTS_DIR) => is_dir && empty_dir(),
+                Some("spec.tmp") => !is_dir,
+                _ => false,
+            }
+        })
+    }
+
+    /// Starts a new record in `dir`, which must not exist, be empty, or be
+    /// [`unstarted`](Self::unstarted).
     pub fn create(dir: &Path, spec: &RunSpec) -> Result<Self, RecordError> {
-        if dir.exists() {
+        if dir.exists() && !Self::unstarted(dir) {
             let mut entries = fs::read_dir(dir).map_err(io("list", dir))?;
             if entries.next().is_some() {
                 let existing = dir.join(SPEC_FILE);
@@ -194,7 +241,15 @@ impl RecordWriter {
     /// after the last checkpoint that verifies, and returns that checkpoint's state.
     pub fn resume(dir: &Path, spec: &RunSpec) -> Result<(Self, ResumePoint), RecordError> {
         let spec_path = dir.join(SPEC_FILE);
-        let existing = read_regular(&spec_path, JSON_FILE_BYTES_MAX)?;
+        let existing = match read_regular(&spec_path, JSON_FILE_BYTES_MAX) {
+            Err(RecordError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RecordError::Refused(format!(
+                    "{} holds no record to resume (it has no {SPEC_FILE}); train without --resume to start the run",
+                    dir.display()
+                )));
+            }
+            other => other?,
+        };
         if existing != spec.canonical_json() {
             // The same run started by another build: say so, not "a different run".
             if let Ok(mut other) = serde_json::from_slice::<RunSpec>(&existing)
@@ -214,10 +269,11 @@ impl RecordWriter {
                 }
             }
             return Err(RecordError::Refused(format!(
-                "{} holds a different run (spec hash {}, this run's is {}); refusing to resume",
+                "{} holds a different run (spec hash {}, this run's is {}{}); refusing to resume",
                 dir.display(),
                 to_hex(&codec::sha256(&existing)),
-                to_hex(&spec.digest())
+                to_hex(&spec.digest()),
+                spec_differences(&existing, spec)
             )));
         }
         if fs::symlink_metadata(dir.join(MANIFEST_FILE)).is_ok() {

@@ -11,6 +11,7 @@
 //! - [`shutdown_signal`]: SIGTERM or Ctrl-C; SIGHUP is logged and ignored, never fatal.
 //! - [`secret`]: a token from a flag, a file or the environment, never empty.
 //! - [`init_logs`] and [`log_requests`]: `tracing` to stderr as text or JSON, one line per request.
+//! - [`error_text`]: an error and its causes for a CLI's last line, each said once.
 //! - [`svg`]: line charts as standalone SVG, for `trainer-agent inspect --plot` and the daemon's
 //!   report pages.
 
@@ -287,6 +288,22 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 /// error (an empty token would start a server that turns every request away, or accepts any).
 /// A file's trailing newline is not part of the token. The message names the source, never the
 /// secret.
+/// `e` and its causes, `: `-separated, leaving out a cause whose text already ends the line
+/// (an error that prints its source, as `"{path}: {source}"` does, would otherwise say the OS
+/// error twice).
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.ends_with(&c_text) {
+            text = format!("{text}: {c_text}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 pub fn secret(flag: Option<String>, file: Option<&Path>, env: &str) -> Result<Option<String>, String> {
     let (value, from) = if let Some(v) = flag {
         (v, "--token".to_string())
@@ -362,6 +379,29 @@ pub async fn log_requests(request: Request, next: Next) -> Response {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error, &'static str);
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}: {}", self.1, self.0)
+        }
+    }
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_text_says_each_cause_once() {
+        let e = Wrapped(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"), "stat x/spec.json");
+        assert_eq!(error_text(&e), "stat x/spec.json: no such file");
+        let outer = std::io::Error::other(e);
+        assert_eq!(error_text(&outer), "stat x/spec.json: no such file");
+        let quiet = std::io::Error::other("context only");
+        assert_eq!(error_text(&quiet), "context only");
+    }
 
     /// The raw answer; empty when the server closed the connection (at its limit) first.
     async fn get(addr: std::net::SocketAddr, path: &str) -> String {

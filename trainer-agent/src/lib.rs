@@ -175,7 +175,9 @@ impl Session {
                 .map_err(|p| TrainerError::Usage(format!("--init-weights {}: {p}", path.display())))?;
         }
         let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
-        let (writer, state, resumed_from) = if opts.resume {
+        // A start killed before it wrote its spec left nothing to resume: start afresh.
+        let resume = opts.resume && !RecordWriter::unstarted(&opts.out);
+        let (writer, state, resumed_from) = if resume {
             let (writer, point) = RecordWriter::resume(&opts.out, &spec)?;
             let from = point.state.step;
             (writer, point.state, Some(from))

@@ -160,7 +160,7 @@ fn main() {
         kernels::keep_freed_pages();
     }
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", service::error_text(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -149,6 +149,38 @@ fn kill_9_leaves_a_verifiable_prefix_and_resume_reproduces_the_same_leaves() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// `--resume` where nothing was committed: a directory that does not exist is refused saying
+/// to train without it (the OS error once); the leftovers of a start killed before it wrote its
+/// spec are taken over, with or without `--resume`; another run's record is refused naming the
+/// fields that differ.
+#[test]
+fn resume_says_what_it_cannot_resume_and_takes_over_an_unstarted_directory() {
+    let base = tmp("resume-msgs");
+    let o = train(&base.join("nowhere"), &["--steps", "3", "--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("holds no record to resume") && err.contains("without --resume"),
+        "{err}"
+    );
+    assert!(err.matches("os error").count() <= 1, "{err}");
+    for resume in [true, false] {
+        let dir = base.join(format!("unstarted-{resume}"));
+        for sub in ["steps", "checkpoints"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("spec.tmp"), b"{\"form").unwrap();
+        let o =
+            train(&dir, if resume { &["--steps", "3", "--resume", "--json"][..] } else { &["--steps", "3", "--json"] });
+        assert_eq!(json(&o)["n_steps"], 3, "resume {resume}");
+    }
+    let other = base.join("other");
+    json(&train(&other, &["--steps", "3", "--json"]));
+    std::fs::remove_file(other.join("manifest.json")).unwrap();
+    let o = train(&other, &["--steps", "4", "--resume", "--device", "cpu-alt"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("they differ in") && err.contains("device_profile"), "{err}");
+}
+
 #[test]
 fn inspect_plots_loss_tie_breaks_and_log_bytes_per_step() {
     let base = tmp("plot");

@@ -94,8 +94,12 @@ impl Failure {
     /// Says why on stderr.
     pub fn report(&self) {
         match self {
-            Failure::Usage(e) => warn(format_args!("auditor: usage error: {e:#} (see `auditor --help`)")),
-            Failure::Undecided(e) => warn(format_args!("auditor: could not decide: {e:#}")),
+            Failure::Usage(e) => {
+                warn(format_args!("auditor: usage error: {} (see `auditor --help`)", service::error_text(e.as_ref())))
+            }
+            Failure::Undecided(e) => {
+                warn(format_args!("auditor: could not decide: {}", service::error_text(e.as_ref())))
+            }
         }
     }
 }
