@@ -214,12 +214,17 @@ impl HttpTrainer {
     /// all the same. Without a known honest size, past `response_bytes_max` the auditor cannot
     /// decide.
     fn get_bounded(&self, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, SourceError> {
-        self.runtime.block_on(self.get_async(path, honest_max))
+        self.runtime.block_on(self.get_async(path, honest_max, self.policy.deadline))
     }
 
-    async fn get_async(&self, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, SourceError> {
+    async fn get_async(
+        &self,
+        path: &str,
+        honest_max: Option<u64>,
+        deadline: Duration,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
         let Some(check) = self.abort.clone() else {
-            return self.get_retrying(path, honest_max).await;
+            return self.get_retrying(path, honest_max, deadline).await;
         };
         let aborted = async move {
             loop {
@@ -230,17 +235,21 @@ impl HttpTrainer {
             }
         };
         tokio::select! {
-            got = self.get_retrying(path, honest_max) => got,
+            got = self.get_retrying(path, honest_max, deadline) => got,
             why = aborted => Err(SourceError::Unavailable(format!("GET {path}: abandoned: {why}"))),
         }
     }
 
     /// Retries until an answer, a final failure, or the deadline: the only way to
     /// [`SourceError::Unresponsive`], whose text says exactly how long the trainer was silent.
-    async fn get_retrying(&self, path: &str, honest_max: Option<u64>) -> Result<Option<Vec<u8>>, SourceError> {
+    async fn get_retrying(
+        &self,
+        path: &str,
+        honest_max: Option<u64>,
+        deadline: Duration,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
         let url = format!("{}{path}", self.base);
         let first = Instant::now();
-        let deadline = self.policy.deadline;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -458,6 +467,16 @@ impl TrainerSource for HttpTrainer {
             });
         }
         let n = claimed + 1;
+        // Every leaf is kept until the root is checked: past this auditor's response limit in
+        // all, the auditor cannot decide (its own limit, whoever signed the step count).
+        let total = n.saturating_mul(LEAF_BYTES as u64);
+        if total > self.policy.response_bytes_max {
+            return Err(SourceError::Unavailable(format!(
+                "the run's {n} leaves ({total} bytes) are over this auditor's limit of {} bytes \
+                 (trainer.response_bytes_max; raise it to audit this run)",
+                self.policy.response_bytes_max
+            )));
+        }
         let mut leaves = Vec::with_capacity(n.min(wire::LEAVES_PAGE_MAX) as usize);
         while (leaves.len() as u64) < n {
             let start = leaves.len() as u64;
@@ -542,7 +561,20 @@ impl TrainerSource for HttpTrainer {
     fn state(&self, step: u64) -> Result<TrainingState, SourceError> {
         let p = path::state(&self.run, step);
         let (raw_max, honest_max) = self.state_bounds();
-        let raw = self.get_zstd(&p, &p, raw_max, honest_max)?;
+        // No verdict needs a state (it names the differing tensors, or saves replaying from a
+        // checkpoint), so a trainer busy recomputing one gets STATE_PATIENCE, not the deadline.
+        let patience = self.policy.deadline.min(STATE_PATIENCE);
+        let body =
+            self.runtime.block_on(self.get_async(&p, honest_max, patience))?.ok_or_else(|| SourceError::Invalid {
+                file: p.clone(),
+                offset: None,
+                what: "missing on the trainer (run unfinished)".into(),
+            })?;
+        let raw = decompress_bounded(&body, raw_max).map_err(|e| SourceError::Invalid {
+            file: p.clone(),
+            offset: None,
+            what: format!("served by {p}: {e}"),
+        })?;
         TrainingState::decode(&raw).map_err(|e| SourceError::Invalid { file: p, offset: None, what: e.to_string() })
     }
 }
@@ -560,6 +592,9 @@ impl HttpTrainer {
         }
     }
 }
+
+/// How long a state request is retried ([`TrainerSource::state`] on a record server).
+const STATE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The most zstd makes of `n` bytes (`ZSTD_COMPRESSBOUND`, with room for the frame header).
 fn zstd_bound(n: u64) -> u64 {

@@ -24,6 +24,16 @@ enum Trick {
     ClaimSteps,
     /// The manifest answered `404 unfinished`.
     WithholdManifest,
+    /// Every state answered `503 busy`, forever.
+    BusyStates,
+}
+
+/// A whole JSON answer with `status`.
+fn answer(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Serves `upstream`'s answers, one request per connection, except where `trick` applies.
@@ -59,12 +69,12 @@ async fn hostile(upstream: String, trick: Trick) -> String {
                     }
                     Trick::WithholdManifest if path.ends_with("/manifest") => {
                         let body = r#"{"code":"unfinished","error":"the run is unfinished"}"#;
-                        let resp = format!(
-                            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: \
-                             close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = sock.write_all(resp.as_bytes()).await;
+                        let _ = sock.write_all(answer("404 Not Found", body).as_bytes()).await;
+                        return;
+                    }
+                    Trick::BusyStates if path.contains("/states/") => {
+                        let body = r#"{"code":"busy","error":"busy"}"#;
+                        let _ = sock.write_all(answer("503 Service Unavailable", body).as_bytes()).await;
                         return;
                     }
                     _ => {}
@@ -121,9 +131,15 @@ async fn a_hostile_record_server_cannot_turn_a_divergence_into_could_not_decide(
         Trick::Endless("/batches/"),
         Trick::ClaimSteps,
         Trick::WithholdManifest,
+        Trick::BusyStates,
     ] {
         let url = hostile(trainer.url.clone(), trick).await;
-        let (policy, key) = (policy.clone(), key.clone());
+        let (mut policy, key) = (policy.clone(), key.clone());
+        if let Trick::BusyStates = trick {
+            // A state only names the differing tensors: a busy trainer does not hold back the
+            // verdict for the whole deadline.
+            policy.deadline = Duration::from_secs(120);
+        }
         let t0 = std::time::Instant::now();
         let verdict = tokio::task::spawn_blocking(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -135,7 +151,7 @@ async fn a_hostile_record_server_cannot_turn_a_divergence_into_could_not_decide(
         .await
         .unwrap();
         match (trick, &verdict) {
-            (Trick::WithholdManifest, Ok(Verdict::Diverged { step: 6, .. })) => {}
+            (Trick::WithholdManifest | Trick::BusyStates, Ok(Verdict::Diverged { step: 6, .. })) => {}
             (Trick::Endless(_), Ok(Verdict::CommitmentInvalid { what, .. })) => {
                 assert!(what.contains("more than the"), "{trick:?}: {what}");
             }

@@ -300,11 +300,42 @@ pub struct AdamwConfig {
 impl Config {
     /// Parses a TOML config; `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, EngineError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| EngineError::Config { origin: origin.to_string(), detail: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| EngineError::Config {
+            origin: origin.to_string(),
+            detail: field_at_fault(text, &e).unwrap_or_else(|| e.to_string()),
+        })?;
         cfg.validate().map_err(|e| EngineError::Config { origin: origin.to_string(), detail: e.to_string() })?;
         Ok(cfg)
     }
+}
+
+/// The field a TOML error inside a `kind`-tagged table is about, and the error, as
+/// `model.channels: invalid length 1, …`.
+///
+/// serde reads a tagged table (`[model]`, `[data]`, `[optimizer]`, `[schedule]`) whole before
+/// it looks inside, so the TOML error points at the table's header, not the field. The field
+/// is found by taking each of the table's keys out in turn: only taking out the one at fault
+/// changes the error (fields are read in order, and a missing one is reported only after the
+/// rest). `None` when the error already points at a field, or no single key changes it.
+fn field_at_fault(text: &str, e: &toml::de::Error) -> Option<String> {
+    // The span is the whole table; its first line is the header.
+    let header = text.get(e.span()?)?.trim_start().lines().next()?.trim();
+    let section = header.strip_prefix('[')?.split(']').next()?.trim();
+    let doc: toml::Table = toml::from_str(text).ok()?;
+    // The error of the document as this function re-writes it (its tables in another order).
+    let message = |doc: &toml::Table| match toml::from_str::<Config>(&toml::to_string(doc).ok()?) {
+        Ok(_) => Some(String::new()),
+        Err(e) => Some(e.message().to_string()),
+    };
+    let before = message(&doc)?;
+    for key in doc.get(section)?.as_table()?.keys().filter(|k| *k != "kind") {
+        let mut without = doc.clone();
+        without.get_mut(section)?.as_table_mut()?.remove(key);
+        if message(&without)? != before {
+            return Some(format!("{section}.{key}: {}", before.trim_end()));
+        }
+    }
+    None
 }
 
 /// The commitment to a dataset: a Merkle root over its examples, in order.
@@ -438,6 +469,31 @@ momentum = 0.9
         let bad = GOOD.replace("hidden = [32]", "hidden = [32]\nhiden = 3");
         let err = Config::from_toml(&bad, "cfg.toml").unwrap_err().to_string();
         assert!(err.contains("hiden"), "{err}");
+    }
+
+    /// serde reads a `kind`-tagged table whole, so TOML's own error points at its header; the
+    /// message names the field instead (`field_at_fault`), in every tagged table.
+    #[test]
+    fn a_wrong_type_in_a_tagged_table_names_the_field() {
+        for (from, to, names) in [
+            ("hidden = [32]", "hidden = [0.5]", "model.hidden: invalid type: floating point `0.5`, expected usize"),
+            ("features = 16", "features = \"x\"", "data.features: invalid type: string \"x\""),
+            ("lr = 0.1", "lr = \"fast\"", "optimizer.lr: invalid type: string \"fast\""),
+            ("momentum = 0.9", "momentum = [1]", "optimizer.momentum: invalid type: sequence"),
+            (
+                "kind = \"mlp\"\nhidden = [32]",
+                "kind = \"cnn\"\nchannels = [1]",
+                "model.channels: invalid length 1, expected an array of length 2",
+            ),
+        ] {
+            let bad = GOOD.replace(from, to);
+            assert_ne!(bad, GOOD);
+            let err = Config::from_toml(&bad, "cfg.toml").unwrap_err().to_string();
+            assert!(err.contains("cfg.toml") && err.contains(names), "{to}: {err}");
+        }
+        // An error TOML already places keeps its own message (line, snippet).
+        let err = Config::from_toml(&GOOD.replace("seed = 7", "seed = \"x\""), "cfg.toml").unwrap_err().to_string();
+        assert!(err.contains("seed = \"x\"") && err.contains("line"), "{err}");
     }
 
     #[test]
