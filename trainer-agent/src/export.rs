@@ -135,7 +135,12 @@ pub fn export(opts: &ExportOptions<'_>) -> Result<Exported, TrainerError> {
     let bytes = safetensors_bytes_with(&state, &metadata);
     let tensors = state.tensors().filter(|(n, _)| n.starts_with("param/")).count();
     let tmp = opts.out.with_extension("safetensors.partial");
-    std::fs::write(&tmp, bytes).map_err(|source| TrainerError::Io { op: "write", path: tmp.clone(), source })?;
+    // Named by the path given, not the partial file beside it that the user never asked for.
+    std::fs::write(&tmp, bytes).map_err(|source| TrainerError::Io {
+        op: "write",
+        path: opts.out.to_path_buf(),
+        source,
+    })?;
     std::fs::rename(&tmp, opts.out).map_err(|source| TrainerError::Io { op: "rename", path: tmp.clone(), source })?;
     Ok(Exported { step, tensors, metadata })
 }

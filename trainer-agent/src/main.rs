@@ -357,6 +357,10 @@ fn plot_record(dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
 fn inspect(dir: &std::path::Path, json: bool, step: Option<u64>) -> Result<()> {
     let record = Record::open(dir)?;
     let sites = match step {
+        Some(0) => bail!(
+            "--step 0: step 0 is the initial state, which rounds nothing and has no tie-break log (steps 1..={})",
+            record.n_steps()
+        ),
         Some(s) => {
             let log = record.log(s)?;
             let rows: Vec<serde_json::Value> = log

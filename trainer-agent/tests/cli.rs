@@ -238,6 +238,11 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
     check(train(&base.join("f"), &["--steps", "5", "--fault", "melt@2"]), "unknown fault kind");
     // A different run in the output directory.
     check(train(&good, &["--steps", "6"]), "does not hold this run");
+    // Step 0 has no log; an export into a folder that does not exist names the path given.
+    check(Command::new(BIN).arg("inspect").arg(&good).args(["--step", "0"]).output().unwrap(), "step 0 is the initial");
+    let o = Command::new(BIN).arg("export").arg(&good).arg("--out").arg(base.join("no/such.st")).output().unwrap();
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("partial"), "{}", String::from_utf8_lossy(&o.stderr));
+    check(o, "no/such.st");
     // A data file the config does not use is an error, not silently ignored.
     check(train(&base.join("d"), &["--steps", "5", "--data", "Cargo.toml"]), "synthetic");
     assert!(!base.join("d").exists());

@@ -308,6 +308,11 @@ fn human(rep: &Report, audit: &Audit, evidence_asked: bool) -> String {
         let at = v.offset.flatten().map(|o| format!(" (byte {o})")).unwrap_or_default();
         line(format!("  file: {file}{at}"));
     }
+    if let (Some(root), false) = (&rep.trainer_root, rep.trainer_root_signed) {
+        let steps =
+            rep.n_leaves.map(|n| format!("{} steps committed so far; ", n.saturating_sub(1))).unwrap_or_default();
+        line(format!("  unfinished run: {steps}root {root} is not signed by the trainer (no manifest yet)"));
+    }
     if let Some(at) = &rep.at_step {
         line(format!("  trainer state {}", at.trainer.leaf.state));
         line(format!("  auditor state {}", at.auditor.state));
@@ -341,7 +346,13 @@ fn human(rep: &Report, audit: &Audit, evidence_asked: bool) -> String {
             }
             SpotPick::LargestUpdates => "with the largest parameter updates".to_string(),
         };
-        line(format!("  spot check: {count} intervals {how}"));
+        let drawn = rep.intervals.len();
+        if drawn < *count {
+            let n = if drawn == 1 { "1 interval".to_string() } else { format!("{drawn} intervals") };
+            line(format!("  spot check: {n}, every one the record has ({count} asked), {how}"));
+        } else {
+            line(format!("  spot check: {count} intervals {how}"));
+        }
     }
     if !rep.intervals.is_empty() && !matches!(audit.mode, Mode::Full) {
         let list: Vec<String> = rep.intervals.iter().map(|[a, b]| format!("({a}, {b}]")).collect();

@@ -292,7 +292,11 @@ impl Dataset {
     /// A character-level text dataset: the vocabulary is the sorted set of bytes in the text.
     pub fn text(raw: Vec<u8>, context: usize, holdout_fraction: f64) -> Result<Dataset, String> {
         if text_split(raw.len(), context, holdout_fraction).is_none() {
-            return Err(format!("text of {} bytes is too short for context {context}", raw.len()));
+            return Err(format!(
+                "text of {} bytes is too short for context {context}: it needs at least 2·(context + 2) = {} bytes",
+                raw.len(),
+                context.saturating_add(2).saturating_mul(2)
+            ));
         }
         let vocab = distinct_bytes(&raw);
         let mut index = [0u32; 256];
@@ -514,6 +518,8 @@ mod tests {
         assert_eq!(tokens.len(), 580);
         assert!(*n_train > 400 && *n_holdout > 0);
         assert!(d.holdout_index(0) >= n_train + 8);
-        assert!(Dataset::text(b"short".to_vec(), 8, 0.0).is_err());
+        let e = Dataset::text(b"short".to_vec(), 8, 0.0).unwrap_err();
+        assert!(e.contains("5 bytes") && e.contains("at least 2·(context + 2) = 20 bytes"), "{e}");
+        assert!(Dataset::text(b"x".repeat(20), 8, 0.0).is_ok(), "the minimum the message names is enough");
     }
 }
