@@ -138,6 +138,8 @@ pub struct HttpTrainer {
     /// pick a dataset before the audit reads it again). An error is kept too, so an
     /// unresponsive trainer costs one deadline, not two.
     spec: Arc<std::sync::OnceLock<Result<Vec<u8>, SourceError>>>,
+    /// Held while a frame past [`BIG`] bytes is decompressed.
+    big_frames: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for HttpTrainer {
@@ -182,6 +184,7 @@ impl HttpTrainer {
             on_error: None,
             abort: None,
             spec: Arc::new(std::sync::OnceLock::new()),
+            big_frames: Arc::default(),
         })
     }
 
@@ -392,7 +395,7 @@ impl HttpTrainer {
         honest_max: Option<u64>,
     ) -> Result<Vec<u8>, SourceError> {
         let body = self.get_required_bounded(path, honest_max).map_err(|e| named(e, file, path))?;
-        decompress_bounded(&body, raw_bytes_max).map_err(|e| SourceError::Invalid {
+        self.decompress(&body, raw_bytes_max).map_err(|e| SourceError::Invalid {
             file: file.to_string(),
             offset: None,
             what: format!("served by {path}: {e}"),
@@ -402,6 +405,17 @@ impl HttpTrainer {
     /// Information about the run.
     pub fn info(&self) -> Result<wire::RunInfo, SourceError> {
         self.get_json(&path::run(&self.run), None)
+    }
+
+    /// [`decompress_bounded`]; past [`BIG`] bytes only under `big_frames`.
+    fn decompress(&self, body: &[u8], raw_max: usize) -> Result<Vec<u8>, common::tielog::TieLogError> {
+        match decompress_bounded(body, raw_max.min(BIG)) {
+            Err(common::tielog::TieLogError::TooLarge { .. }) if raw_max > BIG => {
+                let _one = self.big_frames.lock().unwrap_or_else(|p| p.into_inner());
+                decompress_bounded(body, raw_max)
+            }
+            done => done,
+        }
     }
 
     /// The run's spec, when it is one (the audit checks it before anything that depends on it).
@@ -524,8 +538,11 @@ impl TrainerSource for HttpTrainer {
     fn batch(&self, step: u64) -> Result<BatchIndices, SourceError> {
         let file = record_file(record::batch_path, step);
         let p = path::batch(&self.run, step);
-        let bytes =
-            self.get_required_bounded(&p, Some(record::BATCH_FILE_BYTES_MAX)).map_err(|e| named(e, &file, &p))?;
+        // A batch is its count and one varint (at most 10 bytes) per example, in a small frame.
+        let honest = self.parsed_spec().map_or(record::BATCH_FILE_BYTES_MAX, |s| {
+            (s.config.train.batch_size as u64).saturating_mul(10).saturating_add(64).min(record::BATCH_FILE_BYTES_MAX)
+        });
+        let bytes = self.get_required_bounded(&p, Some(honest)).map_err(|e| named(e, &file, &p))?;
         BatchIndices::decode(&bytes).map_err(|e| SourceError::Invalid {
             file,
             offset: Some(e.offset as u64),
@@ -570,7 +587,7 @@ impl TrainerSource for HttpTrainer {
                 offset: None,
                 what: "missing on the trainer (run unfinished)".into(),
             })?;
-        let raw = decompress_bounded(&body, raw_max).map_err(|e| SourceError::Invalid {
+        let raw = self.decompress(&body, raw_max).map_err(|e| SourceError::Invalid {
             file: p.clone(),
             offset: None,
             what: format!("served by {p}: {e}"),
@@ -592,6 +609,12 @@ impl HttpTrainer {
         }
     }
 }
+
+/// Frames that decompress to more than this are decompressed one at a time per source
+/// (`HttpTrainer::big_frames`): honest logs are far smaller, so only a model-sized checkpoint
+/// or state waits (on the CPU, after its body is read), and a few KB of zstd that decompress to
+/// the format's limit cost that limit once per audit, not once per replay thread.
+const BIG: usize = 16 << 20;
 
 /// How long a state request is retried ([`TrainerSource::state`] on a record server).
 const STATE_PATIENCE: Duration = Duration::from_secs(10);

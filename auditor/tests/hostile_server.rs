@@ -1,6 +1,7 @@
 //! A hostile record server in front of an honest one: whatever it does to escape a verdict on a
 //! run that diverged — an endless answer to a request whose honest answer is small, a run info
-//! claiming more steps than there are, a withheld manifest when the auditor pins the key — the
+//! claiming more steps than there are, a withheld or refused manifest when the auditor pins the
+//! key, states answered busy forever — the
 //! audit ends in an adverse verdict, in bounded time and memory, and never panics.
 
 mod support;
@@ -26,6 +27,8 @@ enum Trick {
     WithholdManifest,
     /// Every state answered `503 busy`, forever.
     BusyStates,
+    /// The manifest refused (`403`) after the spec was served.
+    RefuseManifest,
 }
 
 /// A whole JSON answer with `status`.
@@ -70,6 +73,11 @@ async fn hostile(upstream: String, trick: Trick) -> String {
                     Trick::WithholdManifest if path.ends_with("/manifest") => {
                         let body = r#"{"code":"unfinished","error":"the run is unfinished"}"#;
                         let _ = sock.write_all(answer("404 Not Found", body).as_bytes()).await;
+                        return;
+                    }
+                    Trick::RefuseManifest if path.ends_with("/manifest") => {
+                        let body = r#"{"code":"forbidden","error":"no"}"#;
+                        let _ = sock.write_all(answer("403 Forbidden", body).as_bytes()).await;
                         return;
                     }
                     Trick::BusyStates if path.contains("/states/") => {
@@ -132,6 +140,7 @@ async fn a_hostile_record_server_cannot_turn_a_divergence_into_could_not_decide(
         Trick::ClaimSteps,
         Trick::WithholdManifest,
         Trick::BusyStates,
+        Trick::RefuseManifest,
     ] {
         let url = hostile(trainer.url.clone(), trick).await;
         let (mut policy, key) = (policy.clone(), key.clone());
@@ -154,6 +163,9 @@ async fn a_hostile_record_server_cannot_turn_a_divergence_into_could_not_decide(
             (Trick::WithholdManifest | Trick::BusyStates, Ok(Verdict::Diverged { step: 6, .. })) => {}
             (Trick::Endless(_), Ok(Verdict::CommitmentInvalid { what, .. })) => {
                 assert!(what.contains("more than the"), "{trick:?}: {what}");
+            }
+            (Trick::RefuseManifest, Ok(Verdict::CommitmentInvalid { what, .. })) => {
+                assert!(what.contains("withheld after the trainer's server served its spec"), "{what}");
             }
             (Trick::ClaimSteps, Ok(Verdict::CommitmentInvalid { what, .. })) => {
                 assert!(what.contains("more than the 13 its spec plans"), "{trick:?}: {what}");

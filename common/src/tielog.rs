@@ -21,8 +21,9 @@
 //! crc32: u32 LE                      CRC-32 (IEEE) of everything before it
 //! ```
 //! Indices are strictly increasing and below `len`; the first is stored as a varint, each next one
-//! as the varint of `delta − 1`. The direction and exact index sets are disjoint. All varints are
-//! minimal LEB128. Decoding rejects anything else, so one content has exactly one encoding, and
+//! as the varint of `delta − 1`. The direction and exact index sets are disjoint, and a logged
+//! site has at least one entry (a step logs only the sites that decided something). All varints
+//! are minimal LEB128. Decoding rejects anything else, so one content has exactly one encoding, and
 //! [`TieBreakLog::digest`] (SHA-256 of that encoding) is what leaves commit to.
 //!
 //! Version 1 (record format 2) keyed sites by name; it is refused with a message saying so.
@@ -340,7 +341,17 @@ impl TieBreakLog {
             }
             .and_then(|o| u32::try_from(o).ok())
             .ok_or_else(|| DecodeError { what: "site ordinal beyond 2^32 - 1".into(), offset: at })?;
-            sites.insert(ordinal, SiteLog::decode(&mut r)?);
+            let log = SiteLog::decode(&mut r)?;
+            // Steps log only the sites that decided something: a site with no entries is a
+            // second encoding of the log without it, which no trainer writes.
+            if log.is_empty() {
+                return Err(DecodeError {
+                    what: format!("site #{ordinal} logs nothing (no site is logged empty)"),
+                    offset: at,
+                }
+                .into());
+            }
+            sites.insert(ordinal, log);
             prev = Some(ordinal);
         }
         r.finish("tie-break log")?;
@@ -425,7 +436,9 @@ mod tests {
         a.push_direction(8, Direction::Down);
         a.push_direction(900, Direction::Up);
         log.insert(2, a).unwrap();
-        log.insert(3, SiteLog::new(10)).unwrap();
+        let mut b = SiteLog::new(10);
+        b.push_direction(0, Direction::Down);
+        log.insert(3, b).unwrap();
         let mut c = SiteLog::new(1 << 40);
         c.push_exact((1 << 40) - 1, 0x8000_0000);
         log.insert(300, c).unwrap();
@@ -504,6 +517,12 @@ mod tests {
         body.extend_from_slice(&0u32.to_le_bytes());
         let err = TieBreakLog::decode(&reseal(body.clone())).unwrap_err();
         assert!(err.to_string().contains("both a direction and an exact entry"), "{err}");
+        // A site with no entries: what encoding a log with that site taken out gives, in more
+        // bytes, so a second encoding of the same content.
+        let mut empty = TieBreakLog::default();
+        empty.insert(7, SiteLog::new(2048)).unwrap();
+        let err = TieBreakLog::decode(&empty.encode()).unwrap_err();
+        assert!(err.to_string().contains("site #7 logs nothing"), "{err}");
         // Index beyond the site length.
         let mut bad = body.clone();
         let len_at = 7;
@@ -561,7 +580,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_logs_round_trip(
-            sites in proptest::collection::btree_map(any::<u32>(), (1u64..5000, proptest::collection::vec((0u8..3, any::<u32>()), 0..50)), 0..6)
+            sites in proptest::collection::btree_map(any::<u32>(), (1u64..5000, proptest::collection::vec((0u8..3, any::<u32>()), 1..50)), 0..6)
         ) {
             let mut log = TieBreakLog::default();
             for (&ordinal, (len, entries)) in &sites {

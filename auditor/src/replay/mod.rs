@@ -227,7 +227,7 @@ impl From<Verdict> for Stop {
 pub(crate) enum Phase {
     /// Nothing answered yet: a trainer that does not answer may be the auditor's network.
     FirstContact,
-    /// The trainer answered, but has not committed everything yet.
+    /// The trainer answered (its spec), but has not committed everything yet.
     Committing,
     Committed,
 }
@@ -240,6 +240,14 @@ pub(crate) fn source_stop(e: SourceError, phase: Phase) -> Stop {
         }
         (SourceError::Refused { file, what }, Phase::Committed) => Stop::Verdict(Verdict::CommitmentInvalid {
             what: format!("withheld after the run was committed: {what}"),
+            file: Some(file),
+            offset: None,
+        }),
+        // The server answered the spec, so the auditor's address and token work: refusing the
+        // manifest or the leaves next is the trainer withholding them, not the auditor's trouble
+        // (and not a way out of a verdict).
+        (SourceError::Refused { file, what }, Phase::Committing) => Stop::Verdict(Verdict::CommitmentInvalid {
+            what: format!("withheld after the trainer's server served its spec: {what}"),
             file: Some(file),
             offset: None,
         }),
@@ -481,15 +489,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_refusal_is_a_finding_only_once_the_trainer_has_committed() {
+    fn a_refusal_is_a_finding_once_the_trainer_has_served_its_spec() {
         let refused = || SourceError::Refused { file: "/v1/runs/r/logs/3".into(), what: "HTTP 403".into() };
-        assert!(matches!(source_stop(refused(), Phase::Committing), Stop::Undecided(_)));
-        match source_stop(refused(), Phase::Committed) {
-            Stop::Verdict(Verdict::CommitmentInvalid { file: Some(f), what, .. }) => {
-                assert_eq!(f, "/v1/runs/r/logs/3");
-                assert!(what.contains("withheld") && what.contains("403"), "{what}");
+        // The first request refused: a wrong token or run id may be the auditor's own.
+        assert!(matches!(source_stop(refused(), Phase::FirstContact), Stop::Undecided(_)));
+        for phase in [Phase::Committing, Phase::Committed] {
+            match source_stop(refused(), phase) {
+                Stop::Verdict(Verdict::CommitmentInvalid { file: Some(f), what, .. }) => {
+                    assert_eq!(f, "/v1/runs/r/logs/3");
+                    assert!(what.contains("withheld") && what.contains("403"), "{what}");
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
         }
         let silent = || SourceError::Unresponsive { what: "GET /spec: timeout".into() };
         assert!(matches!(source_stop(silent(), Phase::FirstContact), Stop::Undecided(_)));
