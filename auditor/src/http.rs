@@ -284,9 +284,19 @@ impl HttpTrainer {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
+                // A certificate this auditor does not trust will not become trusted by retrying:
+                // its own configuration (the CA it was given), said at once, naming the cause.
+                let chain = service::error_text(&e);
+                if chain.to_ascii_lowercase().contains("certificate") {
+                    self.failed("tls");
+                    return Err(Attempt::Fail(SourceError::Unavailable(format!(
+                        "GET {path}: the trainer's TLS certificate is not trusted here ({chain}); give its CA with \
+                         --ca-file (trainer.ca_file in the daemon's config)"
+                    ))));
+                }
                 let kind = if e.is_timeout() { "timeout" } else { "connect" };
                 self.failed(kind);
-                return Err(Attempt::Retry(format!("{kind}: {e}")));
+                return Err(Attempt::Retry(format!("{kind}: {chain}")));
             }
         };
         let status = resp.status().as_u16();

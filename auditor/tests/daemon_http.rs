@@ -503,6 +503,39 @@ async fn a_shutdown_during_a_trainer_request_requeues_the_audit_with_its_progres
     trainer.stop().await;
 }
 
+/// A trainer request outlasting the lease keeps it: the attempt's heartbeat renews it while it
+/// waits. Before, the daemon's own next claim took over its live audit once the lease ran out,
+/// and repeated takeovers ended it `gave-up` with nothing crashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_longer_than_the_lease_keeps_the_audit_with_its_attempt() {
+    let dir = scratch("daemon-heartbeat");
+    let records = dir.join("records");
+    place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "h");
+    let trainer = start_trainer(&records, None).await;
+    let p = proxy(trainer.url.clone(), "/logs/4", Duration::ZERO).await;
+    let mut cfg = config(&dir.join("state"));
+    // Each hung request times out after 1 s and is retried: the trainer is silent for 3 s in all.
+    cfg.trainer.request_timeout_ms = 1_000;
+    cfg.trainer.deadline_ms = 60_000;
+    cfg.workers = 3;
+    cfg.store.lease_ms = 600;
+    cfg.attempts_max = 2;
+    let daemon = start_daemon(cfg).await;
+    let c = reqwest::Client::new();
+    let (s, v, _) = send(post(&c, &daemon.url, &json!({"trainer_url": p.url, "run": "h"}), None)).await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    tokio::time::timeout(Duration::from_secs(60), p.hit.notified()).await.expect("the audit reached step 4");
+    // Five leases' time with the request in flight, two idle workers polling for claims.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    p.hang.store(false, Ordering::SeqCst);
+    let status = wait_done(&c, &daemon.url, &id, None).await;
+    assert_eq!((status["state"].as_str(), status["verdict"].as_str()), (Some("done"), Some("consistent")), "{status}");
+    assert_eq!(status["attempts"], 1, "claimed once: {status}");
+    daemon.stop().await;
+    trainer.stop().await;
+}
+
 /// A trainer that answers everything, slowly, runs into the daemon's per-audit time limit:
 /// `failed` with reason `time-limit`, no verdict and no report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

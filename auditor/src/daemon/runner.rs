@@ -82,6 +82,26 @@ impl Progress for TimeLimited<'_> {
     fn opened(&self, record: &RecordView<'_>) -> Result<Resume, AuditError> {
         self.inner.opened(record)
     }
+    fn heartbeat(&self) {
+        self.inner.heartbeat();
+    }
+}
+
+/// Runs `f` while a thread calls `progress.heartbeat()` every second (the lease of an attempt
+/// waiting on a slow trainer stays renewed: without it, the daemon's own next claim took over
+/// its live audit once the lease ran out, and repeated takeovers ended it `gave-up`).
+fn with_heartbeat<T>(progress: &dyn Progress, f: impl FnOnce() -> T) -> T {
+    let (done, beats) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = beats.recv_timeout(Duration::from_secs(1)) {
+                progress.heartbeat();
+            }
+        });
+        let out = f();
+        drop(done);
+        out
+    })
 }
 
 impl std::fmt::Debug for HttpRunner {
@@ -201,6 +221,17 @@ impl HttpRunner {
 
 impl Runner for HttpRunner {
     fn run(&self, job: &Job, progress: &dyn Progress) -> Outcome {
+        with_heartbeat(progress, || self.attempt(job, progress))
+    }
+
+    fn run_interval(&self, job: &Job, interval: (u64, u64), progress: &dyn Progress) -> ItemOutcome {
+        with_heartbeat(progress, || self.attempt_interval(job, interval, progress))
+    }
+}
+
+impl HttpRunner {
+    /// One attempt at `job` ([`Runner::run`]).
+    fn attempt(&self, job: &Job, progress: &dyn Progress) -> Outcome {
         let until = Instant::now() + self.time_max;
         let progress = &TimeLimited { inner: progress, until };
         let (src, opts) = match self.prepare(job, until) {
@@ -233,7 +264,8 @@ impl Runner for HttpRunner {
         }
     }
 
-    fn run_interval(&self, job: &Job, interval: (u64, u64), progress: &dyn Progress) -> ItemOutcome {
+    /// One interval of `job` ([`Runner::run_interval`]).
+    fn attempt_interval(&self, job: &Job, interval: (u64, u64), progress: &dyn Progress) -> ItemOutcome {
         let until = Instant::now() + self.time_max;
         let progress = &TimeLimited { inner: progress, until };
         // Whatever stops a helper early (an unreachable trainer, a record that does not check

@@ -4,7 +4,8 @@
 //! # Leases
 //! Every claim is a lease: the store records the claiming daemon (`node`) and an expiry
 //! `now + lease_ms`. The worker renews it at least every `lease_ms / 3` while it works (from
-//! its progress callbacks, and while it waits for other daemons' intervals). A daemon that is
+//! its progress callbacks, while it waits for other daemons' intervals, and from the runner's
+//! heartbeat while a request to the trainer is in flight). A daemon that is
 //! killed, or cut off from the store, stops renewing; once the lease expires another daemon
 //! claims the audit or the interval and resumes it from its durable progress. A worker that
 //! finds its lease gone (renewal answers `false`: taken over, cancelled or finished) stops at
@@ -247,6 +248,9 @@ impl Share for JobProgress<'_> {
 }
 
 impl Progress for JobProgress<'_> {
+    fn heartbeat(&self) {
+        self.renew();
+    }
     fn begin(&self, steps_total: u64) {
         self.observer.begun(self.id, steps_total, self.steps.load(Ordering::SeqCst));
     }

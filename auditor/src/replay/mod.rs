@@ -193,6 +193,10 @@ pub trait Progress: Sync {
     fn opened(&self, _record: &RecordView<'_>) -> Result<Resume, AuditError> {
         Ok(Resume::Keep)
     }
+    /// Called about every second while the attempt waits on something slow (a trainer's
+    /// answer): the daemon renews its lease here, so a slow trainer does not make the audit
+    /// look abandoned. A wrapper must pass this on.
+    fn heartbeat(&self) {}
 }
 
 /// Ignores progress.
