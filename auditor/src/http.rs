@@ -324,6 +324,13 @@ impl HttpTrainer {
                 file: path.to_string(),
                 what: format!("HTTP 404: the trainer has no run {:?}", self.run),
             })),
+            // The first request (the spec) answered 404 without the protocol's code: nothing
+            // shows this is a record server at all (a typo in the address, another web
+            // server), so it is not yet the trainer's answer.
+            (404, _) if path == path::spec(&self.run) => Err(Attempt::Fail(SourceError::Refused {
+                file: path.to_string(),
+                what: format!("HTTP 404: nothing at {}{path}; is this a tiebreak record server?", self.base),
+            })),
             (404, _) => Err(invalid("missing on the trainer (HTTP 404)".into())),
             (422, _) => Err(invalid("the trainer could not serve it from its record (HTTP 422)".into())),
             (429 | 500..=599, _) => Err(Attempt::Retry(format!("HTTP {status}"))),
@@ -460,7 +467,20 @@ impl TrainerSource for HttpTrainer {
 
     fn spec_bytes(&self) -> Result<Vec<u8>, SourceError> {
         let p = path::spec(&self.run);
-        self.spec.get_or_init(|| self.get_required_bounded(&p, Some(record::JSON_FILE_BYTES_MAX))).clone()
+        self.spec
+            .get_or_init(|| {
+                let body = self.get_required_bounded(&p, Some(record::JSON_FILE_BYTES_MAX))?;
+                // A record server answers its spec with JSON; anything else (a web page) says
+                // this address is not one, which, as no answer at all, is not yet a verdict.
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                    return Err(SourceError::Refused {
+                        file: p.clone(),
+                        what: format!("the answer to GET {p} is not JSON; is {} a tiebreak record server?", self.base),
+                    });
+                }
+                Ok(body)
+            })
+            .clone()
     }
 
     fn manifest(&self) -> Result<Option<Manifest>, SourceError> {

@@ -129,3 +129,22 @@ async fn the_client_runs_the_walkthrough_and_exits_with_the_verdict() {
     daemon.stop().await;
     trainer.stop().await;
 }
+
+/// A daemon whose answers are not what the API says (another server, a broken proxy): the
+/// client says so and exits 2 (could not decide), never printing "?: ?" with exit 0, reporting
+/// a cancel that did not happen, or polling forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_are_not_the_daemons_api_are_could_not_decide() {
+    for body in ["<html>hello</html>", r#"{"hello": "world"}"#, r#"{"id": "audit-1", "state": "sleeping"}"#] {
+        let app = axum::Router::new().fallback(move || async move { (axum::http::StatusCode::OK, body) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        for cmd in ["status", "cancel", "wait"] {
+            let o = auditor(&[cmd, "--daemon", &url, "audit-1"], &[("AUDITOR_TOKEN", "t")]).await;
+            assert_eq!(o.status.code(), Some(2), "{cmd} on {body}: {}", text(&o));
+            assert!(String::from_utf8_lossy(&o.stderr).contains("daemon"), "{cmd} on {body}: {}", text(&o));
+        }
+        server.abort();
+    }
+}

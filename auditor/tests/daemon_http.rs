@@ -186,6 +186,9 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"mode\": \"half\"}"), 400, "bad-request"),
         (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"device\": \"tpu\"}"), 400, "bad-request"),
         (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"from\": 5, \"to\": 2}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"trainer_token\": \"a\\nb\"}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"trainer_token\": \" \"}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"data\": \"../x\"}"), 400, "bad-request"),
         (raw(&format!("{{\"trainer_url\": \"http://x\", \"run\": \"{}\"}}", "r".repeat(5000))), 413, "too-large"),
         (c.get(format!("{url}/v1/audits/audit-999")).bearer_auth("t0k3n"), 404, "not-found"),
         (c.get(format!("{url}/v1/audits/..%2F..%2Fetc")).bearer_auth("t0k3n"), 404, "not-found"),
@@ -600,9 +603,16 @@ async fn the_allow_list_limits_trainers_and_a_lost_database_is_refused() {
         let _ = std::fs::remove_file(dir.join("state").join(f));
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let e = auditor::daemon::serve(listener, cfg, async {}).await.expect_err("a lost database").to_string();
-    assert!(e.contains("auditor.key is there but auditor.sqlite3 is not") && e.contains("Restore"), "{e}");
+    let e = auditor::daemon::serve(listener, cfg.clone(), async {}).await.expect_err("a lost database").to_string();
+    assert!(e.contains("auditor.key is there but auditor.sqlite3 is missing or empty") && e.contains("Restore"), "{e}");
     assert!(!dir.join("state/auditor.sqlite3").exists(), "no fresh database was made");
+    // A database truncated to nothing is as lost: SQLite would take it for a new one and number
+    // audits from audit-1 again under the same key.
+    std::fs::write(dir.join("state/auditor.sqlite3"), b"").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = auditor::daemon::serve(listener, cfg, async {}).await.expect_err("an emptied database").to_string();
+    assert!(e.contains("missing or empty"), "{e}");
+    assert_eq!(std::fs::metadata(dir.join("state/auditor.sqlite3")).unwrap().len(), 0, "left as it was");
 }
 
 /// Issue 14: an honest checkpoint larger than `response_bytes_max` was `commitment-invalid`.

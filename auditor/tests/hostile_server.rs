@@ -176,3 +176,29 @@ async fn a_hostile_record_server_cannot_turn_a_divergence_into_could_not_decide(
     }
     trainer.stop().await;
 }
+
+/// An address that is not a record server at all (a typo in the path, another web server) has
+/// presented no record: could not decide, never a signed verdict against a trainer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_is_not_a_record_server_is_no_verdict() {
+    for (status, body) in [(404u16, "<html>not found</html>"), (200, "<html>welcome</html>")] {
+        let app = axum::Router::new().fallback(move || async move {
+            (axum::http::StatusCode::from_u16(status).unwrap(), [("content-type", "text/html")], body)
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/typo", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let got = tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let src = HttpTrainer::new(&url, "f", None, RetryPolicy::default(), rt.handle().clone()).unwrap();
+            audit(&src, &AuditOptions::new(Profile::CpuSeq), &NoProgress).map(|a| a.verdict)
+        })
+        .await
+        .unwrap();
+        match got {
+            Err(e) => assert!(e.to_string().contains("record server"), "{status}: {e}"),
+            Ok(v) => panic!("{status}: a verdict against an address that served no record: {v:?}"),
+        }
+        server.abort();
+    }
+}

@@ -229,8 +229,25 @@ impl Client {
 
     fn get_json(&self, path: &str) -> Result<Value, Failure> {
         let bytes = self.send(reqwest::Method::GET, path, None)?;
-        serde_json::from_slice(&bytes)
+        self.json_of(path, &bytes)
+    }
+
+    fn json_of(&self, path: &str, bytes: &[u8]) -> Result<Value, Failure> {
+        serde_json::from_slice(bytes)
             .map_err(|e| undecided(format_args!("daemon {}: {path}: not JSON: {e}", self.base)))
+    }
+
+    /// An audit's status, which must be one: an `id` and a known `state` (an answer that is
+    /// not is the daemon's trouble, never shown as if it were an audit's state).
+    fn status_of(&self, path: &str, bytes: &[u8]) -> Result<Value, Failure> {
+        let s = self.json_of(path, bytes)?;
+        if s["id"].is_string() && s["state"].as_str().and_then(JobState::parse).is_some() {
+            Ok(s)
+        } else {
+            let mut shown = s.to_string();
+            shown.truncate(200);
+            Err(undecided(format_args!("daemon {}: {path}: not an audit's status: {shown}", self.base)))
+        }
     }
 }
 
@@ -325,7 +342,8 @@ pub fn submit(args: SubmitArgs) -> Result<Exit, Failure> {
 
 pub fn status(args: IdArgs) -> Result<Exit, Failure> {
     let client = Client::new(&args.daemon)?;
-    let s = client.get_json(&format!("/v1/audits/{}", check_id(&args.id)?))?;
+    let path = format!("/v1/audits/{}", check_id(&args.id)?);
+    let s = client.status_of(&path, &client.send(reqwest::Method::GET, &path, None)?)?;
     print(&client, &s, describe(&s))?;
     Ok(Exit::Ok)
 }
@@ -333,8 +351,8 @@ pub fn status(args: IdArgs) -> Result<Exit, Failure> {
 pub fn cancel(args: IdArgs) -> Result<Exit, Failure> {
     let client = Client::new(&args.daemon)?;
     let id = check_id(&args.id)?;
-    let bytes = client.send(reqwest::Method::DELETE, &format!("/v1/audits/{id}"), None)?;
-    let s: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"id": id, "state": "failed"}));
+    let path = format!("/v1/audits/{id}");
+    let s = client.status_of(&path, &client.send(reqwest::Method::DELETE, &path, None)?)?;
     print(&client, &s, describe(&s))?;
     Ok(Exit::Ok)
 }
@@ -379,7 +397,7 @@ fn wait_for(client: &Client, id: &str, timeout: Option<Duration>, every: Duratio
     bar.set_prefix(id.to_string());
     let path = format!("/v1/audits/{id}");
     let s = loop {
-        let s = client.get_json(&path)?;
+        let s = client.status_of(&path, &client.send(reqwest::Method::GET, &path, None)?)?;
         match s["state"].as_str().and_then(JobState::parse) {
             Some(JobState::Done | JobState::Failed) => break s,
             state => {

@@ -141,6 +141,13 @@ impl AuditRequest {
         if self.spot_seed_fresh.is_some() {
             return Err("spot_seed_fresh: set by the daemon, not by a request".into());
         }
+        // It goes into an Authorization header: a control character would fail every request
+        // (locally, retried until the deadline) instead of being refused here.
+        if let Some(t) = &self.trainer_token
+            && (t.trim().is_empty() || !t.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        {
+            return Err("trainer_token: empty, or not printable ASCII (it is sent as a bearer token)".into());
+        }
         if let Some(d) = &self.data
             && !super::datasets::is_valid_name(d)
         {

@@ -206,12 +206,22 @@ pub async fn serve(
 /// A signing key without its database means the database was lost or moved: a fresh one would
 /// number audits from `audit-1` again, and a published report URL would then serve a different
 /// report signed by the same key. Refused, saying how to go on.
+///
+/// An empty database file (truncated) counts as lost too, unless its write-ahead log holds what
+/// has not been checkpointed into it yet.
 fn refuse_lost_database(dir: &Path) -> Result<(), DaemonError> {
-    if dir.join(KEY_FILE).exists() && !dir.join(store::DB_FILE).exists() {
+    let len = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).ok();
+    let wal = format!("{}-wal", store::DB_FILE);
+    let lost = match len(store::DB_FILE) {
+        None => true,
+        Some(0) => len(&wal).unwrap_or(0) == 0,
+        Some(_) => false,
+    };
+    if dir.join(KEY_FILE).exists() && lost {
         return Err(DaemonError::StateDir {
             path: dir.to_path_buf(),
             detail: format!(
-                "{KEY_FILE} is there but {db} is not: the database was lost or moved. Restore {db} (with its -wal \
+                "{KEY_FILE} is there but {db} is missing or empty: the database was lost or moved. Restore {db} (with its -wal \
                  file, if any) from a backup; or, to start afresh, move {KEY_FILE} away too: the new daemon makes \
                  a new key, so its reports can never be mistaken for the old ones (keep the old public key to \
                  verify those)",
