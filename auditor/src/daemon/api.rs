@@ -397,6 +397,13 @@ async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
         Ok(c) => c,
         Err(e) => return Ok(unhealthy("unhealthy", e.message)),
     };
+    // The check reads; writes can fail on their own (a full disk, a read-only store).
+    if let Some((op, ago)) = shared.metrics.recent_store_error(STORE_ERROR_RECENT) {
+        return Ok(unhealthy(
+            "unhealthy",
+            format!("a store write failed {:.0} s ago ({op}): is its disk full or read-only?", ago.as_secs_f64()),
+        ));
+    }
     let audits: serde_json::Map<String, Value> = counts.into_iter().map(|(k, n)| (k.to_string(), json!(n))).collect();
     Ok(axum::Json(json!({
         "status": "ok",
@@ -408,6 +415,9 @@ async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
     }))
     .into_response())
 }
+
+/// A failed store operation this recent makes `/healthz` unhealthy.
+const STORE_ERROR_RECENT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Ready for traffic: not shutting down, and the store passes its check.
 async fn readyz(State(shared): State<Shared>) -> ApiResult<Response> {

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Live progress of the running attempts (for the status route, not exported).
     pub live: std::sync::Arc<super::live::Live>,
+    /// The last store operation that failed, and when (for `/healthz`, and to log it).
+    last_store_error: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
 }
 
 impl Metrics {
@@ -126,6 +128,7 @@ impl Metrics {
             store_errors,
             http_requests,
             live: Default::default(),
+            last_store_error: Default::default(),
         }
     }
 
@@ -151,6 +154,17 @@ impl Metrics {
     }
 }
 
+/// Least time between two log lines about failing store operations.
+const STORE_ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Metrics {
+    /// The store operation that failed last, and how long ago, if within `within`.
+    pub fn recent_store_error(&self, within: std::time::Duration) -> Option<(String, std::time::Duration)> {
+        let last = self.last_store_error.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().map(|(at, op)| (op.clone(), at.elapsed())).filter(|(_, ago)| *ago < within)
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -171,6 +185,12 @@ impl Observer for Metrics {
     }
     fn store_error(&self, op: &str) {
         self.store_errors.with_label_values(&[op]).inc();
+        let mut last = self.last_store_error.lock().unwrap_or_else(|p| p.into_inner());
+        // Logged at most every 10 s: a full disk fails every poll.
+        if last.as_ref().is_none_or(|(at, _)| at.elapsed() >= STORE_ERROR_LOG_EVERY) {
+            tracing::error!(op, "a store operation failed (see tiebreak_auditor_store_errors_total)");
+            *last = Some((std::time::Instant::now(), op.to_string()));
+        }
     }
     fn failed(&self, reason: FailReason) {
         self.failed.with_label_values(&[reason.as_str()]).inc();
@@ -181,5 +201,25 @@ impl Observer for Metrics {
         if matches!(d.verdict, VerdictKind::Diverged | VerdictKind::ForgedLog) {
             self.divergences.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_failed_store_operation_is_recent_for_a_while_and_counted() {
+        let m = Metrics::new();
+        assert!(m.recent_store_error(Duration::from_secs(30)).is_none());
+        m.store_error("save_progress");
+        m.store_error("claim");
+        let (op, ago) = m.recent_store_error(Duration::from_secs(30)).expect("recent");
+        // The first of a burst is the one remembered (and logged); both are counted.
+        assert_eq!(op, "save_progress");
+        assert!(ago < Duration::from_secs(30));
+        assert!(m.recent_store_error(Duration::ZERO).is_none(), "older than no time at all");
+        assert_eq!(m.store_errors.with_label_values(&["claim"]).get(), 1);
     }
 }
