@@ -228,7 +228,7 @@ async fn submit(
         Inserted::QueueFull => Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "queue-full",
-            format!("{} audits are queued, the most this daemon takes; retry later", queued_max),
+            format!("{} audits are open (queued or running), the most this daemon takes; retry later", queued_max),
         )),
     }
 }

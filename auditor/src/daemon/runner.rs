@@ -170,8 +170,8 @@ impl HttpRunner {
 fn timed_out(until: Instant, time_max: Duration) -> Option<String> {
     (Instant::now() >= until).then(|| {
         format!(
-            "time-limit: the audit ran past this daemon's audit_time_max_ms = {} (the trainer was answering, more \
-             slowly than that allows); not a verdict",
+            "time-limit: the audit ran past this daemon's audit_time_max_ms = {} (the trainer kept answering; its \
+             answers and this daemon's replay together took longer than that allows); not a verdict",
             time_max.as_millis()
         )
     })
