@@ -213,6 +213,23 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
     let (_, list, _) = send(c.get(format!("{url}/v1/audits")).bearer_auth("t0k3n")).await;
     assert_eq!(list["audits"], json!([]), "nothing was queued by a bad request");
 
+    // A body announced over the limit and never sent: 413 at once, not a 408 after the
+    // request time limit spent waiting for it.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = url.trim_start_matches("http://");
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/audits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0k3n\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000000000000\r\n\r\n{{"
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut answer)).await.expect("answered at once");
+        let answer = String::from_utf8_lossy(&answer[..n.unwrap()]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("too-large"), "{answer}");
+    }
+
     // Idempotency: the same key gives the same audit; a different body under it is a conflict.
     let keyed = json!({"trainer_url": "http://127.0.0.1:9", "run": "r", "idempotency_key": "k1"});
     let (s1, a, _) = send(post(&c, url, &keyed, Some("t0k3n"))).await;

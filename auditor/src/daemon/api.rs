@@ -96,12 +96,28 @@ pub fn router(shared: Shared) -> Router {
 }
 
 /// A request that takes longer than `request_time_max_ms` (a body sent a byte at a time) is
-/// answered 408 and its connection freed.
+/// answered 408 and its connection freed. One that announces a body over `body_bytes_max` is
+/// answered 413 at once, not after waiting for a body it will refuse.
 async fn time_limit(
     State(shared): State<Shared>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let announced = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = announced
+        && n > shared.config.body_bytes_max as u64
+    {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("request body of {n} bytes, over the {} bytes allowed", shared.config.body_bytes_max),
+        )
+        .into_response();
+    }
     let limit = std::time::Duration::from_millis(shared.config.request_time_max_ms);
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(r) => r,
