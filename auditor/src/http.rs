@@ -138,6 +138,9 @@ pub struct HttpTrainer {
     /// pick a dataset before the audit reads it again). An error is kept too, so an
     /// unresponsive trainer costs one deadline, not two.
     spec: Arc<std::sync::OnceLock<Result<Vec<u8>, SourceError>>>,
+    /// The spec parsed once (`None`: it does not parse), for the honest sizes of answers: read
+    /// on every batch, state and checkpoint request.
+    parsed: Arc<std::sync::OnceLock<Option<engine::spec::RunSpec>>>,
     /// Held while a frame past [`BIG`] bytes is decompressed.
     big_frames: Arc<std::sync::Mutex<()>>,
 }
@@ -184,6 +187,7 @@ impl HttpTrainer {
             on_error: None,
             abort: None,
             spec: Arc::new(std::sync::OnceLock::new()),
+            parsed: Arc::default(),
             big_frames: Arc::default(),
         })
     }
@@ -436,8 +440,8 @@ impl HttpTrainer {
     }
 
     /// The run's spec, when it is one (the audit checks it before anything that depends on it).
-    fn parsed_spec(&self) -> Option<engine::spec::RunSpec> {
-        self.spec_bytes().ok().and_then(|b| serde_json::from_slice(&b).ok())
+    fn parsed_spec(&self) -> Option<&engine::spec::RunSpec> {
+        self.parsed.get_or_init(|| self.spec_bytes().ok().and_then(|b| serde_json::from_slice(&b).ok())).as_ref()
     }
 }
 
@@ -601,7 +605,7 @@ impl TrainerSource for HttpTrainer {
         let p = path::init_weights(&self.run);
         // The spec commits to the file's size: an honest file always fits, whatever
         // response_bytes_max says.
-        let honest = self.parsed_spec().and_then(|s| s.init_weights).map(|w| w.bytes);
+        let honest = self.parsed_spec().and_then(|s| s.init_weights.as_ref()).map(|w| w.bytes);
         self.get_required_bounded(&p, honest).map_err(|e| named(e, engine::init::INIT_WEIGHTS_FILE, &p))
     }
 
