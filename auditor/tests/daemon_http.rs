@@ -618,7 +618,12 @@ async fn the_allow_list_limits_trainers_and_a_lost_database_is_refused() {
         let _ = std::fs::remove_file(dir.join("state").join(f));
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let e = auditor::daemon::serve(listener, cfg.clone(), async {}).await.expect_err("a lost database").to_string();
+    let announced = AtomicBool::new(false);
+    let e = auditor::daemon::serve_then(listener, cfg.clone(), async {}, || announced.store(true, Ordering::SeqCst))
+        .await
+        .expect_err("a lost database")
+        .to_string();
+    assert!(!announced.load(Ordering::SeqCst), "a daemon that refuses its state announces nothing");
     assert!(e.contains("auditor.key is there but auditor.sqlite3 is missing or empty") && e.contains("Restore"), "{e}");
     assert!(!dir.join("state/auditor.sqlite3").exists(), "no fresh database was made");
     // A database truncated to nothing is as lost: SQLite would take it for a new one and number
@@ -745,6 +750,11 @@ async fn listing_pages_newest_first_and_audits_can_be_cancelled_and_retried() {
     let (_, page, _) = send(c.get(format!("{url}/v1/audits?limit=2&before={}", ids[1])).bearer_auth("t")).await;
     assert_eq!(page["audits"].as_array().unwrap().len(), 1, "{page}");
     assert_eq!((page["audits"][0]["id"].as_str(), &page["next"]), (Some(ids[0].as_str()), &Value::Null));
+    for bad in ["0", "1001", "-1", "x"] {
+        let (s, v, _) = send(c.get(format!("{url}/v1/audits?limit={bad}")).bearer_auth("t")).await;
+        assert_eq!((s, v["code"].as_str()), (400, Some("bad-request")), "limit={bad}: {v}");
+        assert!(v["error"].as_str().unwrap_or("").contains("limit"), "names the parameter: {v}");
+    }
 
     let (s, v, _) = send(c.delete(format!("{url}/v1/audits/{}", ids[2])).bearer_auth("t")).await;
     assert_eq!((s, v["state"].as_str(), v["reason"].as_str()), (200, Some("failed"), Some("cancelled")), "{v}");

@@ -112,8 +112,8 @@ pub struct ListArgs {
     /// Only audits in this state: queued, running, done or failed.
     #[arg(long)]
     state: Option<String>,
-    /// At most this many (newest first).
-    #[arg(long, default_value_t = 20)]
+    /// At most this many (newest first), 1 to 1000.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=auditor::daemon::api::LIST_LIMIT_MAX))]
     limit: u64,
 }
 
@@ -359,7 +359,7 @@ pub fn cancel(args: IdArgs) -> Result<Exit, Failure> {
 
 pub fn list(args: ListArgs) -> Result<Exit, Failure> {
     let client = Client::new(&args.daemon)?;
-    let mut path = format!("/v1/audits?limit={}", args.limit.clamp(1, 1000));
+    let mut path = format!("/v1/audits?limit={}", args.limit);
     if let Some(s) = &args.state {
         let state = JobState::parse(s)
             .ok_or_else(|| usage(format_args!("--state {s:?}: not one of queued, running, done, failed")))?;

@@ -128,15 +128,18 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
             tracing::info!("trainer.allow is empty: audits may name any host and port");
         }
         // The address line is how supervisors and tests find the daemon. It is a courtesy: a
-        // daemon that cannot print it (stdout closed or failing) keeps serving.
+        // daemon that cannot print it (stdout closed or failing) keeps serving. It is printed once
+        // the state is open, so a daemon that refuses its state directory never announces itself.
         let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
         let jobs =
             if cfg.store.is_shared() { format!(", jobs in PostgreSQL as {}", cfg.store.node()) } else { String::new() };
-        let _ = emit(&format!(
-            "auditor daemon listening on {scheme}://{addr} (state in {}{jobs})\n",
-            cfg.state_dir.display()
-        ));
-        auditor::daemon::serve(listener, cfg, shutdown).await.context("daemon")?;
+        let line =
+            format!("auditor daemon listening on {scheme}://{addr} (state in {}{jobs})\n", cfg.state_dir.display());
+        auditor::daemon::serve_then(listener, cfg, shutdown, || {
+            let _ = emit(&line);
+        })
+        .await
+        .context("daemon")?;
         let _ = emit("auditor daemon stopped\n");
         Ok::<_, Failure>(())
     })?;

@@ -3,7 +3,7 @@
 //! | route | auth | answer |
 //! | --- | --- | --- |
 //! | `POST /v1/audits` | token | 202 `{"id", "state"}` ([`AuditRequest`] body) |
-//! | `GET /v1/audits[?state=&limit=&before=]` | token | `{"audits": [status…], "next"}`, newest first; `next` (when there are more) is the `before` of the next page |
+//! | `GET /v1/audits[?state=&limit=&before=]` | token | `{"audits": [status…], "next"}`, newest first, `limit` 1 to 1000 (default 100); `next` (when there are more) is the `before` of the next page |
 //! | `GET /v1/audits/{id}` | token | status: `id`, `state`, `steps_replayed`, `verdict`, `reason`, …; while running, `progress`: `steps_done`, `steps_total`, `percent`, `steps_per_second`, `eta_seconds` |
 //! | `DELETE /v1/audits/{id}` | token | cancels a queued or running audit: `failed`, reason `cancelled` |
 //! | `POST /v1/audits/{id}/retry` | token | a failed audit queued again (its progress kept) |
@@ -283,6 +283,9 @@ pub fn status_json(job: &Job, live: &Live) -> Value {
     v
 }
 
+/// The most audits one page of `GET /v1/audits` lists.
+pub const LIST_LIMIT_MAX: u64 = 1000;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
@@ -304,7 +307,10 @@ async fn list(
             ApiError::bad_request(format!("state: {s:?} is not one of queued, running, done, failed"))
         })?),
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=LIST_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit: {limit} is not 1 to {LIST_LIMIT_MAX}")));
+    }
     if let Some(b) = &q.before {
         check_id(b).map_err(|_| ApiError::bad_request(format!("before: {b:?} is not an audit id")))?;
     }

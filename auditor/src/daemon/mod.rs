@@ -92,6 +92,17 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
+    serve_then(listener, config, shutdown, || {}).await
+}
+
+/// [`serve`], calling `ready` once the state directory, the store and the signing key are open
+/// and just before requests are answered: a daemon that refuses its state has announced nothing.
+pub async fn serve_then(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
+) -> Result<(), DaemonError> {
     config.validate().map_err(|detail| DaemonError::Config { origin: "config".into(), detail })?;
     let _lock = lock_state_dir(&config.state_dir)?;
     if !config.store.is_shared() {
@@ -189,6 +200,7 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         service::tls::warn_if_plain_and_exposed(addr, tls.is_some(), "the auditor daemon");
     }
+    ready();
     let served = service::serve_tls(listener, app, limits, tls, async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     })
