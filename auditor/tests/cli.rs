@@ -421,15 +421,25 @@ fn trainer_pubkey_pins_the_records_own_key() {
     let what = v["verdict"]["what"].as_str().unwrap();
     assert!(what.contains(&key) && what.contains(&other), "{what}");
 
-    // Unfinished (no manifest): nothing is signed yet, so the pin has nothing to hold the
-    // record to; the audit goes on (a withheld manifest is no way out of a verdict), and the
-    // human output says the root is unsigned.
+    // Unfinished, or its manifest withheld: nothing is signed. Without a pin the audit says the
+    // committed steps agree and that the root is unsigned; with one, the record is not the pinned
+    // trainer's (a withheld signature), even though every step agrees. A divergence stays
+    // `diverged` either way (`hostile_server.rs`).
     std::fs::remove_file(honest.join("manifest.json")).unwrap();
-    let out = auditor(&dir, &["audit", "--record", rec, "--trainer-pubkey", &key]);
+    let out = auditor(&dir, &["audit", "--record", rec]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(text.starts_with("verdict: consistent\n"), "{text}");
     assert!(text.contains("unfinished run: 13 steps committed so far; root ") && text.contains("not signed"), "{text}");
+    let out = auditor(&dir, &["audit", "--record", rec, "--trainer-pubkey", &key, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(
+        (v["verdict"]["kind"].as_str(), v["verdict"]["file"].as_str()),
+        (Some("commitment-invalid"), Some("manifest.json"))
+    );
+    let what = v["verdict"]["what"].as_str().unwrap();
+    assert!(what.starts_with("withheld") && what.contains(&key) && what.contains("13 committed steps"), "{what}");
     // A spot check asking for more intervals than there are says how many it replayed.
     let out = auditor(&dir, &["audit", "--record", rec, "--mode", "spot", "--spot-count", "100", "--spot-seed", "1"]);
     assert!(stdout(&out).contains("spot check: 4 intervals, every one the record has (100 asked)"), "{}", stdout(&out));

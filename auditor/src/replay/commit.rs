@@ -71,10 +71,10 @@ pub(super) fn check(src: &dyn TrainerSource, opts: &AuditOptions) -> Result<Comm
                 )
                 .into());
             }
-            // Unfinished (or its manifest withheld): no key has signed anything yet, so the pin
-            // has nothing to hold the record to; the audit goes on, as without one, and its
-            // report says the root is unsigned. Refusing here would let a trainer whose run
-            // diverged escape the verdict by withholding its manifest.
+            // Unfinished (or its manifest withheld): no key has signed anything yet. The audit
+            // goes on, so a run that diverged is `diverged` (refusing here would let a trainer
+            // escape that verdict by withholding its manifest); if it does not, the withheld
+            // signature is the verdict (`conclude::unsigned_under_a_pin`).
             None => {}
         }
     }

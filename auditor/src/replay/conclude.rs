@@ -67,6 +67,24 @@ pub(super) fn bisect(src: &dyn TrainerSource, c: &Committed, merged: &Merged) ->
     Ok(BisectionSummary { queries: bisection.queries(), query_limit: limit, first_differing_leaf: located })
 }
 
+/// A record without a signed manifest, audited with the trainer's key pinned: its committed
+/// steps replayed consistently, but the pinned key signed nothing, so the record is not that
+/// trainer's. The signature is withheld, whatever the reason: a finished run signs its root, and
+/// a run still in progress is audited without a pin (its report says the root is unsigned). A
+/// divergence in such a record is still `diverged`: withholding the manifest hides nothing.
+fn unsigned_under_a_pin(c: &Committed, opts: &AuditOptions) -> Option<Verdict> {
+    let key = opts.trainer_key.as_ref().filter(|_| c.commitment.manifest.is_none())?;
+    Some(Verdict::invalid(
+        record::MANIFEST_FILE,
+        None,
+        format!(
+            "withheld: no manifest, so the pinned trainer key {key} signed nothing in this record ({} committed \
+             steps, unsigned; those replayed agree)",
+            c.n_steps
+        ),
+    ))
+}
+
 /// The verdict of a merged replay, with its details and evidence written into `audit`.
 pub(super) fn conclude(
     src: &dyn TrainerSource,
@@ -77,7 +95,7 @@ pub(super) fn conclude(
     audit: &mut Audit,
 ) -> Result<Verdict, Stop> {
     let Some(finding) = merged.finding else {
-        return Ok(Verdict::Consistent);
+        return Ok(unsigned_under_a_pin(c, opts).unwrap_or(Verdict::Consistent));
     };
     let s = finding.step;
     let sf = match finding.found {
