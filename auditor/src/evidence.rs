@@ -223,15 +223,12 @@ impl Evidence {
 
     /// Reads a bundle from `path` (size-checked before reading).
     pub fn read(path: &Path) -> Result<Evidence, AuditError> {
-        let io = |op| move |source| AuditError::Io { op, path: path.into(), source };
-        let len = std::fs::metadata(path).map_err(io("stat"))?.len();
-        if len > EVIDENCE_RAW_BYTES_MAX as u64 {
-            return Err(AuditError::Evidence {
-                what: format!("{len} bytes is more than a bundle may have"),
-                offset: None,
-            });
-        }
-        Evidence::decode(&std::fs::read(path).map_err(io("read"))?)
+        use common::files::ReadError;
+        let bytes = common::files::read_regular(path, EVIDENCE_RAW_BYTES_MAX as u64).map_err(|e| match e {
+            ReadError::Io { op, source } => AuditError::Io { op, path: path.into(), source },
+            ReadError::Unfit(what) => AuditError::Evidence { what: format!("not a bundle: {what}"), offset: None },
+        })?;
+        Evidence::decode(&bytes)
     }
 }
 

@@ -630,3 +630,77 @@ fn keygen_makes_a_key_once_and_never_overwrites_one() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("firm.key"), "the message names the file");
     assert_eq!(std::fs::read(dir.join("firm.key")).unwrap(), secret, "the key is untouched");
 }
+
+/// Runs the auditor with a 20 s limit: a command waiting on a FIFO fails the test instead of
+/// hanging the suite.
+fn auditor_within_20s(dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_auditor"))
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("auditor {args:?} still running after 20 s (waiting on a FIFO?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A FIFO (or a device) wherever a path is read, named by the user or inside a trainer's record,
+/// is refused at once, naming the file, never waited on or read without end. Inside the record
+/// it is the trainer's finding; on the command line it is the user's mistake.
+#[test]
+fn special_files_are_refused_not_waited_on() {
+    let dir = scratch("cli-special-files");
+    let fifo = dir.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let f = fifo.to_str().unwrap();
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let rec = honest.to_str().unwrap();
+
+    // The record's spec.json a FIFO, with no --device: the default profile is picked from the
+    // spec, which must not block; the audit then finds the record's fault.
+    let odd = dir.join("odd");
+    std::fs::create_dir(&odd).unwrap();
+    for e in std::fs::read_dir(&honest).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), odd.join(e.file_name())).unwrap();
+    }
+    std::fs::remove_file(odd.join("spec.json")).unwrap();
+    std::os::unix::fs::symlink(&fifo, odd.join("spec.json")).unwrap();
+    let out = auditor_within_20s(&dir, &["audit", "--record", odd.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(
+        (v["verdict"]["kind"].as_str(), v["verdict"]["file"].as_str()),
+        (Some("commitment-invalid"), Some("spec.json"))
+    );
+    assert!(v["verdict"]["what"].as_str().unwrap().contains("a FIFO"), "{v}");
+
+    let zero = "/dev/zero";
+    for (args, code, needle) in [
+        (vec!["audit", "--record", rec, "--trainer-pubkey", &format!("@{f}")], 64, "a FIFO"),
+        (vec!["verify-report", f], 64, "a FIFO"),
+        (vec!["verify-report", zero], 64, "a character device"),
+        (vec!["adjudicate", "--evidence", f], 2, "a FIFO"),
+        (vec!["serve", "--config", f], 64, "a FIFO"),
+        (vec!["serve", "--token-file", f, "--state-dir", "st"], 64, "a FIFO"),
+        (vec!["list", "--daemon", "http://127.0.0.1:9", "--token-file", f], 64, "a FIFO"),
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
+        let out = auditor_within_20s(&dir, &args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && (err.contains(f) || err.contains(zero)),
+            "{args:?}: names the file and its kind: {err}"
+        );
+    }
+}

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod files;
 pub mod leaf;
 pub mod merkle;
 pub mod prng;

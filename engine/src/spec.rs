@@ -297,7 +297,19 @@ pub struct AdamwConfig {
     pub weight_decay: f64,
 }
 
+/// The largest config file read (a TOML graph of thousands of nodes is far smaller).
+pub const CONFIG_FILE_BYTES_MAX: u64 = 16 << 20;
+
 impl Config {
+    /// Reads and parses the TOML config at `path`: a regular file of at most
+    /// [`CONFIG_FILE_BYTES_MAX`] bytes (a FIFO or a device is refused, not waited on).
+    pub fn load(path: &std::path::Path) -> Result<Config, EngineError> {
+        let origin = path.display().to_string();
+        let text = common::files::read_regular_text(path, CONFIG_FILE_BYTES_MAX)
+            .map_err(|e| EngineError::Config { origin: origin.clone(), detail: format!("reading it: {e}") })?;
+        Config::from_toml(&text, &origin)
+    }
+
     /// Parses a TOML config; `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, EngineError> {
         let cfg: Config = toml::from_str(text).map_err(|e| EngineError::Config {

@@ -304,12 +304,15 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A token file holds one line; anything much longer is not one.
+const TOKEN_FILE_BYTES_MAX: u64 = 64 << 10;
+
 pub fn secret(flag: Option<String>, file: Option<&Path>, env: &str) -> Result<Option<String>, String> {
     let (value, from) = if let Some(v) = flag {
         (v, "--token".to_string())
     } else if let Some(path) = file {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("--token-file {}: reading it: {e}", path.display()))?;
+        let text = common::files::read_regular_text(path, TOKEN_FILE_BYTES_MAX)
+            .map_err(|e| format!("--token-file {}: reading it: {e}", path.display()))?;
         (text.trim_end_matches(['\n', '\r']).to_string(), format!("--token-file {}", path.display()))
     } else if let Some(v) = std::env::var_os(env) {
         (v.into_string().map_err(|_| format!("{env}: not UTF-8"))?, env.to_string())

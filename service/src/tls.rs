@@ -36,7 +36,9 @@ impl ServerTls {
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<ServerTls, String> {
         install_provider();
         let certs = read_certs(cert).map_err(|e| format!("--tls-cert {e}"))?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+        let key = read_pem(key)
+            .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem).map_err(|e| e.to_string()))
+            .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
         let config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(certs, key)
@@ -45,10 +47,15 @@ impl ServerTls {
     }
 }
 
+/// A PEM file's bytes: a regular file of at most 1 MiB (a FIFO or a device is refused).
+fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    common::files::read_regular(path, 1 << 20).map_err(|e| e.to_string())
+}
+
 /// Every certificate in the PEM file `path` (at least one); errors start with the path.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+    let pem = read_pem(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if certs.is_empty() {

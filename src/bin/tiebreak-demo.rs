@@ -54,7 +54,7 @@ fn main() -> Result<()> {
         std::fs::remove_dir_all(&out).with_context(|| format!("clear {}", out.display()))?;
     }
     let config_path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/synthetic-mlp.toml");
-    let config = Config::from_toml(&std::fs::read_to_string(config_path)?, config_path)?;
+    let config = Config::load(std::path::Path::new(config_path))?;
     let records = out.join("records");
 
     // 1. Train.

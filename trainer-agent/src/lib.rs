@@ -97,10 +97,13 @@ pub struct Session {
 /// counts).
 pub const LOSSES_FILE: &str = "losses.txt";
 
+/// The most of `losses.txt` read (about 8 million steps' lines).
+const LOSSES_FILE_BYTES_MAX: u64 = 256 << 20;
+
 /// The losses in `dir/losses.txt` by step (the last line of each step wins); empty when the
 /// file is absent. Lines that do not parse are skipped: the file is not part of the record.
 pub fn read_losses(dir: &Path) -> BTreeMap<u64, f64> {
-    let text = std::fs::read_to_string(dir.join(LOSSES_FILE)).unwrap_or_default();
+    let text = common::files::read_regular_text(&dir.join(LOSSES_FILE), LOSSES_FILE_BYTES_MAX).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let (step, loss) = l.split_once(' ')?;
@@ -111,19 +114,8 @@ pub fn read_losses(dir: &Path) -> BTreeMap<u64, f64> {
 
 /// Reads a starting-weights file, refusing anything but a regular file of bounded size.
 fn read_init_weights(path: &std::path::Path) -> Result<Vec<u8>, TrainerError> {
-    let bad = |what: String| TrainerError::Usage(format!("--init-weights {}: {what}", path.display()));
-    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
-    }
-    if meta.len() > engine::init::INIT_WEIGHTS_BYTES_MAX {
-        return Err(bad(format!(
-            "{} bytes, more than the {} allowed",
-            meta.len(),
-            engine::init::INIT_WEIGHTS_BYTES_MAX
-        )));
-    }
-    std::fs::read(path).map_err(|e| bad(e.to_string()))
+    common::files::read_regular(path, engine::init::INIT_WEIGHTS_BYTES_MAX)
+        .map_err(|e| TrainerError::Usage(format!("--init-weights {}: {e}", path.display())))
 }
 
 /// The number of steps a config asks for, given the training split and batch size.

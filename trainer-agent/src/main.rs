@@ -168,8 +168,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train { config, out, steps, device, data, resume, faults, key, init_weights, json } => {
-            let text = std::fs::read_to_string(&config).with_context(|| format!("read config {}", config.display()))?;
-            let config = Config::from_toml(&text, &config.display().to_string())?;
+            let config = Config::load(&config)?;
             let device: Profile = device.parse()?;
             let faults = faults.iter().map(|f| f.parse::<Fault>()).collect::<Result<Vec<_>, _>>()?;
             let opts =

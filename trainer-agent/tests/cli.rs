@@ -491,3 +491,76 @@ fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and
         assert!(status.success(), "{status:?}");
     }
 }
+
+/// Runs the trainer agent with a 20 s limit: a command waiting on a FIFO fails the test instead
+/// of hanging the suite.
+fn within_20s(dir: &Path, args: &[&str]) -> Output {
+    use std::process::Stdio;
+    let mut child = Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("trainer-agent {args:?} still running after 20 s (waiting on a FIFO?)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A FIFO or a device named as the config, the data, the starting weights or the token file, or
+/// standing in a record for its spec, is refused at once, naming it, never waited on or read
+/// without end.
+#[test]
+fn special_files_are_refused_not_waited_on() {
+    let dir = tmp("special-files");
+    let fifo = dir.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let f = fifo.to_str().unwrap();
+    let rec = dir.join("rec");
+    assert!(train(&rec, &[]).status.success());
+    let before = snapshot(&rec);
+    let (cfg, csv) = (config(), repo().join("configs/csv-example.toml"));
+    let (cfg, csv) = (cfg.to_str().unwrap(), csv.to_str().unwrap());
+    let r = rec.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["train", "--config", f, "--out", "o1"], "a FIFO"),
+        (vec!["train", "--config", "/dev/zero", "--out", "o1"], "a character device"),
+        (vec!["train", "--config", csv, "--data", f, "--out", "o2"], "a FIFO"),
+        (vec!["train", "--config", cfg, "--init-weights", f, "--out", "o3"], "a FIFO"),
+        (vec!["train", "--config", cfg, "--init-weights", "/dev/zero", "--out", "o3"], "a character device"),
+        (vec!["serve", "--records", r, "--listen", "127.0.0.1:0", "--token-file", f], "a FIFO"),
+    ] {
+        let out = within_20s(&dir, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(needle) && (err.contains(f) || err.contains("/dev/zero")), "{args:?}: {err}");
+    }
+    // A record whose spec is a FIFO: inspect, export and resume name it.
+    let odd = dir.join("odd");
+    std::fs::create_dir(&odd).unwrap();
+    for e in std::fs::read_dir(&rec).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), odd.join(e.file_name())).unwrap();
+    }
+    std::fs::remove_file(odd.join("spec.json")).unwrap();
+    std::os::unix::fs::symlink(&fifo, odd.join("spec.json")).unwrap();
+    let o = odd.to_str().unwrap();
+    for args in [
+        vec!["inspect", o],
+        vec!["export", o, "--out", "w.safetensors"],
+        vec!["train", "--config", cfg, "--out", o, "--resume"],
+    ] {
+        let out = within_20s(&dir, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("spec.json") && err.contains("a FIFO"), "{args:?}: {err}");
+    }
+    assert!(snapshot(&rec) == before, "the record behind the links is unchanged");
+}

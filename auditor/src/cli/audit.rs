@@ -222,7 +222,11 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
         Some(d) => d,
         None => other_profile(match (&remote, &args.record) {
             (Some(src), _) => src.spec_bytes().ok(),
-            (None, Some(dir)) => std::fs::read(dir.join(engine::record::SPEC_FILE)).ok(),
+            // Only to pick the default profile: a spec that cannot be read is the audit's finding.
+            (None, Some(dir)) => {
+                common::files::read_regular(&dir.join(engine::record::SPEC_FILE), engine::record::JSON_FILE_BYTES_MAX)
+                    .ok()
+            }
             (None, None) => None,
         }),
     };

@@ -146,8 +146,8 @@ struct Client {
 fn secret(flag: &str, file: Option<&Path>, var: &str) -> Result<Option<String>, Failure> {
     match file {
         Some(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| usage(format_args!("{flag} {}: {e}", path.display())))?;
+            let text = common::files::read_regular_text(path, 64 << 10)
+                .map_err(|e| usage(format_args!("{flag} {}: {e}", path.display())))?;
             let t = text.trim();
             if t.is_empty() {
                 return Err(usage(format_args!("{flag} {}: the file is empty", path.display())));

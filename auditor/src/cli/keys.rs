@@ -3,7 +3,6 @@
 //! into the lower-case hex the records and reports use; anything else is a usage error naming
 //! the flag.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
@@ -25,23 +24,12 @@ pub fn public_key_arg(flag: &str, value: &str) -> Result<String, Failure> {
 /// The key held in `path` (given with `flag`).
 pub fn public_key_file(flag: &str, path: &Path) -> Result<String, Failure> {
     require_exists(flag, path)?;
-    let meta = std::fs::metadata(path).map_err(|e| undecided(format_args!("{flag} {}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(usage(format_args!("{flag} {}: not a regular file", path.display())));
-    }
-    if meta.len() > KEY_FILE_BYTES_MAX {
-        return Err(usage(format_args!(
-            "{flag} {}: {} bytes is not a key file (64 hex digits expected)",
-            path.display(),
-            meta.len()
-        )));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(KEY_FILE_BYTES_MAX).read_to_end(&mut bytes))
-        .map_err(|e| undecided(format_args!("{flag} {}: reading: {e}", path.display())))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| usage(format_args!("{flag} {}: not text (64 hex digits expected)", path.display())))?;
+    let text = common::files::read_regular_text(path, KEY_FILE_BYTES_MAX).map_err(|e| match e {
+        common::files::ReadError::Unfit(what) => {
+            usage(format_args!("{flag} {}: {what}: not a key file (64 hex digits expected)", path.display()))
+        }
+        e => undecided(format_args!("{flag} {}: {e}", path.display())),
+    })?;
     public_key_hex(&format!("{flag} {}", path.display()), text.trim())
 }
 

@@ -1,7 +1,6 @@
 //! `auditor verify-report`: check a report's signature and inclusion proofs, and optionally
 //! that the expected auditor signed it.
 
-use std::io::Read;
 use std::path::PathBuf;
 
 use auditor::report::verify;
@@ -59,13 +58,13 @@ pub fn run(args: VerifyArgs) -> Result<Exit, Failure> {
     };
     let file = &args.file;
     require_exists("report", file)?;
-    if std::fs::metadata(file).is_ok_and(|m| m.is_dir()) {
-        return Err(usage(format_args!("report {}: a directory, not a report file", file.display())));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(file)
-        .and_then(|f| f.take(REPORT_BYTES_MAX + 1).read_to_end(&mut bytes))
-        .map_err(|e| undecided(format_args!("report {}: reading: {e}", file.display())))?;
+    // One byte past the limit is read, so that an oversized report is refused by `check` below.
+    let bytes = common::files::read_regular_prefix(file, REPORT_BYTES_MAX + 1).map_err(|e| match e {
+        common::files::ReadError::Unfit(what) => {
+            usage(format_args!("report {}: {what}, not a report file", file.display()))
+        }
+        e => undecided(format_args!("report {}: {e}", file.display())),
+    })?;
 
     let out = check(&bytes, expected);
     let shown = file.display();

@@ -259,7 +259,7 @@ impl Config {
 
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Config, DaemonError> {
-        let text = std::fs::read_to_string(path)
+        let text = common::files::read_regular_text(path, engine::spec::CONFIG_FILE_BYTES_MAX)
             .map_err(|e| DaemonError::Config { origin: path.display().to_string(), detail: format!("reading: {e}") })?;
         Config::from_toml(&text, &path.display().to_string())
     }

@@ -78,10 +78,6 @@ pub enum Dataset {
     },
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> EngineError {
-    EngineError::Data { path: path.to_path_buf(), detail: e.to_string() }
-}
-
 fn data_err(path: &Path, detail: impl Into<String>) -> EngineError {
     EngineError::Data { path: path.to_path_buf(), detail: detail.into() }
 }
@@ -89,23 +85,7 @@ fn data_err(path: &Path, detail: impl Into<String>) -> EngineError {
 /// Reads a whole regular file of at most [`DATA_FILE_BYTES_MAX`] bytes (the limit is enforced
 /// on the bytes read, not only on the size the file system reports).
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>, EngineError> {
-    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let meta = file.metadata().map_err(|e| io_err(path, e))?;
-    if !meta.is_file() {
-        return Err(data_err(path, "not a regular file"));
-    }
-    if meta.len() > DATA_FILE_BYTES_MAX {
-        return Err(data_err(
-            path,
-            format!("file is {} bytes, more than the {DATA_FILE_BYTES_MAX} accepted", meta.len()),
-        ));
-    }
-    let mut raw = Vec::with_capacity(meta.len() as usize);
-    file.take(DATA_FILE_BYTES_MAX + 1).read_to_end(&mut raw).map_err(|e| io_err(path, e))?;
-    if raw.len() as u64 > DATA_FILE_BYTES_MAX {
-        return Err(data_err(path, format!("file grew past the {DATA_FILE_BYTES_MAX} bytes accepted while read")));
-    }
-    Ok(raw)
+    common::files::read_regular(path, DATA_FILE_BYTES_MAX).map_err(|e| data_err(path, e.to_string()))
 }
 
 /// Reads a whole file, transparently gunzipping it if it starts with the gzip magic.
