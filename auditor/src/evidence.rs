@@ -340,13 +340,17 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
         };
         (leaf, out.forged.iter().map(|e| e.to_string()).collect::<Vec<_>>())
     };
-    let reproduces = match ev.verdict_kind {
-        VerdictKind::ForgedLog if computed_leaf == ev.trainer.leaf && computed_leaf == ev.auditor_leaf => {
-            if forged.is_empty() { Side::Trainer } else { Side::Auditor }
-        }
-        _ if computed_leaf == ev.auditor_leaf && computed_leaf != ev.trainer.leaf => Side::Auditor,
-        _ if computed_leaf == ev.trainer.leaf => Side::Trainer,
-        _ => Side::Neither,
+    // Decided from what the re-execution itself finds in the trainer's committed bytes, never
+    // from the bundle's unsigned claims (its verdict kind, the auditor's leaf): log entries that
+    // do not hold up convict the trainer whatever the bundle says the verdict was.
+    let reproduces = if !forged.is_empty() {
+        Side::Auditor
+    } else if computed_leaf == ev.trainer.leaf {
+        Side::Trainer
+    } else if computed_leaf == ev.auditor_leaf {
+        Side::Auditor
+    } else {
+        Side::Neither
     };
     Ok(Adjudication {
         reproduces,

@@ -383,14 +383,22 @@ fn adjudication_reproduces_the_side_that_was_right() {
             assert_eq!(adj.reproduces, Side::Auditor, "{} on {p}: {adj:?}", kind.name());
             assert!(adj.root_signed);
         }
-        // A wrong auditor leaf reproduces nobody (or the trainer, when only the auditor lied).
+        // A wrong auditor leaf reproduces nobody, unless the trainer's log itself does not
+        // hold up: that is found in the trainer's committed bytes, whatever the bundle claims.
         let mut lie = ev.clone();
         lie.auditor_leaf.state = [0xab; 32];
         let adj = adjudicate(&lie, Profile::Cpu, None).unwrap();
         if kind == FaultKind::ForgeLog {
-            assert_eq!(adj.reproduces, Side::Trainer, "forged-log bundle with a bogus auditor leaf");
+            assert_eq!(adj.reproduces, Side::Auditor, "forged-log bundle with a bogus auditor leaf");
         } else {
             assert_eq!(adj.reproduces, Side::Neither, "{}", kind.name());
+        }
+        // Nor does the bundle's (unsigned) verdict kind decide: a forged log relabelled as a
+        // divergence, or a divergence relabelled as a forged log, sides as before.
+        for relabel in [auditor::VerdictKind::Diverged, auditor::VerdictKind::ForgedLog] {
+            let relabelled = Evidence { verdict_kind: relabel, ..ev.clone() };
+            let adj = adjudicate(&relabelled, Profile::Cpu, None).unwrap();
+            assert_eq!(adj.reproduces, Side::Auditor, "{} relabelled {relabel:?}", kind.name());
         }
     }
 }

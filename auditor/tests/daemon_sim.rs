@@ -143,7 +143,7 @@ impl Runner for SimRunner {
             return Outcome::Failed(format!("no dataset for run {}", job.request.run));
         };
         let leaves = MerkleTree::from_leaf_hashes((0..=steps).map(|t| [t as u8; 32]));
-        let resume = match progress.opened(&RecordView::new([1; 32], &leaves)) {
+        let resume = match progress.opened(&RecordView::new([1; 32], &leaves, kernels::Profile::CpuAlt)) {
             Ok(Resume::Keep) => job.progress.get(&0).copied().unwrap_or(0),
             Ok(Resume::Discard) => 0,
             Err(AuditError::Cancelled) => return Outcome::Cancelled,

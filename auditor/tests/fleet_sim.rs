@@ -283,7 +283,7 @@ impl Runner for SimRunner {
         let Some((steps, _)) = record_of(&job.request.run) else {
             return Outcome::Failed(format!("no dataset for run {}", job.request.run));
         };
-        let resume = match progress.opened(&RecordView::new([1; 32], &leaves(steps))) {
+        let resume = match progress.opened(&RecordView::new([1; 32], &leaves(steps), kernels::Profile::CpuAlt)) {
             Ok(Resume::Keep) => job.progress.clone(),
             Ok(Resume::Discard) => BTreeMap::new(),
             Err(AuditError::Cancelled) => return Outcome::Cancelled,
@@ -307,7 +307,7 @@ impl Runner for SimRunner {
 
     fn run_interval(&self, job: &Job, (start, end): (u64, u64), progress: &dyn Progress) -> ItemOutcome {
         let steps = record_of(&job.request.run).map_or(0, |(steps, _)| steps);
-        match progress.opened(&RecordView::new([1; 32], &leaves(steps))) {
+        match progress.opened(&RecordView::new([1; 32], &leaves(steps), kernels::Profile::CpuAlt)) {
             Ok(_) => {}
             Err(AuditError::Cancelled) => return ItemOutcome::Cancelled,
             Err(_) => {

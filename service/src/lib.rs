@@ -87,11 +87,41 @@ pub fn process_metrics(prefix: &str) -> String {
     out
 }
 
+/// The bearer token of a request's `Authorization` header (the scheme's name in any case, as
+/// RFC 9110 has it).
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
+}
+
 /// A bearer token that can be replaced while a server runs: given a file, SIGHUP re-reads it
 /// ([`Token::reload_on_hangup`]), so an operator rotates the token without a restart. Cloning
 /// shares the token.
+///
+/// The token a reload replaces is still accepted for a grace period ([`TOKEN_GRACE_DEFAULT`],
+/// [`Token::set_grace`]; zero revokes it at once): a client in the middle of its work (an
+/// auditor replaying a run, a user waiting on an audit) is not cut off by a routine rotation.
 #[derive(Clone, Default)]
-pub struct Token(Arc<std::sync::RwLock<Option<String>>>);
+pub struct Token(Arc<std::sync::RwLock<Tokens>>);
+
+/// How long a replaced token stays valid by default.
+pub const TOKEN_GRACE_DEFAULT: Duration = Duration::from_secs(3600);
+
+#[derive(Default)]
+struct Tokens {
+    current: Option<String>,
+    /// The token the last reload replaced, and when.
+    previous: Option<(String, std::time::Instant)>,
+    grace: Option<Duration>,
+}
+
+/// Whether `given` is `want`, in time independent of where they differ (both are hashed first,
+/// so their lengths do not show either).
+fn same_secret(given: &str, want: &str) -> bool {
+    let (a, b) = (common::codec::sha256(given.as_bytes()), common::codec::sha256(want.as_bytes()));
+    std::hint::black_box(a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+}
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,19 +131,42 @@ impl std::fmt::Debug for Token {
 
 impl Token {
     pub fn new(token: Option<String>) -> Token {
-        Token(Arc::new(std::sync::RwLock::new(token)))
+        Token(Arc::new(std::sync::RwLock::new(Tokens { current: token, ..Tokens::default() })))
+    }
+
+    /// How long a token that a reload replaces stays valid (zero: not at all).
+    pub fn set_grace(&self, grace: Duration) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).grace = Some(grace);
     }
 
     /// The token now (`None`: no token is required).
     pub fn get(&self) -> Option<String> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.read().unwrap_or_else(|p| p.into_inner()).current.clone()
+    }
+
+    /// Whether a request bearing `given` may pass: no token is set, `given` is the token, or it
+    /// is the one the last reload replaced, within the grace period.
+    pub fn accepts(&self, given: Option<&str>) -> bool {
+        let t = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let Some(current) = &t.current else { return true };
+        let Some(given) = given else { return false };
+        let grace = t.grace.unwrap_or(TOKEN_GRACE_DEFAULT);
+        let previous = t.previous.as_ref().filter(|(_, at)| at.elapsed() < grace);
+        // Both compared, whichever matches, so the time taken does not say which did.
+        let now = same_secret(given, current);
+        let before = previous.is_some_and(|(p, _)| same_secret(given, p));
+        now | before
     }
 
     /// Reads the token from `path` again, under [`secret`]'s rules. A file that cannot be read,
     /// or holds an empty token, leaves the current token in place: the error says why.
     pub fn reload_from(&self, path: &Path) -> Result<(), String> {
         let new = secret(None, Some(path), "")?.ok_or_else(|| format!("{}: no token", path.display()))?;
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(new);
+        let mut t = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if t.current.as_deref() != Some(new.as_str()) {
+            let old = t.current.replace(new);
+            t.previous = old.map(|o| (o, std::time::Instant::now()));
+        }
         Ok(())
     }
 
@@ -535,5 +588,28 @@ mod tests {
         assert!(token.reload_from(&file).is_err());
         assert_eq!(token.get().as_deref(), Some("second"), "a bad reload keeps the current token");
         assert_eq!(format!("{token:?}"), "Token(<redacted>)");
+        // The replaced token stays valid for the grace period, and only for it.
+        assert!(token.accepts(Some("second")) && token.accepts(Some("first")) && !token.accepts(Some("third")));
+        assert!(!token.accepts(None) && !token.accepts(Some("")));
+        token.set_grace(Duration::ZERO);
+        assert!(token.accepts(Some("second")) && !token.accepts(Some("first")), "grace 0 revokes it at once");
+        token.set_grace(Duration::from_secs(60));
+        std::fs::write(&file, "third\n").unwrap();
+        token.reload_from(&file).unwrap();
+        assert!(token.accepts(Some("third")) && token.accepts(Some("second")) && !token.accepts(Some("first")));
+        token.reload_from(&file).unwrap();
+        assert!(token.accepts(Some("second")), "reloading the same token keeps the one before it in grace");
+        assert!(Token::new(None).accepts(None), "no token: every request passes");
+        let exact = Token::new(Some("s3cret".into()));
+        for wrong in ["", "s3cre", "s3cret ", "S3cret", "s3cret\0"] {
+            assert!(!exact.accepts(Some(wrong)), "{wrong:?}");
+        }
+        let mut h = axum::http::HeaderMap::new();
+        for (value, token) in
+            [("Bearer s3cret", Some("s3cret")), ("bearer s3cret", Some("s3cret")), ("Basic s3cret", None)]
+        {
+            h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(bearer(&h), token, "{value}");
+        }
     }
 }

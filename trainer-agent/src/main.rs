@@ -122,6 +122,11 @@ enum Command {
         /// Reads the token from this file (a trailing newline is dropped).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Seconds the token a SIGHUP reload replaces is still accepted, so an audit in progress
+        /// is not refused by a routine rotation (a refusal mid-audit is withholding); 0 revokes
+        /// it at once.
+        #[arg(long, default_value_t = service::TOKEN_GRACE_DEFAULT.as_secs())]
+        token_grace_s: u64,
         /// Connections served at once; more are closed as soon as they are accepted.
         #[arg(long, default_value_t = service::CONNECTIONS_MAX_DEFAULT)]
         connections_max: usize,
@@ -192,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             token,
             token_file,
+            token_grace_s,
             data,
             max_response_bytes,
             recompute_max,
@@ -215,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = ServeOptions {
                 token_file: token_file.filter(|_| token.is_some()),
                 token,
+                token_grace: std::time::Duration::from_secs(token_grace_s),
                 data: fallback,
                 datasets,
                 response_bytes_max: max_response_bytes,

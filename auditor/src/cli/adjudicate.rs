@@ -15,10 +15,10 @@ use super::output::{emit, require_exists};
 /// The exit codes of `adjudicate` (shown in its `--help`).
 pub const EXIT_CODES: &str = "\
 Exit codes:
-  0   sides with the trainer: the re-execution reproduces the trainer's leaf (for forged-log:
-      the trainer's log holds up)
-  1   sides with the auditor: the accusation stands (the auditor's leaf is reproduced, not the
-      trainer's; for forged-log: log entries that do not hold up)
+  0   sides with the trainer: the re-execution reproduces the trainer's leaf and every entry
+      of the trainer's log holds up
+  1   sides with the auditor: the accusation stands (log entries that do not hold up, whatever
+      the bundle's verdict kind; or the auditor's leaf is reproduced, not the trainer's)
   3   sides with neither: the re-execution reproduces neither leaf
   2   could not decide (an unreadable or inconsistent bundle, a dataset that does not match)
   64  usage error (bad flags, an unknown or unavailable --device, a missing file)

@@ -109,6 +109,10 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
         (cfg.tls_cert, cfg.tls_key) = (Some(c), Some(k));
     }
     cfg.validate().map_err(|e| usage(format_args!("config: {e}")))?;
+    // A profile this machine cannot run would fail every audit that does not name another.
+    if let Ok(Some(device)) = cfg.default_device() {
+        kernels::Device::new(device).map_err(|e| usage(format_args!("config: device = {:?}: {e}", cfg.device)))?;
+    }
     if let (Some(c), Some(k)) = (&cfg.tls_cert, &cfg.tls_key) {
         service::tls::ServerTls::from_pem_files(c, k).map_err(usage)?;
     }

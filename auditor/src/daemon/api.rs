@@ -153,14 +153,10 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Whether the request carries the daemon's bearer token (or the daemon has none).
+/// Whether the request carries the daemon's bearer token (or the one a reload just replaced,
+/// within its grace period; or the daemon has none).
 pub(super) fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
-    let Some(token) = shared.token.get() else {
-        return true;
-    };
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+    shared.token.accepts(service::bearer(headers))
 }
 
 fn authorize(shared: &Shared, headers: &HeaderMap) -> ApiResult<()> {

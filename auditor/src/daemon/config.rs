@@ -24,6 +24,8 @@ pub struct Config {
     /// The file the token came from (`--token-file`): SIGHUP reads it again.
     #[serde(skip)]
     pub token_file: Option<PathBuf>,
+    /// Seconds the token a SIGHUP reload replaces is still accepted (0: revoked at once).
+    pub token_grace_s: u64,
     /// Audits replayed at once.
     pub workers: usize,
     /// Most audits waiting in the queue; more are refused with 429.
@@ -227,6 +229,7 @@ impl Default for Config {
             state_dir: PathBuf::from("auditor-state"),
             token: None,
             token_file: None,
+            token_grace_s: service::TOKEN_GRACE_DEFAULT.as_secs(),
             workers: 2,
             queue_max: 256,
             body_bytes_max: 64 << 10,

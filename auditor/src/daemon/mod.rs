@@ -169,6 +169,7 @@ pub async fn serve_then(
         stopping: cancel.clone(),
         token: service::Token::new(config.token.clone()),
     };
+    shared.token.set_grace(Duration::from_secs(config.token_grace_s));
     if let (Some(_), Some(file)) = (&config.token, &config.token_file) {
         shared.token.reload_on_hangup(file.clone());
     }

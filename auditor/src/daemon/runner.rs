@@ -270,13 +270,20 @@ impl HttpRunner {
         let progress = &TimeLimited { inner: progress, until };
         // Whatever stops a helper early (an unreachable trainer, a record that does not check
         // out) is the coordinator's to find again and decide: the interval ends here.
-        let (src, opts) = match self.prepare(job, until) {
+        let (src, mut opts) = match self.prepare(job, until) {
             Ok(prepared) => prepared,
             Err(outcome) => {
                 tracing::info!(?outcome, "interval not replayed here; the audit's coordinator replays it");
                 return ItemOutcome::Ended;
             }
         };
+        // A helper replays on the coordinator's profile (which its binding names), not on its
+        // own default: the report names one profile for every step.
+        if job.request.device.is_none()
+            && let Some(device) = job.commitment.as_deref().and_then(crate::replay::RecordView::device_of)
+        {
+            opts.device = device;
+        }
         let key = HelpedKey { id: job.id.clone(), commitment: job.commitment.clone(), device: opts.device };
         let cached = {
             let helped = self.helped.0.lock().unwrap_or_else(|p| p.into_inner());

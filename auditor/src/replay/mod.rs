@@ -451,7 +451,7 @@ fn phases(
         Resume::Keep => opts.resume.clone(),
         Resume::Discard => BTreeMap::new(),
     };
-    let Opened { committed, run, plan, init_weights } = &opened;
+    let Opened { committed, run, plan, init_weights, .. } = &opened;
     audit.segment = Some(plan.segment);
     audit.intervals = opened.intervals();
     audit.timings.open_ms = ms(t0);

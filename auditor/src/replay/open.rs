@@ -5,6 +5,7 @@
 use common::codec::{Hash, to_hex};
 use common::merkle::MerkleTree;
 use engine::train::Run;
+use kernels::Profile;
 
 use super::commit::{self, Committed};
 use super::plan::{self, Plan};
@@ -23,6 +24,8 @@ pub struct Opened {
     /// A fine-tune's committed starting weights, already loaded into `run` (when the plan
     /// replays from step 0).
     pub(super) init_weights: Option<Vec<u8>>,
+    /// The profile `run` replays on.
+    pub(super) device: Profile,
 }
 
 impl Opened {
@@ -53,12 +56,12 @@ impl Opened {
                 .map_err(|p| Verdict::invalid(engine::init::INIT_WEIGHTS_FILE, None, p.detail()))?;
             init_weights = Some(bytes);
         }
-        Ok(Opened { committed, run, plan, init_weights })
+        Ok(Opened { committed, run, plan, init_weights, device: opts.device })
     }
 
     /// What durable progress depends on in this record.
     pub fn view(&self) -> RecordView<'_> {
-        RecordView::new(self.committed.commitment.spec_hash, &self.committed.tree)
+        RecordView::new(self.committed.commitment.spec_hash, &self.committed.tree, self.device)
     }
 
     /// The plan's jobs `(start, end]`.
@@ -89,31 +92,45 @@ pub enum Resume {
 /// between two attempts). Anything else (a trainer that serves another record to a later
 /// attempt, or to another daemon of the fleet) must be replayed again, or a step checked
 /// against one record would count for another.
+///
+/// The profile the audit replays on is part of it too: every step of one audit is replayed on
+/// one profile, the one its report names, whichever daemon of a fleet replays it.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordView<'a> {
     spec_hash: Hash,
     tree: &'a MerkleTree,
+    device: Profile,
 }
 
 impl<'a> RecordView<'a> {
-    pub fn new(spec_hash: Hash, tree: &'a MerkleTree) -> Self {
-        RecordView { spec_hash, tree }
+    pub fn new(spec_hash: Hash, tree: &'a MerkleTree, device: Profile) -> Self {
+        RecordView { spec_hash, tree, device }
     }
 
-    /// `"<SHA-256 of the spec>:<number of leaves>:<Merkle root of the leaves>"`, hashes in hex.
+    /// `"<SHA-256 of the spec>:<number of leaves>:<Merkle root of the leaves>:<profile>"`,
+    /// hashes in hex.
     pub fn binding(&self) -> String {
-        format!("{}:{}:{}", to_hex(&self.spec_hash), self.tree.len(), to_hex(&self.tree.root()))
+        format!("{}:{}:{}:{}", to_hex(&self.spec_hash), self.tree.len(), to_hex(&self.tree.root()), self.device.name())
+    }
+
+    /// The replay profile a binding names, if it names one this build knows.
+    pub fn device_of(binding: &str) -> Option<Profile> {
+        binding.split(':').nth(3)?.parse().ok()
     }
 
     /// Whether progress verified against the record that `binding` ([`RecordView::binding`])
-    /// describes holds for this one: the same spec, and leaves that begin with that record's.
+    /// describes holds for this one: the same spec and profile, and leaves that begin with that
+    /// record's.
     pub fn extends(&self, binding: &str) -> bool {
         let mut parts = binding.split(':');
-        let (Some(spec), Some(n), Some(root), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(spec), Some(n), Some(root), Some(device), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return false;
         };
         let Ok(n) = n.parse::<u64>() else { return false };
         spec == to_hex(&self.spec_hash)
+            && device == self.device.name()
             && n >= 1
             && n <= self.tree.len()
             && self.tree.root_at(n).is_ok_and(|r| to_hex(&r) == root)
@@ -132,15 +149,18 @@ mod tests {
     fn progress_holds_only_for_the_same_spec_and_a_record_that_extends_it() {
         let (short, long, forked) = (tree(&[1, 2, 3]), tree(&[1, 2, 3, 4, 5]), tree(&[1, 9, 3, 4, 5]));
         let spec = [7; 32];
-        let bound = RecordView::new(spec, &short).binding();
-        assert!(RecordView::new(spec, &short).extends(&bound), "the same record");
-        assert!(RecordView::new(spec, &long).extends(&bound), "the run went on");
-        assert!(!RecordView::new(spec, &forked).extends(&bound), "an earlier leaf changed");
-        assert!(!RecordView::new([8; 32], &long).extends(&bound), "another spec");
-        let longer = RecordView::new(spec, &long).binding();
-        assert!(!RecordView::new(spec, &short).extends(&longer), "a record cut short");
+        const D: Profile = Profile::CpuAlt;
+        let bound = RecordView::new(spec, &short, D).binding();
+        assert!(RecordView::new(spec, &short, D).extends(&bound), "the same record");
+        assert!(RecordView::new(spec, &long, D).extends(&bound), "the run went on");
+        assert!(!RecordView::new(spec, &forked, D).extends(&bound), "an earlier leaf changed");
+        assert!(!RecordView::new([8; 32], &long, D).extends(&bound), "another spec");
+        let longer = RecordView::new(spec, &long, D).binding();
+        assert!(!RecordView::new(spec, &short, D).extends(&longer), "a record cut short");
+        assert!(!RecordView::new(spec, &short, Profile::CpuSeq).extends(&bound), "another replay profile");
+        assert_eq!(RecordView::device_of(&bound), Some(D));
         for garbage in ["", "x", &bound.replace(':', ";"), &format!("{bound}:1"), &bound.replacen(":3:", ":0:", 1)] {
-            assert!(!RecordView::new(spec, &long).extends(garbage), "{garbage:?}");
+            assert!(!RecordView::new(spec, &long, D).extends(garbage), "{garbage:?}");
         }
     }
 }
