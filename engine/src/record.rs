@@ -37,6 +37,7 @@ pub use ed25519_dalek::SigningKey;
 use crate::spec::{FORMAT_OLDEST_READ, FORMAT_VERSION, RunSpec};
 
 mod files;
+mod guard;
 mod manifest;
 mod read;
 
@@ -170,6 +171,8 @@ pub struct RecordWriter {
     spec: RunSpec,
     tree: MerkleTree,
     leaves: File,
+    /// The record directory's lock, held while this writer lives ([`guard::lock_dir`]).
+    _lock: File,
 }
 
 /// Where a resumed run continues from.
@@ -186,6 +189,17 @@ impl RecordWriter {
     /// only the empty `steps/` and `checkpoints/` and perhaps a partial `spec.tmp`, which a new
     /// start (or a `--resume`, which then starts afresh) may take over.
     pub fn unstarted(dir: &Path) -> bool {
+        Self::unstarted_files(dir)
+    }
+
+    /// Whether `dir` holds a start killed after writing its spec but before committing its
+    /// first leaf: a resume has nothing to continue, and [`RecordWriter::create`] starts such a
+    /// run again when its spec is the same.
+    pub fn no_leaf_committed(dir: &Path) -> bool {
+        dir.join(SPEC_FILE).exists() && guard::no_leaf_committed(dir)
+    }
+
+    fn unstarted_files(dir: &Path) -> bool {
         let Ok(entries) = fs::read_dir(dir) else { return false };
         entries.into_iter().all(|e| {
             let Ok(e) = e else { return false };
@@ -203,17 +217,24 @@ impl RecordWriter {
     /// Starts a new record in `dir`, which must not exist, be empty, or be
     /// [`unstarted`](Self::unstarted).
     pub fn create(dir: &Path, spec: &RunSpec) -> Result<Self, RecordError> {
-        if dir.exists() && !Self::unstarted(dir) {
+        fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        let lock = guard::lock_dir(dir)?;
+        if !Self::unstarted(dir) {
             let mut entries = fs::read_dir(dir).map_err(io("list", dir))?;
             if entries.next().is_some() {
                 let existing = dir.join(SPEC_FILE);
                 let same =
                     read_regular(&existing, JSON_FILE_BYTES_MAX).ok().is_some_and(|b| b == spec.canonical_json());
-                return Err(RecordError::Refused(if same {
-                    format!("{} already holds this run; pass --resume to continue it", dir.display())
+                if same && guard::no_leaf_committed(dir) {
+                    // Killed before its first leaf: nothing was committed, so start again.
+                    guard::clear_no_leaf(dir)?;
                 } else {
-                    format!("{} is not empty and does not hold this run; refusing to touch it", dir.display())
-                }));
+                    return Err(RecordError::Refused(if same {
+                        format!("{} already holds this run; pass --resume to continue it", dir.display())
+                    } else {
+                        format!("{} is not empty and does not hold this run; refusing to touch it", dir.display())
+                    }));
+                }
             }
         }
         for sub in [STEPS_DIR, CHECKPOINTS_DIR] {
@@ -223,7 +244,7 @@ impl RecordWriter {
         let leaves_path = dir.join(LEAVES_FILE);
         let leaves =
             OpenOptions::new().create_new(true).append(true).open(&leaves_path).map_err(io("create", &leaves_path))?;
-        Ok(RecordWriter { dir: dir.to_path_buf(), spec: spec.clone(), tree: MerkleTree::new(), leaves })
+        Ok(RecordWriter { dir: dir.to_path_buf(), spec: spec.clone(), tree: MerkleTree::new(), leaves, _lock: lock })
     }
 
     /// Stores the starting weights the spec commits to, as [`crate::init::INIT_WEIGHTS_FILE`]
@@ -240,6 +261,15 @@ impl RecordWriter {
     /// Re-opens an interrupted record for the same spec: drops a torn last leaf and every step
     /// after the last checkpoint that verifies, and returns that checkpoint's state.
     pub fn resume(dir: &Path, spec: &RunSpec) -> Result<(Self, ResumePoint), RecordError> {
+        let lock = match guard::lock_dir(dir) {
+            Err(RecordError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RecordError::Refused(format!(
+                    "{} holds no record to resume (it does not exist); train without --resume to start the run",
+                    dir.display()
+                )));
+            }
+            other => other?,
+        };
         let spec_path = dir.join(SPEC_FILE);
         let existing = match read_regular(&spec_path, JSON_FILE_BYTES_MAX) {
             Err(RecordError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -306,6 +336,7 @@ impl RecordWriter {
             )));
         };
         let keep = state.step + 1;
+        guard::check_kept_prefix(dir, spec, &leaves, keep)?;
         // Truncate to the checkpoint and remove files of later steps (they will be rewritten
         // with identical content).
         let f = OpenOptions::new().write(true).open(&leaves_path).map_err(io("open", &leaves_path))?;
@@ -337,7 +368,7 @@ impl RecordWriter {
         );
         let leaves_file = OpenOptions::new().append(true).open(&leaves_path).map_err(io("open", &leaves_path))?;
         Ok((
-            RecordWriter { dir: dir.to_path_buf(), spec: spec.clone(), tree, leaves: leaves_file },
+            RecordWriter { dir: dir.to_path_buf(), spec: spec.clone(), tree, leaves: leaves_file, _lock: lock },
             ResumePoint { state, committed_before: committed.saturating_sub(1) },
         ))
     }

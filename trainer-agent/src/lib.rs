@@ -112,6 +112,11 @@ pub fn read_losses(dir: &Path) -> BTreeMap<u64, f64> {
         .collect()
 }
 
+/// Whether a `--key` value is a hex secret rather than a path (64 hex digits, nothing else).
+fn looks_like_a_secret(path: &Path) -> bool {
+    path.to_str().is_some_and(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Reads a starting-weights file, refusing anything but a regular file of bounded size.
 fn read_init_weights(path: &std::path::Path) -> Result<Vec<u8>, TrainerError> {
     common::files::read_regular(path, engine::init::INIT_WEIGHTS_BYTES_MAX)
@@ -167,8 +172,18 @@ impl Session {
                 .map_err(|p| TrainerError::Usage(format!("--init-weights {}: {p}", path.display())))?;
         }
         let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
+        if opts.key.is_some() && !key_path.exists() && looks_like_a_secret(&key_path) {
+            return Err(TrainerError::Usage(format!(
+                "--key takes the path of a key file, and no file is named like these 64 hex digits: to sign with \
+                 that secret, write it to a file (e.g. trainer.key) and pass --key trainer.key; nothing was written \
+                 (a key would otherwise have been generated under that name)"
+            )));
+        }
+        // Before anything is written: a key file that does not load leaves no record behind.
+        let key = load_or_create_key(&key_path)?;
         // A start killed before it wrote its spec left nothing to resume: start afresh.
-        let resume = opts.resume && !RecordWriter::unstarted(&opts.out);
+        // So did one killed before its first leaf (`create` checks that the spec is the same).
+        let resume = opts.resume && !RecordWriter::unstarted(&opts.out) && !RecordWriter::no_leaf_committed(&opts.out);
         let (writer, state, resumed_from) = if resume {
             let (writer, point) = RecordWriter::resume(&opts.out, &spec)?;
             let from = point.state.step;
@@ -182,7 +197,6 @@ impl Session {
             writer.commit_initial(&state)?;
             (writer, state, None)
         };
-        let key = load_or_create_key(&key_path)?;
         let losses_path = opts.out.join(LOSSES_FILE);
         let losses = std::fs::OpenOptions::new().create(true).append(true).open(&losses_path);
         if let Err(e) = &losses {

@@ -69,7 +69,9 @@ enum Command {
         /// Adversary drill `<kind>@<step>`; may be repeated.
         #[arg(long = "fault")]
         faults: Vec<String>,
-        /// Signing key (hex ed25519 secret); default `trainer.key` beside --out, generated if absent.
+        /// Signing key file (holding a hex ed25519 secret); default `trainer.key` beside --out.
+        /// A file that does not exist is generated (not for a bare 64-hex-digit value: that is
+        /// taken for a secret given by mistake, and refused).
         #[arg(long)]
         key: Option<PathBuf>,
         /// A fine-tune's starting weights: safetensors with candle-nn names (what `export`

@@ -179,6 +179,50 @@ fn resume_says_what_it_cannot_resume_and_takes_over_an_unstarted_directory() {
     let o = train(&other, &["--steps", "4", "--resume", "--device", "cpu-alt"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("they differ in") && err.contains("device_profile"), "{err}");
+
+    // Killed after its spec but before its first leaf: started again, with or without --resume,
+    // to the same root.
+    let root = json(&train(&base.join("ref"), &["--steps", "3", "--json"]))["root"].clone();
+    for resume in [true, false] {
+        let dir = base.join(format!("no-leaf-{resume}"));
+        std::fs::create_dir_all(dir.join("steps")).unwrap();
+        std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+        std::fs::copy(base.join("ref/spec.json"), dir.join("spec.json")).unwrap();
+        std::fs::write(dir.join("leaves.bin"), b"").unwrap();
+        std::fs::write(dir.join("checkpoints/0000000000.state.tmp"), b"torn").unwrap();
+        let args: &[&str] = if resume { &["--steps", "3", "--resume", "--json"] } else { &["--steps", "3", "--json"] };
+        assert_eq!(json(&train(&dir, args))["root"], root, "resume {resume}");
+    }
+
+    // A committed prefix damaged since it was written (before the checkpoint a resume keeps,
+    // step 20 here) is refused, naming the file, and left as it is: resuming would sign a root
+    // over it.
+    let damaged = base.join("damaged");
+    json(&train(&damaged, &["--steps", "23", "--json"]));
+    std::fs::remove_file(damaged.join("manifest.json")).unwrap();
+    let batch = damaged.join("steps/0000000002.batch");
+    let mut bytes = std::fs::read(&batch).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&batch, bytes).unwrap();
+    let before = snapshot(&damaged);
+    let o = train(&damaged, &["--steps", "23", "--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("batch hash of step 2") && err.contains("cannot resume"), "{err}");
+    assert!(snapshot(&damaged) == before, "a refused resume changes nothing");
+
+    // One writer at a time: a record another trainer holds is refused, untouched.
+    let held = base.join("held");
+    json(&train(&held, &["--steps", "3", "--json"]));
+    std::fs::remove_file(held.join("manifest.json")).unwrap();
+    let lock = std::fs::File::open(&held).unwrap();
+    lock.try_lock().unwrap();
+    let before = snapshot(&held);
+    let o = train(&held, &["--steps", "3", "--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("being written by another trainer"), "{err}");
+    assert!(snapshot(&held) == before);
+    drop(lock);
+    json(&train(&held, &["--steps", "3", "--resume", "--json"]));
 }
 
 #[test]

@@ -75,7 +75,7 @@ pub struct CommittedFrame {
 
 /// Reads the stored file at `path` (decompressing at most `raw_bytes_max` bytes) and checks its
 /// raw bytes against `expected`; `what` names the hash in a mismatch.
-fn read_committed_frame(
+pub(super) fn read_committed_frame(
     path: PathBuf,
     raw_bytes_max: usize,
     (hash, expected): (impl Fn(&[u8]) -> Hash, &Hash),
