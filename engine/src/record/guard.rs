@@ -91,7 +91,7 @@ pub(super) fn check_kept_prefix(dir: &Path, spec: &RunSpec, leaves: &[Leaf], kee
     let k = spec.config.train.checkpoint_interval.max(1);
     for (step, leaf) in leaves.iter().enumerate().take(keep as usize) {
         let step = step as u64;
-        if step % k == 0 {
+        if step.is_multiple_of(k) {
             read_checkpoint_frame(dir, step, (spec.state_hash(), leaf), state_bytes_max).map_err(damaged)?;
         }
         if step == 0 {
