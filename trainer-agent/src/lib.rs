@@ -173,11 +173,12 @@ impl Session {
         }
         let key_path = opts.key.clone().unwrap_or_else(|| default_key_path(&opts.out));
         if opts.key.is_some() && !key_path.exists() && looks_like_a_secret(&key_path) {
-            return Err(TrainerError::Usage(format!(
+            return Err(TrainerError::Usage(
                 "--key takes the path of a key file, and no file is named like these 64 hex digits: to sign with \
                  that secret, write it to a file (e.g. trainer.key) and pass --key trainer.key; nothing was written \
                  (a key would otherwise have been generated under that name)"
-            )));
+                    .into(),
+            ));
         }
         // Before anything is written: a key file that does not load leaves no record behind.
         let key = load_or_create_key(&key_path)?;
