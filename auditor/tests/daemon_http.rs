@@ -794,3 +794,80 @@ async fn a_missing_fleet_key_and_an_unreachable_store_are_clear_start_errors() {
     assert!(e.contains(&port.to_string()), "the error names the store: {e}");
     assert!(!e.contains("s3cret-pw"), "never the password: {e}");
 }
+
+/// A fleet signs with one key: the first daemon on a database records its public key, and a
+/// daemon with another key is refused at start, naming both (before, its reports verified under
+/// a key the firm did not publish). PostgreSQL only (a SQLite store is one daemon's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_with_another_key_is_refused_by_its_fleet() {
+    // The test database's own client blocks: kept off the runtime's threads.
+    let Some(db) = tokio::task::block_in_place(|| support::pg::PgDb::create("fleetkey")) else { return };
+    let dir = scratch("daemon-fleet-key");
+    let daemon = |n: u8| {
+        let mut cfg = config(&dir.join(format!("state-{n}")));
+        cfg.store.url = Some(db.url.clone());
+        cfg.store.node = Some(format!("node-{n}"));
+        let key = dir.join(format!("key-{n}"));
+        std::fs::write(&key, format!("{}\n", format!("{n:02x}").repeat(32))).unwrap();
+        cfg.key_file = Some(key);
+        cfg
+    };
+    let run = |cfg: Config| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        auditor::daemon::serve(listener, cfg, async {}).await
+    };
+    run(daemon(1)).await.expect("the first daemon sets the fleet's key");
+    run(daemon(1)).await.expect("the same key again");
+    let e = run(daemon(2)).await.expect_err("another key").to_string();
+    let public =
+        |n: u8| common::codec::to_hex(ed25519_dalek::SigningKey::from_bytes(&[n; 32]).verifying_key().as_bytes());
+    assert!(e.contains("not the fleet's") && e.contains(&public(1)) && e.contains(&public(2)), "{e}");
+    tokio::task::block_in_place(|| drop(db));
+}
+
+/// A second daemon started under the node name of a live one would release that daemon's
+/// leases and take its audits over mid-replay. Leases that are still being renewed refuse the
+/// start; leases left by a process that died do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_name_in_use_by_a_live_daemon_is_refused() {
+    use auditor::daemon::store::PgStore;
+    let Some(db) = tokio::task::block_in_place(|| support::pg::PgDb::create("dupnode")) else { return };
+    let dir = scratch("daemon-dup-node");
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let store = Arc::new(tokio::task::block_in_place(|| PgStore::connect(&db.url)).unwrap());
+    let request = serde_json::from_value(json!({"trainer_url": "http://127.0.0.1:9", "run": "r"})).unwrap();
+    let id = tokio::task::block_in_place(|| {
+        store.insert(&request, 10, now()).unwrap();
+        store.claim("node-1", now(), 60_000).unwrap().unwrap().id
+    });
+    // The live node-1: renews its lease all the while.
+    let live = Arc::new(AtomicBool::new(true));
+    let renewer = {
+        let (store, live, id) = (store.clone(), live.clone(), id.clone());
+        std::thread::spawn(move || {
+            while live.load(Ordering::SeqCst) {
+                assert!(store.renew(&id, "node-1", now(), 60_000).unwrap());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut cfg = config(&dir.join("state"));
+    cfg.store.url = Some(db.url.clone());
+    cfg.store.node = Some("node-1".into());
+    cfg.store.lease_ms = 300;
+    cfg.key_file = Some(dir.join("firm.key"));
+    std::fs::write(dir.join("firm.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    let run = |cfg: Config| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        auditor::daemon::serve(listener, cfg, async {}).await
+    };
+    let e = run(cfg.clone()).await.expect_err("node-1 is live").to_string();
+    assert!(e.contains("another live daemon is working as node \"node-1\""), "{e}");
+    let job = tokio::task::block_in_place(|| store.get(&id)).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Running, "its audit was left with it");
+    // node-1 dies: its lease stops moving, and a restart under its name recovers the audit.
+    live.store(false, Ordering::SeqCst);
+    renewer.join().unwrap();
+    run(cfg).await.expect("a restart after a crash");
+    tokio::task::block_in_place(|| drop(db));
+}

@@ -802,7 +802,7 @@ fn pg_schema_migrations_run_once_and_a_newer_schema_is_refused() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert_eq!(versions, [1, 2], "{}", d.name);
+        assert_eq!(versions, [1, 2, 3], "{}", d.name);
     }
     db.client().execute("INSERT INTO schema_migrations (version, applied_ms) VALUES (99, 0)", &[]).unwrap();
     let e = PgStore::connect(&db.url).unwrap_err();

@@ -403,6 +403,18 @@ pub trait Store: Send + Sync {
     /// At start-up: every lease `node` holds (its workers died with the last process) is
     /// released: its jobs → `queued`, its items → pending. The number of jobs.
     fn recover(&self, node: &str, now_ms: u64) -> Result<u64, StoreError>;
+    /// The latest lease that `node` holds past `now_ms` (a job or an item), if any: at start-up,
+    /// a lease that is still being renewed means another live daemon uses the same node name.
+    /// A store one daemon owns alone (its directory is locked) has none to find.
+    fn live_lease(&self, _node: &str, _now_ms: u64) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    /// Records `public_key` as the key every daemon on this store signs with, if none is yet;
+    /// the key recorded (this one, or an earlier daemon's). A store one daemon owns alone keeps
+    /// its key beside it and records none.
+    fn pin_signing_key(&self, public_key: &str) -> Result<String, StoreError> {
+        Ok(public_key.to_string())
+    }
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
     /// Jobs newest first, at most `limit`, optionally only in one state, and only those
     /// submitted before job `before` (the cursor of the previous page).

@@ -111,11 +111,25 @@ pub async fn serve_then(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (now, node) = (clock.now_ms(), config.store.node());
     let (state_dir, url) = (config.state_dir.clone(), config.store.url.clone());
+    let lease_ms = config.store.lease_ms;
     let store = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, job::StoreError> {
         let s: Arc<dyn Store> = match url {
             Some(url) => Arc::new(PgStore::connect(&url)?),
             None => Arc::new(SqliteStore::open(&state_dir)?),
         };
+        // Leases of this node name that have not run out: its last process died moments ago,
+        // or another daemon runs under the same name. A live one renews within lease_ms / 3.
+        if let Some(until) = s.live_lease(&node, now)? {
+            tracing::info!(node, "this node name holds live leases: checking that no other daemon renews them");
+            std::thread::sleep(Duration::from_millis(lease_ms / 3 + 1000));
+            let later = SystemClock.now_ms();
+            if s.live_lease(&node, later)?.is_some_and(|l| l > until) {
+                return Err(job::StoreError(format!(
+                    "another live daemon is working as node {node:?} (it renewed its leases while this one waited); \
+                     give each daemon of a fleet its own --node"
+                )));
+            }
+        }
         // Leases this node held when it last stopped: its workers are gone.
         let released = s.recover(&node, now)?;
         tracing::info!(node, released, "store open");
@@ -136,6 +150,20 @@ pub async fn serve_then(
     }
     let key = engine::record::load_or_create_key(&key_path)
         .map_err(|e| DaemonError::Key { path: key_path.clone(), detail: e.to_string() })?;
+    let public_key = common::codec::to_hex(key.verifying_key().as_bytes());
+    let pin = (store.clone(), public_key.clone());
+    let fleet_key = tokio::task::spawn_blocking(move || pin.0.pin_signing_key(&pin.1))
+        .await
+        .map_err(|e| job::StoreError(format!("recording the signing key: {e}")))??;
+    if fleet_key != public_key {
+        return Err(DaemonError::Key {
+            path: key_path,
+            detail: format!(
+                "this daemon's key (public {public_key}) is not the fleet's: its database records that its daemons \
+                 sign with {fleet_key}; copy the fleet's key_file here, so every report verifies under one key"
+            ),
+        });
+    }
     let metrics = Metrics::new();
     metrics.live.keep_times_in(config.state_dir.join(live::TIMINGS_DIR));
     let cancel = Arc::new(AtomicBool::new(false));
@@ -165,7 +193,7 @@ pub async fn serve_then(
         config: Arc::new(config.clone()),
         clock,
         queued: Arc::new(Notify::new()),
-        auditor_public_key: common::codec::to_hex(key.verifying_key().as_bytes()),
+        auditor_public_key: public_key,
         stopping: cancel.clone(),
         token: service::Token::new(config.token.clone()),
     };

@@ -342,6 +342,26 @@ impl Store for PgStore {
         })
     }
 
+    fn live_lease(&self, node: &str, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        self.with(|tx| {
+            let row = tx.query_one(
+                "SELECT GREATEST(
+                    (SELECT MAX(lease_until_ms) FROM jobs WHERE state = 'running' AND owner = $1),
+                    (SELECT MAX(lease_until_ms) FROM items WHERE state = 'claimed' AND owner = $1))",
+                &[&node],
+            )?;
+            let latest: Option<i64> = row.try_get(0)?;
+            Ok(latest.map(u).filter(|&l| l > now_ms))
+        })
+    }
+
+    fn pin_signing_key(&self, public_key: &str) -> Result<String, StoreError> {
+        self.with(|tx| {
+            tx.execute("INSERT INTO fleet (public_key) VALUES ($1) ON CONFLICT DO NOTHING", &[&public_key])?;
+            Ok(tx.query_one("SELECT public_key FROM fleet", &[])?.try_get(0)?)
+        })
+    }
+
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
         self.with(|tx| get_job(tx, id))
     }

@@ -70,6 +70,9 @@ const MIGRATIONS: &[&str] = &[
     // 2: progress is bound to the record it was verified against (spec and committed leaves);
     // progress from before stays unbound, so its audit's next attempt replays from scratch.
     "ALTER TABLE jobs ADD COLUMN commitment TEXT;",
+    // 3: the fleet's signing key (its public half), set by the first daemon that starts: a
+    // daemon with another key is refused, so every report of the fleet verifies under one key.
+    "CREATE TABLE fleet (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), public_key TEXT NOT NULL);",
 ];
 
 /// The newest schema version this binary knows.
