@@ -68,8 +68,9 @@ async fn pages_show_verdicts_steps_digests_and_plots_and_private_pages_need_the_
         assert_eq!(status, 401, "{path}");
     }
 
-    // The login form: a wrong token is refused; the right one sets an HttpOnly, Secure,
-    // SameSite=Strict cookie that opens the private pages (and holds no token).
+    // The login form: a wrong token is refused; the right one sets an HttpOnly, SameSite=Strict
+    // cookie that opens the private pages (and holds no token). Secure only over HTTPS: over
+    // plain HTTP a browser would drop it, and sign-in would silently fail.
     let login = |t: &str| {
         c.post(format!("{d}/ui/login"))
             .header("content-type", "application/x-www-form-urlencoded")
@@ -80,9 +81,13 @@ async fn pages_show_verdicts_steps_digests_and_plots_and_private_pages_need_the_
     assert_eq!(resp.status().as_u16(), 303);
     let set = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
     assert!(
-        set.contains("HttpOnly") && set.contains("Secure") && set.contains("SameSite=Strict") && !set.contains(TOKEN),
+        set.contains("HttpOnly") && !set.contains("Secure") && set.contains("SameSite=Strict") && !set.contains(TOKEN),
         "{set}"
     );
+    // Every page: no sniffing, no framing (the form cannot be clickjacked), no scripts.
+    for (name, value) in service::SECURITY_HEADERS {
+        assert_eq!(resp.headers().get(name).and_then(|v| v.to_str().ok()), Some(value), "{name}");
+    }
     let cookie = set.split(';').next().unwrap().to_string();
 
     // The list, newest first, with verdicts in words and the diverging step.

@@ -252,6 +252,13 @@ fn serve(listen: &str, opts: ServeOptions) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
         let addr = listener.local_addr().context("local address of the listener")?;
         eprintln!("serving records under {}", opts.records.display());
+        if opts.token.is_none() {
+            tracing::warn!(
+                listen = %addr,
+                "no token (--token, --token-file, TRAINER_TOKEN): anyone who reaches this address may read every \
+                 record served"
+            );
+        }
         // One line on stdout that scripts and tests wait for.
         out!("listening on {}://{addr}", if opts.tls.is_some() { "https" } else { "http" })?;
         trainer_agent::serve::serve(listener, opts, service::shutdown_signal()).await?;

@@ -203,6 +203,7 @@ pub fn router(opts: ServeOptions) -> Result<Router, TrainerError> {
     let app = open
         .merge(api)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), count_requests))
+        .layer(axum::middleware::from_fn(service::security_headers))
         .layer(axum::middleware::from_fn(service::log_requests))
         .with_state(shared);
     Ok(app)

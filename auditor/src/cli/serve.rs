@@ -128,6 +128,13 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
                 _ => Failure::Undecided(e),
             }
         })?;
+        if cfg.token.is_none() {
+            tracing::warn!(
+                listen = %addr,
+                "no token (--token, --token-file, AUDITOR_TOKEN): anyone who reaches this address may submit, list \
+                 and cancel audits and see the private pages"
+            );
+        }
         if cfg.trainer.allow.is_empty() {
             tracing::info!("trainer.allow is empty: audits may name any host and port");
         }

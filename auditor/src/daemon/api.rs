@@ -91,6 +91,7 @@ pub fn router(shared: Shared) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), time_limit))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), count_requests))
+        .layer(axum::middleware::from_fn(service::security_headers))
         .layer(axum::middleware::from_fn(service::log_requests))
         .with_state(shared)
 }

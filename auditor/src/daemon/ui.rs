@@ -8,8 +8,8 @@
 //! | `GET /reports/{id}` | open | the public report: verdict in words, both digests, differing tensors, replay time per step with the diverging step marked, where the run diverged, the evidence download and the commands that check it |
 //! | `GET /ui/login`, `POST /ui/login`, `POST /ui/logout` | — | a form that sets (or clears) the session cookie |
 //!
-//! Private pages take the daemon's bearer token or the session cookie, an HttpOnly, Secure,
-//! SameSite=Strict cookie holding `SHA-256("tiebreak-ui-session" ‖ token)`: the token itself is
+//! Private pages take the daemon's bearer token or the session cookie, an HttpOnly,
+//! SameSite=Strict cookie (Secure when the daemon serves HTTPS) holding `SHA-256("tiebreak-ui-session" ‖ token)`: the token itself is
 //! never stored in the browser, and rotating it (SIGHUP) ends every session. Without either, a
 //! private page answers 401 with the login form. Pages refresh themselves every 3 s while an
 //! audit on them is queued or running.
@@ -395,7 +395,8 @@ pub async fn report_page(
         return Ok(not_found(&format!("audit {id} is {}: its report is published when it is done", job.state.name())));
     };
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1:8420");
-    let daemon = format!("http://{}", esc(host));
+    let scheme = if shared.config.tls_cert.is_some() { "https" } else { "http" };
+    let daemon = format!("{scheme}://{}", esc(host));
     let id = esc(&job.id);
     let v = &rep["verdict"];
     let kind = v["kind"].as_str().unwrap_or("?");
@@ -548,12 +549,18 @@ pub async fn login(State(shared): State<Shared>, body: Bytes) -> Response {
     if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
         return login_page("That is not the daemon's token.");
     }
-    let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; Secure; SameSite=Strict", session_value(&token));
+    let cookie = format!("{COOKIE}={}; Path=/; HttpOnly;{} SameSite=Strict", session_value(&token), secure(&shared));
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/ui".to_string())]).into_response()
 }
 
-pub async fn logout() -> Response {
-    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0");
+/// ` Secure` on a daemon that serves HTTPS. Over plain HTTP a browser would not keep a Secure
+/// cookie (except on localhost), and sign-in would silently fail.
+fn secure(shared: &Shared) -> &'static str {
+    if shared.config.tls_cert.is_some() { " Secure;" } else { "" }
+}
+
+pub async fn logout(State(shared): State<Shared>) -> Response {
+    let cookie = format!("{COOKIE}=; Path=/; HttpOnly;{} SameSite=Strict; Max-Age=0", secure(&shared));
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/ui/login".to_string())]).into_response()
 }
 

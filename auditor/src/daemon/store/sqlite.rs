@@ -93,12 +93,38 @@ pub struct SqliteStore {
 /// How long an integrity check's answer is reused.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Creates the database file readable by its owner only, or makes an existing one (and its
+/// `-wal` and `-shm` files) so: it holds the trainers' tokens of queued audits, whatever the
+/// mode of a state directory that already existed. SQLite gives the files it adds the mode of
+/// the database file.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        if !path.exists() {
+            std::fs::OpenOptions::new().write(true).create(true).mode(0o600).open(path)?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", path.display()));
+            if let Ok(meta) = std::fs::metadata(&p)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database under `state_dir`.
     pub fn open(state_dir: &Path) -> Result<SqliteStore, StoreError> {
         create_private_dir(state_dir)
             .map_err(|e| StoreError(format!("creating state directory {}: {e}", state_dir.display())))?;
         let path = state_dir.join(DB_FILE);
+        make_private(&path).map_err(|e| StoreError(format!("{}: making it private (0600): {e}", path.display())))?;
         let ctx = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
         let conn = Connection::open(&path).map_err(ctx)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(ctx)?;
@@ -746,6 +772,27 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The database holds trainers' tokens: owner-only, even in a state directory that
+    /// already existed world-readable, and an existing loose file is tightened.
+    #[cfg(unix)]
+    #[test]
+    fn the_database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("tiebreak-sqlite-perms-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777;
+        let store = SqliteStore::open(&dir).unwrap();
+        store.insert(&request(None), 10, 1).unwrap();
+        assert_eq!((mode(DB_FILE), mode(&format!("{DB_FILE}-wal"))), (0o600, 0o600));
+        drop(store);
+        std::fs::set_permissions(dir.join(DB_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(SqliteStore::open(&dir).unwrap());
+        assert_eq!(mode(DB_FILE), 0o600, "an existing loose file is tightened");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn request(key: Option<&str>) -> AuditRequest {
         AuditRequest {
