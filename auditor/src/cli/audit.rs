@@ -34,6 +34,9 @@ pub enum SpotByArg {
 /// Spot checks replay this many intervals unless `--spot-count` says otherwise.
 const SPOT_COUNT_DEFAULT: usize = 4;
 
+/// The most replay threads `--threads` may ask for (each holds a model and its buffers).
+const THREADS_MAX: usize = 256;
+
 #[derive(clap::Args, Debug)]
 pub struct AuditArgs {
     /// A record directory on this machine.
@@ -81,8 +84,8 @@ pub struct AuditArgs {
     /// Dataset files, for specs that are not synthetic.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Replay workers for intervals and spot mode (default: one per core). The verdict does
-    /// not depend on it.
+    /// Replay workers for intervals and spot mode (default: one per core; at most 256). The
+    /// verdict does not depend on it.
     #[arg(long)]
     threads: Option<usize>,
     /// The auditor's ed25519 key (generated if absent).
@@ -182,8 +185,8 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
     let trainer_key = args.trainer_pubkey.as_deref().map(|v| public_key_arg("--trainer-pubkey", v)).transpose()?;
     let explicit_device = args.device.as_deref().map(|d| device_arg("--device", d)).transpose()?;
     let mode = mode(&args)?;
-    if args.threads == Some(0) {
-        return Err(usage("--threads 0: must be at least 1"));
+    if let Some(n) = args.threads.filter(|n| !(1..=THREADS_MAX).contains(n)) {
+        return Err(usage(format_args!("--threads {n}: must be 1 to {THREADS_MAX}")));
     }
     if let (Some(from), Some(to)) = (args.from, args.to)
         && from > to

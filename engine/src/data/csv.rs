@@ -12,6 +12,8 @@ use crate::spec::{CsvConfig, LabelColumn};
 /// Parses a CSV dataset against its config.
 pub fn parse_csv(bytes: &[u8], config: &CsvConfig) -> Result<Dataset, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text (at byte {})", e.valid_up_to()))?;
+    // A byte-order mark (spreadsheets write one) is not part of the first field.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let columns = config.features.checked_add(1).ok_or("data.features overflows")?;
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l)).filter(|(_, l)| !l.trim().is_empty());
     let label_idx = match (&config.label_column, config.header) {
