@@ -148,3 +148,30 @@ async fn answers_that_are_not_the_daemons_api_are_could_not_decide() {
         server.abort();
     }
 }
+
+/// `wait` outlasts a short outage of the daemon (a restart, its database away for a moment):
+/// 503s and refused connections are asked again, for up to a minute, and the verdict still
+/// decides the exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_outlasts_a_short_outage_of_the_daemon() {
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let a = asked.clone();
+    let app = axum::Router::new().fallback(move || {
+        let n = a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n < 3 {
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, r#"{"error": "store unavailable"}"#.to_string())
+            } else {
+                let done = r#"{"id": "audit-1", "state": "done", "verdict": "consistent", "attempts": 1}"#;
+                (axum::http::StatusCode::OK, done.to_string())
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let o = auditor(&["wait", "--daemon", &url, "audit-1", "--interval-ms", "50"], &[("AUDITOR_TOKEN", "t")]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) >= 4);
+    server.abort();
+}

@@ -382,6 +382,9 @@ pub fn wait(args: WaitArgs) -> Result<Exit, Failure> {
     wait_for(&client, &id, args.timeout.map(Duration::from_secs), Duration::from_millis(args.interval_ms.max(50)))
 }
 
+/// How long `wait` keeps asking a daemon that fails to answer.
+const WAIT_OUTAGE_MAX: Duration = Duration::from_secs(60);
+
 /// Polls until the audit is done or failed, with a progress bar on a terminal's stderr.
 fn wait_for(client: &Client, id: &str, timeout: Option<Duration>, every: Duration) -> Result<Exit, Failure> {
     let began = Instant::now();
@@ -396,8 +399,27 @@ fn wait_for(client: &Client, id: &str, timeout: Option<Duration>, every: Duratio
     );
     bar.set_prefix(id.to_string());
     let path = format!("/v1/audits/{id}");
+    // Since when the daemon has failed to answer: a short outage (a restart, its database
+    // away for a moment) is waited out, a long one ends the wait.
+    let mut failing: Option<Instant> = None;
     let s = loop {
-        let s = client.status_of(&path, &client.send(reqwest::Method::GET, &path, None)?)?;
+        // (An answer that is not an audit's status is no outage: it ends the wait at once.)
+        let bytes = match client.send(reqwest::Method::GET, &path, None) {
+            Ok(b) => {
+                failing = None;
+                b
+            }
+            Err(Failure::Undecided(e))
+                if failing.get_or_insert_with(Instant::now).elapsed() < WAIT_OUTAGE_MAX
+                    && timeout.is_none_or(|t| began.elapsed() < t) =>
+            {
+                bar.set_message(format!("the daemon did not answer ({e:#}); asking again"));
+                std::thread::sleep(every.max(Duration::from_secs(1)));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let s = client.status_of(&path, &bytes)?;
         match s["state"].as_str().and_then(JobState::parse) {
             Some(JobState::Done | JobState::Failed) => break s,
             state => {

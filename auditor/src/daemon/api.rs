@@ -420,7 +420,15 @@ async fn healthz(State(shared): State<Shared>) -> ApiResult<Response> {
     if let Some((op, ago)) = shared.metrics.recent_store_error(STORE_ERROR_RECENT) {
         return Ok(unhealthy(
             "unhealthy",
-            format!("a store write failed {:.0} s ago ({op}): is its disk full or read-only?", ago.as_secs_f64()),
+            format!(
+                "a store write failed {:.0} s ago ({op}): {}",
+                ago.as_secs_f64(),
+                if shared.config.store.is_shared() {
+                    "was the database unreachable, or is it read-only or out of space? (the log has the error)"
+                } else {
+                    "is its disk full or read-only? (the log has the error)"
+                }
+            ),
         ));
     }
     let audits: serde_json::Map<String, Value> = counts.into_iter().map(|(k, n)| (k.to_string(), json!(n))).collect();
