@@ -430,7 +430,10 @@ fn trainer_pubkey_pins_the_records_own_key() {
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(text.starts_with("verdict: consistent\n"), "{text}");
-    assert!(text.contains("unfinished run: 13 steps committed so far; root ") && text.contains("not signed"), "{text}");
+    assert!(
+        text.contains("unfinished run: 13 of 13 planned steps committed so far; root ") && text.contains("not signed"),
+        "{text}"
+    );
     let out = auditor(&dir, &["audit", "--record", rec, "--trainer-pubkey", &key, "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let v = json(&out);
@@ -440,6 +443,13 @@ fn trainer_pubkey_pins_the_records_own_key() {
     );
     let what = v["verdict"]["what"].as_str().unwrap();
     assert!(what.starts_with("withheld") && what.contains(&key) && what.contains("13 committed steps"), "{what}");
+    // A run whose trainer signed its root before the steps its spec plans: the steps it signed
+    // agree, and the audit says it stopped early.
+    let early = write_record(&dir.join("early"), Profile::Cpu, SGD, Drill { stop_after: Some(10), ..Drill::default() });
+    let out = auditor(&dir, &["audit", "--record", early.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(text.contains("stopped early: the trainer signed its root after 10 of 13 planned steps"), "{text}");
     // A spot check asking for more intervals than there are says how many it replayed.
     let out = auditor(&dir, &["audit", "--record", rec, "--mode", "spot", "--spot-count", "100", "--spot-seed", "1"]);
     assert!(stdout(&out).contains("spot check: 4 intervals, every one the record has (100 asked)"), "{}", stdout(&out));

@@ -315,10 +315,23 @@ fn human(rep: &Report, audit: &Audit, evidence_asked: bool) -> String {
         let at = v.offset.flatten().map(|o| format!(" (byte {o})")).unwrap_or_default();
         line(format!("  file: {file}{at}"));
     }
+    let planned = audit
+        .commitment
+        .as_ref()
+        .and_then(|c| serde_json::from_slice::<engine::spec::RunSpec>(&c.spec_bytes).ok())
+        .map(|s| s.n_steps);
+    let of_planned = planned.map(|p| format!(" of {p} planned")).unwrap_or_default();
     if let (Some(root), false) = (&rep.trainer_root, rep.trainer_root_signed) {
-        let steps =
-            rep.n_leaves.map(|n| format!("{} steps committed so far; ", n.saturating_sub(1))).unwrap_or_default();
+        let steps = rep
+            .n_leaves
+            .map(|n| format!("{}{of_planned} steps committed so far; ", n.saturating_sub(1)))
+            .unwrap_or_default();
         line(format!("  unfinished run: {steps}root {root} is not signed by the trainer (no manifest yet)"));
+    }
+    if let (true, Some(n), Some(p)) = (rep.trainer_root_signed, rep.n_leaves.map(|n| n.saturating_sub(1)), planned)
+        && n < p
+    {
+        line(format!("  stopped early: the trainer signed its root after {n}{of_planned} steps"));
     }
     if let Some(at) = &rep.at_step {
         line(format!("  trainer state {}", at.trainer.leaf.state));

@@ -65,6 +65,8 @@ pub struct Drill {
     pub bad_init: bool,
     /// Stop before writing the manifest (an unfinished run).
     pub unfinished: bool,
+    /// Sign the root after this many steps, fewer than the spec plans (a run stopped early).
+    pub stop_after: Option<u64>,
 }
 
 /// Trains `STEPS` steps on `profile` and writes the record to `dir/record`.
@@ -80,7 +82,7 @@ pub fn write_record(dir: &Path, profile: Profile, optimizer: &str, drill: Drill)
         t.data[0] = f32::from_bits(t.data[0].to_bits() ^ 1);
     }
     w.commit_initial(&state).unwrap();
-    for t in 1..=STEPS {
+    for t in 1..=drill.stop_after.unwrap_or(STEPS) {
         let fault = drill.fault.filter(|f| f.step == t).map(|f| f.kind);
         let o = r.step(&state, t, StepMode::Commit { paper: false }, fault).unwrap();
         w.commit_step(&o.state, &o.log, &o.batch).unwrap();
