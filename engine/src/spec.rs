@@ -344,6 +344,15 @@ fn field_at_fault(text: &str, e: &toml::de::Error) -> Option<String> {
         let mut without = doc.clone();
         without.get_mut(section)?.as_table_mut()?.remove(key);
         if message(&without)? != before {
+            // A graph's nodes: name the first node that does not parse on its own.
+            if let Some(nodes) = doc.get(section)?.get(key).and_then(toml::Value::as_array).filter(|_| key == "nodes") {
+                for (i, node) in nodes.iter().enumerate() {
+                    if let Err(e) = node.clone().try_into::<crate::graph::Node>() {
+                        let name = node.get("name").and_then(toml::Value::as_str).unwrap_or("?");
+                        return Some(format!("{section}.{key}[{i}] (node {name:?}): {}", e.message().trim_end()));
+                    }
+                }
+            }
             return Some(format!("{section}.{key}: {}", before.trim_end()));
         }
     }
@@ -502,6 +511,18 @@ momentum = 0.9
             assert_ne!(bad, GOOD);
             let err = Config::from_toml(&bad, "cfg.toml").unwrap_err().to_string();
             assert!(err.contains("cfg.toml") && err.contains(names), "{to}: {err}");
+        }
+        // A graph's node that does not parse is named by its place and name.
+        let graph = "[model]\nkind = \"graph\"\n[[model.nodes]]\nname = \"fc1\"\nop = \"linear\"\ninputs = [\"input\"]\n\
+                     out = 16\n[[model.nodes]]\nname = \"fc2\"\nop = \"linear\"\ninputs = [\"fc1\"]\nBAD\n\
+                     [[model.nodes]]\nname = \"loss\"\nop = \"cross_entropy\"\ninputs = [\"fc2\", \"labels\"]\n";
+        let rest = &GOOD[GOOD.find("[data]").unwrap()..];
+        for (bad, says) in
+            [("outs = 4", "unknown field `outs`"), ("out = -4", "Width"), ("out = 4\nbias = \"yes\"", "")]
+        {
+            let text = format!("{}{rest}", graph.replace("BAD", bad));
+            let err = Config::from_toml(&text, "cfg.toml").unwrap_err().to_string();
+            assert!(err.contains("model.nodes[1] (node \"fc2\")") && err.contains(says), "{bad}: {err}");
         }
         // An error TOML already places keeps its own message (line, snippet).
         let err = Config::from_toml(&GOOD.replace("seed = 7", "seed = \"x\""), "cfg.toml").unwrap_err().to_string();
