@@ -140,8 +140,15 @@ async fn answers_that_are_not_the_daemons_api_are_could_not_decide() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        for cmd in ["status", "cancel", "wait"] {
-            let o = auditor(&[cmd, "--daemon", &url, "audit-1"], &[("AUDITOR_TOKEN", "t")]).await;
+        for args in [
+            &["status", "audit-1"][..],
+            &["cancel", "audit-1"],
+            &["wait", "audit-1"],
+            &["list"],
+            &["submit", "--trainer-url", "http://127.0.0.1:9", "--run", "r"],
+        ] {
+            let cmd = args.join(" ");
+            let o = auditor(&[args, &["--daemon", &url]].concat(), &[("AUDITOR_TOKEN", "t")]).await;
             assert_eq!(o.status.code(), Some(2), "{cmd} on {body}: {}", text(&o));
             assert!(String::from_utf8_lossy(&o.stderr).contains("daemon"), "{cmd} on {body}: {}", text(&o));
         }

@@ -244,10 +244,18 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
     // The queue bound: the worker holds one audit, two more fill the queue, the next is refused.
     let mut codes = Vec::new();
     for i in 0..5 {
-        let (s, _, _) =
-            send(post(&c, url, &json!({"trainer_url": "http://127.0.0.1:9", "run": format!("r{i}")}), Some("t0k3n")))
-                .await;
-        codes.push(s);
+        let resp = post(&c, url, &json!({"trainer_url": "http://127.0.0.1:9", "run": format!("r{i}")}), Some("t0k3n"))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 429 {
+            assert_eq!(
+                resp.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+                Some("10"),
+                "when to ask again"
+            );
+        }
+        codes.push(resp.status().as_u16());
     }
     assert!(codes.contains(&429), "{codes:?}");
     let (_, queued, _) = send(c.get(format!("{url}/v1/audits?state=queued")).bearer_auth("t0k3n")).await;

@@ -181,7 +181,13 @@ impl Session {
             ));
         }
         // Before anything is written: a key file that does not load leaves no record behind.
-        let key = load_or_create_key(&key_path)?;
+        let key = load_or_create_key(&key_path).map_err(|e| match e {
+            // The key is the trainer's own file, not a record file.
+            engine::record::RecordError::Corrupt { what, .. } => {
+                TrainerError::Usage(format!("signing key {}: {what}", key_path.display()))
+            }
+            e => e.into(),
+        })?;
         // A start killed before it wrote its spec left nothing to resume: start afresh.
         // So did one killed before its first leaf (`create` checks that the spec is the same).
         let resume = opts.resume && !RecordWriter::unstarted(&opts.out) && !RecordWriter::no_leaf_committed(&opts.out);

@@ -328,8 +328,10 @@ pub fn submit(args: SubmitArgs) -> Result<Exit, Failure> {
     };
     let body = serde_json::to_value(&request).expect("a request serialises");
     let bytes = client.send(reqwest::Method::POST, "/v1/audits", Some(&body))?;
-    let answer: Value = serde_json::from_slice(&bytes).map_err(|e| undecided(format_args!("submit: not JSON: {e}")))?;
-    let id = answer["id"].as_str().ok_or_else(|| undecided("submit: the daemon's answer has no id"))?.to_string();
+    let answer = client.status_of("/v1/audits", &bytes)?;
+    let id = check_id(answer["id"].as_str().unwrap_or_default())
+        .map_err(|_| undecided(format_args!("daemon {}: submit: {:?} is not an audit id", client.base, answer["id"])))?
+        .to_string();
     if !args.wait {
         print(&client, &answer, format!("{id} {}", answer["state"].as_str().unwrap_or("queued")))?;
         return Ok(Exit::Ok);
@@ -366,7 +368,12 @@ pub fn list(args: ListArgs) -> Result<Exit, Failure> {
         path += &format!("&state={}", state.name());
     }
     let v = client.get_json(&path)?;
-    let audits = v["audits"].as_array().cloned().unwrap_or_default();
+    // An answer without the list is the daemon's trouble, never shown as "no audits".
+    let audits = v["audits"]
+        .as_array()
+        .filter(|a| a.iter().all(|s| s["id"].is_string() && s["state"].as_str().and_then(JobState::parse).is_some()))
+        .cloned()
+        .ok_or_else(|| undecided(format_args!("daemon {}: {path}: not a list of audits", client.base)))?;
     let text = if audits.is_empty() {
         "no audits".to_string()
     } else {

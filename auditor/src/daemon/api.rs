@@ -59,9 +59,17 @@ impl ApiError {
     }
 }
 
+/// Seconds a client is asked to wait before retrying a 429 or a 503.
+const RETRY_AFTER_S: &str = "10";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({"error": self.message, "code": self.code}))).into_response()
+        let mut r = (self.status, axum::Json(json!({"error": self.message, "code": self.code}))).into_response();
+        // A full queue or an unavailable store: when to ask again (RFC 9110).
+        if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_S));
+        }
+        r
     }
 }
 
