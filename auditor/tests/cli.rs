@@ -641,26 +641,12 @@ fn keygen_makes_a_key_once_and_never_overwrites_one() {
     assert_eq!(std::fs::read(dir.join("firm.key")).unwrap(), secret, "the key is untouched");
 }
 
-/// Runs the auditor with a 20 s limit: a command waiting on a FIFO fails the test instead of
+/// Runs the auditor with a 10 s limit: a command waiting on a FIFO fails the test instead of
 /// hanging the suite.
-fn auditor_within_20s(dir: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_auditor"))
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > std::time::Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("auditor {args:?} still running after 20 s (waiting on a FIFO?)");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+fn auditor_within_10s(dir: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_auditor"));
+    cmd.current_dir(dir).args(args).stdin(Stdio::null());
+    common::files::within_10s(move || cmd.output().unwrap())
 }
 
 /// A FIFO (or a device) wherever a path is read, named by the user or inside a trainer's record,
@@ -685,7 +671,7 @@ fn special_files_are_refused_not_waited_on() {
     }
     std::fs::remove_file(odd.join("spec.json")).unwrap();
     std::os::unix::fs::symlink(&fifo, odd.join("spec.json")).unwrap();
-    let out = auditor_within_20s(&dir, &["audit", "--record", odd.to_str().unwrap(), "--json"]);
+    let out = auditor_within_10s(&dir, &["audit", "--record", odd.to_str().unwrap(), "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let v = json(&out);
     assert_eq!(
@@ -705,7 +691,7 @@ fn special_files_are_refused_not_waited_on() {
         (vec!["list", "--daemon", "http://127.0.0.1:9", "--token-file", f], 64, "a FIFO"),
     ] {
         let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
-        let out = auditor_within_20s(&dir, &args);
+        let out = auditor_within_10s(&dir, &args);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
         assert!(

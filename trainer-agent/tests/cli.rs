@@ -477,7 +477,10 @@ fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and
         c.args(["serve", "--listen", "127.0.0.1:0", "--records"]).arg(&records).env_remove("TRAINER_TOKEN");
         c
     };
-    for (args, env) in [(vec!["--token", ""], None), (vec![], Some("  ")), (vec!["--token-file", "/dev/null"], None)] {
+    let empty = dir.join("empty-token");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_str().unwrap();
+    for (args, env) in [(vec!["--token", ""], None), (vec![], Some("  ")), (vec!["--token-file", empty], None)] {
         let mut c = base();
         c.args(&args);
         if let Some(v) = env {
@@ -512,7 +515,8 @@ fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and
     for (use_file, token) in [(true, "from-a-file"), (false, "from-the-env")] {
         let mut c = base();
         if use_file {
-            c.arg("--token-file").arg(&file);
+            // No grace for the replaced token, so that the rotation below shows at once.
+            c.arg("--token-file").arg(&file).args(["--token-grace-s", "0"]);
         } else {
             c.env("TRAINER_TOKEN", token);
         }
@@ -536,7 +540,7 @@ fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and
                 assert!(t0.elapsed() < Duration::from_secs(5), "SIGHUP did not reload the token");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            assert!(http_get(&addr, "/v1/runs", token).starts_with("HTTP/1.1 401"), "the old token still works");
+            assert!(http_get(&addr, "/v1/runs", token).starts_with("HTTP/1.1 401"), "--token-grace-s 0: revoked");
             std::fs::write(&file, " \n").unwrap();
             assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
             std::thread::sleep(Duration::from_millis(300));
@@ -556,27 +560,12 @@ fn serve_takes_its_token_from_a_file_or_the_environment_refuses_an_empty_one_and
     }
 }
 
-/// Runs the trainer agent with a 20 s limit: a command waiting on a FIFO fails the test instead
-/// of hanging the suite.
-fn within_20s(dir: &Path, args: &[&str]) -> Output {
-    use std::process::Stdio;
-    let mut child = Command::new(BIN)
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("trainer-agent {args:?} still running after 20 s (waiting on a FIFO?)");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+/// Runs the trainer agent in `dir` with a 10 s limit: a command waiting on a FIFO fails the
+/// test instead of hanging the suite.
+fn within_10s(dir: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir).args(args).stdin(std::process::Stdio::null());
+    common::files::within_10s(move || cmd.output().unwrap())
 }
 
 /// A FIFO or a device named as the config, the data, the starting weights or the token file, or
@@ -602,7 +591,7 @@ fn special_files_are_refused_not_waited_on() {
         (vec!["train", "--config", cfg, "--init-weights", "/dev/zero", "--out", "o3"], "a character device"),
         (vec!["serve", "--records", r, "--listen", "127.0.0.1:0", "--token-file", f], "a FIFO"),
     ] {
-        let out = within_20s(&dir, &args);
+        let out = within_10s(&dir, &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}");
         assert!(err.contains(needle) && (err.contains(f) || err.contains("/dev/zero")), "{args:?}: {err}");
@@ -622,7 +611,7 @@ fn special_files_are_refused_not_waited_on() {
         vec!["export", o, "--out", "w.safetensors"],
         vec!["train", "--config", cfg, "--out", o, "--resume"],
     ] {
-        let out = within_20s(&dir, &args);
+        let out = within_10s(&dir, &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("spec.json") && err.contains("a FIFO"), "{args:?}: {err}");
     }
