@@ -146,6 +146,7 @@ async fn answers_that_are_not_the_daemons_api_are_could_not_decide() {
             &["wait", "audit-1"],
             &["list"],
             &["submit", "--trainer-url", "http://127.0.0.1:9", "--run", "r"],
+            &["report", "audit-1"],
         ] {
             let cmd = args.join(" ");
             let o = auditor(&[args, &["--daemon", &url]].concat(), &[("AUDITOR_TOKEN", "t")]).await;

@@ -460,7 +460,13 @@ pub fn report(args: ReportArgs) -> Result<Exit, Failure> {
     let client = Client::new(&args.daemon)?;
     let id = check_id(&args.id)?;
     let expected = args.auditor_key.as_deref().map(|k| public_key_arg("--auditor-key", k)).transpose()?;
-    let bytes = client.send(reqwest::Method::GET, &format!("/v1/reports/{id}"), None)?;
+    let path = format!("/v1/reports/{id}");
+    let bytes = client.send(reqwest::Method::GET, &path, None)?;
+    // Something that is not even a signed report is the daemon's trouble (exit 2); a signed
+    // report that does not verify is the finding `report` exists for (exit 1).
+    if !serde_json::from_slice::<Value>(&bytes).is_ok_and(|v| v.get("signature").is_some_and(Value::is_string)) {
+        return Err(undecided(format_args!("daemon {}: {path}: not a signed report", client.base)));
+    }
     if let Some(out) = &args.out {
         write_file("--out", out, &bytes)?;
     }
