@@ -87,6 +87,12 @@ pub fn process_metrics(prefix: &str) -> String {
     out
 }
 
+/// The body length a request announces (`Content-Length`), so that a server refuses a body over
+/// its limit before reading any of it.
+pub fn announced_body_len(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers.get(axum::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 /// The bearer token of a request's `Authorization` header (the scheme's name in any case, as
 /// RFC 9110 has it).
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
@@ -118,7 +124,7 @@ struct Tokens {
 
 /// Whether `given` is `want`, in time independent of where they differ (both are hashed first,
 /// so their lengths do not show either).
-fn same_secret(given: &str, want: &str) -> bool {
+pub fn same_secret(given: &str, want: &str) -> bool {
     let (a, b) = (common::codec::sha256(given.as_bytes()), common::codec::sha256(want.as_bytes()));
     std::hint::black_box(a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
 }

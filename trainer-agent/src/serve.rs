@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
@@ -905,8 +905,7 @@ async fn guard(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         || ApiError::new(code::TOO_LARGE, format!("request body over {REQUEST_BODY_BYTES_MAX} bytes")).into_response();
     // Refuse a declared large body before reading any of it; a body without a length is read
     // up to the limit.
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > REQUEST_BODY_BYTES_MAX as u64) {
+    if service::announced_body_len(req.headers()).is_some_and(|n| n > REQUEST_BODY_BYTES_MAX as u64) {
         return too_large_request();
     }
     let (parts, body) = req.into_parts();

@@ -112,12 +112,7 @@ async fn time_limit(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let announced = request
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(n) = announced
+    if let Some(n) = service::announced_body_len(request.headers())
         && n > shared.config.body_bytes_max as u64
     {
         return ApiError::new(
@@ -155,11 +150,6 @@ async fn count_requests(
     let response = next.run(request).await;
     shared.metrics.http_requests.with_label_values(&[method, response.status().as_str()]).inc();
     response
-}
-
-/// Equal in time independent of where the strings differ.
-pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Whether the request carries the daemon's bearer token (or the one a reload just replaced,

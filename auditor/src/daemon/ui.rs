@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::Shared;
-use super::api::{ApiResult, authorized, blocking, constant_time_eq};
+use super::api::{ApiResult, authorized, blocking};
 use super::job::{Job, JobState, is_job_id};
 use crate::VerdictKind;
 
@@ -49,7 +49,7 @@ fn may_see(shared: &Shared, headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')))
-        .any(|v| constant_time_eq(v.as_bytes(), want.as_bytes()))
+        .any(|v| service::same_secret(v, &want))
 }
 
 /// Escapes text for HTML.
@@ -546,7 +546,7 @@ pub async fn login(State(shared): State<Shared>, body: Bytes) -> Response {
         return html(StatusCode::OK, page("Sign in", "<p>This daemon has no token: every page is open.</p>", false));
     };
     let given = form_value(&body, "token").unwrap_or_default();
-    if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+    if !service::same_secret(given.trim(), &token) {
         return login_page("That is not the daemon's token.");
     }
     let cookie = format!("{COOKIE}={}; Path=/; HttpOnly;{} SameSite=Strict", session_value(&token), secure(&shared));
