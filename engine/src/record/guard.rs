@@ -5,14 +5,10 @@
 use std::fs::{self, File};
 use std::path::Path;
 
-use common::codec::{self, to_hex};
 use common::leaf::Leaf;
 
-use super::read::{read_checkpoint_frame, read_committed_frame};
-use super::{
-    BATCH_FILE_BYTES_MAX, CHECKPOINTS_DIR, LEAVES_FILE, LOG_RAW_BYTES_MAX, RecordError, STEPS_DIR, batch_path, io,
-    log_path, read_regular,
-};
+use super::read::{read_batch_bytes, read_checkpoint_frame, read_init_weights, read_log_frame};
+use super::{CHECKPOINTS_DIR, LEAVES_FILE, RecordError, STEPS_DIR, io};
 use crate::spec::RunSpec;
 
 /// Takes the record directory's lock for as long as the returned handle lives (the OS drops it
@@ -77,43 +73,19 @@ pub(super) fn check_kept_prefix(dir: &Path, spec: &RunSpec, leaves: &[Leaf], kee
         ))
     };
     if let Some(c) = &spec.init_weights {
-        let path = dir.join(crate::init::INIT_WEIGHTS_FILE);
-        let bytes = read_regular(&path, c.bytes).map_err(damaged)?;
-        if crate::init::WeightsCommitment::of(&bytes) != *c {
-            return Err(damaged(RecordError::Corrupt {
-                path,
-                offset: None,
-                what: "not the starting weights the spec commits to".into(),
-            }));
-        }
+        read_init_weights(dir, c).map_err(damaged)?;
     }
     let state_bytes_max = super::read::state_bytes_max(spec, &dir.join(super::SPEC_FILE))?;
     let k = spec.config.train.checkpoint_interval.max(1);
     for (step, leaf) in leaves.iter().enumerate().take(keep as usize) {
         let step = step as u64;
-        if step.is_multiple_of(k) {
+        // The last kept step's checkpoint is the one the resume just verified and starts from.
+        if step.is_multiple_of(k) && step + 1 < keep {
             read_checkpoint_frame(dir, step, (spec.state_hash(), leaf), state_bytes_max).map_err(damaged)?;
         }
-        if step == 0 {
-            continue;
-        }
-        read_committed_frame(
-            log_path(dir, step),
-            LOG_RAW_BYTES_MAX,
-            (codec::sha256, &leaf.log),
-            format!("log hash of step {step}"),
-        )
-        .map_err(damaged)?;
-        let path = batch_path(dir, step);
-        let batch = read_regular(&path, BATCH_FILE_BYTES_MAX).map_err(damaged)?;
-        let actual = codec::sha256(&batch);
-        if actual != leaf.batch {
-            return Err(damaged(RecordError::Mismatch {
-                path,
-                what: format!("batch hash of step {step}"),
-                expected: to_hex(&leaf.batch),
-                actual: to_hex(&actual),
-            }));
+        if step > 0 {
+            read_log_frame(dir, step, leaf).map_err(damaged)?;
+            read_batch_bytes(dir, step, leaf).map_err(damaged)?;
         }
     }
     Ok(())

@@ -75,7 +75,7 @@ pub struct CommittedFrame {
 
 /// Reads the stored file at `path` (decompressing at most `raw_bytes_max` bytes) and checks its
 /// raw bytes against `expected`; `what` names the hash in a mismatch.
-pub(super) fn read_committed_frame(
+fn read_committed_frame(
     path: PathBuf,
     raw_bytes_max: usize,
     (hash, expected): (impl Fn(&[u8]) -> Hash, &Hash),
@@ -93,6 +93,48 @@ pub(super) fn read_committed_frame(
         return Err(RecordError::Mismatch { path, what, expected: to_hex(expected), actual: to_hex(&actual) });
     }
     Ok(CommittedFrame { stored, raw })
+}
+
+/// Step `step`'s log file in `dir`, checked against its committed `leaf` (not decoded).
+pub(super) fn read_log_frame(dir: &Path, step: u64, leaf: &Leaf) -> Result<CommittedFrame, RecordError> {
+    read_committed_frame(
+        log_path(dir, step),
+        LOG_RAW_BYTES_MAX,
+        (codec::sha256, &leaf.log),
+        format!("log hash of step {step}"),
+    )
+}
+
+/// Step `step`'s batch file in `dir`, checked against its committed `leaf` (not decoded).
+pub(super) fn read_batch_bytes(dir: &Path, step: u64, leaf: &Leaf) -> Result<Vec<u8>, RecordError> {
+    let path = batch_path(dir, step);
+    let bytes = read_regular(&path, BATCH_FILE_BYTES_MAX)?;
+    let actual = codec::sha256(&bytes);
+    if actual != leaf.batch {
+        return Err(RecordError::Mismatch {
+            path,
+            what: format!("batch hash of step {step}"),
+            expected: to_hex(&leaf.batch),
+            actual: to_hex(&actual),
+        });
+    }
+    Ok(bytes)
+}
+
+/// A fine-tune's starting weights in `dir`, checked against the spec's commitment `c`.
+pub(super) fn read_init_weights(dir: &Path, c: &crate::init::WeightsCommitment) -> Result<Vec<u8>, RecordError> {
+    let path = dir.join(crate::init::INIT_WEIGHTS_FILE);
+    let bytes = read_regular(&path, c.bytes)?;
+    let found = crate::init::WeightsCommitment::of(&bytes);
+    if found != *c {
+        return Err(RecordError::Mismatch {
+            path,
+            what: "starting weights".into(),
+            expected: format!("{} ({} bytes)", c.sha256, c.bytes),
+            actual: format!("{} ({} bytes)", found.sha256, found.bytes),
+        });
+    }
+    Ok(bytes)
 }
 
 /// The checkpoint file after step `step`, checked against its committed leaf with the record's
@@ -296,13 +338,7 @@ impl Record {
     /// Step `step`'s tie-break log file, checked against its leaf (not decoded): what the
     /// record server hands out as is.
     pub fn log_frame(&self, step: u64) -> Result<CommittedFrame, RecordError> {
-        let leaf = self.leaf(step)?;
-        read_committed_frame(
-            log_path(&self.dir, step),
-            LOG_RAW_BYTES_MAX,
-            (codec::sha256, &leaf.log),
-            format!("log hash of step {step}"),
-        )
+        read_log_frame(&self.dir, step, self.leaf(step)?)
     }
 
     /// Step `step`'s tie-break log, verified against its leaf.
@@ -323,38 +359,12 @@ impl Record {
     /// The starting weights the spec commits to (a fine-tune), checked against the commitment.
     /// `None` when the spec starts from the seed.
     pub fn init_weights(&self) -> Result<Option<Vec<u8>>, RecordError> {
-        let Some(c) = &self.spec.init_weights else {
-            return Ok(None);
-        };
-        let path = self.dir.join(crate::init::INIT_WEIGHTS_FILE);
-        let bytes = read_regular(&path, c.bytes)?;
-        let found = crate::init::WeightsCommitment::of(&bytes);
-        if found != *c {
-            return Err(RecordError::Mismatch {
-                path,
-                what: "starting weights".into(),
-                expected: format!("{} ({} bytes)", c.sha256, c.bytes),
-                actual: format!("{} ({} bytes)", found.sha256, found.bytes),
-            });
-        }
-        Ok(Some(bytes))
+        self.spec.init_weights.as_ref().map(|c| read_init_weights(&self.dir, c)).transpose()
     }
 
     /// Step `step`'s batch file, checked against its leaf (not decoded).
     pub fn batch_bytes(&self, step: u64) -> Result<Vec<u8>, RecordError> {
-        let leaf = self.leaf(step)?;
-        let path = batch_path(&self.dir, step);
-        let bytes = read_regular(&path, BATCH_FILE_BYTES_MAX)?;
-        let actual = codec::sha256(&bytes);
-        if actual != leaf.batch {
-            return Err(RecordError::Mismatch {
-                path,
-                what: format!("batch hash of step {step}"),
-                expected: to_hex(&leaf.batch),
-                actual: to_hex(&actual),
-            });
-        }
-        Ok(bytes)
+        read_batch_bytes(&self.dir, step, self.leaf(step)?)
     }
 
     /// Step `step`'s batch indices, verified against its leaf.
