@@ -364,7 +364,7 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A token file holds one line; anything much longer is not one.
-const TOKEN_FILE_BYTES_MAX: u64 = 64 << 10;
+pub const TOKEN_FILE_BYTES_MAX: u64 = 64 << 10;
 
 pub fn secret(flag: Option<String>, file: Option<&Path>, env: &str) -> Result<Option<String>, String> {
     let (value, from) = if let Some(v) = flag {

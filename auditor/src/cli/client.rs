@@ -146,7 +146,7 @@ struct Client {
 fn secret(flag: &str, file: Option<&Path>, var: &str) -> Result<Option<String>, Failure> {
     match file {
         Some(path) => {
-            let text = common::files::read_regular_text(path, 64 << 10)
+            let text = common::files::read_regular_text(path, service::TOKEN_FILE_BYTES_MAX)
                 .map_err(|e| usage(format_args!("{flag} {}: {e}", path.display())))?;
             let t = text.trim();
             if t.is_empty() {
@@ -241,7 +241,7 @@ impl Client {
     /// not is the daemon's trouble, never shown as if it were an audit's state).
     fn status_of(&self, path: &str, bytes: &[u8]) -> Result<Value, Failure> {
         let s = self.json_of(path, bytes)?;
-        if s["id"].is_string() && s["state"].as_str().and_then(JobState::parse).is_some() {
+        if is_status(&s) {
             Ok(s)
         } else {
             let mut shown = s.to_string();
@@ -249,6 +249,11 @@ impl Client {
             Err(undecided(format_args!("daemon {}: {path}: not an audit's status: {shown}", self.base)))
         }
     }
+}
+
+/// Whether `v` is an audit's status as the API gives it: an `id` and a known `state`.
+fn is_status(v: &Value) -> bool {
+    v["id"].is_string() && v["state"].as_str().and_then(JobState::parse).is_some()
 }
 
 /// An audit id as the daemon makes them (checked before it goes into a URL).
@@ -371,7 +376,7 @@ pub fn list(args: ListArgs) -> Result<Exit, Failure> {
     // An answer without the list is the daemon's trouble, never shown as "no audits".
     let audits = v["audits"]
         .as_array()
-        .filter(|a| a.iter().all(|s| s["id"].is_string() && s["state"].as_str().and_then(JobState::parse).is_some()))
+        .filter(|a| a.iter().all(is_status))
         .cloned()
         .ok_or_else(|| undecided(format_args!("daemon {}: {path}: not a list of audits", client.base)))?;
     let text = if audits.is_empty() {
