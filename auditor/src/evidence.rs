@@ -34,6 +34,7 @@ use engine::spec::RunSpec;
 use engine::train::StepMode;
 use kernels::Profile;
 
+use crate::report::{LeafJson, Report};
 use crate::setup::build_run;
 use crate::{AuditError, VerdictKind};
 
@@ -214,6 +215,47 @@ impl Evidence {
             trainer_batch,
             trainer_log,
         })
+    }
+
+    /// Checks that this bundle is the one behind `report`, a report whose signature the caller
+    /// has verified ([`crate::report::verified`]): the same verdict, record, auditor device and
+    /// leaves. The bundle itself is unsigned; bound to the signed report, its auditor leaf is
+    /// the auditor's signed word, so an edited one is refused here instead of re-executing to
+    /// "neither". The first field that differs is named, with both values.
+    pub fn check_against(&self, report: &Report) -> Result<(), AuditError> {
+        let at = report
+            .at_step
+            .as_ref()
+            .ok_or_else(|| bad(format!("the report's verdict ({}) has no disputed step", report.verdict.kind)))?;
+        let leaf = |l: &LeafJson| l.to_leaf().map(|l| LeafJson::from_leaf(&l).leaf_hash).unwrap_or_default();
+        let fields: [(&str, String, String); 10] = [
+            ("verdict kind", report.verdict.kind.clone(), self.verdict_kind.as_str().into()),
+            ("record root", report.trainer_root.clone().unwrap_or_default(), to_hex(&self.root)),
+            ("leaf count", report.n_leaves.map(|n| n.to_string()).unwrap_or_default(), self.n_leaves.to_string()),
+            ("spec digest", report.spec_hash.clone().unwrap_or_default(), to_hex(&codec::sha256(&self.spec_json))),
+            ("auditor device", report.auditor_device.clone(), self.auditor_device.clone()),
+            ("step", at.step.to_string(), self.step.to_string()),
+            ("trainer leaf", leaf(&at.trainer.leaf), LeafJson::from_leaf(&self.trainer.leaf).leaf_hash),
+            ("auditor leaf", leaf(&at.auditor), LeafJson::from_leaf(&self.auditor_leaf).leaf_hash),
+            (
+                "previous leaf",
+                at.previous.as_ref().map(|p| leaf(&p.leaf)).unwrap_or_default(),
+                self.previous.as_ref().map(|p| LeafJson::from_leaf(&p.leaf).leaf_hash).unwrap_or_default(),
+            ),
+            (
+                "trainer batch's digest",
+                to_hex(&BatchIndices(at.batch_indices.clone()).digest()),
+                to_hex(&self.trainer_batch.digest()),
+            ),
+        ];
+        for (what, signed, bundle) in fields {
+            if signed != bundle {
+                return Err(bad(format!(
+                    "the bundle is not the signed report's: its {what} is {bundle}, the report's {signed}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the bundle to `path`.

@@ -376,6 +376,11 @@ pub struct VerifiedReport {
 
 /// Parses a report and checks its signature and every inclusion proof in it.
 pub fn verify(json: &str) -> Result<VerifiedReport, AuditError> {
+    verified(json).map(|(_, v)| v)
+}
+
+/// [`verify`], also handing back the report whose signature and proofs were checked.
+pub fn verified(json: &str) -> Result<(Report, VerifiedReport), AuditError> {
     let r: Report = serde_json::from_str(json).map_err(|e| AuditError::Report(format!("is not a report: {e}")))?;
     if r.format != REPORT_FORMAT {
         return Err(AuditError::Report(format!("format {:?} is not {REPORT_FORMAT:?}", r.format)));
@@ -423,7 +428,8 @@ pub fn verify(json: &str) -> Result<VerifiedReport, AuditError> {
         at.auditor.to_leaf().map_err(|e| AuditError::Report(format!("auditor leaf: {e}")))?;
     }
     let verdict_kind = r.verdict.kind.parse().map_err(AuditError::Report)?;
-    Ok(VerifiedReport { verdict_kind, auditor_public_key: r.auditor_public_key, proofs_checked })
+    let v = VerifiedReport { verdict_kind, auditor_public_key: r.auditor_public_key.clone(), proofs_checked };
+    Ok((r, v))
 }
 
 /// The JSON printed by `auditor adjudicate`.
@@ -440,6 +446,9 @@ pub struct AdjudicationJson {
     pub forged_entries: Vec<String>,
     pub root_signed: bool,
     pub auditor_version: String,
+    /// With `--report`: the key that signed the report the bundle was checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_signed_by: Option<String>,
 }
 
 impl AdjudicationJson {
@@ -455,6 +464,7 @@ impl AdjudicationJson {
             forged_entries: a.forged.clone(),
             root_signed: a.root_signed,
             auditor_version: AUDITOR_VERSION.into(),
+            report_signed_by: None,
         }
     }
 }

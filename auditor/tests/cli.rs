@@ -253,7 +253,10 @@ fn faulty_at_step_one_with_evidence(dir: &Path) -> auditor::evidence::Evidence {
         SGD,
         Drill { fault: Some(Fault { kind: FaultKind::ScaleLr, step: 1 }), ..Drill::default() },
     );
-    let out = auditor(dir, &["audit", "--record", bad.to_str().unwrap(), "--evidence", "e.tbev"]);
+    let out = auditor(
+        dir,
+        &["audit", "--record", bad.to_str().unwrap(), "--evidence", "e.tbev", "--report", "r.json", "--key", "k.key"],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     // The human output says why the states could not be compared (no checkpoint at step 1).
     let text = stdout(&out);
@@ -289,6 +292,39 @@ fn adjudicate_exits_by_the_side_it_takes() {
     let out = auditor(&dir, &["adjudicate", "--evidence", "neither.tbev"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(stdout(&out).contains("sides with neither side"), "{}", stdout(&out));
+
+    // Bound to its signed report, the bundle's auditor leaf is the auditor's signed word: the
+    // true bundle adjudicates as before and names the signer; the edited one is refused (2)
+    // before anything is re-executed, naming the field, instead of reproducing "neither".
+    let signer = public_key_of(&dir.join("k.key"));
+    let out = auditor(&dir, &["adjudicate", "--evidence", "e.tbev", "--report", "r.json", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(json(&out)["reproduces"], "auditor");
+    assert_eq!(json(&out)["report_signed_by"], signer.as_str());
+    let out = auditor(&dir, &["adjudicate", "--evidence", "neither.tbev", "--report", "r.json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not the signed report's: its auditor leaf"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "nothing is adjudicated");
+    // A report that does not verify binds nothing; neither does one without a disputed step.
+    let report = std::fs::read_to_string(dir.join("r.json")).unwrap();
+    let auditor_state =
+        json(&auditor(&dir, &["adjudicate", "--evidence", "e.tbev", "--json"]))["auditor_leaf"]["state"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let mut edited_state = auditor_state.clone().into_bytes();
+    edited_state[0] = if edited_state[0] == b'0' { b'1' } else { b'0' };
+    let forged = report.replace(&auditor_state, std::str::from_utf8(&edited_state).unwrap());
+    assert_ne!(forged, report);
+    std::fs::write(dir.join("forged.json"), forged).unwrap();
+    let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
+    let out = auditor(&dir, &["audit", "--record", honest.to_str().unwrap(), "--key", "k.key", "--report", "ok.json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for (report, says) in [("forged.json", "does not verify"), ("ok.json", "has no disputed step")] {
+        let out = auditor(&dir, &["adjudicate", "--evidence", "e.tbev", "--report", report]);
+        assert_eq!(out.status.code(), Some(2), "{report}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{report}: {}", stderr(&out));
+    }
 
     // A false accusation of the honest initial state (leaf 0, proven against the signed root):
     // the re-execution reproduces the trainer's leaf, 0.

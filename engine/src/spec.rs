@@ -183,11 +183,55 @@ pub struct TensorsConfig {
 }
 
 /// Which CSV column holds the label: a 0-based index, or a header name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum LabelColumn {
     Index(usize),
     Name(String),
+}
+
+impl<'de> Deserialize<'de> for LabelColumn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<LabelColumn, D::Error> {
+        number_or_word(d, "a column: its 0-based index, or its header name", LabelColumn::Index, |w| {
+            Some(LabelColumn::Name(w.to_string()))
+        })
+    }
+}
+
+/// Reads a value that is a whole number or a word, the way a derived untagged enum reads it,
+/// but with an error in the user's words (`expecting`) instead of "data did not match any
+/// variant of untagged enum". `word` returns `None` for a word that is not accepted.
+pub(crate) fn number_or_word<'de, D: serde::Deserializer<'de>, T>(
+    d: D,
+    expecting: &'static str,
+    number: fn(usize) -> T,
+    word: fn(&str) -> Option<T>,
+) -> Result<T, D::Error> {
+    use serde::de::{Error, Unexpected, Visitor};
+    struct NumberOrWord<T> {
+        expecting: &'static str,
+        number: fn(usize) -> T,
+        word: fn(&str) -> Option<T>,
+    }
+    impl<T> Visitor<'_> for NumberOrWord<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_u64<E: Error>(self, n: u64) -> Result<T, E> {
+            usize::try_from(n).map(self.number).map_err(|_| E::invalid_value(Unexpected::Unsigned(n), &self))
+        }
+        fn visit_i64<E: Error>(self, n: i64) -> Result<T, E> {
+            match u64::try_from(n) {
+                Ok(n) => self.visit_u64(n),
+                Err(_) => Err(E::invalid_value(Unexpected::Signed(n), &self)),
+            }
+        }
+        fn visit_str<E: Error>(self, s: &str) -> Result<T, E> {
+            (self.word)(s).ok_or_else(|| E::invalid_value(Unexpected::Str(s), &self))
+        }
+    }
+    d.deserialize_any(NumberOrWord { expecting, number, word })
 }
 
 /// A user's CSV dataset: every row one example, every column a number.
@@ -517,9 +561,13 @@ momentum = 0.9
                      out = 16\n[[model.nodes]]\nname = \"fc2\"\nop = \"linear\"\ninputs = [\"fc1\"]\nBAD\n\
                      [[model.nodes]]\nname = \"loss\"\nop = \"cross_entropy\"\ninputs = [\"fc2\", \"labels\"]\n";
         let rest = &GOOD[GOOD.find("[data]").unwrap()..];
-        for (bad, says) in
-            [("outs = 4", "unknown field `outs`"), ("out = -4", "Width"), ("out = 4\nbias = \"yes\"", "")]
-        {
+        for (bad, says) in [
+            ("outs = 4", "unknown field `outs`"),
+            ("out = -4", "invalid value: integer `-4`, expected a width: a whole number, or \"classes\""),
+            ("out = \"class\"", "invalid value: string \"class\", expected a width"),
+            ("out = 2.5", "invalid type: floating point `2.5`, expected a width"),
+            ("out = 4\nbias = \"yes\"", ""),
+        ] {
             let text = format!("{}{rest}", graph.replace("BAD", bad));
             let err = Config::from_toml(&text, "cfg.toml").unwrap_err().to_string();
             assert!(err.contains("model.nodes[1] (node \"fc2\")") && err.contains(says), "{bad}: {err}");

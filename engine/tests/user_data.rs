@@ -384,6 +384,14 @@ fn bad_data_configs_name_the_field() {
         ("[data]\nkind = \"csv\"\nlabel_column = 0\nfeatures = 0\nclasses = 3\nholdout = 1", "data.features"),
         ("[data]\nkind = \"tokens\"\ndtype = \"u16\"\nvocab = 300", "data.kind"),
         ("[data]\nkind = \"tokens\"\ndtype = \"u8\"\nvocab = 300", "unknown variant `u8`, expected `u16` or `u32`"),
+        (
+            "[data]\nkind = \"csv\"\nlabel_column = -1\nfeatures = 12\nclasses = 3\nholdout = 1",
+            "data.label_column: invalid value: integer `-1`, expected a column: its 0-based index, or its header name",
+        ),
+        (
+            "[data]\nkind = \"csv\"\nlabel_column = 1.5\nfeatures = 12\nclasses = 3\nholdout = 1",
+            "data.label_column: invalid type: floating point `1.5`, expected a column",
+        ),
     ] {
         let text = format!(
             "{MLP}\n{data}\n[train]\nbatch_size = 8\nsteps = 6\nseed = 4\ncheckpoint_interval = 2\n\

@@ -175,7 +175,12 @@ async fn serve_and_audit(out: PathBuf, records: PathBuf) -> Result<()> {
             let ev = client.get(format!("{daemon_url}/v1/reports/{id}/evidence")).send().await?.error_for_status()?;
             let path = out.join(format!("{run}.evidence"));
             std::fs::write(&path, ev.bytes().await?)?;
-            println!("  evidence {}  (check it: auditor adjudicate --evidence {})", path.display(), path.display());
+            println!(
+                "  evidence {}  (check it: auditor adjudicate --evidence {} --report {})",
+                path.display(),
+                path.display(),
+                report_path.display()
+            );
         }
         println!("  report   {}  (check it: auditor verify-report {})", report_path.display(), report_path.display());
     }

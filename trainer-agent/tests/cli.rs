@@ -81,6 +81,28 @@ fn train_then_inspect_agree_and_runs_are_deterministic() {
     assert_eq!(insp["leaves"].as_array().unwrap().len(), 13, "initial state first, then one leaf per step");
     assert_eq!(insp["log_bytes"].as_array().unwrap().len(), 12);
     assert_eq!(insp["complete"], true);
+    // Every step's committed files are checked, not only the leaves: one flipped byte of a
+    // batch or of a checkpoint deep in the record is named.
+    let dir = base.join("a");
+    let checkpoint = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .expect("the record has checkpoints");
+    for file in [dir.join("steps/0000000009.batch"), checkpoint] {
+        let good = std::fs::read(&file).unwrap();
+        let mut bad = good.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 1;
+        std::fs::write(&file, &bad).unwrap();
+        let o = Command::new(BIN).arg("inspect").arg(&dir).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(!o.status.success() && err.contains(&name), "{name}: {:?} {err}", o.status);
+        std::fs::write(&file, &good).unwrap();
+    }
+    let o = Command::new(BIN).arg("inspect").arg(&dir).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Another profile gives the same FP32 states, hence... a different root only through logs.
     let c = json(&train(&base.join("c"), &["--steps", "12", "--json", "--device", "cpu-seq"]));
     assert_eq!(c["n_steps"], 12);

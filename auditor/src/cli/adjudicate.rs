@@ -1,16 +1,17 @@
 //! `auditor adjudicate`: re-execute the disputed step of an evidence bundle and exit by whom
 //! the re-execution sides with.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use auditor::VerdictKind;
 use auditor::evidence::{Adjudication, Evidence, Side, adjudicate};
-use auditor::report::AdjudicationJson;
+use auditor::report::{AdjudicationJson, verified};
 
 use super::audit::device_arg;
-use super::exit::{Exit, Failure};
+use super::exit::{Exit, Failure, undecided};
 use super::output::{emit, require_exists};
+use super::verify::REPORT_BYTES_MAX;
 
 /// The exit codes of `adjudicate` (shown in its `--help`).
 pub const EXIT_CODES: &str = "\
@@ -20,7 +21,8 @@ Exit codes:
   1   sides with the auditor: the accusation stands (log entries that do not hold up, whatever
       the bundle's verdict kind; or the auditor's leaf is reproduced, not the trainer's)
   3   sides with neither: the re-execution reproduces neither leaf
-  2   could not decide (an unreadable or inconsistent bundle, a dataset that does not match)
+  2   could not decide (an unreadable or inconsistent bundle, a dataset that does not match;
+      with --report, a report that does not verify or a bundle that is not that report's)
   64  usage error (bad flags, an unknown or unavailable --device, a missing file)
 The JSON's `reproduces` field is the side.";
 
@@ -32,6 +34,12 @@ pub struct AdjudicateArgs {
     /// The device profile to re-execute the step on.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The signed report the bundle belongs to (`auditor audit --report`, or /v1/reports/{id}).
+    /// The bundle is not signed; with its report, whose signature is checked, a bundle whose
+    /// record, leaves or verdict differ from the report's is refused (exit 2) before anything
+    /// is re-executed, so the auditor leaf compared with is the one the auditor signed.
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
     /// Dataset files, for specs that are not synthetic.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -55,10 +63,18 @@ pub fn run(args: AdjudicateArgs) -> Result<Exit, Failure> {
     if let Some(data) = &args.data {
         require_exists("--data", data)?;
     }
+    if let Some(report) = &args.report {
+        require_exists("--report", report)?;
+    }
     let ev = Evidence::read(&args.evidence).with_context(|| format!("--evidence {}", args.evidence.display()))?;
+    let signer = match &args.report {
+        Some(path) => Some(bind_to_report(&ev, path)?),
+        None => None,
+    };
     let a = adjudicate(&ev, device, args.data.as_deref())
         .with_context(|| format!("adjudicating {}", args.evidence.display()))?;
-    let out = AdjudicationJson::from_adjudication(&a);
+    let mut out = AdjudicationJson::from_adjudication(&a);
+    out.report_signed_by = signer;
     let text = if args.json {
         serde_json::to_string_pretty(&out).expect("plain data serialises") + "\n"
     } else {
@@ -66,6 +82,21 @@ pub fn run(args: AdjudicateArgs) -> Result<Exit, Failure> {
     };
     emit(&text)?;
     Ok(exit_of(a.reproduces))
+}
+
+/// Verifies the report at `path` and checks that `ev` is its bundle; the report's signer.
+fn bind_to_report(ev: &Evidence, path: &Path) -> Result<String, Failure> {
+    let shown = path.display();
+    let bytes = common::files::read_regular_prefix(path, REPORT_BYTES_MAX + 1)
+        .map_err(|e| undecided(format_args!("--report {shown}: {e}")))?;
+    if bytes.len() as u64 > REPORT_BYTES_MAX {
+        return Err(undecided(format_args!("--report {shown}: more than {REPORT_BYTES_MAX} bytes: not a report")));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| undecided(format_args!("--report {shown}: not UTF-8 text")))?;
+    let (report, verified) =
+        verified(text).map_err(|e| undecided(format_args!("--report {shown} does not verify: {e}")))?;
+    ev.check_against(&report).map_err(|e| undecided(format_args!("--report {shown}: {e}")))?;
+    Ok(verified.auditor_public_key)
 }
 
 fn human(a: &Adjudication, out: &AdjudicationJson) -> String {
@@ -93,6 +124,9 @@ fn human(a: &Adjudication, out: &AdjudicationJson) -> String {
     text += &format!("  auditor  state {}\n", out.auditor_leaf.state);
     for entry in &a.forged {
         text += &format!("  does not hold up: {entry}\n");
+    }
+    if let Some(key) = &out.report_signed_by {
+        text += &format!("  the bundle is the signed report's (auditor key {key})\n");
     }
     if !a.root_signed {
         text += "  the root is the bundle's claim (an unfinished run has no signed manifest)\n";

@@ -12,7 +12,7 @@ use super::output::{emit, require_exists};
 
 /// Reports are a few kilobytes (a verdict, two leaves with proofs, a batch's indices); a file
 /// far larger is not one, and is not read into memory.
-const REPORT_BYTES_MAX: u64 = 16 << 20;
+pub const REPORT_BYTES_MAX: u64 = 16 << 20;
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {

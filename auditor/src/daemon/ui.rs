@@ -499,7 +499,7 @@ pub async fn report_page(
         ev = if evidence { format!(" --evidence {id}.tbev") } else { String::new() },
         adj = if evidence {
             format!(
-                "\nauditor adjudicate --evidence {id}.tbev   # re-executes the disputed step (add --data for MNIST or text runs)"
+                "\nauditor adjudicate --evidence {id}.tbev --report {id}.json   # re-executes the disputed step (add --data for MNIST or text runs)"
             )
         } else {
             String::new()

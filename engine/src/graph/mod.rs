@@ -93,11 +93,25 @@ pub struct GraphConfig {
 
 /// A width: a number, or `"classes"` for the data's class count (the vocabulary of text data,
 /// which only the data knows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Width {
     Fixed(usize),
     Classes(ClassesWord),
+}
+
+/// Read by hand so that a wrong width is named in the user's words ("expected a whole number,
+/// or \"classes\"…"), not as an untagged enum that matched no variant. It reads what the derived
+/// form wrote.
+impl<'de> Deserialize<'de> for Width {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Width, D::Error> {
+        crate::spec::number_or_word(
+            d,
+            "a width: a whole number, or \"classes\" for the data's class count",
+            Width::Fixed,
+            |w| (w == "classes").then_some(Width::Classes(ClassesWord::Classes)),
+        )
+    }
 }
 
 /// The word `classes`.
