@@ -499,7 +499,7 @@ impl TrainerSource for HttpTrainer {
         }
     }
 
-    fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
+    fn leaves(&self, signed_steps: Option<u64>) -> Result<Vec<Leaf>, SourceError> {
         let claimed = self.info()?.n_steps;
         // Checked before anything is fetched or kept for them: the spec (checked before the
         // leaves are asked for) bounds the steps.
@@ -510,6 +510,19 @@ impl TrainerSource for HttpTrainer {
                 offset: None,
                 what: format!(
                     "the run's info claims {claimed} committed steps, more than the {planned} its spec plans (GET {})",
+                    path::run(&self.run)
+                ),
+            });
+        }
+        // The run info is not signed: a server claiming more leaves than its signed manifest
+        // commits to would make this auditor size (and refuse, as its own limit) leaves that were
+        // never committed.
+        if let Some(signed) = signed_steps.filter(|&n| n != claimed) {
+            return Err(SourceError::Invalid {
+                file: record::LEAVES_FILE.into(),
+                offset: None,
+                what: format!(
+                    "the run's info claims {claimed} committed steps, its signed manifest {signed} (GET {})",
                     path::run(&self.run)
                 ),
             });

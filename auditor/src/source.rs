@@ -48,8 +48,11 @@ pub trait TrainerSource: Sync {
     fn spec_bytes(&self) -> Result<Vec<u8>, SourceError>;
     /// The signed manifest; `None` for a run that has not finished.
     fn manifest(&self) -> Result<Option<Manifest>, SourceError>;
-    /// Every committed leaf, leaf 0 (the initial state) first.
-    fn leaves(&self) -> Result<Vec<Leaf>, SourceError>;
+    /// Every committed leaf, leaf 0 (the initial state) first. `signed_steps` is the step count
+    /// of the signed manifest, once its signature has been checked: a source that learns the
+    /// count some other way (a record server's unsigned run info) must not go by a count that
+    /// contradicts it.
+    fn leaves(&self, signed_steps: Option<u64>) -> Result<Vec<Leaf>, SourceError>;
     /// Bisection query: the hashes of the two children of node `[lo, hi)` of the tree over the
     /// first `size` leaves.
     fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError>;
@@ -161,7 +164,7 @@ impl TrainerSource for LocalRecord {
         Ok(self.record.manifest().cloned())
     }
 
-    fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
+    fn leaves(&self, _signed_steps: Option<u64>) -> Result<Vec<Leaf>, SourceError> {
         Ok(self.record.leaves().to_vec())
     }
 

@@ -305,6 +305,17 @@ fn adjudicate_exits_by_the_side_it_takes() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("is not the signed report's: its auditor leaf"), "{}", stderr(&out));
     assert!(out.stdout.is_empty(), "nothing is adjudicated");
+    // Without a signed manifest nothing in a bundle is signed: a made-up tree could side with
+    // anyone, so it is adjudicated only against its signed report.
+    let mut unsigned = ev.clone();
+    unsigned.manifest_json.clear();
+    unsigned.write(&dir.join("unsigned.tbev")).unwrap();
+    let out = auditor(&dir, &["adjudicate", "--evidence", "unsigned.tbev"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("root is not signed") && stderr(&out).contains("--report"), "{}", stderr(&out));
+    let out = auditor(&dir, &["adjudicate", "--evidence", "unsigned.tbev", "--report", "r.json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stdout(&out).contains("the root is the one the signed report names"), "{}", stdout(&out));
     // A report that does not verify binds nothing; neither does one without a disputed step.
     let report = std::fs::read_to_string(dir.join("r.json")).unwrap();
     let auditor_state =

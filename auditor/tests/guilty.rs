@@ -181,11 +181,11 @@ impl TrainerSource for Refusing {
     fn manifest(&self) -> Result<Option<Manifest>, SourceError> {
         self.inner.manifest()
     }
-    fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
+    fn leaves(&self, signed_steps: Option<u64>) -> Result<Vec<Leaf>, SourceError> {
         if self.leaves {
             return Err(Self::refused("leaves"));
         }
-        self.inner.leaves()
+        self.inner.leaves(signed_steps)
     }
     fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError> {
         self.inner.child_hashes(lo, hi, size)
@@ -419,10 +419,12 @@ fn honest_records_stay_consistent_in_every_mode() {
 fn special_files_in_a_local_record_are_findings_not_hangs() {
     let dir = scratch("special-files");
     type Make = fn(&Path);
-    let kinds: [(&str, Make); 4] = [
+    let kinds: [(&str, Make); 5] = [
         ("directory", |p| std::fs::create_dir(p).unwrap()),
         ("fifo", |p| assert!(std::process::Command::new("mkfifo").arg(p).status().unwrap().success())),
         ("link to /dev/zero", |p| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
+        // A "regular file" whose every read fails (EIO): the link is the trainer's doing.
+        ("link to /proc/self/mem", |p| std::os::unix::fs::symlink("/proc/self/mem", p).unwrap()),
         ("symlink loop", |p| std::os::unix::fs::symlink(p, p).unwrap()),
     ];
     for (i, (kind, make)) in kinds.into_iter().enumerate() {

@@ -23,6 +23,8 @@ enum Trick {
     Endless(&'static str),
     /// The run info claims 2⁶² committed steps.
     ClaimSteps,
+    /// The run info claims this many committed steps.
+    ClaimStepsOf(u64),
     /// The manifest answered `404 unfinished`.
     WithholdManifest,
     /// Every state answered `503 busy`, forever.
@@ -96,9 +98,14 @@ async fn hostile(upstream: String, trick: Trick) -> String {
                     }
                 }
                 let mut body = resp.bytes().await.unwrap().to_vec();
-                if matches!(trick, Trick::ClaimSteps) && path.split('/').count() == 4 && status.is_success() {
+                let claim = match trick {
+                    Trick::ClaimSteps => Some(1u64 << 62),
+                    Trick::ClaimStepsOf(n) => Some(n),
+                    _ => None,
+                };
+                if let Some(n) = claim.filter(|_| path.split('/').count() == 4 && status.is_success()) {
                     let mut info: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                    info["n_steps"] = (1u64 << 62).into();
+                    info["n_steps"] = n.into();
                     body = serde_json::to_vec(&info).unwrap();
                 }
                 let head = format!(
@@ -173,6 +180,40 @@ async fn a_hostile_record_server_cannot_turn_a_divergence_into_could_not_decide(
             _ => panic!("{trick:?}: {verdict:?}"),
         }
         assert!(t0.elapsed() < Duration::from_secs(30), "{trick:?}: {:?}", t0.elapsed());
+    }
+    trainer.stop().await;
+}
+
+/// The run info is not signed: a server claiming every planned step of a run whose signed
+/// manifest commits to fewer must not make the auditor size, and refuse as its own limit, leaves
+/// that were never committed (the limit here fits the 11 signed leaves, not the 14 planned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_count_the_signed_manifest_contradicts_is_a_finding() {
+    let dir = scratch("hostile-server-count");
+    let drill = Drill {
+        fault: Some(Fault { kind: FaultKind::PerturbWeight, step: 6 }),
+        stop_after: Some(10),
+        ..Drill::default()
+    };
+    place(&write_record(&dir.join("f"), Profile::Cpu, SGD, drill), &dir.join("records"), "f");
+    let trainer = start_trainer(&dir.join("records"), None).await;
+    let policy =
+        RetryPolicy { deadline: Duration::from_secs(5), response_bytes_max: 12 * 109, ..RetryPolicy::default() };
+    for (claim, expect) in [(10, "diverged"), (13, "its signed manifest 10")] {
+        let url = hostile(trainer.url.clone(), Trick::ClaimStepsOf(claim)).await;
+        let policy = policy.clone();
+        let verdict = tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let src = HttpTrainer::new(&url, "f", None, policy, rt.handle().clone()).unwrap();
+            audit(&src, &AuditOptions::new(Profile::CpuSeq), &NoProgress).map(|a| a.verdict)
+        })
+        .await
+        .unwrap();
+        match (&verdict, expect) {
+            (Ok(Verdict::Diverged { step: 6, .. }), "diverged") => {}
+            (Ok(Verdict::CommitmentInvalid { what, .. }), _) if what.contains(expect) => {}
+            _ => panic!("a claim of {claim} steps: {verdict:?}"),
+        }
     }
     trainer.stop().await;
 }

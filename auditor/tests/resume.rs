@@ -80,8 +80,8 @@ impl TrainerSource for WithStates {
     fn manifest(&self) -> Result<Option<Manifest>, SourceError> {
         self.inner.manifest()
     }
-    fn leaves(&self) -> Result<Vec<Leaf>, SourceError> {
-        self.inner.leaves()
+    fn leaves(&self, signed_steps: Option<u64>) -> Result<Vec<Leaf>, SourceError> {
+        self.inner.leaves(signed_steps)
     }
     fn child_hashes(&self, lo: u64, hi: u64, size: u64) -> Result<(Hash, Hash), SourceError> {
         self.inner.child_hashes(lo, hi, size)

@@ -56,6 +56,9 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const LOG_RAW_BYTES_MAX: usize = 256 << 20;
 /// Most bytes a decompressed state may have.
 pub const STATE_RAW_BYTES_MAX: usize = 4 << 30;
+/// Most bytes a stored (compressed) checkpoint or state may have: zstd's worst case for
+/// [`STATE_RAW_BYTES_MAX`] (`ZSTD_COMPRESSBOUND`: the input, 1/256 of it, and a small margin).
+pub const STATE_FILE_BYTES_MAX: u64 = STATE_RAW_BYTES_MAX as u64 + (STATE_RAW_BYTES_MAX as u64 >> 8) + (128 << 10);
 /// Most bytes a spec or manifest file may have.
 pub const JSON_FILE_BYTES_MAX: u64 = 1 << 20;
 /// Most bytes a batch file may have.
@@ -476,5 +479,14 @@ impl RecordWriter {
         let json = serde_json::to_vec_pretty(&m).expect("manifest serialises");
         write_atomic(&self.dir.join(MANIFEST_FILE), &json)?;
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_stored_state_fits_its_bound_however_it_compresses() {
+        let bound = zstd::zstd_safe::compress_bound(super::STATE_RAW_BYTES_MAX) as u64;
+        assert!(super::STATE_FILE_BYTES_MAX >= bound, "{} < {bound}", super::STATE_FILE_BYTES_MAX);
     }
 }

@@ -145,7 +145,9 @@ enum Command {
         /// committed dataset.
         #[arg(long, value_name = "[NAME=]PATH")]
         data: Vec<String>,
-        /// Refuse (413) responses larger than this.
+        /// Refuse (413) responses larger than this. The default serves any file an honest
+        /// record can hold; an auditor reads a committed file refused as withheld, so a lower
+        /// limit must stay above the records' largest checkpoint.
         #[arg(long, default_value_t = trainer_agent::serve::RESPONSE_BYTES_MAX_DEFAULT)]
         max_response_bytes: u64,
         /// Most state recomputations at once; more are answered 503 busy.

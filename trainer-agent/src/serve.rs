@@ -51,8 +51,11 @@ use crate::TrainerError;
 pub const REQUEST_BODY_BYTES_MAX: usize = 16 << 10;
 /// Time a request body (never needed) may take to arrive.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default for [`ServeOptions::response_bytes_max`].
-pub const RESPONSE_BYTES_MAX_DEFAULT: u64 = 256 << 20;
+/// Default for [`ServeOptions::response_bytes_max`]: the largest file an honest record can hold
+/// (a checkpoint of a state at the record format's limit, compressed at worst), so the default
+/// serves every committed file. An auditor reads a refused committed file as withheld: a lower
+/// limit is the operator's choice, and only safe above the records' largest checkpoint.
+pub const RESPONSE_BYTES_MAX_DEFAULT: u64 = record::STATE_FILE_BYTES_MAX;
 /// Default for [`ServeOptions::recompute_max`].
 pub const RECOMPUTE_MAX_DEFAULT: usize = 2;
 /// Default for [`ServeOptions::recompute_wait`].
@@ -95,7 +98,7 @@ pub struct ServeOptions {
 }
 
 impl ServeOptions {
-    /// Options serving `records` with the defaults: no token, no data, 256 MiB responses, two
+    /// Options serving `records` with the defaults: no token, no data, responses as large as a record's files, two
     /// recomputations at once, one second's wait for a slot.
     pub fn new(records: impl Into<PathBuf>) -> Self {
         ServeOptions {

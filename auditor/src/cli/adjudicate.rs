@@ -22,7 +22,8 @@ Exit codes:
       the bundle's verdict kind; or the auditor's leaf is reproduced, not the trainer's)
   3   sides with neither: the re-execution reproduces neither leaf
   2   could not decide (an unreadable or inconsistent bundle, a dataset that does not match;
-      with --report, a report that does not verify or a bundle that is not that report's)
+      with --report, a report that does not verify or a bundle that is not that report's;
+      without it, a bundle of an unfinished run, whose root nobody signed)
   64  usage error (bad flags, an unknown or unavailable --device, a missing file)
 The JSON's `reproduces` field is the side.";
 
@@ -69,6 +70,17 @@ pub fn run(args: AdjudicateArgs) -> Result<Exit, Failure> {
     let ev = Evidence::read(&args.evidence).with_context(|| format!("--evidence {}", args.evidence.display()))?;
     let signer = match &args.report {
         Some(path) => Some(bind_to_report(&ev, path)?),
+        // Without a signed manifest (an unfinished run) nothing in the bundle is signed: its
+        // leaves, proofs and root could all be made up, so a side taken on them would prove
+        // nothing about the trainer's record. The auditor's signed report binds them.
+        None if ev.manifest_json.is_empty() => {
+            return Err(undecided(format_args!(
+                "--evidence {}: the bundle's root is not signed (the run had no manifest when it was \
+                 audited), so nothing binds its leaves to the trainer's record; give its signed report \
+                 with --report",
+                args.evidence.display()
+            )));
+        }
         None => None,
     };
     let a = adjudicate(&ev, device, args.data.as_deref())
@@ -129,7 +141,7 @@ fn human(a: &Adjudication, out: &AdjudicationJson) -> String {
         text += &format!("  the bundle is the signed report's (auditor key {key})\n");
     }
     if !a.root_signed {
-        text += "  the root is the bundle's claim (an unfinished run has no signed manifest)\n";
+        text += "  the root is the one the signed report names (an unfinished run has no signed manifest)\n";
     }
     text
 }

@@ -35,7 +35,12 @@ pub(super) fn check(src: &dyn TrainerSource, opts: &AuditOptions) -> Result<Comm
     let manifest = src.manifest().map_err(|e| source_stop(e, Phase::Committing))?;
     // Once a signed manifest is out, its leaves are committed: refusing them is withholding.
     let leaves_phase = if manifest.is_some() { Phase::Committed } else { Phase::Committing };
-    let leaves = src.leaves().map_err(|e| source_stop(e, leaves_phase))?;
+    // The signature first: its step count then bounds what the leaves may be (a source's own
+    // count, such as a record server's run info, is not signed).
+    if let Some(m) = &manifest {
+        check_signed(m, &spec, &spec_hash)?;
+    }
+    let leaves = src.leaves(manifest.as_ref().map(|m| m.n_steps)).map_err(|e| source_stop(e, leaves_phase))?;
     if leaves.is_empty() {
         return Err(Verdict::invalid(record::LEAVES_FILE, Some(0), "no initial leaf").into());
     }
@@ -58,7 +63,7 @@ pub(super) fn check(src: &dyn TrainerSource, opts: &AuditOptions) -> Result<Comm
     }
     let tree = MerkleTree::from_leaf_hashes(leaves.iter().map(|l| leaf_hash(&l.encode())));
     if let Some(m) = &manifest {
-        check_manifest(m, &spec, &spec_hash, &tree)?;
+        check_manifest(m, &tree)?;
     }
     if let Some(key) = &opts.trainer_key {
         match &manifest {
@@ -115,18 +120,18 @@ fn check_format(bytes: &[u8]) -> Result<(), Stop> {
 }
 
 /// The signed manifest against the spec and the leaves.
-fn check_manifest(
-    m: &Manifest,
-    spec: &RunSpec,
-    spec_hash: &common::codec::Hash,
-    tree: &MerkleTree,
-) -> Result<(), Stop> {
+/// The manifest's signature and what it says of the spec, before its leaves are fetched.
+fn check_signed(m: &Manifest, spec: &RunSpec, spec_hash: &common::codec::Hash) -> Result<(), Stop> {
     let bad = |what: String| Stop::Verdict(Verdict::invalid(record::MANIFEST_FILE, None, what));
     m.verify_signature().map_err(bad)?;
     if m.spec_hash != to_hex(spec_hash) {
         return Err(bad(format!("spec hash {} does not match spec.json's {}", m.spec_hash, to_hex(spec_hash))));
     }
-    m.check_against(spec).map_err(bad)?;
+    m.check_against(spec).map_err(bad)
+}
+
+/// The signed manifest against the leaves: their number and their root.
+fn check_manifest(m: &Manifest, tree: &MerkleTree) -> Result<(), Stop> {
     if m.n_steps + 1 != tree.len() {
         return Err(Stop::Verdict(Verdict::invalid(
             record::LEAVES_FILE,

@@ -17,8 +17,28 @@ use super::RecordError;
 fn record_error(path: &Path) -> impl FnOnce(ReadError) -> RecordError + '_ {
     move |e| match e {
         ReadError::Unfit(what) => RecordError::Corrupt { path: path.to_path_buf(), offset: None, what },
+        // A link the record itself holds (the file, or the folder it is in) chose where the
+        // read went: a link to a file this machine cannot read (`/proc/self/mem`, a file the
+        // auditor may not open) is the trainer's doing, not this machine's trouble. A link
+        // to nothing stays a missing file; a link that reads is followed like any file.
+        ReadError::Io { op, source } if source.kind() != std::io::ErrorKind::NotFound && through_a_link(path) => {
+            let target = std::fs::read_link(path)
+                .or_else(|_| std::fs::canonicalize(path))
+                .map_or_else(|_| "?".into(), |t| t.display().to_string());
+            RecordError::Corrupt {
+                path: path.to_path_buf(),
+                offset: None,
+                what: format!("a symbolic link to {target}, which cannot be read ({op}: {source})"),
+            }
+        }
         ReadError::Io { op, source } => RecordError::Io { op, path: path.to_path_buf(), source },
     }
+}
+
+/// Whether `path` or the folder it is in is a symbolic link.
+fn through_a_link(path: &Path) -> bool {
+    let link = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+    link(path) || path.parent().is_some_and(link)
 }
 
 /// Reads the regular file at `path`, of at most `max` bytes (see the module docs).
@@ -54,6 +74,17 @@ mod tests {
             matches!(within_10s(move || read_regular(&z, 1 << 40)), Err(RecordError::Corrupt { path, .. }) if path == zero)
         );
         assert!(matches!(regular_len(&dir, 100), Err(RecordError::Corrupt { .. })), "a directory");
+        // A link to a file whose reads fail is the record's fault; a dangling one is missing.
+        let mem = dir.join("mem");
+        std::os::unix::fs::symlink("/proc/self/mem", &mem).unwrap();
+        assert!(
+            matches!(read_regular(&mem, 100), Err(RecordError::Corrupt { what, .. }) if what.contains("symbolic link to /proc/self/mem"))
+        );
+        let dangling = dir.join("dangling");
+        std::os::unix::fs::symlink(dir.join("nothing"), &dangling).unwrap();
+        assert!(
+            matches!(read_regular(&dangling, 100), Err(RecordError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
+        );
         let missing = read_regular(&dir.join("missing"), 100).unwrap_err();
         assert!(matches!(&missing, RecordError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound));
         let _ = std::fs::remove_dir_all(&dir);
