@@ -42,6 +42,11 @@ pub struct RetryPolicy {
     pub deadline: Duration,
     /// Largest response body accepted.
     pub response_bytes_max: u64,
+    /// The most time the trainer's answers may take in all, over one source and its clones
+    /// (requests in flight at once count each): past it, the next request is not made and the
+    /// trainer is unresponsive. A trainer answering each request just inside `deadline` would
+    /// otherwise hold an audit until the auditor gives up on its own limit. `None`: no bound.
+    pub answers_time_max: Option<Duration>,
     /// Extra trust anchors (DER) for `https://` trainers, besides the system's roots.
     pub ca_certs: Vec<Vec<u8>>,
 }
@@ -54,6 +59,7 @@ impl Default for RetryPolicy {
             backoff_max: Duration::from_secs(10),
             deadline: Duration::from_secs(120),
             response_bytes_max: 512 << 20,
+            answers_time_max: None,
             ca_certs: Vec::new(),
         }
     }
@@ -72,6 +78,11 @@ impl RetryPolicy {
 /// and shown in statuses; a token goes in `trainer_token`. The message names the problem,
 /// never the URL's password.
 pub fn parse_trainer_url(url: &str) -> Result<reqwest::Url, String> {
+    // The URL parser drops tabs and newlines and trims spaces, so such a URL would be fetched as
+    // another string than the one stored, logged, printed and signed into the report.
+    if let Some((at, c)) = url.char_indices().find(|&(_, c)| c.is_control() || c.is_whitespace()) {
+        return Err(format!("has a control or space character ({c:?}) at byte {at}"));
+    }
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL ({e})"))?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err("has credentials in it (user:password@); pass a bearer token as trainer_token instead".into());
@@ -143,6 +154,8 @@ pub struct HttpTrainer {
     parsed: Arc<std::sync::OnceLock<Option<engine::spec::RunSpec>>>,
     /// Held while a frame past [`BIG`] bytes is decompressed.
     big_frames: Arc<std::sync::Mutex<()>>,
+    /// Time spent waiting for the trainer's answers, in microseconds (all clones).
+    answering: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for HttpTrainer {
@@ -189,6 +202,7 @@ impl HttpTrainer {
             spec: Arc::new(std::sync::OnceLock::new()),
             parsed: Arc::default(),
             big_frames: Arc::default(),
+            answering: Arc::default(),
         })
     }
 
@@ -208,6 +222,19 @@ impl HttpTrainer {
         &self.run
     }
 
+    /// The time spent so far waiting for the trainer's answers, retries included, summed over
+    /// this source and its clones (see [`RetryPolicy::answers_time_max`]).
+    pub fn answering(&self) -> Duration {
+        Duration::from_micros(self.answering.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Adds the time spent waiting for answers to `clock` (microseconds), which the caller
+    /// keeps: [`HttpTrainer::answering`] reads it.
+    pub fn with_answering_clock(mut self, clock: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.answering = clock;
+        self
+    }
+
     fn failed(&self, kind: &str) {
         if let Some(h) = &self.on_error {
             h(kind);
@@ -225,6 +252,32 @@ impl HttpTrainer {
     }
 
     async fn get_async(
+        &self,
+        path: &str,
+        honest_max: Option<u64>,
+        deadline: Duration,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
+        if let Some(max) = self.policy.answers_time_max {
+            let spent = self.answering();
+            if spent >= max {
+                return Err(SourceError::Unresponsive {
+                    what: format!(
+                        "GET {path} not asked: the trainer's answers have taken {:.1} s in all, past the {:.1} s this \
+                         auditor gives one audit's answers",
+                        spent.as_secs_f64(),
+                        max.as_secs_f64()
+                    ),
+                });
+            }
+        }
+        let started = Instant::now();
+        let got = self.get_aborting(path, honest_max, deadline).await;
+        let spent = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.answering.fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
+        got
+    }
+
+    async fn get_aborting(
         &self,
         path: &str,
         honest_max: Option<u64>,
@@ -719,6 +772,7 @@ mod tests {
             backoff_max: Duration::from_millis(40),
             deadline: Duration::from_millis(1000),
             response_bytes_max: 1 << 20,
+            answers_time_max: None,
             ca_certs: Vec::new(),
         };
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));

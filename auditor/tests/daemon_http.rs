@@ -189,6 +189,12 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"trainer_token\": \"a\\nb\"}"), 400, "bad-request"),
         (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"trainer_token\": \" \"}"), 400, "bad-request"),
         (raw("{\"trainer_url\": \"http://x\", \"run\": \"r\", \"data\": \"../x\"}"), 400, "bad-request"),
+        // The URL parser drops tabs and newlines: stored, logged and signed as given, fetched as
+        // another string, and a way to forge log lines or send escapes to a terminal.
+        (raw("{\"trainer_url\": \"http://127.0.0.1:9\\n\", \"run\": \"r\"}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \"http://127.0.0.1:9\\t/x\", \"run\": \"r\"}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \"http://127.0.0.1:9/\\u001b[2J\", \"run\": \"r\"}"), 400, "bad-request"),
+        (raw("{\"trainer_url\": \" http://127.0.0.1:9\", \"run\": \"r\"}"), 400, "bad-request"),
         (raw(&format!("{{\"trainer_url\": \"http://x\", \"run\": \"{}\"}}", "r".repeat(5000))), 413, "too-large"),
         (c.get(format!("{url}/v1/audits/audit-999")).bearer_auth("t0k3n"), 404, "not-found"),
         (c.get(format!("{url}/v1/audits/..%2F..%2Fetc")).bearer_auth("t0k3n"), 404, "not-found"),
@@ -562,10 +568,12 @@ async fn a_request_longer_than_the_lease_keeps_the_audit_with_its_attempt() {
     trainer.stop().await;
 }
 
-/// A trainer that answers everything, slowly, runs into the daemon's per-audit time limit:
-/// `failed` with reason `time-limit`, no verdict and no report.
+/// A trainer that answers everything, slowly, cannot turn its audit into the daemon's time
+/// limit: the trainer's answering time is not the daemon's (`audit_time_max_ms` bounds the
+/// daemon's own work), and past a budget of the same size the trainer is unresponsive, a signed
+/// verdict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_trainer_meets_the_time_limit_which_is_not_a_verdict() {
+async fn a_slow_trainer_is_unresponsive_not_the_daemons_time_limit() {
     let dir = scratch("daemon-time-limit");
     let records = dir.join("records");
     place(&write_record(&dir.join("h"), Profile::Cpu, SGD, Drill::default()), &records, "h");
@@ -581,17 +589,19 @@ async fn a_slow_trainer_meets_the_time_limit_which_is_not_a_verdict() {
     let id = v["id"].as_str().unwrap();
     let t0 = Instant::now();
     let done = wait_done(&c, &daemon.url, id, None).await;
-    assert!(t0.elapsed() < Duration::from_secs(5), "stopped at the limit: {done}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "stopped at the budget: {done}");
     assert_eq!(
-        (done["state"].as_str(), done["reason"].as_str(), done["verdict"].as_str()),
-        (Some("failed"), Some("time-limit"), None),
+        (done["state"].as_str(), done["verdict"].as_str()),
+        (Some("done"), Some("trainer-unresponsive")),
         "{done}"
     );
-    assert!(done["error"].as_str().unwrap().contains("audit_time_max_ms = 1000"), "{done}");
-    let (s, _, _) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
-    assert_eq!(s, 404);
+    let (s, report, _) = send(c.get(format!("{}/v1/reports/{id}", daemon.url))).await;
+    assert_eq!(s, 200);
+    assert!(report["verdict"]["what"].as_str().unwrap().contains("the trainer's answers have taken"), "{report}");
     let (_, _, text) = send(c.get(format!("{}/metrics", daemon.url))).await;
-    assert!(String::from_utf8(text).unwrap().contains("tiebreak_auditor_audits_failed_total{reason=\"time-limit\"} 1"));
+    assert!(
+        !String::from_utf8(text).unwrap().contains("tiebreak_auditor_audits_failed_total{reason=\"time-limit\"} 1")
+    );
     daemon.stop().await;
     trainer.stop().await;
 }

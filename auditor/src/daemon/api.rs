@@ -59,6 +59,17 @@ impl ApiError {
     }
 }
 
+/// A write through the API that failed counts as the worker's failed writes do (the store-errors
+/// metric, and `/healthz`'s "a store write failed recently"): a daemon on a full disk that refuses
+/// every submission must not look healthy to a load balancer.
+fn write_failed(shared: &Shared, op: &'static str) -> impl FnOnce(super::job::StoreError) -> ApiError + Send + 'static {
+    let metrics = shared.metrics.clone();
+    move |e| {
+        super::job::Observer::store_error(&metrics, op);
+        ApiError::store(e)
+    }
+}
+
 /// Seconds a client is asked to wait before retrying a 429 or a 503.
 const RETRY_AFTER_S: &str = "10";
 
@@ -217,7 +228,8 @@ async fn submit(
     let store = shared.store.clone();
     let queued_max = shared.config.queue_max;
     let now = shared.clock.now_ms();
-    let inserted = blocking(move || store.insert(&request, queued_max, now).map_err(ApiError::store)).await?;
+    let failed = write_failed(&shared, "insert");
+    let inserted = blocking(move || store.insert(&request, queued_max, now).map_err(failed)).await?;
     match inserted {
         Inserted::New(id) => {
             shared.metrics.submitted.inc();
@@ -464,7 +476,8 @@ async fn cancel(
     authorize(&shared, &headers)?;
     let id = path_id(path)?;
     let (store, lookup, now) = (shared.store.clone(), id.clone(), shared.clock.now_ms());
-    let state = blocking(move || store.cancel(&lookup, now).map_err(ApiError::store)).await?;
+    let failed = write_failed(&shared, "cancel");
+    let state = blocking(move || store.cancel(&lookup, now).map_err(failed)).await?;
     match state {
         None => Err(ApiError::not_found(format!("no audit {id:?}"))),
         Some(JobState::Done) => Err(ApiError::new(
@@ -484,7 +497,8 @@ async fn retry(
     authorize(&shared, &headers)?;
     let id = path_id(path)?;
     let (store, lookup, now, max) = (shared.store.clone(), id.clone(), shared.clock.now_ms(), shared.config.queue_max);
-    let state = blocking(move || store.retry(&lookup, max, now).map_err(ApiError::store)).await?;
+    let failed = write_failed(&shared, "retry");
+    let state = blocking(move || store.retry(&lookup, max, now).map_err(failed)).await?;
     match state {
         None => Err(ApiError::not_found(format!("no audit {id:?}"))),
         Some((true, _)) => {

@@ -215,6 +215,7 @@ impl TrainerSection {
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             deadline: Duration::from_millis(self.deadline_ms),
             response_bytes_max: self.response_bytes_max,
+            answers_time_max: None,
             // Read (and checked) by `Config::validate` at start.
             ca_certs: self.ca_file.as_deref().map(service::tls::read_ca_file).and_then(Result::ok).unwrap_or_default(),
         }

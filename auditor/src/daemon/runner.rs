@@ -57,10 +57,35 @@ struct HelpedKey {
     device: Profile,
 }
 
+/// One attempt's time. The daemon's own part (everything but waiting for the trainer's
+/// answers) is bounded by `audit_time_max_ms`; the trainer's answers have a bound of the same
+/// size of their own ([`crate::http::RetryPolicy::answers_time_max`]), past which the trainer is
+/// unresponsive: a trainer answering every request just inside its deadline cannot turn its
+/// audit into this daemon's time limit.
+#[derive(Clone)]
+struct Budget {
+    start: Instant,
+    time_max: Duration,
+    /// The trainer's answering time, in microseconds ([`HttpTrainer::with_answering_clock`]).
+    answering: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Budget {
+    fn new(time_max: Duration) -> Budget {
+        Budget { start: Instant::now(), time_max, answering: Arc::default() }
+    }
+
+    /// Whether the daemon's own part of the attempt has used up its time.
+    fn spent(&self) -> bool {
+        let answering = Duration::from_micros(self.answering.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(answering) >= self.time_max
+    }
+}
+
 /// The worker's progress, also cancelled when the attempt's time is up.
 struct TimeLimited<'a> {
     inner: &'a dyn Progress,
-    until: Instant,
+    budget: &'a Budget,
 }
 
 impl Progress for TimeLimited<'_> {
@@ -74,7 +99,7 @@ impl Progress for TimeLimited<'_> {
         self.inner.verified(job_start, through);
     }
     fn cancelled(&self) -> bool {
-        self.inner.cancelled() || Instant::now() >= self.until
+        self.inner.cancelled() || self.budget.spent()
     }
     fn share(&self) -> Option<&dyn crate::replay::Share> {
         self.inner.share()
@@ -167,48 +192,44 @@ impl HttpRunner {
 }
 
 /// Why an attempt past its time stopped, if it is past it.
-fn timed_out(until: Instant, time_max: Duration) -> Option<String> {
-    (Instant::now() >= until).then(|| {
+fn timed_out(budget: &Budget) -> Option<String> {
+    budget.spent().then(|| {
         format!(
-            "time-limit: the audit ran past this daemon's audit_time_max_ms = {} (the trainer kept answering; its \
-             answers and this daemon's replay together took longer than that allows); not a verdict",
-            time_max.as_millis()
+            "time-limit: this daemon's own work on the audit (its replay; the trainer's answering time is not \
+             counted) ran past its audit_time_max_ms = {}; not a verdict",
+            budget.time_max.as_millis()
         )
     })
 }
 
 impl HttpRunner {
     /// The trainer client and the audit options of one attempt at `job` that must end by
-    /// `until`; `Err` with the outcome when it cannot start.
-    fn prepare(&self, job: &Job, until: Instant) -> Result<(HttpTrainer, AuditOptions), Outcome> {
+    /// `budget`; `Err` with the outcome when it cannot start.
+    fn prepare(&self, job: &Job, budget: &Budget) -> Result<(HttpTrainer, AuditOptions), Outcome> {
         let r = &job.request;
         self.trainers.check_allowed(&r.trainer_url).map_err(Outcome::Failed)?;
         let metrics = self.metrics.clone();
-        let time_max = self.time_max;
         let shutdown = self.shutdown.clone();
+        let limit = budget.clone();
         let abort = Arc::new(move || {
             if shutdown.load(Ordering::SeqCst) {
                 Some("the auditor daemon is shutting down".to_string())
-            } else if Instant::now() >= until {
-                Some(format!("the audit ran past audit_time_max_ms = {}", time_max.as_millis()))
+            } else if limit.spent() {
+                Some(format!("the audit ran past audit_time_max_ms = {}", limit.time_max.as_millis()))
             } else {
                 None
             }
         });
-        let src = HttpTrainer::new(
-            &r.trainer_url,
-            &r.run,
-            r.trainer_token.clone(),
-            self.policy.clone(),
-            self.runtime.clone(),
-        )
-        .map_err(|e| Outcome::Failed(e.to_string()))?
-        .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
-        .with_abort(abort);
+        let policy = RetryPolicy { answers_time_max: Some(budget.time_max), ..self.policy.clone() };
+        let src = HttpTrainer::new(&r.trainer_url, &r.run, r.trainer_token.clone(), policy, self.runtime.clone())
+            .map_err(|e| Outcome::Failed(e.to_string()))?
+            .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
+            .with_answering_clock(budget.answering.clone())
+            .with_abort(abort);
         let device = match self.device_for(&src) {
             Ok(device) => device,
             Err(SourceError::Unavailable(e)) => {
-                return Err(timed_out(until, time_max).map_or(Outcome::Failed(e), Outcome::TimeLimit));
+                return Err(timed_out(budget).map_or(Outcome::Failed(e), Outcome::TimeLimit));
             }
             // Unresponsive or invalid: the audit below reaches the same error as a verdict.
             Err(_) => self.default_device.unwrap_or_default(),
@@ -232,9 +253,9 @@ impl Runner for HttpRunner {
 impl HttpRunner {
     /// One attempt at `job` ([`Runner::run`]).
     fn attempt(&self, job: &Job, progress: &dyn Progress) -> Outcome {
-        let until = Instant::now() + self.time_max;
-        let progress = &TimeLimited { inner: progress, until };
-        let (src, opts) = match self.prepare(job, until) {
+        let budget = &Budget::new(self.time_max);
+        let progress = &TimeLimited { inner: progress, budget };
+        let (src, opts) = match self.prepare(job, budget) {
             Ok(prepared) => prepared,
             Err(outcome) => return outcome,
         };
@@ -256,7 +277,7 @@ impl HttpRunner {
                 })
             }
             // Whatever ended it, an attempt past its time is a time limit, not a failure of its own.
-            Err(e) => match timed_out(until, self.time_max) {
+            Err(e) => match timed_out(budget) {
                 Some(why) => Outcome::TimeLimit(why),
                 None if matches!(e, AuditError::Cancelled) => Outcome::Cancelled,
                 None => Outcome::Failed(e.to_string()),
@@ -266,11 +287,11 @@ impl HttpRunner {
 
     /// One interval of `job` ([`Runner::run_interval`]).
     fn attempt_interval(&self, job: &Job, interval: (u64, u64), progress: &dyn Progress) -> ItemOutcome {
-        let until = Instant::now() + self.time_max;
-        let progress = &TimeLimited { inner: progress, until };
+        let budget = &Budget::new(self.time_max);
+        let progress = &TimeLimited { inner: progress, budget };
         // Whatever stops a helper early (an unreachable trainer, a record that does not check
         // out) is the coordinator's to find again and decide: the interval ends here.
-        let (src, mut opts) = match self.prepare(job, until) {
+        let (src, mut opts) = match self.prepare(job, budget) {
             Ok(prepared) => prepared,
             Err(outcome) => {
                 tracing::info!(?outcome, "interval not replayed here; the audit's coordinator replays it");
@@ -297,7 +318,7 @@ impl HttpRunner {
                     *self.helped.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, opened.clone()));
                     opened
                 }
-                Err(Stop::Undecided(AuditError::Cancelled)) if Instant::now() < until => return ItemOutcome::Cancelled,
+                Err(Stop::Undecided(AuditError::Cancelled)) if !budget.spent() => return ItemOutcome::Cancelled,
                 Err(e) => {
                     tracing::info!(error = ?e, "interval not replayed here; the audit's coordinator replays it");
                     return ItemOutcome::Ended;
@@ -305,7 +326,7 @@ impl HttpRunner {
             },
         };
         match replay_interval(&src, &opened, interval, &opts.resume, progress) {
-            Err(AuditError::Cancelled) if Instant::now() < until => ItemOutcome::Cancelled,
+            Err(AuditError::Cancelled) if !budget.spent() => ItemOutcome::Cancelled,
             Ok(()) | Err(_) => ItemOutcome::Ended,
         }
     }
