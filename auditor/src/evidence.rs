@@ -39,6 +39,11 @@ use crate::setup::build_run;
 use crate::{AuditError, VerdictKind};
 
 const MAGIC: &[u8; 4] = b"TBEV";
+/// The state digest of an auditor leaf whose step did not stay finite (a value overflowed from
+/// the agreed state): no state was computed, and no real digest is all zeros. Such a leaf is in
+/// the report and the bundle like any other; re-executing the step overflows again and
+/// reproduces it.
+pub const NOT_FINITE_STATE: Hash = [0; 32];
 const VERSION: u8 = 1;
 /// Largest decompressed bundle accepted (a state of up to 4 GiB plus its log and spec).
 pub const EVIDENCE_RAW_BYTES_MAX: usize = engine::record::STATE_RAW_BYTES_MAX + (512 << 20);
@@ -274,6 +279,12 @@ impl Evidence {
     }
 }
 
+/// The auditor's leaf of step `s` when replaying it overflowed: [`NOT_FINITE_STATE`], the log it
+/// followed and the batch it drew.
+pub fn not_finite_leaf(s: u64, log: &TieBreakLog, batch: &BatchIndices) -> Leaf {
+    Leaf { step: s, state: NOT_FINITE_STATE, log: log.digest(), batch: batch.digest() }
+}
+
 /// Whose leaf an adjudicator reproduced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -373,14 +384,20 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
         if run.state_digest(&state) != prev.leaf.state || state.step != s - 1 {
             return Err(bad("previous state does not match leaf s − 1"));
         }
-        let out = run.step(&state, s, StepMode::Replay(&ev.trainer_log), None)?;
-        let leaf = Leaf {
-            step: s,
-            state: run.state_digest(&out.state),
-            log: ev.trainer_log.digest(),
-            batch: out.batch.digest(),
-        };
-        (leaf, out.forged.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        match run.step(&state, s, StepMode::Replay(&ev.trainer_log), None) {
+            Ok(out) => {
+                let leaf = Leaf {
+                    step: s,
+                    state: run.state_digest(&out.state),
+                    log: ev.trainer_log.digest(),
+                    batch: out.batch.digest(),
+                };
+                (leaf, out.forged.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+            }
+            // From the agreed state the step overflows: no honest trainer committed a state for it.
+            Err(e) if e.is_overflow() => (not_finite_leaf(s, &ev.trainer_log, &run.batch_indices(s)), Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
     };
     // Decided from what the re-execution itself finds in the trainer's committed bytes, never
     // from the bundle's unsigned claims (its verdict kind, the auditor's leaf): log entries that

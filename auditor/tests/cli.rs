@@ -186,6 +186,10 @@ fn usage_and_configuration_errors_exit_64_and_help_exits_0() {
     let honest = write_record(&dir.join("honest"), Profile::Cpu, SGD, Drill::default());
     let rec = honest.to_str().unwrap().to_string();
     std::fs::write(dir.join("short.key"), "abcd\n").unwrap();
+    // Datasets named in the config are checked at start, as on the command line.
+    std::fs::write(dir.join("no-mnist.toml"), "[data]\nmnist = \"no-such-mnist\"\n").unwrap();
+    std::fs::write(dir.join("text-dir.toml"), "[data]\ntext = \".\"\n").unwrap();
+    std::fs::write(dir.join("no-file.toml"), "[data.files]\nclinic = \"no-such.csv\"\n").unwrap();
     let audit = |extra: &[&str]| {
         let mut a = vec!["audit".to_string(), "--record".into(), rec.clone()];
         a.extend(extra.iter().map(|s| s.to_string()));
@@ -218,6 +222,9 @@ fn usage_and_configuration_errors_exit_64_and_help_exits_0() {
         (owned(&["serve", "--listen", "not an address", "--state-dir", "st"]), "not an address"),
         (owned(&["serve", "--state-dir", "st", "--data", "a b=short.key"]), "--data a b="),
         (owned(&["serve", "--state-dir", "st", "--data", "clinic=no-such.csv"]), "no-such.csv"),
+        (owned(&["serve", "--state-dir", "st", "--config", "no-mnist.toml"]), "data.mnist = no-such-mnist"),
+        (owned(&["serve", "--state-dir", "st", "--config", "text-dir.toml"]), "data.text = .: a directory"),
+        (owned(&["serve", "--state-dir", "st", "--config", "no-file.toml"]), "data.files.clinic = no-such.csv"),
         (owned(&["verify-report", "no-such.json"]), "no-such.json"),
         (owned(&["verify-report", "--auditor-key", "zz", "r.json"]), "--auditor-key"),
         (owned(&["verify-report", "--auditor-key-file", "no-such.key", "r.json"]), "no-such.key"),

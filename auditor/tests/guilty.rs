@@ -456,3 +456,61 @@ fn special_files_in_a_local_record_are_findings_not_hangs() {
         }
     }
 }
+
+/// A trainer that committed a state for a step which, replayed from the agreed state, overflows
+/// (no honest machine could have computed that step): `diverged` at the step, with a report and
+/// an evidence bundle like any divergence, whose auditor leaf says "did not stay finite", and
+/// re-executing the step sides with the auditor.
+#[test]
+fn a_step_that_cannot_stay_finite_is_a_dispute_with_its_evidence() {
+    use auditor::evidence::{NOT_FINITE_STATE, Side, adjudicate};
+    use engine::record::RecordWriter;
+    use engine::train::{Run, StepMode};
+    let dir = scratch("not-finite");
+    let cfg = support::config("[optimizer]\nkind = \"sgd\"\nlr = 1e30\nmomentum = 0.99\nweight_decay = 0.0");
+    let run = Run::from_config(&cfg, None, Profile::Cpu, 3).unwrap();
+    let out = dir.join("record");
+    let mut w = RecordWriter::create(&out, &run.spec).unwrap();
+    let mut state = run.initial_state().unwrap();
+    w.commit_initial(&state).unwrap();
+    let mut t = 1;
+    loop {
+        match run.step(&state, t, StepMode::Commit { paper: false }, None) {
+            Ok(o) => {
+                w.commit_step(&o.state, &o.log, &o.batch).unwrap();
+                state = o.state;
+                t += 1;
+            }
+            Err(e) => {
+                assert!(e.is_overflow(), "{e}");
+                break;
+            }
+        }
+    }
+    // Step t overflows: the trainer commits a made-up state for it and signs the root.
+    let mut made_up = state.clone();
+    made_up.step = t;
+    w.commit_step(&made_up, &TieBreakLog::default(), &run.batch_indices(t)).unwrap();
+    w.finish(&made_up, &SigningKey::from_bytes(&[7; 32])).unwrap();
+
+    let src = LocalRecord::open(&out).unwrap();
+    let a = audit(&src, &AuditOptions::new(Profile::CpuSeq), &NoProgress).unwrap();
+    match &a.verdict {
+        Verdict::Diverged { step, detail: Some(d), .. } if *step == t => {
+            assert!(d.contains("does not stay finite"), "{d}")
+        }
+        v => panic!("{v:?}"),
+    }
+    let detail = a.detail.as_ref().expect("the report names the disputed step");
+    assert_eq!(detail.auditor_leaf.state, NOT_FINITE_STATE);
+    assert!(matches!(&detail.state, Some(StateComparison::Unavailable(why)) if why.contains("did not stay finite")));
+    let ev = a.evidence.as_ref().expect("an evidence bundle");
+    let report = auditor::report::Report::build(&a, &SigningKey::from_bytes(&[3; 32]));
+    auditor::report::verify(&report.to_json()).unwrap();
+    ev.check_against(&report).unwrap();
+    for p in [Profile::Cpu, Profile::CpuSeq, Profile::CpuSplitK] {
+        let adj = adjudicate(&auditor::evidence::Evidence::decode(&ev.encode()).unwrap(), p, None).unwrap();
+        assert_eq!(adj.reproduces, Side::Auditor, "{p}");
+        assert_eq!(adj.computed_leaf, detail.auditor_leaf, "{p}");
+    }
+}

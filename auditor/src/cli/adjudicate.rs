@@ -134,6 +134,9 @@ fn human(a: &Adjudication, out: &AdjudicationJson) -> String {
     text += &format!("  computed state {}\n", out.computed_leaf.state);
     text += &format!("  trainer  state {}\n", out.trainer_leaf.state);
     text += &format!("  auditor  state {}\n", out.auditor_leaf.state);
+    if a.computed_leaf.state == auditor::evidence::NOT_FINITE_STATE {
+        text += "  the step does not stay finite from the agreed state (a state digest of zeros: no state)\n";
+    }
     for entry in &a.forged {
         text += &format!("  does not hold up: {entry}\n");
     }

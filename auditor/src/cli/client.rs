@@ -207,7 +207,17 @@ impl Client {
                 let status = resp.status();
                 Ok::<_, reqwest::Error>((status, resp.bytes().await?))
             })
-            .map_err(|e| undecided(format_args!("daemon {}: {method} {path}: {e}", self.base)))?;
+            .map_err(|e| {
+                // The whole chain (reqwest's own text leaves out the cause: an untrusted
+                // certificate, TLS spoken to a plain port), and the flag that fixes the first.
+                let chain = service::error_text(&e);
+                let hint = if chain.to_ascii_lowercase().contains("certificate") {
+                    " (a daemon whose certificate is from a private CA needs --ca-file)"
+                } else {
+                    ""
+                };
+                undecided(format_args!("daemon {}: {method} {path}: {chain}{hint}", self.base))
+            })?;
         if status.is_success() {
             return Ok(bytes.to_vec());
         }

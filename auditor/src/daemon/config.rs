@@ -137,8 +137,24 @@ pub struct DataSection {
 }
 
 impl DataSection {
-    /// Names and paths, each naming the entry.
+    /// Names and paths, each naming the entry: every path must be there at start (an audit
+    /// that needs a missing one would only fail later, `undecided`).
     pub fn validate(&self) -> Result<(), String> {
+        let there = |key: String, path: &std::path::Path, dir: Option<bool>| match std::fs::metadata(path) {
+            Err(e) => Err(format!("{key} = {}: {e}", path.display())),
+            Ok(m) if dir.is_some_and(|d| d != m.is_dir()) => Err(format!(
+                "{key} = {}: {}",
+                path.display(),
+                if m.is_dir() { "a directory, not a text file" } else { "not a directory of MNIST IDX files" }
+            )),
+            Ok(_) => Ok(()),
+        };
+        if let Some(p) = &self.mnist {
+            there("data.mnist".into(), p, Some(true))?;
+        }
+        if let Some(p) = &self.text {
+            there("data.text".into(), p, Some(false))?;
+        }
         for (name, path) in &self.files {
             if !super::datasets::is_valid_name(name) || super::datasets::KIND_NAMES.contains(&name.as_str()) {
                 return Err(format!(
@@ -149,6 +165,7 @@ impl DataSection {
             if path.as_os_str().is_empty() {
                 return Err(format!("data.files.{name}: empty path"));
             }
+            there(format!("data.files.{name}"), path, None)?;
         }
         Ok(())
     }

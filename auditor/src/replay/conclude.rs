@@ -104,10 +104,9 @@ pub(super) fn conclude(
     };
     let trainer_leaf = c.leaves[s as usize];
     let verdict = if sf.diverged { diverged_verdict(s, &sf, &trainer_leaf) } else { forged_verdict(s, &sf.forged) };
-    let Some(own_leaf) = sf.own_leaf else {
-        // The step could not be finished: there is no auditor leaf to put in a bundle.
-        return Ok(verdict);
-    };
+    // A step that did not stay finite has no state: its leaf says so (and re-executing the step
+    // reproduces that), so the dispute has its bundle like any other.
+    let own_leaf = sf.own_leaf.unwrap_or_else(|| crate::evidence::not_finite_leaf(s, &sf.log, &sf.own_batch));
     let size = c.commitment.n_leaves;
     let proven = |i: u64| -> Result<ProvenLeaf, Stop> {
         let proof = src.inclusion_proof(i, size).map_err(|e| source_stop(e, Phase::Committed))?;
@@ -122,6 +121,10 @@ pub(super) fn conclude(
         (Verdict::Diverged { differs, .. }, Some(own)) if differs.contains(&LeafPart::State) => {
             Some(compare_state(src, c, s, own))
         }
+        (Verdict::Diverged { .. }, None) if sf.overflow.is_some() => Some(StateComparison::Unavailable(format!(
+            "replaying step {s} did not stay finite: the auditor has no state to compare (its leaf's state digest is \
+             all zeros)"
+        ))),
         (Verdict::Diverged { .. }, _) => Some(StateComparison::Compared(Vec::new())),
         _ => None,
     };

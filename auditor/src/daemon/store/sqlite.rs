@@ -84,6 +84,9 @@ CREATE TABLE IF NOT EXISTS reports (
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
+    /// The database file's device and inode when it was opened: a file removed or replaced
+    /// at `path` since (a state directory deleted under a running daemon) is not written to.
+    file_id: (u64, u64),
     conn: Mutex<Connection>,
     /// The last integrity check and when it ran ([`Store::check`] runs it at most every
     /// [`CHECK_EVERY`]: it reads the whole file).
@@ -128,6 +131,7 @@ impl SqliteStore {
         make_private(&path).map_err(|e| StoreError(format!("{}: making it private (0600): {e}", path.display())))?;
         let ctx = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
         let conn = Connection::open(&path).map_err(ctx)?;
+        let file_id = file_id(&path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(ctx)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(ctx)?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -183,7 +187,7 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        Ok(SqliteStore { path, conn: Mutex::new(conn), checked: Mutex::new(None) })
+        Ok(SqliteStore { path, file_id, conn: Mutex::new(conn), checked: Mutex::new(None) })
     }
 
     pub fn path(&self) -> &Path {
@@ -191,8 +195,32 @@ impl SqliteStore {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        self.still_at_its_path()?;
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn).map_err(|e| StoreError(format!("{}: {e}", self.path.display())))
+    }
+}
+
+/// The device and inode of the file at `path`.
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
+}
+
+impl SqliteStore {
+    /// `Err` once the database file at its path is not the one this store has open: SQLite would
+    /// go on writing to the unlinked file, and everything since would be lost at the next start
+    /// (which would also make a new signing key and number audits from 1 again).
+    fn still_at_its_path(&self) -> Result<(), StoreError> {
+        match file_id(&self.path) {
+            Ok(id) if id == self.file_id => Ok(()),
+            found => Err(StoreError(format!(
+                "{}: the database file was {} while this daemon runs; it writes nothing more (what it \
+                 wrote would be lost): stop it, restore the state directory, and start it again",
+                self.path.display(),
+                if found.is_ok() { "replaced" } else { "removed" }
+            ))),
+        }
     }
 }
 
@@ -740,6 +768,7 @@ impl Store for SqliteStore {
     }
 
     fn check(&self) -> Result<(), StoreError> {
+        self.still_at_its_path()?;
         let mut last = self.checked.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, r)) = last.as_ref()
             && at.elapsed() < CHECK_EVERY
@@ -793,6 +822,29 @@ mod tests {
         drop(SqliteStore::open(&dir).unwrap());
         assert_eq!(mode(DB_FILE), 0o600, "an existing loose file is tightened");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A state directory deleted (or its database replaced) under a running daemon: SQLite
+    /// would write on to the unlinked file and lose it all at the next start; every operation
+    /// and the health check say so instead.
+    #[test]
+    fn a_database_removed_or_replaced_under_the_store_is_not_written_to() {
+        for replace in [false, true] {
+            let dir = scratch(&format!("removed-{replace}"));
+            let s = SqliteStore::open(&dir).unwrap();
+            s.insert(&request(None), 10, 1).unwrap();
+            s.check().unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            if replace {
+                drop(SqliteStore::open(&dir).unwrap());
+            }
+            let says = if replace { "was replaced" } else { "was removed" };
+            let e = s.insert(&request(None), 10, 2).unwrap_err();
+            assert!(e.0.contains(says), "{e}");
+            assert!(s.check().unwrap_err().0.contains(says));
+            assert!(s.get("audit-1").is_err());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     fn request(key: Option<&str>) -> AuditRequest {
