@@ -122,5 +122,5 @@ impl From<AuditError> for Failure {
 /// A line on stderr. Never panics (`eprintln!` does when stderr is a closed pipe, as in
 /// `auditor … 2>&1 | head -1`): a message nobody can read is dropped.
 pub fn warn(message: impl Display) {
-    let _ = writeln!(std::io::stderr().lock(), "{message}");
+    let _ = writeln!(std::io::stderr().lock(), "{}", super::output::printable(&message.to_string()));
 }

@@ -14,6 +14,7 @@ use super::exit::{Failure, usage};
 /// Writes `text` to stdout and flushes. A closed pipe is not an error (see the module
 /// documentation); any other write error is: the answer could not be delivered.
 pub fn emit(text: &str) -> Result<(), Failure> {
+    let text = printable(text);
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
@@ -31,5 +32,37 @@ pub fn require_exists(flag: &str, path: &Path) -> Result<(), Failure> {
             Err(usage(format_args!("{flag} {}: no such file or directory", path.display())))
         }
         _ => Ok(()),
+    }
+}
+
+/// `text` with every control character but newline and tab written as an escape (`\u{1b}`):
+/// messages quote what a trainer or a daemon sent (a field name in a manifest, a daemon's
+/// error), and a terminal must not run escape sequences from them. JSON output has none to
+/// replace (serde escapes them).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(
+                |c| {
+                    if c.is_control() && c != '\n' && c != '\t' {
+                        c.escape_unicode().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                },
+            )
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_shown_not_sent_to_the_terminal() {
+        assert_eq!(super::printable("a\tb\nc"), "a\tb\nc");
+        assert_eq!(super::printable("x\u{1b}[2Jy\u{7}"), "x\\u{1b}[2Jy\\u{7}");
     }
 }

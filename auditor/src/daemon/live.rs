@@ -96,7 +96,11 @@ impl Live {
         let pairs: Vec<(u64, f64)> = all.into_iter().collect();
         let path = dir.join(format!("{id}.json"));
         let tmp = dir.join(format!("{id}.json.part"));
-        let written = std::fs::create_dir_all(dir)
+        // Only the folder itself, owner-only like the state directory: a state directory
+        // deleted under the daemon is not made again here.
+        let mut folder = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+        let written = (if dir.is_dir() { Ok(()) } else { folder.create(dir) })
             .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&pairs).unwrap_or_default()))
             .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
