@@ -555,29 +555,20 @@ impl TrainerSource for HttpTrainer {
     fn leaves(&self, signed_steps: Option<u64>) -> Result<Vec<Leaf>, SourceError> {
         let claimed = self.info()?.n_steps;
         // Checked before anything is fetched or kept for them: the spec (checked before the
-        // leaves are asked for) bounds the steps.
+        // leaves are asked for) bounds the steps, and so does the signed manifest (the run info
+        // is not signed: a count it contradicts would make this auditor size, and refuse as its
+        // own limit, leaves that were never committed).
         let planned = self.parsed_spec().map_or(engine::spec::STEPS_MAX, |s| s.n_steps);
-        if claimed > planned {
+        let contradicts = if claimed > planned {
+            Some(format!("more than the {planned} its spec plans"))
+        } else {
+            signed_steps.filter(|&n| n != claimed).map(|n| format!("its signed manifest {n}"))
+        };
+        if let Some(what) = contradicts {
             return Err(SourceError::Invalid {
                 file: record::LEAVES_FILE.into(),
                 offset: None,
-                what: format!(
-                    "the run's info claims {claimed} committed steps, more than the {planned} its spec plans (GET {})",
-                    path::run(&self.run)
-                ),
-            });
-        }
-        // The run info is not signed: a server claiming more leaves than its signed manifest
-        // commits to would make this auditor size (and refuse, as its own limit) leaves that were
-        // never committed.
-        if let Some(signed) = signed_steps.filter(|&n| n != claimed) {
-            return Err(SourceError::Invalid {
-                file: record::LEAVES_FILE.into(),
-                offset: None,
-                what: format!(
-                    "the run's info claims {claimed} committed steps, its signed manifest {signed} (GET {})",
-                    path::run(&self.run)
-                ),
+                what: format!("the run's info claims {claimed} committed steps, {what} (GET {})", path::run(&self.run)),
             });
         }
         let n = claimed + 1;

@@ -109,10 +109,22 @@ mod tests {
 
     #[test]
     fn a_config_names_its_files_and_a_bad_name_is_refused_naming_it() {
-        let toml = "[data]\nmnist = \"m\"\n[data.files]\nclinic-a = \"a.csv\"\nb = \"b.safetensors\"\n";
-        let cfg = super::super::Config::from_toml(toml, "t.toml").unwrap();
+        // The paths must be there (checked at start).
+        let dir = std::env::temp_dir().join(format!("tiebreak-datasets-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("m")).unwrap();
+        for f in ["a.csv", "b.safetensors"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        let at = |f: &str| dir.join(f).display().to_string();
+        let toml = format!(
+            "[data]\nmnist = {:?}\n[data.files]\nclinic-a = {:?}\nb = {:?}\n",
+            at("m"),
+            at("a.csv"),
+            at("b.safetensors")
+        );
+        let cfg = super::super::Config::from_toml(&toml, "t.toml").unwrap();
         assert_eq!(cfg.data.names(), ["mnist", "b", "clinic-a"]);
-        assert_eq!(cfg.data.path_of("clinic-a"), Some(Path::new("a.csv")));
+        assert_eq!(cfg.data.path_of("clinic-a"), Some(dir.join("a.csv").as_path()));
         assert_eq!(cfg.data.path_of("text"), None);
         assert!(cfg.data.unknown("zz").contains("(it has: mnist, b, clinic-a)"));
         for bad in ["mnist", "text", "\".x\"", "\"a b\""] {
@@ -120,5 +132,6 @@ mod tests {
             let e = super::super::Config::from_toml(&toml, "t.toml").unwrap_err().to_string();
             assert!(e.contains("t.toml") && e.contains("data.files") && e.contains(bad.trim_matches('"')), "{e}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
