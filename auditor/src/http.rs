@@ -42,11 +42,14 @@ pub struct RetryPolicy {
     pub deadline: Duration,
     /// Largest response body accepted.
     pub response_bytes_max: u64,
-    /// The most time the trainer's answers may take in all, over one source and its clones
-    /// (requests in flight at once count each): past it, the next request is not made and the
-    /// trainer is unresponsive. A trainer answering each request just inside `deadline` would
-    /// otherwise hold an audit until the auditor gives up on its own limit. `None`: no bound.
-    pub answers_time_max: Option<Duration>,
+    /// The most time the trainer's answers may be slow in all, over one source and its clones
+    /// (requests in flight at once count each): an answer is slow for the time it takes beyond
+    /// [`SLOW_ANSWER_FREE`] plus one second per [`SLOW_ANSWER_BYTES_PER_S`] of its body (so the
+    /// size of what is fetched, and a slow link, never count: only waiting does). Past it, the
+    /// next request is not made and the trainer is unresponsive: a trainer answering each request
+    /// just inside `deadline` would otherwise hold an audit for as long as it likes. `None`: no
+    /// bound.
+    pub slow_answers_max: Option<Duration>,
     /// Extra trust anchors (DER) for `https://` trainers, besides the system's roots.
     pub ca_certs: Vec<Vec<u8>>,
 }
@@ -59,11 +62,65 @@ impl Default for RetryPolicy {
             backoff_max: Duration::from_secs(10),
             deadline: Duration::from_secs(120),
             response_bytes_max: 512 << 20,
-            answers_time_max: None,
+            slow_answers_max: Some(Duration::from_secs(6 * 3600)),
             ca_certs: Vec::new(),
         }
     }
 }
+
+/// The time spent waiting for a trainer's answers, those still in flight included (each
+/// request counts: requests in flight at once are each counted).
+#[derive(Debug)]
+pub struct AnswerClock {
+    base: Instant,
+    /// Answers received (or given up on): microseconds waited for them.
+    done_us: std::sync::atomic::AtomicU64,
+    /// Requests in flight: how many, and the sum of their starts (microseconds since `base`).
+    in_flight: std::sync::Mutex<(u64, u64)>,
+}
+
+impl Default for AnswerClock {
+    fn default() -> Self {
+        AnswerClock { base: Instant::now(), done_us: Default::default(), in_flight: Default::default() }
+    }
+}
+
+impl AnswerClock {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn started(&self) -> u64 {
+        let at = self.now_us();
+        let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        *f = (f.0 + 1, f.1.saturating_add(at));
+        at
+    }
+
+    fn ended(&self, started_us: u64) {
+        let now = self.now_us();
+        {
+            let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            *f = (f.0.saturating_sub(1), f.1.saturating_sub(started_us));
+        }
+        self.done_us.fetch_add(now.saturating_sub(started_us), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Time waited so far, for answers received and for those still in flight.
+    pub fn waited(&self) -> Duration {
+        let now = self.now_us();
+        let (n, starts) = *self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let in_flight = n.saturating_mul(now).saturating_sub(starts);
+        Duration::from_micros(self.done_us.load(std::sync::atomic::Ordering::Relaxed).saturating_add(in_flight))
+    }
+}
+
+/// What an answer may take before it is slow ([`RetryPolicy::slow_answers_max`]), besides the
+/// time its size explains.
+pub const SLOW_ANSWER_FREE: Duration = Duration::from_secs(1);
+/// The least rate an answer's body is expected at (1 MiB/s): its size at this rate is never
+/// slow.
+pub const SLOW_ANSWER_BYTES_PER_S: f64 = 1048576.0;
 
 impl RetryPolicy {
     /// The wait before attempt `attempt` (1 = the first retry).
@@ -154,8 +211,10 @@ pub struct HttpTrainer {
     parsed: Arc<std::sync::OnceLock<Option<engine::spec::RunSpec>>>,
     /// Held while a frame past [`BIG`] bytes is decompressed.
     big_frames: Arc<std::sync::Mutex<()>>,
-    /// Time spent waiting for the trainer's answers, in microseconds (all clones).
-    answering: Arc<std::sync::atomic::AtomicU64>,
+    /// Time spent waiting for the trainer's answers (all clones).
+    answering: Arc<AnswerClock>,
+    /// The part of it that was slow ([`RetryPolicy::slow_answers_max`]), in microseconds.
+    slow: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for HttpTrainer {
@@ -203,6 +262,7 @@ impl HttpTrainer {
             parsed: Arc::default(),
             big_frames: Arc::default(),
             answering: Arc::default(),
+            slow: Arc::default(),
         })
     }
 
@@ -222,15 +282,19 @@ impl HttpTrainer {
         &self.run
     }
 
-    /// The time spent so far waiting for the trainer's answers, retries included, summed over
-    /// this source and its clones (see [`RetryPolicy::answers_time_max`]).
+    /// The time spent so far waiting for the trainer's answers, retries and answers in flight
+    /// included, summed over this source and its clones.
     pub fn answering(&self) -> Duration {
-        Duration::from_micros(self.answering.load(std::sync::atomic::Ordering::Relaxed))
+        self.answering.waited()
     }
 
-    /// Adds the time spent waiting for answers to `clock` (microseconds), which the caller
-    /// keeps: [`HttpTrainer::answering`] reads it.
-    pub fn with_answering_clock(mut self, clock: Arc<std::sync::atomic::AtomicU64>) -> Self {
+    /// The slow part of [`HttpTrainer::answering`] (see [`RetryPolicy::slow_answers_max`]).
+    pub fn slow_answering(&self) -> Duration {
+        Duration::from_micros(self.slow.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Keeps the time spent waiting for answers on `clock`, which the caller holds too.
+    pub fn with_answering_clock(mut self, clock: Arc<AnswerClock>) -> Self {
         self.answering = clock;
         self
     }
@@ -257,23 +321,32 @@ impl HttpTrainer {
         honest_max: Option<u64>,
         deadline: Duration,
     ) -> Result<Option<Vec<u8>>, SourceError> {
-        if let Some(max) = self.policy.answers_time_max {
-            let spent = self.answering();
-            if spent >= max {
+        if let Some(max) = self.policy.slow_answers_max {
+            let slow = self.slow_answering();
+            if slow >= max {
                 return Err(SourceError::Unresponsive {
                     what: format!(
-                        "GET {path} not asked: the trainer's answers have taken {:.1} s in all, past the {:.1} s this \
-                         auditor gives one audit's answers",
-                        spent.as_secs_f64(),
+                        "GET {path} not asked: the trainer's answers have been slow for {:.1} s in all (beyond {} s \
+                         each and 1 s per MiB), past the {:.1} s this auditor allows (trainer.slow_answers_max_ms)",
+                        slow.as_secs_f64(),
+                        SLOW_ANSWER_FREE.as_secs(),
                         max.as_secs_f64()
                     ),
                 });
             }
         }
         let started = Instant::now();
+        let clocked = self.answering.started();
         let got = self.get_aborting(path, honest_max, deadline).await;
-        let spent = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.answering.fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
+        self.answering.ended(clocked);
+        let took = started.elapsed();
+        let bytes = match &got {
+            Ok(Some(body)) => body.len(),
+            _ => 0,
+        };
+        let allowed = SLOW_ANSWER_FREE + Duration::from_secs_f64(bytes as f64 / SLOW_ANSWER_BYTES_PER_S);
+        let slow = u64::try_from(took.saturating_sub(allowed).as_micros()).unwrap_or(u64::MAX);
+        self.slow.fetch_add(slow, std::sync::atomic::Ordering::Relaxed);
         got
     }
 
@@ -720,6 +793,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_answer_clock_counts_answers_in_flight_and_received() {
+        let clock = AnswerClock::default();
+        assert_eq!(clock.waited(), Duration::ZERO);
+        let (a, b) = (clock.started(), clock.started());
+        std::thread::sleep(Duration::from_millis(30));
+        let in_flight = clock.waited();
+        assert!(in_flight >= Duration::from_millis(60), "two requests in flight count each: {in_flight:?}");
+        clock.ended(a);
+        clock.ended(b);
+        let done = clock.waited();
+        assert!(done >= in_flight, "{done:?} < {in_flight:?}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(clock.waited(), done, "nothing in flight: the clock stands still");
+    }
+
+    #[test]
     fn backoff_doubles_up_to_its_cap() {
         let p = RetryPolicy {
             backoff_initial: Duration::from_millis(100),
@@ -763,7 +852,7 @@ mod tests {
             backoff_max: Duration::from_millis(40),
             deadline: Duration::from_millis(1000),
             response_bytes_max: 1 << 20,
-            answers_time_max: None,
+            slow_answers_max: None,
             ca_certs: Vec::new(),
         };
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -183,6 +183,9 @@ pub struct TrainerSection {
     pub attempts_max: Option<u32>,
     /// A trainer that has not answered one request for this long is unresponsive.
     pub deadline_ms: u64,
+    /// A trainer whose answers have been slow (beyond 1 s each plus 1 s per MiB) for this long
+    /// in all, over one audit attempt, is unresponsive (`RetryPolicy::slow_answers_max`).
+    pub slow_answers_max_ms: u64,
     pub response_bytes_max: u64,
     /// A private CA (PEM) that `https://` trainers' certificates may chain to, besides the
     /// system's roots.
@@ -201,6 +204,7 @@ impl Default for TrainerSection {
             backoff_max_ms: p.backoff_max.as_millis() as u64,
             attempts_max: None,
             deadline_ms: p.deadline.as_millis() as u64,
+            slow_answers_max_ms: p.slow_answers_max.map_or(u64::MAX, |d| d.as_millis() as u64),
             response_bytes_max: p.response_bytes_max,
             ca_file: None,
             allow: Vec::new(),
@@ -232,7 +236,7 @@ impl TrainerSection {
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             deadline: Duration::from_millis(self.deadline_ms),
             response_bytes_max: self.response_bytes_max,
-            answers_time_max: None,
+            slow_answers_max: Some(Duration::from_millis(self.slow_answers_max_ms)),
             // Read (and checked) by `Config::validate` at start.
             ca_certs: self.ca_file.as_deref().map(service::tls::read_ca_file).and_then(Result::ok).unwrap_or_default(),
         }
@@ -326,8 +330,11 @@ impl Config {
             return Err("token: empty; leave it out for an open daemon".into());
         }
         let t = &self.trainer;
-        if t.request_timeout_ms == 0 || t.deadline_ms == 0 {
-            return Err("trainer.request_timeout_ms and trainer.deadline_ms must be positive".into());
+        if t.request_timeout_ms == 0 || t.deadline_ms == 0 || t.slow_answers_max_ms == 0 {
+            return Err(
+                "trainer.request_timeout_ms, trainer.deadline_ms and trainer.slow_answers_max_ms must be positive"
+                    .into(),
+            );
         }
         if t.backoff_initial_ms > t.backoff_max_ms {
             return Err(format!(

@@ -58,16 +58,17 @@ struct HelpedKey {
 }
 
 /// One attempt's time. The daemon's own part (everything but waiting for the trainer's
-/// answers) is bounded by `audit_time_max_ms`; the trainer's answers have a bound of the same
-/// size of their own ([`crate::http::RetryPolicy::answers_time_max`]), past which the trainer is
-/// unresponsive: a trainer answering every request just inside its deadline cannot turn its
-/// audit into this daemon's time limit.
+/// answers) is bounded by `audit_time_max_ms`; the trainer's slow answers have a bound of their
+/// own (`trainer.slow_answers_max_ms`, [`crate::http::RetryPolicy::slow_answers_max`]), past
+/// which the trainer is unresponsive: a trainer answering every request just inside its
+/// deadline cannot turn its audit into this daemon's time limit, and an honest one is never
+/// accused because the operator's `audit_time_max_ms` is short.
 #[derive(Clone)]
 struct Budget {
     start: Instant,
     time_max: Duration,
-    /// The trainer's answering time, in microseconds ([`HttpTrainer::with_answering_clock`]).
-    answering: Arc<std::sync::atomic::AtomicU64>,
+    /// The trainer's answering time ([`HttpTrainer::with_answering_clock`]).
+    answering: Arc<crate::http::AnswerClock>,
 }
 
 impl Budget {
@@ -77,8 +78,7 @@ impl Budget {
 
     /// Whether the daemon's own part of the attempt has used up its time.
     fn spent(&self) -> bool {
-        let answering = Duration::from_micros(self.answering.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(answering) >= self.time_max
+        self.start.elapsed().saturating_sub(self.answering.waited()) >= self.time_max
     }
 }
 
@@ -220,12 +220,17 @@ impl HttpRunner {
                 None
             }
         });
-        let policy = RetryPolicy { answers_time_max: Some(budget.time_max), ..self.policy.clone() };
-        let src = HttpTrainer::new(&r.trainer_url, &r.run, r.trainer_token.clone(), policy, self.runtime.clone())
-            .map_err(|e| Outcome::Failed(e.to_string()))?
-            .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
-            .with_answering_clock(budget.answering.clone())
-            .with_abort(abort);
+        let src = HttpTrainer::new(
+            &r.trainer_url,
+            &r.run,
+            r.trainer_token.clone(),
+            self.policy.clone(),
+            self.runtime.clone(),
+        )
+        .map_err(|e| Outcome::Failed(e.to_string()))?
+        .with_error_hook(Arc::new(move |kind| metrics.trainer_error(kind)))
+        .with_answering_clock(budget.answering.clone())
+        .with_abort(abort);
         let device = match self.device_for(&src) {
             Ok(device) => device,
             Err(SourceError::Unavailable(e)) => {
