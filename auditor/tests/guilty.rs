@@ -501,6 +501,8 @@ fn a_step_that_cannot_stay_finite_is_a_dispute_with_its_evidence() {
         }
         v => panic!("{v:?}"),
     }
+    let bisection = a.bisection.expect("bisected");
+    assert_eq!(bisection.first_differing_leaf, Some(t), "the bisection lands on the step too: {bisection:?}");
     let detail = a.detail.as_ref().expect("the report names the disputed step");
     assert_eq!(detail.auditor_leaf.state, NOT_FINITE_STATE);
     assert!(matches!(&detail.state, Some(StateComparison::Unavailable(why)) if why.contains("did not stay finite")));

@@ -94,9 +94,13 @@ pub fn announced_body_len(headers: &axum::http::HeaderMap) -> Option<u64> {
 }
 
 /// The bearer token of a request's `Authorization` header (the scheme's name in any case, as
-/// RFC 9110 has it).
+/// RFC 9110 has it). A request with several `Authorization` headers has none: which one counts
+/// would be a guess, and a proxy in front may have guessed otherwise.
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let mut all = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let (v, None) = (all.next()?.to_str().ok()?, all.next()) else {
+        return None;
+    };
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
 }
@@ -642,6 +646,12 @@ mod tests {
         {
             h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
             assert_eq!(bearer(&h), token, "{value}");
+        }
+        // Two headers, whatever their order: no token at all.
+        for second in ["Bearer wrong", "Bearer s3cret"] {
+            h.insert(axum::http::header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+            h.append(axum::http::header::AUTHORIZATION, second.parse().unwrap());
+            assert_eq!(bearer(&h), None, "{second}");
         }
     }
 }

@@ -31,8 +31,19 @@ pub(super) fn stop_early(mut merged: Merged) -> Result<Merged, Stop> {
 /// step-by-step comparison found, within ⌈log₂ n⌉ + 1 queries.
 pub(super) fn bisect(src: &dyn TrainerSource, c: &Committed, merged: &Merged) -> Result<BisectionSummary, Stop> {
     let last = merged.finding.as_ref().map_or(u64::MAX, |f| f.step);
+    // A step that did not stay finite has the auditor's "no state" leaf (as in the report).
+    let not_finite = match &merged.finding {
+        Some(Finding { step, found: Found::Step(s), .. }) if s.own_leaf.is_none() && s.overflow.is_some() => {
+            Some(crate::evidence::not_finite_leaf(*step, &s.log, &s.own_batch))
+        }
+        _ => None,
+    };
     let own_tree = MerkleTree::from_leaf_hashes(c.leaves.iter().map(|l| {
-        let leaf = if l.step <= last { merged.own.get(&l.step).unwrap_or(l) } else { l };
+        let leaf = match &not_finite {
+            Some(nf) if nf.step == l.step => nf,
+            _ if l.step <= last => merged.own.get(&l.step).unwrap_or(l),
+            _ => l,
+        };
         leaf_hash(&leaf.encode())
     }));
     let size = c.commitment.n_leaves;
@@ -55,7 +66,11 @@ pub(super) fn bisect(src: &dyn TrainerSource, c: &Committed, merged: &Merged) ->
         _ => None,
     };
     let expected = match &merged.finding {
-        Some(Finding { step, found: Found::Step(s), .. }) if s.diverged && s.own_leaf.is_some() => Some(*step),
+        Some(Finding { step, found: Found::Step(s), .. })
+            if s.diverged && (s.own_leaf.is_some() || s.overflow.is_some()) =>
+        {
+            Some(*step)
+        }
         _ => None,
     };
     if located != expected {
