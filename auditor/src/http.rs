@@ -136,18 +136,14 @@ impl HttpTrainer {
         &self.run
     }
 
-    /// The time spent so far waiting for the trainer's answers, retries and answers in flight
-    /// included, summed over this source and its clones.
-    pub fn answering(&self) -> Duration {
-        self.answering.waited()
-    }
-
-    /// The slow part of [`HttpTrainer::answering`] (see [`RetryPolicy::slow_answers_max`]).
-    pub fn slow_answering(&self) -> Duration {
+    /// The slow part of the time spent waiting for the trainer's answers, summed over this
+    /// source and its clones (see [`RetryPolicy::slow_answers_max`]).
+    fn slow_answering(&self) -> Duration {
         Duration::from_micros(self.slow.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Keeps the time spent waiting for answers on `clock`, which the caller holds too.
+    /// Keeps the time spent waiting for answers (retries and answers in flight included) on
+    /// `clock`, which the caller holds too.
     pub fn with_answering_clock(mut self, clock: Arc<AnswerClock>) -> Self {
         self.answering = clock;
         self

@@ -11,7 +11,7 @@ use auditor::report::{AdjudicationJson, verified};
 use super::audit::device_arg;
 use super::exit::{Exit, Failure, undecided};
 use super::output::{emit, require_exists};
-use super::verify::REPORT_BYTES_MAX;
+use super::verify::{REPORT_BYTES_MAX, report_text};
 
 /// The exit codes of `adjudicate` (shown in its `--help`).
 pub const EXIT_CODES: &str = "\
@@ -101,10 +101,7 @@ fn bind_to_report(ev: &Evidence, path: &Path) -> Result<String, Failure> {
     let shown = path.display();
     let bytes = common::files::read_regular_prefix(path, REPORT_BYTES_MAX + 1)
         .map_err(|e| undecided(format_args!("--report {shown}: {e}")))?;
-    if bytes.len() as u64 > REPORT_BYTES_MAX {
-        return Err(undecided(format_args!("--report {shown}: more than {REPORT_BYTES_MAX} bytes: not a report")));
-    }
-    let text = std::str::from_utf8(&bytes).map_err(|_| undecided(format_args!("--report {shown}: not UTF-8 text")))?;
+    let text = report_text(&bytes).map_err(|e| undecided(format_args!("--report {shown}: {e}")))?;
     let (report, verified) =
         verified(text).map_err(|e| undecided(format_args!("--report {shown} does not verify: {e}")))?;
     ev.check_against(&report).map_err(|e| undecided(format_args!("--report {shown}: {e}")))?;

@@ -85,6 +85,15 @@ pub fn run(args: VerifyArgs) -> Result<Exit, Failure> {
     Ok(if out.valid { Exit::Ok } else { Exit::Adverse })
 }
 
+/// A report file's bytes (read up to one byte past [`REPORT_BYTES_MAX`]) as its text, or why
+/// they cannot be a report.
+pub fn report_text(bytes: &[u8]) -> Result<&str, String> {
+    if bytes.len() as u64 > REPORT_BYTES_MAX {
+        return Err(format!("more than {REPORT_BYTES_MAX} bytes: not a report"));
+    }
+    std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text: not a report".to_string())
+}
+
 /// The outcome for the report's bytes.
 fn check(bytes: &[u8], expected: Option<String>) -> VerifyJson {
     let mut out = VerifyJson {
@@ -95,13 +104,12 @@ fn check(bytes: &[u8], expected: Option<String>) -> VerifyJson {
         proofs_checked: None,
         error: None,
     };
-    if bytes.len() as u64 > REPORT_BYTES_MAX {
-        out.error = Some(format!("more than {REPORT_BYTES_MAX} bytes: not a report"));
-        return out;
-    }
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        out.error = Some("not UTF-8 text: not a report".into());
-        return out;
+    let text = match report_text(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            out.error = Some(e);
+            return out;
+        }
     };
     match verify(text) {
         Err(e) => out.error = Some(e.to_string()),

@@ -31,19 +31,8 @@ pub(super) fn stop_early(mut merged: Merged) -> Result<Merged, Stop> {
 /// step-by-step comparison found, within ⌈log₂ n⌉ + 1 queries.
 pub(super) fn bisect(src: &dyn TrainerSource, c: &Committed, merged: &Merged) -> Result<BisectionSummary, Stop> {
     let last = merged.finding.as_ref().map_or(u64::MAX, |f| f.step);
-    // A step that did not stay finite has the auditor's "no state" leaf (as in the report).
-    let not_finite = match &merged.finding {
-        Some(Finding { step, found: Found::Step(s), .. }) if s.own_leaf.is_none() && s.overflow.is_some() => {
-            Some(crate::evidence::not_finite_leaf(*step, &s.log, &s.own_batch))
-        }
-        _ => None,
-    };
     let own_tree = MerkleTree::from_leaf_hashes(c.leaves.iter().map(|l| {
-        let leaf = match &not_finite {
-            Some(nf) if nf.step == l.step => nf,
-            _ if l.step <= last => merged.own.get(&l.step).unwrap_or(l),
-            _ => l,
-        };
+        let leaf = if l.step <= last { merged.own.get(&l.step).unwrap_or(l) } else { l };
         leaf_hash(&leaf.encode())
     }));
     let size = c.commitment.n_leaves;
@@ -66,11 +55,7 @@ pub(super) fn bisect(src: &dyn TrainerSource, c: &Committed, merged: &Merged) ->
         _ => None,
     };
     let expected = match &merged.finding {
-        Some(Finding { step, found: Found::Step(s), .. })
-            if s.diverged && (s.own_leaf.is_some() || s.overflow.is_some()) =>
-        {
-            Some(*step)
-        }
+        Some(Finding { step, found: Found::Step(s), .. }) if s.diverged => Some(*step),
         _ => None,
     };
     if located != expected {
@@ -119,9 +104,9 @@ pub(super) fn conclude(
     };
     let trainer_leaf = c.leaves[s as usize];
     let verdict = if sf.diverged { diverged_verdict(s, &sf, &trainer_leaf) } else { forged_verdict(s, &sf.forged) };
-    // A step that did not stay finite has no state: its leaf says so (and re-executing the step
-    // reproduces that), so the dispute has its bundle like any other.
-    let own_leaf = sf.own_leaf.unwrap_or_else(|| crate::evidence::not_finite_leaf(s, &sf.log, &sf.own_batch));
+    // A step that did not stay finite has the "no state" leaf (re-executing the step reproduces
+    // it), so the dispute has its bundle like any other.
+    let own_leaf = sf.own_leaf;
     let size = c.commitment.n_leaves;
     let proven = |i: u64| -> Result<ProvenLeaf, Stop> {
         let proof = src.inclusion_proof(i, size).map_err(|e| source_stop(e, Phase::Committed))?;
@@ -182,18 +167,13 @@ pub(super) fn conclude(
 }
 
 fn diverged_verdict(step: u64, sf: &StepFinding, trainer: &Leaf) -> Verdict {
-    let (differs, detail) = match (&sf.own_leaf, &sf.overflow) {
-        (Some(own), _) => {
-            let parts = [(LeafPart::State, own.state != trainer.state), (LeafPart::Batch, own.batch != trainer.batch)];
-            (parts.into_iter().filter_map(|(p, d)| d.then_some(p)).collect(), None)
-        }
-        (None, overflow) => (
-            vec![LeafPart::State],
-            overflow
-                .as_ref()
-                .map(|(_, msg)| format!("replaying step {step} from the agreed state does not stay finite: {msg}")),
-        ),
-    };
+    let own = &sf.own_leaf;
+    let parts = [(LeafPart::State, own.state != trainer.state), (LeafPart::Batch, own.batch != trainer.batch)];
+    let differs = parts.into_iter().filter_map(|(p, d)| d.then_some(p)).collect();
+    let detail = sf
+        .overflow
+        .as_ref()
+        .map(|(_, msg)| format!("replaying step {step} from the agreed state does not stay finite: {msg}"));
     let site = sf.overflow.as_ref().map(|(site, _)| site.clone()).or_else(|| sf.forged.iter().find_map(forged_site));
     Verdict::Diverged { step, site, differs, detail }
 }

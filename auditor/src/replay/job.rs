@@ -56,8 +56,9 @@ pub(super) enum Found {
 
 #[derive(Debug)]
 pub(super) struct StepFinding {
-    /// The auditor's leaf; `None` when the step could not be finished (a value overflowed).
-    pub own_leaf: Option<Leaf>,
+    /// The auditor's leaf; for a step that did not stay finite (a value overflowed), the "no
+    /// state" leaf ([`crate::evidence::not_finite_leaf`]).
+    pub own_leaf: Leaf,
     pub own_state: Option<TrainingState>,
     /// The state after step − 1 (agreed: its leaf matched, or it is a verified checkpoint).
     pub prev: Option<TrainingState>,
@@ -286,7 +287,7 @@ impl<'a> Replayer<'a> {
             out.own.push(own);
             if own != self.leaves[0] {
                 let finding = StepFinding {
-                    own_leaf: Some(own),
+                    own_leaf: own,
                     own_state: Some(init),
                     prev: None,
                     log: TieBreakLog::default(),
@@ -343,13 +344,16 @@ impl<'a> Replayer<'a> {
                         } => site.clone(),
                         _ => String::new(),
                     };
+                    let own_batch = self.run.batch_indices(t);
+                    let own = crate::evidence::not_finite_leaf(t, &log, &own_batch);
+                    out.own.push(own);
                     let finding = StepFinding {
-                        own_leaf: None,
+                        own_leaf: own,
                         own_state: None,
                         prev: Some(state),
                         log,
                         trainer_batch,
-                        own_batch: self.run.batch_indices(t),
+                        own_batch,
                         forged: Vec::new(),
                         diverged: true,
                         overflow: Some((site, e.to_string())),
@@ -374,7 +378,7 @@ impl<'a> Replayer<'a> {
             let diverged = own != self.leaves[t as usize];
             if diverged || !step.forged.is_empty() {
                 let finding = StepFinding {
-                    own_leaf: Some(own),
+                    own_leaf: own,
                     own_state: Some(step.state),
                     prev: Some(state),
                     log,

@@ -17,7 +17,8 @@ use super::RecordError;
 fn record_error(path: &Path) -> impl FnOnce(ReadError) -> RecordError + '_ {
     move |e| match e {
         ReadError::Unfit(what) => RecordError::Corrupt { path: path.to_path_buf(), offset: None, what },
-        // A link the record itself holds (the file, or the folder it is in) chose where the
+        // A link the record itself holds (the file, or its `steps/` or `checkpoints/` folder;
+        // not the record directory, which the auditor's user may have linked) chose where the
         // read went: a link to a file this machine cannot read (`/proc/self/mem`, a file the
         // auditor may not open) is the trainer's doing, not this machine's trouble. A link
         // to nothing stays a missing file; a link that reads is followed like any file.
@@ -35,10 +36,11 @@ fn record_error(path: &Path) -> impl FnOnce(ReadError) -> RecordError + '_ {
     }
 }
 
-/// Whether `path` or the folder it is in is a symbolic link.
+/// Whether `path`, or the record folder it is in (`steps/`, `checkpoints/`), is a symbolic link.
 fn through_a_link(path: &Path) -> bool {
     let link = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
-    link(path) || path.parent().is_some_and(link)
+    let record_folder = |p: &&Path| p.file_name().is_some_and(|n| n == super::STEPS_DIR || n == super::CHECKPOINTS_DIR);
+    link(path) || path.parent().filter(record_folder).is_some_and(link)
 }
 
 /// Reads the regular file at `path`, of at most `max` bytes (see the module docs).
@@ -80,6 +82,16 @@ mod tests {
         assert!(
             matches!(read_regular(&mem, 100), Err(RecordError::Corrupt { what, .. }) if what.contains("symbolic link to /proc/self/mem"))
         );
+        // A linked record directory is the auditor's user's doing: its trouble stays its own.
+        let linked = dir.join("linked");
+        std::os::unix::fs::symlink("/proc/self", &linked).unwrap();
+        assert!(
+            matches!(read_regular(&linked.join("mem"), 100), Err(RecordError::Io { .. })),
+            "a file in a linked record directory (not steps/ or checkpoints/) is not the record's fault"
+        );
+        let steps = dir.join(super::super::STEPS_DIR);
+        std::os::unix::fs::symlink("/proc/self", &steps).unwrap();
+        assert!(matches!(read_regular(&steps.join("mem"), 100), Err(RecordError::Corrupt { .. })), "a linked steps/");
         let dangling = dir.join("dangling");
         std::os::unix::fs::symlink(dir.join("nothing"), &dangling).unwrap();
         assert!(
