@@ -75,8 +75,7 @@ impl WeightsProblem {
 /// Each of `params` from a safetensors file, in `params` order: every parameter present under
 /// its name, F32, with exactly its shape, and finite; no other tensor in the file.
 pub fn params_from_safetensors(bytes: &[u8], params: &[ParamSpec]) -> Result<Vec<Tensor>, WeightsProblem> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| WeightsProblem::file(format!("not a safetensors file: {e}")))?;
+    let st = crate::data::tensors::open(bytes).map_err(WeightsProblem::file)?;
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort_unstable();
     if let Some(extra) = names.iter().find(|n| !params.iter().any(|p| &p.name == *n)) {
@@ -140,6 +139,14 @@ mod tests {
         out
     }
 
+    /// A safetensors file with `header` as it is (a JSON object may name a key twice).
+    fn raw(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
     fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
@@ -189,6 +196,14 @@ mod tests {
                 "not a parameter",
             ),
             (b"not safetensors at all".to_vec(), None, "not a safetensors file"),
+            (
+                raw(
+                    r#"{"fc1.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"fc1.weight":{"dtype":"F32","shape":[2,3],"data_offsets":[8,32]},"fc1.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                    &[f32s(&[1.0, 2.0]), f32s(&[0.5; 6])].concat(),
+                ),
+                None,
+                "\"fc1.bias\" is named twice",
+            ),
         ];
         for (bytes, tensor, says) in cases {
             let e = params_from_safetensors(&bytes, &params()).unwrap_err();

@@ -304,6 +304,21 @@ fn malformed_safetensors_files_get_clear_errors() {
         (safetensors(&[x(), ("y", "F32", vec![N], f32_bytes(ys.iter().map(|&y| y as f32)))]), "class labels must be"),
         (safetensors(&[x()]), "no tensor y"),
         (safetensors(&[x(), y32(&ys), ("z", "U8", vec![1], vec![0])]), "tensor \"z\" is not x or y"),
+        (
+            {
+                // The same entry for y twice: the crate alone would keep one and read the file.
+                let good = safetensors(&[x(), y32(&ys)]);
+                let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+                let header = std::str::from_utf8(&good[8..8 + n]).unwrap().trim_end();
+                let y = &header[header.find("\"y\"").unwrap()..header.len() - 1];
+                let twice = format!("{},{y}}}", &header[..header.len() - 1]);
+                let mut out = (twice.len() as u64).to_le_bytes().to_vec();
+                out.extend_from_slice(twice.as_bytes());
+                out.extend_from_slice(&good[8 + n..]);
+                out
+            },
+            "tensor \"y\" is named twice",
+        ),
         (safetensors(&[("x", "F32", vec![N, 4, 3], x().3), y32(&ys)]), "data.input_shape is [12]"),
         (safetensors(&[x(), ("y", "U32", vec![N - 1], vec![0; (N - 1) * 4])]), "one per example"),
         (

@@ -17,8 +17,11 @@
 
 #![forbid(unsafe_code)]
 
+mod logs;
 pub mod svg;
 pub mod tls;
+
+pub use logs::{LogFormat, init_logs};
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -386,42 +389,6 @@ pub fn secret(flag: Option<String>, file: Option<&Path>, env: &str) -> Result<Op
         return Err(format!("{from}: the token is empty; leave it out for an open server"));
     }
     Ok(Some(value))
-}
-
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("log format {s:?}: one of text, json")),
-        }
-    }
-}
-
-/// Installs the process's `tracing` subscriber: stderr, `info` and up unless `RUST_LOG` says
-/// otherwise; text logs are coloured only when stderr is a terminal (not in a log file). A
-/// second call (tests start several services in one process) changes nothing.
-pub fn init_logs(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
 }
 
 /// The headers every response of both servers carries: no content sniffing, no framing (the

@@ -21,7 +21,7 @@ use crate::spec::{DataConfig, DataKind, DatasetCommitment};
 
 mod csv;
 mod find;
-mod tensors;
+pub(crate) mod tensors;
 mod tokens;
 pub use csv::parse_csv;
 pub use find::DatasetFinder;

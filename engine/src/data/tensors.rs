@@ -8,11 +8,47 @@ use safetensors::{Dtype, SafeTensors};
 use super::{DataKind, Dataset, user_classification, user_regression};
 use crate::spec::TensorsConfig;
 
+/// A safetensors file's tensors. The crate checks the header's size, its JSON, and that every
+/// tensor's byte range lies inside the file and matches its dtype and shape (with checked
+/// arithmetic). It reads the header into a map, where a name given twice would silently keep
+/// its last entry; such a header is refused here, naming the tensor.
+pub(crate) fn open(bytes: &[u8]) -> Result<SafeTensors<'_>, String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    // The crate has read the 8-byte header length and checked it against the file.
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes")) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + len]).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let mut de = serde_json::Deserializer::from_str(header);
+    serde::Deserializer::deserialize_map(&mut de, UniqueKeys)
+        .map_err(|e| format!("not a safetensors file: {e}"))?
+        .map_or(Ok(st), |name| Err(format!("tensor {name:?} is named twice in the file's header")))
+}
+
+/// A JSON object's first key given twice, if any.
+struct UniqueKeys;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut twice = None;
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<serde::de::IgnoredAny>()?;
+            if !seen.insert(key.clone()) && twice.is_none() {
+                twice = Some(key);
+            }
+        }
+        Ok(twice)
+    }
+}
+
 /// Parses a safetensors dataset against its config; errors say what is wrong with which tensor.
 pub fn parse_tensors(bytes: &[u8], config: &TensorsConfig) -> Result<Dataset, String> {
-    // The crate checks the header's size, its JSON, and that every tensor's byte range lies
-    // inside the file and matches its dtype and shape (with checked arithmetic).
-    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let st = open(bytes)?;
     let mut names: Vec<&str> = st.names();
     names.sort_unstable();
     if let Some(extra) = names.iter().find(|n| !matches!(**n, "x" | "y")) {
