@@ -81,7 +81,11 @@ async fn pages_show_verdicts_steps_digests_and_plots_and_private_pages_need_the_
     assert_eq!(resp.status().as_u16(), 303);
     let set = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
     assert!(
-        set.contains("HttpOnly") && !set.contains("Secure") && set.contains("SameSite=Strict") && !set.contains(TOKEN),
+        set.contains("HttpOnly")
+            && !set.contains("Secure")
+            && set.contains("SameSite=Strict")
+            && set.contains("Max-Age=43200")
+            && !set.contains(TOKEN),
         "{set}"
     );
     // Every page: no sniffing, no framing (the form cannot be clickjacked), no scripts.

@@ -9,8 +9,9 @@
 //! | `GET /ui/login`, `POST /ui/login`, `POST /ui/logout` | — | a form that sets (or clears) the session cookie |
 //!
 //! Private pages take the daemon's bearer token or the session cookie, an HttpOnly,
-//! SameSite=Strict cookie (Secure when the daemon serves HTTPS) holding `SHA-256("tiebreak-ui-session" ‖ token)`: the token itself is
-//! never stored in the browser, and rotating it (SIGHUP) ends every session. Without either, a
+//! SameSite=Strict cookie (Secure when the daemon serves HTTPS) holding the session's end and a
+//! MAC of it keyed by the token (`session_value`): the token itself is never stored in the
+//! browser, a session ends after 12 hours, and rotating the token (SIGHUP) ends every session. Without either, a
 //! private page answers 401 with the login form. Pages refresh themselves every 3 s while an
 //! audit on them is queued or running.
 
@@ -31,9 +32,30 @@ use crate::VerdictKind;
 
 const COOKIE: &str = "tiebreak_session";
 
-/// The cookie value for `token`.
-fn session_value(token: &str) -> String {
-    common::codec::to_hex(&common::codec::sha256(format!("tiebreak-ui-session\0{token}").as_bytes()))
+/// How long a sign-in lasts.
+const SESSION_SECONDS: u64 = 12 * 3600;
+
+/// Seconds since the Unix epoch, now.
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The cookie value for a session under `token` that ends at `expires` (Unix seconds):
+/// `EXPIRES.MAC`, the MAC a keyed BLAKE3 of the expiry under a key derived from the token. It
+/// cannot be made without the token, names its end, and any daemon of a fleet sharing the token
+/// checks it.
+fn session_value(token: &str, expires: u64) -> String {
+    let key = common::codec::sha256(format!("tiebreak-ui-session\0{token}").as_bytes());
+    let mac = blake3::keyed_hash(&key, format!("expires\0{expires}").as_bytes());
+    format!("{expires}.{}", mac.to_hex())
+}
+
+/// Whether cookie value `value` is a session under `token` that has not ended at `now`.
+fn session_holds(value: &str, token: &str, now: u64) -> bool {
+    let Some(expires) = value.split_once('.').and_then(|(e, _)| e.parse::<u64>().ok()) else { return false };
+    expires > now
+        && expires <= now.saturating_add(SESSION_SECONDS)
+        && service::same_secret(value, &session_value(token, expires))
 }
 
 /// Whether a private page may be shown: no token configured, the bearer token, or the cookie.
@@ -42,14 +64,14 @@ fn may_see(shared: &Shared, headers: &HeaderMap) -> bool {
     if authorized(shared, headers) {
         return true;
     }
-    let want = session_value(&token);
+    let now = now_s();
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')))
-        .any(|v| service::same_secret(v, &want))
+        .any(|v| session_holds(v, &token, now))
 }
 
 /// Escapes text for HTML.
@@ -549,7 +571,11 @@ pub async fn login(State(shared): State<Shared>, body: Bytes) -> Response {
     if !service::same_secret(given.trim(), &token) {
         return login_page("That is not the daemon's token.");
     }
-    let cookie = format!("{COOKIE}={}; Path=/; HttpOnly;{} SameSite=Strict", session_value(&token), secure(&shared));
+    let cookie = format!(
+        "{COOKIE}={}; Path=/; HttpOnly;{} SameSite=Strict; Max-Age={SESSION_SECONDS}",
+        session_value(&token, now_s() + SESSION_SECONDS),
+        secure(&shared)
+    );
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/ui".to_string())]).into_response()
 }
 
@@ -567,6 +593,23 @@ pub async fn logout(State(shared): State<Shared>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_is_the_tokens_and_ends() {
+        let now = 1_800_000_000;
+        let v = session_value("secret", now + SESSION_SECONDS);
+        assert!(session_holds(&v, "secret", now) && session_holds(&v, "secret", now + SESSION_SECONDS - 1));
+        assert!(!session_holds(&v, "secret", now + SESSION_SECONDS), "it ends");
+        assert!(!session_holds(&v, "other", now), "another token's daemon refuses it");
+        assert!(!v.contains("secret"));
+        // A later end cannot be written in without the token, nor one signed too far ahead.
+        let (_, mac) = v.split_once('.').unwrap();
+        assert!(!session_holds(&format!("{}.{mac}", now + 2 * SESSION_SECONDS), "secret", now + SESSION_SECONDS));
+        assert!(!session_holds(&session_value("secret", now + 2 * SESSION_SECONDS), "secret", now));
+        for junk in ["", ".", "x.y", &format!("{}.", now + 10), &v[..v.len() - 1]] {
+            assert!(!session_holds(junk, "secret", now), "{junk:?}");
+        }
+    }
 
     #[test]
     fn form_values_decode_and_bad_escapes_are_refused() {
