@@ -38,7 +38,7 @@ use crate::report::{LeafJson, Report};
 use crate::setup::build_run;
 use crate::{AuditError, VerdictKind};
 
-const MAGIC: &[u8; 4] = b"TBEV";
+pub const MAGIC: &[u8; 4] = b"TBEV";
 /// The state digest of an auditor leaf whose step did not stay finite (a value overflowed from
 /// the agreed state): no state was computed, and no real digest is all zeros. Such a leaf is in
 /// the report and the bundle like any other; re-executing the step overflows again and
@@ -265,7 +265,11 @@ impl Evidence {
 
     /// Writes the bundle to `path`.
     pub fn write(&self, path: &Path) -> Result<(), AuditError> {
-        std::fs::write(path, self.encode()).map_err(|source| AuditError::Io { op: "write", path: path.into(), source })
+        engine::output::write_output(path, &self.encode()).map_err(|source| AuditError::Io {
+            op: "write",
+            path: path.into(),
+            source,
+        })
     }
 
     /// Reads a bundle from `path` (size-checked before reading).

@@ -754,3 +754,62 @@ fn special_files_are_refused_not_waited_on() {
         );
     }
 }
+
+/// Every file under `dir`, by relative path.
+fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `--report` and `--evidence` never damage what is stored: a path inside the record (whose
+/// trainer a later audit would blame), the signing key, a file of another kind, a directory that
+/// does not exist are refused as usage (64) before the replay, and nothing changes. A report
+/// replaces an earlier report.
+#[test]
+fn output_paths_that_would_damage_something_are_refused() {
+    let dir = scratch("cli-outputs");
+    let rec = write_record(&dir.join("rec"), Profile::Cpu, SGD, Drill::default());
+    let r = rec.to_str().unwrap();
+    let key = format!("{}\n", "ab".repeat(32));
+    std::fs::write(dir.join("k.key"), &key).unwrap();
+    std::fs::write(dir.join("notes.txt"), "mine\n").unwrap();
+    let before = files(&rec);
+    for (flag, path, says) in [
+        ("--report", format!("{r}/spec.json"), "inside the record"),
+        ("--report", format!("{r}/report.json"), "inside the record"),
+        ("--evidence", format!("{r}/manifest.json"), "inside the record"),
+        ("--report", "k.key".into(), "left as it is"),
+        ("--report", "notes.txt".into(), "left as it is"),
+        ("--report", "nowhere/r.json".into(), "does not exist"),
+    ] {
+        let out = auditor(&dir, &["audit", "--record", r, "--key", "k.key", flag, &path]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(64), "{flag} {path}: {err}");
+        assert!(err.contains(says) && err.contains(&path) && !err.contains("replay"), "{flag} {path}: {err}");
+    }
+    assert!(files(&rec) == before, "the record is unchanged");
+    assert_eq!(std::fs::read_to_string(dir.join("k.key")).unwrap(), key, "the key is unchanged");
+    assert_eq!(std::fs::read_to_string(dir.join("notes.txt")).unwrap(), "mine\n");
+    // The record still audits consistent, and a report replaces a report.
+    for _ in 0..2 {
+        let out = auditor(&dir, &["audit", "--record", r, "--key", "k.key", "--report", "r.json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    assert!(std::fs::read_to_string(dir.join("r.json")).unwrap().contains("\"consistent\""));
+    // A report named like a key that does not exist yet: the key is made first, and the report
+    // does not replace it.
+    let out = auditor(&dir, &["audit", "--record", r, "--key", "new.key", "--report", "new.key"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(!std::fs::read_to_string(dir.join("new.key")).unwrap().contains('{'), "the new key is a key");
+}

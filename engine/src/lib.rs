@@ -8,6 +8,7 @@
 //! - [`spec`]: TOML configs and the committed run spec.
 //! - [`data`]: datasets and their Merkle commitment.
 //! - [`model`]: MLP, CNN and GPT built on `kernels`, with named rounding sites.
+//! - [`output`]: files the tools write where the user says, checked before any work.
 //! - [`graph`]: user-defined models as committed graphs, interpreted with automatic backward.
 //! - [`train`]: the verified step (data order, forward/backward, optimizer) and adversary drills.
 //! - [`record`]: the record on disk (crash-safe writer, verifying reader, signed manifest).
@@ -21,6 +22,7 @@ pub mod data;
 pub mod graph;
 pub mod init;
 pub mod model;
+pub mod output;
 pub mod record;
 pub mod schedule;
 pub mod spec;

@@ -74,7 +74,7 @@ pub struct Exported {
 /// with metadata. The file is written beside `out` and renamed, so a failed export leaves no
 /// partial file.
 pub fn export(opts: &ExportOptions<'_>) -> Result<Exported, TrainerError> {
-    check_out(opts.record, opts.out)?;
+    check_out(opts.out)?;
     let rec = Record::open(opts.record)?;
     let Some(manifest) = rec.manifest() else {
         return Err(TrainerError::Usage(format!("{} is not a finished run (no manifest)", opts.record.display())));
@@ -135,49 +135,21 @@ pub fn export(opts: &ExportOptions<'_>) -> Result<Exported, TrainerError> {
     }
     let bytes = safetensors_bytes_with(&state, &metadata);
     let tensors = state.tensors().filter(|(n, _)| n.starts_with("param/")).count();
-    let tmp = opts.out.with_extension("safetensors.partial");
-    // Named by the path given, not the partial file beside it that the user never asked for;
-    // and the partial file goes whatever failed.
-    let written = std::fs::write(&tmp, bytes)
-        .map_err(|source| TrainerError::Io { op: "write", path: opts.out.to_path_buf(), source })
-        .and_then(|()| {
-            std::fs::rename(&tmp, opts.out).map_err(|source| TrainerError::Io {
-                op: "rename",
-                path: opts.out.to_path_buf(),
-                source,
-            })
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
+    // Named by the path given, not the partial file beside it that the user never asked for.
+    engine::output::write_output(opts.out, &bytes).map_err(|source| TrainerError::Io {
+        op: "write",
+        path: opts.out.to_path_buf(),
+        source,
+    })?;
     Ok(Exported { step, tensors, metadata })
 }
 
-/// Refuses an output path that is not a file export may replace: anything but a regular file
-/// (a directory, a device, a FIFO: a rename would replace the node itself), or a path inside
-/// the record being read (which the export would damage).
-fn check_out(record: &Path, out: &Path) -> Result<(), TrainerError> {
-    let refuse = |why: &str| TrainerError::Usage(format!("--out {}: {why}; export writes a new file", out.display()));
-    if let Ok(meta) = std::fs::metadata(out)
-        && !meta.is_file()
-    {
-        return Err(refuse(if meta.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file (a device, FIFO or socket)"
-        }));
-    }
-    if std::fs::symlink_metadata(out).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(refuse("a symbolic link (the file it names would be replaced by the link's own path)"));
-    }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if let (Ok(dir), Ok(rec)) = (parent.canonicalize(), record.canonicalize())
-        && dir.starts_with(&rec)
-    {
-        return Err(refuse(&format!("inside the record {} it reads", record.display())));
-    }
-    Ok(())
+/// Refuses an output path export must not write (see `engine::output`): inside a record (the
+/// one it reads or another), a directory, a FIFO, a link, or a file that is not a safetensors
+/// file (a signing key, a config). An earlier export is replaced.
+fn check_out(out: &Path) -> Result<(), TrainerError> {
+    engine::output::check_output(out, engine::output::OutputKind::Safetensors)
+        .map_err(|why| TrainerError::Usage(format!("--out {}: {why}", out.display())))
 }
 
 /// Writes the final parameters of a finished (non-text) record to `out`; see [`export`].

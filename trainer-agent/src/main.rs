@@ -186,6 +186,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { record, json, step, plot } => {
             if let Some(path) = &plot {
+                engine::output::check_output(path, engine::output::OutputKind::Svg)
+                    .map_err(|why| anyhow::anyhow!("--plot {}: {why}", path.display()))?;
                 plot_record(&record, path)?;
             }
             inspect(&record, json, step)
@@ -363,10 +365,7 @@ fn plot_record(dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
         ],
         &[],
     );
-    let tmp = path.with_extension("svg.part");
-    std::fs::write(&tmp, doc)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("--plot {}", path.display()))?;
+    engine::output::write_output(path, doc.as_bytes()).with_context(|| format!("--plot {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -393,13 +393,21 @@ fn export_writes_safetensors_with_candle_names() {
     assert_eq!(header["fc1.weight"]["shape"], serde_json::json!([64, 32]));
     assert_eq!(header["fc2.bias"]["dtype"], "F32");
 
-    // Paths export must not replace: a file of the record it reads, a directory, a FIFO. Each is
-    // refused naming it, nothing is written, and no partial file is left.
+    // An earlier export is replaced.
+    let o = Command::new(BIN).arg("export").arg(base.join("r")).arg("--out").arg(&file).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Paths export must not replace: a file of the record it reads, a directory, a FIFO, a file
+    // of another kind (a signing key). Each is refused naming it, nothing is written, and no
+    // partial file is left.
     let fifo = base.join("fifo");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     std::fs::create_dir(base.join("dir")).unwrap();
+    let key = base.join("other.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
     let before = snapshot(&base.join("r"));
     for (out, why) in [
+        (key.clone(), "left as it is"),
         (base.join("r/manifest.json"), "inside the record"),
         (base.join("r/fresh.safetensors"), "inside the record"),
         (base.join("dir"), "a directory"),
@@ -410,6 +418,7 @@ fn export_writes_safetensors_with_candle_names() {
         assert!(!o.status.success() && err.contains(why) && err.contains(out.to_str().unwrap()), "{err}");
     }
     assert!(snapshot(&base.join("r")) == before, "the record is unchanged");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), format!("{}\n", "ab".repeat(32)), "the key is unchanged");
     let names: Vec<_> = std::fs::read_dir(&base).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(!names.iter().any(|n| n.to_string_lossy().contains("partial")), "no partial file: {names:?}");
     let _ = std::fs::remove_dir_all(&base);

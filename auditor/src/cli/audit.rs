@@ -4,11 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use auditor::evidence::MAGIC;
 use auditor::http::{HttpTrainer, RetryPolicy};
 use auditor::replay::SeedChoice;
 use auditor::report::{Report, TensorDiffJson};
 use auditor::{Audit, AuditOptions, Mode, Progress, SpotPick, TrainerSource, audit, audit_dir};
 use clap::ValueEnum;
+use engine::output::{OutputKind, check_output, write_output};
 use engine::record::RecordError;
 use kernels::Profile;
 
@@ -182,6 +184,7 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
     if let Some(data) = &args.data {
         require_exists("--data", data)?;
     }
+    outputs_writable(&args)?;
     let trainer_key = args.trainer_pubkey.as_deref().map(|v| public_key_arg("--trainer-pubkey", v)).transpose()?;
     let explicit_device = args.device.as_deref().map(|d| device_arg("--device", d)).transpose()?;
     let mode = mode(&args)?;
@@ -264,8 +267,12 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
     let audit = result.map_err(anyhow::Error::from).with_context(|| format!("audit of {what}"))?;
     let rep = Report::build(&audit, &key);
     let text = rep.to_json();
+    // Checked again: the audit may have taken hours, and the key now exists (a report named
+    // like the key would replace it).
+    outputs_writable(&args)?;
     if let Some(path) = &args.report {
-        std::fs::write(path, format!("{text}\n")).with_context(|| format!("--report {}: writing", path.display()))?;
+        write_output(path, format!("{text}\n").as_bytes())
+            .with_context(|| format!("--report {}: writing", path.display()))?;
     }
     if let (Some(path), Some(ev)) = (&args.evidence, &audit.evidence) {
         ev.write(path).with_context(|| format!("--evidence {}", path.display()))?;
@@ -276,6 +283,19 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
         emit(&human(&rep, &audit, args.evidence.is_some()))?;
     }
     Ok(if audit.verdict.is_consistent() { Exit::Ok } else { Exit::Adverse })
+}
+
+/// `--report` and `--evidence` name files this audit may write (`engine::output`): before the
+/// replay, so that a long audit does not end on a path, and again before writing.
+fn outputs_writable(args: &AuditArgs) -> Result<(), Failure> {
+    let outputs =
+        [("--report", &args.report, OutputKind::Json), ("--evidence", &args.evidence, OutputKind::Magic(MAGIC))];
+    for (flag, path, kind) in outputs {
+        if let Some(path) = path {
+            check_output(path, kind).map_err(|why| usage(format_args!("{flag} {}: {why}", path.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Differing tensors listed in the human output; the JSON report lists every one.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use auditor::VerdictKind;
 use auditor::daemon::job::{AuditRequest, JobState};
 use auditor::report::verify;
+use engine::output::{OutputKind, check_output};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -475,6 +476,8 @@ pub fn report(args: ReportArgs) -> Result<Exit, Failure> {
     let client = Client::new(&args.daemon)?;
     let id = check_id(&args.id)?;
     let expected = args.auditor_key.as_deref().map(|k| public_key_arg("--auditor-key", k)).transpose()?;
+    check_out("--out", args.out.as_deref(), OutputKind::Json)?;
+    check_out("--evidence", args.evidence.as_deref(), OutputKind::Magic(auditor::evidence::MAGIC))?;
     let path = format!("/v1/reports/{id}");
     let bytes = client.send(reqwest::Method::GET, &path, None)?;
     // Something that is not even a signed report is the daemon's trouble (exit 2); a signed
@@ -547,8 +550,14 @@ pub fn report(args: ReportArgs) -> Result<Exit, Failure> {
 /// Writes `bytes` to `path` through a temporary file and a rename (a partial download never
 /// replaces a good file).
 fn write_file(flag: &str, path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    let tmp = path.with_extension("part");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| undecided(format_args!("{flag} {}: {e}", path.display())))
+    engine::output::write_output(path, bytes).map_err(|e| undecided(format_args!("{flag} {}: {e}", path.display())))
+}
+
+/// Whether `path` may receive a file of `kind` (`engine::output`), checked before anything
+/// is fetched.
+fn check_out(flag: &str, path: Option<&Path>, kind: OutputKind) -> Result<(), Failure> {
+    match path {
+        Some(path) => check_output(path, kind).map_err(|why| usage(format_args!("{flag} {}: {why}", path.display()))),
+        None => Ok(()),
+    }
 }
