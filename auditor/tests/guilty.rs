@@ -153,6 +153,9 @@ fn a_malformed_committed_state_is_the_same_finding_in_every_mode() {
         let src = LocalRecord::open(&record).unwrap_or_else(|e| panic!("{name}: the record opens: {e}"));
         let v = same_adverse_verdict(&src, c + 1, name);
         assert_invalid(&v, &format!("{c:010}.state.zst"), says, name);
+        // What export, inspect, a resume and the record server read it through refuses it too.
+        let e = engine::record::Record::open(&record).unwrap().checkpoint(c).unwrap_err().to_string();
+        assert!(e.contains(&format!("{c:010}.state.zst")) && e.contains(says), "{name}: {e}");
     }
 }
 

@@ -133,10 +133,74 @@ pub struct Run {
     /// The parameters of the committed starting weights, once loaded
     /// ([`Run::load_init_weights`]); only for specs with `init_weights`.
     init_params: Option<Vec<Tensor>>,
-    /// Every tensor a state of this run holds (parameters and optimizer slots), by name, with
-    /// its shape and what it is: computed once, since [`Run::check_state`] runs before every
-    /// step.
-    layout: BTreeMap<String, (Vec<usize>, String)>,
+    /// Every tensor a state of this run holds: computed once, since [`Run::check_state`] runs
+    /// before every step.
+    layout: StateLayout,
+}
+
+/// Every tensor a state of a run holds (parameters and optimizer slots), by name, with its
+/// shape and what it is.
+#[derive(Debug, Clone)]
+pub struct StateLayout(BTreeMap<String, (Vec<usize>, String)>);
+
+impl StateLayout {
+    /// The layout of `params` trained by `optimizer`.
+    pub fn of(params: &[crate::model::ParamSpec], optimizer: &OptimizerConfig) -> StateLayout {
+        let slots = slots_of(optimizer);
+        let mut layout = BTreeMap::new();
+        for p in params {
+            layout.insert(param_key(&p.name), (p.shape.clone(), format!("parameter {}", p.name)));
+            for slot in slots {
+                layout
+                    .insert(slot_key(&p.name, slot), (p.shape.clone(), format!("optimizer slot {slot} of {}", p.name)));
+            }
+        }
+        StateLayout(layout)
+    }
+
+    /// Checks that `state` has exactly the tensors the model and optimizer define (every
+    /// parameter and every optimizer slot, nothing else), each of the model's shape with as many
+    /// values as its shape holds, all finite. The first problem in tensor-name order is
+    /// reported.
+    pub fn check(&self, state: &TrainingState) -> Result<(), StateInvalid> {
+        let bad = |tensor: &str, what: String| StateInvalid { tensor: tensor.to_string(), what };
+        let mut given = state.tensors().peekable();
+        let mut wanted = self.0.iter().peekable();
+        loop {
+            // Walk both name-ordered lists together, so the first problem by name is reported.
+            let order = match (given.peek(), wanted.peek()) {
+                (None, None) => return Ok(()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((g, _)), Some((w, _))) => (*g).cmp(w.as_str()),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    let Some((name, _)) = given.next() else { unreachable!("peeked") };
+                    return Err(bad(name, "is not a parameter or optimizer slot of this run's model".into()));
+                }
+                std::cmp::Ordering::Greater => {
+                    let Some((name, (_, what))) = wanted.next() else { unreachable!("peeked") };
+                    return Err(bad(name, format!("is missing (the {what})")));
+                }
+                std::cmp::Ordering::Equal => {
+                    let (Some((name, t)), Some((_, (shape, _)))) = (given.next(), wanted.next()) else {
+                        unreachable!("peeked")
+                    };
+                    if &t.shape != shape {
+                        return Err(bad(name, format!("has shape {:?}, the model's is {shape:?}", t.shape)));
+                    }
+                    let n: usize = shape.iter().product();
+                    if t.data.len() != n {
+                        return Err(bad(name, format!("holds {} values, its shape {shape:?} needs {n}", t.data.len())));
+                    }
+                    if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+                        return Err(bad(name, format!("element {i} is not finite ({})", t.data[i])));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Optimizer slots per parameter.
@@ -157,15 +221,7 @@ impl Run {
             return Err(EngineError::DatasetMismatch { spec: Box::new(spec.dataset), data: Box::new(commitment) });
         }
         let model = Model::new(&spec.config.model, &data)?;
-        let slots = slots_of(&spec.config.optimizer);
-        let mut layout = BTreeMap::new();
-        for p in model.params() {
-            layout.insert(param_key(&p.name), (p.shape.clone(), format!("parameter {}", p.name)));
-            for slot in slots {
-                layout
-                    .insert(slot_key(&p.name, slot), (p.shape.clone(), format!("optimizer slot {slot} of {}", p.name)));
-            }
-        }
+        let layout = StateLayout::of(model.params(), &spec.config.optimizer);
         Ok(Run { spec, data, model, device, order: std::sync::Mutex::new(None), init_params: None, layout })
     }
 
@@ -245,48 +301,10 @@ impl Run {
         state.digest(self.spec.state_hash())
     }
 
-    /// Checks that `state` has exactly the tensors the model and optimizer define (every
-    /// parameter and every optimizer slot, nothing else), each of the model's shape with as many
-    /// values as its shape holds, all finite. The first problem in tensor-name order is
-    /// reported. The step counter is the caller's to check.
+    /// Checks that `state` has exactly the tensors the model and optimizer define; see
+    /// [`StateLayout::check`]. The step counter is the caller's to check.
     pub fn check_state(&self, state: &TrainingState) -> Result<(), StateInvalid> {
-        let bad = |tensor: &str, what: String| StateInvalid { tensor: tensor.to_string(), what };
-        let mut given = state.tensors().peekable();
-        let mut wanted = self.layout.iter().peekable();
-        loop {
-            // Walk both name-ordered lists together, so the first problem by name is reported.
-            let order = match (given.peek(), wanted.peek()) {
-                (None, None) => return Ok(()),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((g, _)), Some((w, _))) => (*g).cmp(w.as_str()),
-            };
-            match order {
-                std::cmp::Ordering::Less => {
-                    let Some((name, _)) = given.next() else { unreachable!("peeked") };
-                    return Err(bad(name, "is not a parameter or optimizer slot of this run's model".into()));
-                }
-                std::cmp::Ordering::Greater => {
-                    let Some((name, (_, what))) = wanted.next() else { unreachable!("peeked") };
-                    return Err(bad(name, format!("is missing (the {what})")));
-                }
-                std::cmp::Ordering::Equal => {
-                    let (Some((name, t)), Some((_, (shape, _)))) = (given.next(), wanted.next()) else {
-                        unreachable!("peeked")
-                    };
-                    if &t.shape != shape {
-                        return Err(bad(name, format!("has shape {:?}, the model's is {shape:?}", t.shape)));
-                    }
-                    let n: usize = shape.iter().product();
-                    if t.data.len() != n {
-                        return Err(bad(name, format!("holds {} values, its shape {shape:?} needs {n}", t.data.len())));
-                    }
-                    if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
-                        return Err(bad(name, format!("element {i} is not finite ({})", t.data[i])));
-                    }
-                }
-            }
-        }
+        self.layout.check(state)
     }
 
     /// The initial state (step 0): parameters from the seed or from the committed starting

@@ -195,6 +195,8 @@ pub struct Record {
     manifest: Option<Manifest>,
     /// The bound on a decompressed checkpoint, from the spec.
     state_bytes_max: usize,
+    /// The tensors every checkpoint must hold, from the spec.
+    layout: crate::train::StateLayout,
 }
 
 impl Record {
@@ -219,6 +221,11 @@ impl Record {
             return Err(spec_corrupt("not in canonical form".into()));
         }
         let state_bytes_max = state_bytes_max(&spec, &spec_path)?;
+        let layout = spec.config.state_layout().map_err(|e| RecordError::Corrupt {
+            path: spec_path.clone(),
+            offset: None,
+            what: format!("invalid run spec: {e}"),
+        })?;
         let manifest_path = dir.join(MANIFEST_FILE);
         // Anything at the manifest's path (even a link that cannot be followed) must be a
         // readable manifest: an unreadable one does not make the record look unfinished.
@@ -287,7 +294,7 @@ impl Record {
                 });
             }
         }
-        Ok(Record { dir: dir.to_path_buf(), spec, spec_bytes, leaves, tree, manifest, state_bytes_max })
+        Ok(Record { dir: dir.to_path_buf(), spec, spec_bytes, leaves, tree, manifest, state_bytes_max, layout })
     }
 
     pub fn dir(&self) -> &Path {
@@ -395,9 +402,18 @@ impl Record {
         read_checkpoint_frame(&self.dir, step, (self.spec.state_hash(), self.leaf(step)?), self.state_bytes_max)
     }
 
-    /// The checkpoint after step `step`, verified against its leaf.
+    /// The checkpoint after step `step`, verified against its leaf, and holding exactly the
+    /// tensors the spec's model and optimizer define, each of its shape and finite
+    /// ([`crate::train::StateLayout::check`]): a signed state of another model is no state
+    /// of this run, whatever reads it (an export, a resume, the record server, the auditor).
     pub fn checkpoint(&self, step: u64) -> Result<TrainingState, RecordError> {
-        read_checkpoint(&self.dir, step, (self.spec.state_hash(), self.leaf(step)?), self.state_bytes_max)
+        let state = read_checkpoint(&self.dir, step, (self.spec.state_hash(), self.leaf(step)?), self.state_bytes_max)?;
+        self.layout.check(&state).map_err(|p| RecordError::Corrupt {
+            path: checkpoint_path(&self.dir, step),
+            offset: None,
+            what: format!("malformed committed state: {p}"),
+        })?;
+        Ok(state)
     }
 
     /// The newest checkpoint at or before `step`.

@@ -272,6 +272,15 @@ impl Config {
         Ok(Sizes { param_values, state_values, state_bytes })
     }
 
+    /// Every tensor a state of this run holds, from the config alone (no data file is read):
+    /// what a committed state is checked against where no [`crate::train::Run`] is built
+    /// (`trainer-agent export` and `inspect`).
+    pub fn state_layout(&self) -> Result<crate::train::StateLayout, SpecInvalid> {
+        let (input, classes) = data_shape(self)?;
+        let model = resolve_graph(self, &self.model.graph(), &input, classes)?;
+        Ok(crate::train::StateLayout::of(model.params(), &self.optimizer))
+    }
+
     /// Exact size of the canonical state encoding, from the model's parameter list (its size is
     /// already bounded, so building the list is cheap).
     fn state_encoding_bytes(&self, input: &[usize], classes: usize) -> Result<u64, SpecInvalid> {
