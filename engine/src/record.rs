@@ -426,10 +426,18 @@ impl RecordWriter {
                 self.tree.len()
             )));
         }
-        // Encode once: the stored form holds the canonical bytes the leaf hashes.
+        // Encode once: the stored form holds the canonical bytes the leaf hashes. Nothing is
+        // written that the reader would refuse (a record no one could audit).
         let log_raw = log.encode();
-        write_atomic(&log_path(&self.dir, step), &tielog::compress_canonical(&log_raw))?;
         let batch_raw = batch.encode();
+        if log_raw.len() > LOG_RAW_BYTES_MAX || batch_raw.len() as u64 > BATCH_FILE_BYTES_MAX {
+            return Err(RecordError::Refused(format!(
+                "step {step}: its tie-break log ({} bytes) or batch ({} bytes) is over what a record may hold                  ({LOG_RAW_BYTES_MAX} and {BATCH_FILE_BYTES_MAX} bytes)",
+                log_raw.len(),
+                batch_raw.len()
+            )));
+        }
+        write_atomic(&log_path(&self.dir, step), &tielog::compress_canonical(&log_raw))?;
         write_atomic(&batch_path(&self.dir, step), &batch_raw)?;
         // A checkpoint's state is hashed from the bytes it writes; any other state in a
         // streaming pass.

@@ -10,8 +10,8 @@ use crate::EngineError;
 
 mod validate;
 pub use validate::{
-    ACTIVATION_VALUES_MAX, CLASSES_MAX, LAYERS_MAX, MNIST_EXAMPLES_MAX, STEPS_MAX, SYNTHETIC_VALUES_MAX, Sizes,
-    SpecInvalid, TEXT_VOCAB_MAX,
+    ACTIVATION_VALUES_MAX, BATCH_SIZE_MAX, CLASSES_MAX, LAYERS_MAX, MNIST_EXAMPLES_MAX, STEPS_MAX,
+    SYNTHETIC_VALUES_MAX, Sizes, SpecInvalid, TEXT_VOCAB_MAX,
 };
 
 /// Version of the record format this build writes.

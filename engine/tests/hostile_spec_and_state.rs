@@ -214,3 +214,41 @@ fn an_overflow_while_stepping_is_not_a_malformed_state() {
     last.step = u64::MAX;
     assert!(r.step(&last, 0, StepMode::Commit { paper: false }, None).is_err());
 }
+
+/// Every config that validates can be recorded and read back: a batch whose file could pass the
+/// reader's limit, or a graph whose spec.json could, is refused before the run starts (an
+/// honest trainer once signed such records and was then called `commitment-invalid`).
+#[test]
+fn a_config_whose_record_could_not_be_read_back_is_refused() {
+    let batch = SYNTHETIC.replace("batch_size = 8", &format!("batch_size = {}", engine::spec::BATCH_SIZE_MAX + 1));
+    let e = Config::from_toml(&batch, "big-batch.toml").unwrap_err().to_string();
+    assert!(e.contains("train.batch_size") && e.contains("batch file"), "{e}");
+    let at_max = SYNTHETIC.replace("batch_size = 8", &format!("batch_size = {}", engine::spec::BATCH_SIZE_MAX));
+    Config::from_toml(&at_max, "max-batch.toml").unwrap();
+
+    // 400 concat nodes of 64 inputs with 48-character names: about 1.4 MB of spec JSON.
+    let name = |s: String| format!("{s:_<48}");
+    let a = name("a".into());
+    let mut toml = format!(
+        "[model]\nkind = \"graph\"\n[[model.nodes]]\nname = \"{a}\"\nop = \"linear\"\ninputs = [\"x\"]\nout = 1\n"
+    );
+    let mut prev = a.clone();
+    for i in 0..400 {
+        let (c, s) = (name(format!("c{i}")), name(format!("s{i}")));
+        let inputs: Vec<String> = std::iter::repeat_n(&a, 63).chain([&prev]).map(|n| format!("\"{n}\"")).collect();
+        toml += &format!(
+            "[[model.nodes]]\nname = \"{c}\"\nop = \"concat\"\ninputs = [{}]\naxis = 0\n\
+             [[model.nodes]]\nname = \"{s}\"\nop = \"slice\"\ninputs = [\"{c}\"]\naxis = 0\nstart = 0\nend = 1\n",
+            inputs.join(", ")
+        );
+        prev = s;
+    }
+    toml += &format!(
+        "[[model.nodes]]\nname = \"head\"\nop = \"linear\"\ninputs = [\"{prev}\"]\nout = \"classes\"\n\
+         [[model.nodes]]\nname = \"loss\"\nop = \"cross_entropy\"\ninputs = [\"head\", \"labels\"]\n\
+         [data]\nkind = \"synthetic\"\nexamples = 20\nholdout = 2\nfeatures = 2\nclasses = 2\n\
+         [train]\nseed = 1\nbatch_size = 2\nsteps = 2\ncheckpoint_interval = 1\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n"
+    );
+    let e = Config::from_toml(&toml, "big-graph.toml").unwrap_err().to_string();
+    assert!(e.contains("big-graph.toml") && e.contains("spec.json") && e.contains("1048576"), "{e}");
+}

@@ -21,7 +21,16 @@ use crate::data::{
 };
 use crate::graph::{Graph, GraphConfig};
 use crate::model::{param_key, slot_key};
-use crate::record::STATE_RAW_BYTES_MAX;
+use crate::record::{BATCH_FILE_BYTES_MAX, JSON_FILE_BYTES_MAX, STATE_RAW_BYTES_MAX};
+
+/// The largest batch: a step's batch file (magic, version, count, then each index as a varint
+/// of up to 10 bytes, and a CRC) must fit in [`BATCH_FILE_BYTES_MAX`], or the record could not
+/// be read back.
+pub const BATCH_SIZE_MAX: usize = ((BATCH_FILE_BYTES_MAX - 64) / 10) as usize;
+
+/// Room in `spec.json` for what the spec adds to its config (the dataset commitment, versions,
+/// the starting weights' commitment).
+const SPEC_BYTES_BESIDE_CONFIG: usize = 16 << 10;
 
 /// Most steps a run may plan.
 pub const STEPS_MAX: u64 = 1_000_000_000;
@@ -213,14 +222,31 @@ impl Config {
     /// the config (`train.batch_size`).
     pub fn validate(&self) -> Result<(), SpecInvalid> {
         self.sizes().map(|_| ())?;
-        self.schedule.validate(self.train.steps).map_err(|(field, what)| invalid(field, what))
+        self.schedule.validate(self.train.steps).map_err(|(field, what)| invalid(field, what))?;
+        // The run's spec.json holds this config: past its limit the record could not be read.
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if bytes > JSON_FILE_BYTES_MAX as usize - SPEC_BYTES_BESIDE_CONFIG {
+            return Err(invalid(
+                "model",
+                format!(
+                    "the config takes {bytes} bytes as JSON; a run's spec.json holds it and must fit in                      {JSON_FILE_BYTES_MAX} bytes (a smaller graph: fewer or shorter-named nodes)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Range-checks every field and derives the model's sizes (see [`Sizes`]).
     pub fn sizes(&self) -> Result<Sizes, SpecInvalid> {
         let t = &self.train;
-        if t.batch_size == 0 {
-            return Err(invalid("train.batch_size", "must be at least 1"));
+        if t.batch_size == 0 || t.batch_size > BATCH_SIZE_MAX {
+            return Err(invalid(
+                "train.batch_size",
+                format!(
+                    "must be in 1..={BATCH_SIZE_MAX} (a step's batch file must fit in {BATCH_FILE_BYTES_MAX} bytes), got {}",
+                    t.batch_size
+                ),
+            ));
         }
         if t.checkpoint_interval == 0 {
             return Err(invalid("train.checkpoint_interval", "must be at least 1"));
@@ -569,6 +595,13 @@ impl RunSpec {
         }
         kernels::Profile::from_str(&self.device_profile).map_err(|e| invalid("device_profile", e.to_string()))?;
         self.config.validate().map_err(|e| e.under("config."))?;
+        let bytes = self.canonical_json().len();
+        if bytes > JSON_FILE_BYTES_MAX as usize {
+            return Err(invalid(
+                "spec.json",
+                format!("{bytes} bytes, more than the {JSON_FILE_BYTES_MAX} a spec may have"),
+            ));
+        }
         self.config.schedule.validate(Some(self.n_steps)).map_err(|(f, w)| invalid(f, w).under("config."))?;
         self.check_dataset()?;
         if self.n_steps == 0 {
