@@ -204,6 +204,10 @@ pub enum AuditError {
     /// reported stays valid for a later attempt.
     #[error("audit cancelled before it decided")]
     Cancelled,
+    /// This machine has not the memory the run needs ([`engine::memory`]): the auditor's own
+    /// limit, found before anything is allocated.
+    #[error("this auditor's memory: {0}")]
+    Memory(String),
     #[error("internal error (a bug in the auditor): {0}")]
     Internal(String),
 }

@@ -15,6 +15,10 @@ use crate::AuditError;
 /// spec's commitment. Every failure here is the auditor's own (its copy of the data, its
 /// device): the spec itself is checked before this is called.
 pub fn build_run(spec: &RunSpec, data: Option<&Path>, device: Profile) -> Result<Run, AuditError> {
+    // Before the dataset: a run this machine cannot hold would abort the process (and, in the
+    // daemon, every audit it is running).
+    let sizes = spec.config.sizes().map_err(|e| AuditError::Engine(EngineError::InvalidSpec(e.under("config."))))?;
+    engine::memory::check(sizes.memory_bytes, engine::memory::available()).map_err(AuditError::Memory)?;
     let dataset = Dataset::for_config(&spec.config, data)?;
     let dev = Device::new(device).map_err(|e| AuditError::Usage(e.to_string()))?;
     Run::new(spec.clone(), dataset, dev).map_err(|e| match e {

@@ -813,3 +813,22 @@ fn output_paths_that_would_damage_something_are_refused() {
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(!std::fs::read_to_string(dir.join("new.key")).unwrap().contains('{'), "the new key is a key");
 }
+
+/// A run this machine has not the memory for is the auditor's own limit (exit 2), said before
+/// anything is allocated; the same record audits consistent with the memory there.
+#[test]
+fn too_little_memory_is_the_auditors_limit() {
+    let dir = scratch("cli-memory");
+    let rec = write_record(&dir.join("rec"), Profile::Cpu, SGD, Drill::default());
+    let out = Command::new(env!("CARGO_BIN_EXE_auditor"))
+        .current_dir(&dir)
+        .env(engine::memory::AVAILABLE_ENV, "4096")
+        .args(["audit", "--record", rec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("this auditor's memory") && err.contains("needs at least"), "{err}");
+    let out = auditor(&dir, &["audit", "--record", rec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

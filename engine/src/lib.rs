@@ -7,6 +7,7 @@
 //!
 //! - [`spec`]: TOML configs and the committed run spec.
 //! - [`data`]: datasets and their Merkle commitment.
+//! - [`memory`]: whether this machine has the memory a run needs, before anything is allocated.
 //! - [`model`]: MLP, CNN and GPT built on `kernels`, with named rounding sites.
 //! - [`output`]: files the tools write where the user says, checked before any work.
 //! - [`graph`]: user-defined models as committed graphs, interpreted with automatic backward.
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 pub mod data;
 pub mod graph;
 pub mod init;
+pub mod memory;
 pub mod model;
 pub mod output;
 pub mod record;

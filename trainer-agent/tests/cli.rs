@@ -648,3 +648,24 @@ fn special_files_are_refused_not_waited_on() {
     }
     assert!(snapshot(&rec) == before, "the record behind the links is unchanged");
 }
+
+/// A run this machine has not the memory for is refused before anything is written, saying how
+/// much it needs: not an allocation abort mid-run.
+#[test]
+fn a_run_past_the_machines_memory_is_refused_up_front() {
+    let base = tmp("memory");
+    let out = base.join("r");
+    let o = Command::new(BIN)
+        .env(engine::memory::AVAILABLE_ENV, "4096")
+        .args(["train", "--config"])
+        .arg(config())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("needs at least") && err.contains("available"), "{err}");
+    assert!(!out.exists(), "nothing was written");
+    assert!(!base.join("trainer.key").exists(), "no key was made");
+    let _ = std::fs::remove_dir_all(&base);
+}

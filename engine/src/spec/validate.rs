@@ -85,6 +85,10 @@ pub struct Sizes {
     /// Bytes of the canonical state encoding (exact; an upper bound for text, whose vocabulary
     /// comes from the file).
     pub state_bytes: u64,
+    /// Values of every node's output for one example (what a step keeps per example).
+    pub activation_values: u64,
+    /// Memory a step of this run takes at the least, in bytes ([`crate::memory`]).
+    pub memory_bytes: u64,
 }
 
 /// The input shape and class count a data config gives a model, before any file is read.
@@ -295,7 +299,8 @@ impl Config {
         };
         let state_values = product("model", &[param_values, 1 + slots], u64::MAX / 8, "the state's values")?;
         let state_bytes = self.state_encoding_bytes(&input, classes)?;
-        Ok(Sizes { param_values, state_values, state_bytes })
+        let memory_bytes = crate::memory::step_bytes(state_values, u(t.batch_size).saturating_mul(act));
+        Ok(Sizes { param_values, state_values, state_bytes, activation_values: act, memory_bytes })
     }
 
     /// Every tensor a state of this run holds, from the config alone (no data file is read):
