@@ -341,8 +341,11 @@ pub struct AdamwConfig {
     pub weight_decay: f64,
 }
 
-/// The largest config file read (a TOML graph of thousands of nodes is far smaller).
-pub const CONFIG_FILE_BYTES_MAX: u64 = 16 << 20;
+/// The largest config file read. A run's config must fit its `spec.json` (1 MiB as JSON), so
+/// twice that leaves room for comments; the TOML parser takes about 240 bytes of memory per
+/// byte of a long array, so a larger bound would let a config take gigabytes before its
+/// values are checked.
+pub const CONFIG_FILE_BYTES_MAX: u64 = 2 << 20;
 
 impl Config {
     /// Reads and parses the TOML config at `path`: a regular file of at most

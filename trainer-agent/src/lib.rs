@@ -183,6 +183,25 @@ impl Session {
                     .into(),
             ));
         }
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        if absolute(&key_path).starts_with(absolute(&opts.out)) {
+            return Err(TrainerError::Usage(format!(
+                "--key {}: inside the record directory {}, which holds the record alone (it is served and \
+                 published); keep the signing key outside it",
+                key_path.display(),
+                opts.out.display()
+            )));
+        }
+        // A start killed before it wrote its spec left nothing to resume: start afresh.
+        // So did one killed before its first leaf (`create` checks that the spec is the same).
+        let resume = opts.resume && !RecordWriter::unstarted(&opts.out) && !RecordWriter::no_leaf_committed(&opts.out);
+        if resume && !key_path.exists() {
+            return Err(TrainerError::Usage(format!(
+                "signing key {}: no such file; a run is resumed with the key it was started with (a new key would \
+                 sign it as someone else's); nothing was written",
+                key_path.display()
+            )));
+        }
         // Before anything is written: a key file that does not load leaves no record behind.
         let key = load_or_create_key(&key_path).map_err(|e| match e {
             // The key is the trainer's own file, not a record file.
@@ -191,9 +210,6 @@ impl Session {
             }
             e => e.into(),
         })?;
-        // A start killed before it wrote its spec left nothing to resume: start afresh.
-        // So did one killed before its first leaf (`create` checks that the spec is the same).
-        let resume = opts.resume && !RecordWriter::unstarted(&opts.out) && !RecordWriter::no_leaf_committed(&opts.out);
         let (writer, state, resumed_from) = if resume {
             let (writer, point) = RecordWriter::resume(&opts.out, &spec)?;
             let from = point.state.step;

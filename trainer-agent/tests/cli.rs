@@ -669,3 +669,26 @@ fn a_run_past_the_machines_memory_is_refused_up_front() {
     assert!(!base.join("trainer.key").exists(), "no key was made");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// The signing key: one inside the record directory is refused before anything is made, and a
+/// resume never mints a new key under a mistyped name (it would sign the run as someone else's).
+#[test]
+fn a_key_inside_the_record_or_missing_on_resume_is_refused() {
+    let base = tmp("keys");
+    let out = base.join("r");
+    let inside = out.join("trainer.key");
+    let o = train(&out, &["--key", inside.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("inside the record directory"), "{err}");
+    assert!(!inside.exists() && !out.exists(), "nothing was made");
+
+    json(&train(&out, &["--steps", "3", "--json"]));
+    let before = snapshot(&out);
+    let typo = base.join("trianer.key");
+    let o = train(&out, &["--steps", "3", "--resume", "--key", typo.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no such file") && err.contains("trianer.key"), "{err}");
+    assert!(!typo.exists(), "no key was minted");
+    assert!(snapshot(&out) == before, "the record is unchanged");
+    let _ = std::fs::remove_dir_all(&base);
+}
