@@ -8,12 +8,13 @@
 use serde::{Deserialize, Serialize};
 
 /// How the learning rate moves over the run (`[schedule]` in a config; absent = constant).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Schedule {
-    /// `lr` at every step.
-    #[default]
-    Constant,
+    /// `lr` at every step. (A struct variant without fields, not a unit one: serde checks
+    /// `deny_unknown_fields` only on those, and a `warmup_steps` left under `kind = "constant"`
+    /// must be an error, not ignored. The JSON is the same: `{"kind": "constant"}`.)
+    Constant {},
     /// Linear warm-up from `lr / warmup_steps` at step 1 to `lr` at step `warmup_steps`, then
     /// constant.
     Warmup { warmup_steps: u64 },
@@ -26,15 +27,21 @@ pub enum Schedule {
     },
 }
 
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Constant {}
+    }
+}
+
 impl Schedule {
     pub fn is_constant(&self) -> bool {
-        *self == Schedule::Constant
+        *self == Schedule::Constant {}
     }
 
     /// Range checks; the message names the field under `schedule.`.
     pub fn validate(&self, n_steps: Option<u64>) -> Result<(), (&'static str, String)> {
         let warmup = match *self {
-            Schedule::Constant => return Ok(()),
+            Schedule::Constant {} => return Ok(()),
             Schedule::Warmup { warmup_steps } => {
                 if warmup_steps == 0 {
                     return Err(("schedule.warmup_steps", "must be at least 1 for a warm-up schedule".into()));
@@ -59,7 +66,7 @@ impl Schedule {
     /// The factor on `lr` at step `step` (1-based) of a run of `n_steps` steps.
     pub fn factor(&self, step: u64, n_steps: u64) -> f64 {
         let (warmup, min_ratio) = match *self {
-            Schedule::Constant => return 1.0,
+            Schedule::Constant {} => return 1.0,
             Schedule::Warmup { warmup_steps } => (warmup_steps, 1.0),
             Schedule::Cosine { warmup_steps, min_ratio } => (warmup_steps, min_ratio),
         };
@@ -98,13 +105,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_constant_schedule_takes_no_fields_and_serialises_as_before() {
+        let c: Schedule = serde_json::from_str(r#"{"kind":"constant"}"#).unwrap();
+        assert!(c.is_constant());
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"kind":"constant"}"#);
+        let e = serde_json::from_str::<Schedule>(r#"{"kind":"constant","warmup_steps":100}"#).unwrap_err();
+        assert!(e.to_string().contains("warmup_steps"), "{e}");
+    }
+
+    #[test]
     fn the_cosine_is_accurate_and_the_schedules_have_their_shape() {
         for i in 0..=1000 {
             let x = i as f64 / 1000.0;
             let err = (cos_pi(x) - (std::f64::consts::PI * x).cos()).abs();
             assert!(err < 4e-16, "cos(π·{x}): off by {err:e}");
         }
-        assert_eq!(Schedule::Constant.factor(7, 10), 1.0);
+        assert_eq!(Schedule::Constant {}.factor(7, 10), 1.0);
         let w = Schedule::Warmup { warmup_steps: 4 };
         assert_eq!([1, 2, 4, 5, 9].map(|t| w.factor(t, 9)), [0.25, 0.5, 1.0, 1.0, 1.0]);
         let c = Schedule::Cosine { warmup_steps: 2, min_ratio: 0.1 };

@@ -364,6 +364,13 @@ impl Config {
             detail: field_at_fault(text, &e).unwrap_or_else(|| e.to_string()),
         })?;
         cfg.validate().map_err(|e| EngineError::Config { origin: origin.to_string(), detail: e.to_string() })?;
+        // A run spec may carry both (an older build wrote them so); a config asks for one.
+        if cfg.train.steps.is_some() && cfg.train.epochs.is_some() {
+            return Err(EngineError::Config {
+                origin: origin.to_string(),
+                detail: "train.epochs: set train.steps or train.epochs, not both (train.steps would win)".into(),
+            });
+        }
         Ok(cfg)
     }
 }
@@ -387,6 +394,11 @@ fn field_at_fault(text: &str, e: &toml::de::Error) -> Option<String> {
         Err(e) => Some(e.message().to_string()),
     };
     let before = message(&doc)?;
+    // A missing field is named by the error itself (taking another key out would only move the
+    // blame onto that key).
+    if let Some(name) = before.trim_end().strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
+        return Some(format!("{section}.{name}: missing (a required field)"));
+    }
     for key in doc.get(section)?.as_table()?.keys().filter(|k| *k != "kind") {
         let mut without = doc.clone();
         without.get_mut(section)?.as_table_mut()?.remove(key);

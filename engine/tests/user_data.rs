@@ -271,6 +271,8 @@ fn bad_training_options_name_the_field() {
         ("clip_norm = inf", "train.clip_norm"),
         ("accumulate = 0", "train.accumulate"),
         ("accumulate = 3", "train.accumulate"),
+        ("epochs = 2", "set train.steps or train.epochs, not both"),
+        ("[schedule]\nkind = \"constant\"\nwarmup_steps = 100", "warmup_steps"),
     ] {
         let text = format!(
             "{MLP}\n{CSV}\n[train]\nbatch_size = 8\nsteps = 6\nseed = 4\ncheckpoint_interval = 2\n{extra}\n\
@@ -278,6 +280,16 @@ fn bad_training_options_name_the_field() {
         );
         let err = Config::from_toml(&text, "bad.toml").unwrap_err().to_string();
         assert!(err.contains("bad.toml") && err.contains(field), "{extra}: {err}");
+    }
+    // A missing field is named itself, not the field read before it.
+    for (drop, field) in [("seed = 4\n", "train.seed: missing"), ("lr = 0.1\n", "optimizer.lr: missing")] {
+        let text = format!(
+            "{MLP}\n{CSV}\n[train]\nbatch_size = 8\nsteps = 6\nseed = 4\ncheckpoint_interval = 2\n\
+             [optimizer]\nkind = \"sgd\"\nlr = 0.1\n"
+        )
+        .replace(drop, "");
+        let err = Config::from_toml(&text, "bad.toml").unwrap_err().to_string();
+        assert!(err.contains(field), "{drop}: {err}");
     }
 }
 
