@@ -383,6 +383,11 @@ fn malformed_csv_files_get_clear_errors() {
         ),
         (format!("{header}1.5{}\n", ",1".repeat(FEATURES)), "line 2, column 1: label \"1.5\""),
         (format!("{header}1,abc{}\n", ",1".repeat(FEATURES - 1)), "line 2, column 2: \"abc\" is not a number"),
+        // A huge cell is quoted cut short, with its size.
+        (
+            format!("{header}1,{}{}\n", "9x".repeat(500_000), ",1".repeat(FEATURES - 1)),
+            "line 2, column 2: \"9x9x9x9x9x9x9x9x9x9x9x9x9x9x9x9x9x9x9x9x\"… (1000000 bytes) is not a number",
+        ),
         (format!("{header}1,nan{}\n", ",1".repeat(FEATURES - 1)), "line 2, column 2: \"nan\" is not a finite"),
         (format!("{header}1,1e39{}\n", ",1".repeat(FEATURES - 1)), "line 2, column 2: \"1e39\" is not a finite"),
         (format!("lbl{}\n{}", &header[5..], good(20)), "no column is named \"label\""),

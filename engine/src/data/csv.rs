@@ -62,23 +62,23 @@ pub fn parse_csv(bytes: &[u8], config: &CsvConfig) -> Result<Dataset, String> {
                 config.features
             ));
         }
-        for (c, field) in fields.iter().enumerate() {
+        for (c, &field) in fields.iter().enumerate() {
             let col = c + 1;
+            let shown = Shown(field);
             if c == label_idx {
                 let v: f64 =
-                    field.parse().map_err(|_| format!("line {at}, column {col}: label {field:?} is not a number"))?;
+                    field.parse().map_err(|_| format!("line {at}, column {col}: label {shown} is not a number"))?;
                 if !(v.fract() == 0.0 && v >= 0.0 && v < config.classes as f64) {
                     return Err(format!(
-                        "line {at}, column {col}: label {field:?} is not an integer in 0..{} (data.classes)",
+                        "line {at}, column {col}: label {shown} is not an integer in 0..{} (data.classes)",
                         config.classes
                     ));
                 }
                 labels.push(v as u32);
             } else {
-                let v: f32 =
-                    field.parse().map_err(|_| format!("line {at}, column {col}: {field:?} is not a number"))?;
+                let v: f32 = field.parse().map_err(|_| format!("line {at}, column {col}: {shown} is not a number"))?;
                 if !v.is_finite() {
-                    return Err(format!("line {at}, column {col}: {field:?} is not a finite FP32 value"));
+                    return Err(format!("line {at}, column {col}: {shown} is not a finite FP32 value"));
                 }
                 inputs.push(v);
             }
@@ -88,4 +88,18 @@ pub fn parse_csv(bytes: &[u8], config: &CsvConfig) -> Result<Dataset, String> {
         return Err("the file has no data rows".into());
     }
     user_classification(DataKind::Csv, vec![config.features], inputs, labels, config.classes, config.holdout)
+}
+
+/// A cell as an error quotes it: debug-quoted, and cut after 40 characters (a cell may be
+/// megabytes long, and the message is for a person).
+struct Shown<'a>(&'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN_MAX: usize = 40;
+        match self.0.char_indices().nth(SHOWN_MAX) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}… ({} bytes)", &self.0[..cut], self.0.len()),
+        }
+    }
 }
