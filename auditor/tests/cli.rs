@@ -222,6 +222,10 @@ fn usage_and_configuration_errors_exit_64_and_help_exits_0() {
         (owned(&["serve", "--listen", "not an address", "--state-dir", "st"]), "not an address"),
         (owned(&["serve", "--state-dir", "st", "--data", "a b=short.key"]), "--data a b="),
         (owned(&["serve", "--state-dir", "st", "--data", "clinic=no-such.csv"]), "no-such.csv"),
+        (
+            owned(&["serve", "--state-dir", "st", "--data", "c=short.key", "--data", "c=short.key"]),
+            "--data c=…: given twice",
+        ),
         (owned(&["serve", "--state-dir", "st", "--config", "no-mnist.toml"]), "data.mnist = no-such-mnist"),
         (owned(&["serve", "--state-dir", "st", "--config", "text-dir.toml"]), "data.text = .: a directory"),
         (owned(&["serve", "--state-dir", "st", "--config", "no-file.toml"]), "data.files.clinic = no-such.csv"),

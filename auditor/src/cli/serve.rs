@@ -87,8 +87,13 @@ pub fn run(args: ServeArgs) -> Result<Exit, Failure> {
     if let Some(k) = args.key_file {
         cfg.key_file = Some(k);
     }
+    let mut named = std::collections::BTreeSet::new();
     for d in &args.data {
         let (name, path) = d.split_once('=').ok_or_else(|| usage(format_args!("--data {d:?}: not NAME=PATH")))?;
+        // A flag overrides the config file's entry; two flags for one name are a mistake.
+        if !named.insert(name) {
+            return Err(usage(format_args!("--data {name}=…: given twice (one path per name)")));
+        }
         let path = PathBuf::from(path);
         require_exists("--data", &path)?;
         match name {
