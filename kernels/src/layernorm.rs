@@ -70,10 +70,15 @@ fn rstd_err(n: usize, e_mu: f64, ss: f64, rstd: f64, eps: f64) -> f64 {
 ///
 /// y per side: ĉ within e_mu + u|ĉ| of c; c·rstd·γ: |γ|(e_c·rstd + |c|·e_r) + γ_2|c·rstd·γ| for
 /// the two products (any order), + β: u|y| (+ETA).
+///
+/// A tiny `eps` over a constant row makes `e_r` infinite (`lo^{3/2}` underflows); where `c` and
+/// its error are 0 the product term is 0, not `0·∞ = NaN`, and the too-large `rstd` is then
+/// refused as the FP32 overflow it is.
 fn y_bound(g: f64, c: f64, rstd: f64, (e_mu, e_r): (f64, f64), y: f64) -> f64 {
     let e_c = e_mu + U * c.abs();
     let prod = c * rstd * g;
-    two_sided(g.abs() * (e_c * rstd + c.abs() * e_r) + gamma(2) * prod.abs() + U * y.abs() + ETA)
+    let c_er = if c == 0.0 { 0.0 } else { c.abs() * e_r };
+    two_sided(g.abs() * (e_c * rstd + c_er) + gamma(2) * prod.abs() + U * y.abs() + ETA)
 }
 
 /// Where the affine weights of element `(row, col)` come from: one per column (layer norm,

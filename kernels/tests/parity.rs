@@ -333,6 +333,13 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(d.softmax(&[0.0; 9], RowSpec::new(2, 5)).is_err());
     assert!(d.cross_entropy(&[0.0; 6], &[0, 3], 2, 3).is_err());
     assert!(d.layer_norm(&[0.0; 6], &[1.0; 3], &[0.0; 3], 2, 3, 0.0).is_err());
+    // A constant row with a tiny eps: rstd = 1e150 (an FP32 overflow downstream), and no bound
+    // is NaN (it was: 0 × an infinite rstd error).
+    for p in [Profile::Cpu, Profile::CpuAlt, Profile::CpuSeq] {
+        let out = Device::new(p).unwrap().layer_norm(&[0.0; 6], &[1.0; 3], &[0.0; 3], 2, 3, 1e-300).unwrap();
+        let kernels::ErrorBound::PerElement(b) = &out.y.bound else { panic!("per element") };
+        assert!(b.iter().all(|x| x.is_finite()), "{p:?}: {b:?}");
+    }
     assert!(d.embedding(&[0.0; 6], 3, 2, &[3]).is_err());
     assert!(d.dropout(&[1.0], &[true], 1.0).is_err());
     let cs = kernels::Conv2dSpec { n: 1, c_in: 1, h: 2, w: 2, c_out: 1, kh: 3, kw: 3, stride: 1, pad: 0 };
