@@ -432,7 +432,8 @@ impl RecordWriter {
         let batch_raw = batch.encode();
         if log_raw.len() > LOG_RAW_BYTES_MAX || batch_raw.len() as u64 > BATCH_FILE_BYTES_MAX {
             return Err(RecordError::Refused(format!(
-                "step {step}: its tie-break log ({} bytes) or batch ({} bytes) is over what a record may hold                  ({LOG_RAW_BYTES_MAX} and {BATCH_FILE_BYTES_MAX} bytes)",
+                "step {step}: its tie-break log ({} bytes) or batch ({} bytes) is over what a record may hold \
+                 ({LOG_RAW_BYTES_MAX} and {BATCH_FILE_BYTES_MAX} bytes)",
                 log_raw.len(),
                 batch_raw.len()
             )));

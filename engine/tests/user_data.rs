@@ -316,6 +316,7 @@ fn malformed_safetensors_files_get_clear_errors() {
         (safetensors(&[x(), ("y", "F32", vec![N], f32_bytes(ys.iter().map(|&y| y as f32)))]), "class labels must be"),
         (safetensors(&[x()]), "no tensor y"),
         (safetensors(&[x(), y32(&ys), ("z", "U8", vec![1], vec![0])]), "tensor \"z\" is not x or y"),
+        (safetensors(&[x(), y32(&ys), ("x", "U8", vec![1], vec![0])]), "tensor \"x\" is named twice"),
         (
             {
                 // The same entry for y twice: the crate alone would keep one and read the file.

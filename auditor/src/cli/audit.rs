@@ -196,13 +196,13 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
     {
         return Err(usage(format_args!("--from {from} is after --to {to}")));
     }
-    let key = engine::record::load_or_create_key(&args.key).map_err(|e| {
-        let e = anyhow::Error::new(e).context(format!("--key {}", args.key.display()));
-        // A key file that is not a key is the user's to fix; failing to write a new one is not.
-        match e.downcast_ref::<RecordError>() {
-            Some(RecordError::Corrupt { .. }) => Failure::Usage(e),
-            _ => Failure::Undecided(e),
+    let key = engine::record::load_or_create_key(&args.key).map_err(|e| match e {
+        // A key file that is not a key is the user's to fix (it is no record file); failing to
+        // write a new one is not.
+        RecordError::Corrupt { what, .. } => {
+            usage(format_args!("--key {}: not a signing key: {what}", args.key.display()))
         }
+        e => Failure::Undecided(anyhow::Error::new(e).context(format!("--key {}", args.key.display()))),
     })?;
 
     // Over HTTP, requests go through a runtime this thread is not inside (the trait is

@@ -13,14 +13,20 @@ use crate::spec::TensorsConfig;
 /// arithmetic). It reads the header into a map, where a name given twice would silently keep
 /// its last entry; such a header is refused here, naming the tensor.
 pub(crate) fn open(bytes: &[u8]) -> Result<SafeTensors<'_>, String> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
-    // The crate has read the 8-byte header length and checked it against the file.
-    let len = u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes")) as usize;
-    let header = std::str::from_utf8(&bytes[8..8 + len]).map_err(|e| format!("not a safetensors file: {e}"))?;
-    let mut de = serde_json::Deserializer::from_str(header);
-    serde::Deserializer::deserialize_map(&mut de, UniqueKeys)
-        .map_err(|e| format!("not a safetensors file: {e}"))?
-        .map_or(Ok(st), |name| Err(format!("tensor {name:?} is named twice in the file's header")))
+    // First, where the header can be read: a name given twice explains the offsets that then
+    // do not tile the file better than the crate's "invalid offset" would.
+    let header = bytes
+        .get(..8)
+        .map(|n| u64::from_le_bytes(n.try_into().expect("eight bytes")))
+        .and_then(|n| bytes.get(8..8usize.checked_add(usize::try_from(n).ok()?)?))
+        .and_then(|h| std::str::from_utf8(h).ok());
+    if let Some(header) = header {
+        let mut de = serde_json::Deserializer::from_str(header);
+        if let Ok(Some(name)) = serde::Deserializer::deserialize_map(&mut de, UniqueKeys) {
+            return Err(format!("tensor {name:?} is named twice in the file's header"));
+        }
+    }
+    SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))
 }
 
 /// A JSON object's first key given twice, if any.

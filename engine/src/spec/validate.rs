@@ -233,7 +233,8 @@ impl Config {
             return Err(invalid(
                 "model",
                 format!(
-                    "the config takes {bytes} bytes as JSON; a run's spec.json holds it and must fit in                      {JSON_FILE_BYTES_MAX} bytes (a smaller graph: fewer or shorter-named nodes)"
+                    "the config takes {bytes} bytes as JSON; a run's spec.json holds it and must fit in \
+                     {JSON_FILE_BYTES_MAX} bytes (a smaller graph: fewer or shorter-named nodes)"
                 ),
             ));
         }
