@@ -195,33 +195,40 @@ impl Session {
         // A start killed before it wrote its spec left nothing to resume: start afresh.
         // So did one killed before its first leaf (`create` checks that the spec is the same).
         let resume = opts.resume && !RecordWriter::unstarted(&opts.out) && !RecordWriter::no_leaf_committed(&opts.out);
-        if resume && !key_path.exists() {
-            return Err(TrainerError::Usage(format!(
-                "signing key {}: no such file; a run is resumed with the key it was started with (a new key would \
-                 sign it as someone else's); nothing was written",
-                key_path.display()
-            )));
-        }
-        // Before anything is written: a key file that does not load leaves no record behind.
-        let key = load_or_create_key(&key_path).map_err(|e| match e {
-            // The key is the trainer's own file, not a record file.
-            engine::record::RecordError::Corrupt { what, .. } => {
-                TrainerError::Usage(format!("signing key {}: {what}", key_path.display()))
-            }
-            e => e.into(),
-        })?;
-        let (writer, state, resumed_from) = if resume {
+        let load_key = || {
+            load_or_create_key(&key_path).map_err(|e| match e {
+                // The key is the trainer's own file, not a record file.
+                engine::record::RecordError::Corrupt { what, .. } => {
+                    TrainerError::Usage(format!("signing key {}: {what}", key_path.display()))
+                }
+                e => e.into(),
+            })
+        };
+        let (writer, state, resumed_from, key) = if resume {
+            // The record is checked (and a torn last step repaired) first, so that what is
+            // wrong with it is said before the key. A missing key is refused, never minted: a
+            // new key would sign the run as someone else's.
             let (writer, point) = RecordWriter::resume(&opts.out, &spec)?;
+            if !key_path.exists() {
+                return Err(TrainerError::Usage(format!(
+                    "signing key {}: no such file; a run is resumed with the key it was started with (a new \
+                     key would sign it as someone else's); the record is left resumable",
+                    key_path.display()
+                )));
+            }
+            let key = load_key()?;
             let from = point.state.step;
-            (writer, point.state, Some(from))
+            (writer, point.state, Some(from), key)
         } else {
+            // Before anything is written: a key file that does not load leaves no record behind.
+            let key = load_key()?;
             let mut writer = RecordWriter::create(&opts.out, &spec)?;
             if let Some(bytes) = &init_weights {
                 writer.store_init_weights(bytes)?;
             }
             let state = run.initial_state()?;
             writer.commit_initial(&state)?;
-            (writer, state, None)
+            (writer, state, None, key)
         };
         let losses_path = opts.out.join(LOSSES_FILE);
         let losses = std::fs::OpenOptions::new().create(true).append(true).open(&losses_path);

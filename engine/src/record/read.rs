@@ -195,8 +195,9 @@ pub struct Record {
     manifest: Option<Manifest>,
     /// The bound on a decompressed checkpoint, from the spec.
     state_bytes_max: usize,
-    /// The tensors every checkpoint must hold, from the spec.
-    layout: crate::train::StateLayout,
+    /// The tensors every checkpoint must hold, from the spec (`None` for text: the vocabulary
+    /// is the file's, and a run built with the data checks the state).
+    layout: Option<crate::train::StateLayout>,
 }
 
 impl Record {
@@ -403,12 +404,14 @@ impl Record {
     }
 
     /// The checkpoint after step `step`, verified against its leaf, and holding exactly the
-    /// tensors the spec's model and optimizer define, each of its shape and finite
+    /// tensors the spec's model and optimizer define, each of its shape and finite (for every
+    /// data kind but text, whose shapes come from the file)
     /// ([`crate::train::StateLayout::check`]): a signed state of another model is no state
     /// of this run, whatever reads it (an export, a resume, the record server, the auditor).
     pub fn checkpoint(&self, step: u64) -> Result<TrainingState, RecordError> {
         let state = read_checkpoint(&self.dir, step, (self.spec.state_hash(), self.leaf(step)?), self.state_bytes_max)?;
-        self.layout.check(&state).map_err(|p| RecordError::Corrupt {
+        let Some(layout) = &self.layout else { return Ok(state) };
+        layout.check(&state).map_err(|p| RecordError::Corrupt {
             path: checkpoint_path(&self.dir, step),
             offset: None,
             what: format!("malformed committed state: {p}"),

@@ -306,11 +306,15 @@ impl Config {
 
     /// Every tensor a state of this run holds, from the config alone (no data file is read):
     /// what a committed state is checked against where no [`crate::train::Run`] is built
-    /// (`trainer-agent export` and `inspect`).
-    pub fn state_layout(&self) -> Result<crate::train::StateLayout, SpecInvalid> {
+    /// (`trainer-agent export` and `inspect`). `None` for text, whose vocabulary (and so the
+    /// shapes of the embedding and the head) comes from the file.
+    pub fn state_layout(&self) -> Result<Option<crate::train::StateLayout>, SpecInvalid> {
+        if matches!(self.data, DataConfig::Text(_)) {
+            return Ok(None);
+        }
         let (input, classes) = data_shape(self)?;
         let model = resolve_graph(self, &self.model.graph(), &input, classes)?;
-        Ok(crate::train::StateLayout::of(model.params(), &self.optimizer))
+        Ok(Some(crate::train::StateLayout::of(model.params(), &self.optimizer)))
     }
 
     /// Exact size of the canonical state encoding, from the model's parameter list (its size is
