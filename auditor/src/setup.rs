@@ -19,6 +19,13 @@ pub fn build_run(spec: &RunSpec, data: Option<&Path>, device: Profile) -> Result
     // daemon, every audit it is running).
     let sizes = spec.config.sizes().map_err(|e| AuditError::Engine(EngineError::InvalidSpec(e.under("config."))))?;
     engine::memory::check(sizes.memory_bytes, engine::memory::available()).map_err(AuditError::Memory)?;
+    if let (Some(path), engine::spec::DataConfig::Synthetic(_)) = (data, &spec.config.data) {
+        // The flag is the user's mistake (a usage error), not the auditor's trouble.
+        return Err(AuditError::Usage(format!(
+            "--data {}: this run's data is synthetic (generated from its seed), so no data file is read; drop --data",
+            path.display()
+        )));
+    }
     let dataset = Dataset::for_config(&spec.config, data)?;
     let dev = Device::new(device).map_err(|e| AuditError::Usage(e.to_string()))?;
     Run::new(spec.clone(), dataset, dev).map_err(|e| match e {

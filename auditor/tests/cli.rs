@@ -212,6 +212,7 @@ fn usage_and_configuration_errors_exit_64_and_help_exits_0() {
         (audit(&["--from", "9", "--to", "3"]), "--from 9"),
         (audit(&["--from", "3", "--to", "40"]), "40"),
         (audit(&["--data", "no-such-data"]), "--data no-such-data"),
+        (audit(&["--data", "short.key"]), "--data short.key: this run's data is synthetic"),
         (audit(&["--key", "short.key"]), "--key short.key"),
         (owned(&["audit", "--record", "nowhere"]), "--record nowhere"),
         (owned(&["audit", "--trainer-url", "ftp://x", "--run", "r"]), "--trainer-url"),
