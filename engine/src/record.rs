@@ -284,6 +284,16 @@ impl RecordWriter {
             other => other?,
         };
         if existing != spec.canonical_json() {
+            // A spec.json that is no spec is damaged, not another run's.
+            if let Err(e) = serde_json::from_slice::<RunSpec>(&existing) {
+                return Err(RecordError::Corrupt {
+                    path: spec_path.clone(),
+                    offset: None,
+                    what: format!(
+                        "not a run spec ({e}); this record cannot be resumed: train again into a new directory"
+                    ),
+                });
+            }
             // The same run started by another build: say so, not "a different run".
             if let Ok(mut other) = serde_json::from_slice::<RunSpec>(&existing)
                 && (other.format_version, &other.software_version) != (spec.format_version, &spec.software_version)

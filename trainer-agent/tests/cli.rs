@@ -209,6 +209,13 @@ fn resume_says_what_it_cannot_resume_and_takes_over_an_unstarted_directory() {
     let o = train(&other, &["--steps", "4", "--resume", "--device", "cpu-alt"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("they differ in") && err.contains("device_profile"), "{err}");
+    // A spec.json that is no spec is called damaged, not another run's.
+    let mut spec = std::fs::read(other.join("spec.json")).unwrap();
+    spec.truncate(spec.len() / 2);
+    std::fs::write(other.join("spec.json"), spec).unwrap();
+    let o = train(&other, &["--steps", "3", "--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("spec.json") && err.contains("not a run spec"), "{err}");
 
     // Killed after its spec but before its first leaf: started again, with or without --resume,
     // to the same root.
