@@ -812,6 +812,20 @@ fn output_paths_that_would_damage_something_are_refused() {
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     }
     assert!(std::fs::read_to_string(dir.join("r.json")).unwrap().contains("\"consistent\""));
+    // The auditor's secret key is not kept in a record either (a record is published).
+    let out = auditor(&dir, &["audit", "--record", r, "--key", &format!("{r}/auditor.key")]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("keep the signing key outside") && !rec.join("auditor.key").exists());
+    // A stream takes the report as it is (`--report /dev/stdout` into a pipe).
+    let out = auditor(&dir, &["audit", "--record", r, "--key", "k.key", "--report", "/dev/stdout"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("\"signature\""), "{}", stdout(&out));
+    // A consistent audit leaves no earlier bundle beside its report, to be read as its own.
+    std::fs::write(dir.join("old.tbev"), b"TBEV-an-earlier-bundle").unwrap();
+    let out =
+        auditor(&dir, &["audit", "--record", r, "--key", "k.key", "--report", "r.json", "--evidence", "old.tbev"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!dir.join("old.tbev").exists() && stderr(&out).contains("removed"), "{}", stderr(&out));
     // A report named like a key that does not exist yet: the key is made first, and the report
     // does not replace it.
     let out = auditor(&dir, &["audit", "--record", r, "--key", "new.key", "--report", "new.key"]);

@@ -65,13 +65,49 @@ pub fn record_holding(dir: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
+/// Where an output goes once links are followed.
+enum Target {
+    /// A regular file (or none yet) at this path, links resolved: written beside and renamed.
+    File(PathBuf),
+    /// A FIFO or character device (`/dev/stdout`, a pipe, `/dev/null`): written straight into.
+    Stream,
+}
+
+/// Follows `path` to what a write would reach.
+fn target(path: &Path) -> Result<Target, String> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err("a directory".into()),
+        Ok(m) if m.file_type().is_fifo() || m.file_type().is_char_device() => Ok(Target::Stream),
+        Ok(m) if !m.is_file() => Err("not a regular file (a socket or a block device)".into()),
+        // A link to a regular file is written through: the file it names is replaced, not the link.
+        Ok(_) => path.canonicalize().map(Target::File).map_err(|e| format!("cannot be resolved: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                Err("a symbolic link to nothing".into())
+            } else {
+                Ok(Target::File(path.to_path_buf()))
+            }
+        }
+        Err(e) => Err(format!("cannot be examined: {e}")),
+    }
+}
+
 /// Whether `path` may receive a file of `kind`; the error says why not, without the path
-/// (callers name the flag and the path).
+/// (callers name the flag and the path). A stream (a pipe, `/dev/stdout`) takes any kind but
+/// safetensors, which is a file others load by path.
 pub fn check_output(path: &Path, kind: OutputKind) -> Result<(), String> {
     if path.file_name().is_none() {
         return Err("not a file name".into());
     }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file = match target(path)? {
+        Target::Stream if kind == OutputKind::Safetensors => {
+            return Err("not a regular file (a device or FIFO); export writes a file".into());
+        }
+        Target::Stream => return Ok(()),
+        Target::File(file) => file,
+    };
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(format!("the directory {} does not exist", parent.display()));
     }
@@ -81,38 +117,49 @@ pub fn check_output(path: &Path, kind: OutputKind) -> Result<(), String> {
             record.display()
         ));
     }
-    match std::fs::symlink_metadata(path) {
-        Err(_) => Ok(()),
-        Ok(m) if m.file_type().is_symlink() => {
-            Err("a symbolic link (the write would replace the link, not the file it names)".into())
-        }
-        Ok(m) if m.is_dir() => Err("a directory".into()),
-        Ok(m) if !m.is_file() => Err("not a regular file (a device, FIFO or socket)".into()),
-        Ok(_) => {
-            let head = common::files::read_regular_prefix(path, 16)
-                .map_err(|e| format!("there is a file there that cannot be read: {e}"))?;
-            if kind.is_kind(&head) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "there is a file there that is not {} (a key, a config, data?); it is left as it is: \
-                     name another path or remove it",
-                    kind.name()
-                ))
-            }
-        }
+    if std::fs::symlink_metadata(&file).is_err() {
+        return Ok(());
+    }
+    let head = common::files::read_regular_prefix(&file, 16)
+        .map_err(|e| format!("there is a file there that cannot be read: {e}"))?;
+    if kind.is_kind(&head) {
+        Ok(())
+    } else {
+        Err(format!(
+            "there is a file there that is not {} (a key, a config, data?); it is left as it is: name another \
+             path or remove it",
+            kind.name()
+        ))
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it, synced, and a rename; the
-/// temporary file goes whatever fails.
+/// Refuses a secret key file inside a record directory: a record is shipped and published, and
+/// its key would go with it.
+pub fn check_key_path(path: &Path) -> Result<(), String> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match record_holding(parent) {
+        Some(record) => Err(format!(
+            "inside the record {}, which is shipped and published; keep the signing key outside it",
+            record.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Writes `bytes` to `path`: into a stream as it is, and otherwise through a temporary file
+/// beside the file it names (links followed), synced, and a rename; the temporary file goes
+/// whatever fails.
 pub fn write_output(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    let file = match target(path).map_err(std::io::Error::other)? {
+        Target::Stream => return std::fs::OpenOptions::new().write(true).open(path)?.write_all(bytes),
+        Target::File(file) => file,
+    };
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".partial-{}", std::process::id()));
-    let tmp = path.with_file_name(name);
+    let tmp = file.with_file_name(name);
     let written = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| std::fs::rename(&tmp, &file));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -146,15 +193,29 @@ mod tests {
         assert!(check_output(&d.join("old.json"), OutputKind::Magic(b"TBEV")).is_err());
         assert!(check_output(&d, OutputKind::Json).unwrap_err().contains("directory"));
         assert!(check_output(&d.join("nowhere/r.json"), OutputKind::Json).unwrap_err().contains("does not exist"));
-        #[cfg(unix)]
-        {
-            std::os::unix::fs::symlink(d.join("old.json"), d.join("link.json")).unwrap();
-            assert!(check_output(&d.join("link.json"), OutputKind::Json).unwrap_err().contains("symbolic link"));
-        }
+        // Links are followed: to a report, written through; to a key, refused; to nothing, refused.
+        std::os::unix::fs::symlink(d.join("old.json"), d.join("link.json")).unwrap();
+        std::os::unix::fs::symlink(d.join("trainer.key"), d.join("key-link.json")).unwrap();
+        std::os::unix::fs::symlink(d.join("gone"), d.join("dangling.json")).unwrap();
+        assert_eq!(check_output(&d.join("link.json"), OutputKind::Json), Ok(()));
+        assert!(check_output(&d.join("key-link.json"), OutputKind::Json).unwrap_err().contains("left as it is"));
+        assert!(check_output(&d.join("dangling.json"), OutputKind::Json).unwrap_err().contains("to nothing"));
+        write_output(&d.join("link.json"), b"{\"new\": 1}").unwrap();
+        assert!(std::fs::symlink_metadata(d.join("link.json")).unwrap().file_type().is_symlink(), "the link stays");
+        assert_eq!(std::fs::read(d.join("old.json")).unwrap(), b"{\"new\": 1}");
+        // A stream takes a report as it is, not an export.
+        assert_eq!(check_output(Path::new("/dev/null"), OutputKind::Json), Ok(()));
+        write_output(Path::new("/dev/null"), b"{}").unwrap();
+        assert!(check_output(Path::new("/dev/null"), OutputKind::Safetensors).is_err());
     }
 
     #[test]
     fn nothing_is_written_inside_a_record() {
+        let d0 = scratch("record-key");
+        std::fs::create_dir_all(d0.join("run/steps")).unwrap();
+        std::fs::write(d0.join("run").join(SPEC_FILE), "{}").unwrap();
+        assert!(check_key_path(&d0.join("run/auditor.key")).unwrap_err().contains("keep the signing key outside"));
+        assert_eq!(check_key_path(&d0.join("auditor.key")), Ok(()));
         let d = scratch("record");
         let rec = d.join("run");
         std::fs::create_dir_all(rec.join("steps")).unwrap();

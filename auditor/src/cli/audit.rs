@@ -185,6 +185,8 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
         require_exists("--data", data)?;
     }
     outputs_writable(&args)?;
+    engine::output::check_key_path(&args.key)
+        .map_err(|why| usage(format_args!("--key {}: {why}", args.key.display())))?;
     let trainer_key = args.trainer_pubkey.as_deref().map(|v| public_key_arg("--trainer-pubkey", v)).transpose()?;
     let explicit_device = args.device.as_deref().map(|d| device_arg("--device", d)).transpose()?;
     let mode = mode(&args)?;
@@ -274,8 +276,11 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
         write_output(path, format!("{text}\n").as_bytes())
             .with_context(|| format!("--report {}: writing", path.display()))?;
     }
-    if let (Some(path), Some(ev)) = (&args.evidence, &audit.evidence) {
-        ev.write(path).with_context(|| format!("--evidence {}", path.display()))?;
+    match (&args.evidence, &audit.evidence) {
+        (Some(path), Some(ev)) => ev.write(path).with_context(|| format!("--evidence {}", path.display()))?,
+        // No disputed step: a bundle left there by an earlier audit would read as this one's.
+        (Some(path), None) => remove_stale_bundle("--evidence", path),
+        (None, _) => {}
     }
     if args.json {
         emit(&format!("{text}\n"))?;
@@ -296,6 +301,22 @@ fn outputs_writable(args: &AuditArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Removes an earlier evidence bundle at `path` (checked to be one), saying so: beside this
+/// audit's report it would read as this audit's.
+pub fn remove_stale_bundle(flag: &str, path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt as _;
+    let regular = std::fs::metadata(path).is_ok_and(|m| !m.file_type().is_fifo() && !m.file_type().is_char_device());
+    if regular
+        && common::files::read_regular_prefix(path, MAGIC.len() as u64).is_ok_and(|h| h == MAGIC)
+        && std::fs::remove_file(path).is_ok()
+    {
+        super::exit::warn(format_args!(
+            "{flag} {}: no bundle for this verdict; the earlier audit's bundle there was removed",
+            path.display()
+        ));
+    }
 }
 
 /// Differing tensors listed in the human output; the JSON report lists every one.

@@ -513,7 +513,8 @@ pub fn report(args: ReportArgs) -> Result<Exit, Failure> {
             Ok(bundle) => write_file("--evidence", path, &bundle)?,
             // A verdict without a disputed step has no bundle: say so, keep the report's answer.
             Err(Failure::Usage(e)) => {
-                super::exit::warn(format_args!("--evidence {}: not written: {e:#}", path.display()))
+                super::exit::warn(format_args!("--evidence {}: not written: {e:#}", path.display()));
+                super::audit::remove_stale_bundle("--evidence", path);
             }
             Err(e) => return Err(e),
         }

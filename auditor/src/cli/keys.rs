@@ -113,6 +113,8 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
     if std::fs::symlink_metadata(&args.out).is_ok() {
         return Err(usage(format_args!("--out {}: already exists; a key is never overwritten", args.out.display())));
     }
+    engine::output::check_key_path(&args.out)
+        .map_err(|why| usage(format_args!("--out {}: {why}", args.out.display())))?;
     let key = engine::record::load_or_create_key(&args.out)
         .map_err(|e| undecided(format_args!("--out {}: {e}", args.out.display())))?;
     emit(&format!("{}\n", common::codec::to_hex(key.verifying_key().as_bytes())))?;

@@ -292,7 +292,7 @@ impl Config {
             "train.batch_size",
             &[u(t.batch_size), act],
             ACTIVATION_VALUES_MAX,
-            "a batch's widest activation (batch size × values per example)",
+            "a batch's activations (batch size × the values of every node's output for one example)",
         )?;
         let slots = match self.optimizer {
             OptimizerConfig::Sgd(_) => 1,
