@@ -366,7 +366,7 @@ pub fn adjudicate(ev: &Evidence, device: Profile, data: Option<&Path>) -> Result
     if s > 0 && ev.trainer_batch.digest() != ev.trainer.leaf.batch {
         return Err(bad("trainer batch does not match the trainer's leaf"));
     }
-    let mut run = build_run(&spec, data, device)?;
+    let mut run = build_run(&spec, data, device, 1)?;
     let (computed_leaf, forged) = if s == 0 {
         if ev.previous.is_some() {
             return Err(bad("step 0 has no previous leaf"));

@@ -850,4 +850,20 @@ fn too_little_memory_is_the_auditors_limit() {
     assert!(err.contains("this auditor's memory") && err.contains("needs at least"), "{err}");
     let out = auditor(&dir, &["audit", "--record", rec.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // Each replay thread holds a step: memory for one is enough for one thread, not for two.
+    let spec = engine::spec::RunSpec::from_committed_json(&std::fs::read(rec.join("spec.json")).unwrap()).unwrap();
+    let one = engine::memory::run_bytes(&spec.config.sizes().unwrap(), 1);
+    let limited = |threads: &str| {
+        Command::new(env!("CARGO_BIN_EXE_auditor"))
+            .current_dir(&dir)
+            .env(engine::memory::AVAILABLE_ENV, (one + 1).to_string())
+            .args(["audit", "--record", rec.to_str().unwrap(), "--mode", "intervals", "--threads", threads])
+            .output()
+            .unwrap()
+    };
+    let out = limited("2");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("with 2 replay threads"), "{}", stderr(&out));
+    assert_eq!(limited("1").status.code(), Some(0));
 }

@@ -138,7 +138,8 @@ impl Session {
         opts.config.validate().map_err(|e| EngineError::InvalidSpec(e.under("config.")))?;
         // A run this machine cannot hold is refused now, not by an abort mid-run.
         let sizes = opts.config.sizes().map_err(|e| EngineError::InvalidSpec(e.under("config.")))?;
-        engine::memory::check(sizes.memory_bytes, engine::memory::available()).map_err(TrainerError::Usage)?;
+        engine::memory::check(engine::memory::run_bytes(&sizes, 1), engine::memory::available())
+            .map_err(TrainerError::Usage)?;
         let data = Dataset::for_config(&opts.config, opts.data.as_deref())?;
         let n_steps = opts.steps.unwrap_or_else(|| planned_steps(&opts.config, data.n_train()));
         if n_steps == 0 {

@@ -682,6 +682,29 @@ fn a_run_past_the_machines_memory_is_refused_up_front() {
     assert!(!o.status.success() && err.contains("needs at least") && err.contains("available"), "{err}");
     assert!(!out.exists(), "nothing was written");
     assert!(!base.join("trainer.key").exists(), "no key was made");
+
+    // The data a spec makes counts: 262,144 synthetic examples of 1024 features are 1 GiB
+    // before any model, refused before they are generated.
+    let big = base.join("big-data.toml");
+    std::fs::write(
+        &big,
+        "[model]\nkind = \"mlp\"\nhidden = []\n[data]\nkind = \"synthetic\"\nexamples = 262144\nholdout = 16\n\
+         features = 1024\nclasses = 2\n[train]\nbatch_size = 4\nsteps = 1\nseed = 1\ncheckpoint_interval = 1\n\
+         [optimizer]\nkind = \"sgd\"\nlr = 0.1\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let o = Command::new(BIN)
+        .env(engine::memory::AVAILABLE_ENV, (512u64 << 20).to_string())
+        .args(["train", "--config"])
+        .arg(&big)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("needs at least 1.") && err.contains("dataset"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10) && !out.exists(), "refused before the data was made");
     let _ = std::fs::remove_dir_all(&base);
 }
 

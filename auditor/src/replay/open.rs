@@ -46,7 +46,8 @@ impl Opened {
             (None, Some(choose)) => (choose.0)(&committed.spec).map_err(AuditError::Data)?,
             (data, _) => data.clone(),
         };
-        let mut run = build_run(&committed.spec, chosen.as_deref(), opts.device)?;
+        // Each replay thread holds a step (interval and spot audits run one interval per thread).
+        let mut run = build_run(&committed.spec, chosen.as_deref(), opts.device, rayon::current_num_threads())?;
         let plan = plan::plan(src, &committed, &run, opts)?;
         let mut init_weights = None;
         if committed.spec.init_weights.is_some() && plan.jobs.iter().any(|j| j.start == 0) {

@@ -87,8 +87,13 @@ pub struct Sizes {
     pub state_bytes: u64,
     /// Values of every node's output for one example (what a step keeps per example).
     pub activation_values: u64,
-    /// Memory a step of this run takes at the least, in bytes ([`crate::memory`]).
-    pub memory_bytes: u64,
+    /// Memory a step of this run takes at the least, in bytes ([`crate::memory`]): each replay
+    /// thread holds one.
+    pub step_memory_bytes: u64,
+    /// Memory the dataset takes when the spec makes it (synthetic data: its inputs, class
+    /// centres and commitment), in bytes; 0 for data read from the user's or auditor's files,
+    /// whose size is the file's.
+    pub data_memory_bytes: u64,
 }
 
 /// The input shape and class count a data config gives a model, before any file is read.
@@ -300,8 +305,19 @@ impl Config {
         };
         let state_values = product("model", &[param_values, 1 + slots], u64::MAX / 8, "the state's values")?;
         let state_bytes = self.state_encoding_bytes(&input, classes)?;
-        let memory_bytes = crate::memory::step_bytes(state_values, u(t.batch_size).saturating_mul(act));
-        Ok(Sizes { param_values, state_values, state_bytes, activation_values: act, memory_bytes })
+        let step_memory_bytes = crate::memory::step_bytes(state_values, u(t.batch_size).saturating_mul(act));
+        let data_memory_bytes = match &self.data {
+            DataConfig::Synthetic(s) => crate::memory::synthetic_bytes(u(s.examples), u(s.features), u(s.classes)),
+            _ => 0,
+        };
+        Ok(Sizes {
+            param_values,
+            state_values,
+            state_bytes,
+            activation_values: act,
+            step_memory_bytes,
+            data_memory_bytes,
+        })
     }
 
     /// Every tensor a state of this run holds, from the config alone (no data file is read):
