@@ -670,14 +670,18 @@ fn special_files_are_refused_not_waited_on() {
 fn a_run_past_the_machines_memory_is_refused_up_front() {
     let base = tmp("memory");
     let out = base.join("r");
-    let o = Command::new(BIN)
-        .env(engine::memory::AVAILABLE_ENV, "4096")
-        .args(["train", "--config"])
-        .arg(config())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    // `train --config CONFIG` into `out` on a machine with `available` bytes.
+    let train_with = |config: &Path, available: u64| {
+        Command::new(BIN)
+            .env(engine::memory::AVAILABLE_ENV, available.to_string())
+            .args(["train", "--config"])
+            .arg(config)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = train_with(&config(), 4096);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("needs at least") && err.contains("available"), "{err}");
     assert!(!out.exists(), "nothing was written");
@@ -694,14 +698,7 @@ fn a_run_past_the_machines_memory_is_refused_up_front() {
     )
     .unwrap();
     let started = Instant::now();
-    let o = Command::new(BIN)
-        .env(engine::memory::AVAILABLE_ENV, (512u64 << 20).to_string())
-        .args(["train", "--config"])
-        .arg(&big)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = train_with(&big, 512 << 20);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("needs at least 1.") && err.contains("dataset"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10) && !out.exists(), "refused before the data was made");
