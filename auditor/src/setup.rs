@@ -14,6 +14,7 @@ use crate::AuditError;
 /// Loads the dataset a spec names and builds a run on `device`; the data must match the
 /// spec's commitment. Every failure here is the auditor's own (its copy of the data, its
 /// device): the spec itself is checked before this is called.
+///
 /// `steps_at_once` is how many steps the caller holds at a time (its replay threads; 1 to
 /// re-execute one step), for the memory check.
 pub fn build_run(
@@ -22,6 +23,13 @@ pub fn build_run(
     device: Profile,
     steps_at_once: usize,
 ) -> Result<Run, AuditError> {
+    if let (Some(path), engine::spec::DataConfig::Synthetic(_)) = (data, &spec.config.data) {
+        // The flag is the user's mistake (a usage error), not the auditor's trouble.
+        return Err(AuditError::Usage(format!(
+            "--data {}: this run's data is synthetic (generated from its seed), so no data file is read; drop --data",
+            path.display()
+        )));
+    }
     // Before the dataset: a run this machine cannot hold would abort the process (and, in the
     // daemon, every audit it is running).
     let sizes = spec.config.sizes().map_err(|e| AuditError::Engine(EngineError::InvalidSpec(e.under("config."))))?;
@@ -30,13 +38,6 @@ pub fn build_run(
             1 => AuditError::Memory(e),
             n => AuditError::Memory(format!("{e}; with {n} replay threads (fewer need less: --threads)")),
         })?;
-    if let (Some(path), engine::spec::DataConfig::Synthetic(_)) = (data, &spec.config.data) {
-        // The flag is the user's mistake (a usage error), not the auditor's trouble.
-        return Err(AuditError::Usage(format!(
-            "--data {}: this run's data is synthetic (generated from its seed), so no data file is read; drop --data",
-            path.display()
-        )));
-    }
     let dataset = Dataset::for_config(&spec.config, data)?;
     let dev = Device::new(device).map_err(|e| AuditError::Usage(e.to_string()))?;
     Run::new(spec.clone(), dataset, dev).map_err(|e| match e {

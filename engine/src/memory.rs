@@ -56,7 +56,7 @@ pub fn available() -> Option<u64> {
     Some(kib.saturating_mul(1024))
 }
 
-/// Refuses a run whose step needs more than `available` bytes, saying how much each takes.
+/// Refuses a run that needs more than `available` bytes (`needed`, from [`run_bytes`]).
 pub fn check(needed: u64, available: Option<u64>) -> Result<(), String> {
     match available {
         Some(have) if needed > have => Err(format!(

@@ -2,16 +2,19 @@
 //! a plot.
 //!
 //! A mistyped output path must not cost anything already stored. [`check_output`] runs before
-//! any work (an audit can take hours, and its result must not then fail on a path) and refuses:
+//! any work (an audit can take hours, and its result must not then fail on a path), follows
+//! links, and refuses:
 //! - a path inside a record directory: the write would damage the record, and an audit of it
 //!   would then blame its trainer for the auditor's own flag;
-//! - anything there already that is not a regular file of the kind being written (a directory,
-//!   a FIFO, a link, a signing key, a config, a dataset): replacing an earlier report with a new
-//!   one is what the flag is for; replacing anything else is not;
+//! - a directory, a socket or a block device, or a link to nothing;
+//! - a file there already that is not of the kind being written (a signing key, a config, a
+//!   dataset): replacing an earlier report with a new one is what the flag is for; replacing
+//!   anything else is not;
 //! - a directory that does not exist.
 //!
-//! [`write_output`] writes through a temporary file beside the path and a rename, so a full
-//! disk or a crash leaves the old file (or none), never a partial one.
+//! A FIFO or character device (`/dev/stdout`, a pipe) is a stream, written into as it is. A
+//! file is written by [`write_output`] through a temporary file beside it and a rename, so a
+//! full disk or a crash leaves the old file (or none), never a partial one.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -10,13 +10,13 @@ use auditor::replay::SeedChoice;
 use auditor::report::{Report, TensorDiffJson};
 use auditor::{Audit, AuditOptions, Mode, Progress, SpotPick, TrainerSource, audit, audit_dir};
 use clap::ValueEnum;
-use engine::output::{OutputKind, check_output, write_output};
+use engine::output::{OutputKind, write_output};
 use engine::record::RecordError;
 use kernels::Profile;
 
 use super::exit::{Exit, Failure, undecided, usage};
 use super::keys::public_key_arg;
-use super::output::{emit, require_exists};
+use super::output::{emit, require_exists, writable};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
@@ -293,23 +293,15 @@ pub fn run(args: AuditArgs) -> Result<Exit, Failure> {
 /// `--report` and `--evidence` name files this audit may write (`engine::output`): before the
 /// replay, so that a long audit does not end on a path, and again before writing.
 fn outputs_writable(args: &AuditArgs) -> Result<(), Failure> {
-    let outputs =
-        [("--report", &args.report, OutputKind::Json), ("--evidence", &args.evidence, OutputKind::Magic(MAGIC))];
-    for (flag, path, kind) in outputs {
-        if let Some(path) = path {
-            check_output(path, kind).map_err(|why| usage(format_args!("{flag} {}: {why}", path.display())))?;
-        }
-    }
-    Ok(())
+    writable("--report", args.report.as_deref(), OutputKind::Json)?;
+    writable("--evidence", args.evidence.as_deref(), OutputKind::Magic(MAGIC))
 }
 
 /// Removes an earlier evidence bundle at `path` (checked to be one), saying so: beside this
 /// audit's report it would read as this audit's.
 pub fn remove_stale_bundle(flag: &str, path: &std::path::Path) {
-    use std::os::unix::fs::FileTypeExt as _;
-    let regular = std::fs::metadata(path).is_ok_and(|m| !m.file_type().is_fifo() && !m.file_type().is_char_device());
-    if regular
-        && common::files::read_regular_prefix(path, MAGIC.len() as u64).is_ok_and(|h| h == MAGIC)
+    // `read_regular_prefix` reads regular files only: a stream (`/dev/stdout`) is left alone.
+    if common::files::read_regular_prefix(path, MAGIC.len() as u64).is_ok_and(|h| h == MAGIC)
         && std::fs::remove_file(path).is_ok()
     {
         super::exit::warn(format_args!(

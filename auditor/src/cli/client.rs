@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use auditor::VerdictKind;
 use auditor::daemon::job::{AuditRequest, JobState};
 use auditor::report::verify;
-use engine::output::{OutputKind, check_output};
+use engine::output::OutputKind;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::exit::{Exit, Failure, undecided, usage};
 use super::keys::public_key_arg;
-use super::output::emit;
+use super::output::{emit, writable};
 
 /// Where the daemon is and how to authenticate; every client command takes these.
 #[derive(clap::Args, Debug)]
@@ -476,8 +476,8 @@ pub fn report(args: ReportArgs) -> Result<Exit, Failure> {
     let client = Client::new(&args.daemon)?;
     let id = check_id(&args.id)?;
     let expected = args.auditor_key.as_deref().map(|k| public_key_arg("--auditor-key", k)).transpose()?;
-    check_out("--out", args.out.as_deref(), OutputKind::Json)?;
-    check_out("--evidence", args.evidence.as_deref(), OutputKind::Magic(auditor::evidence::MAGIC))?;
+    writable("--out", args.out.as_deref(), OutputKind::Json)?;
+    writable("--evidence", args.evidence.as_deref(), OutputKind::Magic(auditor::evidence::MAGIC))?;
     let path = format!("/v1/reports/{id}");
     let bytes = client.send(reqwest::Method::GET, &path, None)?;
     // Something that is not even a signed report is the daemon's trouble (exit 2); a signed
@@ -552,13 +552,4 @@ pub fn report(args: ReportArgs) -> Result<Exit, Failure> {
 /// replaces a good file).
 fn write_file(flag: &str, path: &Path, bytes: &[u8]) -> Result<(), Failure> {
     engine::output::write_output(path, bytes).map_err(|e| undecided(format_args!("{flag} {}: {e}", path.display())))
-}
-
-/// Whether `path` may receive a file of `kind` (`engine::output`), checked before anything
-/// is fetched.
-fn check_out(flag: &str, path: Option<&Path>, kind: OutputKind) -> Result<(), Failure> {
-    match path {
-        Some(path) => check_output(path, kind).map_err(|why| usage(format_args!("{flag} {}: {why}", path.display()))),
-        None => Ok(()),
-    }
 }

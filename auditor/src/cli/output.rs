@@ -35,6 +35,16 @@ pub fn require_exists(flag: &str, path: &Path) -> Result<(), Failure> {
     }
 }
 
+/// Whether `path`, given with `flag`, may receive a file of `kind` (`engine::output`): checked
+/// before any work, a refusal is a usage error naming both.
+pub fn writable(flag: &str, path: Option<&Path>, kind: engine::output::OutputKind) -> Result<(), Failure> {
+    match path {
+        Some(path) => engine::output::check_output(path, kind)
+            .map_err(|why| usage(format_args!("{flag} {}: {why}", path.display()))),
+        None => Ok(()),
+    }
+}
+
 /// `text` with every control character but newline and tab written as an escape (`\u{1b}`):
 /// messages quote what a trainer or a daemon sent (a field name in a manifest, a daemon's
 /// error), and a terminal must not run escape sequences from them. JSON output has none to
