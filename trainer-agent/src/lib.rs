@@ -135,9 +135,8 @@ impl Session {
     /// has been validated.
     pub fn create(opts: &SessionOptions) -> Result<Session, TrainerError> {
         // Range-check the config before its numbers size anything (the dataset first).
-        opts.config.validate().map_err(|e| EngineError::InvalidSpec(e.under("config.")))?;
+        let sizes = opts.config.validate().map_err(|e| EngineError::InvalidSpec(e.under("config.")))?;
         // A run this machine cannot hold is refused now, not by an abort mid-run.
-        let sizes = opts.config.sizes().map_err(|e| EngineError::InvalidSpec(e.under("config.")))?;
         engine::memory::check(engine::memory::run_bytes(&sizes, 1), engine::memory::available())
             .map_err(TrainerError::Usage)?;
         let data = Dataset::for_config(&opts.config, opts.data.as_deref())?;

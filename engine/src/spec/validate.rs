@@ -227,10 +227,10 @@ fn gpt_sizes(g: &GptConfig, vocab: u64) -> Result<(u64, u64), SpecInvalid> {
 }
 
 impl Config {
-    /// Range checks of every field (without looking at any file). Field names are relative to
-    /// the config (`train.batch_size`).
-    pub fn validate(&self) -> Result<(), SpecInvalid> {
-        self.sizes().map(|_| ())?;
+    /// Range checks of every field (without looking at any file), and the sizes they give.
+    /// Field names are relative to the config (`train.batch_size`).
+    pub fn validate(&self) -> Result<Sizes, SpecInvalid> {
+        let sizes = self.sizes()?;
         self.schedule.validate(self.train.steps).map_err(|(field, what)| invalid(field, what))?;
         // The run's spec.json holds this config: past its limit the record could not be read.
         let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
@@ -243,7 +243,7 @@ impl Config {
                 ),
             ));
         }
-        Ok(())
+        Ok(sizes)
     }
 
     /// Range-checks every field and derives the model's sizes (see [`Sizes`]).
